@@ -1,0 +1,51 @@
+"""afnio: automatic differentiation for text.
+
+Strings live in :class:`Variable`\\ s, prompts are ``Parameter``\\ s, every LM call is a
+differentiable Function, and ``backward()`` produces textual feedback (the gradient) on
+every Variable that shaped an output.
+
+Example::
+
+    >>> import afnio
+    >>> x = afnio.Variable("Hi", role="greeting", requires_grad=True)
+    >>> y = x + afnio.Variable(" there", role="suffix")
+    >>> y.backward(afnio.Variable("Be warmer."))
+    >>> len(x.grad)
+    1
+"""
+
+from afnio import autodiff, cognitive, utils
+from afnio._runtime import (
+    get_concurrency_stats,
+    get_max_concurrency,
+    set_max_concurrency,
+)
+from afnio._utils import _validate_multi_turn_messages, _validate_typed_sequence
+from afnio._variable import Variable
+from afnio.autodiff.grad_mode import is_grad_enabled, no_grad, set_grad_enabled
+from afnio.autodiff.graph import GradientEdge, Node
+from afnio.cognitive import functional
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientEdge",
+    "Node",
+    "Variable",
+    "_validate_multi_turn_messages",
+    "_validate_typed_sequence",
+    "autodiff",
+    "cognitive",
+    "functional",
+    "get_concurrency_stats",
+    "get_max_concurrency",
+    "is_grad_enabled",
+    "no_grad",
+    "set_grad_enabled",
+    "set_max_concurrency",
+    "utils",
+]
+
+for _name in ("Variable",):
+    globals()[_name].__module__ = "afnio"
+del _name

@@ -1,0 +1,495 @@
+"""The backward engine.
+
+Invariants (the whole contract in two lines):
+
+* a leaf's gradients are **appended** to its ``.grad``, one entry per path and per
+  call, never summed; a non-leaf keeps its (combined) gradient only after
+  ``retain_grad()``;
+* the graph is freed after the pass unless ``retain_graph=True``; going through a
+  freed graph again raises before any work is done.
+
+Phases: (1) discover the graph from the roots, counting each node's incoming edges;
+(2) a node runs once all its incoming gradients have arrived (several gradients for
+one output are combined into one Variable), and **all ready nodes run at once**,
+bounded by :func:`afnio.set_max_concurrency`; (3) only when every node has succeeded
+are leaf gradients appended, so a failed pass (an LM error, say) changes no ``.grad``
+and frees nothing: it can simply be retried.
+
+Nodes with no incoming gradient at all are skipped (no LM call is made for them),
+and with ``inputs=`` only nodes that lead to one of the inputs run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import inspect
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from afnio._runtime import concurrency_slot, run_async, run_sync
+from afnio._variable import Variable
+from afnio.autodiff.config import IDENTITY_GRADIENT_DATA
+from afnio.autodiff.function import BackwardFunction
+from afnio.autodiff.grad_mode import _grad_enabled
+from afnio.autodiff.graph import AccumulateGrad, GradientEdge, Node
+
+__all__ = ["abackward", "backward"]
+
+_executor: ThreadPoolExecutor | None = None
+
+_FREED_MESSAGE = (
+    "Trying to backward through the graph a second time: it was freed by the first "
+    ".backward() call (node {name}). Pass retain_graph=True to the first "
+    ".backward() call if you need to backward through the graph again."
+)
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    # Threads are created on demand; the concurrency bound limits how many run.
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=256, thread_name_prefix="afnio-bw")
+    return _executor
+
+
+def _as_list(value: Any, name: str) -> list[Any]:
+    if isinstance(value, (Variable, GradientEdge)):
+        return [value]
+    if isinstance(value, str):
+        raise TypeError(
+            f"`{name}` must be a Variable or a sequence of them, got a str. Wrap the "
+            f"text: afnio.Variable({value[:20]!r}, role='feedback')."
+        )
+    if isinstance(value, Sequence):
+        return list(value)
+    raise TypeError(
+        f"`{name}` must be a Variable or a sequence of Variables, got "
+        f"{type(value).__name__}."
+    )
+
+
+def _default_gradient(root: Variable, i: int) -> Variable:
+    node = root.grad_fn
+    is_evaluator = isinstance(node, BackwardFunction) and node._forward_cls._is_evaluator
+    if not is_evaluator and isinstance(root.data, list):
+        raise RuntimeError(
+            f"A gradient can be created implicitly only for scalar Variables and "
+            f"evaluator outputs; element {i} of `variables` is a batch. Pass its "
+            "feedback explicitly: .backward(afnio.Variable([...], role='feedback'))."
+        )
+    return Variable(IDENTITY_GRADIENT_DATA, role=f"feedback to {root.role}")
+
+
+class _Pass:
+    """The state of one backward pass (built in the caller's thread, run on the
+    loop)."""
+
+    def __init__(
+        self,
+        roots: list[Variable],
+        grads: list[Variable],
+        retain_graph: bool,
+        create_graph: bool,
+        targets: set[AccumulateGrad] | None,
+    ) -> None:
+        self.retain_graph = retain_graph
+        self.create_graph = create_graph
+        self.targets = targets
+        self.order: dict[Node, int] = {}
+        self.deps: dict[Node, int] = {}
+        self.buffers: dict[Node, dict[int, list[tuple[tuple[int, int], Variable]]]] = {}
+        self.leaf_grads: list[tuple[tuple[int, int], Variable, Variable]] = []
+        self.retained: list[tuple[Variable, Variable]] = []
+        self.needed: set[Node] | None = None
+
+        for i, (root, grad) in enumerate(zip(roots, grads, strict=True)):
+            node = root.grad_fn
+            assert node is not None
+            self._visit(node)
+            slot = self.buffers.setdefault(node, {}).setdefault(root.output_nr, [])
+            slot.append(((-1, i), grad))
+        self._discover()
+        if targets is not None:
+            self.needed = self._needed_nodes(targets)
+
+    def _visit(self, node: Node) -> None:
+        if node in self.order:
+            return
+        if isinstance(node, BackwardFunction):
+            if node._freed:
+                raise RuntimeError(_FREED_MESSAGE.format(name=node.name()))
+        elif not isinstance(node, AccumulateGrad):
+            raise TypeError(
+                f"The backward graph holds a {type(node).__name__}; only Function "
+                "nodes and AccumulateGrad are supported."
+            )
+        self.order[node] = len(self.order)
+        self.deps.setdefault(node, 0)
+
+    def _discover(self) -> None:
+        stack = list(self.order)
+        stack.reverse()
+        seen = set(stack)
+        while stack:
+            node = stack.pop()
+            for edge in node._next_functions:
+                nxt = edge.node
+                if nxt is None or isinstance(nxt, AccumulateGrad):
+                    continue
+                self._visit(nxt)
+                self.deps[nxt] += 1
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+
+    def _needed_nodes(self, targets: set[AccumulateGrad]) -> set[Node]:
+        # Kahn order from the roots, then walk it backwards (leaves first).
+        deps = dict(self.deps)
+        queue = collections.deque(n for n in self.order if deps[n] == 0)
+        topo: list[Node] = []
+        while queue:
+            node = queue.popleft()
+            topo.append(node)
+            for edge in node._next_functions:
+                nxt = edge.node
+                if nxt is not None and not isinstance(nxt, AccumulateGrad):
+                    deps[nxt] -= 1
+                    if deps[nxt] == 0:
+                        queue.append(nxt)
+        needed: set[Node] = set()
+        for node in reversed(topo):
+            if any(
+                e.node is not None and (e.node in targets or e.node in needed)
+                for e in node._next_functions
+            ):
+                needed.add(node)
+        return needed
+
+    # -- per-node work -------------------------------------------------------------
+
+    def needs_for(self, node: BackwardFunction) -> tuple[bool, ...]:
+        """``needs_input_grad`` restricted to slots that lead to an ``inputs`` leaf."""
+        assert self.targets is not None and self.needed is not None
+        out = []
+        for need, e in zip(node.needs_input_grad, node._slot_edges, strict=True):
+            nxt = node._next_functions[e].node if e is not None else None
+            out.append(
+                need and nxt is not None and (nxt in self.targets or nxt in self.needed)
+            )
+        return tuple(out)
+
+    def gather(self, node: BackwardFunction) -> list[Variable | None] | None:
+        """The node's gradients, one per output, or None if nothing arrived."""
+        buf = self.buffers.pop(node, None)
+        if not buf:
+            return None
+        grads: list[Variable | None] = []
+        for i, (role, length) in enumerate(node._output_meta):
+            entries = buf.get(i)
+            if entries:
+                entries.sort(key=lambda e: e[0])
+                combined = _combine([g for _, g in entries], role, length)
+                ref = node._retained.get(i)
+                retained = ref() if ref is not None else None
+                if retained is not None:
+                    self.retained.append((retained, combined))
+                grads.append(combined)
+            elif node._materialize_grads:
+                empty: Any = [""] * length if length is not None else ""
+                grads.append(Variable(empty, role=f"feedback to {role}"))
+            else:
+                grads.append(None)
+        return grads
+
+    def finish(self, node: Node, result: Sequence[Variable | None] | None) -> list[Node]:
+        """Route a node's input gradients along its edges; return newly ready nodes."""
+        ready: list[Node] = []
+        idx = self.order[node]
+        slot_edges = node._slot_edges if isinstance(node, BackwardFunction) else ()
+        edges = node._next_functions
+        for slot, edge_i in enumerate(slot_edges):
+            if edge_i is None:
+                continue
+            target, output_nr = edges[edge_i]
+            if target is None:
+                continue
+            g = result[slot] if result is not None else None
+            if isinstance(target, AccumulateGrad):
+                if g is not None and (self.targets is None or target in self.targets):
+                    self.leaf_grads.append(((idx, edge_i), target.variable, g))
+                continue
+            if g is not None:
+                buf = self.buffers.setdefault(target, {})
+                buf.setdefault(output_nr, []).append(((idx, edge_i), g))
+            self.deps[target] -= 1
+            if self.deps[target] == 0:
+                ready.append(target)
+        return ready
+
+    def commit(self) -> None:
+        """Apply the pass's effects; called only after every node succeeded."""
+        self.leaf_grads.sort(key=lambda e: e[0])
+        for _, variable, grad in self.leaf_grads:
+            variable._grad.append(grad)
+        for variable, grad in self.retained:
+            variable._grad.append(grad)
+        if not self.retain_graph:
+            for node in self.order:
+                if isinstance(node, BackwardFunction):
+                    node._free()
+
+
+def _combine(grads: list[Variable], role: str, length: int | None) -> Variable:
+    """Combine several gradients that reached the same output into one.
+
+    A scalar output gets the list of the non-empty feedback texts (a single text
+    stays a str); a batched output gets, per sample, its non-empty texts joined by a
+    blank line (a scalar feedback applies to every sample)."""
+    if len(grads) == 1:
+        return grads[0]
+    if length is None:
+        texts: list[Any] = []
+        for g in grads:
+            texts.extend(g.data if isinstance(g.data, list) else [g.data])
+        texts = [str(t) for t in texts if t != ""]
+        data: Any = texts[0] if len(texts) == 1 else (texts or "")
+    else:
+        columns: list[list[str]] = [[] for _ in range(length)]
+        for g in grads:
+            aligned = isinstance(g.data, list) and len(g.data) == length
+            for s in range(length):
+                text = g.data[s] if aligned else g.data
+                if text != "":
+                    columns[s].append(str(text))
+        data = ["\n\n".join(col) for col in columns]
+    return Variable(data, role=grads[0].role or f"feedback to {role}")
+
+
+def _check_result(node: BackwardFunction, result: Any) -> tuple[Variable | None, ...]:
+    if not isinstance(result, (tuple, list)):
+        result = (result,)
+    expected = len(node._slot_edges)
+    extra = result[expected:]
+    if len(result) < expected or any(r is not None for r in extra):
+        raise RuntimeError(
+            f"function {node.name()} returned an incorrect number of gradients "
+            f"(expected {expected}, got {len(result)}): backward must return one "
+            "value per forward input (None for inputs without a gradient)."
+        )
+    for i, g in enumerate(result[:expected]):
+        if g is not None and not isinstance(g, Variable):
+            raise TypeError(
+                f"function {node.name()} returned a {type(g).__name__} as gradient "
+                f"{i}; expected a Variable or None."
+            )
+    return tuple(result[:expected])
+
+
+async def _call_node(
+    node: BackwardFunction, grads: list[Variable | None], create_graph: bool
+) -> Any:
+    _grad_enabled.set(create_graph)
+    backward = node._forward_cls.backward
+    if inspect.iscoroutinefunction(backward) or node._forward_cls.run_backward_inline:
+        async with concurrency_slot():
+            result = node.apply(*grads)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+    async with concurrency_slot():
+        ctx = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_thread_pool(), ctx.run, node.apply, *grads)
+
+
+async def _execute(p: _Pass) -> None:
+    ready = collections.deque(n for n in p.order if p.deps[n] == 0)
+    running: dict[asyncio.Task[Any], BackwardFunction] = {}
+    overridden: list[tuple[BackwardFunction, tuple[bool, ...]]] = []
+
+    def run_inline(node: BackwardFunction, grads: list[Variable | None]) -> Any:
+        token = _grad_enabled.set(p.create_graph)
+        try:
+            return node.apply(*grads)
+        finally:
+            _grad_enabled.reset(token)
+
+    try:
+        while ready or running:
+            while ready:
+                node = ready.popleft()
+                assert isinstance(node, BackwardFunction)
+                grads = p.gather(node)
+                if grads is None or (p.needed is not None and node not in p.needed):
+                    ready.extend(p.finish(node, None))
+                    continue
+                if p.needed is not None:
+                    overridden.append((node, node.needs_input_grad))
+                    node.needs_input_grad = p.needs_for(node)
+                cls = node._forward_cls
+                if cls.run_backward_inline and not inspect.iscoroutinefunction(
+                    cls.backward
+                ):
+                    try:
+                        result = _check_result(node, run_inline(node, grads))
+                    except BaseException as e:
+                        _annotate(e, node)
+                        raise
+                    ready.extend(p.finish(node, result))
+                else:
+                    task = asyncio.create_task(_call_node(node, grads, p.create_graph))
+                    running[task] = node
+            if running:
+                done, _ = await asyncio.wait(
+                    running, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in sorted(done, key=lambda t: p.order[running[t]]):
+                    node = running.pop(task)
+                    try:
+                        result = _check_result(node, task.result())
+                    except BaseException as e:
+                        _annotate(e, node)
+                        raise
+                    ready.extend(p.finish(node, result))
+    except BaseException:
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+        raise
+    finally:
+        for node, needs in overridden:
+            node.needs_input_grad = needs
+    p.commit()
+
+
+def _annotate(error: BaseException, node: Node) -> None:
+    if isinstance(error, Exception):
+        error.add_note(f"(raised during backward by node {node.name()})")
+
+
+def _prepare(
+    variables: Variable | Sequence[Variable],
+    grad_variables: Variable | Sequence[Variable | None] | None,
+    retain_graph: bool | None,
+    create_graph: bool,
+    inputs: Variable | GradientEdge | Sequence[Variable | GradientEdge] | None,
+) -> _Pass:
+    roots = _as_list(variables, "variables")
+    if not roots:
+        raise ValueError("`variables` is empty: pass at least one Variable.")
+    for i, root in enumerate(roots):
+        if not isinstance(root, Variable):
+            raise TypeError(
+                f"element {i} of `variables` is a {type(root).__name__}, not a Variable."
+            )
+        if root.grad_fn is None:
+            raise RuntimeError(
+                f"element {i} of variables does not require grad and does not have a "
+                "grad_fn"
+            )
+    if grad_variables is None:
+        grad_list: list[Any] = [None] * len(roots)
+    else:
+        grad_list = _as_list(grad_variables, "grad_variables")
+        if len(grad_list) != len(roots):
+            raise ValueError(
+                f"`grad_variables` has {len(grad_list)} gradients for {len(roots)} "
+                "variables; pass one per variable (None for an implicit one)."
+            )
+    grads: list[Variable] = []
+    for i, (root, g) in enumerate(zip(roots, grad_list, strict=True)):
+        if g is None:
+            g = _default_gradient(root, i)
+        elif not isinstance(g, Variable):
+            raise TypeError(
+                f"element {i} of `grad_variables` is a {type(g).__name__}; expected a "
+                "Variable or None."
+            )
+        grads.append(g)
+
+    targets: set[AccumulateGrad] | None = None
+    if inputs is not None:
+        items = _as_list(inputs, "inputs")
+        if not items:
+            raise RuntimeError("`inputs` argument to backward() cannot be empty.")
+        targets = set()
+        for i, item in enumerate(items):
+            if isinstance(item, GradientEdge):
+                if not isinstance(item.node, AccumulateGrad):
+                    raise RuntimeError(
+                        f"element {i} of `inputs` is a GradientEdge to "
+                        f"{item.node}; only edges to leaves (AccumulateGrad) can be "
+                        "accumulated into."
+                    )
+                targets.add(item.node)
+            elif isinstance(item, Variable):
+                if not item.is_leaf or not item.requires_grad:
+                    raise RuntimeError(
+                        f"element {i} of `inputs` must be a leaf Variable that "
+                        "requires grad (non-leaf Variables cannot be inputs)."
+                    )
+                targets.add(item._get_grad_accumulator())
+            else:
+                raise TypeError(
+                    f"element {i} of `inputs` is a {type(item).__name__}; expected a "
+                    "Variable or a GradientEdge."
+                )
+    if retain_graph is None:
+        retain_graph = create_graph
+    return _Pass(roots, grads, bool(retain_graph), bool(create_graph), targets)
+
+
+def backward(
+    variables: Variable | Sequence[Variable],
+    grad_variables: Variable | Sequence[Variable | None] | None = None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    inputs: Variable | GradientEdge | Sequence[Variable | GradientEdge] | None = None,
+) -> None:
+    """Compute textual gradients of ``variables`` and append them to the leaves.
+
+    Args:
+        variables: the root Variable(s) to differentiate.
+        grad_variables: the feedback on each root (a Variable, a sequence, or
+            ``None``). ``None`` uses the empty feedback ``""`` and is allowed for
+            scalar roots and for evaluator outputs.
+        retain_graph: keep the graph for another backward pass (default:
+            ``create_graph``).
+        create_graph: run backward functions with grad mode on, so that the
+            gradients themselves are recorded in a graph.
+        inputs: leaves (or GradientEdges to them) to accumulate into. Only these get
+            gradients, and only nodes that lead to them run.
+
+    Ready nodes run concurrently on afnio's event loop, at most
+    :func:`afnio.get_max_concurrency` at a time. The call blocks until the pass is
+    done; it also works inside a running event loop (use :func:`abackward` to
+    ``await`` it instead). If any node fails, no ``.grad`` changes and the graph is
+    kept, so the call can be retried.
+
+    Example::
+
+        >>> import afnio
+        >>> a = afnio.Variable("x", role="a", requires_grad=True)
+        >>> b = a + afnio.Variable("y", role="b")
+        >>> afnio.autodiff.backward(b, afnio.Variable("shorter"))
+        >>> len(a.grad)
+        1
+    """
+    p = _prepare(variables, grad_variables, retain_graph, create_graph, inputs)
+    run_sync(_execute(p))
+
+
+async def abackward(
+    variables: Variable | Sequence[Variable],
+    grad_variables: Variable | Sequence[Variable | None] | None = None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    inputs: Variable | GradientEdge | Sequence[Variable | GradientEdge] | None = None,
+) -> None:
+    """Async :func:`backward`: awaits the pass without blocking the caller's loop."""
+    p = _prepare(variables, grad_variables, retain_graph, create_graph, inputs)
+    await run_async(_execute(p))

@@ -1,0 +1,1 @@
+"""Utilities. Import ``afnio.utils.data`` and ``afnio.utils.datasets`` explicitly."""

@@ -1,0 +1,3 @@
+"""Integrations of afnio with LangChain and DSPy (added subpackage by subpackage)."""
+
+__all__: list[str] = []
