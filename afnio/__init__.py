@@ -14,6 +14,8 @@ Example::
     1
 """
 
+import sys as _sys
+
 from afnio import autodiff, cognitive, utils
 from afnio._runtime import (
     get_concurrency_stats,
@@ -25,6 +27,9 @@ from afnio._variable import Variable
 from afnio.autodiff.grad_mode import is_grad_enabled, no_grad, set_grad_enabled
 from afnio.autodiff.graph import GradientEdge, Node
 from afnio.cognitive import functional
+
+# ``import afnio.functional as F`` works like ``import torch.nn.functional as F``
+_sys.modules["afnio.functional"] = functional
 
 __version__ = "0.1.0"
 

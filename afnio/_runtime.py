@@ -34,7 +34,7 @@ import contextlib
 import contextvars
 import os
 import threading
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from concurrent.futures import Future as ConcurrentFuture
 from typing import Any, TypeVar
 
@@ -73,7 +73,9 @@ _current_lease: contextvars.ContextVar[_Lease | None] = contextvars.ContextVar(
 
 
 class ConcurrencyStats:
-    """Counters of the concurrency bound: slots in use now, and the peak so far."""
+    """Counters of the concurrency bound: slots in use now (``in_flight``), the most
+    ever in use at once (``peak``), and how many work units took or borrowed a slot
+    (``total``)."""
 
     __slots__ = ("in_flight", "peak", "total")
 
@@ -94,16 +96,14 @@ class _Limiter:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.active = 0  # work units running now (owned or borrowed slots)
-        self.owned = 0  # slots taken from the bound
+        self.owned = 0  # slots taken from the bound: the work in flight
         self.peak = 0
-        self.total = 0
+        self.total = 0  # work units started (owned or borrowed slots)
         self._waiters: collections.deque[asyncio.Future[str]] = collections.deque()
 
     def _start(self) -> None:
-        self.active += 1
         self.total += 1
-        self.peak = max(self.peak, self.active)
+        self.peak = max(self.peak, self.owned)
 
     @staticmethod
     def _hand_over(queue: collections.deque[asyncio.Future[str]], how: str) -> bool:
@@ -165,7 +165,6 @@ class _Limiter:
             self.owned -= 1
 
     def release(self, how: str, lease: _Lease | None) -> None:
-        self.active -= 1
         self._release(how, lease)
 
     def set_limit(self, limit: int) -> None:
@@ -284,23 +283,30 @@ async def run_async(coro: Coroutine[Any, Any, T]) -> T:
     return await asyncio.wrap_future(_submit(coro))
 
 
-@contextlib.asynccontextmanager
-async def concurrency_slot() -> AsyncIterator[None]:
+class concurrency_slot:  # lower case: used like a function, ``async with``
     """Hold one slot of the process-wide bound while the block runs.
 
     Must be entered on afnio's loop (anything run through :func:`run_sync` or
     :func:`run_async` is). Work started inside the block may borrow this slot for
     one task at a time, so nested bounded work never deadlocks.
+
+    Example::
+
+        >>> async def call_lm():
+        ...     async with concurrency_slot():
+        ...         ...  # one request in flight
     """
-    limiter = _runtime.limiter
-    parent = _current_lease.get()
-    how = await limiter.acquire()
-    token = _current_lease.set(_Lease())
-    try:
-        yield
-    finally:
-        _current_lease.reset(token)
-        limiter.release(how, parent)
+
+    __slots__ = ("_how", "_parent", "_token")
+
+    async def __aenter__(self) -> None:
+        self._parent = _current_lease.get()
+        self._how = await _runtime.limiter.acquire()
+        self._token = _current_lease.set(_Lease())
+
+    async def __aexit__(self, *exc: object) -> None:
+        _current_lease.reset(self._token)
+        _runtime.limiter.release(self._how, self._parent)
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -349,11 +355,11 @@ def get_max_concurrency() -> int:
 def get_concurrency_stats() -> ConcurrencyStats:
     """Return slots in use now, the peak since the last reset, and the total count."""
     lim = _runtime.limiter
-    return ConcurrencyStats(lim.active, lim.peak, lim.total)
+    return ConcurrencyStats(lim.owned, lim.peak, lim.total)
 
 
 def reset_concurrency_stats() -> None:
     """Reset the peak and total counters (the in-flight count is kept)."""
     lim = _runtime.limiter
-    lim.peak = lim.active
+    lim.peak = lim.owned
     lim.total = 0

@@ -78,7 +78,9 @@ def _validate_multi_turn_messages(
                     f"`{name}[{i}]['role']` must be a str, got "
                     f"{type(msg['role']).__name__}."
                 )
-            _validate_typed_sequence(msg["content"], Variable, f"{name}[{i}]['content']")
+            _validate_typed_sequence(
+                msg["content"], Variable, f"{name}[{i}]['content']"
+            )
     except (TypeError, ValueError):
         if raise_error:
             raise

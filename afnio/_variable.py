@@ -26,7 +26,7 @@ import contextvars
 import copy
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from afnio.autodiff.graph import AccumulateGrad, GradientEdge, Node
@@ -38,7 +38,7 @@ __all__ = [
     "is_variable",
 ]
 
-VariableData = Union[str, int, float, list[str], list[int], list[float]]
+VariableData = str | int | float | list[str] | list[int] | list[float]
 
 _grad_fn_assignment_allowed: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "afnio_grad_fn_assignment_allowed", default=False
@@ -77,7 +77,7 @@ def _validate_data(data: Any, argument: str = "data") -> Any:
         )
     raise TypeError(
         f"`{argument}` must be a str, int, float, or a list/tuple of them; got "
-        f"{type(data).__name__}. For an empty value use \"\"."
+        f'{type(data).__name__}. For an empty value use "".'
     )
 
 
@@ -217,8 +217,7 @@ class Variable:
             isinstance(g, Variable) for g in gradient
         ):
             raise TypeError(
-                "`.grad` must be a list of Variables, got "
-                f"{type(gradient).__name__}."
+                f"`.grad` must be a list of Variables, got {type(gradient).__name__}."
             )
         self._grad = gradient
 
@@ -263,7 +262,10 @@ class Variable:
         gradient: Variable | None = None,
         retain_graph: bool | None = None,
         create_graph: bool = False,
-        inputs: Variable | GradientEdge | Sequence[Variable | GradientEdge] | None = None,
+        inputs: Variable
+        | GradientEdge
+        | Sequence[Variable | GradientEdge]
+        | None = None,
     ) -> None:
         """Compute textual gradients of this Variable with respect to the graph leaves.
 
@@ -281,7 +283,9 @@ class Variable:
             RuntimeError: if this Variable is a leaf (it has no graph to go through).
         """
         if self.is_leaf:
-            raise RuntimeError("Variable does not require grad or does not have a grad_fn.")
+            raise RuntimeError(
+                "Variable does not require grad or does not have a grad_fn."
+            )
         from afnio.autodiff.engine import backward
 
         backward(self, gradient, retain_graph, create_graph, inputs=inputs)
@@ -291,11 +295,16 @@ class Variable:
         gradient: Variable | None = None,
         retain_graph: bool | None = None,
         create_graph: bool = False,
-        inputs: Variable | GradientEdge | Sequence[Variable | GradientEdge] | None = None,
+        inputs: Variable
+        | GradientEdge
+        | Sequence[Variable | GradientEdge]
+        | None = None,
     ) -> None:
         """Async :meth:`backward`, for use inside a running event loop."""
         if self.is_leaf:
-            raise RuntimeError("Variable does not require grad or does not have a grad_fn.")
+            raise RuntimeError(
+                "Variable does not require grad or does not have a grad_fn."
+            )
         from afnio.autodiff.engine import abackward
 
         await abackward(self, gradient, retain_graph, create_graph, inputs=inputs)
@@ -331,9 +340,9 @@ class Variable:
                 f"Cannot copy list data of different lengths: {len(self._data)} "
                 f"(this Variable) vs {len(src.data)} (`src`)."
             )
+        self.requires_grad = src.requires_grad  # first: it may refuse (non-leaf)
         self._data = src._copy_data()
         self.role = src.role
-        self.requires_grad = src.requires_grad
         return self
 
     def is_floating_point(self) -> bool:
@@ -361,9 +370,10 @@ class Variable:
                     new = [dtype(d) for d in self._data]
                 else:
                     new = dtype(self._data)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, OverflowError) as e:
                 raise ValueError(
-                    f"Variable.to(dtype={getattr(dtype, '__name__', dtype)}) failed: {e}"
+                    f"Variable.to(dtype={getattr(dtype, '__name__', dtype)}) "
+                    f"failed: {e}"
                 ) from e
         return Variable(new, role=self.role, requires_grad=self.requires_grad)
 
@@ -406,7 +416,9 @@ class Variable:
         if id(self) in memo:
             return memo[id(self)]
         new = Variable(
-            copy.deepcopy(self._data, memo), role=self.role, requires_grad=self._requires_grad
+            copy.deepcopy(self._data, memo),
+            role=self.role,
+            requires_grad=self._requires_grad,
         )
         new._retain_grad = self._retain_grad
         new._grad = copy.deepcopy(self._grad, memo)

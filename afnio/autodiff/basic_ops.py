@@ -43,13 +43,13 @@ def _combined_feedback(role: str, feedback: Any) -> Any:
             else ""
             for f in feedback
         ]
-    return _COMBINED_FEEDBACK.replace("{role}", role).replace("{feedback}", str(feedback))
-
-
-def _feedback_to(var: Variable, grad: Variable) -> Variable:
-    return Variable(
-        _combined_feedback(var.role, grad.data), role=f"feedback to {var.role}"
+    return _COMBINED_FEEDBACK.replace("{role}", role).replace(
+        "{feedback}", str(feedback)
     )
+
+
+def _feedback_to(role: str, grad: Variable) -> Variable:
+    return Variable(_combined_feedback(role, grad.data), role=f"feedback to {role}")
 
 
 def _add_values(a: Any, b: Any) -> Any:
@@ -101,15 +101,16 @@ class Add(Function):
             data: Any = [_add_values(a, b) for a, b in zip(x.data, y.data, strict=True)]
         else:
             data = _add_values(x.data, y.data)
-        ctx.save_for_backward(x, y)
+        # roles, not the Variables: an in-place `x += y` must not change them
+        ctx.save_for_backward(x.role, y.role)
         return Variable(data, role=f"{x.role} and {y.role}")
 
     @staticmethod
     def backward(ctx: Any, grad_output: Variable) -> tuple[Variable | None, ...]:
-        x, y = ctx.saved_variables
+        roles, needs = ctx.saved_variables, ctx.needs_input_grad
         return tuple(
-            _feedback_to(v, grad_output) if need else None
-            for v, need in zip((x, y), ctx.needs_input_grad, strict=True)
+            _feedback_to(role, grad_output) if need else None
+            for role, need in zip(roles, needs, strict=True)
         )
 
 
@@ -130,9 +131,7 @@ class Sum(Function):
     @staticmethod
     def forward(ctx: Any, x: list[Variable]) -> Variable:
         if not isinstance(x, (list, tuple)):
-            raise TypeError(
-                f"`x` must be a list of Variables, got {type(x).__name__}."
-            )
+            raise TypeError(f"`x` must be a list of Variables, got {type(x).__name__}.")
         if not x:
             raise ValueError("`x` is empty: Sum needs at least one Variable.")
         for i, v in enumerate(x):
@@ -154,14 +153,15 @@ class Sum(Function):
             ]
         else:
             data = _sum_values([v.data for v in x])
-        ctx.save_for_backward(*x)
+        ctx.save_for_backward(*(v.role for v in x))
         return Variable(data, role=" and ".join(v.role for v in x))
 
     @staticmethod
     def backward(ctx: Any, grad_output: Variable) -> tuple[Variable | None, ...]:
+        roles, needs = ctx.saved_variables, ctx.needs_input_grad
         return tuple(
-            _feedback_to(v, grad_output) if need else None
-            for v, need in zip(ctx.saved_variables, ctx.needs_input_grad, strict=True)
+            _feedback_to(role, grad_output) if need else None
+            for role, need in zip(roles, needs, strict=True)
         )
 
 
@@ -229,7 +229,7 @@ class Split(Function):
                 )
             columns = x.data.split(sep_value, max_value)
             ctx.batch_size = None
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x.role)
         return tuple(
             Variable(part, role=f"split part {i} of {x.role}")
             for i, part in enumerate(columns)
@@ -237,11 +237,11 @@ class Split(Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Variable) -> tuple[Variable | None, ...]:
-        (x,) = ctx.saved_variables
+        (role,) = ctx.saved_variables
         nones = (None,) * (len(ctx.needs_input_grad) - 1)
         if not ctx.needs_input_grad[0]:
             return (None, *nones)
-        prefix = _combined_feedback(x.role, "")
+        prefix = _combined_feedback(role, "")
         n = ctx.batch_size
         if n is None:
             items = "".join(f"<ITEM>{_text(g.data)}</ITEM>" for g in grad_outputs)
@@ -249,10 +249,12 @@ class Split(Function):
         else:
             data = [
                 prefix
-                + "".join(f"<ITEM>{_text(_sample(g.data, s, n))}</ITEM>" for g in grad_outputs)
+                + "".join(
+                    f"<ITEM>{_text(_sample(g.data, s, n))}</ITEM>" for g in grad_outputs
+                )
                 for s in range(n)
             ]
-        return (Variable(data, role=f"feedback to {x.role}"), *nones)
+        return (Variable(data, role=f"feedback to {role}"), *nones)
 
 
 def _sample(data: Any, s: int, n: int) -> Any:

@@ -73,7 +73,9 @@ def _as_list(value: Any, name: str) -> list[Any]:
 
 def _default_gradient(root: Variable, i: int) -> Variable:
     node = root.grad_fn
-    is_evaluator = isinstance(node, BackwardFunction) and node._forward_cls._is_evaluator
+    is_evaluator = (
+        isinstance(node, BackwardFunction) and node._forward_cls._is_evaluator
+    )
     if not is_evaluator and isinstance(root.data, list):
         raise RuntimeError(
             f"A gradient can be created implicitly only for scalar Variables and "
@@ -204,7 +206,9 @@ class _Pass:
                 grads.append(None)
         return grads
 
-    def finish(self, node: Node, result: Sequence[Variable | None] | None) -> list[Node]:
+    def finish(
+        self, node: Node, result: Sequence[Variable | None] | None
+    ) -> list[Node]:
         """Route a node's input gradients along its edges; return newly ready nodes."""
         ready: list[Node] = []
         idx = self.order[node]
@@ -288,34 +292,56 @@ def _check_result(node: BackwardFunction, result: Any) -> tuple[Variable | None,
     return tuple(result[:expected])
 
 
+_INLINE, _ASYNC, _THREAD = "inline", "async", "thread"
+_KINDS: dict[type, str] = {}
+
+
+def _backward_kind(cls: type) -> str:
+    """How the engine calls a Function's backward (cached per class)."""
+    kind = _KINDS.get(cls)
+    if kind is None:
+        if inspect.iscoroutinefunction(cls.backward):  # type: ignore[attr-defined]
+            kind = _ASYNC
+        elif cls.run_backward_inline:  # type: ignore[attr-defined]
+            kind = _INLINE
+        else:
+            kind = _THREAD
+        _KINDS[cls] = kind
+    return kind
+
+
 async def _call_node(
-    node: BackwardFunction, grads: list[Variable | None], create_graph: bool
+    node: BackwardFunction, grads: list[Variable | None], create_graph: bool, kind: str
 ) -> Any:
-    _grad_enabled.set(create_graph)
-    backward = node._forward_cls.backward
-    if inspect.iscoroutinefunction(backward) or node._forward_cls.run_backward_inline:
-        async with concurrency_slot():
-            result = node.apply(*grads)
-            if inspect.isawaitable(result):
-                result = await result
-            return result
+    _grad_enabled.set(create_graph)  # this task's own context
     async with concurrency_slot():
+        if kind == _ASYNC:
+            return await node.apply(*grads)
         ctx = contextvars.copy_context()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(_thread_pool(), ctx.run, node.apply, *grads)
 
 
 async def _execute(p: _Pass) -> None:
+    loop = asyncio.get_running_loop()
     ready = collections.deque(n for n in p.order if p.deps[n] == 0)
     running: dict[asyncio.Task[Any], BackwardFunction] = {}
+    completed: collections.deque[asyncio.Task[Any]] = collections.deque()
+    wakeup: list[asyncio.Future[None]] = []
     overridden: list[tuple[BackwardFunction, tuple[bool, ...]]] = []
 
-    def run_inline(node: BackwardFunction, grads: list[Variable | None]) -> Any:
-        token = _grad_enabled.set(p.create_graph)
+    def on_done(task: asyncio.Task[Any]) -> None:
+        completed.append(task)
+        if wakeup and not wakeup[0].done():
+            wakeup[0].set_result(None)
+
+    def route(node: BackwardFunction, result: Any) -> None:
         try:
-            return node.apply(*grads)
-        finally:
-            _grad_enabled.reset(token)
+            checked = _check_result(node, result)
+        except BaseException as e:
+            _annotate(e, node)
+            raise
+        ready.extend(p.finish(node, checked))
 
     try:
         while ready or running:
@@ -324,36 +350,41 @@ async def _execute(p: _Pass) -> None:
                 assert isinstance(node, BackwardFunction)
                 grads = p.gather(node)
                 if grads is None or (p.needed is not None and node not in p.needed):
-                    ready.extend(p.finish(node, None))
+                    ready.extend(p.finish(node, None))  # nothing to do: no LM call
                     continue
                 if p.needed is not None:
                     overridden.append((node, node.needs_input_grad))
                     node.needs_input_grad = p.needs_for(node)
-                cls = node._forward_cls
-                if cls.run_backward_inline and not inspect.iscoroutinefunction(
-                    cls.backward
-                ):
+                kind = _backward_kind(node._forward_cls)
+                if kind == _INLINE:
+                    token = _grad_enabled.set(p.create_graph)
                     try:
-                        result = _check_result(node, run_inline(node, grads))
+                        result = node.apply(*grads)
                     except BaseException as e:
                         _annotate(e, node)
                         raise
-                    ready.extend(p.finish(node, result))
+                    finally:
+                        _grad_enabled.reset(token)
+                    route(node, result)
                 else:
-                    task = asyncio.create_task(_call_node(node, grads, p.create_graph))
+                    task = loop.create_task(
+                        _call_node(node, grads, p.create_graph, kind)
+                    )
+                    task.add_done_callback(on_done)
                     running[task] = node
-            if running:
-                done, _ = await asyncio.wait(
-                    running, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in sorted(done, key=lambda t: p.order[running[t]]):
-                    node = running.pop(task)
-                    try:
-                        result = _check_result(node, task.result())
-                    except BaseException as e:
-                        _annotate(e, node)
-                        raise
-                    ready.extend(p.finish(node, result))
+            if running and not completed:
+                wakeup[:] = [loop.create_future()]
+                await wakeup[0]
+            batch = sorted(completed, key=lambda t: p.order[running[t]])
+            completed.clear()
+            for task in batch:
+                node = running.pop(task)
+                try:
+                    result = task.result()
+                except BaseException as e:
+                    _annotate(e, node)
+                    raise
+                route(node, result)
     except BaseException:
         for task in running:
             task.cancel()
@@ -384,7 +415,8 @@ def _prepare(
     for i, root in enumerate(roots):
         if not isinstance(root, Variable):
             raise TypeError(
-                f"element {i} of `variables` is a {type(root).__name__}, not a Variable."
+                f"element {i} of `variables` is a {type(root).__name__}, not a "
+                "Variable."
             )
         if root.grad_fn is None:
             raise RuntimeError(

@@ -245,7 +245,11 @@ class Function:
         if cached is None:
             sig = inspect.signature(cls.forward)
             params = list(sig.parameters.values())
-            if not cls._uses_setup_context():
+            if (
+                not cls._uses_setup_context()
+                and params
+                and params[0].kind is not inspect.Parameter.VAR_POSITIONAL
+            ):
                 params = params[1:]  # drop ctx
             sig = sig.replace(parameters=params)
             simple = all(

@@ -55,7 +55,9 @@ class Node:
         return self._next_functions
 
     @next_functions.setter
-    def next_functions(self, edges: tuple[GradientEdge, ...] | list[GradientEdge]) -> None:
+    def next_functions(
+        self, edges: tuple[GradientEdge, ...] | list[GradientEdge]
+    ) -> None:
         edges = tuple(edges)
         for e in edges:
             if not isinstance(e, GradientEdge):

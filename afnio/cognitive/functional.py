@@ -21,7 +21,7 @@ def add(x: Variable, y: Variable) -> Variable:
     return Add.apply(x, y)
 
 
-def sum(x: list[Variable]) -> Variable:  # noqa: A001 - mirrors torch.sum
+def sum(x: list[Variable]) -> Variable:
     """Aggregate Variables (see :class:`afnio.autodiff.basic_ops.Sum`)."""
     return Sum.apply(x)
 

@@ -35,9 +35,11 @@ class Parameter(Variable):
         if data is None:
             raise TypeError(
                 "`data` of a Parameter must be a str, int, float or a list of them; "
-                "got None. Pass the initial value, e.g. Parameter(\"You are ...\")."
+                'got None. Pass the initial value, e.g. Parameter("You are ...").'
             )
-        super().__init__(data, role="" if role is None else role, requires_grad=requires_grad)
+        super().__init__(
+            data, role="" if role is None else role, requires_grad=requires_grad
+        )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Parameter:
         if id(self) in memo:

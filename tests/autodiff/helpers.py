@@ -1,0 +1,72 @@
+"""Small Functions used by the autodiff tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import afnio
+from afnio.autodiff import Function
+
+
+class InFlight:
+    """Counts how many backward calls run at once (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+        self.calls = 0
+
+    def enter(self) -> None:
+        with self.lock:
+            self.now += 1
+            self.calls += 1
+            self.peak = max(self.peak, self.now)
+
+    def exit(self) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+def make_sleepy(counter: InFlight, delay: float) -> type[Function]:
+    """A Function whose async backward sleeps ``delay`` seconds."""
+
+    class SleepyAsync(Function):
+        @staticmethod
+        def forward(ctx: Any, x: afnio.Variable) -> afnio.Variable:
+            ctx.role = x.role
+            return afnio.Variable(x.data, role=f"slept {x.role}")
+
+        @staticmethod
+        async def backward(ctx: Any, grad: afnio.Variable) -> afnio.Variable:
+            counter.enter()
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                counter.exit()
+            return afnio.Variable(f"{grad.data} via {ctx.role}", role="feedback")
+
+    return SleepyAsync
+
+
+def make_blocking(counter: InFlight, delay: float) -> type[Function]:
+    """A Function whose plain (blocking) backward sleeps ``delay`` seconds."""
+
+    class SleepyBlocking(Function):
+        @staticmethod
+        def forward(ctx: Any, x: afnio.Variable) -> afnio.Variable:
+            return afnio.Variable(x.data, role=f"slept {x.role}")
+
+        @staticmethod
+        def backward(ctx: Any, grad: afnio.Variable) -> afnio.Variable:
+            counter.enter()
+            try:
+                time.sleep(delay)
+            finally:
+                counter.exit()
+            return afnio.Variable(f"{grad.data} (blocking)", role="feedback")
+
+    return SleepyBlocking
