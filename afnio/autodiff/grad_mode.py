@@ -123,9 +123,11 @@ class set_grad_enabled(_GradModeContext):
         >>> with afnio.set_grad_enabled(False):
         ...     afnio.is_grad_enabled()
         False
-        >>> afnio.set_grad_enabled(False); afnio.is_grad_enabled()
+        >>> _ = afnio.set_grad_enabled(False)  # a plain call switches at once
+        >>> afnio.is_grad_enabled()
         False
-        >>> afnio.set_grad_enabled(True); afnio.is_grad_enabled()
+        >>> _ = afnio.set_grad_enabled(True)
+        >>> afnio.is_grad_enabled()
         True
     """
 
