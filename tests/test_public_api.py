@@ -42,7 +42,17 @@ def test_subpackage_all() -> None:
         "no_grad",
         "set_grad_enabled",
     ]
-    assert afnio.cognitive.__all__ == ["Parameter", "add", "functional", "split", "sum"]
+    assert afnio.cognitive.__all__ == [
+        "Add",
+        "Module",
+        "Parameter",
+        "Split",
+        "Sum",
+        "add",
+        "functional",
+        "split",
+        "sum",
+    ]
     assert afnio.functional is afnio.cognitive.functional
     assert afnio.functional.__all__ == ["add", "split", "sum"]
 

@@ -1,0 +1,6 @@
+"""Modules: the base class and module forms of afnio's operations."""
+
+from afnio.cognitive.modules.basic import Add, Split, Sum
+from afnio.cognitive.modules.module import Module
+
+__all__ = ["Add", "Module", "Split", "Sum"]

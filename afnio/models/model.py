@@ -1,0 +1,68 @@
+"""The base class of model clients."""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from typing import Any
+
+from afnio.models.usage import clear_usage_values, default_usage
+
+__all__ = ["BaseModel"]
+
+
+class BaseModel(ABC):
+    """A model client: a provider, a config, and a running usage/cost account.
+
+    Args:
+        provider: e.g. ``"openai"``.
+        config: the client's construction settings (secrets are never part of a
+            checkpoint: see :meth:`__deepcopy__`).
+        usage: a starting usage dict; defaults to all zeros.
+
+    A checkpoint stores a client as ``{"class_type", "provider", "usage"}`` (what
+    ``copy.deepcopy(client)`` returns); loading one needs the live client back (see
+    ``Module.load_state_dict(model_clients=...)``).
+    """
+
+    def __init__(
+        self,
+        provider: str | None = None,
+        config: dict[str, Any] | None = None,
+        usage: dict[str, Any] | None = None,
+    ) -> None:
+        self.provider = provider
+        self._config: dict[str, Any] = dict(config or {})
+        self._usage: dict[str, Any] = (
+            copy.deepcopy(usage) if usage is not None else default_usage()
+        )
+        self._usage.setdefault("cost", {"amount": 0.0, "currency": "USD"})
+        self.model_id = id(self)
+
+    def get_provider(self) -> str | None:
+        """The provider name."""
+        return self.provider
+
+    def get_config(self) -> dict[str, Any]:
+        """A copy of the client's configuration."""
+        return dict(self._config)
+
+    def get_usage(self) -> dict[str, Any]:
+        """A copy of the usage so far: token counts by kind and ``cost``."""
+        return copy.deepcopy(self._usage)
+
+    def clear_usage(self) -> None:
+        """Reset every count and the cost to 0, keeping the dict's structure."""
+        clear_usage_values(self._usage)
+
+    @abstractmethod
+    def update_usage(self, usage: Any, model_name: str | None = None) -> None:
+        """Add a response's ``usage``; with ``model_name``, add its cost too;
+        without (a checkpoint restore), set the cost to the saved amount."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:  # type: ignore[override]
+        return {
+            "class_type": type(self).__name__,
+            "provider": self.provider,
+            "usage": copy.deepcopy(self._usage),
+        }
