@@ -16,7 +16,7 @@ Example::
 
 import sys as _sys
 
-from afnio import autodiff, cognitive, utils
+from afnio import autodiff, cognitive, models, utils  # noqa: F401 (models: public module)
 from afnio._runtime import (
     get_concurrency_stats,
     get_max_concurrency,
@@ -27,6 +27,7 @@ from afnio._variable import Variable
 from afnio.autodiff.grad_mode import is_grad_enabled, no_grad, set_grad_enabled
 from afnio.autodiff.graph import GradientEdge, Node
 from afnio.cognitive import functional
+from afnio.serialization import load, save
 
 # ``import afnio.functional as F`` works like ``import torch.nn.functional as F``
 _sys.modules["afnio.functional"] = functional
@@ -45,7 +46,9 @@ __all__ = [
     "get_concurrency_stats",
     "get_max_concurrency",
     "is_grad_enabled",
+    "load",
     "no_grad",
+    "save",
     "set_grad_enabled",
     "set_max_concurrency",
     "utils",
