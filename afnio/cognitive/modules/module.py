@@ -212,9 +212,9 @@ class Module:
                 f"{what} name should be a string, got {type(name).__name__}."
             )
         if name == "":
-            raise KeyError(f'{what} name can\'t be empty string ""')
+            raise KeyError(f"{what} name cannot be an empty string")
         if "." in name:
-            raise KeyError(f'{what} name can\'t contain ".", got: {name}')
+            raise KeyError(f'{what} name cannot contain ".", got: {name}')
         if hasattr(self, name) and name not in self.__dict__[store]:
             raise KeyError(f"Attribute '{name}' already exists.")
 
