@@ -8,9 +8,9 @@ kind              what                                         ``__setattr__`` r
 ================  ===========================================  =====================
 parameters        ``Parameter``: what an optimizer rewrites     1. any ``Parameter``
 modules           child ``Module``\\ s                            2. any ``Module``
-chats             ``[{"role": str, "content": [Variable]}]``   3. a valid chat
+chats             ``[{"role": str, "content": [Variable]}]``   3. a non-empty chat
 models            model clients (``BaseModel``)                4. any ``BaseModel``
-completion cfgs   ``dict`` of LM call arguments                5. any ``dict``
+completion cfgs   ``dict`` of LM call arguments                5. a ``str``-keyed dict
 functions         importable top-level functions (``sum``)     6. such a function
 buffers           non-trainable Variables (``register_buffer``)  7. an existing name
 ================  ===========================================  =====================
@@ -354,13 +354,13 @@ class Module:
             self.register_module(name, value)
         elif name in d["_modules"] and value is None:
             d["_modules"][name] = None
-        elif _validate_multi_turn_messages(value, raise_error=False):
+        elif value and _validate_multi_turn_messages(value, raise_error=False):
             self._remove_from(name, *(s for s in _STORES if s != "_chats"))
             self.register_chat(name, value)
         elif isinstance(value, BaseModel):
             self._remove_from(name, *(s for s in _STORES if s != "_models"))
             self.register_model(name, value)
-        elif isinstance(value, dict):
+        elif isinstance(value, dict) and all(isinstance(k, str) for k in value):
             self._remove_from(name, *(s for s in _STORES if s != "_completion_configs"))
             self.register_completion_config(name, value)
         elif function_import_path(value) is not None:

@@ -85,6 +85,14 @@ def test_setattr_routes_each_kind_to_its_store() -> None:
     assert a.system.data == "You classify." and a.reducer is sum
 
 
+def test_empty_lists_and_non_str_keyed_dicts_stay_plain_attributes() -> None:
+    m = cog.Module()
+    m.items = []
+    m.cache = {1: "one"}
+    assert m.items == [] and m.cache == {1: "one"}
+    assert m.state_dict() == {}
+
+
 def test_plain_variable_attribute_is_not_registered() -> None:
     m = cog.Module()
     m.v = Variable("x")
