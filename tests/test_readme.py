@@ -16,6 +16,9 @@ def test_readme_has_python_examples() -> None:
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example_runs(index: int) -> None:
+def test_readme_example_runs(
+    index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # examples may write files
     namespace: dict[str, object] = {"__name__": f"readme_example_{index}"}
     exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), namespace)
