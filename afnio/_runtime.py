@@ -11,11 +11,11 @@ background thread. That gives three guarantees:
 * async callers can await the same work without blocking their own loop
   (:func:`run_async`).
 
-The bound is counted in *slots*. A backward node or an LM call holds one slot while it
-runs. Work started from inside a slot holder (for example the 16 LM calls a batched
-node makes) may **borrow** the holder's slot for one of them, so nested work never
-deadlocks and never counts twice: with a bound of 16, a node making 16 LM calls has 16
-requests in flight, not 15; with a bound of 1, everything runs one at a time.
+The bound ``n`` applies to two kinds of work, counted separately so that neither can
+wait on the other: at most ``n`` backward nodes run at once (:func:`node_slot`), and at
+most ``n`` LM requests are in flight at once (:func:`request_slot`). A batched node
+making 16 LM calls with ``n=16`` therefore has 16 requests in flight; with ``n=1``
+everything runs one at a time, and nothing can deadlock.
 
 Example::
 
@@ -31,20 +31,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import contextvars
 import os
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future as ConcurrentFuture
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 __all__ = [
     "ConcurrencyStats",
     "DEFAULT_MAX_CONCURRENCY",
-    "concurrency_slot",
+    "LimiterStats",
     "get_concurrency_stats",
     "get_max_concurrency",
     "in_runtime_thread",
+    "node_slot",
+    "request_slot",
     "reset_concurrency_stats",
     "run_async",
     "run_sync",
@@ -54,123 +56,83 @@ __all__ = [
 T = TypeVar("T")
 
 DEFAULT_MAX_CONCURRENCY = 16
-"""The default bound on concurrent backward nodes and LM calls."""
+"""The default bound on concurrent backward nodes and on LM requests in flight."""
 
 
-class _Lease:
-    """A held slot that the holder's descendants may borrow, one at a time."""
+@dataclass(frozen=True)
+class LimiterStats:
+    """One limiter's counters: units running now, the most at once since the last
+    reset, and how many started since then."""
 
-    __slots__ = ("busy", "waiters")
-
-    def __init__(self) -> None:
-        self.busy = False
-        self.waiters: collections.deque[asyncio.Future[str]] = collections.deque()
-
-
-_current_lease: contextvars.ContextVar[_Lease | None] = contextvars.ContextVar(
-    "afnio_current_lease", default=None
-)
+    in_flight: int
+    peak: int
+    total: int
 
 
+@dataclass(frozen=True)
 class ConcurrencyStats:
-    """Counters of the concurrency bound: slots in use now (``in_flight``), the most
-    ever in use at once (``peak``), and how many work units took or borrowed a slot
-    (``total``)."""
+    """Counters of the concurrency bound, for backward nodes and for LM requests."""
 
-    __slots__ = ("in_flight", "peak", "total")
-
-    def __init__(self, in_flight: int = 0, peak: int = 0, total: int = 0) -> None:
-        self.in_flight = in_flight
-        self.peak = peak
-        self.total = total
-
-    def __repr__(self) -> str:
-        return (
-            f"ConcurrencyStats(in_flight={self.in_flight}, peak={self.peak}, "
-            f"total={self.total})"
-        )
+    nodes: LimiterStats
+    requests: LimiterStats
 
 
 class _Limiter:
-    """A FIFO counting limiter with slot borrowing. Used only on afnio's loop."""
+    """A FIFO counting limiter whose limit can change while work waits. Used only on
+    afnio's loop, so it needs no lock."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.owned = 0  # slots taken from the bound: the work in flight
+        self.active = 0
         self.peak = 0
-        self.total = 0  # work units started (owned or borrowed slots)
-        self._waiters: collections.deque[asyncio.Future[str]] = collections.deque()
+        self.total = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     def _start(self) -> None:
         self.total += 1
-        self.peak = max(self.peak, self.owned)
+        self.peak = max(self.peak, self.active)
 
-    @staticmethod
-    def _hand_over(queue: collections.deque[asyncio.Future[str]], how: str) -> bool:
-        while queue:
-            fut = queue.popleft()
-            if not fut.done():
-                fut.set_result(how)
-                return True
-        return False
-
-    async def acquire(self) -> str:
-        """Take a slot; returns ``"own"`` or ``"borrow"``."""
-        lease = _current_lease.get()
-        if lease is not None and not lease.busy:
-            lease.busy = True
+    async def acquire(self) -> None:
+        if self.active < self.limit and not self._waiters:
+            self.active += 1
             self._start()
-            return "borrow"
-        if self.owned < self.limit and not self._waiters:
-            self.owned += 1
-            self._start()
-            return "own"
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        if lease is not None:
-            lease.waiters.append(fut)
-        try:
-            how = await fut
-        except asyncio.CancelledError:
-            served = fut.done() and not fut.cancelled()
-            self._discard(fut, lease, served=fut.result() if served else None)
-            if served:
-                self._release(fut.result(), lease)
-            raise
-        self._discard(fut, lease, served=how)
-        self._start()
-        return how
-
-    def _discard(
-        self, fut: asyncio.Future[str], lease: _Lease | None, served: str | None
-    ) -> None:
-        # A waiter sits in up to two queues; the one that served it already popped
-        # it, so only the other is searched (the main queue can be long).
-        queues = []
-        if served != "own":
-            queues.append(self._waiters)
-        if lease is not None and served != "borrow":
-            queues.append(lease.waiters)
-        for queue in queues:
-            with contextlib.suppress(ValueError):
-                queue.remove(fut)
-
-    def _release(self, how: str, lease: _Lease | None) -> None:
-        if how == "borrow":
-            assert lease is not None
-            if not self._hand_over(lease.waiters, "borrow"):
-                lease.busy = False
             return
-        if not self._hand_over(self._waiters, "own"):
-            self.owned -= 1
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # the releaser hands its slot over: `active` already counts us
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed a slot just as we were cancelled
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+        self._start()
 
-    def release(self, how: str, lease: _Lease | None) -> None:
-        self._release(how, lease)
+    def release(self) -> None:
+        if self.active <= self.limit:
+            while self._waiters:
+                fut = self._waiters.popleft()
+                if not fut.done():
+                    fut.set_result(None)  # hand the slot over
+                    return
+        self.active -= 1
 
     def set_limit(self, limit: int) -> None:
         self.limit = limit
-        while self.owned < self.limit and self._hand_over(self._waiters, "own"):
-            self.owned += 1
+        while self.active < self.limit and self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.active += 1
+                fut.set_result(None)
+
+    def stats(self) -> LimiterStats:
+        return LimiterStats(self.active, self.peak, self.total)
+
+    def reset_stats(self) -> None:
+        self.peak = self.active
+        self.total = 0
 
 
 class _Runtime:
@@ -180,7 +142,8 @@ class _Runtime:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self.limiter = _Limiter(DEFAULT_MAX_CONCURRENCY)
+        self.nodes = _Limiter(DEFAULT_MAX_CONCURRENCY)
+        self.requests = _Limiter(DEFAULT_MAX_CONCURRENCY)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -195,7 +158,14 @@ class _Runtime:
                 def run() -> None:
                     asyncio.set_event_loop(loop)
                     loop.call_soon(ready.set)
-                    loop.run_forever()
+                    while True:
+                        try:
+                            loop.run_forever()
+                            return
+                        except BaseException:
+                            # SystemExit/KeyboardInterrupt raised in a task escapes
+                            # run_forever; the task holds it and its caller gets it.
+                            continue
 
                 thread = threading.Thread(target=run, name="afnio-runtime", daemon=True)
                 thread.start()
@@ -211,7 +181,8 @@ class _Runtime:
         self._lock = threading.Lock()
         self._loop = None
         self._thread = None
-        self.limiter = _Limiter(self.limiter.limit)
+        self.nodes = _Limiter(self.nodes.limit)
+        self.requests = _Limiter(self.requests.limit)
 
 
 _runtime = _Runtime()
@@ -225,37 +196,18 @@ def in_runtime_thread() -> bool:
 
 
 def _submit(coro: Coroutine[Any, Any, T]) -> ConcurrentFuture[T]:
-    ctx = contextvars.copy_context()
-    loop = _runtime.loop
-    fut: ConcurrentFuture[T] = ConcurrentFuture()
-
-    def start() -> None:
-        task = ctx.run(loop.create_task, coro)
-
-        def done(t: asyncio.Task[T]) -> None:
-            if t.cancelled():
-                fut.cancel()
-            elif (exc := t.exception()) is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(t.result())
-
-        task.add_done_callback(done)
-        fut.add_done_callback(
-            lambda f: loop.call_soon_threadsafe(task.cancel) if f.cancelled() else None
-        )
-
-    if fut.set_running_or_notify_cancel():
-        loop.call_soon_threadsafe(start)
-    return fut
+    # The task is created from a handle made in the calling thread, so the caller's
+    # context variables (grad mode) travel with it; the future stays pending until
+    # the task ends, so cancelling either side cancels the other.
+    return asyncio.run_coroutine_threadsafe(coro, _runtime.loop)
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` on afnio's loop and block the calling thread until it is done.
 
-    The caller's context variables (grad mode, a held concurrency slot) travel with
-    the coroutine. Works from any thread, including one whose own event loop is
-    running (a notebook cell). ``KeyboardInterrupt`` cancels the work.
+    The caller's context variables (grad mode) travel with the coroutine. Works from
+    any thread, including one whose own event loop is running (a notebook cell).
+    ``KeyboardInterrupt`` in the caller cancels the work.
 
     Raises:
         RuntimeError: if called from afnio's own loop thread, where blocking would
@@ -277,36 +229,46 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 
 
 async def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Await ``coro`` on afnio's loop from any event loop, without blocking it."""
+    """Await ``coro`` on afnio's loop from any event loop, without blocking it.
+    Cancelling the caller cancels the work."""
     if _runtime.in_thread():
         return await coro
     return await asyncio.wrap_future(_submit(coro))
 
 
-class concurrency_slot:  # lower case: used like a function, ``async with``
-    """Hold one slot of the process-wide bound while the block runs.
+class _Slot:
+    __slots__ = ("_limiter",)
 
-    Must be entered on afnio's loop (anything run through :func:`run_sync` or
-    :func:`run_async` is). Work started inside the block may borrow this slot for
-    one task at a time, so nested bounded work never deadlocks.
+    def __init__(self, limiter: _Limiter) -> None:
+        self._limiter = limiter
+
+    async def __aenter__(self) -> None:
+        if not _runtime.in_thread():
+            raise RuntimeError(
+                "afnio concurrency slots are taken on afnio's event loop: run the "
+                "work through afnio._runtime.run_sync / run_async."
+            )
+        await self._limiter.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._limiter.release()
+
+
+def node_slot() -> _Slot:
+    """``async with node_slot():`` holds one of the ``n`` backward-node slots."""
+    return _Slot(_runtime.nodes)
+
+
+def request_slot() -> _Slot:
+    """``async with request_slot():`` holds one of the ``n`` LM-request slots.
 
     Example::
 
         >>> async def call_lm():
-        ...     async with concurrency_slot():
+        ...     async with request_slot():
         ...         ...  # one request in flight
     """
-
-    __slots__ = ("_how", "_parent", "_token")
-
-    async def __aenter__(self) -> None:
-        self._parent = _current_lease.get()
-        self._how = await _runtime.limiter.acquire()
-        self._token = _current_lease.set(_Lease())
-
-    async def __aexit__(self, *exc: object) -> None:
-        _current_lease.reset(self._token)
-        _runtime.limiter.release(self._how, self._parent)
+    return _Slot(_runtime.requests)
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -320,10 +282,11 @@ def _check_positive_int(name: str, value: object) -> int:
 
 
 def set_max_concurrency(n: int) -> None:
-    """Set how many backward nodes and LM calls may run at once (default 16).
+    """Set how many backward nodes may run at once, and how many LM requests may be
+    in flight at once (default 16 each).
 
-    The bound is process-wide and applies immediately, also to work already
-    waiting for a slot.
+    The bound is process-wide and applies immediately, also to work already waiting
+    (lowering it lets running work finish, then admits only ``n``).
 
     Args:
         n: a positive int.
@@ -335,31 +298,31 @@ def set_max_concurrency(n: int) -> None:
         >>> afnio.set_max_concurrency(16)
     """
     n = _check_positive_int("n", n)
-    limiter = _runtime.limiter
-    if limiter.limit == n:
-        return
-    if _runtime._loop is None:
-        limiter.set_limit(n)
+
+    def apply() -> None:
+        _runtime.nodes.set_limit(n)
+        _runtime.requests.set_limit(n)
+
+    if _runtime._loop is None or _runtime.in_thread():
+        apply()
     else:
-        _runtime._loop.call_soon_threadsafe(limiter.set_limit, n)
-        if not _runtime.in_thread():
-            # make the change visible before returning
-            run_sync(asyncio.sleep(0))
+        _runtime._loop.call_soon_threadsafe(apply)
+        # make the change visible before returning
+        run_sync(asyncio.sleep(0))
 
 
 def get_max_concurrency() -> int:
     """Return the current process-wide concurrency bound."""
-    return _runtime.limiter.limit
+    return _runtime.requests.limit
 
 
 def get_concurrency_stats() -> ConcurrencyStats:
-    """Return slots in use now, the peak since the last reset, and the total count."""
-    lim = _runtime.limiter
-    return ConcurrencyStats(lim.owned, lim.peak, lim.total)
+    """Counters for backward nodes and LM requests: running now, peak since the last
+    :func:`reset_concurrency_stats`, and total started since then."""
+    return ConcurrencyStats(_runtime.nodes.stats(), _runtime.requests.stats())
 
 
 def reset_concurrency_stats() -> None:
-    """Reset the peak and total counters (the in-flight count is kept)."""
-    lim = _runtime.limiter
-    lim.peak = lim.owned
-    lim.total = 0
+    """Reset the peak and total counters of both limiters."""
+    _runtime.nodes.reset_stats()
+    _runtime.requests.reset_stats()

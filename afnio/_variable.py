@@ -402,7 +402,13 @@ class Variable:
         self._data = result.data
         self.role = result.role
         if result.requires_grad:
+            old_fn, old_nr = self._grad_fn, self._output_nr
             self._set_grad_fn(result.grad_fn, result.output_nr)  # type: ignore[arg-type]
+            if self._retain_grad:
+                # keep retaining the gradient of the current value, not the old one
+                if old_fn is not None:
+                    old_fn._retained.pop(old_nr, None)  # type: ignore[attr-defined]
+                self._grad_fn._retained[self._output_nr] = weakref.ref(self)  # type: ignore[union-attr]
         return self
 
     # -- copying and printing --------------------------------------------------------

@@ -47,6 +47,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -57,6 +58,7 @@ from afnio.cognitive.modules.module import FunctionReference, function_import_pa
 from afnio.cognitive.parameter import Parameter
 from afnio.errors import SerializationError
 from afnio.models.model import BaseModel
+from afnio.models.model_registry import model_class_name
 
 __all__ = ["FORMAT_VERSION", "load", "save"]
 
@@ -91,7 +93,7 @@ def _encode(obj: Any, where: str) -> Any:
     if isinstance(obj, BaseModel):
         return {
             _TAG: "model",
-            "class_type": type(obj).__name__,
+            "class_type": model_class_name(type(obj)),
             "provider": obj.provider,
             "usage": _encode(obj.get_usage(), f"{where}.usage"),
         }
@@ -143,7 +145,7 @@ def save(obj: Any, f: PathOrFile) -> None:
     """
     payload = json.dumps(
         {"format": "afnio", "version": FORMAT_VERSION, "data": _encode(obj, "obj")},
-        ensure_ascii=False,
+        ensure_ascii=True,  # also keeps lone surrogates, which UTF-8 cannot hold
         allow_nan=True,
     ).encode("utf-8")
     buffer = io.BytesIO()
@@ -154,6 +156,8 @@ def save(obj: Any, f: PathOrFile) -> None:
         target = Path(f)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
         try:
+            # mkstemp makes an owner-only file: give it the usual permissions
+            os.fchmod(fd, _file_mode(target))
             with os.fdopen(fd, "wb") as out:
                 out.write(blob)
                 out.flush()
@@ -171,11 +175,22 @@ def save(obj: Any, f: PathOrFile) -> None:
         )
 
 
+def _file_mode(target: Path) -> int:
+    try:
+        return target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 # -- decoding -------------------------------------------------------------------------
 
 
 class _Decoder:
-    def __init__(self, allow_functions: bool | Iterable[str]) -> None:
+    def __init__(self, allow_functions: bool | Iterable[str] | None) -> None:
+        if allow_functions is None:
+            allow_functions = False
         if isinstance(allow_functions, bool):
             self.allow_all = allow_functions
             self.allowed: frozenset[str] = frozenset()
@@ -203,6 +218,10 @@ class _Decoder:
         tag = obj[_TAG]
         if tag in ("variable", "parameter"):
             cls = Parameter if tag == "parameter" else Variable
+            if not isinstance(obj.get("requires_grad"), bool):
+                raise SerializationError(
+                    f"Invalid {tag} at {where}: requires_grad must be true or false."
+                )
             try:
                 return cls(
                     obj["data"],
@@ -225,15 +244,20 @@ class _Decoder:
                     )
                 key = self.decode(pair[0], f"{where} key")
                 try:
-                    result[key] = self.decode(pair[1], f"{where}[{key!r}]")
+                    hash(key)
                 except TypeError:
                     raise SerializationError(
                         f"Unhashable dict key at {where}."
                     ) from None
+                result[key] = self.decode(pair[1], f"{where}[{key!r}]")
             if tag == "state_dict":
-                metadata = self.decode(
-                    obj.get("metadata", {_TAG: "dict", "items": []}), where
-                )
+                raw = obj.get("metadata", {_TAG: "dict", "items": []})
+                metadata = self.decode(raw, f"{where}._metadata")
+                if not isinstance(metadata, dict):
+                    raise SerializationError(
+                        f"Invalid state_dict metadata at {where}._metadata: expected "
+                        f"a dict, got {type(metadata).__name__}."
+                    )
                 result._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
             return result
         if tag == "model":
@@ -295,6 +319,8 @@ def _read_member(f: PathOrFile) -> bytes:
             if info.file_size > _MAX_BYTES:
                 raise SerializationError(f"{name}: {_MEMBER} is too large to load.")
             return zf.read(_MEMBER)
+    except (zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
+        raise SerializationError(f"Corrupted afnio checkpoint {name}: {e}") from None
     except zipfile.BadZipFile as e:
         raise SerializationError(
             f"{name} is not an afnio checkpoint (not a zip archive: {e}). afnio.load "

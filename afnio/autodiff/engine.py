@@ -25,14 +25,16 @@ import asyncio
 import collections
 import contextvars
 import inspect
+import os
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from afnio._runtime import concurrency_slot, run_async, run_sync
+from afnio._runtime import _runtime, run_async, run_sync
 from afnio._variable import Variable
 from afnio.autodiff.config import IDENTITY_GRADIENT_DATA
-from afnio.autodiff.function import BackwardFunction
+from afnio.autodiff.function import BackwardFunction, _needs_override
 from afnio.autodiff.grad_mode import _grad_enabled
 from afnio.autodiff.graph import AccumulateGrad, GradientEdge, Node
 
@@ -45,6 +47,15 @@ _FREED_MESSAGE = (
     ".backward() call (node {name}). Pass retain_graph=True to the first "
     ".backward() call if you need to backward through the graph again."
 )
+
+
+def _reset_pool_after_fork() -> None:
+    global _executor
+    _executor = None  # the parent's threads do not exist in the child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool_after_fork)
 
 
 def _thread_pool() -> ThreadPoolExecutor:
@@ -176,7 +187,7 @@ class _Pass:
         """``needs_input_grad`` restricted to slots that lead to an ``inputs`` leaf."""
         assert self.targets is not None and self.needed is not None
         out = []
-        for need, e in zip(node.needs_input_grad, node._slot_edges, strict=True):
+        for need, e in zip(node._needs_input_grad, node._slot_edges, strict=True):
             nxt = node._next_functions[e].node if e is not None else None
             out.append(
                 need and nxt is not None and (nxt in self.targets or nxt in self.needed)
@@ -293,7 +304,7 @@ def _check_result(node: BackwardFunction, result: Any) -> tuple[Variable | None,
 
 
 _INLINE, _ASYNC, _THREAD = "inline", "async", "thread"
-_KINDS: dict[type, str] = {}
+_KINDS: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
 
 
 def _backward_kind(cls: type) -> str:
@@ -311,24 +322,61 @@ def _backward_kind(cls: type) -> str:
 
 
 async def _call_node(
-    node: BackwardFunction, grads: list[Variable | None], create_graph: bool, kind: str
+    node: BackwardFunction,
+    grads: list[Variable | None],
+    create_graph: bool,
+    kind: str,
+    needs: tuple[bool, ...] | None,
 ) -> Any:
-    _grad_enabled.set(create_graph)  # this task's own context
-    async with concurrency_slot():
+    # this task's own context: seen by the node's backward (and its worker thread)
+    _grad_enabled.set(create_graph)
+    if needs is not None:
+        _needs_override.set((node, needs))
+    limiter = _runtime.nodes  # the node bound (we are on afnio's loop)
+    await limiter.acquire()
+    try:
         if kind == _ASYNC:
             return await node.apply(*grads)
         ctx = contextvars.copy_context()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(_thread_pool(), ctx.run, node.apply, *grads)
+    finally:
+        limiter.release()
+
+
+def _claim(p: _Pass) -> list[BackwardFunction]:
+    """Claim the graph for this pass (on afnio's loop, so one pass at a time): a pass
+    that frees the graph needs it to itself, and nobody may use a freed graph."""
+    nodes = [n for n in p.order if isinstance(n, BackwardFunction)]
+    for n in nodes:
+        if n._freed:
+            raise RuntimeError(_FREED_MESSAGE.format(name=n.name()))
+        if n._passes < 0 or (n._passes > 0 and not p.retain_graph):
+            raise RuntimeError(
+                f"Another backward pass through this graph (node {n.name()}) is still "
+                "running, and one of them frees the graph. Await the first one, or "
+                "pass retain_graph=True to both."
+            )
+    for n in nodes:
+        n._passes = n._passes + 1 if p.retain_graph else -1
+    return nodes
 
 
 async def _execute(p: _Pass) -> None:
+    claimed = _claim(p)
+    try:
+        await _run_pass(p)
+    finally:
+        for n in claimed:
+            n._passes = n._passes - 1 if n._passes > 0 else 0
+
+
+async def _run_pass(p: _Pass) -> None:
     loop = asyncio.get_running_loop()
     ready = collections.deque(n for n in p.order if p.deps[n] == 0)
     running: dict[asyncio.Task[Any], BackwardFunction] = {}
     completed: collections.deque[asyncio.Task[Any]] = collections.deque()
     wakeup: list[asyncio.Future[None]] = []
-    overridden: list[tuple[BackwardFunction, tuple[bool, ...]]] = []
 
     def on_done(task: asyncio.Task[Any]) -> None:
         completed.append(task)
@@ -348,27 +396,33 @@ async def _execute(p: _Pass) -> None:
             while ready:
                 node = ready.popleft()
                 assert isinstance(node, BackwardFunction)
-                grads = p.gather(node)
-                if grads is None or (p.needed is not None and node not in p.needed):
-                    ready.extend(p.finish(node, None))  # nothing to do: no LM call
+                if p.needed is not None and node not in p.needed:
+                    p.buffers.pop(node, None)
+                    ready.extend(p.finish(node, None))  # leads to no input: skip
                     continue
-                if p.needed is not None:
-                    overridden.append((node, node.needs_input_grad))
-                    node.needs_input_grad = p.needs_for(node)
+                grads = p.gather(node)
+                if grads is None:
+                    ready.extend(p.finish(node, None))  # no gradient: no LM call
+                    continue
+                needs = p.needs_for(node) if p.needed is not None else None
                 kind = _backward_kind(node._forward_cls)
                 if kind == _INLINE:
                     token = _grad_enabled.set(p.create_graph)
+                    ntoken = _needs_override.set(
+                        None if needs is None else (node, needs)
+                    )
                     try:
                         result = node.apply(*grads)
                     except BaseException as e:
                         _annotate(e, node)
                         raise
                     finally:
+                        _needs_override.reset(ntoken)
                         _grad_enabled.reset(token)
                     route(node, result)
                 else:
                     task = loop.create_task(
-                        _call_node(node, grads, p.create_graph, kind)
+                        _call_node(node, grads, p.create_graph, kind, needs)
                     )
                     task.add_done_callback(on_done)
                     running[task] = node
@@ -391,9 +445,6 @@ async def _execute(p: _Pass) -> None:
         if running:
             await asyncio.gather(*running, return_exceptions=True)
         raise
-    finally:
-        for node, needs in overridden:
-            node.needs_input_grad = needs
     p.commit()
 
 

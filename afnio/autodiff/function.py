@@ -52,7 +52,9 @@ Example (usage 2, separate ``setup_context``)::
 
 from __future__ import annotations
 
+import contextvars
 import inspect
+import weakref
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -113,6 +115,13 @@ class FunctionCtx:
         self._materialize_grads = bool(value)
 
 
+# (node, needs) set by the engine, in the context of one backward call that an
+# ``inputs=`` restriction narrows; never stored on the node (passes may overlap)
+_needs_override: contextvars.ContextVar[tuple[Any, tuple[bool, ...]] | None] = (
+    contextvars.ContextVar("afnio_needs_override", default=None)
+)
+
+
 class BackwardFunction(Node, FunctionCtx):
     """The node (and ``ctx``) of one call of a :class:`Function`; one subclass per
     Function, named ``<Function>Backward0``."""
@@ -124,13 +133,29 @@ class BackwardFunction(Node, FunctionCtx):
         self._saved = None
         self._freed = False
         self._materialize_grads = True
-        self.needs_input_grad = ()
+        self._needs_input_grad: tuple[bool, ...] = ()
         # slot index -> index into next_functions (None for non-Variable slots)
         self._slot_edges: tuple[int | None, ...] = ()
         # per output: (role, batch length or None for a scalar output)
         self._output_meta: tuple[tuple[str, int | None], ...] = ()
         # output_nr -> Variable that asked for retain_grad()
         self._retained: dict[int, Any] = {}
+        # backward passes running through this node: n > 0 retaining ones, -1 a
+        # freeing one (claimed on afnio's loop, so passes cannot race)
+        self._passes = 0
+
+    @property  # type: ignore[override]
+    def needs_input_grad(self) -> tuple[bool, ...]:
+        """One bool per input slot: whether ``backward`` must compute that gradient
+        (narrowed during a pass with ``inputs=`` to the slots that lead to them)."""
+        override = _needs_override.get()
+        if override is not None and override[0] is self:
+            return override[1]
+        return self._needs_input_grad
+
+    @needs_input_grad.setter
+    def needs_input_grad(self, value: tuple[bool, ...]) -> None:
+        self._needs_input_grad = tuple(value)
 
     def apply(self, *grad_outputs: Any) -> Any:
         """Call the Function's ``backward`` with this node as ``ctx``."""
@@ -141,7 +166,9 @@ class BackwardFunction(Node, FunctionCtx):
         self._freed = True
 
 
-_SIGNATURES: dict[type, tuple[inspect.Signature, int]] = {}
+_SIGNATURES: weakref.WeakKeyDictionary[type, tuple[inspect.Signature, int]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _iter_variables(obj: Any) -> Iterator[Variable]:
@@ -316,8 +343,9 @@ class Function:
             input_ids = {id(s) for s in slots if isinstance(s, Variable)}
             fresh = []
             for out in outputs:
-                if id(out) in input_ids or out.grad_fn is not None:
-                    # never re-wire a Variable that already belongs to a graph
+                if id(out) in input_ids or out.requires_grad:
+                    # never re-wire an input, a leaf that requires grad (a captured
+                    # parameter) or a Variable that already belongs to a graph
                     out = Variable(out.data, role=out.role)
                 fresh.append(out)
             outputs = tuple(fresh)

@@ -45,14 +45,20 @@ class _GradModeContext:
     _mode: bool
 
     def __init__(self) -> None:
-        self._prev: list[bool] = []
+        # the modes to restore, per context: one instance may be entered by
+        # several tasks or threads at once
+        self._saved: contextvars.ContextVar[tuple[bool, ...]] = contextvars.ContextVar(
+            "afnio_grad_mode_saved", default=()
+        )
 
     def __enter__(self) -> None:
-        self._prev.append(_grad_enabled.get())
+        self._saved.set((*self._saved.get(), _grad_enabled.get()))
         _grad_enabled.set(self._mode)
 
     def __exit__(self, *exc: object) -> None:
-        _grad_enabled.set(self._prev.pop())
+        saved = self._saved.get()
+        self._saved.set(saved[:-1])
+        _grad_enabled.set(saved[-1])
 
     def _clone(self) -> _GradModeContext:
         return set_grad_enabled._make(self._mode)
@@ -139,7 +145,7 @@ class set_grad_enabled(_GradModeContext):
         super().__init__()
         self._mode = mode
         # like torch: the call itself switches the mode; __exit__ restores it
-        self._prev.append(_grad_enabled.get())
+        self._prev: bool | None = _grad_enabled.get()
         _grad_enabled.set(mode)
 
     def __enter__(self) -> None:
@@ -147,8 +153,9 @@ class set_grad_enabled(_GradModeContext):
         pass
 
     def __exit__(self, *exc: object) -> None:
-        if self._prev:
-            _grad_enabled.set(self._prev.pop())
+        if self._prev is not None:
+            _grad_enabled.set(self._prev)
+            self._prev = None
 
     @classmethod
     def _make(cls, mode: bool) -> _GradModeContext:
@@ -159,6 +166,7 @@ class set_grad_enabled(_GradModeContext):
 
     def __call__(self, func: F) -> F:
         # used as a decorator: undo the switch made by __init__, apply per call
-        if self._prev:
-            _grad_enabled.set(self._prev.pop())
+        if self._prev is not None:
+            _grad_enabled.set(self._prev)
+            self._prev = None
         return super().__call__(func)

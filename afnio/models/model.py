@@ -61,8 +61,10 @@ class BaseModel(ABC):
         without (a checkpoint restore), set the cost to the saved amount."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:  # type: ignore[override]
+        from afnio.models.model_registry import model_class_name
+
         return {
-            "class_type": type(self).__name__,
+            "class_type": model_class_name(type(self)),
             "provider": self.provider,
             "usage": copy.deepcopy(self._usage),
         }

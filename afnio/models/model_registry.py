@@ -25,9 +25,15 @@ from typing import TYPE_CHECKING, TypeVar
 if TYPE_CHECKING:
     from afnio.models.model import BaseModel
 
-__all__ = ["MODEL_REGISTRY", "get_model_class", "register_model_class"]
+__all__ = [
+    "MODEL_REGISTRY",
+    "get_model_class",
+    "model_class_name",
+    "register_model_class",
+]
 
 MODEL_REGISTRY: dict[str, type[BaseModel]] = {}
+_NAMES: dict[type, str] = {}
 
 M = TypeVar("M", bound="type[BaseModel]")
 
@@ -52,7 +58,17 @@ def register_model_class(cls: M, name: str | None = None) -> M:
             f"{existing.__qualname__}); pass another `name`."
         )
     MODEL_REGISTRY[key] = cls
+    _NAMES[cls] = key
     return cls
+
+
+def model_class_name(cls: type) -> str:
+    """The name a checkpoint uses for ``cls``: its registered name, else its class
+    name."""
+    name = _NAMES.get(cls)
+    if name is not None and MODEL_REGISTRY.get(name) is cls:
+        return name
+    return cls.__name__
 
 
 def get_model_class(name: str) -> type[BaseModel]:

@@ -11,6 +11,7 @@ import pytest
 
 import afnio
 from afnio import Variable
+from afnio._runtime import reset_concurrency_stats
 from afnio.autodiff import Function
 from afnio.autodiff.basic_ops import Add, Split
 from afnio.cognitive import Parameter
@@ -380,12 +381,13 @@ def test_concurrency_bound_of_one_serialises_backward_nodes() -> None:
 
 def test_concurrency_bound_caps_peak() -> None:
     afnio.set_max_concurrency(3)
+    reset_concurrency_stats()
     counter = InFlight()
     total, _ = _eight_branches(make_sleepy(counter, 0.05))
     total.backward(Variable("G"))
     assert counter.peak == 3
     stats = afnio.get_concurrency_stats()
-    assert stats.in_flight == 0
+    assert stats.nodes.in_flight == 0 and stats.nodes.peak == 3
 
 
 def test_blocking_backward_functions_run_in_threads_concurrently() -> None:
@@ -486,3 +488,129 @@ def test_parameters_receive_gradients_like_leaves() -> None:
     out = p + Variable(" Answer:", role="suffix")
     out.backward(Variable("too terse"))
     assert p.grad[0].role == "feedback to system prompt"
+
+
+# -- overlapping passes and nested work ---------------------------------------------
+
+
+class TwoInputJudge(Function):
+    @staticmethod
+    def forward(ctx: Any, a: Variable, b: Variable) -> Variable:
+        return Variable("verdict", role="verdict")
+
+    @staticmethod
+    async def backward(ctx: Any, grad: Variable) -> tuple[Any, Any]:
+        await asyncio.sleep(0.05)
+        needs = ctx.needs_input_grad
+        return (
+            Variable("to a") if needs[0] else None,
+            Variable("to b") if needs[1] else None,
+        )
+
+
+def test_overlapping_passes_with_different_inputs_do_not_interfere() -> None:
+    a = Variable("a", role="a", requires_grad=True)
+    b = Variable("b", role="b", requires_grad=True)
+    out = TwoInputJudge.apply(a, b)
+
+    async def main() -> None:
+        await asyncio.gather(
+            out.abackward(Variable("g"), retain_graph=True, inputs=[a]),
+            out.abackward(Variable("g"), retain_graph=True, inputs=[b]),
+        )
+
+    asyncio.run(main())
+    assert [g.data for g in a.grad] == ["to a"]
+    assert [g.data for g in b.grad] == ["to b"]
+    assert out.grad_fn.needs_input_grad == (True, True)
+    out.backward(Variable("g"))
+    assert len(a.grad) == 2 and len(b.grad) == 2
+
+
+def test_two_overlapping_passes_that_free_the_graph_cannot_both_run() -> None:
+    a = Variable("a", role="a", requires_grad=True)
+    b = Variable("b", role="b", requires_grad=True)
+    out = TwoInputJudge.apply(a, b)
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(
+            out.abackward(Variable("g")),
+            out.abackward(Variable("g")),
+            return_exceptions=True,
+        )
+
+    results = asyncio.run(main())
+    errors = [r for r in results if isinstance(r, RuntimeError)]
+    assert len(errors) == 1 and "Another backward pass" in str(errors[0])
+    assert len(a.grad) == 1 and len(b.grad) == 1
+
+
+def test_blocking_backward_making_requests_from_its_own_threads_never_deadlocks() -> (
+    None
+):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from afnio._runtime import request_slot, run_sync
+
+    async def fake_lm_call(text: str) -> str:
+        async with request_slot():
+            await asyncio.sleep(0.01)
+            return text.upper()
+
+    class Critic(Function):
+        @staticmethod
+        def forward(ctx: Any, x: Variable) -> Variable:
+            return Variable(x.data, role=x.role)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Variable) -> Variable:
+            with ThreadPoolExecutor(2) as pool:
+                texts = list(pool.map(lambda t: run_sync(fake_lm_call(t)), ["a", "b"]))
+            return Variable("".join(texts), role="feedback")
+
+    for bound, branches in ((16, 16), (1, 2)):
+        afnio.set_max_concurrency(bound)
+        leaves = [Variable(str(i), requires_grad=True) for i in range(branches)]
+        total = afnio.functional.sum([Critic.apply(leaf) for leaf in leaves])
+        done = threading.Event()
+        worker = threading.Thread(
+            target=lambda total=total, done=done: (
+                total.backward(Variable("g")),
+                done.set(),
+            )
+        )
+        worker.start()
+        worker.join(timeout=20)
+        assert done.is_set(), f"deadlock with bound {bound}"
+        assert all([g.data for g in leaf.grad] == ["AB"] for leaf in leaves)
+
+
+def test_a_captured_leaf_returned_by_forward_is_not_rewired() -> None:
+    prompt = Variable("You are helpful.", role="system prompt", requires_grad=True)
+
+    class PickPrompt(Function):
+        run_backward_inline = True
+
+        @staticmethod
+        def forward(ctx: Any, x: Variable) -> Variable:
+            return prompt
+
+        @staticmethod
+        def backward(ctx: Any, grad: Variable) -> Variable:
+            return grad
+
+    x = Variable("q", requires_grad=True)
+    out = PickPrompt.apply(x)
+    assert out is not prompt
+    assert prompt.is_leaf and prompt.grad == []
+    out.backward(Variable("g"))
+    assert [g.data for g in x.grad] == ["g"]
+
+
+def test_retain_grad_follows_an_in_place_add() -> None:
+    a = Variable("a", role="a", requires_grad=True)
+    x = a + Variable("b", role="b")
+    x.retain_grad()
+    x += Variable("c", role="c")
+    (x + Variable("d", role="d")).backward(Variable("G"))
+    assert [g.data for g in x.grad] == [f"{PREFIX}a and b and c and other variables: G"]

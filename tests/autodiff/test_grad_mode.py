@@ -148,3 +148,28 @@ def test_parameter_creation_is_unaffected_by_no_grad() -> None:
     with afnio.no_grad():
         p = afnio.cognitive.Parameter("xyz")
     assert p.requires_grad is True
+
+
+def test_one_no_grad_instance_shared_by_concurrent_tasks() -> None:
+    shared = afnio.no_grad()
+
+    async def main() -> list[bool]:
+        first_in = asyncio.Event()
+        second_out = asyncio.Event()
+
+        async def first() -> bool:
+            with shared:
+                first_in.set()
+                await second_out.wait()
+            return afnio.is_grad_enabled()
+
+        async def second() -> bool:
+            await first_in.wait()
+            with afnio.no_grad(), shared:
+                pass
+            second_out.set()
+            return afnio.is_grad_enabled()
+
+        return list(await asyncio.gather(first(), second()))
+
+    assert asyncio.run(main()) == [True, True]
