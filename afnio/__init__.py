@@ -17,6 +17,7 @@ Example::
 import sys as _sys
 
 from afnio import autodiff, cognitive, models, utils  # noqa: F401 (models: public module)
+from afnio._model_client import get_backward_model_client, set_backward_model_client
 from afnio._runtime import (
     get_concurrency_stats,
     get_max_concurrency,
@@ -43,12 +44,14 @@ __all__ = [
     "autodiff",
     "cognitive",
     "functional",
+    "get_backward_model_client",
     "get_concurrency_stats",
     "get_max_concurrency",
     "is_grad_enabled",
     "load",
     "no_grad",
     "save",
+    "set_backward_model_client",
     "set_grad_enabled",
     "set_max_concurrency",
     "utils",

@@ -8,7 +8,12 @@ from typing import Any
 
 from afnio.models.usage import clear_usage_values, default_usage
 
-__all__ = ["BaseModel"]
+__all__ = [
+    "BaseModel",
+    "ChatCompletionModel",
+    "EmbeddingModel",
+    "TextCompletionModel",
+]
 
 
 class BaseModel(ABC):
@@ -68,3 +73,57 @@ class BaseModel(ABC):
             "provider": self.provider,
             "usage": copy.deepcopy(self._usage),
         }
+
+
+class TextCompletionModel(BaseModel):
+    """A client for text completion (prompt in, text out).
+
+    Subclasses implement :meth:`acomplete`; :meth:`complete` runs it on afnio's event
+    loop and waits (so it works in notebooks and async apps too).
+    """
+
+    @abstractmethod
+    async def acomplete(self, prompt: str, **kwargs: Any) -> str:
+        """Complete ``prompt`` and return the text."""
+
+    def complete(self, prompt: str, **kwargs: Any) -> str:
+        """Synchronous :meth:`acomplete`."""
+        from afnio._runtime import run_sync
+
+        return run_sync(self.acomplete(prompt, **kwargs))
+
+
+class ChatCompletionModel(BaseModel):
+    """A client for chat completion (messages in, the reply's text out).
+
+    Subclasses implement :meth:`achat`; :meth:`chat` runs it on afnio's event loop
+    and waits. ``messages`` are ``[{"role": ..., "content": str}, ...]``.
+    """
+
+    @abstractmethod
+    async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        """Answer the conversation ``messages``; return the reply's text."""
+
+    def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        """Synchronous :meth:`achat`."""
+        from afnio._runtime import run_sync
+
+        return run_sync(self.achat(messages, **kwargs))
+
+
+class EmbeddingModel(BaseModel):
+    """A client for embeddings (texts in, one vector per text out).
+
+    Subclasses implement :meth:`aembed`; :meth:`embed` runs it on afnio's event loop
+    and waits.
+    """
+
+    @abstractmethod
+    async def aembed(self, input: list[str], **kwargs: Any) -> list[list[float]]:
+        """Embed each text of ``input``."""
+
+    def embed(self, input: list[str], **kwargs: Any) -> list[list[float]]:
+        """Synchronous :meth:`aembed`."""
+        from afnio._runtime import run_sync
+
+        return run_sync(self.aembed(input, **kwargs))

@@ -1,0 +1,267 @@
+"""OpenAI (and any OpenAI-compatible endpoint) model clients, on the official SDK.
+
+:class:`OpenAI` and :class:`AsyncOpenAI` offer the same methods: ``chat``/``achat``,
+``complete``/``acomplete`` and ``embed``/``aembed``. Every request runs on afnio's
+event loop, holding one of the process-wide LM-request slots
+(:func:`afnio.set_max_concurrency`), goes through the optional response cache, and
+adds its token usage and cost to the client's usage dict. Retries with exponential
+backoff on 429, 5xx, timeouts and connection errors are the SDK's (``max_retries``,
+default 2); ``timeout`` is the SDK's too. Any ``base_url`` works (or the SDK's
+``OPENAI_BASE_URL``), e.g. the bundled simulator (``afnio.testing``).
+
+Example::
+
+    >>> from afnio.models.openai import AsyncOpenAI
+    >>> client = AsyncOpenAI(api_key="sk-test", base_url="http://127.0.0.1:8000/v1")
+    >>> client.get_provider()
+    'openai'
+
+    # reply = client.chat(messages=[{"role": "user", "content": "Hi"}], model="gpt-4o")
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import httpx
+import openai
+from openai import NOT_GIVEN, NotGiven
+
+from afnio._runtime import request_slot, run_async
+from afnio.models.cache import cache_key, get_cache
+from afnio.models.model import ChatCompletionModel, EmbeddingModel, TextCompletionModel
+from afnio.models.model_registry import register_model_class
+from afnio.models.pricing import cost_of
+from afnio.models.usage import add_usage
+
+__all__ = ["AsyncOpenAI", "OpenAI"]
+
+DEFAULT_MAX_RETRIES = openai.DEFAULT_MAX_RETRIES
+
+
+def _usage_dict(usage: Any) -> dict[str, Any]:
+    if usage is None:
+        return {}
+    if hasattr(usage, "model_dump"):
+        return usage.model_dump()
+    return dict(usage)
+
+
+class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
+    """Shared implementation of :class:`OpenAI` and :class:`AsyncOpenAI`."""
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        organization: str | None = None,
+        project: str | None = None,
+        base_url: str | httpx.URL | None = None,
+        websocket_base_url: str | httpx.URL | None = None,
+        timeout: float | httpx.Timeout | NotGiven | None = NOT_GIVEN,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        default_headers: Mapping[str, str] | None = None,
+        default_query: Mapping[str, object] | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        if http_client is not None and not isinstance(http_client, httpx.AsyncClient):
+            raise TypeError(
+                "`http_client` must be an httpx.AsyncClient: afnio runs every request "
+                "on its own event loop (the sync API waits for it)."
+            )
+        if (
+            isinstance(max_retries, bool)
+            or not isinstance(max_retries, int)
+            or max_retries < 0
+        ):
+            raise ValueError(f"`max_retries` must be an int >= 0, got {max_retries!r}.")
+        # Readable cassettes: never ask for zstd, which recorders cannot decode.
+        headers = {"Accept-Encoding": "gzip, deflate", **(default_headers or {})}
+        self._aclient = openai.AsyncOpenAI(
+            api_key=api_key,
+            organization=organization,
+            project=project,
+            base_url=base_url,
+            websocket_base_url=websocket_base_url,
+            timeout=timeout,
+            max_retries=max_retries,
+            default_headers=headers,
+            default_query=default_query,
+            http_client=http_client,
+        )
+        config: dict[str, Any] = {
+            "organization": organization,
+            "project": project,
+            "base_url": str(self._aclient.base_url),
+            "websocket_base_url": str(websocket_base_url)
+            if websocket_base_url
+            else None,
+            "timeout": timeout if isinstance(timeout, (int, float)) else None,
+            "max_retries": max_retries,
+            "default_headers": dict(default_headers) if default_headers else None,
+            "default_query": dict(default_query) if default_query else None,
+        }
+        config = {k: v for k, v in config.items() if v is not None}
+        json.dumps(config)  # the config must stay JSON-serialisable (no secrets in it)
+        self._usage_lock = threading.Lock()
+        super().__init__(provider="openai", config=config)
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The underlying ``openai.AsyncOpenAI`` SDK client."""
+        return self._aclient
+
+    def __repr__(self) -> str:
+        key = self._aclient.api_key or ""
+        masked = f"{key[:3]}...{key[-2:]}" if len(key) > 8 else "***"
+        return (
+            f"{type(self).__name__}(base_url={str(self._aclient.base_url)!r}, "
+            f"api_key={masked!r})"
+        )
+
+    # -- usage -----------------------------------------------------------------------
+
+    def update_usage(self, usage: Any, model_name: str | None = None) -> None:
+        """Add a response's token counts; with ``model_name`` also add its cost from
+        the pricing table, without (a checkpoint restore) set the saved cost."""
+        data = _usage_dict(usage)
+        with self._usage_lock:
+            add_usage(self._usage, data)
+            cost = self._usage.setdefault("cost", {"amount": 0.0, "currency": "USD"})
+            if model_name is not None:
+                cost["amount"] += cost_of(data, model_name, self.provider or "openai")
+            elif isinstance(data.get("cost"), Mapping) and "amount" in data["cost"]:
+                cost["amount"] = float(data["cost"]["amount"])
+
+    # -- the request path ------------------------------------------------------------
+
+    async def _request(
+        self,
+        kind: str,
+        payload: dict[str, Any],
+        send: Callable[[dict[str, Any]], Awaitable[tuple[Any, Any]]],
+    ) -> Any:
+        """Run one request on afnio's loop: cache, then a request slot, then usage."""
+
+        async def call() -> Any:
+            async with request_slot():
+                value, usage = await send(payload)
+            if usage is not None:
+                self.update_usage(usage, payload.get("model"))
+            return value
+
+        cache = get_cache()
+        if cache is None:
+            return await call()
+        key = cache_key(
+            {"kind": kind, "base_url": str(self._aclient.base_url), "request": payload}
+        )
+        return await cache.get_or_call(key, call)
+
+    @staticmethod
+    def _check_model(model: Any) -> str:
+        if not isinstance(model, str) or not model:
+            raise ValueError(
+                "`model` is required: pass the model name, e.g. model='gpt-4o-mini'."
+            )
+        return model
+
+    async def achat(  # type: ignore[override]
+        self, messages: list[dict[str, Any]], *, model: str, **kwargs: Any
+    ) -> str:
+        """Chat completion: return ``choices[0].message.content``.
+
+        Args:
+            messages: ``[{"role": ..., "content": ...}, ...]``.
+            model: the model name.
+            **kwargs: any Chat Completions parameter (``temperature``, ``seed``,
+                ``response_format``, ``max_completion_tokens``, ``reasoning_effort``,
+                ``timeout``, ``extra_body``, ...).
+
+        Raises:
+            ValueError: for ``n > 1`` or ``stream=True``.
+        """
+        if kwargs.get("n") not in (None, 1):
+            raise ValueError("n > 1 is not supported for chat completions.")
+        if kwargs.get("stream"):
+            raise ValueError(
+                "stream=True is not supported: chat() returns the whole reply."
+            )
+        payload = {"messages": messages, "model": self._check_model(model), **kwargs}
+
+        async def send(body: dict[str, Any]) -> tuple[str, Any]:
+            response = await self._aclient.chat.completions.create(**body)
+            return response.choices[0].message.content or "", response.usage
+
+        return await run_async(self._request("chat", payload, send))
+
+    async def acomplete(  # type: ignore[override]
+        self, prompt: str, *, model: str, **kwargs: Any
+    ) -> str:
+        """Text completion (the ``/completions`` endpoint): ``choices[0].text``."""
+        if kwargs.get("n") not in (None, 1):
+            raise ValueError("n > 1 is not supported for completions.")
+        if kwargs.get("stream"):
+            raise ValueError("stream=True is not supported: complete() returns text.")
+        payload = {"prompt": prompt, "model": self._check_model(model), **kwargs}
+
+        async def send(body: dict[str, Any]) -> tuple[str, Any]:
+            response = await self._aclient.completions.create(**body)
+            return response.choices[0].text, response.usage
+
+        return await run_async(self._request("complete", payload, send))
+
+    async def aembed(  # type: ignore[override]
+        self, input: list[str], *, model: str, **kwargs: Any
+    ) -> list[list[float]]:
+        """Embeddings: one vector per text of ``input``, in order."""
+        if isinstance(input, str):
+            input = [input]
+        payload = {"input": list(input), "model": self._check_model(model), **kwargs}
+
+        async def send(body: dict[str, Any]) -> tuple[list[list[float]], Any]:
+            response = await self._aclient.embeddings.create(**body)
+            data = sorted(response.data, key=lambda d: d.index)
+            return [list(d.embedding) for d in data], response.usage
+
+        return await run_async(self._request("embed", payload, send))
+
+    def chat(  # type: ignore[override]
+        self, messages: list[dict[str, Any]], *, model: str, **kwargs: Any
+    ) -> str:
+        """Synchronous :meth:`achat` (works inside a running event loop too)."""
+        return super().chat(messages, model=model, **kwargs)
+
+    def complete(self, prompt: str, *, model: str, **kwargs: Any) -> str:  # type: ignore[override]
+        """Synchronous :meth:`acomplete`."""
+        return super().complete(prompt, model=model, **kwargs)
+
+    def embed(  # type: ignore[override]
+        self, input: list[str], *, model: str, **kwargs: Any
+    ) -> list[list[float]]:
+        """Synchronous :meth:`aembed`."""
+        return super().embed(input, model=model, **kwargs)
+
+
+@register_model_class
+class OpenAI(_OpenAIClient):
+    """An OpenAI client (use the sync methods, ``chat``/``complete``/``embed``; the
+    async ones work too).
+
+    Args:
+        api_key: defaults to ``OPENAI_API_KEY``; constructing without any raises
+            ``openai.OpenAIError``.
+        base_url: any OpenAI-compatible endpoint; defaults to ``OPENAI_BASE_URL`` or
+            OpenAI's.
+        timeout, max_retries, default_headers, default_query, organization,
+            project, websocket_base_url: as for the SDK.
+        http_client: an ``httpx.AsyncClient`` (requests run on afnio's loop).
+    """
+
+
+@register_model_class
+class AsyncOpenAI(_OpenAIClient):
+    """An OpenAI client meant for ``await achat(...)``/``acomplete``/``aembed`` (the
+    sync methods work too). Arguments as for :class:`OpenAI`."""
