@@ -1,24 +1,62 @@
 """Shared test fixtures: every test is offline and leaves afnio's global state as it
-found it."""
+found it.
+
+LM tests replay HTTP cassettes from the top-level ``cassettes/`` folder (one YAML file
+per test: ``cassettes/<test module path>/<test name>.yaml``) with no network. To record:
+
+* ``pytest <tests> --record-mode=once`` (new cassettes only) or ``--record-mode=rewrite``
+  (re-record) runs the bundled simulator (``afnio.testing``) and records what it answers;
+* add ``--real-provider`` (with ``OPENAI_API_KEY`` set) to record against OpenAI instead.
+
+Each cassette stores which server answered it (metadata ``recorded_with``). Requests
+match on method, path and JSON body only (never host or port: the simulator's port
+changes between runs). Auth headers never reach a cassette: every request header but
+``content-type`` is dropped before recording, and volatile response headers too.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 import afnio
 
+TESTS_DIR = Path(__file__).resolve().parent
+CASSETTES_DIR = TESTS_DIR.parent / "cassettes"
+
+# captured before the hermetic fixture removes it (only --real-provider uses it)
+_REAL_OPENAI_KEY = os.environ.get("OPENAI_API_KEY")
+DUMMY_KEY = "sk-test-dummy-key"
+SIMULATOR_RECORDING = "afnio simulator (afnio.testing, deterministic stand-in)"
+_KEPT_RESPONSE_HEADERS = {"content-type", "retry-after", "x-afnio-simulator"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--real-provider",
+        action="store_true",
+        default=False,
+        help="When recording (--record-mode), record against the real OpenAI API "
+        "(needs OPENAI_API_KEY) instead of the bundled simulator.",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "lm: the test makes LM calls (replays a cassette)")
+
 
 @pytest.fixture(autouse=True)
 def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach a real provider: drop provider variables, set a dummy key."""
-    import os
-
     for name in list(os.environ):
         if name.startswith(("OPENAI_", "LANGSMITH_", "LANGCHAIN_")):
             monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OPENAI_API_KEY", "test-dummy-key")
+    monkeypatch.setenv("OPENAI_API_KEY", DUMMY_KEY)
 
 
 @pytest.fixture(autouse=True)
@@ -26,3 +64,134 @@ def _restore_concurrency() -> Iterator[None]:
     before = afnio.get_max_concurrency()
     yield
     afnio.set_max_concurrency(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_response_cache() -> Iterator[None]:
+    yield
+    afnio.models.disable_cache()
+
+
+# -- cassettes ------------------------------------------------------------------------
+
+
+def _scrub_request(request: Any) -> Any:
+    request.headers = {
+        k: v for k, v in request.headers.items() if k.lower() == "content-type"
+    }
+    return request
+
+
+def _scrub_response(response: dict[str, Any]) -> dict[str, Any]:
+    response["headers"] = {
+        k: v for k, v in response["headers"].items() if k.lower() in _KEPT_RESPONSE_HEADERS
+    }
+    return response
+
+
+@pytest.fixture(scope="session")
+def vcr_config() -> dict[str, Any]:
+    # no "record_mode" key here: it would override --record-mode
+    return {
+        "filter_headers": [
+            "authorization",
+            "api-key",
+            "x-api-key",
+            "openai-organization",
+            "openai-project",
+            "cookie",
+        ],
+        "before_record_request": _scrub_request,
+        "before_record_response": _scrub_response,
+        "decode_compressed_response": True,
+        "match_on": ["method", "path", "body"],
+    }
+
+
+@pytest.fixture(scope="module")
+def vcr_cassette_dir(request: pytest.FixtureRequest) -> str:
+    module = Path(str(request.node.fspath)).resolve()
+    return str(CASSETTES_DIR / module.relative_to(TESTS_DIR).with_suffix(""))
+
+
+@dataclass
+class LMEndpoint:
+    """Where a cassette-backed test sends its LM requests."""
+
+    base_url: str
+    api_key: str
+    simulator: Any | None  # the live simulator while recording against it
+
+    def client(self, cls: type | None = None, **kwargs: Any) -> Any:
+        """An afnio OpenAI client for this endpoint (no SDK retries by default, so a
+        cassette miss fails at once)."""
+        from afnio.models.openai import AsyncOpenAI
+
+        kwargs.setdefault("max_retries", 0)
+        return (cls or AsyncOpenAI)(base_url=self.base_url, api_key=self.api_key, **kwargs)
+
+
+@pytest.fixture
+def lm(request: pytest.FixtureRequest, record_mode: str, vcr: Any) -> Iterator[LMEndpoint]:
+    """The LM endpoint of a cassette test (mark it ``@pytest.mark.vcr``).
+
+    Replaying, the address is never contacted (the cassette answers). Recording, the
+    bundled simulator is started, or OpenAI is used with ``--real-provider``.
+    """
+    if vcr is None:
+        pytest.fail("the `lm` fixture needs @pytest.mark.vcr on the test")
+    if record_mode == "none":
+        vcr.get_metadata("recorded_with", None)  # every cassette names its server
+        yield LMEndpoint("http://127.0.0.1:9/v1", DUMMY_KEY, None)
+        return
+    if request.config.getoption("--real-provider"):
+        if not _REAL_OPENAI_KEY:
+            pytest.fail("--real-provider needs OPENAI_API_KEY in the environment")
+        vcr.get_metadata("recorded_with", "OpenAI API (https://api.openai.com/v1)")
+        yield LMEndpoint("https://api.openai.com/v1", _REAL_OPENAI_KEY, None)
+        return
+    from afnio.testing import Simulator
+
+    with Simulator() as sim:
+        vcr.get_metadata("recorded_with", SIMULATOR_RECORDING)
+        yield LMEndpoint(sim.base_url, DUMMY_KEY, sim)
+
+
+def _cassette_miss(excinfo: Any) -> BaseException | None:
+    seen: set[int] = set()
+    stack = [excinfo.value] if excinfo is not None else []
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if type(err).__name__ == "CannotOverwriteExistingCassetteException":
+            return err
+        stack.extend([err.__cause__, err.__context__])
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.excinfo is not None:
+        miss = _cassette_miss(call.excinfo)
+        if miss is not None:
+            request = getattr(miss, "failed_request", None)
+            what = f"{request.method} {request.path}" if request is not None else "?"
+            body = ""
+            if request is not None and request.body:
+                raw = request.body
+                body = (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw)[
+                    :400
+                ]
+            report.longrepr = (
+                f"Cassette miss: the request {what} is not recorded.\n"
+                f"  body: {body}\n"
+                f"  cassette: {getattr(miss.cassette, '_path', '?')}\n"
+                f"Record it against the simulator with:\n"
+                f"  python -m pytest '{item.nodeid}' --record-mode=once\n"
+                f"(or --record-mode=rewrite to re-record the whole cassette).\n\n"
+                f"vcrpy said: {str(miss)[:1500]}"
+            )
