@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "lm: the test makes LM calls (replays a cassette)")
+    config.addinivalue_line(
+        "markers", "lm: the test makes LM calls (replays a cassette)"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -84,9 +86,38 @@ def _scrub_request(request: Any) -> Any:
 
 def _scrub_response(response: dict[str, Any]) -> dict[str, Any]:
     response["headers"] = {
-        k: v for k, v in response["headers"].items() if k.lower() in _KEPT_RESPONSE_HEADERS
+        k: v
+        for k, v in response["headers"].items()
+        if k.lower() in _KEPT_RESPONSE_HEADERS
     }
     return response
+
+
+class _AtomicPersister:
+    """Cassettes on disk, written atomically (an interrupted recording never leaves a
+    half-written cassette), with vcrpy's cassette metadata (``recorded_with``)."""
+
+    @classmethod
+    def load_cassette(cls, cassette_path: Any, serializer: Any) -> Any:
+        from vcr.persisters.filesystem import FilesystemPersister
+
+        return FilesystemPersister.load_cassette(cassette_path, serializer)
+
+    @staticmethod
+    def save_cassette(cassette_path: Any, cassette_dict: Any, serializer: Any) -> None:
+        from vcr.serialize import serialize
+
+        data = serialize(cassette_dict, serializer)
+        path = Path(cassette_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def pytest_recording_configure(config: pytest.Config, vcr: Any) -> None:
+    # replaces pytest-recording's persister, which predates cassette metadata
+    vcr.register_persister(_AtomicPersister)
 
 
 @pytest.fixture(scope="session")
@@ -121,18 +152,29 @@ class LMEndpoint:
     base_url: str
     api_key: str
     simulator: Any | None  # the live simulator while recording against it
+    clients: list[Any] = field(default_factory=list)
 
     def client(self, cls: type | None = None, **kwargs: Any) -> Any:
         """An afnio OpenAI client for this endpoint (no SDK retries by default, so a
-        cassette miss fails at once)."""
+        cassette miss fails at once); closed when the test ends."""
         from afnio.models.openai import AsyncOpenAI
 
         kwargs.setdefault("max_retries", 0)
-        return (cls or AsyncOpenAI)(base_url=self.base_url, api_key=self.api_key, **kwargs)
+        client = (cls or AsyncOpenAI)(
+            base_url=self.base_url, api_key=self.api_key, **kwargs
+        )
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
 
 
 @pytest.fixture
-def lm(request: pytest.FixtureRequest, record_mode: str, vcr: Any) -> Iterator[LMEndpoint]:
+def lm(
+    request: pytest.FixtureRequest, record_mode: str, vcr: Any
+) -> Iterator[LMEndpoint]:
     """The LM endpoint of a cassette test (mark it ``@pytest.mark.vcr``).
 
     Replaying, the address is never contacted (the cassette answers). Recording, the
@@ -142,19 +184,25 @@ def lm(request: pytest.FixtureRequest, record_mode: str, vcr: Any) -> Iterator[L
         pytest.fail("the `lm` fixture needs @pytest.mark.vcr on the test")
     if record_mode == "none":
         vcr.get_metadata("recorded_with", None)  # every cassette names its server
-        yield LMEndpoint("http://127.0.0.1:9/v1", DUMMY_KEY, None)
+        endpoint = LMEndpoint("http://127.0.0.1:9/v1", DUMMY_KEY, None)
+        yield endpoint
+        endpoint.close()
         return
     if request.config.getoption("--real-provider"):
         if not _REAL_OPENAI_KEY:
             pytest.fail("--real-provider needs OPENAI_API_KEY in the environment")
         vcr.get_metadata("recorded_with", "OpenAI API (https://api.openai.com/v1)")
-        yield LMEndpoint("https://api.openai.com/v1", _REAL_OPENAI_KEY, None)
+        endpoint = LMEndpoint("https://api.openai.com/v1", _REAL_OPENAI_KEY, None)
+        yield endpoint
+        endpoint.close()
         return
     from afnio.testing import Simulator
 
     with Simulator() as sim:
         vcr.get_metadata("recorded_with", SIMULATOR_RECORDING)
-        yield LMEndpoint(sim.base_url, DUMMY_KEY, sim)
+        endpoint = LMEndpoint(sim.base_url, DUMMY_KEY, sim)
+        yield endpoint
+        endpoint.close()
 
 
 def _cassette_miss(excinfo: Any) -> BaseException | None:
@@ -183,9 +231,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             body = ""
             if request is not None and request.body:
                 raw = request.body
-                body = (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw)[
-                    :400
-                ]
+                body = (
+                    raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+                )[:400]
             report.longrepr = (
                 f"Cassette miss: the request {what} is not recorded.\n"
                 f"  body: {body}\n"

@@ -121,6 +121,30 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
             f"api_key={masked!r})"
         )
 
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the HTTP connections (the client can't be used afterwards)."""
+        await run_async(self._aclient.close())
+
+    def close(self) -> None:
+        """Synchronous :meth:`aclose`."""
+        from afnio._runtime import run_sync
+
+        run_sync(self._aclient.close())
+
+    def __enter__(self) -> _OpenAIClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> _OpenAIClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     # -- usage -----------------------------------------------------------------------
 
     def update_usage(self, usage: Any, model_name: str | None = None) -> None:

@@ -6,7 +6,13 @@ import asyncio
 from pathlib import Path
 
 from afnio._runtime import run_sync
-from afnio.models.cache import ResponseCache, cache_key, disable_cache, enable_cache, get_cache
+from afnio.models.cache import (
+    ResponseCache,
+    cache_key,
+    disable_cache,
+    enable_cache,
+    get_cache,
+)
 
 
 def test_cache_key_is_stable_and_sensitive_to_every_parameter() -> None:

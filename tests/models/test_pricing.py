@@ -37,9 +37,13 @@ def test_cost_formula_with_cached_tokens() -> None:
         "prompt_tokens_details": {"cached_tokens": 400},
     }
     price = ModelPrice(input=2.0, output=8.0, cached=0.5)
-    assert calculate_cost(usage, price) == pytest.approx((600 * 2 + 400 * 0.5 + 200 * 8) / 1e6)
+    assert calculate_cost(usage, price) == pytest.approx(
+        (600 * 2 + 400 * 0.5 + 200 * 8) / 1e6
+    )
     no_cached_price = ModelPrice(input=2.0, output=8.0)
-    assert calculate_cost(usage, no_cached_price) == pytest.approx((1000 * 2 + 200 * 8) / 1e6)
+    assert calculate_cost(usage, no_cached_price) == pytest.approx(
+        (1000 * 2 + 200 * 8) / 1e6
+    )
 
 
 def test_register_model_price_adds_and_overrides() -> None:
