@@ -4,9 +4,10 @@ found it.
 LM tests replay HTTP cassettes from the top-level ``cassettes/`` folder (one YAML file
 per test: ``cassettes/<test module path>/<test name>.yaml``) with no network. To record:
 
-* ``pytest <tests> --record-mode=once`` (new cassettes only) or ``--record-mode=rewrite``
-  (re-record) runs the bundled simulator (``afnio.testing``) and records what it answers;
-* add ``--real-provider`` (with ``OPENAI_API_KEY`` set) to record against OpenAI instead.
+* ``pytest <tests> --record-mode=once`` (new cassettes only) or
+  ``--record-mode=rewrite`` (re-record) runs the bundled simulator
+  (``afnio.testing``) and records what it answers;
+* add ``--real-provider`` (with ``OPENAI_API_KEY`` set) to record against OpenAI.
 
 Each cassette stores which server answered it (metadata ``recorded_with``). Requests
 match on method, path and JSON body only (never host or port: the simulator's port
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -77,10 +79,17 @@ def _no_response_cache() -> Iterator[None]:
 # -- cassettes ------------------------------------------------------------------------
 
 
+SIMULATOR_HOST = "simulator.invalid"  # what a cassette shows for the local simulator
+
+
 def _scrub_request(request: Any) -> Any:
     request.headers = {
         k: v for k, v in request.headers.items() if k.lower() == "content-type"
     }
+    parts = urlsplit(request.uri)
+    if parts.hostname in ("127.0.0.1", "localhost", "::1"):
+        # the simulator's port changes every run: record one stable address
+        request.uri = urlunsplit(parts._replace(netloc=SIMULATOR_HOST))
     return request
 
 

@@ -80,7 +80,10 @@ def test_achat_from_a_running_event_loop(lm: LMEndpoint) -> None:
 @pytest.mark.parametrize("cls", [OpenAI, AsyncOpenAI])
 def test_complete_returns_text(lm: LMEndpoint, cls: type) -> None:
     client = lm.client(cls)
-    prompt = 'If the message mentions "late", the sentiment is negative.\nThe parcel came late.'
+    prompt = (
+        'If the message mentions "late", the sentiment is negative.\n'
+        "The parcel came late."
+    )
     assert client.complete(prompt, model=SIMULATOR_MODEL) == "negative"
     _assert_usage_priced(client.get_usage(), SIMULATOR_MODEL)
 
@@ -183,7 +186,7 @@ def test_backward_client_errors_and_reuse(monkeypatch: pytest.MonkeyPatch) -> No
         afnio.get_backward_model_client()
     with pytest.raises(ValueError, match="must be in the format 'provider/model'"):
         afnio.set_backward_model_client("gpt-4o")
-    with pytest.raises(ValueError, match="Unsupported provider: anthropic."):
+    with pytest.raises(ValueError, match=r"Unsupported provider: anthropic\."):
         afnio.set_backward_model_client("anthropic/claude")
     args = {"base_url": "http://127.0.0.1:9/v1"}
     afnio.set_backward_model_client("openai/gpt-4o", client_args=args)
@@ -202,7 +205,7 @@ def test_backward_client_errors_and_reuse(monkeypatch: pytest.MonkeyPatch) -> No
 def test_client_argument_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     client = OpenAI(base_url="http://127.0.0.1:9/v1")
     with pytest.raises(
-        ValueError, match="n > 1 is not supported for chat completions."
+        ValueError, match=r"n > 1 is not supported for chat completions\."
     ):
         client.chat(messages=MESSAGES, model="m", n=2)
     with pytest.raises(ValueError, match="stream=True"):
@@ -211,7 +214,7 @@ def test_client_argument_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         client.chat(messages=MESSAGES, model="")
     with pytest.raises(ValueError, match="max_retries"):
         OpenAI(max_retries=-1)
-    with pytest.raises(TypeError, match="httpx.AsyncClient"):
+    with pytest.raises(TypeError, match=r"httpx\.AsyncClient"):
         OpenAI(http_client=object())  # type: ignore[arg-type]
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(openai.OpenAIError):
