@@ -1,0 +1,46 @@
+"""``afnio.testing``: a bundled OpenAI-compatible HTTP simulator for tests.
+
+The simulator is a **deterministic stand-in, not a model**: it speaks the OpenAI wire
+format on 127.0.0.1 and answers by explicit rules written in the prompt, so any program
+configured only by ``OPENAI_BASE_URL`` runs against it and every answer is known in
+advance. afnio's own tests use it to record HTTP cassettes and to measure concurrency.
+
+Rule grammar (see :mod:`afnio.testing.world`): a prompt may hold sentences of the exact
+form ``If the message mentions "<word>", the <field> is <label>.``; the answer is the
+label of the first rule whose word occurs as a whole word (any case) in the user
+messages (rule sentences excluded), else ``neutral`` (or, for a field other than
+``sentiment``, the first ``enum`` value of that field in the requested JSON schema).
+
+Example::
+
+    >>> import openai
+    >>> from afnio.testing import SIMULATOR_MODEL, Fault, Simulator
+    >>> with Simulator() as sim:
+    ...     client = openai.OpenAI(base_url=sim.base_url, api_key="x", max_retries=0)
+    ...     sim.inject(Fault.RATE_LIMIT)
+    ...     try:
+    ...         client.chat.completions.create(
+    ...             model=SIMULATOR_MODEL, messages=[{"role": "user", "content": "hi"}])
+    ...     except openai.RateLimitError:
+    ...         print("rate limited")
+    ...     reply = client.chat.completions.create(
+    ...         model=SIMULATOR_MODEL, messages=[{"role": "user", "content": "hi"}])
+    ...     client.close()
+    rate limited
+    >>> reply.choices[0].message.content, sim.stats.calls, sim.stats.faults_served
+    ('neutral', 2, 1)
+
+From a shell: ``python -m afnio.testing serve --port 8000`` prints
+``afnio simulator serving at http://127.0.0.1:8000/v1`` and serves until interrupted.
+"""
+
+from afnio.testing.simulator import SIMULATOR_MODEL, Fault, Simulator, SimulatorStats
+from afnio.testing.world import SALIENCE_LEXICON
+
+__all__ = [
+    "SALIENCE_LEXICON",
+    "SIMULATOR_MODEL",
+    "Fault",
+    "Simulator",
+    "SimulatorStats",
+]

@@ -1,0 +1,1109 @@
+"""An OpenAI-compatible HTTP simulator: a **deterministic stand-in, not a model**.
+
+:class:`Simulator` serves the OpenAI wire format on ``127.0.0.1`` (only) from a
+standard-library ``ThreadingHTTPServer`` in daemon threads, so any program written for
+OpenAI and configured only by ``OPENAI_BASE_URL`` runs against it unchanged. Answers
+come from the rule world (:mod:`afnio.testing.world`): rules written in the prompt,
+``If the message mentions "<word>", the <field> is <label>.``, decide the label, and
+``response_format`` is honoured the way a real model honours it. afnio's tests use it
+to record reproducible HTTP cassettes and to measure concurrency.
+
+Endpoints: ``POST /v1/chat/completions`` (also ``stream: true`` as server-sent
+events), ``POST /v1/completions``, ``POST /v1/embeddings``, ``GET /v1/models`` and
+``GET /v1/models/{id}``. Response bodies are reproducible: ids are hashes of the
+request body, ``created`` is the constant :data:`CREATED`, token counts are word
+counts (``prompt_tokens``: the words of every message plus 3 per message;
+``completion_tokens``: the words of the answer).
+
+Counters (:attr:`Simulator.stats`), the received bodies (:attr:`Simulator.requests`),
+a settable per-request ``latency`` and fault injection (:meth:`Simulator.inject`,
+:class:`Fault`) let tests observe and disturb a run.
+
+Example::
+
+    >>> import openai
+    >>> from afnio.testing import Simulator
+    >>> with Simulator() as sim:
+    ...     client = openai.OpenAI(base_url=sim.base_url, api_key="test")
+    ...     reply = client.chat.completions.create(
+    ...         model="afnio-sim-1",
+    ...         messages=[
+    ...             {"role": "system", "content":
+    ...              'If the message mentions "broken", the sentiment is negative.'},
+    ...             {"role": "user", "content": "It arrived broken."},
+    ...         ],
+    ...     )
+    ...     client.close()
+    >>> reply.choices[0].message.content
+    'negative'
+    >>> sim.stats.calls
+    1
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import re
+import socket
+import socketserver
+import struct
+import sys
+import threading
+import traceback
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from afnio.testing import world
+
+__all__ = [
+    "CREATED",
+    "DEFAULT_DELAY_SECONDS",
+    "ENDPOINTS",
+    "SIMULATOR_MODEL",
+    "SYSTEM_FINGERPRINT",
+    "Fault",
+    "Simulator",
+    "SimulatorStats",
+]
+
+SIMULATOR_MODEL = "afnio-sim-1"
+"""The documented default model name (any model name is accepted)."""
+
+CREATED = 1_700_000_000
+"""The constant ``created`` timestamp of every response (bodies are reproducible)."""
+
+SYSTEM_FINGERPRINT = "fp_afnio_sim"
+"""The ``system_fingerprint`` of every generation response."""
+
+DEFAULT_DELAY_SECONDS = 5.0
+"""How long a :attr:`Fault.DELAY` waits when ``seconds`` is not given."""
+
+DEFAULT_EMBEDDING_DIMENSIONS = 64
+MAX_EMBEDDING_DIMENSIONS = 8192
+
+ENDPOINTS: tuple[str, ...] = ("chat/completions", "completions", "embeddings", "models")
+"""The endpoint names used by counters and by ``inject(endpoint=...)``."""
+
+_GENERATION_ENDPOINTS = frozenset({"chat/completions", "completions"})
+
+
+class Fault(StrEnum):
+    """The kinds of injectable faults (plain strings such as ``"rate_limit"`` work too).
+
+    * ``RATE_LIMIT``: HTTP 429 with an OpenAI error body and ``retry-after: 0``;
+    * ``SERVER_ERROR``: HTTP 500 with an OpenAI error body;
+    * ``DELAY``: wait ``seconds`` (default 5) and then answer normally, to trigger
+      client timeouts;
+    * ``MALFORMED_JSON``: HTTP 200 with a normal completion whose content is invalid
+      JSON (the right JSON answer cut in the middle): a bad LM answer. Only the
+      completion endpoints consume it.
+
+    >>> Fault("rate_limit") is Fault.RATE_LIMIT
+    True
+    """
+
+    RATE_LIMIT = "rate_limit"
+    SERVER_ERROR = "server_error"
+    DELAY = "delay"
+    MALFORMED_JSON = "malformed_json"
+
+
+@dataclass(frozen=True)
+class SimulatorStats:
+    """A snapshot of a simulator's counters since it was created or last reset.
+
+    Attributes:
+        calls: requests answered, including errors and faults.
+        calls_by_endpoint: ``calls`` per endpoint name (see :data:`ENDPOINTS`;
+            unknown URLs count under ``"unknown"``).
+        prompt_tokens: the ``usage.prompt_tokens`` of every successful answer.
+        completion_tokens: the ``usage.completion_tokens`` of every successful answer.
+        in_flight: requests received and not answered yet.
+        peak_in_flight: the most requests in flight at once.
+        faults_served: injected faults consumed.
+    """
+
+    calls: int = 0
+    calls_by_endpoint: dict[str, int] = dataclasses.field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    faults_served: int = 0
+
+
+@dataclass
+class _PendingFault:
+    kind: Fault
+    remaining: int
+    endpoint: str | None
+    seconds: float | None
+
+
+class _RequestError(Exception):
+    """An OpenAI-style error answer (status and error body)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {
+            "error": {"message": message, "type": type, "param": param, "code": code}
+        }
+
+
+@dataclass
+class _Reply:
+    """A complete HTTP answer, computed before anything is written."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+    events: tuple[bytes, ...] | None = None  # server-sent events (chunked)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _endpoint_key(name: str) -> str:
+    """Normalise ``"/v1/chat/completions"``, ``"chat.completions"``... to a key of
+    :data:`ENDPOINTS`."""
+    key = name.strip().strip("/").replace(".", "/")
+    key = key.removeprefix("v1/")
+    if key not in ENDPOINTS:
+        raise ValueError(f"unknown endpoint {name!r}; expected one of {ENDPOINTS}")
+    return key
+
+
+def _route(method: str, path: str) -> str | None:
+    path = "/" + path.strip("/")
+    if method == "POST" and path in {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+    }:
+        return path.removeprefix("/v1/")
+    if method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")):
+        return "models"
+    return None
+
+
+def _digest(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+
+def _require_model(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _RequestError(
+            400, "you must provide a model parameter", param="model", code=None
+        )
+    return model
+
+
+def _check_n(body: Mapping[str, Any]) -> None:
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise _RequestError(
+            400,
+            "The simulator only supports n=1.",
+            param="n",
+            code="invalid_value",
+        )
+
+
+def _check_response_format(fmt: Any) -> Mapping[str, Any] | None:
+    if fmt is None:
+        return None
+    if not isinstance(fmt, Mapping) or fmt.get("type") not in {
+        "text",
+        "json_object",
+        "json_schema",
+    }:
+        raise _RequestError(
+            400,
+            "Invalid 'response_format': expected an object whose 'type' is 'text', "
+            "'json_object' or 'json_schema'.",
+            param="response_format",
+            code="invalid_value",
+        )
+    if fmt["type"] == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+            raise _RequestError(
+                400,
+                "Missing required parameter: 'response_format.json_schema.name'.",
+                param="response_format.json_schema.name",
+                code="missing_required_parameter",
+            )
+        schema = spec.get("schema", {})
+        if not isinstance(schema, Mapping):
+            raise _RequestError(
+                400,
+                "Invalid 'response_format.json_schema.schema': expected an object.",
+                param="response_format.json_schema.schema",
+                code="invalid_type",
+            )
+    return fmt
+
+
+def _malform(content: str, request: world.SimRequest, label: str) -> str:
+    """The right JSON answer cut in the middle (never valid JSON)."""
+    fmt = request.response_format
+    text = content
+    if not fmt or fmt.get("type") not in {"json_object", "json_schema"}:
+        text = json.dumps({"answer": label}, ensure_ascii=False)
+    cut = text[: max(1, len(text) // 2)]
+    try:
+        json.loads(cut)
+    except ValueError:
+        return cut
+    return '{"answer": ' + cut
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + _dumps(obj) + b"\n\n"
+
+
+def _pieces(content: str) -> list[str]:
+    """Split content into streamed pieces (words with their trailing whitespace)."""
+    return re.findall(r"\S+\s*|\s+", content)
+
+
+def _chat(raw: bytes, body: Mapping[str, Any], malformed: bool) -> _Reply:
+    model = _require_model(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _RequestError(
+            400,
+            "Missing required parameter: 'messages'."
+            if messages is None
+            else "Invalid 'messages': expected a non-empty array of messages.",
+            param="messages",
+            code="missing_required_parameter" if messages is None else "invalid_type",
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise _RequestError(
+                400,
+                f"Invalid 'messages[{i}]': expected an object with a 'role'.",
+                param=f"messages[{i}]",
+                code="invalid_type",
+            )
+    _check_n(body)
+    fmt = _check_response_format(body.get("response_format"))
+    request = world.SimRequest(
+        messages=tuple(
+            world.Message(m["role"], world.message_text(m.get("content")))
+            for m in messages
+        ),
+        model=model,
+        response_format=fmt,
+        endpoint="chat/completions",
+        body=body,
+    )
+    result = world.answer(request)
+    content = world.render_content(result, fmt)
+    if malformed:
+        content = _malform(content, request, result.label)
+    prompt_tokens = sum(_words(m.text) + 3 for m in request.messages)
+    completion_tokens = _words(content)
+    usage = _usage(prompt_tokens, completion_tokens)
+    digest = _digest(raw)
+    completion_id = f"chatcmpl-{digest[:29]}"
+    headers = (("x-request-id", f"req_{digest[:32]}"),)
+
+    if body.get("stream") is True:
+        options = body.get("stream_options")
+        include_usage = isinstance(options, Mapping) and bool(
+            options.get("include_usage")
+        )
+        base = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": CREATED,
+            "model": model,
+            "service_tier": "default",
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            out = {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": delta,
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                ],
+            }
+            if include_usage:
+                out["usage"] = None
+            return out
+
+        events = [
+            _sse(chunk({"role": "assistant", "content": "", "refusal": None}, None))
+        ]
+        events += [_sse(chunk({"content": piece}, None)) for piece in _pieces(content)]
+        events.append(_sse(chunk({}, "stop")))
+        if include_usage:
+            events.append(_sse({**base, "choices": [], "usage": usage}))
+        events.append(b"data: [DONE]\n\n")
+        return _Reply(
+            200,
+            b"",
+            content_type="text/event-stream; charset=utf-8",
+            headers=headers,
+            events=tuple(events),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+
+    payload = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": CREATED,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": content,
+                    "refusal": None,
+                    "annotations": [],
+                },
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": usage,
+        "service_tier": "default",
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+    return _Reply(
+        200,
+        _dumps(payload),
+        headers=headers,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+    )
+
+
+def _completions(raw: bytes, body: Mapping[str, Any], malformed: bool) -> _Reply:
+    model = _require_model(body)
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if (
+        not isinstance(prompts, list)
+        or not prompts
+        or not all(isinstance(p, str) for p in prompts)
+    ):
+        raise _RequestError(
+            400,
+            "Missing required parameter: 'prompt'."
+            if prompt is None
+            else "Invalid 'prompt': expected a string or a non-empty array of strings.",
+            param="prompt",
+            code="missing_required_parameter" if prompt is None else "invalid_type",
+        )
+    _check_n(body)
+    texts = []
+    for text in prompts:
+        request = world.SimRequest(
+            messages=(world.Message("user", text),),
+            model=model,
+            endpoint="completions",
+            body=body,
+        )
+        result = world.answer(request)
+        content = world.render_content(result, None)
+        if malformed:
+            content = _malform(content, request, result.label)
+        texts.append(content)
+    prompt_tokens = sum(_words(p) for p in prompts)
+    completion_tokens = sum(_words(t) for t in texts)
+    usage = _usage(prompt_tokens, completion_tokens)
+    digest = _digest(raw)
+    completion_id = f"cmpl-{digest[:29]}"
+    headers = (("x-request-id", f"req_{digest[:32]}"),)
+    base = {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": CREATED,
+        "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+
+    if body.get("stream") is True:
+        options = body.get("stream_options")
+        include_usage = isinstance(options, Mapping) and bool(
+            options.get("include_usage")
+        )
+        events = []
+        for index, text in enumerate(texts):
+            for piece in [*_pieces(text), None]:
+                choice = {
+                    "text": piece or "",
+                    "index": index,
+                    "logprobs": None,
+                    "finish_reason": None if piece is not None else "stop",
+                }
+                out: dict[str, Any] = {**base, "choices": [choice]}
+                if include_usage:
+                    out["usage"] = None
+                events.append(_sse(out))
+        if include_usage:
+            events.append(_sse({**base, "choices": [], "usage": usage}))
+        events.append(b"data: [DONE]\n\n")
+        return _Reply(
+            200,
+            b"",
+            content_type="text/event-stream; charset=utf-8",
+            headers=headers,
+            events=tuple(events),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+
+    payload = {
+        **base,
+        "choices": [
+            {"text": text, "index": i, "logprobs": None, "finish_reason": "stop"}
+            for i, text in enumerate(texts)
+        ],
+        "usage": usage,
+    }
+    return _Reply(
+        200,
+        _dumps(payload),
+        headers=headers,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+    )
+
+
+def _embedding_inputs(value: Any) -> list[str] | None:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        return None
+    if all(isinstance(v, str) for v in value):
+        return list(value)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return [" ".join(f"token{v}" for v in value)]
+    if all(
+        isinstance(v, list)
+        and v
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+        for v in value
+    ):
+        return [" ".join(f"token{t}" for t in v) for v in value]
+    return None
+
+
+def _embeddings(raw: bytes, body: Mapping[str, Any]) -> _Reply:
+    model = _require_model(body)
+    inputs = _embedding_inputs(body.get("input"))
+    if inputs is None or any(text == "" for text in inputs):
+        missing = body.get("input") is None
+        raise _RequestError(
+            400,
+            "Missing required parameter: 'input'."
+            if missing
+            else "Invalid 'input': expected a non-empty string, a non-empty array of "
+            "non-empty strings, or token arrays.",
+            param="input",
+            code="missing_required_parameter" if missing else "invalid_value",
+        )
+    dimensions = body.get("dimensions")
+    if dimensions is None:
+        dimensions = DEFAULT_EMBEDDING_DIMENSIONS
+    if (
+        isinstance(dimensions, bool)
+        or not isinstance(dimensions, int)
+        or not 1 <= dimensions <= MAX_EMBEDDING_DIMENSIONS
+    ):
+        raise _RequestError(
+            400,
+            f"Invalid 'dimensions': expected an integer from 1 to "
+            f"{MAX_EMBEDDING_DIMENSIONS}.",
+            param="dimensions",
+            code="invalid_value",
+        )
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in {"float", "base64"}:
+        raise _RequestError(
+            400,
+            "Invalid 'encoding_format': expected 'float' or 'base64'.",
+            param="encoding_format",
+            code="invalid_value",
+        )
+    data = []
+    for index, text in enumerate(inputs):
+        vector = world.embed(text, dimensions)
+        embedding: list[float] | str = vector
+        if encoding == "base64":
+            packed = struct.pack(f"<{len(vector)}f", *vector)
+            embedding = base64.b64encode(packed).decode("ascii")
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    tokens = sum(_words(text) for text in inputs)
+    payload = {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    headers = (("x-request-id", f"req_{_digest(raw)[:32]}"),)
+    return _Reply(200, _dumps(payload), headers=headers, prompt_tokens=tokens)
+
+
+def _model_object(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": CREATED, "owned_by": "afnio"}
+
+
+def _models(path: str) -> _Reply:
+    rest = path.strip("/").removeprefix("v1/models").strip("/")
+    if rest:
+        payload: dict[str, Any] = _model_object(unquote(rest))
+    else:
+        payload = {"object": "list", "data": [_model_object(SIMULATOR_MODEL)]}
+    return _Reply(200, _dumps(payload))
+
+
+def _error_reply(error: _RequestError) -> _Reply:
+    headers: tuple[tuple[str, str], ...] = ()
+    if error.status == 429:
+        headers = (("retry-after", "0"),)
+    return _Reply(error.status, _dumps(error.body), headers=headers)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], simulator: Simulator) -> None:
+        self.simulator = simulator
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # like HTTPServer.server_bind, without its reverse-DNS lookup (getfqdn), which
+        # can stall for seconds on hosts with slow resolvers
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # a client went away (e.g. it timed out): nothing to report
+        super().handle_error(request, client_address)
+
+    def close_connections(self) -> None:
+        with self.connections_lock:
+            connections = list(self.connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "afnio-simulator"
+    sys_version = ""
+    # one buffered write per answer, sent at once (no Nagle/delayed-ACK stalls)
+    wbufsize = -1
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.connections_lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            with self.server.connections_lock:
+                self.server.connections.discard(self.connection)
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # quiet: tests and benchmarks read their own output
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _serve(self) -> None:
+        try:
+            raw = self._read_body()
+        except OSError:
+            self.close_connection = True
+            return
+        except ValueError:  # a bad Content-Length or chunk size: answer 400, hang up
+            raw = b""
+            self.close_connection = True
+        path = urlsplit(self.path).path
+        reply = self.server.simulator._process(self.command, path, raw)
+        self._write(reply)
+
+    def _write(self, reply: _Reply) -> None:
+        try:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.content_type)
+            for name, value in reply.headers:
+                self.send_header(name, value)
+            if reply.events is None:
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                self.wfile.write(reply.body)
+            else:
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for event in reply.events:
+                    self.wfile.write(b"%X\r\n%s\r\n" % (len(event), event))
+                self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
+
+
+FaultSpec = Fault | str | tuple[Any, ...] | Mapping[str, Any]
+"""One entry of ``Simulator(faults=...)``: a kind, a tuple ``(kind, times[, endpoint
+[, seconds]])`` or a mapping of :meth:`Simulator.inject` keyword arguments."""
+
+
+class Simulator:
+    """An OpenAI-compatible HTTP server on 127.0.0.1 that answers by rules.
+
+    Args:
+        host: the loopback address to bind (``"127.0.0.1"``; ``"localhost"`` means
+            the same). Anything else raises ``ValueError``: the simulator never
+            listens on a public interface.
+        port: the port; ``0`` (the default) picks a free one at :meth:`start`.
+        latency: seconds slept before answering each request (settable at any time).
+            Each connection has its own thread, so sleeping never blocks others.
+        faults: an initial fault schedule, queued as if by :meth:`inject`; each
+            entry is a kind (``"rate_limit"``), a tuple ``(kind, times)``,
+            ``(kind, times, endpoint)`` or ``(kind, times, endpoint, seconds)``, or a
+            mapping of ``inject`` keyword arguments. ``Simulator(faults=[("rate_limit",
+            2), ("delay", 1, "embeddings", 0.5)])`` makes the next two requests get a
+            429 and the next embeddings request wait half a second.
+
+    Use it as a context manager or call :meth:`start`/:meth:`stop` (both idempotent;
+    a stopped simulator can be started again, keeping its counters and faults).
+
+    Example::
+
+        >>> with Simulator(latency=0.01) as sim:
+        ...     sim.base_url == f"http://127.0.0.1:{sim.port}/v1"
+        True
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency: float = 0.0,
+        faults: Iterable[FaultSpec] | None = None,
+    ) -> None:
+        if host == "localhost":
+            host = "127.0.0.1"
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            address = None
+        if address is None or address.version != 4 or not address.is_loopback:
+            raise ValueError(
+                f"the simulator listens on the IPv4 loopback only (127.0.0.1), "
+                f"not {host!r}"
+            )
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"invalid port {port!r}")
+        self.host = host
+        self._requested_port = port
+        self._bound_port: int | None = None
+        self.latency = latency
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when in_flight drops
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._faults: list[_PendingFault] = []
+        self._requests: list[Any] = []
+        self._reset_counters()
+        self._in_flight = 0
+        self._peak_in_flight = 0
+        for spec in faults or ():
+            self._inject_spec(spec)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> Simulator:
+        """Bind and serve in a daemon thread; a no-op when already running."""
+        with self._lock:
+            if self._server is not None:
+                return self
+            server = _Server((self.host, self._requested_port), self)
+            self._stopping = threading.Event()
+            self._server = server
+            self._bound_port = server.server_address[1]
+            self._thread = threading.Thread(
+                target=server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"afnio-simulator-{self._bound_port}",
+                daemon=True,
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close open connections; a no-op when not running.
+
+        Requests still waiting (latency, ``DELAY``) are woken and dropped; ``stop``
+        returns once none is in flight (or after 2 s).
+        """
+        with self._lock:
+            server, thread = self._server, self._thread
+            self._server = self._thread = None
+        if server is None:
+            return
+        self._stopping.set()
+        server.shutdown()
+        server.server_close()
+        server.close_connections()
+        if thread is not None:
+            thread.join(timeout=5)
+        with self._idle:  # woken requests finish their (dropped) answers quickly
+            self._idle.wait_for(lambda: self._in_flight == 0, timeout=2)
+
+    def __enter__(self) -> Simulator:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        """Whether the server is serving."""
+        return self._server is not None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the requested one before the first start)."""
+        return (
+            self._bound_port if self._bound_port is not None else self._requested_port
+        )
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:<port>/v1``, for ``OpenAI(base_url=...)`` or
+        ``OPENAI_BASE_URL``."""
+        if self.port == 0:
+            raise RuntimeError(
+                "the simulator picks its port at start(): start it first"
+            )
+        return f"http://{self.host}:{self.port}/v1"
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<Simulator {state} on {self.host}:{self.port} latency={self.latency}>"
+
+    # -- settings ------------------------------------------------------------------
+
+    @property
+    def latency(self) -> float:
+        """Seconds slept before answering each request (settable)."""
+        return self._latency
+
+    @latency.setter
+    def latency(self, value: float) -> None:
+        value = float(value)
+        if not value >= 0:
+            raise ValueError(f"latency must be a non-negative number, got {value!r}")
+        self._latency = value
+
+    # -- faults --------------------------------------------------------------------
+
+    def inject(
+        self,
+        kind: Fault | str,
+        times: int = 1,
+        endpoint: str | None = None,
+        seconds: float | None = None,
+    ) -> None:
+        """Queue a fault for the next ``times`` matching requests.
+
+        Args:
+            kind: a :class:`Fault` (or its value, e.g. ``"rate_limit"``).
+            times: how many requests it hits.
+            endpoint: only requests to this endpoint consume it (``"chat/completions"``,
+                ``"completions"``, ``"embeddings"``, ``"models"``; ``"/v1/..."`` and
+                ``"chat.completions"`` spellings work too); ``None``: any endpoint.
+            seconds: for ``DELAY`` only, the wait (default 5).
+
+        Faults are consumed in the order they were queued, only by well-formed
+        requests to a known endpoint (a 400 or 404 consumes nothing);
+        ``MALFORMED_JSON`` is consumed only by the completion endpoints.
+
+        >>> sim = Simulator()
+        >>> sim.inject("rate_limit", times=2)
+        >>> sim.inject(Fault.DELAY, endpoint="/v1/embeddings", seconds=0.5)
+        >>> sim.fault_schedule
+        [(<Fault.RATE_LIMIT: 'rate_limit'>, 2, None, None), \
+(<Fault.DELAY: 'delay'>, 1, 'embeddings', 0.5)]
+        """
+        kind = Fault(kind)
+        if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+            raise ValueError(f"times must be a positive int, got {times!r}")
+        key = None if endpoint is None else _endpoint_key(endpoint)
+        if seconds is not None:
+            if kind is not Fault.DELAY:
+                raise ValueError("seconds applies to Fault.DELAY only")
+            seconds = float(seconds)
+            if not seconds >= 0:
+                raise ValueError(f"seconds must be non-negative, got {seconds!r}")
+        if kind is Fault.MALFORMED_JSON and key not in (None, *_GENERATION_ENDPOINTS):
+            raise ValueError("MALFORMED_JSON applies to the completion endpoints only")
+        with self._lock:
+            self._faults.append(_PendingFault(kind, times, key, seconds))
+
+    def _inject_spec(self, spec: FaultSpec) -> None:
+        if isinstance(spec, Mapping):
+            self.inject(**spec)
+        elif isinstance(spec, tuple):
+            self.inject(*spec)
+        else:
+            self.inject(spec)
+
+    @property
+    def fault_schedule(self) -> list[tuple[Fault, int, str | None, float | None]]:
+        """The pending faults, in order: ``(kind, times left, endpoint, seconds)``."""
+        with self._lock:
+            return [(f.kind, f.remaining, f.endpoint, f.seconds) for f in self._faults]
+
+    def clear_faults(self) -> None:
+        """Drop every pending fault."""
+        with self._lock:
+            self._faults.clear()
+
+    def _take_fault(self, endpoint: str) -> _PendingFault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.endpoint not in (None, endpoint):
+                    continue
+                if (
+                    fault.kind is Fault.MALFORMED_JSON
+                    and endpoint not in _GENERATION_ENDPOINTS
+                ):
+                    continue
+                fault.remaining -= 1
+                if fault.remaining == 0:
+                    self._faults.remove(fault)
+                self._faults_served += 1
+                return _PendingFault(fault.kind, 1, endpoint, fault.seconds)
+        return None
+
+    # -- counters ------------------------------------------------------------------
+
+    def _reset_counters(self) -> None:
+        self._calls = 0
+        self._calls_by_endpoint: dict[str, int] = {}
+        self._prompt_tokens = 0
+        self._completion_tokens = 0
+        self._faults_served = 0
+
+    @property
+    def stats(self) -> SimulatorStats:
+        """A consistent snapshot of the counters (see :class:`SimulatorStats`)."""
+        with self._lock:
+            return SimulatorStats(
+                calls=self._calls,
+                calls_by_endpoint=dict(self._calls_by_endpoint),
+                prompt_tokens=self._prompt_tokens,
+                completion_tokens=self._completion_tokens,
+                in_flight=self._in_flight,
+                peak_in_flight=self._peak_in_flight,
+                faults_served=self._faults_served,
+            )
+
+    def reset_stats(self) -> None:
+        """Zero the counters and forget the received requests (``in_flight`` stays
+        live; ``peak_in_flight`` restarts from it). Pending faults are kept."""
+        with self._lock:
+            self._reset_counters()
+            self._peak_in_flight = self._in_flight
+            self._requests.clear()
+
+    @property
+    def requests(self) -> list[Any]:
+        """The parsed JSON bodies received (in arrival order), for assertions."""
+        with self._lock:
+            return list(self._requests)
+
+    # -- serving -------------------------------------------------------------------
+
+    def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            self._stopping.wait(seconds)
+
+    def _process(self, method: str, path: str, raw: bytes) -> _Reply:
+        """Compute the answer to one request and account for it (before it is
+        written, so a client that has its answer sees up-to-date counters)."""
+        endpoint = _route(method, path)
+        with self._lock:
+            self._in_flight += 1
+            self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
+        reply: _Reply | None = None
+        try:
+            reply = self._answer(endpoint, method, path, raw)
+            return reply
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+                self._calls += 1
+                key = endpoint or "unknown"
+                self._calls_by_endpoint[key] = self._calls_by_endpoint.get(key, 0) + 1
+                if reply is not None and reply.status == 200:
+                    self._prompt_tokens += reply.prompt_tokens
+                    self._completion_tokens += reply.completion_tokens
+
+    def _answer(
+        self, endpoint: str | None, method: str, path: str, raw: bytes
+    ) -> _Reply:
+        fault: _PendingFault | None = None
+        try:
+            if endpoint is None:
+                raise _RequestError(
+                    404,
+                    f"Invalid URL ({method} {path})",
+                    param=None,
+                    code="unknown_url",
+                )
+            body: Any = None
+            if method == "POST":
+                try:
+                    body = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError):
+                    raise _RequestError(
+                        400,
+                        "We could not parse the JSON body of your request. (HINT: This "
+                        "likely means you aren't using your HTTP library correctly. "
+                        "The OpenAI API expects a JSON payload.)",
+                    ) from None
+                with self._lock:
+                    self._requests.append(body)
+                if not isinstance(body, Mapping):
+                    raise _RequestError(
+                        400, "Invalid request body: expected a JSON object."
+                    )
+                self._validate(endpoint, body)
+            fault = self._take_fault(endpoint)
+            self._sleep(self._latency)
+            if fault is not None and fault.kind is Fault.RATE_LIMIT:
+                raise _RequestError(
+                    429,
+                    "Rate limit reached for requests (simulated by afnio.testing). "
+                    "Please try again in 0s.",
+                    type="requests",
+                    code="rate_limit_exceeded",
+                )
+            if fault is not None and fault.kind is Fault.SERVER_ERROR:
+                raise _RequestError(
+                    500,
+                    "The server had an error while processing your request "
+                    "(simulated by afnio.testing).",
+                    type="server_error",
+                )
+            if fault is not None and fault.kind is Fault.DELAY:
+                seconds = fault.seconds
+                self._sleep(DEFAULT_DELAY_SECONDS if seconds is None else seconds)
+            malformed = fault is not None and fault.kind is Fault.MALFORMED_JSON
+            if endpoint == "chat/completions":
+                return _chat(raw, body, malformed)
+            if endpoint == "completions":
+                return _completions(raw, body, malformed)
+            if endpoint == "embeddings":
+                return _embeddings(raw, body)
+            return _models(path)
+        except _RequestError as error:
+            return _error_reply(error)
+        except Exception as error:  # a simulator bug: answer 500 and show it
+            traceback.print_exc()
+            return _error_reply(
+                _RequestError(
+                    500,
+                    f"afnio simulator internal error: {error!r}",
+                    type="server_error",
+                )
+            )
+
+    @staticmethod
+    def _validate(endpoint: str, body: Mapping[str, Any]) -> None:
+        """Raise the 400 a request would get, before any fault is consumed."""
+        if endpoint == "chat/completions":
+            _chat(b"", body, False)
+        elif endpoint == "completions":
+            _completions(b"", body, False)
+        elif endpoint == "embeddings":
+            _embeddings(b"", body)
