@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -20,5 +22,8 @@ def test_readme_example_runs(
     index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # examples may write files
-    namespace: dict[str, object] = {"__name__": f"readme_example_{index}"}
-    exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), namespace)
+    # a real module, as a script would have (pydantic resolves names through it)
+    module = types.ModuleType(f"readme_example_{index}")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    code = compile(BLOCKS[index], f"README.md[python block {index}]", "exec")
+    exec(code, module.__dict__)
