@@ -48,17 +48,33 @@ def test_subpackage_all() -> None:
     ]
     assert afnio.cognitive.__all__ == [
         "Add",
+        "ChatCompletion",
+        "DeterministicEvaluator",
+        "ExactMatchEvaluator",
+        "LMJudgeEvaluator",
         "Module",
         "Parameter",
         "Split",
         "Sum",
         "add",
+        "chat_completion",
+        "deterministic_evaluator",
+        "exact_match_evaluator",
         "functional",
+        "lm_judge_evaluator",
         "split",
         "sum",
     ]
     assert afnio.functional is afnio.cognitive.functional
-    assert afnio.functional.__all__ == ["add", "split", "sum"]
+    assert afnio.functional.__all__ == [
+        "add",
+        "chat_completion",
+        "deterministic_evaluator",
+        "exact_match_evaluator",
+        "lm_judge_evaluator",
+        "split",
+        "sum",
+    ]
 
 
 def test_public_objects_show_their_public_module() -> None:

@@ -1,0 +1,664 @@
+"""Evaluators: differentiable losses that return ``(score, explanation)``.
+
+:class:`DeterministicEvaluator` scores with a user function,
+:class:`ExactMatchEvaluator` with equality, :class:`LMJudgeEvaluator` with an LM
+judge. Their roles and explanation texts follow the upstream contract exactly.
+``explanation.backward()`` (no gradient needed: they are evaluators) asks the backward
+model, once per sample that did not get the best score (concurrently), for feedback on
+the prediction, showing the prediction, the target and the input that led to it (found
+through the graph).
+
+* ``success_fn(scores) -> bool``: if it returns True, backward makes no LM call and
+  produces no gradient.
+* Per-sample skip (difference 14, on by default, ``per_sample_skip=False`` turns it
+  off): samples with the best score get no LM call and ``""`` feedback. The best score
+  is 1 for exact match, ``True`` for boolean scores, else the ``best_score`` argument
+  (without one, every sample is sent).
+* ``reduction_fn(scores)`` (default ``sum``) aggregates a batch; pass ``None`` (with
+  ``reduction_fn_purpose=None``) to keep per-sample scores and explanations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import json
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from afnio._template import render
+from afnio._utils import _validate_multi_turn_messages
+from afnio._variable import Variable
+from afnio.autodiff.config import BACKWARD_PASS_MAX_RETRIES
+from afnio.autodiff.decorators import evaluator
+from afnio.autodiff.function import Function, _flatten_slots
+from afnio.autodiff.lm_backward import VariableInfo, format_variables, request_gradients
+from afnio.autodiff.prompts import (
+    EVALUATOR_BACKWARD_SYSTEM,
+    EVALUATOR_BACKWARD_USER,
+    judge_response_format,
+)
+from afnio.errors import JudgeParseError
+from afnio.models.model import ChatCompletionModel
+
+__all__ = ["DeterministicEvaluator", "ExactMatchEvaluator", "LMJudgeEvaluator"]
+
+SCALAR_EXPLANATION = (
+    "The evaluation function, designed for '{purpose}', compared the <DATA> field of "
+    "the predicted variable ('{prediction}') with the <DATA> field of the target "
+    "variable ('{target}'), resulting in a score: {score}."
+)
+BATCH_EXPLANATION = (
+    "The evaluation function, designed for '{purpose}', compared the <DATA> fields of "
+    "the predicted variable and the target variable across all samples in the batch, "
+    "generating individual scores for each pair. These scores were then aggregated "
+    "using the reduction function '{reduction_purpose}', resulting in a final "
+    "aggregated score: {score}."
+)
+JUDGE_BATCH_EXPLANATION = (
+    "The evaluation function, designed using an LM as the judge, compared the <DATA> "
+    "fields of the predicted variable and the target variable across all samples in "
+    "the batch. These scores were then aggregated using the reduction function "
+    "'{reduction_purpose}', resulting in a final aggregated score: {score}."
+)
+JUDGE_PURPOSE = "LM as the judge"
+NO_INPUT = "(not available)"
+
+
+# -- shared helpers ------------------------------------------------------------------
+
+
+def _check_prediction(prediction: Any) -> Variable:
+    if not isinstance(prediction, Variable):
+        raise TypeError(
+            f"`prediction` must be a Variable, got {type(prediction).__name__}."
+        )
+    return prediction
+
+
+def _samples(prediction: Variable) -> list[Any]:
+    data = prediction.data
+    return list(data) if isinstance(data, list) else [data]
+
+
+def _targets(target: Any, prediction: Variable, required: bool = True) -> list[Any]:
+    """One target per sample; checks the batch lengths."""
+    batched = isinstance(prediction.data, list)
+    n = len(prediction.data) if batched else 1
+    if target is None:
+        if required:
+            raise TypeError("`target` is required: a str, a list of str or a Variable.")
+        return [None] * n
+    data = target.data if isinstance(target, Variable) else target
+    if isinstance(data, (list, tuple)):
+        if not batched:
+            raise ValueError(
+                "`target` is a list but `prediction` is a scalar: both must be "
+                "batches of the same length, or both scalars."
+            )
+        if len(data) != n:
+            raise ValueError(
+                f"`prediction` has {n} samples but `target` has {len(data)}: they "
+                "must have the same length."
+            )
+        return list(data)
+    if not isinstance(data, (str, int, float)):
+        raise TypeError(
+            f"`target` must be a str, a list of str or a Variable, got "
+            f"{type(target).__name__}."
+        )
+    if batched:
+        raise ValueError(
+            "`prediction` is a batch but `target` is a scalar: pass one target per "
+            "sample."
+        )
+    return [data]
+
+
+def _purpose(value: Any, name: str, allow_none: bool = False) -> str | None:
+    if value is None and allow_none:
+        return None
+    text = value.data if isinstance(value, Variable) else value
+    if not isinstance(text, str):
+        raise TypeError(f"`{name}` must be a str or a Variable holding a str.")
+    if not text:
+        raise ValueError(f"`{name}` must not be empty: say what it does.")
+    return text
+
+
+def _reduce(
+    scores: list[Any],
+    reduction_fn: Callable[[list[Any]], Any] | None,
+    purpose: str | None,
+) -> Any:
+    if reduction_fn is None:
+        return scores
+    if purpose is None:
+        raise ValueError(
+            "`reduction_fn_purpose` must describe `reduction_fn` (e.g. 'summation'); "
+            "pass reduction_fn=None to keep per-sample scores."
+        )
+    return reduction_fn(scores)
+
+
+def _best_score(scores: list[Any], best_score: Any) -> Any:
+    if best_score is not None:
+        return best_score
+    if scores and all(isinstance(s, bool) for s in scores):
+        return True
+    return None
+
+
+def _producer_inputs(prediction: Variable, n: int) -> list[str]:
+    """The user text that led to each sample of ``prediction``: found by walking the
+    graph back to the nearest ChatCompletion node."""
+    start = prediction.grad_fn
+    if start is None:
+        return [NO_INPUT] * n
+    queue, seen = deque([start]), {id(start)}
+    while queue:
+        node = queue.popleft()
+        rendered = getattr(node, "rendered", None)
+        if isinstance(rendered, list) and rendered:
+            texts = [
+                "\n".join(m["content"] for m in sample if m["role"] == "user")
+                for sample in rendered
+            ]
+            if len(texts) == n:
+                return texts
+            if len(texts) == 1:
+                return texts * n
+            return [NO_INPUT] * n
+        for edge in getattr(node, "next_functions", ()):
+            if edge.node is not None and id(edge.node) not in seen:
+                seen.add(id(edge.node))
+                queue.append(edge.node)
+    return [NO_INPUT] * n
+
+
+def _failed_samples(ctx: Any) -> list[int]:
+    if not ctx.per_sample_skip or ctx.best is None:
+        return list(range(len(ctx.scores)))
+    return [s for s, score in enumerate(ctx.scores) if score != ctx.best]
+
+
+async def _ask_for_samples(
+    ctx: Any,
+    grad_explanation: Variable | None,
+    variables: list[tuple[Variable, str]],
+) -> list[list[str]]:
+    """Feedback for each of ``variables`` (Variable, location) from each failed sample:
+    ``result[k][s]`` (``""`` where no call was made)."""
+    n = len(ctx.scores)
+    result = [[""] * n for _ in variables]
+    if not variables or (ctx.success_fn is not None and ctx.success_fn(ctx.scores)):
+        return result
+    feedback = ""
+    if grad_explanation is not None:
+        data = grad_explanation.data
+        feedback = (
+            "\n".join(str(d) for d in data if d)
+            if isinstance(data, list)
+            else str(data)
+        )
+
+    async def one(s: int) -> None:
+        infos = []
+        for var, location in variables:
+            data = var.data
+            text = data[s] if isinstance(data, list) and len(data) == n else data
+            if location == "prediction":
+                text = ctx.predictions[s]
+            infos.append(
+                VariableInfo(
+                    role=var.role,
+                    location=location,
+                    trainable=var.is_leaf and var.requires_grad,
+                    text=str(text),
+                )
+            )
+        user = render(
+            EVALUATOR_BACKWARD_USER,
+            {
+                "purpose": ctx.purpose,
+                "explanation": ctx.explanation_text,
+                "feedback": feedback,
+                "input": ctx.inputs_text[s],
+                "prediction_role": ctx.prediction_role,
+                "prediction": ctx.predictions[s],
+                "target": ctx.targets[s],
+                "score": ctx.scores[s],
+                "count": len(infos),
+                "variables": format_variables(infos),
+            },
+        )
+        texts = await request_gradients(
+            ctx.name(), EVALUATOR_BACKWARD_SYSTEM, user, len(infos)
+        )
+        for k, text in enumerate(texts):
+            result[k][s] = text.strip()
+
+    await asyncio.gather(*(one(s) for s in _failed_samples(ctx)))
+    return result
+
+
+def _gradient(var: Variable, texts: list[str], batched: bool) -> Variable | None:
+    """Difference 13: aligned list for a batched Variable, the non-empty texts for a
+    shared one in a batched call, a str in an unbatched call; ``None`` if empty."""
+    role = f"feedback to {var.role}"
+    if isinstance(var.data, list):
+        return Variable(texts, role=role) if any(texts) else None
+    if batched:
+        kept = [t for t in texts if t]
+        return Variable(kept, role=role) if kept else None
+    return Variable(texts[0], role=role) if texts[0] else None
+
+
+def _outputs(
+    ctx: Any, prediction: Variable, score: Any, explanation: Any
+) -> tuple[Variable, Variable]:
+    return (
+        Variable(score, role=f"Evaluation result score of {prediction.role}"),
+        Variable(
+            explanation, role=f"Evaluation result explanation of {prediction.role}"
+        ),
+    )
+
+
+def _save(
+    ctx: Any,
+    prediction: Variable,
+    targets: list[Any],
+    scores: list[Any],
+    explanation: Any,
+    purpose: str,
+    success_fn: Any,
+    best_score: Any,
+    per_sample_skip: bool,
+) -> None:
+    n = len(scores)
+    ctx.batched = isinstance(prediction.data, list)
+    ctx.prediction = prediction
+    ctx.prediction_role = prediction.role
+    ctx.predictions = [str(p) for p in _samples(prediction)]
+    ctx.targets = ["" if t is None else str(t) for t in targets]
+    ctx.scores = scores
+    ctx.purpose = purpose
+    ctx.explanation_text = (
+        "\n".join(map(str, explanation))
+        if isinstance(explanation, list)
+        else explanation
+    )
+    ctx.success_fn = success_fn
+    ctx.best = _best_score(scores, best_score)
+    ctx.per_sample_skip = bool(per_sample_skip)
+    ctx.inputs_text = _producer_inputs(prediction, n)
+
+
+def _prediction_only_backward(
+    ctx: Any, texts: list[list[str]]
+) -> tuple[Variable | None, ...]:
+    result: list[Variable | None] = [None] * len(ctx.needs_input_grad)
+    result[0] = _gradient(ctx.prediction, texts[0], ctx.batched)
+    return tuple(result)
+
+
+# -- DeterministicEvaluator ------------------------------------------------------------
+
+
+@evaluator
+class DeterministicEvaluator(Function):
+    """Score ``prediction`` against ``target`` with ``eval_fn(pred, target)`` per
+    sample, then reduce (see the module docstring).
+
+    Example::
+
+        >>> import afnio
+        >>> from afnio.autodiff.evaluator import DeterministicEvaluator
+        >>> prediction = afnio.Variable("green", role="color prediction")
+        >>> def exact_match_fn(p, t):
+        ...     return 1 if p == t else 0
+        >>> score, explanation = DeterministicEvaluator.apply(
+        ...     prediction, "red", exact_match_fn, "exact match")
+        >>> score.data
+        0
+        >>> explanation.data
+        "The evaluation function, designed for 'exact match', compared the <DATA> field of the predicted variable ('green') with the <DATA> field of the target variable ('red'), resulting in a score: 0."
+    """  # noqa: E501
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        prediction: Variable,
+        target: str | list[str] | Variable,
+        eval_fn: Callable[[Any, Any], Any],
+        eval_fn_purpose: str | Variable,
+        success_fn: Callable[[list[Any]], bool] | None = None,
+        reduction_fn: Callable[[list[Any]], Any] | None = builtins.sum,
+        reduction_fn_purpose: str | Variable | None = "summation",
+        *,
+        best_score: Any = None,
+        per_sample_skip: bool = True,
+    ) -> tuple[Variable, Variable]:
+        _check_prediction(prediction)
+        if not callable(eval_fn):
+            raise TypeError(
+                "`eval_fn` must be a function (prediction, target) -> score."
+            )
+        purpose = _purpose(eval_fn_purpose, "eval_fn_purpose")
+        reduction_purpose = _purpose(
+            reduction_fn_purpose, "reduction_fn_purpose", allow_none=True
+        )
+        targets = _targets(target, prediction)
+        predictions = _samples(prediction)
+        scores = [eval_fn(p, t) for p, t in zip(predictions, targets, strict=True)]
+        if isinstance(prediction.data, list):
+            score = _reduce(scores, reduction_fn, reduction_purpose)
+            if reduction_fn is None:
+                explanation: Any = [
+                    render(
+                        SCALAR_EXPLANATION,
+                        {"purpose": purpose, "prediction": p, "target": t, "score": s},
+                    )
+                    for p, t, s in zip(predictions, targets, scores, strict=True)
+                ]
+            else:
+                explanation = render(
+                    BATCH_EXPLANATION,
+                    {
+                        "purpose": purpose,
+                        "reduction_purpose": reduction_purpose,
+                        "score": score,
+                    },
+                )
+        else:
+            score = scores[0]
+            explanation = render(
+                SCALAR_EXPLANATION,
+                {
+                    "purpose": purpose,
+                    "prediction": predictions[0],
+                    "target": targets[0],
+                    "score": score,
+                },
+            )
+        _save(
+            ctx,
+            prediction,
+            targets,
+            scores,
+            explanation,
+            purpose,
+            success_fn,
+            best_score,
+            per_sample_skip,
+        )
+        return _outputs(ctx, prediction, score, explanation)
+
+    @staticmethod
+    async def backward(
+        ctx: Any, score_grad: Variable | None, explanation_grad: Variable | None
+    ) -> tuple[Variable | None, ...]:
+        if not ctx.needs_input_grad[0]:
+            return (None,) * len(ctx.needs_input_grad)
+        texts = await _ask_for_samples(
+            ctx, explanation_grad, [(ctx.prediction, "prediction")]
+        )
+        return _prediction_only_backward(ctx, texts)
+
+
+def _exact_match(prediction: Any, target: Any) -> int:
+    return 1 if prediction == target else 0
+
+
+@evaluator
+class ExactMatchEvaluator(Function):
+    """Score 1 per sample whose data equals the target, else 0; then reduce.
+
+    Example::
+
+        >>> import afnio
+        >>> from afnio.autodiff.evaluator import ExactMatchEvaluator
+        >>> prediction = afnio.Variable(["green", "blue"], role="color prediction")
+        >>> score, _ = ExactMatchEvaluator.apply(prediction, ["red", "blue"])
+        >>> score.data
+        1
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        prediction: Variable,
+        target: str | list[str] | Variable,
+        reduction_fn: Callable[[list[Any]], Any] | None = builtins.sum,
+        reduction_fn_purpose: str | Variable | None = "summation",
+        *,
+        per_sample_skip: bool = True,
+    ) -> tuple[Variable, Variable]:
+        return DeterministicEvaluator.forward(
+            ctx,
+            prediction,
+            target,
+            _exact_match,
+            "exact match",
+            None,
+            reduction_fn,
+            reduction_fn_purpose,
+            best_score=1,
+            per_sample_skip=per_sample_skip,
+        )
+
+    @staticmethod
+    async def backward(
+        ctx: Any, score_grad: Variable | None, explanation_grad: Variable | None
+    ) -> tuple[Variable | None, ...]:
+        return await DeterministicEvaluator.backward(ctx, score_grad, explanation_grad)
+
+
+# -- LMJudgeEvaluator ------------------------------------------------------------------
+
+
+def _parse_judgement(answer: str) -> tuple[Any, str]:
+    try:
+        data = json.loads(answer)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the answer is not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict) or "score" not in data or "explanation" not in data:
+        raise ValueError('the answer must be {"score": ..., "explanation": "..."}')
+    score, explanation = data["score"], data["explanation"]
+    if not isinstance(score, (bool, int, float)) or not isinstance(explanation, str):
+        raise ValueError(
+            "`score` must be a boolean or a number, `explanation` a string"
+        )
+    return score, explanation
+
+
+async def _judge(
+    node: str,
+    client: ChatCompletionModel,
+    messages: list[dict[str, str]],
+    completion_args: dict[str, Any],
+) -> tuple[Any, str]:
+    args = {"response_format": judge_response_format(), **completion_args}
+    answer = ""
+    error: ValueError | None = None
+    for _ in range(BACKWARD_PASS_MAX_RETRIES + 1):
+        answer = await client.achat(messages, **args)
+        try:
+            return _parse_judgement(answer)
+        except ValueError as e:
+            error = e
+            messages = [
+                *messages,
+                {"role": "assistant", "content": answer},
+                {
+                    "role": "user",
+                    "content": f"Your answer could not be used: {e}. Answer again with "
+                    'a JSON object only: {"score": ..., "explanation": "..."}.',
+                },
+            ]
+    raise JudgeParseError(
+        f"{node}: the judge's answer was not valid judgement JSON after "
+        f"{BACKWARD_PASS_MAX_RETRIES} retries: {error}. Last answer: {answer[:300]!r}."
+    )
+
+
+@evaluator
+class LMJudgeEvaluator(Function):
+    """Score ``prediction`` with an LM judge: ``messages`` (templates that may use
+    ``{prediction}``, ``{target}`` and keys of ``inputs``) are rendered per sample and
+    the judge answers ``{"score", "explanation"}`` JSON.
+
+    ``eval_mode=True`` sends gradients to ``prediction``; ``eval_mode=False`` to the
+    Variables of ``messages`` and ``inputs`` instead (to optimize the judge).
+    """
+
+    @staticmethod
+    async def forward(
+        ctx: Any,
+        forward_model_client: ChatCompletionModel | None,
+        messages: list[dict[str, Any]],
+        prediction: Variable,
+        target: str | list[str] | Variable | None = None,
+        inputs: dict[str, Any] | None = None,
+        success_fn: Callable[[list[Any]], bool] | None = None,
+        reduction_fn: Callable[[list[Any]], Any] | None = builtins.sum,
+        reduction_fn_purpose: str | Variable | None = "summation",
+        eval_mode: bool | Variable = True,
+        *,
+        best_score: Any = None,
+        per_sample_skip: bool = True,
+        **completion_args: Any,
+    ) -> tuple[Variable, Variable]:
+        if not isinstance(forward_model_client, ChatCompletionModel):
+            raise TypeError(
+                "`forward_model_client` must be a ChatCompletionModel, got "
+                f"{type(forward_model_client).__name__}."
+            )
+        _validate_multi_turn_messages(messages)
+        _check_prediction(prediction)
+        inputs = dict(inputs or {})
+        clash = sorted({"prediction", "target"} & set(inputs))
+        if clash:
+            raise ValueError(
+                f"`inputs` must not use the keys {clash}: `prediction` and `target` "
+                "fill those placeholders."
+            )
+        reduction_purpose = _purpose(
+            reduction_fn_purpose, "reduction_fn_purpose", allow_none=True
+        )
+        mode = eval_mode.data if isinstance(eval_mode, Variable) else eval_mode
+        targets = _targets(target, prediction, required=False)
+        predictions = _samples(prediction)
+        n = len(predictions)
+
+        def value(v: Any, s: int) -> str:
+            data = v.data if isinstance(v, Variable) else v
+            if isinstance(data, list):
+                item = data[s]
+                return str(item.data if isinstance(item, Variable) else item)
+            return str(data)
+
+        rendered = []
+        for s in range(n):
+            values = {k: value(v, s) for k, v in inputs.items()}
+            values["prediction"] = str(predictions[s])
+            values["target"] = "" if targets[s] is None else str(targets[s])
+            rendered.append(
+                [
+                    {
+                        "role": m["role"],
+                        "content": "\n".join(
+                            render(value(v, s), values) for v in m["content"]
+                        ),
+                    }
+                    for m in messages
+                ]
+            )
+        judged = await asyncio.gather(
+            *(
+                _judge(ctx.name(), forward_model_client, sample, completion_args)
+                for sample in rendered
+            )
+        )
+        scores = [score for score, _ in judged]
+        explanations = [text for _, text in judged]
+        if isinstance(prediction.data, list):
+            score = _reduce(scores, reduction_fn, reduction_purpose)
+            explanation: Any = (
+                explanations
+                if reduction_fn is None
+                else render(
+                    JUDGE_BATCH_EXPLANATION,
+                    {"reduction_purpose": reduction_purpose, "score": score},
+                )
+            )
+        else:
+            score, explanation = scores[0], explanations[0]
+        _save(
+            ctx,
+            prediction,
+            targets,
+            scores,
+            explanation,
+            JUDGE_PURPOSE,
+            success_fn,
+            best_score,
+            per_sample_skip,
+        )
+        ctx.eval_mode = bool(mode)
+        # the judge's Variables, for eval_mode=False, in slot order
+        judge_vars: list[tuple[Variable, str]] = [
+            (v, m["role"]) for m in messages for v in m["content"]
+        ]
+        for key, v in inputs.items():
+            if isinstance(v, Variable):
+                judge_vars.append((v, f"input:{key}"))
+            elif isinstance(v, list):
+                judge_vars.extend(
+                    (x, f"input:{key}") for x in v if isinstance(x, Variable)
+                )
+        slots = _flatten_slots(
+            (forward_model_client, messages, prediction, target, inputs or None)
+        )
+        var_positions = [i for i, s in enumerate(slots) if isinstance(s, Variable)]
+        prediction_position = next(i for i, s in enumerate(slots) if s is prediction)
+        judge_positions = [p for p in var_positions if slots[p] is not prediction]
+        if isinstance(target, Variable):
+            judge_positions = [p for p in judge_positions if slots[p] is not target]
+        ctx.judge_vars = judge_vars
+        ctx.judge_positions = judge_positions[: len(judge_vars)]
+        ctx.prediction_position = prediction_position
+        ctx.rendered_judge = rendered
+        return _outputs(ctx, prediction, score, explanation)
+
+    @staticmethod
+    async def backward(
+        ctx: Any, score_grad: Variable | None, explanation_grad: Variable | None
+    ) -> tuple[Variable | None, ...]:
+        needs = ctx.needs_input_grad
+        result: list[Variable | None] = [None] * len(needs)
+        if ctx.eval_mode:
+            if not needs[ctx.prediction_position]:
+                return tuple(result)
+            texts = await _ask_for_samples(
+                ctx, explanation_grad, [(ctx.prediction, "prediction")]
+            )
+            result[ctx.prediction_position] = _gradient(
+                ctx.prediction, texts[0], ctx.batched
+            )
+            return tuple(result)
+        asked = [
+            (k, pair)
+            for k, pair in enumerate(ctx.judge_vars)
+            if needs[ctx.judge_positions[k]]
+        ]
+        if not asked:
+            return tuple(result)
+        texts = await _ask_for_samples(
+            ctx, explanation_grad, [pair for _, pair in asked]
+        )
+        for (k, (var, _)), var_texts in zip(asked, texts, strict=True):
+            result[ctx.judge_positions[k]] = _gradient(var, var_texts, ctx.batched)
+        return tuple(result)

@@ -1,0 +1,157 @@
+"""The prompts afnio sends to the backward model: named, versioned templates.
+
+Every template uses ``{name}`` placeholders only and is filled by
+:func:`afnio._template.render`, so user text inside a prompt is never evaluated and its
+braces stay literal. Changing a template changes request bodies, so the HTTP cassettes
+that recorded it must be re-recorded in the same commit; ``PROMPTS_VERSION`` says which
+wording a recording used.
+
+Markers. The tags below are part of the wording on purpose: they let a reader (and the
+bundled simulator, ``afnio.testing``) tell afnio's requests apart:
+
+* a ChatCompletion backward call holds ``<LM_CONVERSATION>``, ``<FEEDBACK_ON_OUTPUT>``
+  and ``<VARIABLES ...>``;
+* an evaluator backward call holds ``<EVALUATION ...>``, ``<SAMPLE>`` (with
+  ``<INPUT>``, ``<PREDICTION ...>``, ``<TARGET>``, ``<SCORE>``) and ``<VARIABLES ...>``;
+* an LM judge call asks for the JSON schema named ``afnio_judgement``;
+* every backward answer is the JSON schema named ``afnio_gradients``:
+  ``{"gradients": [one string per variable, in order]}``.
+
+Each ``<VARIABLE>`` carries ``index``, ``role``, ``location`` (the chat role of the
+message it is in, or ``input:<key>``) and ``trainable`` (``true`` for a leaf that
+requires grad: a prompt being optimized).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CHAT_BACKWARD_SYSTEM",
+    "CHAT_BACKWARD_USER",
+    "EVALUATOR_BACKWARD_SYSTEM",
+    "EVALUATOR_BACKWARD_USER",
+    "GRADIENTS_SCHEMA_NAME",
+    "JUDGE_SCHEMA_NAME",
+    "PROMPTS_VERSION",
+    "RETRY_USER",
+    "gradients_response_format",
+    "judge_response_format",
+]
+
+PROMPTS_VERSION = 1
+
+GRADIENTS_SCHEMA_NAME = "afnio_gradients"
+JUDGE_SCHEMA_NAME = "afnio_judgement"
+
+CHAT_BACKWARD_SYSTEM = """\
+You are the gradient engine of afnio, an optimization system that improves the text \
+variables of a language-model program.
+You are shown one call of a language model: the conversation it received \
+(<LM_CONVERSATION>), the output it produced (<LM_OUTPUT>), and feedback on that output \
+(<FEEDBACK_ON_OUTPUT>). The conversation was built from the variables listed in \
+<VARIABLES>.
+For each variable, in order, write specific, actionable feedback: what should change \
+in that variable, and why, so that the output meets the feedback. Give strategies \
+and reasons; do not write a new version of the variable. Use an empty string for a \
+variable that needs no change.
+Answer with a JSON object only: {"gradients": [one feedback string per variable, in \
+order]}."""
+"""System prompt of a ChatCompletion backward call (one call per sample)."""
+
+CHAT_BACKWARD_USER = """\
+<LM_CONVERSATION>
+{conversation}
+</LM_CONVERSATION>
+<LM_OUTPUT role="{output_role}">{output}</LM_OUTPUT>
+<FEEDBACK_ON_OUTPUT>{feedback}</FEEDBACK_ON_OUTPUT>
+<VARIABLES count="{count}">
+{variables}
+</VARIABLES>
+Return exactly {count} feedback strings, one per variable, in order."""
+"""User prompt of a ChatCompletion backward call. ``conversation`` is one
+``<MESSAGE role="...">`` element per rendered message; ``variables`` one
+``<VARIABLE ...>`` element per variable that needs a gradient."""
+
+EVALUATOR_BACKWARD_SYSTEM = """\
+You are the gradient engine of afnio, an optimization system that improves the text \
+variables of a language-model program.
+An evaluator compared a prediction with its target (<EVALUATION>). You are shown one \
+sample that did not get the best score: the input that led to the prediction \
+(<INPUT>), the prediction (<PREDICTION>), the target (<TARGET>) and the sample's score \
+(<SCORE>).
+For each variable listed in <VARIABLES>, in order, write specific, actionable feedback \
+on how it should change so that the prediction matches the target for inputs like \
+this one. Give strategies and reasons; do not write a new version of the variable. Use \
+an empty string for a variable that needs no change.
+Answer with a JSON object only: {"gradients": [one feedback string per variable, in \
+order]}."""
+"""System prompt of an evaluator backward call (one call per failed sample)."""
+
+EVALUATOR_BACKWARD_USER = """\
+<EVALUATION purpose="{purpose}">{explanation}</EVALUATION>
+<FEEDBACK_ON_EVALUATION>{feedback}</FEEDBACK_ON_EVALUATION>
+<SAMPLE>
+<INPUT>{input}</INPUT>
+<PREDICTION role="{prediction_role}">{prediction}</PREDICTION>
+<TARGET>{target}</TARGET>
+<SCORE>{score}</SCORE>
+</SAMPLE>
+<VARIABLES count="{count}">
+{variables}
+</VARIABLES>
+Return exactly {count} feedback strings, one per variable, in order."""
+"""User prompt of an evaluator backward call."""
+
+RETRY_USER = """\
+Your answer could not be used: {error}
+Answer again with a JSON object only, of the form {"gradients": [...]}, holding \
+exactly {count} strings."""
+"""Sent after an unusable backward answer (up to ``BACKWARD_PASS_MAX_RETRIES`` times),
+together with that answer, so the model can correct it."""
+
+MESSAGE_ELEMENT = '<MESSAGE role="{role}">{content}</MESSAGE>'
+VARIABLE_ELEMENT = (
+    '<VARIABLE index="{index}" role="{role}" location="{location}" '
+    'trainable="{trainable}">{text}</VARIABLE>'
+)
+
+
+def gradients_response_format() -> dict[str, Any]:
+    """The ``response_format`` of every backward call: a JSON object with a list of
+    feedback strings."""
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": GRADIENTS_SCHEMA_NAME,
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "gradients": {"type": "array", "items": {"type": "string"}}
+                },
+                "required": ["gradients"],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
+def judge_response_format() -> dict[str, Any]:
+    """The ``response_format`` of an LM judge call: ``{"score", "explanation"}``."""
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": JUDGE_SCHEMA_NAME,
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "score": {"anyOf": [{"type": "boolean"}, {"type": "number"}]},
+                    "explanation": {"type": "string"},
+                },
+                "required": ["score", "explanation"],
+                "additionalProperties": False,
+            },
+        },
+    }
