@@ -76,6 +76,14 @@ def _no_response_cache() -> Iterator[None]:
     afnio.models.disable_cache()
 
 
+@pytest.fixture(autouse=True)
+def _no_backward_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts without a backward model client (and leaves none behind)."""
+    import afnio._model_client as model_client
+
+    monkeypatch.setattr(model_client, "_singleton", None)
+
+
 # -- cassettes ------------------------------------------------------------------------
 
 
@@ -212,6 +220,18 @@ def lm(
         endpoint = LMEndpoint(sim.base_url, DUMMY_KEY, sim)
         yield endpoint
         endpoint.close()
+
+
+@pytest.fixture
+def backward_lm(lm: LMEndpoint) -> LMEndpoint:
+    """``lm``, also set as the backward model client (the simulator's model, T=0)."""
+    from afnio.testing import SIMULATOR_MODEL
+
+    client = lm.client()
+    afnio.set_backward_model_client(
+        client, completion_args={"model": SIMULATOR_MODEL, "temperature": 0}
+    )
+    return lm
 
 
 def _cassette_miss(excinfo: Any) -> BaseException | None:
