@@ -1,0 +1,504 @@
+"""Textual gradient descent: :class:`TGD` and the functional :func:`tgd`.
+
+One optimizer LM call per parameter that has feedback, all parameters of a step
+concurrently (bounded by :func:`afnio.set_max_concurrency`). The model answers the JSON
+schema ``afnio_improved_variable``; an unusable answer (not that JSON, or a new value
+that drops or adds ``{placeholders}`` of a template parameter) is shown back to the
+model with the error, up to ``BACKWARD_PASS_MAX_RETRIES`` times.
+
+Atomic steps (difference 16): with ``on_error="raise"`` (the default) nothing changes
+unless every parameter's call succeeded, and the error names the parameter; with
+``on_error="skip"`` the failed parameters keep their value (a warning is logged) and
+the others are updated. A raw answer never becomes a value.
+
+Example::
+
+    >>> import afnio
+    >>> from afnio.cognitive import Parameter
+    >>> from afnio.models.openai import OpenAI
+    >>> from afnio.optim import TGD
+    >>> from afnio.testing import Simulator
+    >>> prompt = Parameter("Classify the sentiment.", role="system prompt")
+    >>> prompt.append_grad(afnio.Variable(
+    ...     'If the message mentions "awful", the sentiment is negative.'))
+    >>> with Simulator() as sim, OpenAI(base_url=sim.base_url, api_key="k") as llm:
+    ...     optimizer = TGD([prompt], model_client=llm, model="afnio-sim-1")
+    ...     optimizer.step()
+    >>> prompt.data
+    'Classify the sentiment. If the message mentions "awful", the sentiment is negative.'
+"""  # noqa: E501
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import pydantic
+
+from afnio._runtime import run_async, run_sync
+from afnio._template import placeholders, render
+from afnio._utils import _validate_multi_turn_messages
+from afnio._variable import Variable
+from afnio.autodiff.config import BACKWARD_PASS_MAX_RETRIES
+from afnio.autodiff.grad_mode import no_grad
+from afnio.errors import AfnioError
+from afnio.models.model import ChatCompletionModel
+from afnio.optim import prompts
+from afnio.optim.optimizer import Optimizer
+
+__all__ = ["TGD", "OptimizerStepError", "render_feedback", "tgd"]
+
+logger = logging.getLogger("afnio.optim")
+
+_QUOTED = re.compile(r'"[^"\n]*"')
+
+
+class OptimizerStepError(AfnioError, RuntimeError):
+    """An optimizer call failed (after retries) for the parameter named in
+    ``parameter``; with ``on_error="raise"`` no parameter was changed."""
+
+    def __init__(self, message: str, *, parameter: str | None = None) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
+class _ImprovedVariable(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    improved_value: str
+
+
+def _feedback_texts(grads: Iterable[Variable]) -> list[str]:
+    texts: list[str] = []
+    for g in grads:
+        data = g.data
+        for item in data if isinstance(data, list) else [data]:
+            text = str(item).strip()
+            if text:
+                texts.append(text)
+    return texts
+
+
+def render_feedback(grads: Iterable[Variable]) -> tuple[str, int]:
+    """Render a parameter's gradients for the optimizer prompt.
+
+    Returns ``(text, count)`` where ``count`` is the number of non-empty feedback texts.
+    Distinct texts appear once (``(xN)`` for repeats). Above
+    ``prompts.FEEDBACK_CONDENSE_CHARS`` characters, texts differing only in their
+    double-quoted parts are condensed into one line with ``{"a" | "b"}`` alternatives.
+
+    Example::
+
+        >>> from afnio import Variable
+        >>> text, n = render_feedback([Variable(["Use A.", "Use A.", "Use B."])])
+        >>> print(text)
+        - Use A. (x2)
+        - Use B.
+        >>> n
+        3
+    """
+    texts = _feedback_texts(grads)
+    counts: dict[str, int] = {}
+    for text in texts:
+        counts[text] = counts.get(text, 0) + 1
+    lines = [f"- {t} (x{n})" if n > 1 else f"- {t}" for t, n in counts.items()]
+    plain = "\n".join(lines)
+    if len(plain) <= prompts.FEEDBACK_CONDENSE_CHARS:
+        return plain, len(texts)
+    # condense: group by shape (quoted parts blanked), keep first-seen order
+    groups: dict[str, list[tuple[list[str], int]]] = {}
+    for text, n in counts.items():
+        shape = _QUOTED.sub('"…"', text)
+        groups.setdefault(shape, []).append((_QUOTED.findall(text), n))
+    out = []
+    for shape, members in groups.items():
+        total = sum(n for _, n in members)
+        if len(members) == 1:
+            text = shape
+            for value in members[0][0]:
+                text = text.replace('"…"', value, 1)
+        else:
+            text = shape
+            for slot in range(len(members[0][0])):
+                values = list(dict.fromkeys(m[0][slot] for m in members))
+                text = text.replace(
+                    '"…"',
+                    values[0] if len(values) == 1 else "{" + " | ".join(values) + "}",
+                    1,
+                )
+        out.append(f"- {text} (x{total})" if total > 1 else f"- {text}")
+    return "\n".join(out), len(texts)
+
+
+def _render_past(buffer: list[tuple[Variable, list[Variable]]]) -> str:
+    if not buffer:
+        return ""
+    iterations = "\n".join(
+        render(
+            prompts.ITERATION,
+            {"index": i, "value": snap.data, "feedback": render_feedback(grads)[0]},
+        )
+        for i, (snap, grads) in enumerate(buffer, start=1)
+    )
+    return render(prompts.PAST_ITERATIONS, {"iterations": iterations})
+
+
+def _render_constraints(constraints: list[str | Variable]) -> str:
+    if not constraints:
+        return ""
+    lines = "\n".join(
+        f"- {c.data if isinstance(c, Variable) else c}" for c in constraints
+    )
+    return render(prompts.CONSTRAINTS, {"constraints": lines})
+
+
+def _default_messages() -> list[dict[str, Any]]:
+    return [
+        {
+            "role": "system",
+            "content": [
+                Variable(
+                    prompts.TGD_SYSTEM,
+                    role="Textual Gradient Descent optimizer system prompt",
+                )
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                Variable(
+                    prompts.TGD_USER,
+                    role="Textual Gradient Descent optimizer user prompt",
+                )
+            ],
+        },
+    ]
+
+
+def _check_answer(answer: str, param: Variable) -> str:
+    try:
+        data = json.loads(answer)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the answer is not valid JSON ({e.msg})") from None
+    try:
+        value = _ImprovedVariable.model_validate(data).improved_value
+    except pydantic.ValidationError:
+        raise ValueError('the answer must be {"improved_value": "<string>"}') from None
+    if not value.strip():
+        raise ValueError("the improved value is empty")
+    expected = set(placeholders(str(param.data)))
+    found = set(placeholders(value))
+    if expected != found:
+        missing, extra = sorted(expected - found), sorted(found - expected)
+        detail = []
+        if missing:
+            detail.append("it drops " + ", ".join("{" + m + "}" for m in missing))
+        if extra:
+            detail.append("it adds " + ", ".join("{" + x + "}" for x in extra))
+        raise ValueError(
+            "the new value must keep exactly the placeholders of the current one ("
+            + "; ".join(detail)
+            + ")"
+        )
+    return value
+
+
+async def _propose(
+    param: Variable,
+    grads: list[Variable],
+    buffer: list[tuple[Variable, list[Variable]]],
+    model_client: ChatCompletionModel,
+    messages: list[dict[str, Any]],
+    inputs: dict[str, Any],
+    constraints: list[str | Variable],
+    completion_args: dict[str, Any],
+) -> str:
+    feedback, count = render_feedback(grads)
+    values = {
+        **{k: (v.data if isinstance(v, Variable) else v) for k, v in inputs.items()},
+        "variable_role": param.role,
+        "variable": param.data,
+        "feedback": feedback,
+        "feedback_count": count,
+        "past_iterations": _render_past(buffer),
+        "constraints": _render_constraints(constraints),
+    }
+    chat = [
+        {
+            "role": m["role"],
+            "content": "\n".join(render(str(v.data), values) for v in m["content"]),
+        }
+        for m in messages
+    ]
+    args = {
+        "response_format": prompts.improved_variable_response_format(),
+        **completion_args,
+    }
+    answer, error = "", None
+    for _ in range(BACKWARD_PASS_MAX_RETRIES + 1):
+        answer = await model_client.achat(chat, **args)
+        try:
+            return _check_answer(answer, param)
+        except ValueError as e:
+            error = e
+            chat = [
+                *chat,
+                {"role": "assistant", "content": answer},
+                {
+                    "role": "user",
+                    "content": render(prompts.TGD_RETRY_USER, {"error": str(e)}),
+                },
+            ]
+    raise OptimizerStepError(
+        f"TGD could not update the parameter {param.role!r}: the optimizer's answer "
+        f"was unusable after {BACKWARD_PASS_MAX_RETRIES} retries: {error}. "
+        f"Last answer: {answer[:300]!r}.",
+        parameter=param.role,
+    )
+
+
+async def _propose_all(
+    params: list[Variable],
+    grads: list[list[Variable]],
+    buffers: list[list[tuple[Variable, list[Variable]]]],
+    model_client: ChatCompletionModel,
+    messages: list[dict[str, Any]],
+    inputs: dict[str, Any],
+    constraints: list[str | Variable],
+    completion_args: dict[str, Any],
+) -> list[Any]:
+    """One optimizer call per parameter with feedback, concurrently. Per parameter:
+    the new value, the exception, or ``None`` (no feedback: no call)."""
+    todo = [i for i, g in enumerate(grads) if _feedback_texts(g)]
+    results = await asyncio.gather(
+        *(
+            _propose(
+                params[i],
+                grads[i],
+                buffers[i],
+                model_client,
+                messages,
+                inputs,
+                constraints,
+                completion_args,
+            )
+            for i in todo
+        ),
+        return_exceptions=True,
+    )
+    proposals: list[Any] = [None] * len(params)
+    for i, result in zip(todo, results, strict=True):
+        if isinstance(result, BaseException) and not isinstance(result, Exception):
+            raise result  # cancellation, KeyboardInterrupt: nothing was applied
+        proposals[i] = result
+    return proposals
+
+
+def _raise_first_failure(params: list[Variable], proposals: list[Any]) -> None:
+    for param, result in zip(params, proposals, strict=True):
+        if isinstance(result, OptimizerStepError):
+            raise result
+        if isinstance(result, Exception):
+            raise OptimizerStepError(
+                f"TGD could not update the parameter {param.role!r}: {result}",
+                parameter=param.role,
+            ) from result
+
+
+def _apply(
+    params: list[Variable],
+    grads: list[list[Variable]],
+    proposals: list[Any],
+    buffers: list[list[tuple[Variable, list[Variable]]]],
+    momentum: int,
+) -> None:
+    for param, param_grads, value, buffer in zip(
+        params, grads, proposals, buffers, strict=True
+    ):
+        if value is None:
+            continue
+        if isinstance(value, Exception):
+            logger.warning("TGD left %r unchanged: %s", param.role, value)
+            continue
+        snapshot = Variable(param.data, role=param.role)
+        param.data = value
+        window = [*buffer, (snapshot, list(param_grads))]
+        buffer.clear()
+        buffer.extend(window[-momentum:] if momentum > 0 else [])
+
+
+def _check_options(
+    model_client: Any,
+    messages: Any,
+    inputs: Any,
+    constraints: Any,
+    momentum: Any,
+    on_error: Any,
+) -> None:
+    if not isinstance(model_client, ChatCompletionModel):
+        raise TypeError(
+            "`model_client` must be a ChatCompletionModel (e.g. "
+            f"afnio.models.openai.OpenAI), got {type(model_client).__name__}."
+        )
+    _validate_multi_turn_messages(messages)
+    if not isinstance(inputs, dict):
+        raise TypeError(f"`inputs` must be a dict, got {type(inputs).__name__}.")
+    if not isinstance(constraints, list) or not all(
+        isinstance(c, (str, Variable)) for c in constraints
+    ):
+        raise TypeError("`constraints` must be a list of strings or Variables.")
+    if isinstance(momentum, bool) or not isinstance(momentum, int) or momentum < 0:
+        raise ValueError(f"`momentum` must be an int >= 0, got {momentum!r}.")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"`on_error` must be 'raise' or 'skip', got {on_error!r}.")
+
+
+def tgd(
+    params: list[Variable],
+    grads: list[list[Variable]],
+    momentum_buffer_list: list[list[tuple[Variable, list[Variable]]]],
+    model_client: ChatCompletionModel,
+    messages: list[dict[str, Any]] | None = None,
+    inputs: dict[str, Any] | None = None,
+    constraints: list[str | Variable] | None = None,
+    momentum: int = 0,
+    on_error: str = "raise",
+    **completion_args: Any,
+) -> None:
+    """Functional TGD: rewrite ``params[i]`` from ``grads[i]`` in place, and update
+    ``momentum_buffer_list[i]`` in place (the last ``momentum`` ``(snapshot, grads)``
+    pairs). Atomic with ``on_error="raise"``.
+    """
+    messages = messages if messages is not None else _default_messages()
+    inputs = dict(inputs or {})
+    constraints = list(constraints or [])
+    _check_options(model_client, messages, inputs, constraints, momentum, on_error)
+    if not (len(params) == len(grads) == len(momentum_buffer_list)):
+        raise ValueError(
+            "`params`, `grads` and `momentum_buffer_list` must have the same length."
+        )
+    proposals = run_sync(
+        _propose_all(
+            params,
+            grads,
+            momentum_buffer_list,
+            model_client,
+            messages,
+            inputs,
+            constraints,
+            completion_args,
+        )
+    )
+    if on_error == "raise":
+        _raise_first_failure(params, proposals)
+    _apply(params, grads, proposals, momentum_buffer_list, momentum)
+
+
+class TGD(Optimizer):
+    """Textual gradient descent: each parameter with feedback is rewritten by
+    ``model_client`` from all its feedback at once (see the module docstring).
+
+    Args:
+        params: the Parameters (or parameter groups) to optimize.
+        model_client: the LM that writes the new values.
+        messages: custom optimizer prompt (a chat of Variables); the default is
+            afnio's (``afnio.optim.prompts``). Placeholders: ``variable_role``,
+            ``variable``, ``feedback``, ``feedback_count``, ``past_iterations``,
+            ``constraints`` and the keys of ``inputs``.
+        inputs: values for extra placeholders of ``messages``.
+        constraints: natural-language rules every new value must respect.
+        momentum: how many past ``(value, feedback)`` iterations to show.
+        on_error: ``"raise"`` (atomic step) or ``"skip"`` (update what succeeded).
+        **completion_args: passed to the client (``model=`` included).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Variable] | Iterable[dict[str, Any]],
+        model_client: ChatCompletionModel | None,
+        messages: list[dict[str, Any]] | None = None,
+        inputs: dict[str, Any] | None = None,
+        constraints: list[str | Variable] | None = None,
+        momentum: int = 0,
+        on_error: str = "raise",
+        **completion_args: Any,
+    ) -> None:
+        messages = messages if messages is not None else _default_messages()
+        defaults = {
+            "model_client": model_client,
+            "messages": messages,
+            "inputs": inputs or {},
+            "constraints": constraints or [],
+            "momentum": momentum,
+            "completion_args": completion_args,
+        }
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"`on_error` must be 'raise' or 'skip', got {on_error!r}.")
+        if model_client is not None:
+            _check_options(
+                model_client,
+                messages,
+                defaults["inputs"],
+                defaults["constraints"],
+                momentum,
+                on_error,
+            )
+        self.on_error = on_error
+        super().__init__(params, defaults)
+
+    def step(self, closure: Any = None) -> Any:
+        """Rewrite every parameter that has feedback; returns ``closure()``'s value
+        (``None`` without a closure). ``.grad`` is not cleared."""
+        loss = closure() if closure is not None else None
+        run_sync(self._step_all())
+        return loss
+
+    async def astep(self, closure: Any = None) -> Any:
+        """Async :meth:`step` (``closure`` may be a coroutine function)."""
+        loss = None
+        if closure is not None:
+            loss = closure()
+            if asyncio.iscoroutine(loss):
+                loss = await loss
+        await run_async(self._step_all())
+        return loss
+
+    async def _step_all(self) -> None:
+        jobs = []
+        for group in self.param_groups:
+            if group["model_client"] is None:
+                raise TypeError("TGD needs a `model_client` to step.")
+            params = [p for p in group["params"] if p.requires_grad]
+            grads = [list(p.grad) for p in params]
+            buffers = [
+                self.state.setdefault(p, {}).setdefault("momentum_buffer", [])
+                for p in params
+            ]
+            jobs.append((group, params, grads, buffers))
+        # every call of every group first; values change only afterwards
+        all_proposals = await asyncio.gather(
+            *(
+                _propose_all(
+                    params,
+                    grads,
+                    buffers,
+                    group["model_client"],
+                    group["messages"],
+                    group["inputs"],
+                    group["constraints"],
+                    group["completion_args"],
+                )
+                for group, params, grads, buffers in jobs
+            )
+        )
+        if self.on_error == "raise":
+            for (_, params, _, _), proposals in zip(jobs, all_proposals, strict=True):
+                _raise_first_failure(params, proposals)
+        with no_grad():
+            for (group, params, grads, buffers), proposals in zip(
+                jobs, all_proposals, strict=True
+            ):
+                _apply(params, grads, proposals, buffers, group["momentum"])
