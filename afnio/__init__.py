@@ -16,7 +16,7 @@ Example::
 
 import sys as _sys
 
-from afnio import autodiff, cognitive, models, utils  # noqa: F401 (models: public module)
+from afnio import autodiff, cognitive, models, optim, utils  # noqa: F401 (models)
 from afnio._model_client import get_backward_model_client, set_backward_model_client
 from afnio._runtime import (
     get_concurrency_stats,
@@ -50,6 +50,7 @@ __all__ = [
     "is_grad_enabled",
     "load",
     "no_grad",
+    "optim",
     "save",
     "set_backward_model_client",
     "set_grad_enabled",

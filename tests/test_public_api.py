@@ -22,6 +22,7 @@ EXPECTED_AFNIO_ALL = [
     "is_grad_enabled",
     "load",
     "no_grad",
+    "optim",
     "save",
     "set_backward_model_client",
     "set_grad_enabled",
