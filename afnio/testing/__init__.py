@@ -11,6 +11,13 @@ label of the first rule whose word occurs as a whole word (any case) in the user
 messages (rule sentences excluded), else ``neutral`` (or, for a field other than
 ``sentiment``, the first ``enum`` value of that field in the requested JSON schema).
 
+afnio's own prompts are recognised first, by the markers of
+:mod:`afnio.autodiff.prompts`: an LM judge call (the ``afnio_judgement`` JSON schema)
+is answered ``{"score", "explanation"}`` by comparing its ``<PREDICTION>`` and
+``<TARGET>`` elements; ChatCompletion and evaluator backward calls are answered
+``{"gradients": [...]}``, one string per ``<VARIABLE>``, the first trainable system
+prompt being given the rule that would have produced the expected value.
+
 Example::
 
     >>> import openai

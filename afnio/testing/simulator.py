@@ -5,8 +5,15 @@ standard-library ``ThreadingHTTPServer`` in daemon threads, so any program writt
 OpenAI and configured only by ``OPENAI_BASE_URL`` runs against it unchanged. Answers
 come from the rule world (:mod:`afnio.testing.world`): rules written in the prompt,
 ``If the message mentions "<word>", the <field> is <label>.``, decide the label, and
-``response_format`` is honoured the way a real model honours it. afnio's tests use it
-to record reproducible HTTP cassettes and to measure concurrency.
+``response_format`` is honoured the way a real model honours it. afnio's own prompts
+are recognised first, by their markers (see :data:`afnio.testing.world.RESPONDERS`):
+an LM judge call (``json_schema`` named ``afnio_judgement``) gets ``{"score",
+"explanation"}`` from comparing its ``<PREDICTION>`` and ``<TARGET>``; a ChatCompletion
+backward call (``<LM_CONVERSATION>``, ``<FEEDBACK_ON_OUTPUT>``, ``<VARIABLES>``) and an
+evaluator backward call (``<EVALUATION>``, ``<SAMPLE>``, ``<VARIABLES>``) get
+``{"gradients": [one string per <VARIABLE>]}``, the first trainable system prompt
+being given a new rule. afnio's tests use it to record reproducible HTTP cassettes
+and to measure concurrency.
 
 Endpoints: ``POST /v1/chat/completions`` (also ``stream: true`` as server-sent
 events), ``POST /v1/completions``, ``POST /v1/embeddings``, ``GET /v1/models`` and
@@ -286,11 +293,24 @@ def _check_response_format(fmt: Any) -> Mapping[str, Any] | None:
     return fmt
 
 
+def _is_json_object(text: str) -> bool:
+    if not text.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
 def _malform(content: str, request: world.SimRequest, label: str) -> str:
-    """The right JSON answer cut in the middle (never valid JSON)."""
+    """The right JSON answer cut in the middle (never valid JSON). A plain-text
+    answer is first wrapped as ``{"answer": label}``, unless it is a JSON object
+    already (the judge and backward answers)."""
     fmt = request.response_format
     text = content
-    if not fmt or fmt.get("type") not in {"json_object", "json_schema"}:
+    if (
+        not fmt or fmt.get("type") not in {"json_object", "json_schema"}
+    ) and not _is_json_object(content):
         text = json.dumps({"answer": label}, ensure_ascii=False)
     cut = text[: max(1, len(text) // 2)]
     try:

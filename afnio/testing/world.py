@@ -27,10 +27,43 @@ Responders
 ----------
 An answer is computed by an ordered list of *responders* (:data:`RESPONDERS`): each
 takes the parsed :class:`SimRequest` and returns an :class:`Answer` or ``None``; the
-first answer wins. Today there are two: :func:`task_responder` (the rules above) and
-:func:`fallback_responder` (always answers the default label). Later work inserts
-responders for afnio's own judge/feedback/optimizer prompts, recognised by markers in
-those prompts, before the task responder.
+first answer wins. afnio's own prompts are recognised by markers (the tags of
+:mod:`afnio.autodiff.prompts`) before any task rule is looked at, so a backward prompt
+that quotes a rule sentence still gets gradients. In order:
+
+1. :func:`judge_responder`, an LM-as-judge call. Marker: ``response_format`` is
+   ``json_schema`` named ``afnio_judgement``. It compares the first
+   ``<PREDICTION ...>...</PREDICTION>`` with the first ``<TARGET ...>...</TARGET>``
+   of the messages (strip + casefold; parsed values when both are JSON) and answers
+   ``{"score": true|false, "explanation": "The prediction "<p>" matches the target
+   "<t>"."}`` (or ``does not match``; without both elements: false, ``No <PREDICTION>
+   and <TARGET> to compare.``).
+2. :func:`chat_backward_responder`, a ChatCompletion backward call. Marker: a user
+   message holding ``<LM_CONVERSATION>``, ``<FEEDBACK_ON_OUTPUT>`` and
+   ``<VARIABLES ...>``. It answers ``{"gradients": [...]}``, one string per
+   ``<VARIABLE>``: the first trainable ``system`` variable gets a new *rule*, ``If the
+   message mentions "<word>", the <field> is <target>.``, where the target is the
+   ``expected value is "<t>"`` quoted in the feedback, the word the first
+   :data:`SALIENCE_LEXICON` word of the sample's input and the field that of the
+   conversation's first rule (else ``sentiment``); the other variables get ``The
+   <role> should lead to "<target>" for this input.``; blank feedback gives ``""``
+   for every variable.
+3. :func:`evaluator_backward_responder`, an evaluator backward call. Marker: a user
+   message holding ``<EVALUATION ...>``, ``<SAMPLE>`` and ``<VARIABLES ...>``. It
+   answers ``{"gradients": [...]}``: the ``location="prediction"`` variable gets ``The
+   prediction "<p>" is wrong: the expected value is "<t>". Change what produces it so
+   that this input leads to "<t>".``, any other ``The <role> should lead to the
+   expected value "<t>" for this input.``
+4. :func:`task_responder`, any prompt holding rules (the grammar above).
+5. :func:`fallback_responder`, always the default label.
+
+Together they close afnio's loop without a model: the judge (or a deterministic
+evaluator) fails a sample, the evaluator backward names the expected value, the chat
+backward turns it into a rule for the system prompt, and a prompt that holds that
+rule makes the task responder answer the expected value. The JSON answers render the
+same object under every ``response_format`` (plain text included). Element texts may
+span lines and hold quotes and braces; an element's text runs to its first closing
+tag.
 
 Rendering
 ---------
@@ -65,22 +98,36 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "DEFAULT_FIELD",
     "DEFAULT_LABEL",
+    "GRADIENTS_SCHEMA_NAME",
+    "JUDGE_SCHEMA_NAME",
     "RESPONDERS",
     "RULE_PATTERN",
     "SALIENCE_LEXICON",
     "Answer",
+    "ChatBackwardPrompt",
+    "Element",
+    "EvaluatorBackwardPrompt",
     "Message",
+    "PromptVariable",
     "Responder",
     "Rule",
     "SimRequest",
     "answer",
+    "chat_backward_gradients",
+    "chat_backward_responder",
     "embed",
+    "evaluator_backward_gradients",
+    "evaluator_backward_responder",
     "fallback_responder",
     "find_rules",
+    "judge_responder",
+    "judgement_matches",
     "message_text",
     "render_content",
     "respond",
+    "salient_word",
     "schema_instance",
     "task_responder",
     "user_content",
@@ -119,7 +166,8 @@ SALIENCE_LEXICON: tuple[str, ...] = (
     "wonderful",
     "worst",
 )
-"""Sorted words that carry strong sentiment; later responders use it to write feedback.
+"""Sorted words that carry strong sentiment; the chat-backward responder picks the word
+of a new rule from it (see :func:`salient_word`).
 
     >>> list(SALIENCE_LEXICON) == sorted(SALIENCE_LEXICON)
     True
@@ -224,7 +272,8 @@ class Answer:
         label: the answer as plain text (the whole content without response_format).
         field: the name of the answered field (e.g. ``"sentiment"``), if any; a JSON
             answer puts ``label`` under this key.
-        values: explicit values for named JSON properties (used by later responders);
+        values: explicit values for named JSON properties (the judge and backward
+            answers put their whole object here);
             they take precedence over ``label`` for those properties.
         responder: the name of the responder that produced the answer.
     """
@@ -487,7 +536,424 @@ def fallback_responder(request: SimRequest) -> Answer:
     return Answer(DEFAULT_LABEL, responder="fallback")
 
 
-RESPONDERS: list[Responder] = [task_responder, fallback_responder]
+# -- afnio's own prompts: the judge and the two backward calls ------------------------
+
+JUDGE_SCHEMA_NAME = "afnio_judgement"
+"""The ``json_schema`` name of an LM judge call (``afnio.autodiff.prompts``)."""
+
+GRADIENTS_SCHEMA_NAME = "afnio_gradients"
+"""The ``json_schema`` name of every backward call (``afnio.autodiff.prompts``)."""
+
+DEFAULT_FIELD = "sentiment"
+"""The field a feedback rule names when the conversation holds no rule."""
+
+FEEDBACK_EXCERPT_CHARS = 200
+"""How much of the feedback a no-target gradient quotes."""
+
+# An opening tag's attributes: quoted values may hold ``>``; a stray quote falls back
+# to "anything up to the next ``>``".
+_ATTRS = r"""(?P<attrs>(?:"[^"]*"|[^>"])*|[^>]*)>"""
+_ATTR = re.compile(r"""([\w:.-]+)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""")
+_TARGET_IN_FEEDBACK = re.compile(r'expected value (?:is )?"([^"]+)"')
+
+
+def _opening(tag: str) -> str:
+    return rf"<{tag}(?=[\s>/])"
+
+
+def _has_tag(text: str, tag: str) -> bool:
+    """Whether ``text`` holds the opening tag ``<tag ...>`` (any attributes)."""
+    return re.search(_opening(tag) + _ATTRS, text) is not None
+
+
+@dataclass(frozen=True)
+class Element:
+    """One ``<TAG attr="...">text</TAG>`` element found in a prompt.
+
+    >>> Element.first("TARGET", 'x <TARGET kind="label">\\n yes \\n</TARGET>')
+    Element(attrs={'kind': 'label'}, text='\\n yes \\n', end=39)
+    """
+
+    attrs: Mapping[str, str]
+    text: str
+    end: int
+
+    @staticmethod
+    def _pattern(tag: str, innermost: bool) -> re.Pattern[str]:
+        body = (
+            rf"(?:(?!{_opening(tag)}).)*?" if innermost else r".*?"
+        )  # innermost: the text holds no other opening of the same tag
+        return re.compile(
+            _opening(tag) + _ATTRS + rf"(?P<text>{body})</{tag}\s*>", re.DOTALL
+        )
+
+    @classmethod
+    def _make(cls, match: re.Match[str]) -> Element:
+        attrs: dict[str, str] = {}
+        for m in _ATTR.finditer(match["attrs"] or ""):
+            value = next((v for v in m.groups()[1:] if v is not None), "")
+            attrs.setdefault(m[1], value)
+        return cls(attrs, match["text"], match.end())
+
+    @classmethod
+    def first(
+        cls, tag: str, text: str, start: int = 0, *, innermost: bool = False
+    ) -> Element | None:
+        """The first ``tag`` element of ``text`` at or after ``start``, or ``None``.
+        With ``innermost``, an opening followed by another opening of the same tag
+        before its closing is skipped (so a prose mention such as ``"compare the
+        <TARGET> ..."`` does not swallow the real element)."""
+        match = cls._pattern(tag, innermost).search(text, start)
+        return None if match is None else cls._make(match)
+
+    @classmethod
+    def all(cls, tag: str, text: str) -> list[Element]:
+        """Every ``tag`` element of ``text``, in order (the text of each runs to the
+        first closing tag)."""
+        return [cls._make(m) for m in cls._pattern(tag, False).finditer(text)]
+
+    def attr(self, name: str, default: str = "") -> str:
+        """The value of attribute ``name`` (stripped), or ``default``."""
+        return self.attrs.get(name, default).strip() or default
+
+
+@dataclass(frozen=True)
+class PromptVariable:
+    """One ``<VARIABLE index role location trainable>text</VARIABLE>`` element."""
+
+    index: str
+    role: str
+    location: str
+    trainable: bool
+    text: str
+
+
+def _variables(text: str, start: int = 0) -> list[PromptVariable]:
+    """The ``<VARIABLE>`` elements inside the first ``<VARIABLES ...>`` block at or
+    after ``start`` (the block runs to the last ``</VARIABLES>``); the ``count``
+    attribute is ignored: the parsed elements decide."""
+    opening = re.compile(_opening("VARIABLES") + _ATTRS).search(text, start)
+    if opening is None:
+        return []
+    close = text.rfind("</VARIABLES")
+    block = text[opening.end() : close if close >= opening.end() else len(text)]
+    return [
+        PromptVariable(
+            index=el.attr("index"),
+            role=" ".join(el.attr("role", "variable").split()),
+            location=el.attr("location"),
+            trainable=el.attr("trainable").casefold() == "true",
+            text=el.text,
+        )
+        for el in Element.all("VARIABLE", block)
+    ]
+
+
+def _marked_user_text(request: SimRequest, tags: Sequence[str]) -> str | None:
+    """The first ``user`` message holding an opening of every tag of ``tags``."""
+    for message in request.messages:
+        if message.role == "user" and all(_has_tag(message.text, t) for t in tags):
+            return message.text
+    return None
+
+
+def salient_word(text: str) -> str | None:
+    """The first word of :data:`SALIENCE_LEXICON` (alphabetical order) that occurs in
+    ``text`` as a whole word, case-insensitively; a hyphen joined to letters counts
+    as part of the word (``top-notch`` matches ``Top-Notch``, ``great`` does not
+    match ``great-grandson``).
+
+    >>> salient_word("Frustrated and upset"), salient_word("a TOP-NOTCH job")
+    ('frustrated', 'top-notch')
+    >>> salient_word("top notch"), salient_word("great-grandson")
+    (None, None)
+    """
+    for word in sorted(SALIENCE_LEXICON):
+        pattern = rf"(?<![\w])(?<!\w-){re.escape(word)}(?![\w])(?!-\w)"
+        if re.search(pattern, text, re.IGNORECASE):
+            return word
+    return None
+
+
+def _json_answer(obj: Mapping[str, Any], responder: str) -> Answer:
+    """An answer whose plain text is ``obj`` as JSON and whose JSON properties are
+    the items of ``obj`` (so every ``response_format`` renders the same object)."""
+    return Answer(
+        json.dumps(obj, ensure_ascii=False), values=dict(obj), responder=responder
+    )
+
+
+def _gradients_answer(gradients: Sequence[str], responder: str) -> Answer:
+    return _json_answer({"gradients": list(gradients)}, responder)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _json_value(text: str) -> tuple[bool, Any]:
+    """``(True, value)`` when ``text`` is JSON (``NaN``/``Infinity`` are not)."""
+    try:
+        return True, json.loads(text, parse_constant=_reject_constant)
+    except ValueError:
+        return False, None
+
+
+def _folded(value: Any) -> Any:
+    """A JSON value with strings (and keys) casefolded and types kept apart (so
+    ``true`` never equals ``1``, while ``1`` equals ``1.0``)."""
+    if isinstance(value, str):
+        return ("str", value.casefold())
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int | float):
+        return ("num", value)
+    if isinstance(value, list):
+        return ("list", tuple(_folded(v) for v in value))
+    if isinstance(value, dict):
+        return ("obj", frozenset((k.casefold(), _folded(v)) for k, v in value.items()))
+    return ("null", None)
+
+
+def judgement_matches(prediction: str, target: str) -> bool:
+    """How the judge compares: when both texts are JSON, their parsed values (strings
+    casefolded, ``true`` is not ``1``); otherwise the texts after strip + casefold.
+
+    >>> judgement_matches(" Positive ", "positive"), judgement_matches("1.0", "1")
+    (True, True)
+    >>> judgement_matches('{"a": [1, "X"]}', '{ "a":[1,"x"] }')
+    True
+    >>> judgement_matches("true", "1"), judgement_matches("cat", "dog")
+    (False, False)
+    """
+    p, t = prediction.strip(), target.strip()
+    p_is_json, p_value = _json_value(p)
+    t_is_json, t_value = _json_value(t)
+    if p_is_json and t_is_json:
+        return _folded(p_value) == _folded(t_value)
+    return p.casefold() == t.casefold()
+
+
+def judge_responder(request: SimRequest) -> Answer | None:
+    """Answer an LM-as-judge call.
+
+    Marker: ``response_format`` is ``json_schema`` named ``afnio_judgement``
+    (:data:`JUDGE_SCHEMA_NAME`). The prediction and the target are the texts of the
+    first ``<PREDICTION ...>...</PREDICTION>`` and ``<TARGET ...>...</TARGET>``
+    elements of the messages (searched message by message, in order; a convention of
+    the simulator, followed by afnio's judge prompts), stripped.
+
+    Answer: ``{"score": true|false, "explanation": "..."}`` where ``score`` tells
+    whether they match (see :func:`judgement_matches`) and the explanation is
+    ``The prediction "<p>" matches the target "<t>".`` or ``The prediction "<p>" does
+    not match the target "<t>".``; without either element, ``score`` is false and the
+    explanation is ``No <PREDICTION> and <TARGET> to compare.``
+
+    >>> fmt = {"type": "json_schema", "json_schema": {"name": "afnio_judgement"}}
+    >>> req = SimRequest.from_messages([{"role": "user", "content":
+    ...     "<PREDICTION>Paris</PREDICTION><TARGET> paris </TARGET>"}],
+    ...     response_format=fmt)
+    >>> verdict = judge_responder(req).values
+    >>> verdict["score"], verdict["explanation"]
+    (True, 'The prediction "Paris" matches the target "paris".')
+    """
+    fmt = request.response_format
+    if not fmt or fmt.get("type") != "json_schema":
+        return None
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, Mapping) or spec.get("name") != JUDGE_SCHEMA_NAME:
+        return None
+    found: dict[str, str] = {}
+    for tag in ("PREDICTION", "TARGET"):
+        for message in request.messages:
+            element = Element.first(tag, message.text, innermost=True)
+            if element is not None:
+                found[tag] = element.text.strip()
+                break
+    if len(found) < 2:
+        verdict = {
+            "score": False,
+            "explanation": "No <PREDICTION> and <TARGET> to compare.",
+        }
+        return _json_answer(verdict, "judge")
+    p, t = found["PREDICTION"], found["TARGET"]
+    score = judgement_matches(p, t)
+    relation = "matches" if score else "does not match"
+    explanation = f'The prediction "{p}" {relation} the target "{t}".'
+    return _json_answer({"score": score, "explanation": explanation}, "judge")
+
+
+@dataclass(frozen=True)
+class ChatBackwardPrompt:
+    """What the chat-backward responder reads from ``CHAT_BACKWARD_USER``."""
+
+    messages: tuple[Message, ...]
+    feedback: str
+    variables: tuple[PromptVariable, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> ChatBackwardPrompt:
+        """Parse the ``<MESSAGE role>`` elements of ``<LM_CONVERSATION>``, the
+        ``<FEEDBACK_ON_OUTPUT>`` after it and the ``<VARIABLE>`` elements of the
+        ``<VARIABLES>`` block after that."""
+        conversation = Element.first("LM_CONVERSATION", text)
+        messages = tuple(
+            Message(el.attr("role"), el.text)
+            for el in Element.all("MESSAGE", conversation.text if conversation else "")
+        )
+        position = conversation.end if conversation else 0
+        feedback = Element.first("FEEDBACK_ON_OUTPUT", text, position)
+        if feedback is not None:
+            position = feedback.end
+        return cls(
+            messages=messages,
+            feedback=feedback.text if feedback else "",
+            variables=tuple(_variables(text, position)),
+        )
+
+
+def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
+    """The gradients the simulator writes for a ChatCompletion backward prompt (see
+    :func:`chat_backward_responder`)."""
+    feedback = prompt.feedback.strip()
+    if not feedback:
+        return ["" for _ in prompt.variables]
+    found = _TARGET_IN_FEEDBACK.search(feedback)
+    target = found[1] if found else None
+    conversation = "\n".join(m.text for m in prompt.messages)
+    rules = find_rules(conversation)
+    field_name = rules[0].field if rules else DEFAULT_FIELD
+    text = "\n".join(
+        RULE_PATTERN.sub("", m.text) for m in prompt.messages if m.role == "user"
+    )
+    word = salient_word(text)
+    excerpt = feedback[:FEEDBACK_EXCERPT_CHARS].strip()
+    gradients = []
+    rule_given = False
+    for variable in prompt.variables:
+        role = variable.role
+        if not rule_given and variable.trainable and variable.location == "system":
+            rule_given = True
+            if target is not None and word is not None:
+                gradients.append(
+                    f'If the message mentions "{word}", the {field_name} is {target}.'
+                )
+            elif target is not None:
+                gradients.append(
+                    f'The {role} should lead to "{target}" for inputs like this one.'
+                )
+            else:
+                gradients.append(f"The {role} should address this feedback: {excerpt}")
+        elif target is not None:
+            gradients.append(f'The {role} should lead to "{target}" for this input.')
+        else:
+            gradients.append(f"The {role} should address this feedback: {excerpt}")
+    return gradients
+
+
+def chat_backward_responder(request: SimRequest) -> Answer | None:
+    """Answer a ChatCompletion backward call (afnio's ``CHAT_BACKWARD_USER``).
+
+    Marker: a ``user`` message holding ``<LM_CONVERSATION>``, ``<FEEDBACK_ON_OUTPUT>``
+    and ``<VARIABLES ...>`` (openings may carry attributes). From it are read:
+
+    * the *target*: the first ``expected value is "<t>"`` (or ``expected value
+      "<t>"``) in the feedback, as the evaluator-backward answer writes it;
+    * the *input*: the ``user`` ``<MESSAGE>`` texts of the conversation, rule
+      sentences removed;
+    * the *field*: that of the first rule in the conversation, else ``sentiment``;
+    * the *word*: see :func:`salient_word` (on the input).
+
+    Answer: ``{"gradients": [...]}``, one string per ``<VARIABLE>`` element, in order
+    (the ``count`` attribute is not trusted). The first variable with
+    ``trainable="true"`` and ``location="system"`` gets the rule ``If the message
+    mentions "<word>", the <field> is <target>.``; with a target but no word,
+    ``The <role> should lead to "<target>" for inputs like this one.``. Every other
+    variable gets ``The <role> should lead to "<target>" for this input.``. Without a
+    target, any variable gets ``The <role> should address this feedback: <the first
+    200 characters of the stripped feedback>``. An empty (or blank) feedback gives
+    ``""`` for every variable.
+    """
+    text = _marked_user_text(
+        request, ("LM_CONVERSATION", "FEEDBACK_ON_OUTPUT", "VARIABLES")
+    )
+    if text is None:
+        return None
+    prompt = ChatBackwardPrompt.parse(text)
+    return _gradients_answer(chat_backward_gradients(prompt), "chat_backward")
+
+
+@dataclass(frozen=True)
+class EvaluatorBackwardPrompt:
+    """What the evaluator-backward responder reads from ``EVALUATOR_BACKWARD_USER``."""
+
+    input: str
+    prediction: str
+    target: str
+    variables: tuple[PromptVariable, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> EvaluatorBackwardPrompt:
+        """Parse ``<INPUT>``, ``<PREDICTION ...>`` and ``<TARGET>`` after the
+        ``<SAMPLE>`` opening (each after the previous one) and the ``<VARIABLE>``
+        elements of the ``<VARIABLES>`` block after them; texts are stripped."""
+        sample = re.compile(_opening("SAMPLE") + _ATTRS).search(text)
+        position = sample.end() if sample else 0
+        values: dict[str, str] = {}
+        for tag in ("INPUT", "PREDICTION", "TARGET"):
+            element = Element.first(tag, text, position)
+            if element is not None:
+                values[tag] = element.text.strip()
+                position = element.end
+        return cls(
+            input=values.get("INPUT", ""),
+            prediction=values.get("PREDICTION", ""),
+            target=values.get("TARGET", ""),
+            variables=tuple(_variables(text, position)),
+        )
+
+
+def evaluator_backward_gradients(prompt: EvaluatorBackwardPrompt) -> list[str]:
+    """The gradients the simulator writes for an evaluator backward prompt (see
+    :func:`evaluator_backward_responder`)."""
+    p, t = prompt.prediction, prompt.target
+    return [
+        f'The prediction "{p}" is wrong: the expected value is "{t}". Change what '
+        f'produces it so that this input leads to "{t}".'
+        if variable.location == "prediction"
+        else f'The {variable.role} should lead to the expected value "{t}" for this '
+        "input."
+        for variable in prompt.variables
+    ]
+
+
+def evaluator_backward_responder(request: SimRequest) -> Answer | None:
+    """Answer an evaluator backward call (afnio's ``EVALUATOR_BACKWARD_USER``).
+
+    Marker: a ``user`` message holding ``<EVALUATION ...>``, ``<SAMPLE>`` and
+    ``<VARIABLES ...>``. The sample's ``<INPUT>``, ``<PREDICTION ...>`` (``p``) and
+    ``<TARGET>`` (``t``) are read, stripped.
+
+    Answer: ``{"gradients": [...]}``, one string per ``<VARIABLE>`` element, in
+    order: a variable with ``location="prediction"`` gets ``The prediction "<p>" is
+    wrong: the expected value is "<t>". Change what produces it so that this input
+    leads to "<t>".``; any other ``The <role> should lead to the expected value
+    "<t>" for this input.``
+    """
+    text = _marked_user_text(request, ("EVALUATION", "SAMPLE", "VARIABLES"))
+    if text is None:
+        return None
+    prompt = EvaluatorBackwardPrompt.parse(text)
+    return _gradients_answer(evaluator_backward_gradients(prompt), "evaluator_backward")
+
+
+RESPONDERS: list[Responder] = [
+    judge_responder,
+    chat_backward_responder,
+    evaluator_backward_responder,
+    task_responder,
+    fallback_responder,
+]
 """The responders consulted in order; the first non-``None`` answer wins."""
 
 

@@ -239,7 +239,13 @@ def test_schema_instance_covers_the_json_schema_kinds() -> None:
 
 
 def test_responders_are_an_ordered_list() -> None:
-    assert [world.task_responder, world.fallback_responder] == world.RESPONDERS
+    assert [
+        world.judge_responder,
+        world.chat_backward_responder,
+        world.evaluator_backward_responder,
+        world.task_responder,
+        world.fallback_responder,
+    ] == world.RESPONDERS
 
     def marker(request: world.SimRequest) -> world.Answer | None:
         texts = " ".join(m.text for m in request.messages)
