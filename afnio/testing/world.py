@@ -54,8 +54,14 @@ that quotes a rule sentence still gets gradients. In order:
    prediction "<p>" is wrong: the expected value is "<t>". Change what produces it so
    that this input leads to "<t>".``, any other ``The <role> should lead to the
    expected value "<t>" for this input.``
-4. :func:`task_responder`, any prompt holding rules (the grammar above).
-5. :func:`fallback_responder`, always the default label.
+4. :func:`optimizer_responder`, a TGD optimizer call. Marker: a user message holding
+   ``<CURRENT_VALUE>`` and ``<FEEDBACK ...>``. It answers ``{"improved_value": ...}``:
+   the current value with every rule proposed in the feedback applied (condensed
+   ``{"a" | "b"}`` alternatives expanded; a rule for a word already ruled replaces that
+   sentence in place, a new one is appended, never twice), honouring the checkable
+   constraint ``Do not use the character "<c>".``
+5. :func:`task_responder`, any prompt holding rules (the grammar above).
+6. :func:`fallback_responder`, always the default label.
 
 Together they close afnio's loop without a model: the judge (or a deterministic
 evaluator) fails a sample, the evaluator backward names the expected value, the chat
@@ -947,10 +953,85 @@ def evaluator_backward_responder(request: SimRequest) -> Answer | None:
     return _gradients_answer(evaluator_backward_gradients(prompt), "evaluator_backward")
 
 
+IMPROVED_VARIABLE_SCHEMA_NAME = "afnio_improved_variable"
+"""The JSON schema name of afnio's TGD optimizer answers (``afnio.optim.prompts``)."""
+
+_ALTERNATIVES = re.compile(r'\{\s*("[^"\n]*"(?:\s*\|\s*"[^"\n]*")+)\s*\}')
+_FORBIDDEN_CHARACTER = re.compile(r'Do not use the character "(.)"')
+
+
+def expand_alternatives(line: str) -> list[str]:
+    """The feedback texts a condensed line stands for: ``{"a" | "b"}`` becomes one
+    text per alternative (several groups: every combination).
+
+    >>> expand_alternatives('If the message mentions {"a" | "b"}, the x is y.')
+    ['If the message mentions "a", the x is y.', 'If the message mentions "b", the x is y.']
+    """  # noqa: E501
+    match = _ALTERNATIVES.search(line)
+    if match is None:
+        return [line]
+    options = re.findall(r'"[^"\n]*"', match[1])
+    head, tail = line[: match.start()], line[match.end() :]
+    return [
+        text for option in options for text in expand_alternatives(head + option + tail)
+    ]
+
+
+def improve_value(current: str, feedback: str, constraints: str = "") -> str:
+    """The optimizer's answer: ``current`` with every rule proposed in ``feedback``
+    applied, in order. A rule for a word already ruled replaces that sentence in
+    place; a new one is appended; a rule never appears twice. Checkable constraints
+    are honoured: ``Do not use the character "<c>".`` removes ``<c>``.
+
+    >>> improve_value("Classify.", '- If the message mentions "bad", the mood is low.')
+    'Classify. If the message mentions "bad", the mood is low.'
+    """
+    value = current
+    for line in feedback.splitlines():
+        for text in expand_alternatives(line):
+            for rule in find_rules(text):
+                sentence = (
+                    f'If the message mentions "{rule.word}", the {rule.field} is '
+                    f"{rule.label}."
+                )
+                same_word = [
+                    r
+                    for r in find_rules(value)
+                    if r.word.casefold() == rule.word.casefold()
+                ]
+                if same_word:
+                    value = value.replace(same_word[0].sentence, sentence, 1)
+                elif sentence not in value:
+                    value = f"{value.rstrip()} {sentence}".strip()
+    for character in _FORBIDDEN_CHARACTER.findall(constraints):
+        value = value.replace(character, "")
+    return value
+
+
+def optimizer_responder(request: SimRequest) -> Answer | None:
+    """A TGD optimizer call. Marker: a user message holding ``<CURRENT_VALUE>`` and
+    ``<FEEDBACK ...>``. Answers ``{"improved_value": ...}``: the current value with
+    the rules of the feedback applied and the checkable constraints honoured (see
+    :func:`improve_value`)."""
+    text = _marked_user_text(request, ("CURRENT_VALUE", "FEEDBACK"))
+    if text is None:
+        return None
+    current = Element.first("CURRENT_VALUE", text)
+    feedback = Element.first("FEEDBACK", text)
+    constraints = Element.first("CONSTRAINTS", text)
+    value = improve_value(
+        current.text if current else "",
+        feedback.text if feedback else "",
+        constraints.text if constraints else "",
+    )
+    return _json_answer({"improved_value": value}, "optimizer")
+
+
 RESPONDERS: list[Responder] = [
     judge_responder,
     chat_backward_responder,
     evaluator_backward_responder,
+    optimizer_responder,
     task_responder,
     fallback_responder,
 ]
