@@ -18,7 +18,8 @@ from afnio.autodiff.evaluator import (
     LMJudgeEvaluator,
 )
 from afnio.autodiff.lm_ops import ChatCompletion
-from afnio.errors import BackwardParseError
+from afnio.errors import BackwardParseError, GradientCountError, JudgeParseError
+from afnio.models.model import ChatCompletionModel
 from afnio.testing import SIMULATOR_MODEL
 from tests.conftest import LMEndpoint
 
@@ -468,3 +469,45 @@ def test_async_apply_and_backward_inside_an_event_loop() -> None:
         assert asyncio.run(handler()) == [
             'If the message mentions "unacceptable", the sentiment is negative.'
         ]
+
+
+# -- unusable answers, with a scripted client (no HTTP) --------------------------------
+
+
+class ScriptedLM(ChatCompletionModel):
+    """Always gives the same answer; counts calls."""
+
+    def __init__(self, answer: str) -> None:
+        super().__init__(provider="scripted")
+        self.answer = answer
+        self.calls = 0
+
+    async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        self.calls += 1
+        return self.answer
+
+    def update_usage(self, usage: Any, model_name: str | None = None) -> None:
+        pass
+
+
+def test_a_wrong_gradient_count_is_retried_then_raises_a_value_error() -> None:
+    backward = ScriptedLM('{"gradients": ["one", "two", "three"]}')
+    afnio.set_backward_model_client(backward)
+    prediction = Variable("green", role="color", requires_grad=True)
+    _, explanation = ExactMatchEvaluator.apply(prediction, "red")
+    with pytest.raises(
+        GradientCountError, match="3 gradients, but there are 1"
+    ) as info:
+        explanation.backward()
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+    assert backward.calls == 4  # the first answer and 3 retries
+    assert prediction.grad == []
+
+
+def test_an_unusable_judge_answer_raises_after_the_retries() -> None:
+    judge = ScriptedLM("I think it is fine.")
+    messages = [{"role": "user", "content": [Variable("{prediction} vs {target}")]}]
+    with pytest.raises(JudgeParseError, match="not valid judgement JSON") as info:
+        LMJudgeEvaluator.apply(judge, messages, Variable("a"), "b")
+    assert isinstance(info.value, RuntimeError)
+    assert judge.calls == 4
