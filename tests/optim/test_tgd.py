@@ -48,7 +48,8 @@ def test_a_step_turns_feedback_into_the_value_with_one_call_per_parameter(
     assert other.data == f"Answer with one word. {RULE_LOVE}"
     assert idle.data == "Never changes."
     assert len(prompt.grad) == 1  # step does not clear the gradients
-    body = json.loads(vcr.requests[0].body)
+    bodies = [json.loads(r.body) for r in vcr.requests]
+    (body,) = [b for b in bodies if "system prompt" in b["messages"][1]["content"]]
     assert body["response_format"]["json_schema"]["name"] == "afnio_improved_variable"
     assert f"- {RULE_AWFUL} (x2)" in body["messages"][1]["content"]
 
