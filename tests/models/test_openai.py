@@ -174,6 +174,7 @@ def test_backward_client_with_base_url(lm: LMEndpoint) -> None:
     assert backward.get_usage()["total_tokens"] > 0
     backward.clear_usage()
     assert backward.get_usage()["total_tokens"] == 0
+    backward.client.close()  # built by afnio from the path: close its connections
 
 
 def test_backward_client_errors_and_reuse(monkeypatch: pytest.MonkeyPatch) -> None:
