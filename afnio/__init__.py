@@ -16,7 +16,14 @@ Example::
 
 import sys as _sys
 
-from afnio import autodiff, cognitive, models, optim, utils  # noqa: F401 (models)
+from afnio import (  # noqa: F401 (models, trainer: public modules)
+    autodiff,
+    cognitive,
+    models,
+    optim,
+    trainer,
+    utils,
+)
 from afnio._model_client import get_backward_model_client, set_backward_model_client
 from afnio._runtime import (
     get_concurrency_stats,

@@ -43,6 +43,8 @@ class BaseModel(ABC):
         )
         self._usage.setdefault("cost", {"amount": 0.0, "currency": "USD"})
         self.model_id = id(self)
+        self.calls = 0
+        """LM requests this client sent (cache hits excluded); not part of usage."""
 
     def get_provider(self) -> str | None:
         """The provider name."""

@@ -171,6 +171,7 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
 
         async def call() -> Any:
             async with request_slot():
+                self.calls += 1
                 value, usage = await send(payload)
             if usage is not None:
                 self.update_usage(usage, payload.get("model"))

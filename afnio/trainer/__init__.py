@@ -1,0 +1,5 @@
+"""The Trainer: fit, validate, test and predict afnio Modules."""
+
+from afnio.trainer.trainer import BudgetExceeded, Trainer
+
+__all__ = ["BudgetExceeded", "Trainer"]

@@ -1,0 +1,678 @@
+"""``afnio.trainer.Trainer``: fit, validate, test and predict an afnio Module.
+
+The module implements the trainer protocol of :class:`afnio.cognitive.Module`:
+``training_step``/``validation_step``/``test_step`` return ``(score, explanation)`` or
+``{"loss": (score, explanation), **extra_metrics}``, and ``configure_optimizers``
+returns the optimizer. With ``automatic_optimization`` (the default) the Trainer runs,
+per batch: ``clear_grad``, ``training_step``, ``explanation.backward()``,
+``optimizer.step()``; otherwise the module does it itself with ``self.optimizers()``.
+
+Everything is local (difference 1): metrics are printed, kept in memory, returned, and
+appended to ``<root>/metrics.jsonl`` (one JSON object per epoch), with a PNG plot when
+matplotlib is installed. Checkpoints (``afnio.save`` format, no pickle) are written per
+batch and per epoch under ``<root>/checkpoints/``; ``fit(ckpt_path=...)`` really resumes
+(difference 8): parameters, optimizer state with momentum, the epoch and batch
+position (the data order included), the metric history and the accumulated cost.
+
+Example::
+
+    trainer = Trainer(max_epochs=3, max_cost=0.50, default_root_dir="runs/sentiment")
+    history = trainer.fit(agent, train_loader, val_loader)
+    trainer.test(agent, test_loader)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from afnio._variable import Variable
+from afnio.autodiff.grad_mode import no_grad
+from afnio.cognitive.modules.module import Module
+from afnio.models.model import BaseModel
+from afnio.serialization import load, save
+
+__all__ = ["BudgetExceeded", "Trainer"]
+
+logger = logging.getLogger("afnio.trainer")
+
+MAX_RETRIES = 3
+
+
+class BudgetExceeded(Exception):
+    """Raised inside the Trainer to stop before ``max_cost`` would be exceeded."""
+
+
+def _mean(values: list[Any]) -> Any:
+    numbers = [float(v) for v in values if isinstance(v, (int, float))]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def _parse_step_output(
+    output: Any, method: str
+) -> tuple[tuple[Variable, Variable], dict[str, Any]]:
+    if isinstance(output, dict):
+        if "loss" not in output:
+            raise ValueError(f"{method}() returned a dict without a 'loss' key.")
+        loss, extra = output["loss"], {k: v for k, v in output.items() if k != "loss"}
+    else:
+        loss, extra = output, {}
+    if not isinstance(loss, (tuple, list)) or len(loss) != 2:
+        raise ValueError(
+            f"{method}() must return (score, explanation) or a dict with "
+            f"'loss': (score, explanation); got {type(loss).__name__}."
+        )
+    score, explanation = loss
+    if not isinstance(score, Variable) or not isinstance(explanation, Variable):
+        raise TypeError(
+            f"{method}()'s loss must be two Variables (score, explanation)."
+        )
+    return (score, explanation), extra
+
+
+def _batch_metrics(
+    loss: tuple[Variable, Variable], extra: dict[str, Any]
+) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"loss": loss[0].data}
+    for key, value in extra.items():
+        metrics[key] = value.data if isinstance(value, Variable) else value
+    return metrics
+
+
+class _CostMeter:
+    """Per-client cost, tokens and calls since the meter started (usage deltas)."""
+
+    def __init__(self, clients: Iterable[Any]) -> None:
+        self.clients: list[Any] = []
+        self._base: dict[int, tuple[float, int, int]] = {}
+        for client in clients:
+            self.add(client)
+
+    @staticmethod
+    def _read(client: Any) -> tuple[float, int, int]:
+        usage = client.get_usage()
+        return (
+            float(usage.get("cost", {}).get("amount", 0.0)),
+            int(usage.get("total_tokens", 0)),
+            int(getattr(client, "calls", 0)),
+        )
+
+    def add(self, client: Any) -> None:
+        if client is None or not hasattr(client, "get_usage"):
+            return
+        if any(c is client for c in self.clients):
+            return
+        self.clients.append(client)
+        self._base[id(client)] = self._read(client)
+
+    def rebase(self) -> None:
+        for client in self.clients:
+            self._base[id(client)] = self._read(client)
+
+    def per_client(self) -> list[tuple[Any, float, int, int]]:
+        rows = []
+        for client in self.clients:
+            cost, tokens, calls = self._read(client)
+            b_cost, b_tokens, b_calls = self._base[id(client)]
+            rows.append((client, cost - b_cost, tokens - b_tokens, calls - b_calls))
+        return rows
+
+    def cost(self) -> float:
+        return sum(row[1] for row in self.per_client())
+
+
+class Trainer:
+    """Runs the training loop of an afnio Module.
+
+    Args:
+        max_epochs: epochs to train (a falsy value means 10).
+        enable_checkpointing: write batch and epoch checkpoints.
+        enable_progress_bar: show a rich progress bar with metrics and running cost.
+        enable_agent_summary: print the module before training.
+        default_root_dir: where metrics and checkpoints go (default: the cwd).
+        max_cost: a budget in USD for the run (training and validation LM calls,
+            counted from the clients' usage). Before each step the Trainer checks that
+            the most expensive step so far still fits; if not it stops cleanly, saves a
+            checkpoint and says so. ``None``: no budget.
+        revert_on_regression: after each optimizer step, validate; if the validation
+            loss (a score: higher is better) dropped below the best so far, restore
+            the parameters from before the step. Needs a validation loader.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_epochs: int | None = None,
+        enable_checkpointing: bool = True,
+        enable_progress_bar: bool = True,
+        enable_agent_summary: bool = True,
+        default_root_dir: str | os.PathLike[str] | None = None,
+        max_cost: float | None = None,
+        revert_on_regression: bool = False,
+    ) -> None:
+        if max_epochs is not None and (
+            isinstance(max_epochs, bool)
+            or not isinstance(max_epochs, int)
+            or max_epochs < 0
+        ):
+            raise ValueError(
+                f"`max_epochs` must be a positive int, got {max_epochs!r}."
+            )
+        if max_cost is not None and (isinstance(max_cost, bool) or max_cost < 0):
+            raise ValueError(
+                f"`max_cost` must be a cost in USD >= 0, got {max_cost!r}."
+            )
+        self.max_epochs = max_epochs or 10
+        self.enable_checkpointing = enable_checkpointing
+        self.enable_progress_bar = enable_progress_bar
+        self.enable_agent_summary = enable_agent_summary
+        self.default_root_dir = Path(default_root_dir or os.getcwd())
+        self.max_cost = max_cost
+        self.revert_on_regression = revert_on_regression
+        self.total_cost = 0.0
+        self.history: list[dict[str, Any]] = []
+        self.stopped_reason: str | None = None
+        self.last_checkpoint: Path | None = None
+        self._meter: _CostMeter | None = None
+        self._cost_before = 0.0
+        self._max_step_cost = 0.0
+        self._max_eval_cost = 0.0
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _print(self, *parts: Any) -> None:
+        from rich.console import Console
+
+        Console().print(*parts)
+
+    def _clients(
+        self, agent: Module, optimizer: Any, llm_clients: Sequence[Any] | None
+    ) -> list[Any]:
+        clients: list[Any] = list(llm_clients or [])
+        clients.extend(agent.models())
+        for group in getattr(optimizer, "param_groups", []):
+            client = group.get("model_client")
+            if isinstance(client, BaseModel):
+                clients.append(client)
+        try:
+            from afnio._model_client import get_backward_model_client
+
+            clients.append(get_backward_model_client().client)
+        except RuntimeError:
+            pass
+        return clients
+
+    def _cost(self) -> float:
+        assert self._meter is not None
+        return self._cost_before + self._meter.cost()
+
+    def _check_budget(self, estimate: float | None = None) -> None:
+        """Stop if the next unit of work (a step, or a validation batch) might not
+        fit in ``max_cost``; the estimate is the most expensive one seen so far."""
+        if self.max_cost is None:
+            return
+        estimate = self._max_step_cost if estimate is None else estimate
+        if self._cost() + estimate > self.max_cost:
+            raise BudgetExceeded(
+                f"Stopped before exceeding max_cost=${self.max_cost:.4f}: spent "
+                f"${self._cost():.4f}, and the next step may cost up to "
+                f"${estimate:.4f}. The last checkpoint holds the state so far."
+            )
+
+    def _retry(self, fn: Any, what: str) -> Any:
+        last: Exception | None = None
+        for attempt in range(1, MAX_RETRIES + 1):
+            try:
+                return fn()
+            except BudgetExceeded:
+                raise
+            except Exception as e:  # LM failures are retried
+                last = e
+                logger.warning(
+                    "%s failed (attempt %d/%d): %s", what, attempt, MAX_RETRIES, e
+                )
+        raise RuntimeError(
+            f"{what} failed after {MAX_RETRIES} retries: {last}"
+        ) from last
+
+    def _checkpoint(
+        self, name: str, agent: Module, optimizer: Any, state: dict[str, Any]
+    ) -> Path | None:
+        if not self.enable_checkpointing:
+            return None
+        path = self.default_root_dir / "checkpoints" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(
+            {
+                **state,
+                "agent_state_dict": agent.state_dict(keep_vars=True),
+                "optimizer_state_dict": optimizer.state_dict()
+                if optimizer is not None
+                else None,
+                "history": self.history,
+                "total_cost": self._cost(),
+            },
+            path,
+        )
+        self.last_checkpoint = path
+        return path
+
+    def _write_metrics(self) -> None:
+        self.default_root_dir.mkdir(parents=True, exist_ok=True)
+        path = self.default_root_dir / "metrics.jsonl"
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history), "utf-8")
+        os.replace(tmp, path)
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        keys = sorted({k for row in self.history for k in row if k not in ("epoch",)})
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in keys:
+            points = [
+                (r["epoch"], r[key])
+                for r in self.history
+                if isinstance(r.get(key), (int, float))
+            ]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=key)
+        ax.set_xlabel("epoch")
+        ax.legend()
+        fig.savefig(self.default_root_dir / "metrics.png", dpi=100)
+        plt.close(fig)
+
+    def _loop(
+        self,
+        agent: Module,
+        loader: Any,
+        method: str,
+        label: str,
+        on_batch: Any,
+        skip_until: int = -1,
+    ) -> dict[str, Any]:
+        """Run ``on_batch(idx, batch)`` over ``loader`` with a progress bar; returns the
+        per-batch metric means."""
+        collected: dict[str, list[Any]] = {}
+        total = len(loader) if hasattr(loader, "__len__") else None
+        progress = None
+        task = None
+        if self.enable_progress_bar:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=20),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[metrics]}"),
+                refresh_per_second=5,
+            )
+            progress.start()
+            task = progress.add_task(label, total=total, metrics="")
+        try:
+            for idx, batch in enumerate(loader):
+                if idx <= skip_until:
+                    continue  # resumed: this batch was done before the checkpoint
+                metrics = on_batch(idx, batch)
+                for key, value in metrics.items():
+                    collected.setdefault(key, []).append(value)
+                if progress is not None and task is not None:
+                    shown = " ".join(
+                        f"{key}: {_mean(values):.4f}"
+                        for key, values in collected.items()
+                        if _mean(values) is not None
+                    )
+                    progress.update(
+                        task,
+                        advance=1,
+                        metrics=f"tot_cost: ${self._cost():.4f} {shown}",
+                    )
+        finally:
+            if progress is not None:
+                progress.stop()
+        return {key: _mean(values) for key, values in collected.items()}
+
+    # -- the public API --------------------------------------------------------------
+
+    def fit(
+        self,
+        agent: Module,
+        train_dataloader: Any = None,
+        val_dataloader: Any = None,
+        ckpt_path: str | os.PathLike[str] | None = None,
+        llm_clients: Sequence[Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Train ``agent``; returns the metric history (one dict per epoch).
+
+        Raises:
+            TypeError: ``agent`` is not a Module, or a wrong argument type.
+            ValueError: no training loader, or ``revert_on_regression`` without a
+                validation loader.
+            RuntimeError: a step still failed after the retries.
+        """
+        if not isinstance(agent, Module):
+            raise TypeError(
+                f"`agent` must be an afnio Module, got {type(agent).__name__}."
+            )
+        if train_dataloader is None:
+            raise ValueError("`train_dataloader` is required to fit.")
+        for name, loader in (
+            ("train_dataloader", train_dataloader),
+            ("val_dataloader", val_dataloader),
+        ):
+            if loader is not None and not hasattr(loader, "__iter__"):
+                raise TypeError(
+                    f"`{name}` must be an iterable of batches (a DataLoader)."
+                )
+        if ckpt_path is not None and not isinstance(ckpt_path, (str, os.PathLike)):
+            raise TypeError(
+                f"`ckpt_path` must be a path, got {type(ckpt_path).__name__}."
+            )
+        if self.revert_on_regression and val_dataloader is None:
+            raise ValueError("`revert_on_regression` needs a `val_dataloader`.")
+        if self.enable_agent_summary:
+            self._print(str(agent) + "\n")
+        optimizer = agent.configure_optimizers()
+        agent._optimizers = optimizer
+        self._meter = _CostMeter(self._clients(agent, optimizer, llm_clients))
+        self._cost_before = 0.0
+        self._max_step_cost = self._max_eval_cost = 0.0
+        self.history = []
+        self.stopped_reason = None
+        start_epoch, skip_until = 1, -1
+        sampler = getattr(train_dataloader, "sampler", None)
+        if ckpt_path is not None:
+            start_epoch, skip_until = self._resume(
+                agent, optimizer, Path(ckpt_path), sampler
+            )
+        best_val: float | None = None
+        epoch = start_epoch
+        try:
+            for epoch in range(start_epoch, self.max_epochs + 1):
+                self._print(f"Epoch {epoch}/{self.max_epochs}")
+                sampler_state = (
+                    sampler.state_dict() if hasattr(sampler, "state_dict") else None
+                )
+                agent.train()
+
+                def train_batch(
+                    idx: int,
+                    batch: Any,
+                    epoch: int = epoch,
+                    sampler_state: Any = sampler_state,
+                ) -> dict[str, Any]:
+                    nonlocal best_val
+                    self._check_budget()
+                    before = self._cost()
+                    snapshot = (
+                        [(p, p.data) for p in agent.parameters()]
+                        if self.revert_on_regression
+                        else None
+                    )
+                    metrics = self._train_step(agent, optimizer, batch, idx)
+                    if snapshot is not None:
+                        val = self._evaluate(
+                            agent, val_dataloader, "validation_step", "[Revert check]"
+                        )
+                        score = val.get("loss")
+                        if (
+                            best_val is not None
+                            and score is not None
+                            and score < best_val
+                        ):
+                            for p, data in snapshot:
+                                p.data = data
+                            metrics["reverted"] = 1
+                        else:
+                            best_val = score if score is not None else best_val
+                            metrics["reverted"] = 0
+                    self._max_step_cost = max(
+                        self._max_step_cost, self._cost() - before
+                    )
+                    self._checkpoint(
+                        f"epoch_{epoch}/checkpoint_batch{idx}.hf",
+                        agent,
+                        optimizer,
+                        {"epoch": epoch, "batch": idx, "sampler_state": sampler_state},
+                    )
+                    return metrics
+
+                train = self._loop(
+                    agent,
+                    train_dataloader,
+                    "training_step",
+                    "[Training]",
+                    train_batch,
+                    skip_until if epoch == start_epoch else -1,
+                )
+                row: dict[str, Any] = {"epoch": epoch}
+                row.update({f"train_{k}": v for k, v in train.items()})
+                if val_dataloader is not None:
+                    val = self._evaluate(
+                        agent, val_dataloader, "validation_step", "[Validation]"
+                    )
+                    row.update({f"val_{k}": v for k, v in val.items()})
+                row["total_cost"] = self._cost()
+                self.history.append(row)
+                self._write_metrics()
+                self._checkpoint(
+                    f"checkpoint_epoch{epoch}.hf",
+                    agent,
+                    optimizer,
+                    {
+                        "epoch": epoch,
+                        "batch": None,
+                        "sampler_state": sampler.state_dict()
+                        if hasattr(sampler, "state_dict")
+                        else None,
+                    },
+                )
+        except BudgetExceeded as e:
+            self.stopped_reason = str(e)
+            self._print(f"[yellow]{e}[/yellow]")
+            self._write_metrics()
+        self.total_cost = self._cost()
+        self._summary()
+        return self.history
+
+    def _train_step(
+        self, agent: Module, optimizer: Any, batch: Any, idx: int
+    ) -> dict[str, Any]:
+        def attempt() -> dict[str, Any]:
+            if agent.automatic_optimization:
+                optimizer.clear_grad()
+            output = self._retry(
+                lambda: agent.training_step(batch, idx), "training_step()"
+            )
+            loss, extra = _parse_step_output(output, "training_step")
+            if agent.automatic_optimization:
+                loss[1].backward()
+                optimizer.step()
+            return _batch_metrics(loss, extra)
+
+        if not agent.automatic_optimization:
+            return attempt()
+        last: Exception | None = None
+        for n in range(1, MAX_RETRIES + 1):
+            try:
+                return attempt()
+            except BudgetExceeded:
+                raise
+            except Exception as e:
+                last = e
+                logger.warning(
+                    "training step failed (attempt %d/%d): %s", n, MAX_RETRIES, e
+                )
+        raise RuntimeError(
+            f"training_step() failed after {MAX_RETRIES} retries: {last}"
+        ) from last
+
+    def _evaluate(
+        self, agent: Module, loader: Any, method: str, label: str
+    ) -> dict[str, Any]:
+        was_training = agent.training
+        agent.eval()
+        try:
+            with no_grad():
+
+                def one(idx: int, batch: Any) -> dict[str, Any]:
+                    if self._meter is not None:
+                        self._check_budget(self._max_eval_cost or self._max_step_cost)
+                    before = self._cost() if self._meter is not None else 0.0
+                    output = self._retry(
+                        lambda: getattr(agent, method)(batch, idx), f"{method}()"
+                    )
+                    loss, extra = _parse_step_output(output, method)
+                    if self._meter is not None:
+                        self._max_eval_cost = max(
+                            self._max_eval_cost, self._cost() - before
+                        )
+                    return _batch_metrics(loss, extra)
+
+                return self._loop(agent, loader, method, label, one)
+        finally:
+            agent.train(was_training)
+
+    def _resume(
+        self, agent: Module, optimizer: Any, path: Path, sampler: Any
+    ) -> tuple[int, int]:
+        # functions come back as references: they load into slots that already
+        # hold the same functions, and nothing named in the file is imported
+        checkpoint = load(path)
+        clients = dict(agent.named_models())
+        agent.load_state_dict(checkpoint["agent_state_dict"], model_clients=clients)
+        if optimizer is not None and checkpoint.get("optimizer_state_dict") is not None:
+            group_clients = {
+                key: value
+                for group in optimizer.param_groups
+                for key, value in group.items()
+                if isinstance(value, BaseModel)
+            }
+            optimizer.load_state_dict(
+                checkpoint["optimizer_state_dict"], model_clients=group_clients
+            )
+        assert self._meter is not None
+        self._meter.rebase()  # restored usage is not new spending
+        self.history = list(checkpoint.get("history") or [])
+        self._cost_before = float(checkpoint.get("total_cost") or 0.0)
+        state = checkpoint.get("sampler_state")
+        if state is not None and hasattr(sampler, "load_state_dict"):
+            sampler.load_state_dict(state)
+        epoch, batch = int(checkpoint["epoch"]), checkpoint.get("batch")
+        self._print(f"Resumed from {path} (epoch {epoch}, batch {batch}).")
+        if batch is None:
+            return epoch + 1, -1
+        return epoch, int(batch)
+
+    def validate(
+        self,
+        agent: Module,
+        val_dataloader: Any = None,
+        llm_clients: Sequence[Any] | None = None,
+    ) -> dict[str, Any]:
+        """Run ``validation_step`` over the loader under ``no_grad``; returns the mean
+        metrics (``val_<name>``)."""
+        return self._run_eval(
+            agent, val_dataloader, llm_clients, "validation_step", "val", "Validation"
+        )
+
+    def test(
+        self,
+        agent: Module,
+        test_dataloader: Any = None,
+        llm_clients: Sequence[Any] | None = None,
+    ) -> dict[str, Any]:
+        """Run ``test_step`` over the loader under ``no_grad``; returns the mean metrics
+        (``test_<name>``)."""
+        return self._run_eval(
+            agent, test_dataloader, llm_clients, "test_step", "test", "Test"
+        )
+
+    def _run_eval(
+        self,
+        agent: Module,
+        loader: Any,
+        llm_clients: Sequence[Any] | None,
+        method: str,
+        prefix: str,
+        title: str,
+    ) -> dict[str, Any]:
+        if not isinstance(agent, Module):
+            raise TypeError(
+                f"`agent` must be an afnio Module, got {type(agent).__name__}."
+            )
+        if loader is None:
+            raise ValueError(f"a dataloader is required to {title.lower()}.")
+        self._meter = _CostMeter(
+            self._clients(agent, getattr(agent, "_optimizers", None), llm_clients)
+        )
+        self._cost_before = 0.0
+        self._print("Validation" if prefix == "val" else "Testing")
+        metrics = self._evaluate(agent, loader, method, f"[{title}]")
+        result = {f"{prefix}_{k}": v for k, v in metrics.items()}
+        result["total_cost"] = self._cost()
+        self.total_cost = self._cost()
+        return result
+
+    def predict(self, agent: Module, dataloader: Any) -> list[Any]:
+        """Run the forward pass over ``dataloader`` under ``no_grad`` and return the
+        outputs, one per batch. Uses ``agent.predict_step(batch, idx)`` when defined,
+        else ``agent(inputs)`` with the batch's first element when the batch is a
+        tuple or list (``(inputs, targets)``), or the batch itself."""
+        if not isinstance(agent, Module):
+            raise TypeError(
+                f"`agent` must be an afnio Module, got {type(agent).__name__}."
+            )
+        was_training = agent.training
+        agent.eval()
+        outputs = []
+        try:
+            with no_grad():
+                for idx, batch in enumerate(dataloader):
+                    if hasattr(agent, "predict_step"):
+                        outputs.append(agent.predict_step(batch, idx))
+                    elif isinstance(batch, (tuple, list)) and batch:
+                        outputs.append(agent(batch[0]))
+                    else:
+                        outputs.append(agent(batch))
+        finally:
+            agent.train(was_training)
+        return outputs
+
+    def _summary(self) -> None:
+        from rich.table import Table
+
+        if self._meter is None:
+            return
+        table = Table(title="Run summary")
+        table.add_column("model client")
+        table.add_column("LM calls", justify="right")
+        table.add_column("tokens", justify="right")
+        table.add_column("cost (USD)", justify="right")
+        for client, cost, tokens, calls in self._meter.per_client():
+            table.add_row(repr(client), str(calls), str(tokens), f"{cost:.6f}")
+        if self.history:
+            last = self.history[-1]
+            for key, value in last.items():
+                if (
+                    key != "epoch"
+                    and isinstance(value, float)
+                    and not math.isnan(value)
+                ):
+                    table.caption = (table.caption or "") + f" {key}={value:.4f}"
+        self._print(table)
+        from afnio.models.pricing import unpriced_models
+
+        unpriced = unpriced_models()
+        if unpriced:
+            self._print(
+                f"Models without a price (counted as $0): {', '.join(unpriced)}"
+            )

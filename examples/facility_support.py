@@ -1,0 +1,176 @@
+"""Train a sentiment classifier's system prompt with TGD on the Facility Support data.
+
+The classifier is an afnio Module with one trainable Parameter (its system prompt); the
+loss is ExactMatchEvaluator; the Trainer runs fit/test, writes metrics and checkpoints,
+and prints the cost. By default everything runs offline against the bundled simulator
+(a deterministic stand-in, see afnio.testing); with --openai and OPENAI_API_KEY set it
+uses OpenAI.
+
+Run:
+    python examples/facility_support.py          # simulator; downloads the data
+    python examples/facility_support.py --dataset-file path/to/dataset.json
+    OPENAI_API_KEY=... python examples/facility_support.py --openai --model gpt-4o-mini
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import afnio
+from afnio import cognitive as cog
+from afnio.models.model import ChatCompletionModel
+from afnio.optim import TGD
+from afnio.trainer import Trainer
+from afnio.utils.data import DataLoader
+from afnio.utils.datasets import FacilitySupport
+
+START_PROMPT = "Classify the sentiment of the message."
+
+
+class SentimentClassifier(cog.Module):
+    """A system prompt (trainable) + the message, answered by an LM; scored by exact
+    match against the sentiment label."""
+
+    def __init__(
+        self, client: ChatCompletionModel, model: str, prompt: str = START_PROMPT
+    ) -> None:
+        super().__init__()
+        self.system_prompt = cog.Parameter(
+            prompt, role="system prompt for sentiment classification"
+        )
+        self.register_buffer(
+            "user_template",
+            afnio.Variable("{message}", role="customer message template"),
+        )
+        self.client = client
+        self.completion_args = {"model": model, "temperature": 0}
+        self.chat = cog.ChatCompletion()
+        self.exact_match = cog.ExactMatchEvaluator()
+
+    def forward(self, emails: afnio.Variable) -> afnio.Variable:
+        messages = [
+            {"role": "system", "content": [self.system_prompt]},
+            {"role": "user", "content": [self.user_template]},
+        ]
+        return self.chat(
+            self.client, messages, inputs={"message": emails}, **self.completion_args
+        )
+
+    def _step(self, batch: Any) -> dict[str, Any]:
+        emails, (_urgency, sentiment, _categories) = batch
+        score, explanation = self.exact_match(self(emails), sentiment)
+        return {
+            "loss": (score, explanation),
+            "accuracy": score.data / len(sentiment.data),
+        }
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._step(batch)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._step(batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._step(batch)
+
+    def configure_optimizers(self) -> TGD:
+        return TGD(
+            [self.system_prompt], model_client=self.client, **self.completion_args
+        )
+
+
+@contextlib.contextmanager
+def data_root(dataset_file: str | None) -> Iterator[str | None]:
+    """A root laid out as FacilitySupport expects, holding a local copy of the file."""
+    if dataset_file is None:
+        yield None  # downloads into $AFNIO_DATA_DIR or ~/.cache/afnio/data
+        return
+    with tempfile.TemporaryDirectory() as root:
+        raw = Path(root) / "FacilitySupport" / "raw"
+        raw.mkdir(parents=True)
+        shutil.copy(dataset_file, raw / "dataset.json")
+        yield root
+
+
+def loaders(
+    root: str | None, batch_size: int, seed: int
+) -> tuple[DataLoader, DataLoader, DataLoader]:
+    kwargs: dict[str, Any] = {"root": root, "download": root is None}
+    train = FacilitySupport("train", **kwargs)
+    val = FacilitySupport("val", **kwargs)
+    test = FacilitySupport("test", **kwargs)
+    return (
+        DataLoader(train, batch_size=batch_size, shuffle=True, seed=seed),
+        DataLoader(val, batch_size=batch_size),
+        DataLoader(test, batch_size=batch_size),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dataset-file", help="a local copy of dataset.json (no download)"
+    )
+    parser.add_argument(
+        "--openai", action="store_true", help="use OpenAI (needs OPENAI_API_KEY)"
+    )
+    parser.add_argument(
+        "--model", default=None, help="model name (default: afnio-sim-1 / gpt-4o-mini)"
+    )
+    parser.add_argument(
+        "--root-dir", default="runs/facility_support", help="metrics and checkpoints"
+    )
+    parser.add_argument("--max-cost", type=float, default=None, help="budget in USD")
+    args = parser.parse_args(argv)
+
+    with contextlib.ExitStack() as stack:
+        if args.openai:
+            if not os.environ.get("OPENAI_API_KEY"):
+                parser.error("--openai needs OPENAI_API_KEY in the environment")
+            client = stack.enter_context(afnio.models.openai.OpenAI())
+            model = args.model or "gpt-4o-mini"
+        else:
+            from afnio.testing import SIMULATOR_MODEL, Simulator
+
+            sim = stack.enter_context(Simulator())
+            client = stack.enter_context(
+                afnio.models.openai.OpenAI(
+                    base_url=sim.base_url, api_key="sk-simulator"
+                )
+            )
+            model = args.model or SIMULATOR_MODEL
+        afnio.set_backward_model_client(
+            client, completion_args={"model": model, "temperature": 0}
+        )
+        root = stack.enter_context(data_root(args.dataset_file))
+        train, val, test = loaders(root, args.batch_size, args.seed)
+        agent = SentimentClassifier(client, model)
+        trainer = Trainer(
+            max_epochs=args.epochs,
+            default_root_dir=args.root_dir,
+            max_cost=args.max_cost,
+            enable_agent_summary=False,
+        )
+        before = trainer.test(agent, test)
+        trainer.fit(agent, train, val)
+        after = trainer.test(agent, test)
+        print(
+            f"test accuracy before: {before['test_accuracy']:.3f}  "
+            f"after: {after['test_accuracy']:.3f}"
+        )
+        print(f"final system prompt:\n{agent.system_prompt.data}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
