@@ -541,14 +541,41 @@ class Trainer:
         finally:
             agent.train(was_training)
 
+    def _model_clients(
+        self, agent: Module, optimizer: Any, state: Any
+    ) -> dict[str, Any]:
+        """The live client for every model slot of a checkpoint: the agent's client
+        at that key, else the first known client of the saved class (slots such as a
+        ChatCompletion module's are filled only when it first runs)."""
+        from afnio.models.model_registry import MODEL_REGISTRY
+
+        current = dict(agent.named_models())
+        known = self._clients(agent, optimizer, None)
+        clients: dict[str, Any] = {}
+        for key, value in state.items():
+            if not (
+                isinstance(value, dict) and value.get("class_type") in MODEL_REGISTRY
+            ):
+                continue
+            cls = MODEL_REGISTRY[value["class_type"]]
+            if isinstance(current.get(key), cls):
+                clients[key] = current[key]
+            else:
+                match = next((c for c in known if isinstance(c, cls)), None)
+                if match is not None:
+                    clients[key] = match
+        return clients
+
     def _resume(
         self, agent: Module, optimizer: Any, path: Path, sampler: Any
     ) -> tuple[int, int]:
         # functions come back as references: they load into slots that already
         # hold the same functions, and nothing named in the file is imported
         checkpoint = load(path)
-        clients = dict(agent.named_models())
-        agent.load_state_dict(checkpoint["agent_state_dict"], model_clients=clients)
+        state = checkpoint["agent_state_dict"]
+        agent.load_state_dict(
+            state, model_clients=self._model_clients(agent, optimizer, state)
+        )
         if optimizer is not None and checkpoint.get("optimizer_state_dict") is not None:
             group_clients = {
                 key: value

@@ -115,13 +115,24 @@ def function_import_path(func: Any) -> str | None:
 
 class FunctionReference:
     """A function stored by import path that was **not** imported (``afnio.load``
-    without ``allow_functions``). Loading it into a Module slot that already holds the
-    same function needs no import; :meth:`resolve` imports it explicitly."""
+    without ``allow_functions``). ``load_state_dict`` accepts it when the slot already
+    holds that function, or when its module is already imported (then nothing runs);
+    :meth:`resolve` imports it explicitly."""
 
     __slots__ = ("path",)
 
     def __init__(self, path: str) -> None:
         self.path = path
+
+    def resolve_loaded(self) -> Callable[..., Any] | None:
+        """The function if its module is already imported (no code runs), else
+        ``None``."""
+        module_name, _, name = self.path.partition(":")
+        module = sys.modules.get(module_name)
+        func = getattr(module, name, None) if module is not None else None
+        if func is None or function_import_path(func) != self.path:
+            return None
+        return func
 
     def resolve(self) -> Callable[..., Any]:
         """Import the module and return the function (runs the module's import-time
@@ -990,6 +1001,11 @@ class Module:
         if isinstance(value, FunctionReference):
             if slot is not None and function_import_path(slot) == value.path:
                 return  # the module already holds that very function
+            loaded = value.resolve_loaded()
+            if loaded is not None:
+                # its module is already imported: resolving it executes nothing
+                actions.append(lambda: self._functions.__setitem__(name, loaded))
+                return
             errors.append(
                 f'function "{key}" was saved as {value.path!r}, which the module does '
                 "not hold. Load the file with afnio.load(..., allow_functions=True) "
