@@ -529,7 +529,7 @@ def test_state_dict_function_references_load_into_slots_holding_the_same_functio
     assert fresh.instruction.data == "changed"
 
 
-def test_function_reference_into_a_slot_holding_another_function_raises_and_changes_nothing(  # noqa: E501
+def test_function_reference_to_an_imported_module_replaces_the_slot_without_importing(
     roundtrip,
 ):
     agent = Agent()
@@ -537,12 +537,25 @@ def test_function_reference_into_a_slot_holding_another_function_raises_and_chan
     loaded = roundtrip(agent.state_dict())
     fresh = Agent()
     fresh.formatter = plain_funcs.whisper
+    fresh.load_state_dict(loaded)  # plain_funcs is already imported: nothing runs
+    assert fresh.formatter is plain_funcs.shout
+    assert fresh.instruction.data == "changed"
 
+
+def test_function_reference_to_an_unimported_module_raises_and_changes_nothing(
+    roundtrip,
+):
+    agent = Agent()
+    agent.instruction.data = "changed"
+    state = agent.state_dict()
+    state["formatter"] = FunctionReference("afnio_never_imported_module:fn")
+    fresh = Agent()
+    fresh.formatter = plain_funcs.whisper
     with pytest.raises(RuntimeError, match="allow_functions") as info:
-        fresh.load_state_dict(loaded)
-
-    assert "tests.fixtures_serialization.plain_funcs:shout" in str(info.value)
+        fresh.load_state_dict(state)
+    assert "afnio_never_imported_module:fn" in str(info.value)
     assert '"formatter"' in str(info.value)
+    assert "afnio_never_imported_module" not in sys.modules
     assert fresh.formatter is plain_funcs.whisper
     assert fresh.instruction.data == "Answer briefly."
 

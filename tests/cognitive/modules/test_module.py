@@ -505,6 +505,10 @@ def test_function_reference_loads_into_a_slot_with_the_same_function() -> None:
     b.load_state_dict(sd, model_clients={"client": FakeClient()})
     assert b.score_fn is metric
     sd["score_fn"] = FunctionReference(f"{__name__}:other_metric")
+    other = Agent()
+    other.load_state_dict(sd, model_clients={"client": FakeClient()})
+    assert other.score_fn is other_metric  # its module is imported: nothing runs
+    sd["score_fn"] = FunctionReference("afnio_not_imported_anywhere:metric")
     with pytest.raises(RuntimeError, match="allow_functions=True"):
         Agent().load_state_dict(sd, model_clients={"client": FakeClient()})
 
