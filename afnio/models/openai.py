@@ -107,6 +107,13 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
         json.dumps(config)  # the config must stay JSON-serialisable (no secrets in it)
         self._usage_lock = threading.Lock()
         super().__init__(provider="openai", config=config)
+        # The SDK imports its resources lazily, on first use; load them now, in the
+        # caller's thread, so the first request does not stall afnio's event loop.
+        _ = (
+            self._aclient.chat.completions,
+            self._aclient.completions,
+            self._aclient.embeddings,
+        )
 
     @property
     def client(self) -> openai.AsyncOpenAI:
