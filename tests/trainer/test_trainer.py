@@ -3,6 +3,7 @@ budget, retries, predict."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +104,8 @@ def test_fit_improves_the_prompt_and_writes_metrics_and_checkpoints(
         for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
     ]
     assert rows == history
+    if importlib.util.find_spec("matplotlib") is not None:  # the optional `plot` extra
+        assert (tmp_path / "metrics.png").read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.hf")) == [
         "checkpoint_epoch1.hf",
         "checkpoint_epoch2.hf",
