@@ -249,7 +249,7 @@ class Function:
     @staticmethod
     def setup_context(ctx: FunctionCtx, inputs: tuple[Any, ...], output: Any) -> None:
         """Usage 2 only: fill ``ctx`` from the ``inputs`` tuple and ``output``."""
-        raise NotImplementedError("setup_context is not implemented.")
+        raise NotImplementedError("setup_context is not implemented.")  # abstract
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Any) -> Any:

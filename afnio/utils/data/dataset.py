@@ -34,13 +34,11 @@ class Dataset(Generic[T_co]):
     """
 
     def __getitem__(self, index: int) -> T_co:
-        # abstract: subclasses return the sample of this index
-        raise NotImplementedError(
+        raise NotImplementedError(  # abstract: subclasses return the sample
             f"{type(self).__name__} must implement __getitem__ (Dataset is abstract)."
         )
 
     def __len__(self) -> int:
-        # abstract: subclasses return the number of samples
-        raise NotImplementedError(
+        raise NotImplementedError(  # abstract: subclasses return the length
             f"{type(self).__name__} must implement __len__ (Dataset is abstract)."
         )

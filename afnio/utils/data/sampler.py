@@ -101,8 +101,7 @@ class Sampler(Generic[T_co]):
         pass
 
     def __iter__(self) -> Iterator[T_co]:
-        # abstract: subclasses yield the indices of one epoch
-        raise NotImplementedError(
+        raise NotImplementedError(  # abstract: subclasses yield one epoch
             f"{type(self).__name__} must implement __iter__ (Sampler is abstract)."
         )
 
