@@ -1,0 +1,21 @@
+"""afnio for LangChain: trace an existing LCEL chain into an afnio graph, optimize its
+prompt texts with textual gradients, and write them back into the user's own objects.
+
+Install with the ``langchain`` extra: ``pip install -e '.[langchain]'``.
+"""
+
+from afnio_integrations.langchain._discovery import PromptSlot, find_prompt_slots
+from afnio_integrations.langchain._traced import TracedChain, trace
+from afnio_integrations.langchain._writeback import (
+    PlaceholderMismatchError,
+    heal_braces,
+)
+
+__all__ = [
+    "PlaceholderMismatchError",
+    "PromptSlot",
+    "TracedChain",
+    "find_prompt_slots",
+    "heal_braces",
+    "trace",
+]

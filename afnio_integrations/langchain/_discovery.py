@@ -1,0 +1,105 @@
+"""Finding the trainable prompt texts of an LCEL chain, without changing its structure.
+
+The chain's graph (``chain.get_graph()``) holds the actual runnable instances; every
+``ChatPromptTemplate`` (deduplicated by identity) contributes its text-bearing message
+templates (``messages[i].prompt.template``). ``MessagesPlaceholder`` and literal
+messages carry no template and are skipped; multimodal message templates (a list of
+templates) are skipped too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
+from langchain_core.prompts.chat import (
+    AIMessagePromptTemplate,
+    ChatMessagePromptTemplate,
+    HumanMessagePromptTemplate,
+    SystemMessagePromptTemplate,
+)
+
+__all__ = ["PromptSlot", "find_prompt_slots"]
+
+METADATA_KEY = "afnio_prompt_id"
+
+_ROLES: tuple[tuple[type, str], ...] = (
+    (SystemMessagePromptTemplate, "system"),
+    (HumanMessagePromptTemplate, "human"),
+    (AIMessagePromptTemplate, "ai"),
+)
+
+
+@dataclass
+class PromptSlot:
+    """One message template of a prompt: where its text lives in the user's chain."""
+
+    key: str  # stable name, e.g. "prompt0.system0"
+    prompt: ChatPromptTemplate
+    index: int  # position in prompt.messages
+    role: str  # "system", "human", "ai" or a ChatMessagePromptTemplate role
+
+    @property
+    def message(self) -> Any:
+        return self.prompt.messages[self.index]
+
+    @property
+    def template(self) -> PromptTemplate:
+        return self.message.prompt
+
+    @property
+    def text(self) -> str:
+        return self.template.template
+
+
+def _role(message: Any) -> str | None:
+    if isinstance(message, ChatMessagePromptTemplate):
+        return str(message.role)
+    for cls, role in _ROLES:
+        if isinstance(message, cls):
+            return role
+    return None
+
+
+def _prompts(chain: Any) -> list[ChatPromptTemplate]:
+    if isinstance(chain, ChatPromptTemplate):
+        return [chain]
+    seen: dict[int, ChatPromptTemplate] = {}
+    for node in chain.get_graph().nodes.values():
+        data = node.data
+        if isinstance(data, ChatPromptTemplate) and id(data) not in seen:
+            seen[id(data)] = data
+    return list(seen.values())
+
+
+Selector = str | Iterable[str] | Callable[[PromptSlot], bool]
+
+
+def find_prompt_slots(chain: Any, select: Selector = "system") -> list[PromptSlot]:
+    """The message templates of ``chain`` chosen by ``select``: a role (``"system"``,
+    ``"human"``, ``"ai"``), several roles, ``"all"``, or a predicate on a slot."""
+    if isinstance(select, str):
+        roles = None if select == "all" else {select}
+        keep: Callable[[PromptSlot], bool] = lambda s: roles is None or s.role in roles  # noqa: E731
+    elif callable(select):
+        keep = select
+    else:
+        wanted = set(select)
+        keep = lambda s: s.role in wanted  # noqa: E731
+    slots: list[PromptSlot] = []
+    for p, prompt in enumerate(_prompts(chain)):
+        counts: dict[str, int] = {}
+        for i, message in enumerate(prompt.messages):
+            role = _role(message)
+            if role is None or not isinstance(
+                getattr(message, "prompt", None), PromptTemplate
+            ):
+                continue  # placeholder, literal message or multimodal template
+            n = counts.get(role, 0)
+            counts[role] = n + 1
+            slot = PromptSlot(f"prompt{p}.{role}{n}", prompt, i, role)
+            if keep(slot):
+                slots.append(slot)
+    return slots

@@ -1,0 +1,318 @@
+"""``trace(chain)``: an afnio Module around a user's LCEL chain (left untouched)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from afnio._variable import Variable
+from afnio.autodiff.function import Function
+from afnio.cognitive.modules.module import Module
+from afnio.cognitive.parameter import Parameter
+from afnio_integrations.langchain._discovery import (
+    METADATA_KEY,
+    PromptSlot,
+    Selector,
+    find_prompt_slots,
+)
+from afnio_integrations.langchain._tracing import (
+    RecordedChatCall,
+    RunCollector,
+    StepOutput,
+    conversation_of,
+    output_of,
+)
+from afnio_integrations.langchain._writeback import checked_template
+
+__all__ = ["TracedChain", "trace"]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    content = getattr(value, "content", None)  # a message
+    if isinstance(content, str):
+        return content
+    if hasattr(value, "model_dump"):  # a pydantic object (structured output)
+        return json.dumps(value.model_dump(), default=str)
+    try:
+        return json.dumps(value, default=str)
+    except TypeError:
+        return str(value)
+
+
+def _runs(root: Any) -> list[Any]:
+    out, stack = [], [root]
+    while stack:
+        run = stack.pop()
+        out.append(run)
+        stack.extend(sorted(run.child_runs, key=lambda r: r.dotted_order, reverse=True))
+    return sorted(out, key=lambda r: r.dotted_order)
+
+
+class _Stack(Function):
+    """Per-sample outputs of a batch, as one batched Variable (backward splits the
+    per-sample feedback)."""
+
+    run_backward_inline = True
+
+    @staticmethod
+    def forward(ctx: Any, samples: list[Variable]) -> Variable:
+        ctx.n = len(samples)
+        return Variable([str(s.data) for s in samples], role="outputs of the chain")
+
+    @staticmethod
+    def backward(ctx: Any, grad: Variable) -> tuple[Variable | None, ...]:
+        data = grad.data
+        per = data if isinstance(data, list) and len(data) == ctx.n else [data] * ctx.n
+        return tuple(
+            Variable(str(t), role="feedback to the chain output") if t else None
+            for t in per
+        )
+
+
+class TracedChain(Module):
+    """An afnio Module whose Parameters are prompt texts of a LangChain chain.
+
+    Calling it runs the user's chain (with a tracer callback) and returns the output
+    as a Variable wired into an afnio graph; after an optimizer step,
+    :meth:`write_back` puts the Parameters' texts into the user's own templates.
+    """
+
+    def __init__(self, chain: Any, select: Selector = "system") -> None:
+        super().__init__()
+        object.__setattr__(self, "chain", chain)
+        slots = find_prompt_slots(chain, select)
+        if not slots:
+            raise ValueError(
+                "No prompt template text was found to optimize with select="
+                f"{select!r}: the chain needs a ChatPromptTemplate with such messages."
+            )
+        self._slot_list: list[tuple[PromptSlot, Parameter]] = []
+        by_prompt: dict[str, list[tuple[PromptSlot, Parameter]]] = {}
+        for k, slot in enumerate(slots):
+            param = Parameter(
+                slot.text, role=f"{slot.role} prompt of the chain ({slot.key})"
+            )
+            self.register_parameter(f"prompt_{k}", param)
+            self._slot_list.append((slot, param))
+            prompt_key = slot.key.split(".")[0]
+            if by_prompt.get(prompt_key) is None:
+                slot.prompt.metadata = {
+                    **(slot.prompt.metadata or {}),
+                    METADATA_KEY: prompt_key,
+                }
+            by_prompt.setdefault(prompt_key, []).append((slot, param))
+        self._by_prompt = by_prompt
+
+    def extra_repr(self) -> str:
+        return ", ".join(slot.key for slot, _ in self._slot_list)
+
+    # -- calling -----------------------------------------------------------------------
+
+    @staticmethod
+    def _config(
+        config: dict[str, Any] | None, collector: RunCollector
+    ) -> dict[str, Any]:
+        config = dict(config or {})
+        callbacks = config.get("callbacks") or []
+        config["callbacks"] = [*callbacks, collector]
+        return config
+
+    def forward(self, inputs: Any, config: dict[str, Any] | None = None) -> Variable:
+        return self.invoke(inputs, config)
+
+    def invoke(self, inputs: Any, config: dict[str, Any] | None = None) -> Variable:
+        """Run the chain on ``inputs``; the output as a Variable in the afnio graph."""
+        collector = RunCollector()
+        result = self.chain.invoke(inputs, config=self._config(config, collector))
+        return self._build(collector.roots[-1], result)
+
+    async def ainvoke(
+        self, inputs: Any, config: dict[str, Any] | None = None
+    ) -> Variable:
+        """Async :meth:`invoke`."""
+        collector = RunCollector()
+        result = await self.chain.ainvoke(
+            inputs, config=self._config(config, collector)
+        )
+        return self._build(collector.roots[-1], result)
+
+    def _batch_output(
+        self, inputs: Sequence[Any], results: list[Any], roots: list[Any]
+    ) -> Variable:
+        remaining = list(roots)
+        samples = []
+        for item, result in zip(inputs, results, strict=True):
+            match = (
+                next((r for r in remaining if r.inputs == item), None) or remaining[0]
+            )
+            remaining.remove(match)
+            samples.append(self._build(match, result))
+        return _Stack.apply(samples)
+
+    def batch(
+        self, inputs: Sequence[Any], config: dict[str, Any] | None = None
+    ) -> Variable:
+        """Run the chain on every input (concurrently, as ``chain.batch`` does); one
+        batched Variable, aligned with ``inputs``."""
+        collector = RunCollector()
+        results = self.chain.batch(list(inputs), config=self._config(config, collector))
+        return self._batch_output(inputs, results, collector.roots)
+
+    async def abatch(
+        self, inputs: Sequence[Any], config: dict[str, Any] | None = None
+    ) -> Variable:
+        """Async :meth:`batch`."""
+        collector = RunCollector()
+        results = await self.chain.abatch(
+            list(inputs), config=self._config(config, collector)
+        )
+        return self._batch_output(inputs, results, collector.roots)
+
+    def stream(self, inputs: Any, config: dict[str, Any] | None = None) -> Variable:
+        """Stream the chain (its chunks are joined); the output as a Variable."""
+        collector = RunCollector()
+        chunks = list(self.chain.stream(inputs, config=self._config(config, collector)))
+        result: Any = (
+            "".join(map(str, chunks))
+            if all(isinstance(c, str) for c in chunks)
+            else chunks[-1]
+        )
+        return self._build(collector.roots[-1], result)
+
+    # -- the graph ---------------------------------------------------------------------
+
+    def _build(self, root: Any, result: Any) -> Variable:
+        produced: list[tuple[str, Variable]] = []
+        last: Variable | None = None
+        prompt_runs: list[Any] = []
+        for run in _runs(root):
+            if run.run_type == "prompt":
+                prompt_runs.append(run)
+            elif run.run_type in ("chat_model", "llm"):
+                conversation = conversation_of(run)
+                contents = [m["content"] for m in conversation]
+                variables: list[Variable] = []
+                locations: list[str] = []
+                source = next(
+                    (
+                        p
+                        for p in reversed(prompt_runs)
+                        if [
+                            _text(m)
+                            for m in getattr(
+                                (p.outputs or {}).get("output"), "messages", []
+                            )
+                        ]
+                        == contents
+                    ),
+                    None,
+                )
+                if source is not None:
+                    for slot, param in self._by_prompt.get(
+                        source.metadata.get(METADATA_KEY), []
+                    ):
+                        variables.append(param)
+                        locations.append(slot.role)
+                    for key, value in (source.inputs or {}).items():
+                        text = _text(value)
+                        var = next(
+                            (v for t, v in reversed(produced) if t == text), None
+                        )
+                        if var is not None:
+                            variables.append(var)
+                            locations.append(f"input:{key}")
+                last = RecordedChatCall.apply(
+                    conversation, output_of(run), variables, locations
+                )
+                produced.append((str(last.data), last))
+            elif run.run_type == "parser" and last is not None:
+                text = _text((run.outputs or {}).get("output"))
+                feeding = _text((run.inputs or {}).get("input"))
+                src = next((v for t, v in reversed(produced) if t == feeding), last)
+                var = StepOutput.apply(src, text, run.name)
+                produced.append((text, var))
+        final = _text(result)
+        if not produced:
+            return Variable(final, role="output of the chain")
+        same = next((v for t, v in reversed(produced) if t == final), None)
+        if same is not None:
+            return same
+        return StepOutput.apply(produced[-1][1], final, "chain output")
+
+    # -- write-back and export ---------------------------------------------------------
+
+    def write_back(self) -> None:
+        """Put every Parameter's text into the user's own template objects. All texts
+        are checked first (a text that drops or adds a placeholder raises
+        ``PlaceholderMismatchError``); nothing changes unless all are valid."""
+        staged = [
+            (slot, checked_template(slot, str(param.data)))
+            for slot, param in self._slot_list
+        ]
+        for slot, template in staged:
+            slot.message.prompt = template
+
+    def prompts(self) -> dict[str, str]:
+        """The current texts by slot key (e.g. ``"prompt0.system0"``)."""
+        return {slot.key: str(param.data) for slot, param in self._slot_list}
+
+    def save_prompts(self, path: str | Path) -> None:
+        """Save :meth:`prompts` as JSON (to re-apply to a freshly built chain)."""
+        Path(path).write_text(
+            json.dumps(self.prompts(), indent=2, ensure_ascii=False), "utf-8"
+        )
+
+    def load_prompts(self, path: str | Path) -> None:
+        """Load texts saved by :meth:`save_prompts` into the Parameters and write them
+        back into the chain."""
+        texts = json.loads(Path(path).read_text("utf-8"))
+        unknown = sorted(set(texts) - {slot.key for slot, _ in self._slot_list})
+        if unknown:
+            raise KeyError(
+                f"Unknown prompt slots {unknown}; this chain has "
+                f"{sorted(self.prompts())}."
+            )
+        before = {slot.key: str(param.data) for slot, param in self._slot_list}
+        for slot, param in self._slot_list:
+            if slot.key in texts:
+                param.data = texts[slot.key]
+        try:
+            self.write_back()
+        except Exception:
+            for slot, param in self._slot_list:
+                param.data = before[slot.key]
+            raise
+
+    def export(self) -> Any:
+        """A deep copy of the user's chain with the current texts written in and no
+        afnio metadata: a plain LangChain chain that needs no afnio at run time."""
+        self.write_back()
+        exported = copy.deepcopy(self.chain)
+        for slot in find_prompt_slots(exported, "all"):
+            if slot.prompt.metadata and METADATA_KEY in slot.prompt.metadata:
+                slot.prompt.metadata = {
+                    k: v for k, v in slot.prompt.metadata.items() if k != METADATA_KEY
+                } or None
+        return exported
+
+
+def trace(chain: Any, select: Selector = "system") -> TracedChain:
+    """Trace a LangChain chain: an afnio Module whose Parameters are the chain's
+    prompt texts chosen by ``select`` (``"system"`` by default; a role, roles,
+    ``"all"``, or a predicate on a :class:`PromptSlot`).
+
+    Example::
+
+        traced = trace(prompt | ChatOpenAI(model="gpt-4o-mini") | StrOutputParser())
+        prediction = traced.invoke({"message": "The heater is broken again."})
+        score, explanation = F.exact_match_evaluator(prediction, "negative")
+        explanation.backward()
+        TGD(traced.parameters(), model_client=client).step()
+        traced.write_back()          # the user's chain now sends the improved prompt
+    """
+    return TracedChain(chain, select)
