@@ -143,11 +143,12 @@ class _Pass:
         self.deps.setdefault(node, 0)
 
     def _discover(self) -> None:
-        stack = list(self.order)
-        stack.reverse()
-        seen = set(stack)
-        while stack:
-            node = stack.pop()
+        # breadth-first, edges in argument order: node indices (and so the order of
+        # the gradients a leaf receives) follow the order of the inputs
+        queue = collections.deque(self.order)
+        seen = set(queue)
+        while queue:
+            node = queue.popleft()
             for edge in node._next_functions:
                 nxt = edge.node
                 if nxt is None or isinstance(nxt, AccumulateGrad):
@@ -156,7 +157,7 @@ class _Pass:
                 self.deps[nxt] += 1
                 if nxt not in seen:
                     seen.add(nxt)
-                    stack.append(nxt)
+                    queue.append(nxt)
 
     def _needed_nodes(self, targets: set[AccumulateGrad]) -> set[Node]:
         # Kahn order from the roots, then walk it backwards (leaves first).
