@@ -276,6 +276,8 @@ class Trainer:
         except ImportError:
             return
         keys = sorted({k for row in self.history for k in row if k not in ("epoch",)})
+        if not self.history or not keys:
+            return
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in keys:
             points = [
