@@ -77,9 +77,14 @@ def _prompts(chain: Any) -> list[ChatPromptTemplate]:
 Selector = str | Iterable[str] | Callable[[PromptSlot], bool]
 
 
-def find_prompt_slots(chain: Any, select: Selector = "system") -> list[PromptSlot]:
+def find_prompt_slots(
+    chain: Any, select: Selector = "system", include: Iterable[Any] = ()
+) -> list[PromptSlot]:
     """The message templates of ``chain`` chosen by ``select``: a role (``"system"``,
-    ``"human"``, ``"ai"``), several roles, ``"all"``, or a predicate on a slot."""
+    ``"human"``, ``"ai"``), several roles, ``"all"``, or a predicate on a slot.
+
+    ``include`` lists more runnables (or prompts) to search: those only called from
+    inside a ``RunnableLambda``'s function are invisible to the chain's structure."""
     if isinstance(select, str):
         roles = None if select == "all" else {select}
         keep: Callable[[PromptSlot], bool] = lambda s: roles is None or s.role in roles  # noqa: E731
@@ -89,7 +94,11 @@ def find_prompt_slots(chain: Any, select: Selector = "system") -> list[PromptSlo
         wanted = set(select)
         keep = lambda s: s.role in wanted  # noqa: E731
     slots: list[PromptSlot] = []
-    for p, prompt in enumerate(_prompts(chain)):
+    prompts: dict[int, ChatPromptTemplate] = {}
+    for runnable in (chain, *include):
+        for prompt in _prompts(runnable):
+            prompts.setdefault(id(prompt), prompt)
+    for p, prompt in enumerate(prompts.values()):
         counts: dict[str, int] = {}
         for i, message in enumerate(prompt.messages):
             role = _role(message)

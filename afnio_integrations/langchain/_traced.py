@@ -82,10 +82,12 @@ class TracedChain(Module):
     :meth:`write_back` puts the Parameters' texts into the user's own templates.
     """
 
-    def __init__(self, chain: Any, select: Selector = "system") -> None:
+    def __init__(
+        self, chain: Any, select: Selector = "system", include: Sequence[Any] = ()
+    ) -> None:
         super().__init__()
         object.__setattr__(self, "chain", chain)
-        slots = find_prompt_slots(chain, select)
+        slots = find_prompt_slots(chain, select, include)
         if not slots:
             raise ValueError(
                 "No prompt template text was found to optimize with select="
@@ -177,6 +179,24 @@ class TracedChain(Module):
         """Stream the chain (its chunks are joined); the output as a Variable."""
         collector = RunCollector()
         chunks = list(self.chain.stream(inputs, config=self._config(config, collector)))
+        result: Any = (
+            "".join(map(str, chunks))
+            if all(isinstance(c, str) for c in chunks)
+            else chunks[-1]
+        )
+        return self._build(collector.roots[-1], result)
+
+    async def astream(
+        self, inputs: Any, config: dict[str, Any] | None = None
+    ) -> Variable:
+        """Async :meth:`stream`."""
+        collector = RunCollector()
+        chunks = [
+            chunk
+            async for chunk in self.chain.astream(
+                inputs, config=self._config(config, collector)
+            )
+        ]
         result: Any = (
             "".join(map(str, chunks))
             if all(isinstance(c, str) for c in chunks)
@@ -301,10 +321,14 @@ class TracedChain(Module):
         return exported
 
 
-def trace(chain: Any, select: Selector = "system") -> TracedChain:
+def trace(
+    chain: Any, select: Selector = "system", include: Sequence[Any] = ()
+) -> TracedChain:
     """Trace a LangChain chain: an afnio Module whose Parameters are the chain's
     prompt texts chosen by ``select`` (``"system"`` by default; a role, roles,
-    ``"all"``, or a predicate on a :class:`PromptSlot`).
+    ``"all"``, or a predicate on a :class:`PromptSlot`). ``include`` lists
+    sub-chains only called from inside ``RunnableLambda`` functions (invisible to the
+    chain's structure); their calls are traced like the rest.
 
     Example::
 
@@ -315,4 +339,4 @@ def trace(chain: Any, select: Selector = "system") -> TracedChain:
         TGD(traced.parameters(), model_client=client).step()
         traced.write_back()          # the user's chain now sends the improved prompt
     """
-    return TracedChain(chain, select)
+    return TracedChain(chain, select, include)

@@ -220,3 +220,62 @@ def test_discovery_selects_roles_and_skips_placeholders() -> None:
     with pytest.raises(ValueError, match="No prompt template text"):
         trace(prompt, select="ai")
     afnio.set_max_concurrency(16)
+
+
+@pytest.mark.vcr
+def test_a_sub_chain_called_inside_a_lambda_is_traced(backward_lm: LMEndpoint) -> None:
+    from langchain_core.runnables import RunnablePassthrough
+
+    classify, sub = _classifier(backward_lm)
+    chain = RunnablePassthrough.assign(
+        label=RunnableLambda(lambda d: sub.invoke({"message": d["message"]}))
+    ) | RunnableLambda(lambda d: d["label"])
+    traced = trace(chain, include=[sub])
+    prediction = traced.invoke({"message": "I am frustrated."})
+    assert prediction.requires_grad
+    _, explanation = F.exact_match_evaluator(prediction, "negative")
+    explanation.backward()
+    assert [g.data for g in traced.prompt_0.grad] == [RULE]
+    _optimize(traced, backward_lm)
+    assert classify.messages[0].prompt.template == f"{CLASSIFY} {RULE}"
+
+
+@pytest.mark.vcr
+def test_structured_output_with_a_pydantic_schema(
+    backward_lm: LMEndpoint, vcr: Any
+) -> None:
+    import asyncio
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Sentiment(BaseModel):
+        sentiment: Literal["negative", "neutral", "positive"]
+
+    classify = ChatPromptTemplate.from_messages(
+        [("system", CLASSIFY), ("human", "{message}")]
+    )
+    chain = (
+        classify
+        | _llm(backward_lm).with_structured_output(Sentiment)
+        | RunnableLambda(lambda s: s.sentiment)
+    )
+    traced = trace(chain)
+    prediction = asyncio.run(traced.ainvoke({"message": "I am frustrated."}))
+    assert prediction.data == "neutral" and prediction.requires_grad
+    _, explanation = F.exact_match_evaluator(prediction, "negative")
+    explanation.backward()
+    assert [g.data for g in traced.prompt_0.grad] == [RULE]
+    _optimize(traced, backward_lm)
+    assert chain.invoke({"message": "Frustrated again."}) == "negative"
+    assert _last_system_prompt(vcr) == f"{CLASSIFY} {RULE}"
+
+
+@pytest.mark.vcr
+def test_an_async_stream_is_traced(backward_lm: LMEndpoint) -> None:
+    import asyncio
+
+    _, chain = _classifier(backward_lm)
+    traced = trace(chain)
+    prediction = asyncio.run(traced.astream({"message": "I am frustrated."}))
+    assert prediction.data == "neutral" and prediction.requires_grad
