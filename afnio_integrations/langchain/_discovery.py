@@ -2,9 +2,10 @@
 
 The chain's graph (``chain.get_graph()``) holds the actual runnable instances; every
 ``ChatPromptTemplate`` (deduplicated by identity) contributes its text-bearing message
-templates (``messages[i].prompt.template``). ``MessagesPlaceholder`` and literal
-messages carry no template and are skipped; multimodal message templates (a list of
-templates) are skipped too.
+templates (``messages[i].prompt.template``), and a plain ``PromptTemplate`` its whole
+text (role ``human``: a chat model receives it as one user message).
+``MessagesPlaceholder`` and literal messages carry no template and are skipped;
+multimodal message templates (a list of templates) are skipped too.
 """
 
 from __future__ import annotations
@@ -37,17 +38,17 @@ class PromptSlot:
     """One message template of a prompt: where its text lives in the user's chain."""
 
     key: str  # stable name, e.g. "prompt0.system0"
-    prompt: ChatPromptTemplate
-    index: int  # position in prompt.messages
+    prompt: ChatPromptTemplate | PromptTemplate
+    index: int  # position in prompt.messages; -1 for a plain PromptTemplate
     role: str  # "system", "human", "ai" or a ChatMessagePromptTemplate role
 
     @property
     def message(self) -> Any:
-        return self.prompt.messages[self.index]
+        return self.prompt if self.index < 0 else self.prompt.messages[self.index]
 
     @property
     def template(self) -> PromptTemplate:
-        return self.message.prompt
+        return self.prompt if self.index < 0 else self.message.prompt
 
     @property
     def text(self) -> str:
@@ -63,13 +64,16 @@ def _role(message: Any) -> str | None:
     return None
 
 
-def _prompts(chain: Any) -> list[ChatPromptTemplate]:
-    if isinstance(chain, ChatPromptTemplate):
+def _prompts(chain: Any) -> list[ChatPromptTemplate | PromptTemplate]:
+    if isinstance(chain, (ChatPromptTemplate, PromptTemplate)):
         return [chain]
-    seen: dict[int, ChatPromptTemplate] = {}
+    seen: dict[int, ChatPromptTemplate | PromptTemplate] = {}
     for node in chain.get_graph().nodes.values():
         data = node.data
-        if isinstance(data, ChatPromptTemplate) and id(data) not in seen:
+        if (
+            isinstance(data, (ChatPromptTemplate, PromptTemplate))
+            and id(data) not in seen
+        ):
             seen[id(data)] = data
     return list(seen.values())
 
@@ -94,11 +98,17 @@ def find_prompt_slots(
         wanted = set(select)
         keep = lambda s: s.role in wanted  # noqa: E731
     slots: list[PromptSlot] = []
-    prompts: dict[int, ChatPromptTemplate] = {}
+    prompts: dict[int, ChatPromptTemplate | PromptTemplate] = {}
     for runnable in (chain, *include):
         for prompt in _prompts(runnable):
             prompts.setdefault(id(prompt), prompt)
     for p, prompt in enumerate(prompts.values()):
+        if isinstance(prompt, PromptTemplate):
+            # a plain template: its whole text is one human message
+            slot = PromptSlot(f"prompt{p}.human0", prompt, -1, "human")
+            if keep(slot):
+                slots.append(slot)
+            continue
         counts: dict[str, int] = {}
         for i, message in enumerate(prompt.messages):
             role = _role(message)

@@ -25,7 +25,7 @@ from afnio_integrations.langchain._tracing import (
     conversation_of,
     output_of,
 )
-from afnio_integrations.langchain._writeback import checked_template
+from afnio_integrations.langchain._writeback import apply_template, checked_template
 
 __all__ = ["TracedChain", "trace"]
 
@@ -42,6 +42,16 @@ def _text(value: Any) -> str:
         return json.dumps(value, default=str)
     except TypeError:
         return str(value)
+
+
+def _prompt_contents(value: Any) -> list[str]:
+    """The message texts a prompt run produced (a plain template's text is one
+    message)."""
+    messages = getattr(value, "messages", None)
+    if messages is not None:
+        return [_text(m) for m in messages]
+    text = getattr(value, "text", None)
+    return [str(text)] if text is not None else []
 
 
 def _runs(root: Any) -> list[Any]:
@@ -222,13 +232,7 @@ class TracedChain(Module):
                     (
                         p
                         for p in reversed(prompt_runs)
-                        if [
-                            _text(m)
-                            for m in getattr(
-                                (p.outputs or {}).get("output"), "messages", []
-                            )
-                        ]
-                        == contents
+                        if _prompt_contents((p.outputs or {}).get("output")) == contents
                     ),
                     None,
                 )
@@ -275,7 +279,7 @@ class TracedChain(Module):
             for slot, param in self._slot_list
         ]
         for slot, template in staged:
-            slot.message.prompt = template
+            apply_template(slot, template)
 
     def prompts(self) -> dict[str, str]:
         """The current texts by slot key (e.g. ``"prompt0.system0"``)."""

@@ -15,7 +15,13 @@ from langchain_core.prompts.string import get_template_variables
 
 from afnio_integrations.langchain._discovery import PromptSlot
 
-__all__ = ["PlaceholderMismatchError", "heal_braces", "write_back"]
+__all__ = [
+    "PlaceholderMismatchError",
+    "apply_template",
+    "checked_template",
+    "heal_braces",
+    "write_back",
+]
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}|\{|\}")
 
@@ -70,7 +76,17 @@ def checked_template(slot: PromptSlot, text: str) -> PromptTemplate:
     )
 
 
+def apply_template(slot: PromptSlot, template: PromptTemplate) -> None:
+    """Put a checked template into the user's prompt object: a chat message gets the
+    new template; a plain ``PromptTemplate`` (the chain holds that very object) gets
+    its text in place, its variables being unchanged."""
+    if slot.index < 0:
+        slot.prompt.template = template.template
+    else:
+        slot.message.prompt = template
+
+
 def write_back(slot: PromptSlot, text: str) -> None:
-    """Replace the text of ``slot``'s message template in the user's prompt object
-    (the chain holds that same object, so its next call uses the new text)."""
-    slot.message.prompt = checked_template(slot, text)
+    """Replace the text of ``slot`` in the user's prompt object (the chain holds that
+    same object, so its next call uses the new text)."""
+    apply_template(slot, checked_template(slot, text))
