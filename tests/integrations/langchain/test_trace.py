@@ -55,6 +55,19 @@ def _optimize(traced: Any, lm: LMEndpoint) -> None:
     traced.write_back()
 
 
+def _assert_user_chain_sends(vcr: Any, chain: Any, inputs: Any, text: str) -> None:
+    """After write-back, the user's own chain object sends ``text`` on its next call:
+    the system prompts of the requests it made (recorded now, or replayed from the
+    cassette) include it."""
+    recorded, played = len(vcr.requests), dict(vcr.play_counts)
+    chain.invoke(inputs)
+    new = set(range(recorded, len(vcr.requests)))  # recording
+    new |= {i for i, n in vcr.play_counts.items() if n > played.get(i, 0)}  # replaying
+    bodies = [json.loads(vcr.requests[i].body) for i in sorted(new)]
+    assert bodies, "the chain made no request"
+    assert text in [b["messages"][0]["content"] for b in bodies if "messages" in b]
+
+
 @pytest.mark.vcr
 def test_one_call_chain_learns_and_writes_back(
     backward_lm: LMEndpoint, vcr: Any
@@ -76,7 +89,7 @@ def test_one_call_chain_learns_and_writes_back(
 
 @pytest.mark.vcr
 def test_two_call_chain_sends_feedback_to_both_system_prompts(
-    backward_lm: LMEndpoint,
+    backward_lm: LMEndpoint, vcr: Any
 ) -> None:
     summarize = ChatPromptTemplate.from_messages(
         [("system", "Summarize the message in one sentence."), ("human", "{message}")]
@@ -97,10 +110,18 @@ def test_two_call_chain_sends_feedback_to_both_system_prompts(
     explanation.backward()
     grads = {name: [g.data for g in p.grad] for name, p in traced.named_parameters()}
     assert all(len(g) == 1 and g[0] for g in grads.values()), grads
+    # (the simulator's summaries carry no salience word, so its optimizer has no rule
+    # to add here: write an improved text directly, as an optimizer would)
+    classify_param = next(p for _, p in traced.named_parameters() if p.data == CLASSIFY)
+    classify_param.data = f"{CLASSIFY} Answer with one lowercase word."
+    traced.write_back()
+    new = classify.messages[0].prompt.template
+    assert new == f"{CLASSIFY} Answer with one lowercase word."
+    _assert_user_chain_sends(vcr, chain, {"message": "I am thrilled again."}, new)
 
 
 @pytest.mark.vcr
-def test_parallel_branches_each_get_feedback(backward_lm: LMEndpoint) -> None:
+def test_parallel_branches_each_get_feedback(backward_lm: LMEndpoint, vcr: Any) -> None:
     polite = ChatPromptTemplate.from_messages(
         [("system", "Rewrite the message politely."), ("human", "{message}")]
     )
@@ -121,13 +142,19 @@ def test_parallel_branches_each_get_feedback(backward_lm: LMEndpoint) -> None:
     assert [g.data for g in sentiment_param.grad] == [
         'If the message mentions "awful", the sentiment is negative.'
     ]
+    _optimize(traced, backward_lm)
+    new = f'{CLASSIFY} If the message mentions "awful", the sentiment is negative.'
+    assert classify.messages[0].prompt.template == new
+    _assert_user_chain_sends(vcr, chain, {"message": "Awful again."}, new)
 
 
 @pytest.mark.vcr
-def test_batch_and_abatch_are_traced_per_sample(backward_lm: LMEndpoint) -> None:
+def test_batch_and_abatch_are_traced_per_sample(
+    backward_lm: LMEndpoint, vcr: Any
+) -> None:
     import asyncio
 
-    _, chain = _classifier(backward_lm)
+    prompt, chain = _classifier(backward_lm)
     traced = trace(chain)
     inputs = [{"message": "I love it."}, {"message": "This is the worst."}]
     prediction = traced.batch(inputs)
@@ -140,10 +167,14 @@ def test_batch_and_abatch_are_traced_per_sample(backward_lm: LMEndpoint) -> None
     ]
     again = asyncio.run(traced.abatch(inputs))
     assert again.data == ["neutral", "neutral"] and again.requires_grad
+    _optimize(traced, backward_lm)
+    new = prompt.messages[0].prompt.template
+    assert '"love"' in new and '"worst"' in new
+    _assert_user_chain_sends(vcr, chain, {"message": "Love it."}, new)
 
 
 @pytest.mark.vcr
-def test_a_streamed_call_is_traced(backward_lm: LMEndpoint) -> None:
+def test_a_streamed_call_is_traced(backward_lm: LMEndpoint, vcr: Any) -> None:
     _, chain = _classifier(backward_lm)
     traced = trace(chain)
     prediction = traced.stream({"message": "I am frustrated."})
@@ -151,6 +182,10 @@ def test_a_streamed_call_is_traced(backward_lm: LMEndpoint) -> None:
     _, explanation = F.exact_match_evaluator(prediction, "negative")
     explanation.backward()
     assert [g.data for g in traced.prompt_0.grad] == [RULE]
+    _optimize(traced, backward_lm)
+    _assert_user_chain_sends(
+        vcr, chain, {"message": "Frustrated."}, f"{CLASSIFY} {RULE}"
+    )
 
 
 # -- write-back safety (no LM) ------------------------------------------------------
@@ -223,7 +258,9 @@ def test_discovery_selects_roles_and_skips_placeholders() -> None:
 
 
 @pytest.mark.vcr
-def test_a_sub_chain_called_inside_a_lambda_is_traced(backward_lm: LMEndpoint) -> None:
+def test_a_sub_chain_called_inside_a_lambda_is_traced(
+    backward_lm: LMEndpoint, vcr: Any
+) -> None:
     from langchain_core.runnables import RunnablePassthrough
 
     classify, sub = _classifier(backward_lm)
@@ -238,6 +275,9 @@ def test_a_sub_chain_called_inside_a_lambda_is_traced(backward_lm: LMEndpoint) -
     assert [g.data for g in traced.prompt_0.grad] == [RULE]
     _optimize(traced, backward_lm)
     assert classify.messages[0].prompt.template == f"{CLASSIFY} {RULE}"
+    _assert_user_chain_sends(
+        vcr, chain, {"message": "Frustrated."}, f"{CLASSIFY} {RULE}"
+    )
 
 
 @pytest.mark.vcr
