@@ -21,6 +21,7 @@ from langchain_core.prompts.chat import (
     HumanMessagePromptTemplate,
     SystemMessagePromptTemplate,
 )
+from langchain_core.runnables import Runnable, RunnableLambda
 
 __all__ = ["PromptSlot", "find_prompt_slots"]
 
@@ -64,17 +65,45 @@ def _role(message: Any) -> str | None:
     return None
 
 
-def _prompts(chain: Any) -> list[ChatPromptTemplate | PromptTemplate]:
+def _referenced_runnables(func: Any) -> list[Runnable]:
+    """Runnables a lambda's function uses: its closure cells and the globals it
+    names (how a sub-chain called inside a ``RunnableLambda`` is found)."""
+    found: list[Runnable] = []
+    for cell in getattr(func, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, Runnable):
+            found.append(value)
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        names = getattr(func, "__globals__", {})
+        found.extend(
+            v for name in code.co_names if isinstance(v := names.get(name), Runnable)
+        )
+    return found
+
+
+def _prompts(
+    chain: Any, visited: set[int] | None = None
+) -> list[ChatPromptTemplate | PromptTemplate]:
     if isinstance(chain, (ChatPromptTemplate, PromptTemplate)):
         return [chain]
+    visited = set() if visited is None else visited
+    if id(chain) in visited:
+        return []
+    visited.add(id(chain))
     seen: dict[int, ChatPromptTemplate | PromptTemplate] = {}
     for node in chain.get_graph().nodes.values():
         data = node.data
-        if (
-            isinstance(data, (ChatPromptTemplate, PromptTemplate))
-            and id(data) not in seen
-        ):
-            seen[id(data)] = data
+        if isinstance(data, (ChatPromptTemplate, PromptTemplate)):
+            seen.setdefault(id(data), data)
+        elif isinstance(data, RunnableLambda):
+            for func in (data.func, getattr(data, "afunc", None)):
+                for runnable in _referenced_runnables(func):
+                    for prompt in _prompts(runnable, visited):
+                        seen.setdefault(id(prompt), prompt)
     return list(seen.values())
 
 
@@ -87,8 +116,9 @@ def find_prompt_slots(
     """The message templates of ``chain`` chosen by ``select``: a role (``"system"``,
     ``"human"``, ``"ai"``), several roles, ``"all"``, or a predicate on a slot.
 
-    ``include`` lists more runnables (or prompts) to search: those only called from
-    inside a ``RunnableLambda``'s function are invisible to the chain's structure."""
+    Sub-chains called inside a ``RunnableLambda`` are found through the function's
+    closure and the globals it names; ``include`` lists more runnables (or prompts) to
+    search, for sub-chains reached any other way."""
     if isinstance(select, str):
         roles = None if select == "all" else {select}
         keep: Callable[[PromptSlot], bool] = lambda s: roles is None or s.role in roles  # noqa: E731

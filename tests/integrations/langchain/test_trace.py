@@ -267,7 +267,7 @@ def test_a_sub_chain_called_inside_a_lambda_is_traced(
     chain = RunnablePassthrough.assign(
         label=RunnableLambda(lambda d: sub.invoke({"message": d["message"]}))
     ) | RunnableLambda(lambda d: d["label"])
-    traced = trace(chain, include=[sub])
+    traced = trace(chain)  # found through the lambda's closure
     prediction = traced.invoke({"message": "I am frustrated."})
     assert prediction.requires_grad
     _, explanation = F.exact_match_evaluator(prediction, "negative")
@@ -319,3 +319,14 @@ def test_an_async_stream_is_traced(backward_lm: LMEndpoint) -> None:
     traced = trace(chain)
     prediction = asyncio.run(traced.astream({"message": "I am frustrated."}))
     assert prediction.data == "neutral" and prediction.requires_grad
+
+
+def test_include_adds_prompts_reached_another_way() -> None:
+    hidden = ChatPromptTemplate.from_messages([("system", "Hidden."), ("human", "{x}")])
+    registry = {"hidden": hidden}
+    chain = RunnableLambda(lambda d: registry["hidden"].invoke(d))
+    with pytest.raises(ValueError, match="No prompt template text"):
+        trace(chain)
+    assert [s.key for s in find_prompt_slots(chain, include=[hidden])] == [
+        "prompt0.system0"
+    ]
