@@ -260,6 +260,20 @@ class TracedChain(Module):
                 src = next((v for t, v in reversed(produced) if t == feeding), last)
                 var = StepOutput.apply(src, text, run.name)
                 produced.append((text, var))
+            elif run.run_type == "chain" and run is not root and produced:
+                # a lambda (or any step) transforming an earlier output: feedback on
+                # its output passes to that earlier output
+                feeding = _text((run.inputs or {}).get("input"))
+                src = next((v for t, v in reversed(produced) if t == feeding), None)
+                if src is not None and run.outputs:
+                    # a dict output is stored as the outputs themselves
+                    output = run.outputs.get("output", run.outputs)
+                    text = _text(output)
+                    if text != feeding:
+                        var = StepOutput.apply(src, text, run.name)
+                        produced.append((text, var))
+                        if isinstance(output, dict):  # e.g. {"text": ...} for a prompt
+                            produced.extend((_text(v), var) for v in output.values())
         final = _text(result)
         if not produced:
             return Variable(final, role="output of the chain")

@@ -330,3 +330,35 @@ def test_include_adds_prompts_reached_another_way() -> None:
     assert [s.key for s in find_prompt_slots(chain, include=[hidden])] == [
         "prompt0.system0"
     ]
+
+
+@pytest.mark.vcr
+def test_feedback_passes_through_a_lambda_between_two_calls(
+    backward_lm: LMEndpoint,
+) -> None:
+    first = ChatPromptTemplate.from_messages(
+        [("system", "Rewrite the message."), ("human", "{message}")]
+    )
+    second = ChatPromptTemplate.from_messages(
+        [("system", CLASSIFY), ("human", "{text}")]
+    )
+    llm = _llm(backward_lm)
+    chain = (
+        first
+        | llm
+        | StrOutputParser()
+        | RunnableLambda(lambda s: {"text": s.upper()})
+        | second
+        | llm
+        | StrOutputParser()
+    )
+    traced = trace(chain)
+    prediction = traced.invoke({"message": "I am frustrated."})
+    _, explanation = F.exact_match_evaluator(prediction, "negative")
+    explanation.backward()
+    grads = {name: [g.data for g in p.grad] for name, p in traced.named_parameters()}
+    assert all(len(g) == 1 and g[0] for g in grads.values()), grads
+    rewrite = next(
+        p for _, p in traced.named_parameters() if p.data == "Rewrite the message."
+    )
+    assert "RunnableLambda" in rewrite.grad[0].data  # the step in between is named
