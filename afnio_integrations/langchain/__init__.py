@@ -5,6 +5,7 @@ Install with the ``langchain`` extra: ``pip install -e '.[langchain]'``.
 """
 
 from afnio_integrations.langchain._discovery import PromptSlot, find_prompt_slots
+from afnio_integrations.langchain._model import LangChainChatModel
 from afnio_integrations.langchain._traced import TracedChain, trace
 from afnio_integrations.langchain._writeback import (
     PlaceholderMismatchError,
@@ -12,6 +13,7 @@ from afnio_integrations.langchain._writeback import (
 )
 
 __all__ = [
+    "LangChainChatModel",
     "PlaceholderMismatchError",
     "PromptSlot",
     "TracedChain",
