@@ -6,6 +6,7 @@ Install with the ``langchain`` extra: ``pip install -e '.[langchain]'``.
 
 from afnio_integrations.langchain._discovery import PromptSlot, find_prompt_slots
 from afnio_integrations.langchain._model import LangChainChatModel
+from afnio_integrations.langchain._optimize import OptimizeReport, optimize
 from afnio_integrations.langchain._traced import TracedChain, trace
 from afnio_integrations.langchain._writeback import (
     PlaceholderMismatchError,
@@ -14,10 +15,12 @@ from afnio_integrations.langchain._writeback import (
 
 __all__ = [
     "LangChainChatModel",
+    "OptimizeReport",
     "PlaceholderMismatchError",
     "PromptSlot",
     "TracedChain",
     "find_prompt_slots",
     "heal_braces",
+    "optimize",
     "trace",
 ]

@@ -125,6 +125,12 @@ class TracedChain(Module):
 
     # -- calling -----------------------------------------------------------------------
 
+    def _sync(self) -> None:
+        """Make the chain use the Parameters' current texts (after an optimizer step,
+        the next call already runs with the new prompts)."""
+        if any(str(param.data) != slot.text for slot, param in self._slot_list):
+            self.write_back()
+
     @staticmethod
     def _config(
         config: dict[str, Any] | None, collector: RunCollector
@@ -139,6 +145,7 @@ class TracedChain(Module):
 
     def invoke(self, inputs: Any, config: dict[str, Any] | None = None) -> Variable:
         """Run the chain on ``inputs``; the output as a Variable in the afnio graph."""
+        self._sync()
         collector = RunCollector()
         result = self.chain.invoke(inputs, config=self._config(config, collector))
         return self._build(collector.roots[-1], result)
@@ -147,6 +154,7 @@ class TracedChain(Module):
         self, inputs: Any, config: dict[str, Any] | None = None
     ) -> Variable:
         """Async :meth:`invoke`."""
+        self._sync()
         collector = RunCollector()
         result = await self.chain.ainvoke(
             inputs, config=self._config(config, collector)
@@ -171,6 +179,7 @@ class TracedChain(Module):
     ) -> Variable:
         """Run the chain on every input (concurrently, as ``chain.batch`` does); one
         batched Variable, aligned with ``inputs``."""
+        self._sync()
         collector = RunCollector()
         results = self.chain.batch(list(inputs), config=self._config(config, collector))
         return self._batch_output(inputs, results, collector.roots)
@@ -179,6 +188,7 @@ class TracedChain(Module):
         self, inputs: Sequence[Any], config: dict[str, Any] | None = None
     ) -> Variable:
         """Async :meth:`batch`."""
+        self._sync()
         collector = RunCollector()
         results = await self.chain.abatch(
             list(inputs), config=self._config(config, collector)
@@ -187,6 +197,7 @@ class TracedChain(Module):
 
     def stream(self, inputs: Any, config: dict[str, Any] | None = None) -> Variable:
         """Stream the chain (its chunks are joined); the output as a Variable."""
+        self._sync()
         collector = RunCollector()
         chunks = list(self.chain.stream(inputs, config=self._config(config, collector)))
         result: Any = (
@@ -200,6 +211,7 @@ class TracedChain(Module):
         self, inputs: Any, config: dict[str, Any] | None = None
     ) -> Variable:
         """Async :meth:`stream`."""
+        self._sync()
         collector = RunCollector()
         chunks = [
             chunk

@@ -8,11 +8,13 @@ pytest.importorskip("langchain_core", reason="needs the langchain extra")
 
 EXPECTED_ALL = [
     "LangChainChatModel",
+    "OptimizeReport",
     "PlaceholderMismatchError",
     "PromptSlot",
     "TracedChain",
     "find_prompt_slots",
     "heal_braces",
+    "optimize",
     "trace",
 ]
 

@@ -1,0 +1,222 @@
+"""``optimize(chain, trainset, metric)``: prompt optimization for users who do not write
+an afnio Module.
+
+The chain is traced (:func:`trace`), trained with TGD through the
+:class:`~afnio.trainer.Trainer` (progress, ``max_cost``, ``revert_on_regression``), the
+improved prompts are written back into the user's own chain, and a report tells the
+scores before and after, the prompt diff, and the LM calls, tokens and cost.
+"""
+
+from __future__ import annotations
+
+import builtins
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from afnio._variable import Variable
+from afnio.autodiff.evaluator import DeterministicEvaluator
+from afnio.cognitive.modules.module import Module
+from afnio.models.model import ChatCompletionModel
+from afnio.optim import TGD
+from afnio.trainer import Trainer
+from afnio.utils.data import DataLoader, Dataset
+from afnio_integrations.langchain._discovery import Selector
+from afnio_integrations.langchain._traced import TracedChain, trace
+
+__all__ = ["OptimizeReport", "optimize"]
+
+
+@dataclass
+class OptimizeReport:
+    """What :func:`optimize` did."""
+
+    score_before: float | None
+    score_after: float | None
+    prompts_before: dict[str, str]
+    prompts_after: dict[str, str]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    calls: int = 0
+    tokens: int = 0
+    cost: float = 0.0
+    stopped_reason: str | None = None
+
+    @property
+    def prompt_diff(self) -> str:
+        """A unified diff of every changed prompt."""
+        parts = []
+        for key, old in self.prompts_before.items():
+            new = self.prompts_after.get(key, old)
+            if new != old:
+                parts.extend(
+                    difflib.unified_diff(
+                        old.splitlines(),
+                        new.splitlines(),
+                        f"{key} (before)",
+                        f"{key} (after)",
+                        lineterm="",
+                    )
+                )
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        return (
+            f"score before: {fmt(self.score_before)}  after: {fmt(self.score_after)}\n"
+            f"LM calls: {self.calls}  tokens: {self.tokens}  cost: ${self.cost:.4f}\n"
+            + (self.prompt_diff or "(no prompt changed)")
+        )
+
+
+class _Pairs(Dataset):
+    def __init__(self, pairs: Sequence[tuple[Any, Any]]) -> None:
+        self.pairs = list(pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return index, index  # the loader batches indices; the agent looks them up
+
+
+class _ChainAgent(Module):
+    def __init__(
+        self,
+        traced: TracedChain,
+        metric: Callable[..., Any],
+        pairs: dict[str, list[tuple[Any, Any]]],
+        optimizer: Callable[[], Any],
+        best_score: Any,
+        is_evaluator: bool,
+    ) -> None:
+        super().__init__()
+        self.traced = traced
+        object.__setattr__(self, "_metric", metric)
+        object.__setattr__(self, "_pairs", pairs)
+        object.__setattr__(self, "_make_optimizer", optimizer)
+        object.__setattr__(self, "_best", best_score)
+        object.__setattr__(self, "_is_evaluator", is_evaluator)
+
+    def forward(self, inputs: list[Any]) -> Variable:
+        return self.traced.batch(inputs)
+
+    def _step(self, batch: Any, split: str) -> dict[str, Any]:
+        indices = batch[0]
+        rows = [self._pairs[split][int(i)] for i in indices]
+        prediction = self([inputs for inputs, _ in rows])
+        targets = [str(target) for _, target in rows]
+        if self._is_evaluator:
+            score, explanation = self._metric(prediction, targets)
+        else:
+            score, explanation = DeterministicEvaluator.apply(
+                prediction,
+                targets,
+                self._metric,
+                getattr(self._metric, "__name__", "the metric"),
+                None,
+                builtins.sum,
+                "summation",
+                best_score=self._best,
+            )
+        return {"loss": (score, explanation), "accuracy": float(score.data) / len(rows)}
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._step(batch, "val")
+
+    def configure_optimizers(self) -> Any:
+        return self._make_optimizer()
+
+
+def optimize(
+    chain: Any,
+    trainset: Sequence[tuple[Any, Any]],
+    metric: Callable[..., Any],
+    *,
+    valset: Sequence[tuple[Any, Any]] | None = None,
+    model_client: ChatCompletionModel | None = None,
+    epochs: int = 3,
+    batch_size: int = 16,
+    seed: int = 0,
+    select: Selector = "system",
+    best_score: Any = 1,
+    max_cost: float | None = None,
+    revert_on_regression: bool = False,
+    root_dir: str | None = None,
+    progress: bool = True,
+    **completion_args: Any,
+) -> tuple[Any, OptimizeReport]:
+    """Improve the prompts of ``chain`` on ``trainset``; returns ``(chain, report)``.
+
+    Args:
+        chain: the user's LangChain chain (its prompts are updated in place).
+        trainset: ``(inputs, target)`` pairs; ``inputs`` is what ``chain.invoke``
+            takes.
+        metric: ``metric(prediction: str, target: str) -> score`` (e.g. 1/0), or an
+            afnio evaluator function such as
+            ``afnio.functional.exact_match_evaluator``.
+        valset: pairs scored before and after (and per epoch); default ``trainset``.
+        model_client: the LM that writes feedback and new prompts (TGD's client); by
+            default the backward client set with ``afnio.set_backward_model_client``.
+        epochs, batch_size, seed: the training loop (shuffled with ``seed``).
+        select: which prompt messages to optimize (see :func:`trace`).
+        best_score: a sample's best metric value (no feedback is asked for it).
+        max_cost, revert_on_regression: as for :class:`~afnio.trainer.Trainer`.
+        **completion_args: passed to the optimizer client (``model=`` included).
+    """
+    if not trainset:
+        raise ValueError("`trainset` is empty: pass (inputs, target) pairs.")
+    if model_client is None:
+        from afnio._model_client import get_backward_model_client
+
+        model_client = get_backward_model_client().client
+    traced = trace(chain, select)
+    pairs = {"train": list(trainset), "val": list(valset or trainset)}
+
+    def make_optimizer() -> TGD:
+        return TGD(traced.parameters(), model_client=model_client, **completion_args)
+
+    # an afnio evaluator function returns (score, explanation) itself
+    is_evaluator = getattr(metric, "__module__", "") == "afnio.cognitive.functional"
+    agent = _ChainAgent(traced, metric, pairs, make_optimizer, best_score, is_evaluator)
+    trainer = Trainer(
+        max_epochs=epochs,
+        enable_progress_bar=progress,
+        enable_agent_summary=False,
+        enable_checkpointing=root_dir is not None,
+        default_root_dir=root_dir,
+        max_cost=max_cost,
+        revert_on_regression=revert_on_regression,
+    )
+    val_loader = DataLoader(_Pairs(pairs["val"]), batch_size=max(1, len(pairs["val"])))
+    before_prompts = traced.prompts()
+    before = trainer.validate(agent, val_loader).get("val_accuracy")
+    spent = trainer.total_cost
+    history = trainer.fit(
+        agent,
+        DataLoader(
+            _Pairs(pairs["train"]), batch_size=batch_size, shuffle=True, seed=seed
+        ),
+        val_loader,
+    )
+    traced.write_back()
+    after = history[-1].get("val_accuracy") if history else before
+    rows = trainer._meter.per_client() if trainer._meter is not None else []
+    report = OptimizeReport(
+        score_before=before,
+        score_after=after,
+        prompts_before=before_prompts,
+        prompts_after=traced.prompts(),
+        history=history,
+        calls=sum(r[3] for r in rows),
+        tokens=sum(r[2] for r in rows),
+        cost=spent + trainer.total_cost,
+        stopped_reason=trainer.stopped_reason,
+    )
+    return chain, report

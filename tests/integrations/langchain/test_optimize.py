@@ -1,0 +1,78 @@
+"""optimize(): a LangChain chain improved end to end on the live simulator."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("langchain_openai", reason="needs the langchain test extra")
+
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_openai import ChatOpenAI
+
+import afnio
+from afnio import functional as F
+from afnio.models.openai import OpenAI
+from afnio.testing import SIMULATOR_MODEL, Simulator
+from afnio_integrations.langchain import optimize
+
+MESSAGES = [
+    ("The new cleaning crew is wonderful.", "positive"),
+    ("The heater broke again, this is awful.", "negative"),
+    ("Please confirm the Tuesday visit.", "neutral"),
+    ("I love how quickly you fixed the lift.", "positive"),
+    ("Terrible response time, I am upset.", "negative"),
+    ("Where can I find the invoice?", "neutral"),
+    ("Fantastic work on the garden.", "positive"),
+    ("The worst service we have had.", "negative"),
+]
+CLASSIFY = "Classify the sentiment of the message."
+
+
+def exact(prediction: str, target: str) -> int:
+    return int(prediction.strip() == target)
+
+
+@pytest.mark.parametrize("metric", [exact, F.exact_match_evaluator])
+def test_optimize_improves_the_users_chain_and_reports(metric: object) -> None:
+    with (
+        Simulator() as sim,
+        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
+    ):
+        afnio.set_backward_model_client(
+            client, completion_args={"model": SIMULATOR_MODEL}
+        )
+        prompt = ChatPromptTemplate.from_messages(
+            [("system", CLASSIFY), ("human", "{message}")]
+        )
+        llm = ChatOpenAI(
+            model=SIMULATOR_MODEL, base_url=sim.base_url, api_key="k", max_retries=0
+        )
+        chain = prompt | llm | StrOutputParser()
+        trainset = [({"message": m}, t) for m, t in MESSAGES]
+        returned, report = optimize(
+            chain,
+            trainset,
+            metric,
+            epochs=2,
+            batch_size=4,
+            progress=False,
+            model=SIMULATOR_MODEL,
+        )
+        assert returned is chain
+        assert report.score_before == 0.25 and report.score_after == 1.0
+        assert report.prompts_before == {"prompt0.system0": CLASSIFY}
+        new = prompt.messages[0].prompt.template
+        assert report.prompts_after == {"prompt0.system0": new} and new != CLASSIFY
+        assert "+" + new in report.prompt_diff
+        assert report.calls > 0 and report.tokens > 0 and report.cost > 0
+        assert chain.invoke({"message": "Awful again."}) == "negative"
+        assert "score before: 0.250  after: 1.000" in str(report)
+
+
+def test_optimize_rejects_an_empty_trainset() -> None:
+    prompt = ChatPromptTemplate.from_messages(
+        [("system", CLASSIFY), ("human", "{message}")]
+    )
+    with pytest.raises(ValueError, match="`trainset` is empty"):
+        optimize(prompt, [], exact)
