@@ -7,6 +7,7 @@ Install with the ``langchain`` extra: ``pip install -e '.[langchain]'``.
 from afnio_integrations.langchain._discovery import PromptSlot, find_prompt_slots
 from afnio_integrations.langchain._model import LangChainChatModel
 from afnio_integrations.langchain._optimize import OptimizeReport, optimize
+from afnio_integrations.langchain._runnable import AfnioRunnable
 from afnio_integrations.langchain._traced import TracedChain, trace
 from afnio_integrations.langchain._writeback import (
     PlaceholderMismatchError,
@@ -14,6 +15,7 @@ from afnio_integrations.langchain._writeback import (
 )
 
 __all__ = [
+    "AfnioRunnable",
     "LangChainChatModel",
     "OptimizeReport",
     "PlaceholderMismatchError",

@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("langchain_core", reason="needs the langchain extra")
 
 EXPECTED_ALL = [
+    "AfnioRunnable",
     "LangChainChatModel",
     "OptimizeReport",
     "PlaceholderMismatchError",
