@@ -44,3 +44,23 @@ def test_cli_dispatch(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["--help"]) == 0
     assert cli(["nope"]) == 2
     assert "unknown command 'nope'" in capsys.readouterr().err
+
+
+SHARED = (
+    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "facility-support"
+)
+
+
+@pytest.mark.skipif(
+    not (SHARED / "dataset.json").exists(),
+    reason="../shared/data is not available (a fresh clone): needs Facility Support",
+)
+def test_optimize_on_facility_support_reaches_75_percent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--dataset-file", str(SHARED / "dataset.json"), "--out", str(tmp_path)]
+    assert demo(args) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("validation accuracy:"))
+    before, after = (float(v.strip(" %")) for v in line.split(":")[1].split("->"))
+    assert before < 62.0 and after >= 75.0, line
