@@ -8,7 +8,7 @@ from afnio_integrations.langchain._discovery import PromptSlot, find_prompt_slot
 from afnio_integrations.langchain._model import LangChainChatModel
 from afnio_integrations.langchain._optimize import OptimizeReport, optimize
 from afnio_integrations.langchain._runnable import AfnioRunnable
-from afnio_integrations.langchain._traced import TracedChain, trace
+from afnio_integrations.langchain._traced import TracedChain, load_chain, trace
 from afnio_integrations.langchain._writeback import (
     PlaceholderMismatchError,
     heal_braces,
@@ -23,6 +23,7 @@ __all__ = [
     "TracedChain",
     "find_prompt_slots",
     "heal_braces",
+    "load_chain",
     "optimize",
     "trace",
 ]

@@ -27,7 +27,7 @@ from afnio_integrations.langchain._tracing import (
 )
 from afnio_integrations.langchain._writeback import apply_template, checked_template
 
-__all__ = ["TracedChain", "trace"]
+__all__ = ["TracedChain", "load_chain", "trace"]
 
 
 def _text(value: Any) -> str:
@@ -338,9 +338,30 @@ class TracedChain(Module):
                 param.data = before[slot.key]
             raise
 
+    def save_chain(self, path: str | Path) -> None:
+        """Save :meth:`export`'s chain as LangChain JSON (``langchain_core.load``
+        format; API keys are stored as references to environment variables, never as
+        values). Load it without afnio with ``langchain_core.load.loads`` (see
+        :func:`load_chain` for the options)."""
+        from langchain_core.load import dumpd
+
+        self.write_back()
+
+        def scrub(node: Any) -> Any:  # drop afnio's bookkeeping from prompt metadata
+            if isinstance(node, dict):
+                return {k: scrub(v) for k, v in node.items() if k != METADATA_KEY}
+            if isinstance(node, list):
+                return [scrub(v) for v in node]
+            return node
+
+        text = json.dumps(scrub(dumpd(self.chain)), indent=2)
+        Path(path).write_text(text, "utf-8")
+
     def export(self) -> Any:
         """A deep copy of the user's chain with the current texts written in and no
-        afnio metadata: a plain LangChain chain that needs no afnio at run time."""
+        afnio metadata: a plain LangChain chain that needs no afnio at run time. (A
+        model client that holds open connections may refuse to be copied; then use
+        :meth:`save_chain` and load the file.)"""
         self.write_back()
         exported = copy.deepcopy(self.chain)
         for slot in find_prompt_slots(exported, "all"):
@@ -349,6 +370,20 @@ class TracedChain(Module):
                     k: v for k, v in slot.prompt.metadata.items() if k != METADATA_KEY
                 } or None
         return exported
+
+
+def load_chain(path: str | Path, **kwargs: Any) -> Any:
+    """Load a chain saved by :meth:`TracedChain.save_chain` (plain LangChain: this
+    is what a deployment without afnio runs; secrets come from the environment)."""
+    from langchain_core.load import loads
+
+    options: dict[str, Any] = {
+        "secrets_from_env": True,
+        "valid_namespaces": ["langchain_openai", "langchain_anthropic"],
+        "allowed_objects": "all",
+    }
+    options.update(kwargs)
+    return loads(Path(path).read_text("utf-8"), **options)
 
 
 def trace(

@@ -15,6 +15,7 @@ EXPECTED_ALL = [
     "TracedChain",
     "find_prompt_slots",
     "heal_braces",
+    "load_chain",
     "optimize",
     "trace",
 ]

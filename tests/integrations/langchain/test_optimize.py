@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("langchain_openai", reason="needs the langchain test extra")
@@ -76,3 +78,74 @@ def test_optimize_rejects_an_empty_trainset() -> None:
     )
     with pytest.raises(ValueError, match="`trainset` is empty"):
         optimize(prompt, [], exact)
+
+
+LOADER = """
+import importlib.abc, json, sys
+
+class NoAfnio(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("afnio", "afnio_integrations"):
+            raise ImportError(f"{name} must not be needed to run the exported chain")
+        return None
+
+sys.meta_path.insert(0, NoAfnio())
+from langchain_core.load import loads
+
+chain = loads(open(sys.argv[1]).read(), secrets_from_env=True,
+              valid_namespaces=["langchain_openai"], allowed_objects="all")
+print(json.dumps(chain.invoke({"message": "Awful service again."})))
+"""
+
+
+def test_the_saved_chain_runs_where_afnio_cannot_be_imported(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    with (
+        Simulator() as sim,
+        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
+    ):
+        afnio.set_backward_model_client(
+            client, completion_args={"model": SIMULATOR_MODEL}
+        )
+        prompt = ChatPromptTemplate.from_messages(
+            [("system", CLASSIFY), ("human", "{message}")]
+        )
+        llm = ChatOpenAI(
+            model=SIMULATOR_MODEL, base_url=sim.base_url, api_key="k", max_retries=0
+        )
+        chain = prompt | llm | StrOutputParser()
+        trainset = [({"message": m}, t) for m, t in MESSAGES]
+        optimize(
+            chain,
+            trainset,
+            exact,
+            epochs=2,
+            batch_size=4,
+            progress=False,
+            model=SIMULATOR_MODEL,
+        )
+        from afnio_integrations.langchain import trace
+
+        saved = tmp_path / "chain.json"
+        trace(chain).save_chain(saved)
+        assert "sk-" not in saved.read_text()  # keys are env references, not values
+        script = tmp_path / "run.py"
+        script.write_text(LOADER)
+        sim.reset_stats()
+        env = {**os.environ, "OPENAI_API_KEY": "sk-from-env"}
+        result = subprocess.run(
+            [sys.executable, str(script), str(saved)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout.strip().splitlines()[-1]) == "negative"
+        sent = sim.requests[-1]["messages"][0]["content"]
+        assert sent == prompt.messages[0].prompt.template and sent != CLASSIFY
