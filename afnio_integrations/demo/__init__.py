@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"old system prompt: {report.prompts_before['prompt0.system0']}")
     print(f"new system prompt: {report.prompts_after['prompt0.system0']}")
     print(
-        f"LM calls (feedback and optimizer): {report.calls}, tokens: {report.tokens}, "
+        f"LM calls (chain, feedback, optimizer): {report.calls}, "
+        f"tokens: {report.tokens}, "
         f"cost: ${report.cost:.4f}"
     )
     print(f"optimized prompts saved to {prompts_file}")

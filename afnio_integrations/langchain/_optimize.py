@@ -30,7 +30,9 @@ __all__ = ["OptimizeReport", "optimize"]
 
 @dataclass
 class OptimizeReport:
-    """What :func:`optimize` did."""
+    """What :func:`optimize` did. ``calls``, ``tokens`` and ``cost`` cover every LM
+    call of the run: the chain's own (from LangChain's usage reports) and afnio's
+    feedback and optimizer calls."""
 
     score_before: float | None
     score_after: float | None
@@ -214,9 +216,9 @@ def optimize(
         prompts_before=before_prompts,
         prompts_after=traced.prompts(),
         history=history,
-        calls=sum(r[3] for r in rows),
-        tokens=sum(r[2] for r in rows),
-        cost=spent + trainer.total_cost,
+        calls=sum(r[3] for r in rows) + traced.lm_calls,
+        tokens=sum(r[2] for r in rows) + traced.lm_tokens,
+        cost=spent + trainer.total_cost + traced.lm_cost,
         stopped_reason=trainer.stopped_reason,
     )
     return chain, report

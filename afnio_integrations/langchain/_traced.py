@@ -119,6 +119,9 @@ class TracedChain(Module):
                 }
             by_prompt.setdefault(prompt_key, []).append((slot, param))
         self._by_prompt = by_prompt
+        object.__setattr__(self, "lm_calls", 0)
+        object.__setattr__(self, "lm_tokens", 0)
+        object.__setattr__(self, "lm_cost", 0.0)
 
     def extra_repr(self) -> str:
         return ", ".join(slot.key for slot, _ in self._slot_list)
@@ -262,6 +265,7 @@ class TracedChain(Module):
                         if var is not None:
                             variables.append(var)
                             locations.append(f"input:{key}")
+                self._account(run)
                 last = RecordedChatCall.apply(
                     conversation, output_of(run), variables, locations
                 )
@@ -293,6 +297,18 @@ class TracedChain(Module):
         if same is not None:
             return same
         return StepOutput.apply(produced[-1][1], final, "chain output")
+
+    def _account(self, run: Any) -> None:
+        """Count the chain's own LM call: tokens and cost from the run's usage."""
+        from afnio.models.pricing import cost_of
+
+        llm_output = (run.outputs or {}).get("llm_output") or {}
+        usage = llm_output.get("token_usage") or {}
+        model = llm_output.get("model_name") or ""
+        self.lm_calls += 1
+        self.lm_tokens += int(usage.get("total_tokens") or 0)
+        if usage and model:
+            self.lm_cost += cost_of(usage, model)
 
     # -- write-back and export ---------------------------------------------------------
 
