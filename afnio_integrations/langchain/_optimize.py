@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from afnio._variable import Variable
+from afnio.autodiff.decorators import evaluator
 from afnio.autodiff.evaluator import DeterministicEvaluator
+from afnio.autodiff.function import Function
 from afnio.cognitive.modules.module import Module
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import TGD
@@ -71,6 +73,37 @@ class OptimizeReport:
         )
 
 
+@evaluator
+class MetricFeedback(Function):
+    """An evaluator built from a metric's own results: ``(score, feedback)`` per
+    sample. The metric's textual feedback *is* the gradient of the prediction (no LM
+    call is made to write it)."""
+
+    run_backward_inline = True
+
+    @staticmethod
+    def forward(
+        ctx: Any, prediction: Variable, scores: list[Any], feedback: list[str]
+    ) -> tuple[Variable, Variable]:
+        ctx.feedback = [str(f) for f in feedback]
+        ctx.batched = isinstance(prediction.data, list)
+        ctx.role = prediction.role
+        text = "\n".join(f for f in ctx.feedback if f)
+        return (
+            Variable(
+                builtins.sum(scores), role=f"Evaluation result score of {ctx.role}"
+            ),
+            Variable(text, role=f"Evaluation result explanation of {ctx.role}"),
+        )
+
+    @staticmethod
+    def backward(ctx: Any, score_grad: Any, explanation_grad: Any) -> tuple[Any, ...]:
+        if not any(ctx.feedback):
+            return None, None, None
+        data: Any = ctx.feedback if ctx.batched else ctx.feedback[0]
+        return Variable(data, role=f"feedback to {ctx.role}"), None, None
+
+
 class _Pairs(Dataset):
     def __init__(self, pairs: Sequence[tuple[Any, Any]]) -> None:
         self.pairs = list(pairs)
@@ -108,8 +141,22 @@ class _ChainAgent(Module):
         rows = [self._pairs[split][int(i)] for i in indices]
         prediction = self([inputs for inputs, _ in rows])
         targets = [str(target) for _, target in rows]
+        results = (
+            []
+            if self._is_evaluator
+            else [
+                self._metric(str(p), t)
+                for p, t in zip(prediction.data, targets, strict=True)
+            ]
+        )
         if self._is_evaluator:
             score, explanation = self._metric(prediction, targets)
+        elif any(isinstance(r, tuple) for r in results):
+            # the metric returned (score, textual feedback): use its feedback
+            pairs = [r if isinstance(r, tuple) else (r, "") for r in results]
+            score, explanation = MetricFeedback.apply(
+                prediction, [p[0] for p in pairs], [p[1] for p in pairs]
+            )
         else:
             score, explanation = DeterministicEvaluator.apply(
                 prediction,
@@ -160,8 +207,9 @@ def optimize(
         chain: the user's LangChain chain (its prompts are updated in place).
         trainset: ``(inputs, target)`` pairs; ``inputs`` is what ``chain.invoke``
             takes.
-        metric: ``metric(prediction: str, target: str) -> score`` (e.g. 1/0), or an
-            afnio evaluator function such as
+        metric: ``metric(prediction: str, target: str) -> score`` (e.g. 1/0), or
+            ``-> (score, feedback)`` whose text is then used as the feedback itself
+            (no LM call writes it), or an afnio evaluator function such as
             ``afnio.functional.exact_match_evaluator``.
         valset: pairs scored before and after (and per epoch); default ``trainset``.
         model_client: the LM that writes feedback and new prompts (TGD's client); by

@@ -149,3 +149,47 @@ def test_the_saved_chain_runs_where_afnio_cannot_be_imported(tmp_path: Path) -> 
         assert json.loads(result.stdout.strip().splitlines()[-1]) == "negative"
         sent = sim.requests[-1]["messages"][0]["content"]
         assert sent == prompt.messages[0].prompt.template and sent != CLASSIFY
+
+
+def exact_with_feedback(prediction: str, target: str) -> tuple[int, str]:
+    if prediction.strip() == target:
+        return 1, ""
+    return (
+        0,
+        f'The prediction "{prediction}" is wrong: the expected value is "{target}".',
+    )
+
+
+def test_a_metrics_textual_feedback_is_used_as_the_gradient() -> None:
+    with (
+        Simulator() as sim,
+        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
+    ):
+        afnio.set_backward_model_client(
+            client, completion_args={"model": SIMULATOR_MODEL}
+        )
+        prompt = ChatPromptTemplate.from_messages(
+            [("system", CLASSIFY), ("human", "{message}")]
+        )
+        llm = ChatOpenAI(
+            model=SIMULATOR_MODEL, base_url=sim.base_url, api_key="k", max_retries=0
+        )
+        chain = prompt | llm | StrOutputParser()
+        trainset = [({"message": m}, t) for m, t in MESSAGES]
+        _, report = optimize(
+            chain,
+            trainset,
+            exact_with_feedback,
+            epochs=2,
+            batch_size=4,
+            progress=False,
+            model=SIMULATOR_MODEL,
+        )
+        assert report.score_after == 1.0
+        # no evaluator-backward call was made: the metric wrote the feedback
+        evaluator_calls = [
+            r
+            for r in sim.requests
+            if "<EVALUATION" in str(r.get("messages", [{}])[-1].get("content", ""))
+        ]
+        assert evaluator_calls == []
