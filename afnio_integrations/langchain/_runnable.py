@@ -10,6 +10,8 @@ for the next step), or the Variable itself with ``return_variables=True``.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import typing
 from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -44,6 +46,25 @@ class AfnioRunnable(Runnable[Any, Any]):
         self.module = module
         self.name = name or type(module).__name__
         self.return_variables = return_variables
+
+    @property
+    def InputType(self) -> Any:
+        """The annotation of the module's ``forward`` input (``Any`` if none)."""
+        try:
+            hints = typing.get_type_hints(type(self.module).forward)
+        except Exception:  # unresolvable annotations
+            return Any
+        params = [
+            p
+            for p in inspect.signature(self.module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        return hints.get(params[0].name, Any) if params else Any
+
+    @property
+    def OutputType(self) -> Any:
+        """``Variable`` with ``return_variables``, else its data (``Any``)."""
+        return Variable if self.return_variables else Any
 
     def _call(self, value: Any) -> Any:
         output = self.module(value)

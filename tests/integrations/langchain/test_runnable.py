@@ -66,3 +66,14 @@ def test_return_variables_and_errors() -> None:
     assert AfnioRunnable(Echo(), name="echo").invoke("hi") == "hi"
     with pytest.raises(TypeError, match="afnio Module"):
         AfnioRunnable(lambda x: x)  # type: ignore[arg-type]
+
+
+def test_input_and_output_schemas_follow_the_module() -> None:
+    class Upper(cog.Module):
+        def forward(self, text: str) -> Variable:
+            return Variable(text.upper(), role="upper")
+
+    runnable = AfnioRunnable(Upper())
+    assert runnable.InputType is str
+    assert runnable.get_input_schema().model_json_schema()["type"] == "string"
+    assert AfnioRunnable(Upper(), return_variables=True).OutputType is Variable
