@@ -51,6 +51,10 @@ def test_an_afnio_module_inside_an_lcel_chain(lm: LMEndpoint) -> None:
     ]
     assert list(chain.stream({"text": "A refund now."})) == ["NEGATIVE"]
     assert asyncio.run(chain.ainvoke({"text": "refund!"})) == "NEGATIVE"
+    assert asyncio.run(chain.abatch([{"text": "a refund"}, {"text": "hi"}])) == [
+        "NEGATIVE",
+        "NEUTRAL",
+    ]
     collector = RunCollector()
     chain.invoke({"text": "I want a refund."}, config={"callbacks": [collector]})
     names = [run.name for run in collector.roots[-1].child_runs]
