@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,6 +219,8 @@ def optimize(
         select: which prompt messages to optimize (see :func:`trace`).
         best_score: a sample's best metric value (no feedback is asked for it).
         max_cost, revert_on_regression: as for :class:`~afnio.trainer.Trainer`.
+        root_dir: where metrics and checkpoints go (default: a new temporary folder,
+            and no checkpoints).
         **completion_args: passed to the optimizer client (``model=`` included).
     """
     if not trainset:
@@ -240,7 +243,8 @@ def optimize(
         enable_progress_bar=progress,
         enable_agent_summary=False,
         enable_checkpointing=root_dir is not None,
-        default_root_dir=root_dir,
+        # metrics go to root_dir, or to a fresh temporary folder (never the cwd)
+        default_root_dir=root_dir or tempfile.mkdtemp(prefix="afnio-optimize-"),
         max_cost=max_cost,
         revert_on_regression=revert_on_regression,
     )
