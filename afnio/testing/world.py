@@ -44,8 +44,10 @@ that quotes a rule sentence still gets gradients. In order:
    ``<VARIABLE>``: the first trainable ``system`` variable gets a new *rule*, ``If the
    message mentions "<word>", the <field> is <target>.``, where the target is the
    ``expected value is "<t>"`` quoted in the feedback, the word the first
-   :data:`SALIENCE_LEXICON` word of the sample's input and the field that of the
-   conversation's first rule (else ``sentiment``); the other variables get ``The
+   :data:`SALIENCE_LEXICON` word of the sample's input that is not negated and the
+   field that of the conversation's first rule (else ``sentiment``); a target equal
+   to the default label (``neutral``) gets no rule but ``The <role> should lead to
+   "<target>" for inputs like this one.``; the other variables get ``The
    <role> should lead to "<target>" for this input.``; blank feedback gives ``""``
    for every variable.
 3. :func:`evaluator_backward_responder`, an evaluator backward call. Marker: a user
@@ -663,19 +665,30 @@ def _marked_user_text(request: SimRequest, tags: Sequence[str]) -> str | None:
     return None
 
 
+_NOT_NEGATED = (
+    r"(?<!\bnot )(?<!\bnever )(?<!\bno )(?<!n't )(?<!n\u2019t )(?<!\bless than )"
+)
+"""Lookbehinds: the word is not right after a negator (see :func:`salient_word`)."""
+
+
 def salient_word(text: str) -> str | None:
     """The first word of :data:`SALIENCE_LEXICON` (alphabetical order) that occurs in
     ``text`` as a whole word, case-insensitively; a hyphen joined to letters counts
     as part of the word (``top-notch`` matches ``Top-Notch``, ``great`` does not
-    match ``great-grandson``).
+    match ``great-grandson``). An occurrence right after a negator (``not``,
+    ``never``, ``no``, ``...n't``, ``less than``) does not count: a negated word does
+    not carry its sentiment.
 
     >>> salient_word("Frustrated and upset"), salient_word("a TOP-NOTCH job")
     ('frustrated', 'top-notch')
     >>> salient_word("top notch"), salient_word("great-grandson")
     (None, None)
+    >>> salient_word("I'm not impressed: unacceptable"), salient_word("not only great")
+    ('unacceptable', 'great')
     """
     for word in sorted(SALIENCE_LEXICON):
-        pattern = rf"(?<![\w])(?<!\w-){re.escape(word)}(?![\w])(?!-\w)"
+        word_pattern = rf"(?<![\w])(?<!\w-){re.escape(word)}(?![\w])(?!-\w)"
+        pattern = _NOT_NEGATED + word_pattern
         if re.search(pattern, text, re.IGNORECASE):
             return word
     return None
@@ -832,7 +845,13 @@ def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
     text = "\n".join(
         RULE_PATTERN.sub("", m.text) for m in prompt.messages if m.role == "user"
     )
-    word = salient_word(text)
+    # A rule names a word as evidence *for* its label. The default label is what the
+    # task answers when no rule matches, i.e. the absence of evidence: "<word> means
+    # neutral" is a rule no model would write, and since a rule for an already-ruled
+    # word replaces it, its only effect would be to undo the polar rule other samples
+    # taught (the rule would flip with every batch: last failure wins).
+    default = target is not None and target.strip().casefold() == DEFAULT_LABEL
+    word = None if default else salient_word(text)
     excerpt = feedback[:FEEDBACK_EXCERPT_CHARS].strip()
     gradients = []
     rule_given = False
@@ -868,7 +887,8 @@ def chat_backward_responder(request: SimRequest) -> Answer | None:
     * the *input*: the ``user`` ``<MESSAGE>`` texts of the conversation, rule
       sentences removed;
     * the *field*: that of the first rule in the conversation, else ``sentiment``;
-    * the *word*: see :func:`salient_word` (on the input).
+    * the *word*: see :func:`salient_word` (on the input); none when the target is
+      the default label :data:`DEFAULT_LABEL` (no evidence to write a rule for).
 
     Answer: ``{"gradients": [...]}``, one string per ``<VARIABLE>`` element, in order
     (the ``count`` attribute is not trusted). The first variable with
