@@ -45,7 +45,9 @@ that quotes a rule sentence still gets gradients. In order:
    message mentions "<word>", the <field> is <target>.``, where the target is the
    ``expected value is "<t>"`` quoted in the feedback, the word the first
    :data:`SALIENCE_LEXICON` word of the sample's input that is not negated and the
-   field that of the conversation's first rule (else ``sentiment``); a target equal
+   field that of the conversation's first rule (else ``sentiment``; in a DSPy
+   conversation, its ``sentiment`` output field or else its first output field other
+   than ``reasoning``, and the input is the current input values); a target equal
    to the default label (``neutral``) gets no rule but ``The <role> should lead to
    "<target>" for inputs like this one.``; the other variables get ``The
    <role> should lead to "<target>" for this input.``; blank feedback gives ``""``
@@ -62,8 +64,13 @@ that quotes a rule sentence still gets gradients. In order:
    ``{"a" | "b"}`` alternatives expanded; a rule for a word already ruled replaces that
    sentence in place, a new one is appended, never twice), honouring the checkable
    constraint ``Do not use the character "<c>".``
-5. :func:`task_responder`, any prompt holding rules (the grammar above).
-6. :func:`fallback_responder`, always the default label.
+5. :func:`dspy_responder`, a prompt rendered by DSPy's ChatAdapter or JSONAdapter
+   (a system message declaring ``Your output fields are:`` and ending with DSPy's
+   objective line): every output field answered from the rules in the
+   instructions, as ``[[ ## field ## ]]`` blocks ending with
+   ``[[ ## completed ## ]]``, or as a JSON object when JSON is asked for.
+6. :func:`task_responder`, any prompt holding rules (the grammar above).
+7. :func:`fallback_responder`, always the default label.
 
 Together they close afnio's loop without a model: the judge (or a deterministic
 evaluator) fails a sample, the evaluator backward names the expected value, the chat
@@ -108,6 +115,7 @@ from typing import Any
 __all__ = [
     "DEFAULT_FIELD",
     "DEFAULT_LABEL",
+    "DSPY_COMPLETED",
     "GRADIENTS_SCHEMA_NAME",
     "JUDGE_SCHEMA_NAME",
     "RESPONDERS",
@@ -115,6 +123,8 @@ __all__ = [
     "SALIENCE_LEXICON",
     "Answer",
     "ChatBackwardPrompt",
+    "DSPyField",
+    "DSPyPrompt",
     "Element",
     "EvaluatorBackwardPrompt",
     "Message",
@@ -125,6 +135,8 @@ __all__ = [
     "answer",
     "chat_backward_gradients",
     "chat_backward_responder",
+    "dspy_responder",
+    "dspy_values",
     "embed",
     "evaluator_backward_gradients",
     "evaluator_backward_responder",
@@ -845,6 +857,11 @@ def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
     text = "\n".join(
         RULE_PATTERN.sub("", m.text) for m in prompt.messages if m.role == "user"
     )
+    dspy_prompt = DSPyPrompt.parse(prompt.messages)
+    if dspy_prompt is not None:  # the rule names a field this predictor outputs
+        label_field = dspy_prompt.label_field()
+        field_name = label_field.name if label_field else DEFAULT_FIELD
+        text = dspy_prompt.input_text
     # A rule names a word as evidence *for* its label. The default label is what the
     # task answers when no rule matches, i.e. the absence of evidence: "<word> means
     # neutral" is a rule no model would write, and since a rule for an already-ruled
@@ -1047,11 +1064,223 @@ def optimizer_responder(request: SimRequest) -> Answer | None:
     return _json_answer({"improved_value": value}, "optimizer")
 
 
+# -- DSPy's adapter formats ------------------------------------------------------------
+
+DSPY_COMPLETED = "[[ ## completed ## ]]"
+"""The marker that ends a DSPy ChatAdapter answer."""
+
+_DSPY_OBJECTIVE = "In adhering to this structure, your objective is:"
+_DSPY_FIELD_LINE = re.compile(
+    r"^\d+\.\s+`(?P<name>[^`]+)`\s+\((?P<type>.*)\):(?P<desc>.*)$"
+)
+_DSPY_DIRECTIVE = re.compile(
+    r"\n\s*Respond with (?:the corresponding output fields|a JSON)"
+)
+_QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+
+
+@dataclass(frozen=True)
+class DSPyField:
+    """One field a DSPy prompt declares: its name, its type as DSPy renders it
+    (``str``, ``bool``, ``Literal['a', 'b']``...) and the choices of a ``Literal``."""
+
+    name: str
+    type: str
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DSPyPrompt:
+    """What the simulator reads from a prompt rendered by DSPy's ``ChatAdapter`` or
+    ``JSONAdapter`` (DSPy 3.x): the declared fields, the instructions, the current
+    input values (from the last ``user`` message; earlier turns are demos) and whether
+    the answer must be a JSON object."""
+
+    inputs: tuple[DSPyField, ...]
+    outputs: tuple[DSPyField, ...]
+    instructions: str
+    values: Mapping[str, str]
+    json_answer: bool
+
+    @classmethod
+    def parse(cls, messages: Sequence[Message]) -> DSPyPrompt | None:
+        """Parse a DSPy conversation; ``None`` when it is not one (its first message
+        must be a system message that declares output fields and ends with DSPy's
+        objective line).
+
+        >>> system = ("Your input fields are:\\n1. `message` (str): \\n"
+        ...     "Your output fields are:\\n1. `mood` (Literal['up', 'down']): \\n"
+        ...     "All interactions will be structured in the following way...\\n"
+        ...     "In adhering to this structure, your objective is: \\n    Be nice.")
+        >>> user = ("[[ ## message ## ]]\\nGreat!\\n\\nRespond with the corresponding "
+        ...     "output fields, starting with the field `[[ ## mood ## ]]`.")
+        >>> p = DSPyPrompt.parse([Message("system", system), Message("user", user)])
+        >>> p.outputs[0].choices, p.instructions, dict(p.values), p.json_answer
+        (('up', 'down'), 'Be nice.', {'message': 'Great!'}, False)
+        """
+        if not messages or messages[0].role != "system":
+            return None
+        system = messages[0].text
+        if "Your output fields are:" not in system or _DSPY_OBJECTIVE not in system:
+            return None
+        head, _, instructions = system.partition(_DSPY_OBJECTIVE)
+        inputs, outputs = _dspy_fields(head, "input"), _dspy_fields(head, "output")
+        user = next((m.text for m in reversed(messages) if m.role == "user"), "")
+        return cls(
+            inputs=tuple(inputs),
+            outputs=tuple(outputs),
+            instructions=instructions.strip(),
+            values=_dspy_values(user, [f.name for f in inputs]),
+            json_answer="Outputs will be a JSON object" in head,
+        )
+
+    @property
+    def input_text(self) -> str:
+        """The input values, one per line, rule sentences removed."""
+        return "\n".join(RULE_PATTERN.sub("", v) for v in self.values.values())
+
+    def label_field(self) -> DSPyField | None:
+        """The field a new rule names: ``sentiment`` when declared, else the first
+        output field other than ``reasoning``."""
+        candidates = [f for f in self.outputs if f.name != "reasoning"]
+        named = [f for f in candidates if _norm(f.name) == DEFAULT_FIELD]
+        return (named or candidates or [None])[0]
+
+
+def _dspy_fields(head: str, kind: str) -> list[DSPyField]:
+    parts = head.split(f"Your {kind} fields are:", 1)
+    if len(parts) < 2:
+        return []
+    fields = []
+    for line in parts[1].splitlines()[1:]:
+        match = _DSPY_FIELD_LINE.match(line.strip())
+        if match is None:
+            break
+        type_text = match["type"].strip()
+        choices: tuple[str, ...] = ()
+        if type_text.startswith("Literal["):
+            choices = tuple(a or b for a, b in _QUOTED.findall(type_text))
+        fields.append(DSPyField(match["name"], type_text, choices))
+    return fields
+
+
+def _dspy_values(user: str, names: Sequence[str]) -> dict[str, str]:
+    """The ``[[ ## name ## ]]`` blocks of a user message for the declared input
+    names only (so a value may itself hold ``[[ ## x ## ]]``), the closing directive
+    removed."""
+    if not names:
+        return {}
+    alternatives = "|".join(re.escape(n) for n in names)
+    matches = list(re.finditer(r"\[\[ ## (" + alternatives + r") ## \]\]", user))
+    values: dict[str, str] = {}
+    for k, match in enumerate(matches):
+        end = matches[k + 1].start() if k + 1 < len(matches) else len(user)
+        text = user[match.end() : end]
+        directive = _DSPY_DIRECTIVE.search(text)
+        if directive is not None:
+            text = text[: directive.start()]
+        values.setdefault(match[1], text.strip())
+    return values
+
+
+def _dspy_default(field: DSPyField) -> str:
+    if field.choices and DEFAULT_LABEL not in field.choices:
+        return field.choices[0]
+    return DEFAULT_LABEL
+
+
+_DSPY_CONSTANTS: dict[str, Any] = {"bool": False, "int": 0, "float": 0.0}
+
+
+def dspy_values(prompt: DSPyPrompt) -> dict[str, Any]:
+    """The value of every output field (see :func:`dspy_responder`).
+
+    >>> system = ("Your input fields are:\\n1. `message` (str): \\n"
+    ...     "Your output fields are:\\n1. `reasoning` (str): \\n2. `summary` (str): "
+    ...     "\\n3. `sentiment` (str): \\n4. `urgent` (bool): \\n"
+    ...     "In adhering to this structure, your objective is: "
+    ...     'If the message mentions "awful", the sentiment is negative.')
+    >>> user = ("[[ ## message ## ]]\\nAn awful day.\\n\\nRespond with the "
+    ...     "corresponding output fields, starting with ...")
+    >>> prompt = DSPyPrompt.parse([Message("system", system), Message("user", user)])
+    >>> dspy_values(prompt)  # doctest: +NORMALIZE_WHITESPACE
+    {'reasoning': 'The rule for "awful" applies: the sentiment is negative.',
+     'summary': 'An awful day.', 'sentiment': 'negative', 'urgent': False}
+    """
+    rules = find_rules(prompt.instructions)
+    text = prompt.input_text
+    matched = next((rule for rule in rules if rule.matches(text)), None)
+    values: dict[str, Any] = {}
+    for field in prompt.outputs:
+        own = [rule for rule in rules if _norm(rule.field) == _norm(field.name)]
+        hit = next((rule for rule in own if rule.matches(text)), None)
+        if hit is not None:
+            values[field.name] = hit.label
+        elif own or field.choices or _norm(field.name) == DEFAULT_FIELD:
+            values[field.name] = _dspy_default(field)
+        elif field.name == "reasoning":
+            values[field.name] = (
+                f'The rule for "{matched.word}" applies: the {matched.field} is '
+                f"{matched.label}."
+                if matched is not None
+                else "No rule of the instructions applies to this input."
+            )
+        elif field.type in _DSPY_CONSTANTS:
+            values[field.name] = _DSPY_CONSTANTS[field.type]
+        elif field.type.startswith(("list", "dict")):
+            values[field.name] = [] if field.type.startswith("list") else {}
+        else:  # free text (a summary, a rewrite): the input, passed through
+            values[field.name] = text.strip()
+    return values
+
+
+def _dspy_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value)
+    return json.dumps(value)
+
+
+def dspy_responder(request: SimRequest) -> Answer | None:
+    """Answer a prompt rendered by DSPy's ``ChatAdapter`` or ``JSONAdapter`` as a
+    model that follows the format would.
+
+    Marker: the first message is a system message that declares ``Your output fields
+    are:`` and ends with ``In adhering to this structure, your objective is:``
+    followed by the instructions. The rules of the grammar above are read from the
+    instructions only, and matched against the input values of the last ``user``
+    message (earlier turns are demos). Each output field gets, in order:
+
+    * the label of the first matching rule naming that field; when rules name the
+      field but none matches, or when the field is ``sentiment`` or a ``Literal``,
+      the default label (``neutral``, or the first choice when it is not one);
+    * ``reasoning`` (ChainOfThought): ``The rule for "<word>" applies: the <field>
+      is <label>.`` or ``No rule of the instructions applies to this input.``;
+    * ``bool``/``int``/``float``/``list``/``dict`` fields: ``False``/``0``/``0.0``/
+      ``[]``/``{}``;
+    * any other field (a summary, a rewrite): the input values, passed through.
+
+    The answer is ``[[ ## field ## ]]`` blocks ending with ``[[ ## completed ## ]]``
+    (ChatAdapter), or a JSON object of the fields when the request asks for JSON
+    (``response_format``, or the JSONAdapter's system message).
+    """
+    prompt = DSPyPrompt.parse(request.messages)
+    if prompt is None:
+        return None
+    values = dspy_values(prompt)
+    if prompt.json_answer or request.response_format:
+        return _json_answer(values, "dspy")
+    blocks = [f"[[ ## {name} ## ]]\n{_dspy_text(v)}" for name, v in values.items()]
+    return Answer("\n\n".join([*blocks, DSPY_COMPLETED]), responder="dspy")
+
+
 RESPONDERS: list[Responder] = [
     judge_responder,
     chat_backward_responder,
     evaluator_backward_responder,
     optimizer_responder,
+    dspy_responder,
     task_responder,
     fallback_responder,
 ]

@@ -244,6 +244,7 @@ def test_responders_are_an_ordered_list() -> None:
         world.chat_backward_responder,
         world.evaluator_backward_responder,
         world.optimizer_responder,
+        world.dspy_responder,
         world.task_responder,
         world.fallback_responder,
     ] == world.RESPONDERS
