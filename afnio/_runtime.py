@@ -33,7 +33,7 @@ import collections
 import contextlib
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future as ConcurrentFuture
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -42,6 +42,7 @@ __all__ = [
     "ConcurrencyStats",
     "DEFAULT_MAX_CONCURRENCY",
     "LimiterStats",
+    "acquire_request_slot",
     "get_concurrency_stats",
     "get_max_concurrency",
     "in_runtime_thread",
@@ -269,6 +270,46 @@ def request_slot() -> _Slot:
         ...         ...  # one request in flight
     """
     return _Slot(_runtime.requests)
+
+
+def acquire_request_slot() -> Callable[[], None]:
+    """Take one of the ``n`` LM-request slots from a thread other than afnio's loop,
+    blocking until one is free; returns the function that gives it back (calling it
+    again does nothing).
+
+    For libraries that make their own blocking LM calls in worker threads (a traced
+    DSPy program): their requests then count against, and wait for, the same bound
+    as afnio's own.
+
+    Example::
+
+        >>> release = acquire_request_slot()
+        >>> get_concurrency_stats().requests.in_flight >= 1
+        True
+        >>> release()
+
+    Raises:
+        RuntimeError: on afnio's loop thread (use ``async with request_slot()``).
+    """
+    if _runtime.in_thread():
+        raise RuntimeError(
+            "acquire_request_slot() blocks: on afnio's loop use `async with "
+            "request_slot()` instead."
+        )
+    run_sync(_runtime.requests.acquire())
+    loop, limiter = _runtime.loop, _runtime.requests
+    lock = threading.Lock()
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        with lock:
+            if released:
+                return
+            released = True
+        loop.call_soon_threadsafe(limiter.release)
+
+    return release
 
 
 def _check_positive_int(name: str, value: object) -> int:

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from afnio._variable import Variable
-from afnio.autodiff.function import Function
 from afnio.cognitive.modules.module import Module
 from afnio.cognitive.parameter import Parameter
+from afnio_integrations._recorded import RecordedChatCall, StackSamples, StepOutput
 from afnio_integrations.langchain._discovery import (
     METADATA_KEY,
     PromptSlot,
@@ -19,9 +19,8 @@ from afnio_integrations.langchain._discovery import (
     find_prompt_slots,
 )
 from afnio_integrations.langchain._tracing import (
-    RecordedChatCall,
+    OUTPUT_ROLE,
     RunCollector,
-    StepOutput,
     conversation_of,
     output_of,
 )
@@ -61,27 +60,6 @@ def _runs(root: Any) -> list[Any]:
         out.append(run)
         stack.extend(sorted(run.child_runs, key=lambda r: r.dotted_order, reverse=True))
     return sorted(out, key=lambda r: r.dotted_order)
-
-
-class _Stack(Function):
-    """Per-sample outputs of a batch, as one batched Variable (backward splits the
-    per-sample feedback)."""
-
-    run_backward_inline = True
-
-    @staticmethod
-    def forward(ctx: Any, samples: list[Variable]) -> Variable:
-        ctx.n = len(samples)
-        return Variable([str(s.data) for s in samples], role="outputs of the chain")
-
-    @staticmethod
-    def backward(ctx: Any, grad: Variable) -> tuple[Variable | None, ...]:
-        data = grad.data
-        per = data if isinstance(data, list) and len(data) == ctx.n else [data] * ctx.n
-        return tuple(
-            Variable(str(t), role="feedback to the chain output") if t else None
-            for t in per
-        )
 
 
 class TracedChain(Module):
@@ -175,7 +153,7 @@ class TracedChain(Module):
             )
             remaining.remove(match)
             samples.append(self._build(match, result))
-        return _Stack.apply(samples)
+        return StackSamples.apply(samples, "outputs of the chain")
 
     def batch(
         self, inputs: Sequence[Any], config: dict[str, Any] | None = None
@@ -267,7 +245,7 @@ class TracedChain(Module):
                             locations.append(f"input:{key}")
                 self._account(run)
                 last = RecordedChatCall.apply(
-                    conversation, output_of(run), variables, locations
+                    conversation, output_of(run), variables, locations, OUTPUT_ROLE
                 )
                 produced.append((str(last.data), last))
             elif run.run_type == "parser" and last is not None:

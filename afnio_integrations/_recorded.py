@@ -1,0 +1,193 @@
+"""Graph nodes for LM calls that another library already made.
+
+A traced LangChain chain or DSPy program runs with its own LM client; afnio records
+what happened and builds the graph from it, so no LM call is repeated:
+
+* :class:`RecordedChatCall`: one chat call, with the exact conversation the model saw
+  and the text it answered; backward asks the backward model for feedback on the
+  Variables that shaped the conversation (prompt Parameters, earlier outputs).
+* :class:`StepOutput`: a step that transforms an output without an LM (a parser, a
+  field of a structured answer, a lambda); feedback passes to its input, naming the
+  step.
+* :class:`StackSamples`: per-sample outputs of a batch as one batched Variable.
+* :class:`JoinFields`: several Variables shown as one text (``name: value`` lines);
+  feedback on the whole goes to each part.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from afnio._template import render
+from afnio._variable import Variable
+from afnio.autodiff.function import Function
+from afnio.autodiff.lm_backward import (
+    VariableInfo,
+    format_conversation,
+    format_variables,
+    request_gradients,
+)
+from afnio.autodiff.prompts import CHAT_BACKWARD_SYSTEM, CHAT_BACKWARD_USER
+
+__all__ = ["JoinFields", "RecordedChatCall", "StackSamples", "StepOutput"]
+
+DEFAULT_OUTPUT_ROLE = "response of a chat model"
+
+
+def _padded(ctx: Any, grads: list[Variable | None]) -> tuple[Variable | None, ...]:
+    """``grads`` followed by ``None`` for the remaining (non-Variable) slots."""
+    return (*grads, *[None] * (len(ctx.needs_input_grad) - len(grads)))
+
+
+def _feedback_text(data: Any) -> str:
+    if isinstance(data, list):
+        return "\n".join(str(d) for d in data if d)
+    return str(data)
+
+
+class RecordedChatCall(Function):
+    """A chat call recorded by a tracer: forward returns the recorded text; backward
+    asks the backward model for feedback on each input Variable, showing the exact
+    conversation the model received (one backward LM call per recorded call that got
+    feedback)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        conversation: list[dict[str, str]],
+        output: str,
+        variables: list[Variable],
+        locations: list[str],
+        output_role: str = DEFAULT_OUTPUT_ROLE,
+    ) -> Variable:
+        ctx.conversation = conversation
+        ctx.rendered = [conversation]  # how evaluators find the input of a sample
+        ctx.output = output
+        ctx.output_role = output_role
+        ctx.variables = list(variables)
+        ctx.locations = list(locations)
+        return Variable(output, role=output_role)
+
+    @staticmethod
+    async def backward(ctx: Any, grad: Variable) -> tuple[Variable | None, ...]:
+        # slots: conversation, output, *variables, locations, output_role
+        needs = ctx.needs_input_grad
+        result: list[Variable | None] = [None] * len(needs)
+        feedback = _feedback_text(grad.data)
+        asked = [k for k in range(len(ctx.variables)) if needs[2 + k]]
+        if not asked or not feedback.strip():
+            return tuple(result)
+        infos = [
+            VariableInfo(
+                role=ctx.variables[k].role,
+                location=ctx.locations[k],
+                trainable=ctx.variables[k].is_leaf and ctx.variables[k].requires_grad,
+                text=str(ctx.variables[k].data),
+            )
+            for k in asked
+        ]
+        user = render(
+            CHAT_BACKWARD_USER,
+            {
+                "conversation": format_conversation(ctx.conversation),
+                "output_role": ctx.output_role,
+                "output": ctx.output,
+                "feedback": feedback,
+                "count": len(infos),
+                "variables": format_variables(infos),
+            },
+        )
+        texts = await request_gradients(
+            ctx.name(), CHAT_BACKWARD_SYSTEM, user, len(infos)
+        )
+        for k, text in zip(asked, texts, strict=True):
+            if text.strip():
+                var = ctx.variables[k]
+                result[2 + k] = Variable(text.strip(), role=f"feedback to {var.role}")
+        return tuple(result)
+
+
+class StepOutput(Function):
+    """A non-differentiable step (a parser, a field of a structured answer, a
+    lambda, a program's final output): its feedback goes to its input, saying which
+    step stood in between."""
+
+    run_backward_inline = True
+
+    @staticmethod
+    def forward(
+        ctx: Any, source: Variable, data: str, step: str, role: str | None = None
+    ) -> Variable:
+        ctx.step = step
+        ctx.source_role = source.role
+        return Variable(data, role=role or f"output of the {step} step")
+
+    @staticmethod
+    def backward(ctx: Any, grad: Variable) -> tuple[Variable | None, ...]:
+        data = grad.data
+
+        def wrap(text: Any) -> str:
+            text = str(text)
+            if not text:
+                return ""
+            return (
+                f"(feedback on the output of the {ctx.step} step, computed from "
+                f"this {ctx.source_role}) {text}"
+            )
+
+        new = [wrap(d) for d in data] if isinstance(data, list) else wrap(data)
+        return _padded(ctx, [Variable(new, role=f"feedback to {ctx.source_role}")])
+
+
+class StackSamples(Function):
+    """Per-sample outputs of a batch, as one batched Variable (backward splits the
+    per-sample feedback)."""
+
+    run_backward_inline = True
+
+    @staticmethod
+    def forward(ctx: Any, samples: list[Variable], role: str = "outputs") -> Variable:
+        ctx.n = len(samples)
+        return Variable([str(s.data) for s in samples], role=role)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Variable) -> tuple[Variable | None, ...]:
+        data = grad.data
+        per = data if isinstance(data, list) and len(data) == ctx.n else [data] * ctx.n
+        return _padded(
+            ctx,
+            [
+                Variable(str(t), role="feedback to the output") if t else None
+                for t in per
+            ],
+        )
+
+
+class JoinFields(Function):
+    """Named Variables (all scalars, or all batches of the same length) shown as one
+    text per sample, ``name: value`` per line; feedback on the text goes to every
+    part."""
+
+    run_backward_inline = True
+
+    @staticmethod
+    def forward(
+        ctx: Any, parts: list[Variable], names: list[str], role: str = "fields"
+    ) -> Variable:
+        ctx.roles = [p.role for p in parts]
+        batched = [isinstance(p.data, list) for p in parts]
+        if any(batched) and not all(batched):
+            raise ValueError("`parts` must be all scalars or all batches.")
+        if all(batched) and parts:
+            n = len(parts[0].data)
+            pairs = list(zip(names, parts, strict=True))
+            rows = ["\n".join(f"{k}: {p.data[s]}" for k, p in pairs) for s in range(n)]
+            return Variable(rows, role=role)
+        text = "\n".join(f"{k}: {p.data}" for k, p in zip(names, parts, strict=True))
+        return Variable(text, role=role)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Variable) -> tuple[Variable | None, ...]:
+        return _padded(
+            ctx, [Variable(grad.data, role=f"feedback to {r}") for r in ctx.roles]
+        )

@@ -1,0 +1,127 @@
+"""Any DSPy LM as an afnio model client.
+
+``DSPyLM(dspy.LM("openai/gpt-4o-mini"))`` can be afnio's backward client
+(``afnio.set_backward_model_client(client)``), TGD's optimizer model, or the forward
+client of afnio's own operations. Requests run under afnio's LM-request bound (each
+in a worker thread, through DSPy's synchronous path); usage and cost come from the
+response (priced with afnio's table by the response's model name). It is registered
+for checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import dspy
+
+from afnio._runtime import request_slot, run_async
+from afnio.models.model import ChatCompletionModel
+from afnio.models.model_registry import register_model_class
+from afnio.models.pricing import cost_of
+from afnio.models.usage import add_usage
+
+__all__ = ["DSPyLM", "usage_dict"]
+
+_ROLES = ("system", "user", "assistant")
+
+
+def usage_dict(usage: Any) -> dict[str, Any]:
+    """An lm15 ``Usage`` (what a DSPy LM reports) in afnio's usage shape."""
+    if usage is None:
+        return {}
+    return {
+        "prompt_tokens": int(getattr(usage, "input_tokens", 0) or 0),
+        "completion_tokens": int(getattr(usage, "output_tokens", 0) or 0),
+        "total_tokens": int(getattr(usage, "total_tokens", 0) or 0),
+        "prompt_tokens_details": {
+            "cached_tokens": int(getattr(usage, "cache_read_tokens", 0) or 0),
+            "audio_tokens": int(getattr(usage, "input_audio_tokens", 0) or 0),
+        },
+        "completion_tokens_details": {
+            "reasoning_tokens": int(getattr(usage, "reasoning_tokens", 0) or 0),
+            "audio_tokens": int(getattr(usage, "output_audio_tokens", 0) or 0),
+        },
+    }
+
+
+def model_name(model: str) -> str:
+    """A DSPy/LiteLLM model string without its provider prefix (for pricing).
+
+    >>> model_name("openai/gpt-4o-mini"), model_name("gpt-4o")
+    ('gpt-4o-mini', 'gpt-4o')
+    """
+    return model.split("/", 1)[1] if "/" in model else model
+
+
+@register_model_class
+class DSPyLM(ChatCompletionModel):
+    """An afnio chat client backed by a DSPy LM (``dspy.LM`` or any ``BaseLM``).
+
+    Args:
+        lm: the DSPy LM. For recorded tests and to keep every request visible to
+            HTTP recorders, build it with ``engine="litellm"`` (DSPy 3.4's default
+            engine talks to raw sockets).
+
+    Extra keyword arguments of ``chat``/``achat`` (``temperature``,
+    ``response_format``, ``max_tokens``...) go into the request; ``model=`` is ignored
+    (the DSPy LM names its model).
+
+    Example::
+
+        client = DSPyLM(dspy.LM("openai/gpt-4o-mini", engine="litellm"))
+        afnio.set_backward_model_client(client)
+    """
+
+    def __init__(self, lm: dspy.BaseLM) -> None:
+        if not isinstance(lm, dspy.BaseLM):
+            raise TypeError(
+                f"`lm` must be a DSPy LM (dspy.LM or a BaseLM), got "
+                f"{type(lm).__name__}."
+            )
+        self.lm = lm
+        self._usage_lock = threading.Lock()
+        super().__init__(provider=f"dspy:{lm.model}")
+
+    def __repr__(self) -> str:
+        return f"DSPyLM({self.lm.model!r})"
+
+    def update_usage(self, usage: Any, model_name: str | None = None) -> None:
+        """Add a response's usage; with ``model_name`` also its cost (afnio's price
+        table); without (a checkpoint restore), set the saved cost."""
+        data = dict(usage or {})
+        with self._usage_lock:
+            add_usage(self._usage, data)
+            cost = self._usage.setdefault("cost", {"amount": 0.0, "currency": "USD"})
+            if model_name is not None:
+                cost["amount"] += cost_of(data, model_name)
+            elif isinstance(data.get("cost"), dict) and "amount" in data["cost"]:
+                cost["amount"] = float(data["cost"]["amount"])
+
+    def _request(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> Any:
+        for i, message in enumerate(messages):
+            if message.get("role") not in _ROLES:
+                raise ValueError(
+                    f"messages[{i}] has role {message.get('role')!r}; use system, "
+                    "user or assistant."
+                )
+        body = {"model": self.lm.model, "messages": messages, **kwargs}
+        return dspy.lm15.request_from_openai_chat(body)
+
+    async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        """Answer ``messages`` with the DSPy LM; returns the reply's text."""
+        kwargs.pop("model", None)
+        request = self._request(messages, kwargs)
+
+        async def call() -> str:
+            async with request_slot():
+                self.calls += 1
+                response = await asyncio.to_thread(self.lm, request)
+            usage = usage_dict(getattr(response, "usage", None))
+            if usage:
+                name = getattr(response, "model", None) or model_name(self.lm.model)
+                self.update_usage(usage, model_name(str(name)))
+            return str(response.text or "")
+
+        return await run_async(call())

@@ -1,0 +1,376 @@
+"""``trace(program)``: an afnio Module around a user's DSPy program (left as it is).
+
+The Parameters are each predictor's signature instructions (found with
+``named_predictors()``), optionally its output-field descriptions. Calling the traced
+program runs the user's program with a :class:`~afnio_integrations.dspy._tracing.
+CallCollector` callback and returns a :class:`TracedPrediction` whose fields are
+Variables wired into the afnio graph. :meth:`TracedProgram.write_back` puts the
+Parameters' texts into the predictors with ``signature.with_instructions(...)``: a new
+signature class per predictor, so signature classes shared with other programs are
+never mutated.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import dspy
+
+from afnio._runtime import get_max_concurrency
+from afnio._variable import Variable
+from afnio.cognitive.modules.module import Module
+from afnio.cognitive.parameter import Parameter
+from afnio.models.pricing import cost_of
+from afnio.models.usage import add_usage, default_usage
+from afnio_integrations._recorded import StackSamples, StepOutput
+from afnio_integrations.dspy._model import model_name
+from afnio_integrations.dspy._tracing import CallCollector, PredictorSlot, field_text
+
+__all__ = ["ProgramUsage", "TracedPrediction", "TracedProgram", "trace"]
+
+_DEFAULT_DESC = re.compile(r"^\$\{.*\}$")
+
+
+class ProgramUsage:
+    """LM calls, tokens and cost of the traced program's own LM calls (read from
+    DSPy's usage tracker). It has the client interface the Trainer meters
+    (``get_usage()``, ``calls``), so budgets and run summaries include them."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._usage: dict[str, Any] = default_usage()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return "DSPy program LMs"
+
+    def count_call(self) -> None:
+        with self._lock:
+            self.calls += 1
+
+    def add(self, by_model: Mapping[str, Mapping[str, Any]]) -> None:
+        """Add DSPy's per-model usage (``{model: usage}``), priced by afnio's table."""
+        with self._lock:
+            for model, usage in by_model.items():
+                data = {k: v for k, v in dict(usage).items() if v is not None}
+                add_usage(self._usage, data)
+                self._usage["cost"]["amount"] += cost_of(data, model_name(model))
+
+    def get_usage(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self._usage, "cost": dict(self._usage["cost"])}
+
+
+class TracedPrediction(Mapping[str, Variable]):
+    """The fields of a traced program's prediction as Variables (``pred.sentiment``,
+    ``pred["sentiment"]``), usable by afnio evaluators.
+
+    Attributes:
+        prediction: the program's own ``dspy.Prediction`` (a list of them, with
+            ``None`` for failed samples, after :meth:`TracedProgram.batch`).
+        errors: after ``batch(..., return_exceptions=True)``, the exception of each
+            failed sample (else ``None``).
+        trace: DSPy's ``(predictor, inputs, prediction)`` trace of the call (one list
+            per sample after ``batch``).
+    """
+
+    def __init__(
+        self,
+        fields: dict[str, Variable],
+        prediction: Any,
+        trace: list[Any],
+        errors: list[BaseException | None] | None = None,
+    ) -> None:
+        self.fields = fields
+        self.prediction = prediction
+        self.trace = trace
+        self.errors = errors or []
+
+    def __getitem__(self, key: str) -> Variable:
+        return self.fields[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.fields)
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def __getattr__(self, name: str) -> Variable:
+        fields = self.__dict__.get("fields", {})
+        if name in fields:
+            return fields[name]
+        raise AttributeError(
+            f"The prediction has no field {name!r}; its fields are {sorted(fields)}."
+        )
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v.data!r}" for k, v in self.fields.items())
+        return f"TracedPrediction({inner})"
+
+
+def _parameter_name(name: str, taken: set[str]) -> str:
+    base = re.sub(r"\W+", "_", name).strip("_") or "predictor"
+    candidate, k = base, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{base}_{k}"
+    taken.add(candidate)
+    return candidate
+
+
+def _description(info: Any) -> str:
+    extra = getattr(info, "json_schema_extra", None) or {}
+    desc = str(extra.get("desc", "") or "")
+    return "" if _DEFAULT_DESC.match(desc) else desc
+
+
+class TracedProgram(Module):
+    """An afnio Module whose Parameters are the instructions of a DSPy program's
+    predictors (see :func:`trace`)."""
+
+    def __init__(self, program: Any, descriptions: bool = False) -> None:
+        super().__init__()
+        if not isinstance(program, dspy.Module):
+            raise TypeError(
+                f"`program` must be a dspy.Module (Predict, ChainOfThought or your "
+                f"own module), got {type(program).__name__}."
+            )
+        object.__setattr__(self, "program", program)
+        predictors = program.named_predictors()
+        if not predictors:
+            raise ValueError(
+                "The program has no predictors to optimize: it needs at least one "
+                "dspy.Predict (ChainOfThought and others hold one)."
+            )
+        taken: set[str] = set()
+        slots: list[PredictorSlot] = []
+        for name, predictor in predictors:
+            key = _parameter_name(name, taken)
+            param = Parameter(
+                predictor.signature.instructions,
+                role=f"instructions of the DSPy predictor {name}",
+            )
+            self.register_parameter(f"{key}_instructions", param)
+            described: dict[str, Variable] = {}
+            if descriptions:
+                for field_name, info in predictor.signature.output_fields.items():
+                    desc = Parameter(
+                        _description(info),
+                        role=f"description of the output field `{field_name}` of "
+                        f"the DSPy predictor {name}",
+                    )
+                    self.register_parameter(f"{key}_{field_name}_description", desc)
+                    described[field_name] = desc
+            slots.append(PredictorSlot(name, predictor, param, described))
+        object.__setattr__(self, "_slots", slots)
+        object.__setattr__(self, "_written", self._current_texts())
+        object.__setattr__(self, "usage", ProgramUsage())
+
+    def extra_repr(self) -> str:
+        return ", ".join(slot.name for slot in self._slots)
+
+    # -- texts and write-back ------------------------------------------------------
+
+    def _current_texts(self) -> dict[tuple[str, str], str]:
+        texts = {}
+        for slot in self._slots:
+            signature = slot.predictor.signature
+            texts[(slot.name, "")] = signature.instructions
+            for field_name in slot.descriptions:
+                info = signature.output_fields.get(field_name)
+                texts[(slot.name, field_name)] = _description(info) if info else ""
+        return texts
+
+    def _parameters_by_key(self) -> dict[tuple[str, str], Variable]:
+        out: dict[tuple[str, str], Variable] = {}
+        for slot in self._slots:
+            out[(slot.name, "")] = slot.instructions
+            for field_name, var in slot.descriptions.items():
+                out[(slot.name, field_name)] = var
+        return out
+
+    def write_back(self) -> None:
+        """Put every Parameter's text into its predictor:
+        ``predictor.signature = predictor.signature.with_instructions(text)`` (and
+        ``with_updated_fields(name, desc=...)`` for descriptions). All texts are
+        checked first; nothing changes unless all are valid."""
+        params = self._parameters_by_key()
+        for (name, field_name), var in params.items():
+            if not isinstance(var.data, str) or (
+                not field_name and not var.data.strip()
+            ):
+                what = (
+                    f"field `{field_name}` description"
+                    if field_name
+                    else "instructions"
+                )
+                raise ValueError(
+                    f"The {what} of predictor {name!r} must be a non-empty str, got "
+                    f"{var.data!r}."
+                )
+        for slot in self._slots:
+            signature = slot.predictor.signature.with_instructions(
+                str(slot.instructions.data)
+            )
+            for field_name, var in slot.descriptions.items():
+                if field_name in signature.output_fields and var.data:
+                    signature = signature.with_updated_fields(field_name, desc=var.data)
+            slot.predictor.signature = signature
+        object.__setattr__(self, "_written", self._current_texts())
+
+    def _sync(self) -> None:
+        """Two-way sync before a call: Parameters changed by an optimizer are written
+        into the program; a predictor changed by the user since (``program.load``)
+        updates its Parameter."""
+        params = self._parameters_by_key()
+        if any(str(v.data) != self._written.get(k) for k, v in params.items()):
+            self.write_back()
+            return
+        current = self._current_texts()
+        for key, text in current.items():
+            if text != self._written.get(key):
+                params[key].data = text
+        object.__setattr__(self, "_written", current)
+
+    def instructions(self) -> dict[str, str]:
+        """The current instructions by predictor name."""
+        return {slot.name: str(slot.instructions.data) for slot in self._slots}
+
+    @property
+    def predictor_names(self) -> list[str]:
+        return [slot.name for slot in self._slots]
+
+    # -- calling -------------------------------------------------------------------
+
+    def forward(self, **inputs: Any) -> TracedPrediction:
+        """Run the program on ``inputs`` (keyword arguments, as the program takes
+        them; a Variable is passed to the program as its text and linked in the
+        graph). Returns the prediction's fields as Variables."""
+        self._sync()
+        return self._call(inputs)
+
+    def _call(self, inputs: Mapping[str, Any]) -> TracedPrediction:
+        slots = {id(slot.predictor): slot for slot in self._slots}
+        seed = [(str(v.data), v) for v in inputs.values() if isinstance(v, Variable)]
+        collector = CallCollector(slots, seed, self.usage.count_call)
+        plain = {
+            k: (v.data if isinstance(v, Variable) else v) for k, v in inputs.items()
+        }
+        from dspy.utils.usage_tracker import track_usage
+
+        callbacks = [*(dspy.settings.callbacks or []), collector]
+        tracker = None
+        try:
+            with dspy.context(callbacks=callbacks, trace=[]), track_usage() as tracker:
+                result = self.program(**plain)
+                trace = list(dspy.settings.trace or [])
+        finally:
+            collector.release_all()
+            if tracker is not None:
+                self.usage.add(tracker.get_total_tokens())
+        if collector.errors:
+            raise collector.errors[0]
+        return self._prediction(result, collector, trace)
+
+    def _prediction(
+        self, result: Any, collector: CallCollector, trace: list[Any]
+    ) -> TracedPrediction:
+        items = dict(result.items()) if hasattr(result, "items") else {"output": result}
+        fields: dict[str, Variable] = {}
+        last = collector.produced[-1][1] if collector.produced else None
+        for key, value in items.items():
+            text = field_text(value)
+            var = collector.find(text)
+            if var is None and last is not None:
+                var = StepOutput.apply(
+                    last, text, "program output", f"the `{key}` field of the program"
+                )
+            if var is None:
+                var = Variable(text, role=f"the `{key}` field of the program")
+            fields[key] = var
+        return TracedPrediction(fields, result, trace)
+
+    def batch(
+        self,
+        inputs: Sequence[Mapping[str, Any]],
+        *,
+        return_exceptions: bool = False,
+    ) -> TracedPrediction:
+        """Run the program on every input concurrently (in threads, at most afnio's
+        concurrency bound at once; each LM request also holds one of afnio's request
+        slots). Returns batched field Variables aligned with ``inputs``.
+
+        With ``return_exceptions=True`` a failing sample does not raise: its fields
+        are ``""`` (outside the graph) and its exception is in ``errors``.
+        """
+        self._sync()
+        rows = [
+            dict(x.inputs()) if isinstance(x, dspy.Example) else dict(x) for x in inputs
+        ]
+        if not rows:
+            raise ValueError("`inputs` is empty: pass at least one input dict.")
+        workers = max(1, min(len(rows), get_max_concurrency()))
+        contexts = [contextvars.copy_context() for _ in rows]
+        with ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="afnio-dspy"
+        ) as pool:
+            futures = [
+                pool.submit(ctx.run, self._call, row)
+                for ctx, row in zip(contexts, rows, strict=True)
+            ]
+            outcomes: list[TracedPrediction | BaseException] = []
+            for future in futures:
+                try:
+                    outcomes.append(future.result())
+                except Exception as e:
+                    if not return_exceptions:
+                        for other in futures:
+                            other.cancel()
+                        raise
+                    outcomes.append(e)
+        return _stack(outcomes)
+
+
+def _stack(outcomes: list[TracedPrediction | BaseException]) -> TracedPrediction:
+    names: list[str] = []
+    for outcome in outcomes:
+        if isinstance(outcome, TracedPrediction):
+            names.extend(k for k in outcome.fields if k not in names)
+    fields = {}
+    for key in names:
+        samples = [
+            o.fields[key]
+            if isinstance(o, TracedPrediction) and key in o.fields
+            else Variable("", role=f"the `{key}` field (no prediction)")
+            for o in outcomes
+        ]
+        fields[key] = StackSamples.apply(samples, f"the `{key}` field of the program")
+    return TracedPrediction(
+        fields,
+        [o.prediction if isinstance(o, TracedPrediction) else None for o in outcomes],
+        [o.trace if isinstance(o, TracedPrediction) else [] for o in outcomes],
+        [o if isinstance(o, BaseException) else None for o in outcomes],
+    )
+
+
+def trace(program: Any, descriptions: bool = False) -> TracedProgram:
+    """Trace a DSPy program: an afnio Module whose Parameters are the instructions of
+    each predictor (``program.named_predictors()``), and with ``descriptions=True``
+    also their output-field descriptions. The program object itself is used (not a
+    copy): :meth:`TracedProgram.write_back` updates its predictors.
+
+    Example::
+
+        traced = trace(dspy.Predict("message -> sentiment"))
+        prediction = traced(message="The heater is broken again.")
+        _, explanation = F.exact_match_evaluator(prediction.sentiment, "negative")
+        explanation.backward()
+        TGD(traced.parameters(), model_client=client).step()
+        traced.write_back()      # the program now runs with the new instructions
+    """
+    return TracedProgram(program, descriptions)
