@@ -17,12 +17,15 @@ from __future__ import annotations
 import copy
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from afnio.models.model import ChatCompletionModel
 
 __all__ = [
     "ModelClientSingleton",
+    "backward_model_client",
     "get_backward_model_client",
     "set_backward_model_client",
 ]
@@ -165,3 +168,27 @@ def get_backward_model_client() -> ModelClientSingleton:
             "`set_backward_model_client` to define one."
         )
     return _singleton
+
+
+@contextmanager
+def backward_model_client(
+    client: ChatCompletionModel, completion_args: dict[str, Any] | None = None
+) -> Iterator[None]:
+    """Use ``client`` as the backward client inside the ``with`` block, then restore
+    the previous one (or none). The setting is process-wide, as
+    :func:`set_backward_model_client` is.
+
+    Example::
+
+        with backward_model_client(client, {"model": "gpt-4o-mini"}):
+            loss.backward()
+    """
+    global _singleton
+    with _lock:
+        previous = _singleton
+    set_backward_model_client(client, completion_args=completion_args)
+    try:
+        yield
+    finally:
+        with _lock:
+            _singleton = previous

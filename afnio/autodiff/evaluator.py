@@ -187,9 +187,10 @@ async def _ask_for_samples(
     ctx: Any,
     grad_explanation: Variable | None,
     variables: list[tuple[Variable, str]],
+    samples: list[int] | None = None,
 ) -> list[list[str]]:
-    """Feedback for each of ``variables`` (Variable, location) from each failed sample:
-    ``result[k][s]`` (``""`` where no call was made)."""
+    """Feedback for each of ``variables`` (Variable, location) from each failed sample
+    (or from ``samples`` only): ``result[k][s]`` (``""`` where no call was made)."""
     n = len(ctx.scores)
     result = [[""] * n for _ in variables]
     if not variables or (ctx.success_fn is not None and ctx.success_fn(ctx.scores)):
@@ -239,7 +240,8 @@ async def _ask_for_samples(
         for k, text in enumerate(texts):
             result[k][s] = text.strip()
 
-    await asyncio.gather(*(one(s) for s in _failed_samples(ctx)))
+    chosen = _failed_samples(ctx) if samples is None else samples
+    await asyncio.gather(*(one(s) for s in chosen))
     return result
 
 

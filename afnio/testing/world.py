@@ -574,7 +574,9 @@ FEEDBACK_EXCERPT_CHARS = 200
 # to "anything up to the next ``>``".
 _ATTRS = r"""(?P<attrs>(?:"[^"]*"|[^>"])*|[^>]*)>"""
 _ATTR = re.compile(r"""([\w:.-]+)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""")
-_TARGET_IN_FEEDBACK = re.compile(r'expected value (?:is )?"([^"]+)"')
+_TARGET_IN_FEEDBACK = re.compile(
+    r'expected (?:value|[a-z_][\w ]{0,30}?)(?: is|:)? "([^"]+)"', re.IGNORECASE
+)
 
 
 def _opening(tag: str) -> str:
@@ -900,7 +902,9 @@ def chat_backward_responder(request: SimRequest) -> Answer | None:
     and ``<VARIABLES ...>`` (openings may carry attributes). From it are read:
 
     * the *target*: the first ``expected value is "<t>"`` (or ``expected value
-      "<t>"``) in the feedback, as the evaluator-backward answer writes it;
+      "<t>"``) in the feedback, as the evaluator-backward answer writes it; a metric's
+      own feedback may name the field instead of ``value`` (``The expected sentiment
+      is "<t>"``, ``Expected sentiment: "<t>"``), in any case;
     * the *input*: the ``user`` ``<MESSAGE>`` texts of the conversation, rule
       sentences removed;
     * the *field*: that of the first rule in the conversation, else ``sentiment``;

@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from afnio_integrations.dspy._model import DSPyLM
+from afnio_integrations.dspy._optimize import AfnioTGD, MetricEvaluator, call_metric
 from afnio_integrations.dspy._traced import (
     ProgramUsage,
     TracedPrediction,
@@ -20,9 +21,12 @@ from afnio_integrations.dspy._traced import (
 )
 
 __all__ = [
+    "AfnioTGD",
     "DSPyLM",
+    "MetricEvaluator",
     "ProgramUsage",
     "TracedPrediction",
     "TracedProgram",
+    "call_metric",
     "trace",
 ]

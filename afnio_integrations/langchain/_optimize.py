@@ -10,10 +10,8 @@ scores before and after, the prompt diff, and the LM calls, tokens and cost.
 from __future__ import annotations
 
 import builtins
-import difflib
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from afnio._variable import Variable
@@ -25,53 +23,11 @@ from afnio.models.model import ChatCompletionModel
 from afnio.optim import TGD
 from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader, Dataset
+from afnio_integrations._report import OptimizeReport
 from afnio_integrations.langchain._discovery import Selector
 from afnio_integrations.langchain._traced import TracedChain, trace
 
 __all__ = ["OptimizeReport", "optimize"]
-
-
-@dataclass
-class OptimizeReport:
-    """What :func:`optimize` did. ``calls``, ``tokens`` and ``cost`` cover every LM
-    call of the run: the chain's own (from LangChain's usage reports) and afnio's
-    feedback and optimizer calls."""
-
-    score_before: float | None
-    score_after: float | None
-    prompts_before: dict[str, str]
-    prompts_after: dict[str, str]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    calls: int = 0
-    tokens: int = 0
-    cost: float = 0.0
-    stopped_reason: str | None = None
-
-    @property
-    def prompt_diff(self) -> str:
-        """A unified diff of every changed prompt."""
-        parts = []
-        for key, old in self.prompts_before.items():
-            new = self.prompts_after.get(key, old)
-            if new != old:
-                parts.extend(
-                    difflib.unified_diff(
-                        old.splitlines(),
-                        new.splitlines(),
-                        f"{key} (before)",
-                        f"{key} (after)",
-                        lineterm="",
-                    )
-                )
-        return "\n".join(parts)
-
-    def __str__(self) -> str:
-        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        return (
-            f"score before: {fmt(self.score_before)}  after: {fmt(self.score_after)}\n"
-            f"LM calls: {self.calls}  tokens: {self.tokens}  cost: ${self.cost:.4f}\n"
-            + (self.prompt_diff or "(no prompt changed)")
-        )
 
 
 @evaluator

@@ -1,0 +1,56 @@
+"""The report of an optimization run (LangChain ``optimize``, DSPy ``AfnioTGD``)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["OptimizeReport"]
+
+
+@dataclass
+class OptimizeReport:
+    """What an optimization run did: scores before and after (on the validation set,
+    0 to 1), the optimized texts before and after (LangChain prompt slots, or DSPy
+    predictor instructions, by key), the per-epoch history, and ``calls``, ``tokens``
+    and ``cost`` of every LM call of the run: the program's own and afnio's feedback
+    and optimizer calls. ``failed_samples`` counts program calls that raised (scored
+    as failures)."""
+
+    score_before: float | None
+    score_after: float | None
+    prompts_before: dict[str, str]
+    prompts_after: dict[str, str]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    calls: int = 0
+    tokens: int = 0
+    cost: float = 0.0
+    stopped_reason: str | None = None
+    failed_samples: int = 0
+
+    @property
+    def prompt_diff(self) -> str:
+        """A unified diff of every changed prompt."""
+        parts = []
+        for key, old in self.prompts_before.items():
+            new = self.prompts_after.get(key, old)
+            if new != old:
+                parts.extend(
+                    difflib.unified_diff(
+                        old.splitlines(),
+                        new.splitlines(),
+                        f"{key} (before)",
+                        f"{key} (after)",
+                        lineterm="",
+                    )
+                )
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        return (
+            f"score before: {fmt(self.score_before)}  after: {fmt(self.score_after)}\n"
+            f"LM calls: {self.calls}  tokens: {self.tokens}  cost: ${self.cost:.4f}\n"
+            + (self.prompt_diff or "(no prompt changed)")
+        )

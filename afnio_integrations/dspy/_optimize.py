@@ -1,0 +1,481 @@
+"""``AfnioTGD``: textual gradient descent as a DSPy teleprompter.
+
+``AfnioTGD(metric=...).compile(student, trainset=..., valset=...)`` copies the
+student, traces the copy (:func:`~afnio_integrations.dspy.trace`), trains its
+predictors' instructions with afnio's TGD through the :class:`~afnio.trainer.Trainer`
+(progress, ``max_cost``, ``revert_on_regression``), writes them back with
+``signature.with_instructions(...)`` and returns the optimized copy. ``report`` tells
+the scores before and after, the instruction diff and the LM calls, tokens and cost.
+
+The metric is DSPy's: ``metric(example, pred, trace=None)`` returning a score
+(bool, int or float), or a GEPA-style feedback metric ``metric(gold, pred, trace,
+pred_name, pred_trace)`` returning ``dspy.Prediction(score=..., feedback="...")``,
+whose feedback text becomes the gradient of the prediction directly (no LM call writes
+it). Samples at ``best_score`` get no feedback; the others, without feedback text, get
+it from the backward LM, which sees the input, the prediction and the example's labels.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import dspy
+from dspy.teleprompt import Teleprompter
+
+from afnio._model_client import backward_model_client, get_backward_model_client
+from afnio._template import render
+from afnio._variable import Variable
+from afnio.autodiff.decorators import evaluator
+from afnio.autodiff.evaluator import (
+    BATCH_EXPLANATION,
+    SCALAR_EXPLANATION,
+    _ask_for_samples,
+    _failed_samples,
+    _outputs,
+    _prediction_only_backward,
+    _save,
+)
+from afnio.autodiff.function import Function
+from afnio.cognitive.modules.module import Module
+from afnio.models.model import ChatCompletionModel
+from afnio.optim import TGD
+from afnio.trainer import Trainer
+from afnio.utils.data import DataLoader, Dataset
+from afnio_integrations._recorded import JoinFields
+from afnio_integrations._report import OptimizeReport
+from afnio_integrations.dspy._model import DSPyLM
+from afnio_integrations.dspy._traced import TracedPrediction, TracedProgram, trace
+from afnio_integrations.dspy._tracing import field_text
+
+__all__ = ["AfnioTGD", "MetricEvaluator", "call_metric"]
+
+
+def _accepts(metric: Callable[..., Any], count: int) -> bool:
+    try:
+        params = list(inspect.signature(metric).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [
+        p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(positional) >= count
+
+
+def call_metric(
+    metric: Callable[..., Any], example: Any, prediction: Any
+) -> tuple[float, str]:
+    """``(score, feedback)`` from a DSPy metric: ``metric(example, pred)``, with
+    ``trace=None`` (and ``pred_name=None, pred_trace=None`` for GEPA-style metrics)
+    when it takes them. A ``dspy.Prediction`` (or dict) with ``score`` and
+    ``feedback``, a ``(score, feedback)`` tuple, or a plain score are accepted.
+
+    >>> call_metric(lambda g, p, trace=None: g == p, "a", "a")
+    (1.0, '')
+    >>> call_metric(lambda *a: dspy.Prediction(score=0.5, feedback="meh"), 1, 2)
+    (0.5, 'meh')
+    """
+    if _accepts(metric, 5):
+        result = metric(example, prediction, None, None, None)
+    elif _accepts(metric, 3):
+        result = metric(example, prediction, None)
+    else:
+        result = metric(example, prediction)
+    feedback: Any = ""
+    if isinstance(result, tuple) and len(result) == 2:
+        result, feedback = result
+    elif isinstance(result, Mapping) or hasattr(result, "score"):
+        get = result.get if isinstance(result, Mapping) else result.__dict__.get
+        if isinstance(result, dspy.Prediction):
+            get = result.get
+        feedback = get("feedback", "") or ""
+        result = get("score")
+    if isinstance(result, bool | int | float):
+        return float(result), str(feedback or "")
+    name = getattr(metric, "__name__", "the metric")
+    raise TypeError(
+        f"{name} must return a score (bool, int or float), a (score, feedback) "
+        f"tuple or dspy.Prediction(score=..., feedback=...); got {result!r}."
+    )
+
+
+@evaluator
+class MetricEvaluator(Function):
+    """An evaluator from a DSPy metric's results: per-sample ``scores`` (summed) and
+    optional ``feedback`` texts. In backward, a sample below ``best_score`` with
+    feedback gets that text as its gradient; one without asks the backward LM (as
+    afnio's deterministic evaluator does); samples at ``best_score`` get nothing."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        prediction: Variable,
+        targets: list[str],
+        scores: list[float],
+        feedback: list[str],
+        purpose: str,
+        best_score: float = 1.0,
+    ) -> tuple[Variable, Variable]:
+        predictions = prediction.data if isinstance(prediction.data, list) else None
+        n = len(predictions) if predictions is not None else 1
+        if not (len(targets) == len(scores) == len(feedback) == n):
+            raise ValueError(
+                f"`targets`, `scores` and `feedback` must have one entry per sample "
+                f"({n}); got {len(targets)}, {len(scores)} and {len(feedback)}."
+            )
+        score = builtins.sum(scores)
+        if predictions is not None:
+            explanation = render(
+                BATCH_EXPLANATION,
+                {"purpose": purpose, "reduction_purpose": "summation", "score": score},
+            )
+        else:
+            explanation = render(
+                SCALAR_EXPLANATION,
+                {
+                    "purpose": purpose,
+                    "prediction": prediction.data,
+                    "target": targets[0],
+                    "score": score,
+                },
+            )
+        _save(
+            ctx,
+            prediction,
+            list(targets),
+            [1.0 if s >= best_score else s for s in scores],
+            explanation,
+            purpose,
+            None,
+            1.0,
+            True,
+        )
+        ctx.feedback = [str(f) for f in feedback]
+        return _outputs(ctx, prediction, score, explanation)
+
+    @staticmethod
+    async def backward(
+        ctx: Any, score_grad: Variable | None, explanation_grad: Variable | None
+    ) -> tuple[Variable | None, ...]:
+        if not ctx.needs_input_grad[0]:
+            return (None,) * len(ctx.needs_input_grad)
+        failed = _failed_samples(ctx)
+        ask = [s for s in failed if not ctx.feedback[s].strip()]
+        texts = await _ask_for_samples(
+            ctx, explanation_grad, [(ctx.prediction, "prediction")], samples=ask
+        )
+        for s in failed:
+            if ctx.feedback[s].strip():
+                texts[0][s] = ctx.feedback[s].strip()
+        return _prediction_only_backward(ctx, texts)
+
+
+class _Indices(Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return index, index  # the loader batches indices; the agent looks them up
+
+
+def _label_view(
+    out: TracedPrediction, rows: Sequence[dspy.Example]
+) -> tuple[Variable, list[str]]:
+    """The prediction Variable the metric judged (the fields named by the examples'
+    labels, else every output field but ``reasoning``) and the per-sample targets."""
+    labels = [k for k in rows[0].labels() if k in out.fields]
+    names = labels or [k for k in out.fields if k != "reasoning"] or list(out.fields)
+    if len(names) == 1:
+        key = names[0]
+        targets = [field_text(ex.get(key, "")) for ex in rows]
+        return out.fields[key], targets
+    parts = [out.fields[k] for k in names]
+    prediction = JoinFields.apply(parts, names, "the prediction's fields")
+    targets = [
+        "\n".join(f"{k}: {field_text(ex.get(k, ''))}" for k in names) for ex in rows
+    ]
+    return prediction, targets
+
+
+class _ProgramAgent(Module):
+    def __init__(
+        self,
+        traced: TracedProgram,
+        metric: Callable[..., Any],
+        examples: dict[str, list[dspy.Example]],
+        optimizer: Callable[[], Any],
+        best_score: float,
+    ) -> None:
+        super().__init__()
+        self.traced = traced
+        object.__setattr__(self, "_metric", metric)
+        object.__setattr__(self, "_examples", examples)
+        object.__setattr__(self, "_make_optimizer", optimizer)
+        object.__setattr__(self, "_best", best_score)
+        object.__setattr__(self, "failed_samples", 0)
+
+    def forward(self, rows: list[dspy.Example]) -> TracedPrediction:
+        return self.traced.batch(rows, return_exceptions=True)
+
+    def _step(self, batch: Any, split: str) -> dict[str, Any]:
+        rows = [self._examples[split][int(i)] for i in batch[0]]
+        out = self(rows)
+        scores, feedback = [], []
+        for example, pred, error in zip(rows, out.prediction, out.errors, strict=True):
+            if error is not None or pred is None:
+                object.__setattr__(self, "failed_samples", self.failed_samples + 1)
+                scores.append(0.0)
+                feedback.append("")
+                continue
+            score, text = call_metric(self._metric, example, pred)
+            scores.append(score)
+            feedback.append(text)
+        prediction, targets = _label_view(out, rows)
+        name = getattr(self._metric, "__name__", "the metric")
+        score, explanation = MetricEvaluator.apply(
+            prediction, targets, scores, feedback, f"DSPy metric {name}", self._best
+        )
+        return {"loss": (score, explanation), "score": builtins.sum(scores) / len(rows)}
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._step(batch, "val")
+
+    def configure_optimizers(self) -> Any:
+        return self._make_optimizer()
+
+
+LMLike = Any  # a dspy.BaseLM or an afnio ChatCompletionModel
+
+
+def _client(lm: LMLike, name: str) -> ChatCompletionModel:
+    if isinstance(lm, ChatCompletionModel):
+        return lm
+    if isinstance(lm, dspy.BaseLM):
+        return DSPyLM(lm)
+    raise TypeError(
+        f"`{name}` must be a dspy.LM or an afnio ChatCompletionModel, got "
+        f"{type(lm).__name__}."
+    )
+
+
+def _examples(data: Sequence[Any] | None, name: str) -> list[dspy.Example]:
+    if data is None:
+        return []
+    rows = list(data)
+    for i, ex in enumerate(rows):
+        if not isinstance(ex, dspy.Example):
+            raise TypeError(
+                f"`{name}[{i}]` must be a dspy.Example, got {type(ex).__name__}."
+            )
+        try:
+            ex.inputs()
+        except ValueError:
+            raise ValueError(
+                f"`{name}[{i}]` has no input keys: build it with "
+                "dspy.Example(...).with_inputs('field', ...)."
+            ) from None
+    return rows
+
+
+class AfnioTGD(Teleprompter):
+    """Textual gradient descent on the instructions of a DSPy program's predictors.
+
+    Args:
+        metric: ``metric(example, pred, trace=None) -> score`` or a GEPA-style
+            feedback metric returning ``dspy.Prediction(score=..., feedback=...)``.
+        epochs, batch_size, seed: the training loop (shuffled with ``seed``).
+        backward_lm: the LM that writes feedback: a ``dspy.LM`` or an afnio model
+            client. Default: afnio's backward client when one is set, else the LM
+            configured in DSPy (``dspy.configure(lm=...)``).
+        optimizer_lm: the LM that rewrites instructions (default ``backward_lm``).
+        completion_args: arguments of every feedback and optimizer call (e.g.
+            ``{"model": "gpt-4o", "temperature": 0}`` for an afnio OpenAI client).
+        momentum, constraints: as for :class:`~afnio.optim.TGD`.
+        best_score: a sample's best metric value (it gets no feedback).
+        revert_on_regression, max_cost: as for :class:`~afnio.trainer.Trainer`;
+            the budget counts the program's own LM calls too.
+        descriptions: also optimize the output-field descriptions.
+        progress: show the Trainer's progress bar and run summary.
+        root_dir: where metrics and checkpoints go (default: a new temporary folder,
+            and no checkpoints).
+
+    After :meth:`compile`, ``report`` holds an
+    :class:`~afnio_integrations.langchain.OptimizeReport` (scores are 0 to 1).
+
+    Example::
+
+        def metric(example, pred, trace=None):
+            return example.sentiment == pred.sentiment
+
+        tgd = AfnioTGD(metric=metric, epochs=3, batch_size=16)
+        optimized = tgd.compile(program, trainset=train, valset=val)
+        print(tgd.report)
+    """
+
+    def __init__(
+        self,
+        metric: Callable[..., Any],
+        *,
+        epochs: int = 3,
+        batch_size: int = 16,
+        seed: int = 0,
+        backward_lm: LMLike | None = None,
+        optimizer_lm: LMLike | None = None,
+        completion_args: Mapping[str, Any] | None = None,
+        momentum: int = 0,
+        constraints: Sequence[str] | None = None,
+        best_score: float = 1.0,
+        revert_on_regression: bool = False,
+        max_cost: float | None = None,
+        descriptions: bool = False,
+        progress: bool = True,
+        root_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(metric):
+            raise TypeError("`metric` must be a function (example, pred, trace=None).")
+        for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+        self.metric = metric
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.seed = seed
+        self.backward_lm = backward_lm
+        self.optimizer_lm = optimizer_lm
+        self.completion_args = dict(completion_args or {})
+        self.momentum = momentum
+        self.constraints = list(constraints or [])
+        self.best_score = best_score
+        self.revert_on_regression = revert_on_regression
+        self.max_cost = max_cost
+        self.descriptions = descriptions
+        self.progress = progress
+        self.root_dir = root_dir
+        self.report: OptimizeReport | None = None
+
+    def _backward(self) -> tuple[ChatCompletionModel, dict[str, Any]]:
+        if self.backward_lm is not None:
+            return _client(self.backward_lm, "backward_lm"), dict(self.completion_args)
+        try:
+            current = get_backward_model_client()
+            args = {**current._completion_args, **self.completion_args}
+            if current._model is not None:
+                args.setdefault("model", current._model)
+            return current.client, args
+        except RuntimeError:
+            pass
+        if dspy.settings.lm is not None:
+            return DSPyLM(dspy.settings.lm), dict(self.completion_args)
+        raise ValueError(
+            "AfnioTGD needs an LM to write feedback: pass backward_lm=dspy.LM(...), "
+            "configure one with dspy.configure(lm=...), or set afnio's backward "
+            "client with afnio.set_backward_model_client(...)."
+        )
+
+    def compile(
+        self,
+        student: dspy.Module,
+        *,
+        trainset: Sequence[dspy.Example],
+        teacher: dspy.Module | None = None,
+        valset: Sequence[dspy.Example] | None = None,
+        **kwargs: Any,
+    ) -> dspy.Module:
+        """Optimize a copy of ``student`` on ``trainset``; returns the copy (with
+        ``_compiled = True``). ``valset`` (default: ``trainset``) is scored before
+        training and after each epoch. ``teacher`` is not used."""
+        if kwargs:
+            raise TypeError(f"compile() got unexpected arguments {sorted(kwargs)}.")
+        if teacher is not None:
+            raise ValueError("AfnioTGD does not use a teacher program: pass none.")
+        train = _examples(trainset, "trainset")
+        if not train:
+            raise ValueError("`trainset` is empty: pass dspy.Example items.")
+        val = _examples(valset, "valset") or train
+        program = student.deepcopy()
+        traced = trace(program, descriptions=self.descriptions)
+        backward, args = self._backward()
+        optimizer_client = (
+            _client(self.optimizer_lm, "optimizer_lm")
+            if self.optimizer_lm is not None
+            else backward
+        )
+
+        def make_optimizer() -> TGD:
+            return TGD(
+                traced.parameters(),
+                model_client=optimizer_client,
+                constraints=list(self.constraints) or None,
+                momentum=self.momentum,
+                **args,
+            )
+
+        examples = {"train": train, "val": val}
+        agent = _ProgramAgent(
+            traced, self.metric, examples, make_optimizer, self.best_score
+        )
+        trainer = Trainer(
+            max_epochs=self.epochs,
+            enable_progress_bar=self.progress,
+            enable_agent_summary=False,
+            enable_checkpointing=self.root_dir is not None,
+            default_root_dir=self.root_dir or tempfile.mkdtemp(prefix="afnio-dspy-"),
+            max_cost=self.max_cost,
+            revert_on_regression=self.revert_on_regression,
+        )
+        val_loader = DataLoader(_Indices(len(val)), batch_size=len(val))
+        train_loader = DataLoader(
+            _Indices(len(train)),
+            batch_size=self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+        )
+        clients = [traced.usage]
+        before_texts = traced.instructions()
+        with backward_model_client(backward, args):
+            before = trainer.validate(agent, val_loader, llm_clients=clients).get(
+                "val_score"
+            )
+            spent = trainer.total_cost
+            rows_before = _usage_rows(trainer)
+            history = trainer.fit(agent, train_loader, val_loader, llm_clients=clients)
+        traced.write_back()
+        program._compiled = True
+        after = history[-1].get("val_score") if history else before
+        rows = _usage_rows(trainer)
+        self.report = OptimizeReport(
+            score_before=before,
+            score_after=after,
+            prompts_before=before_texts,
+            prompts_after=traced.instructions(),
+            history=history,
+            calls=sum(r[0] for r in rows_before) + sum(r[0] for r in rows),
+            tokens=sum(r[1] for r in rows_before) + sum(r[1] for r in rows),
+            cost=spent + trainer.total_cost,
+            stopped_reason=trainer.stopped_reason,
+            failed_samples=agent.failed_samples,
+        )
+        return program
+
+
+def _usage_rows(trainer: Trainer) -> list[tuple[int, int]]:
+    """(calls, tokens) per metered client of the trainer's last run."""
+    meter = trainer._meter
+    if meter is None:
+        return []
+    return [(calls, tokens) for _, _, tokens, calls in meter.per_client()]
