@@ -29,6 +29,7 @@ from afnio.models.pricing import cost_of
 from afnio.models.usage import add_usage, default_usage
 from afnio_integrations._recorded import StackSamples, StepOutput
 from afnio_integrations.dspy._model import model_name
+from afnio_integrations.dspy._module import AfnioModule
 from afnio_integrations.dspy._tracing import CallCollector, PredictorSlot, field_text
 
 __all__ = ["ProgramUsage", "TracedPrediction", "TracedProgram", "trace"]
@@ -142,10 +143,15 @@ class TracedProgram(Module):
             )
         object.__setattr__(self, "program", program)
         predictors = program.named_predictors()
-        if not predictors:
+        afnio_modules = [
+            (name, sub.module)
+            for name, sub in program.named_sub_modules()
+            if isinstance(sub, AfnioModule) and isinstance(sub.module, Module)
+        ]
+        if not predictors and not afnio_modules:
             raise ValueError(
-                "The program has no predictors to optimize: it needs at least one "
-                "dspy.Predict (ChainOfThought and others hold one)."
+                "The program has nothing to optimize: it needs at least one "
+                "dspy.Predict (ChainOfThought and others hold one) or AfnioModule."
             )
         taken: set[str] = set()
         slots: list[PredictorSlot] = []
@@ -168,6 +174,8 @@ class TracedProgram(Module):
                     described[field_name] = desc
             slots.append(PredictorSlot(name, predictor, param, described))
         object.__setattr__(self, "_slots", slots)
+        for name, inner in afnio_modules:  # trained with the instructions
+            self.register_module(_parameter_name(f"afnio_{name}", taken), inner)
         object.__setattr__(self, "_written", self._current_texts())
         object.__setattr__(self, "usage", ProgramUsage())
 
@@ -265,11 +273,13 @@ class TracedProgram(Module):
 
         callbacks = [*(dspy.settings.callbacks or []), collector]
         tracker = None
+        token = collector.activate()
         try:
             with dspy.context(callbacks=callbacks, trace=[]), track_usage() as tracker:
                 result = self.program(**plain)
                 trace = list(dspy.settings.trace or [])
         finally:
+            collector.deactivate(token)
             collector.release_all()
             if tracker is not None:
                 self.usage.add(tracker.get_total_tokens())

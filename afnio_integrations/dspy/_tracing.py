@@ -19,6 +19,7 @@ acquire_request_slot`), so DSPy's calls obey the same concurrency bound as afnio
 
 from __future__ import annotations
 
+import contextvars
 import json
 import threading
 from collections.abc import Callable, Mapping
@@ -32,7 +33,16 @@ from afnio._runtime import acquire_request_slot, in_runtime_thread
 from afnio._variable import Variable
 from afnio_integrations._recorded import RecordedChatCall, StepOutput
 
-__all__ = ["CallCollector", "PredictorSlot", "field_text"]
+__all__ = ["CallCollector", "PredictorSlot", "active_collector", "field_text"]
+
+_ACTIVE: contextvars.ContextVar[CallCollector | None] = contextvars.ContextVar(
+    "afnio_dspy_collector", default=None
+)
+
+
+def active_collector() -> CallCollector | None:
+    """The collector of the traced program call running in this context, if any."""
+    return _ACTIVE.get()
 
 
 def field_text(value: Any) -> str:
@@ -212,6 +222,19 @@ class CallCollector(BaseCallback):
                 call_id = self._parents.get(call_id)
                 seen += 1
         return None
+
+    def activate(self) -> contextvars.Token[CallCollector | None]:
+        """Make this collector the active one in the current context."""
+        return _ACTIVE.set(self)
+
+    @staticmethod
+    def deactivate(token: contextvars.Token[CallCollector | None]) -> None:
+        _ACTIVE.reset(token)
+
+    def add(self, text: str, var: Variable) -> None:
+        """Record a Variable produced during the call (later inputs link to it)."""
+        with self._lock:
+            self.produced.append((text, var))
 
     def find(self, text: str) -> Variable | None:
         """The latest Variable produced (or seeded) with exactly ``text``."""
