@@ -109,34 +109,47 @@ class RecordedChatCall(Function):
 
 class StepOutput(Function):
     """A non-differentiable step (a parser, a field of a structured answer, a
-    lambda, a program's final output): its feedback goes to its input, saying which
-    step stood in between."""
+    lambda, a program's final output): its feedback goes to its input (or to each of
+    its inputs, when ``source`` is a list: an output composed of several), saying
+    which step stood in between."""
 
     run_backward_inline = True
 
     @staticmethod
     def forward(
-        ctx: Any, source: Variable, data: str, step: str, role: str | None = None
+        ctx: Any,
+        source: Variable | list[Variable],
+        data: str,
+        step: str,
+        role: str | None = None,
     ) -> Variable:
+        sources = source if isinstance(source, list) else [source]
         ctx.step = step
-        ctx.source_role = source.role
+        ctx.source_roles = [s.role for s in sources]
         return Variable(data, role=role or f"output of the {step} step")
 
     @staticmethod
     def backward(ctx: Any, grad: Variable) -> tuple[Variable | None, ...]:
         data = grad.data
 
-        def wrap(text: Any) -> str:
+        def wrap(text: Any, source_role: str) -> str:
             text = str(text)
             if not text:
                 return ""
             return (
                 f"(feedback on the output of the {ctx.step} step, computed from "
-                f"this {ctx.source_role}) {text}"
+                f"this {source_role}) {text}"
             )
 
-        new = [wrap(d) for d in data] if isinstance(data, list) else wrap(data)
-        return _padded(ctx, [Variable(new, role=f"feedback to {ctx.source_role}")])
+        grads: list[Variable | None] = []
+        for source_role in ctx.source_roles:
+            new = (
+                [wrap(d, source_role) for d in data]
+                if isinstance(data, list)
+                else wrap(data, source_role)
+            )
+            grads.append(Variable(new, role=f"feedback to {source_role}"))
+        return _padded(ctx, grads)
 
 
 class StackSamples(Function):

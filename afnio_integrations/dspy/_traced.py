@@ -297,8 +297,10 @@ class TracedProgram(Module):
             text = field_text(value)
             var = collector.find(text)
             if var is None and last is not None:
+                # composed by the program's code: from the predictions it contains
+                sources = collector.composed_of(text) or [last]
                 var = StepOutput.apply(
-                    last, text, "program output", f"the `{key}` field of the program"
+                    sources, text, "program output", f"the `{key}` field of the program"
                 )
             if var is None:
                 var = Variable(text, role=f"the `{key}` field of the program")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -137,6 +138,7 @@ class CallCollector(BaseCallback):
         self._predicts: dict[str, _Call] = {}
         self._lm_owner: dict[str, str | None] = {}
         self._releases: dict[str, Callable[[], None]] = {}
+        self._fields: list[Variable] = []  # the predicted field Variables
         self._lock = threading.RLock()
 
     # -- DSPy hooks ----------------------------------------------------------------
@@ -241,6 +243,19 @@ class CallCollector(BaseCallback):
         with self._lock:
             return next((v for t, v in reversed(self.produced) if t == text), None)
 
+    def composed_of(self, text: str) -> list[Variable]:
+        """The predicted field Variables whose text occurs in ``text`` as a whole
+        (an output composed of several predictions), oldest first, each once."""
+        found: list[Variable] = []
+        with self._lock:
+            for piece, var in self.produced:
+                if not piece.strip() or var in found or var not in self._fields:
+                    continue
+                pattern = rf"(?<!\w){re.escape(piece)}(?!\w)"
+                if re.search(pattern, text):
+                    found.append(var)
+        return found
+
     def _record(self, call: _Call, outputs: Any) -> None:
         slot = self.slots.get(id(call.predictor))
         variables: list[Variable] = []
@@ -287,3 +302,4 @@ class CallCollector(BaseCallback):
             )
             with self._lock:
                 self.produced.append((text, var))
+                self._fields.append(var)

@@ -1,0 +1,43 @@
+"""Fixtures of the DSPy integration tests: a DSPy LM on the cassette endpoint.
+
+DSPy 3.4's default LM engine talks to raw sockets that cassettes cannot see, so every
+test LM uses ``engine="litellm"`` (HTTP through the openai SDK), ``cache=False`` (a
+cache hit would skip a recorded request) and ``num_retries=0`` (a cassette miss fails
+at once).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+dspy = pytest.importorskip("dspy", reason="needs the dspy extra")
+
+from afnio.testing import SIMULATOR_MODEL  # noqa: E402
+from tests.conftest import LMEndpoint  # noqa: E402
+
+
+def make_lm(endpoint: LMEndpoint, **kwargs: Any) -> Any:
+    """A ``dspy.LM`` for ``endpoint`` that cassettes can record and replay."""
+    return dspy.LM(
+        f"openai/{SIMULATOR_MODEL}",
+        api_base=endpoint.base_url,
+        api_key=endpoint.api_key,
+        engine="litellm",
+        cache=False,
+        num_retries=0,
+        temperature=0,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def dspy_lm(lm: LMEndpoint) -> Iterator[Any]:
+    """The program's LM (DSPy), configured for the test through ``dspy.context``."""
+    model = make_lm(lm)
+    with dspy.context(lm=model, adapter=None):
+        yield model
