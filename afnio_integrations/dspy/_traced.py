@@ -175,7 +175,9 @@ class TracedProgram(Module):
             slots.append(PredictorSlot(name, predictor, param, described))
         object.__setattr__(self, "_slots", slots)
         for name, inner in afnio_modules:  # trained with the instructions
-            self.register_module(_parameter_name(f"afnio_{name}", taken), inner)
+            self.register_module(
+                _parameter_name(f"afnio_{name.removeprefix('self.')}", taken), inner
+            )
         object.__setattr__(self, "_written", self._current_texts())
         object.__setattr__(self, "usage", ProgramUsage())
 
