@@ -103,6 +103,7 @@ Example::
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -1075,7 +1076,7 @@ DSPY_COMPLETED = "[[ ## completed ## ]]"
 
 _DSPY_OBJECTIVE = "In adhering to this structure, your objective is:"
 _DSPY_FIELD_LINE = re.compile(
-    r"^\d+\.\s+`(?P<name>[^`]+)`\s+\((?P<type>.*)\):(?P<desc>.*)$"
+    r"^\d+\.\s+`(?P<name>[^`]+)`\s+\((?P<type>[^\n]*?)\):", re.MULTILINE
 )
 _DSPY_DIRECTIVE = re.compile(
     r"\n\s*Respond with (?:the corresponding output fields|a JSON)"
@@ -1090,7 +1091,7 @@ class DSPyField:
 
     name: str
     type: str
-    choices: tuple[str, ...] = ()
+    choices: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1151,21 +1152,31 @@ class DSPyPrompt:
         return (named or candidates or [None])[0]
 
 
+def _literal_choices(type_text: str) -> tuple[Any, ...]:
+    """The values of a ``Literal[...]`` type as DSPy renders it (strings, numbers,
+    booleans); ``()`` for any other type."""
+    if not (type_text.startswith("Literal[") and type_text.endswith("]")):
+        return ()
+    try:
+        values = ast.literal_eval(f"[{type_text[len('Literal[') : -1]}]")
+    except (ValueError, SyntaxError):
+        return tuple(a or b for a, b in _QUOTED.findall(type_text))
+    return tuple(values)
+
+
 def _dspy_fields(head: str, kind: str) -> list[DSPyField]:
+    """The fields of the ``Your <kind> fields are:`` section; a description may span
+    several lines and hold parentheses and colons."""
     parts = head.split(f"Your {kind} fields are:", 1)
     if len(parts) < 2:
         return []
-    fields = []
-    for line in parts[1].splitlines()[1:]:
-        match = _DSPY_FIELD_LINE.match(line.strip())
-        if match is None:
-            break
-        type_text = match["type"].strip()
-        choices: tuple[str, ...] = ()
-        if type_text.startswith("Literal["):
-            choices = tuple(a or b for a, b in _QUOTED.findall(type_text))
-        fields.append(DSPyField(match["name"], type_text, choices))
-    return fields
+    section = parts[1]
+    for closing in ("Your output fields are:", "All interactions will be structured"):
+        section = section.split(closing, 1)[0]
+    return [
+        DSPyField(m["name"], m["type"].strip(), _literal_choices(m["type"].strip()))
+        for m in _DSPY_FIELD_LINE.finditer(section)
+    ]
 
 
 def _dspy_values(user: str, names: Sequence[str]) -> dict[str, str]:
@@ -1187,7 +1198,7 @@ def _dspy_values(user: str, names: Sequence[str]) -> dict[str, str]:
     return values
 
 
-def _dspy_default(field: DSPyField) -> str:
+def _dspy_default(field: DSPyField) -> Any:
     if field.choices and DEFAULT_LABEL not in field.choices:
         return field.choices[0]
     return DEFAULT_LABEL

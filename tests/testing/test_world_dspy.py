@@ -589,11 +589,6 @@ def test_target_in_feedback_pattern(feedback: str, target: str | None) -> None:
 # -- known bugs ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="a field description spanning lines ends the field list: the fields "
-    "declared after it are not answered",
-    strict=True,
-)
 def test_multiline_field_description_keeps_the_later_fields() -> None:
     signature = dspy.Signature(
         {
@@ -609,10 +604,6 @@ def test_multiline_field_description_keeps_the_later_fields() -> None:
     }
 
 
-@pytest.mark.xfail(
-    reason='a field description holding "):" is read as part of the field type',
-    strict=True,
-)
 def test_field_description_with_parenthesis_colon_keeps_the_type() -> None:
     signature = dspy.Signature(
         {
@@ -624,11 +615,6 @@ def test_field_description_with_parenthesis_colon_keeps_the_type() -> None:
     assert chat_round_trip(signature, {"message": "A refund"}) == {"urgent": False}
 
 
-@pytest.mark.xfail(
-    reason="the choices of a Literal of non-strings are not read: the field is "
-    "answered as free text (the input) instead of its first choice",
-    strict=True,
-)
 def test_literal_of_ints_defaults_to_its_first_choice() -> None:
     signature = dspy.Signature(
         {

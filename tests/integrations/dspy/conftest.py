@@ -41,3 +41,28 @@ def dspy_lm(lm: LMEndpoint) -> Iterator[Any]:
     model = make_lm(lm)
     with dspy.context(lm=model, adapter=None):
         yield model
+
+
+@pytest.fixture(autouse=True)
+def _close_litellm_clients() -> Iterator[None]:
+    """LiteLLM keeps openai clients (and their pooled sockets) for the life of the
+    process; a test's endpoint (a simulator port) dies with the test. Close the
+    clients it cached and collect the sockets LiteLLM dropped without closing, now,
+    instead of letting the garbage collector report them during another test."""
+    import gc
+    import warnings
+
+    import litellm
+    import openai
+
+    cache = litellm.in_memory_llm_clients_cache
+    before = set(cache.cache_dict)
+    yield
+    for key in set(cache.cache_dict) - before:
+        client = cache.cache_dict.get(key)
+        if isinstance(client, openai.OpenAI):
+            client.close()
+            cache.delete_cache(key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
