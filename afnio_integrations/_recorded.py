@@ -39,6 +39,27 @@ def _padded(ctx: Any, grads: list[Variable | None]) -> tuple[Variable | None, ..
     return (*grads, *[None] * (len(ctx.needs_input_grad) - len(grads)))
 
 
+def _conversation_of(var: Variable) -> list[dict[str, str]]:
+    """The conversation of the nearest recorded LM call that produced ``var`` (``[]``
+    when none did)."""
+    start = var.grad_fn
+    queue, seen = ([start] if start is not None else []), set()
+    while queue:
+        node = queue.pop(0)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        rendered = getattr(node, "rendered", None)
+        if isinstance(rendered, list) and len(rendered) == 1:
+            return list(rendered[0])
+        queue.extend(
+            edge.node
+            for edge in getattr(node, "next_functions", ())
+            if edge.node is not None
+        )
+    return []
+
+
 def _feedback_text(data: Any) -> str:
     if isinstance(data, list):
         return "\n".join(str(d) for d in data if d)
@@ -161,6 +182,8 @@ class StackSamples(Function):
     @staticmethod
     def forward(ctx: Any, samples: list[Variable], role: str = "outputs") -> Variable:
         ctx.n = len(samples)
+        # one conversation per sample: what an evaluator shows as each input
+        ctx.rendered = [_conversation_of(s) for s in samples]
         return Variable([str(s.data) for s in samples], role=role)
 
     @staticmethod

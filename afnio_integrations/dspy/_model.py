@@ -11,12 +11,14 @@ for checkpoints.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dspy
 
-from afnio._runtime import request_slot, run_async
+from afnio._runtime import get_max_concurrency, request_slot, run_async
 from afnio.models.model import ChatCompletionModel
 from afnio.models.model_registry import register_model_class
 from afnio.models.pricing import cost_of
@@ -53,6 +55,25 @@ def model_name(model: str) -> str:
     ('gpt-4o-mini', 'gpt-4o')
     """
     return model.split("/", 1)[1] if "/" in model else model
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    """Threads for DSPy's blocking calls, never fewer than afnio's bound (the default
+    executor has ``cpu + 4``, which would cap the requests in flight)."""
+    global _pool, _pool_size
+    wanted = max(32, get_max_concurrency())
+    with _pool_lock:
+        if _pool is None or _pool_size < wanted:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(wanted, thread_name_prefix="afnio-dspy-lm")
+            _pool_size = wanted
+        return _pool
 
 
 @register_model_class
@@ -109,6 +130,18 @@ class DSPyLM(ChatCompletionModel):
         body = {"model": self.lm.model, "messages": messages, **kwargs}
         return dspy.lm15.request_from_openai_chat(body)
 
+    def _call(self, request: Any) -> Any:
+        # afnio's own call: not part of a traced program's graph, usage or slots
+        from afnio_integrations.dspy._tracing import CallCollector
+
+        callbacks = [
+            c
+            for c in (dspy.settings.callbacks or [])
+            if not isinstance(c, CallCollector)
+        ]
+        with dspy.context(callbacks=callbacks, usage_tracker=None):
+            return self.lm(request)
+
     async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
         """Answer ``messages`` with the DSPy LM; returns the reply's text."""
         kwargs.pop("model", None)
@@ -117,7 +150,11 @@ class DSPyLM(ChatCompletionModel):
         async def call() -> str:
             async with request_slot():
                 self.calls += 1
-                response = await asyncio.to_thread(self.lm, request)
+                loop = asyncio.get_running_loop()
+                context = contextvars.copy_context()
+                response = await loop.run_in_executor(
+                    _executor(), context.run, self._call, request
+                )
             usage = usage_dict(getattr(response, "usage", None))
             if usage:
                 name = getattr(response, "model", None) or model_name(self.lm.model)

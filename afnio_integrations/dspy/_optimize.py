@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import numbers
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -80,9 +81,10 @@ def call_metric(
     >>> call_metric(lambda *a: dspy.Prediction(score=0.5, feedback="meh"), 1, 2)
     (0.5, 'meh')
     """
-    if _accepts(metric, 5):
+    signature_of = metric.forward if isinstance(metric, dspy.Module) else metric
+    if _accepts(signature_of, 5):
         result = metric(example, prediction, None, None, None)
-    elif _accepts(metric, 3):
+    elif _accepts(signature_of, 3):
         result = metric(example, prediction, None)
     else:
         result = metric(example, prediction)
@@ -95,7 +97,9 @@ def call_metric(
             get = result.get
         feedback = get("feedback", "") or ""
         result = get("score")
-    if isinstance(result, bool | int | float):
+    if isinstance(result, numbers.Real) or (
+        hasattr(result, "__float__") and not isinstance(result, str | bytes)
+    ):  # numpy scalars included
         return float(result), str(feedback or "")
     name = getattr(metric, "__name__", "the metric")
     raise TypeError(
@@ -148,11 +152,11 @@ class MetricEvaluator(Function):
             ctx,
             prediction,
             list(targets),
-            [1.0 if s >= best_score else s for s in scores],
+            [best_score if s >= best_score else s for s in scores],
             explanation,
             purpose,
             None,
-            1.0,
+            best_score,
             True,
         )
         ctx.feedback = [str(f) for f in feedback]
@@ -228,6 +232,8 @@ class _ProgramAgent(Module):
     def _step(self, batch: Any, split: str) -> dict[str, Any]:
         rows = [self._examples[split][int(i)] for i in batch[0]]
         out = self(rows)
+        if all(error is not None for error in out.errors):
+            raise out.errors[0]  # nothing ran: say why (an LM down, a bad program)
         scores, feedback = [], []
         for example, pred, error in zip(rows, out.prediction, out.errors, strict=True):
             if error is not None or pred is None:
@@ -348,6 +354,8 @@ class AfnioTGD(Teleprompter):
         super().__init__()
         if not callable(metric):
             raise TypeError("`metric` must be a function (example, pred, trace=None).")
+        if isinstance(best_score, bool) or not isinstance(best_score, numbers.Real):
+            raise TypeError(f"`best_score` must be a number, got {best_score!r}.")
         for name, value in (("epochs", epochs), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
@@ -403,18 +411,23 @@ class AfnioTGD(Teleprompter):
             raise TypeError(f"compile() got unexpected arguments {sorted(kwargs)}.")
         if teacher is not None:
             raise ValueError("AfnioTGD does not use a teacher program: pass none.")
+        if not isinstance(student, dspy.Module):
+            raise TypeError(
+                f"`student` must be a dspy.Module, got {type(student).__name__}."
+            )
         train = _examples(trainset, "trainset")
         if not train:
             raise ValueError("`trainset` is empty: pass dspy.Example items.")
+        if valset is not None and not list(valset):
+            raise ValueError("`valset` is empty: pass examples, or None for trainset.")
         val = _examples(valset, "valset") or train
         program = student.deepcopy()
         traced = trace(program, descriptions=self.descriptions)
         backward, args = self._backward()
-        optimizer_client = (
-            _client(self.optimizer_lm, "optimizer_lm")
-            if self.optimizer_lm is not None
-            else backward
-        )
+        optimizer_client, optimizer_args = backward, args
+        if self.optimizer_lm is not None:
+            optimizer_client = _client(self.optimizer_lm, "optimizer_lm")
+            optimizer_args = dict(self.completion_args)
 
         def make_optimizer() -> TGD:
             return TGD(
@@ -422,7 +435,7 @@ class AfnioTGD(Teleprompter):
                 model_client=optimizer_client,
                 constraints=list(self.constraints) or None,
                 momentum=self.momentum,
-                **args,
+                **optimizer_args,
             )
 
         examples = {"train": train, "val": val}
@@ -453,10 +466,16 @@ class AfnioTGD(Teleprompter):
             )
             spent = trainer.total_cost
             rows_before = _usage_rows(trainer)
+            if self.max_cost is not None:  # the first validation counts too
+                trainer.max_cost = max(0.0, self.max_cost - spent)
             history = trainer.fit(agent, train_loader, val_loader, llm_clients=clients)
         traced.write_back()
         program._compiled = True
-        after = history[-1].get("val_score") if history else before
+        # stopped early (budget): the last instructions were not validated
+        validated = trainer.stopped_reason is None
+        after = (
+            (history[-1].get("val_score") if history else before) if validated else None
+        )
         rows = _usage_rows(trainer)
         self.report = OptimizeReport(
             score_before=before,

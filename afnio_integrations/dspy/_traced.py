@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dspy
+from dspy.utils.usage_tracker import UsageTracker
 
 from afnio._runtime import get_max_concurrency
 from afnio._variable import Variable
@@ -65,6 +66,22 @@ class ProgramUsage:
     def get_usage(self) -> dict[str, Any]:
         with self._lock:
             return {**self._usage, "cost": dict(self._usage["cost"])}
+
+
+class _SharedTracker(UsageTracker):
+    """DSPy's usage tracker, shared (not copied) by DSPy's parallel executor, which
+    deep-copies the settings of each worker thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SharedTracker:
+        return self
+
+    def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
+        with self._lock:
+            super().add_usage(lm, usage_entry)
 
 
 class TracedPrediction(Mapping[str, Variable]):
@@ -155,7 +172,13 @@ class TracedProgram(Module):
             )
         taken: set[str] = set()
         slots: list[PredictorSlot] = []
+        signatures: set[int] = set()
         for name, predictor in predictors:
+            if id(predictor.signature) in signatures:  # one class per predictor
+                predictor.signature = predictor.signature.with_instructions(
+                    predictor.signature.instructions
+                )
+            signatures.add(id(predictor.signature))
             key = _parameter_name(name, taken)
             param = Parameter(
                 predictor.signature.instructions,
@@ -228,9 +251,12 @@ class TracedProgram(Module):
                 str(slot.instructions.data)
             )
             for field_name, var in slot.descriptions.items():
-                if field_name in signature.output_fields and var.data:
+                if field_name in signature.output_fields:
                     signature = signature.with_updated_fields(field_name, desc=var.data)
             slot.predictor.signature = signature
+            # DSPy reads instructions through inspect.cleandoc: keep the same text
+            if slot.instructions.data != signature.instructions:
+                slot.instructions.data = signature.instructions
         object.__setattr__(self, "_written", self._current_texts())
 
     def _sync(self) -> None:
@@ -266,25 +292,27 @@ class TracedProgram(Module):
 
     def _call(self, inputs: Mapping[str, Any]) -> TracedPrediction:
         slots = {id(slot.predictor): slot for slot in self._slots}
+        slots.update({id(slot.predictor.signature): slot for slot in self._slots})
         seed = [(str(v.data), v) for v in inputs.values() if isinstance(v, Variable)]
         collector = CallCollector(slots, seed, self.usage.count_call)
         plain = {
             k: (v.data if isinstance(v, Variable) else v) for k, v in inputs.items()
         }
-        from dspy.utils.usage_tracker import track_usage
-
         callbacks = [*(dspy.settings.callbacks or []), collector]
-        tracker = None
+        parent = dspy.settings.usage_tracker
+        tracker = _SharedTracker()
         token = collector.activate()
         try:
-            with dspy.context(callbacks=callbacks, trace=[]), track_usage() as tracker:
+            with dspy.context(callbacks=callbacks, trace=[], usage_tracker=tracker):
                 result = self.program(**plain)
                 trace = list(dspy.settings.trace or [])
         finally:
             collector.deactivate(token)
             collector.release_all()
-            if tracker is not None:
-                self.usage.add(tracker.get_total_tokens())
+            self.usage.add(tracker.get_total_tokens())
+            if parent is not None:  # as DSPy's track_usage rolls up
+                for lm, entries in tracker.usage_data.items():
+                    parent.usage_data[lm].extend(entries)
         if collector.errors:
             raise collector.errors[0]
         return self._prediction(result, collector, trace)
@@ -338,15 +366,17 @@ class TracedProgram(Module):
                 for ctx, row in zip(contexts, rows, strict=True)
             ]
             outcomes: list[TracedPrediction | BaseException] = []
-            for future in futures:
-                try:
-                    outcomes.append(future.result())
-                except Exception as e:
-                    if not return_exceptions:
-                        for other in futures:
-                            other.cancel()
-                        raise
-                    outcomes.append(e)
+            try:
+                for future in futures:
+                    try:
+                        outcomes.append(future.result())
+                    except Exception as e:
+                        if not return_exceptions:
+                            raise
+                        outcomes.append(e)
+            except BaseException:  # an error or Ctrl-C: start nothing more
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
         return _stack(outcomes)
 
 

@@ -19,6 +19,7 @@ acquire_request_slot`), so DSPy's calls obey the same concurrency bound as afnio
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import re
@@ -42,8 +43,24 @@ _ACTIVE: contextvars.ContextVar[CallCollector | None] = contextvars.ContextVar(
 
 
 def active_collector() -> CallCollector | None:
-    """The collector of the traced program call running in this context, if any."""
-    return _ACTIVE.get()
+    """The collector of the traced program call running in this context, if any
+    (also found in DSPy's callbacks, which DSPy carries into its own worker threads,
+    e.g. ``dspy.Parallel``)."""
+    found = _ACTIVE.get()
+    if found is None:
+        callbacks = dspy.settings.callbacks or []
+        found = next(
+            (c for c in reversed(callbacks) if isinstance(c, CallCollector)), None
+        )
+    return found
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def field_text(value: Any) -> str:
@@ -111,6 +128,7 @@ class PredictorSlot:
 class _Call:
     predictor: Any
     inputs: dict[str, Any]
+    visible: int  # outputs produced before the call started (its inputs' sources)
     conversation: list[dict[str, str]] | None = None
     output: str | None = None
 
@@ -119,7 +137,8 @@ class CallCollector(BaseCallback):
     """Builds the afnio graph of one program call (see the module docstring).
 
     Args:
-        slots: the traced predictors, by ``id`` of their Predict object.
+        slots: the traced predictors, by ``id`` of their Predict object and of its
+            signature class (unique per traced predictor).
         seed: (text, Variable) pairs the program's inputs may be linked to.
     """
 
@@ -150,7 +169,7 @@ class CallCollector(BaseCallback):
             self._parents[call_id] = ACTIVE_CALL_ID.get()
             if isinstance(instance, dspy.Predict):
                 kwargs = dict(inputs.get("kwargs") or {})
-                self._predicts[call_id] = _Call(instance, kwargs)
+                self._predicts[call_id] = _Call(instance, kwargs, len(self.produced))
 
     def on_module_end(
         self, call_id: str, outputs: Any | None, exception: Exception | None = None
@@ -186,7 +205,9 @@ class CallCollector(BaseCallback):
                 self._predicts[owner].conversation = _conversation(
                     inputs.get("messages"), inputs.get("prompt")
                 )
-        if not in_runtime_thread():
+        # An async program's LM call starts on its event loop: blocking there could
+        # deadlock, so such calls are not held to the bound.
+        if not in_runtime_thread() and not _in_event_loop():
             release = acquire_request_slot()
             with self._lock:
                 self._releases[call_id] = release
@@ -238,10 +259,12 @@ class CallCollector(BaseCallback):
         with self._lock:
             self.produced.append((text, var))
 
-    def find(self, text: str) -> Variable | None:
-        """The latest Variable produced (or seeded) with exactly ``text``."""
+    def find(self, text: str, visible: int | None = None) -> Variable | None:
+        """The latest Variable produced (or seeded) with exactly ``text``, among the
+        first ``visible`` ones when given."""
         with self._lock:
-            return next((v for t, v in reversed(self.produced) if t == text), None)
+            produced = self.produced if visible is None else self.produced[:visible]
+            return next((v for t, v in reversed(produced) if t == text), None)
 
     def composed_of(self, text: str) -> list[Variable]:
         """The predicted field Variables whose text occurs in ``text`` as a whole
@@ -257,7 +280,9 @@ class CallCollector(BaseCallback):
         return found
 
     def _record(self, call: _Call, outputs: Any) -> None:
-        slot = self.slots.get(id(call.predictor))
+        slot = self.slots.get(id(call.predictor)) or self.slots.get(
+            id(call.predictor.signature)  # a copy made by the program (BestOfN...)
+        )
         variables: list[Variable] = []
         locations: list[str] = []
         if slot is not None:
@@ -271,8 +296,8 @@ class CallCollector(BaseCallback):
                 variables.append(value)
                 locations.append(f"input:{key}")
                 continue
-            var = self.find(field_text(value))
-            if var is not None:
+            var = self.find(field_text(value), call.visible)
+            if var is not None and var not in variables:
                 variables.append(var)
                 locations.append(f"input:{key}")
         name = slot.name if slot is not None else type(call.predictor).__name__
