@@ -8,7 +8,11 @@ at once).
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
+import socket
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,26 +47,50 @@ def dspy_lm(lm: LMEndpoint) -> Iterator[Any]:
         yield model
 
 
+def _current_loop() -> asyncio.AbstractEventLoop | None:
+    return getattr(asyncio.get_event_loop_policy()._local, "_loop", None)
+
+
+def _open_loopback_sockets() -> list[socket.socket]:
+    found = []
+    for obj in gc.get_objects():
+        if isinstance(obj, socket.socket) and obj.fileno() != -1:
+            try:
+                host = obj.getpeername()[0]
+            except (OSError, IndexError, TypeError):
+                continue
+            if host in ("127.0.0.1", "::1"):
+                found.append(obj)
+    return found
+
+
 @pytest.fixture(autouse=True)
 def _close_litellm_clients() -> Iterator[None]:
     """LiteLLM keeps openai clients (and their pooled sockets) for the life of the
-    process; a test's endpoint (a simulator port) dies with the test. Close the
-    clients it cached and collect the sockets LiteLLM dropped without closing, now,
-    instead of letting the garbage collector report them during another test."""
-    import gc
-    import warnings
-
+    process, and its service logger gives the main thread an event loop it never
+    closes; a test's endpoint (a simulator port) dies with the test. Close what the
+    test left open now, instead of letting the garbage collector report it during
+    another test."""
     import litellm
     import openai
 
     cache = litellm.in_memory_llm_clients_cache
     before = set(cache.cache_dict)
+    loop_before = _current_loop()
+    sockets_before = {id(s) for s in _open_loopback_sockets()}
     yield
     for key in set(cache.cache_dict) - before:
         client = cache.cache_dict.get(key)
         if isinstance(client, openai.OpenAI):
             client.close()
             cache.delete_cache(key)
+    loop = _current_loop()
+    if loop is not None and loop is not loop_before and not loop.is_running():
+        loop.close()
+        asyncio.set_event_loop(None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
+        for sock in _open_loopback_sockets():
+            if id(sock) not in sockets_before:
+                sock.close()  # pooled connections to the test's (stopped) server
