@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -30,6 +32,16 @@ def test_all_is_pinned() -> None:
 
 
 def test_importing_keeps_litellm_from_downloading_its_cost_map() -> None:
-    import afnio_integrations.dspy  # noqa: F401
-
-    assert os.environ.get("LITELLM_LOCAL_MODEL_COST_MAP") == "True"
+    env = {k: v for k, v in os.environ.items() if k != "LITELLM_LOCAL_MODEL_COST_MAP"}
+    code = (
+        "import os, sys; import afnio_integrations.dspy; "
+        "print(os.environ.get('LITELLM_LOCAL_MODEL_COST_MAP'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "True"
