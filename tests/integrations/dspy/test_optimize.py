@@ -292,3 +292,33 @@ def test_max_cost_stops_the_run_within_the_budget() -> None:
         assert report.stopped_reason and "max_cost" in report.stopped_reason
         assert report.cost <= budget
         assert report.score_after is None  # the last instructions were not validated
+
+
+def test_constraints_momentum_and_revert_reach_the_optimizer() -> None:
+    train = [
+        dspy.Example(message=m, sentiment=s).with_inputs("message")
+        for m, s in [
+            ("I am frustrated with the heating.", "negative"),
+            ("I love the new lobby!", "positive"),
+            ("My badge works.", "neutral"),
+            ("The service was excellent.", "positive"),
+        ]
+    ]
+    with Simulator() as sim, dspy.context(lm=_sim_lm(sim)):
+        tgd = AfnioTGD(
+            metric=sentiment_match,
+            epochs=2,
+            batch_size=2,
+            momentum=2,
+            constraints=['Do not use the character "`".'],
+            revert_on_regression=True,
+            progress=False,
+        )
+        optimized = tgd.compile(dspy.Predict("message -> sentiment"), trainset=train)
+        report = tgd.report
+        assert report is not None
+        instructions = optimized.signature.instructions
+        assert "`" not in instructions  # the constraint was in the optimizer prompt
+        assert 'If the message mentions "frustrated"' in instructions
+        assert all("train_reverted" in row for row in report.history)
+        assert report.score_after == 1.0
