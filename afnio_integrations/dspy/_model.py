@@ -19,10 +19,8 @@ from typing import Any
 import dspy
 
 from afnio._runtime import get_max_concurrency, request_slot, run_async
-from afnio.models.model import ChatCompletionModel
 from afnio.models.model_registry import register_model_class
-from afnio.models.pricing import cost_of
-from afnio.models.usage import add_usage
+from afnio_integrations._client import AdapterChatModel
 
 __all__ = ["DSPyLM", "usage_dict"]
 
@@ -77,7 +75,7 @@ def _executor() -> ThreadPoolExecutor:
 
 
 @register_model_class
-class DSPyLM(ChatCompletionModel):
+class DSPyLM(AdapterChatModel):
     """An afnio chat client backed by a DSPy LM (``dspy.LM`` or any ``BaseLM``).
 
     Args:
@@ -102,23 +100,10 @@ class DSPyLM(ChatCompletionModel):
                 f"{type(lm).__name__}."
             )
         self.lm = lm
-        self._usage_lock = threading.Lock()
         super().__init__(provider=f"dspy:{lm.model}")
 
     def __repr__(self) -> str:
         return f"DSPyLM({self.lm.model!r})"
-
-    def update_usage(self, usage: Any, model_name: str | None = None) -> None:
-        """Add a response's usage; with ``model_name`` also its cost (afnio's price
-        table); without (a checkpoint restore), set the saved cost."""
-        data = dict(usage or {})
-        with self._usage_lock:
-            add_usage(self._usage, data)
-            cost = self._usage.setdefault("cost", {"amount": 0.0, "currency": "USD"})
-            if model_name is not None:
-                cost["amount"] += cost_of(data, model_name)
-            elif isinstance(data.get("cost"), dict) and "amount" in data["cost"]:
-                cost["amount"] = float(data["cost"]["amount"])
 
     def _request(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> Any:
         for i, message in enumerate(messages):

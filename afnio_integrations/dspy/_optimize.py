@@ -41,13 +41,13 @@ from afnio.autodiff.evaluator import (
     _save,
 )
 from afnio.autodiff.function import Function
-from afnio.cognitive.modules.module import Module
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import TGD
 from afnio.trainer import Trainer
-from afnio.utils.data import DataLoader, Dataset
+from afnio.utils.data import DataLoader
 from afnio_integrations._recorded import JoinFields
 from afnio_integrations._report import OptimizeReport
+from afnio_integrations._training import IndexDataset, SplitAgent
 from afnio_integrations.dspy._model import DSPyLM
 from afnio_integrations.dspy._traced import TracedPrediction, TracedProgram, trace
 from afnio_integrations.dspy._tracing import field_text
@@ -179,17 +179,6 @@ class MetricEvaluator(Function):
         return _prediction_only_backward(ctx, texts)
 
 
-class _Indices(Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> tuple[int, int]:
-        return index, index  # the loader batches indices; the agent looks them up
-
-
 def _label_view(
     out: TracedPrediction, rows: Sequence[dspy.Example]
 ) -> tuple[Variable, list[str]]:
@@ -209,7 +198,7 @@ def _label_view(
     return prediction, targets
 
 
-class _ProgramAgent(Module):
+class _ProgramAgent(SplitAgent):
     def __init__(
         self,
         traced: TracedProgram,
@@ -218,11 +207,10 @@ class _ProgramAgent(Module):
         optimizer: Callable[[], Any],
         best_score: float,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer)
         self.traced = traced
         object.__setattr__(self, "_metric", metric)
         object.__setattr__(self, "_examples", examples)
-        object.__setattr__(self, "_make_optimizer", optimizer)
         object.__setattr__(self, "_best", best_score)
         object.__setattr__(self, "failed_samples", 0)
 
@@ -250,18 +238,6 @@ class _ProgramAgent(Module):
             prediction, targets, scores, feedback, f"DSPy metric {name}", self._best
         )
         return {"loss": (score, explanation), "score": builtins.sum(scores) / len(rows)}
-
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return self._step(batch, "val")
-
-    def configure_optimizers(self) -> Any:
-        return self._make_optimizer()
 
 
 LMLike = Any  # a dspy.BaseLM or an afnio ChatCompletionModel
@@ -451,9 +427,9 @@ class AfnioTGD(Teleprompter):
             max_cost=self.max_cost,
             revert_on_regression=self.revert_on_regression,
         )
-        val_loader = DataLoader(_Indices(len(val)), batch_size=len(val))
+        val_loader = DataLoader(IndexDataset(len(val)), batch_size=len(val))
         train_loader = DataLoader(
-            _Indices(len(train)),
+            IndexDataset(len(train)),
             batch_size=self.batch_size,
             shuffle=True,
             seed=self.seed,

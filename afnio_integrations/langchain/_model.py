@@ -9,17 +9,14 @@ response's model name); it is registered for checkpoints.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
 from afnio._runtime import request_slot, run_async
-from afnio.models.model import ChatCompletionModel
 from afnio.models.model_registry import register_model_class
-from afnio.models.pricing import cost_of
-from afnio.models.usage import add_usage
+from afnio_integrations._client import AdapterChatModel
 
 __all__ = ["LangChainChatModel"]
 
@@ -61,7 +58,7 @@ def _usage(message: AIMessage) -> dict[str, Any]:
 
 
 @register_model_class
-class LangChainChatModel(ChatCompletionModel):
+class LangChainChatModel(AdapterChatModel):
     """An afnio chat client backed by a LangChain chat model.
 
     Args:
@@ -84,23 +81,10 @@ class LangChainChatModel(ChatCompletionModel):
                 f"{type(model).__name__}."
             )
         self.model = model
-        self._usage_lock = threading.Lock()
         super().__init__(provider=f"langchain:{type(model).__name__}")
 
     def __repr__(self) -> str:
         return f"LangChainChatModel({type(self.model).__name__})"
-
-    def update_usage(self, usage: Any, model_name: str | None = None) -> None:
-        """Add a response's usage; with ``model_name`` also its cost (afnio's price
-        table); without (a checkpoint restore), set the saved cost."""
-        data = dict(usage or {})
-        with self._usage_lock:
-            add_usage(self._usage, data)
-            cost = self._usage.setdefault("cost", {"amount": 0.0, "currency": "USD"})
-            if model_name is not None:
-                cost["amount"] += cost_of(data, model_name)
-            elif isinstance(data.get("cost"), dict) and "amount" in data["cost"]:
-                cost["amount"] = float(data["cost"]["amount"])
 
     async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
         """Answer ``messages`` with the LangChain model; returns the reply's text."""

@@ -18,12 +18,12 @@ from afnio._variable import Variable
 from afnio.autodiff.decorators import evaluator
 from afnio.autodiff.evaluator import DeterministicEvaluator
 from afnio.autodiff.function import Function
-from afnio.cognitive.modules.module import Module
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import TGD
 from afnio.trainer import Trainer
-from afnio.utils.data import DataLoader, Dataset
+from afnio.utils.data import DataLoader
 from afnio_integrations._report import OptimizeReport
+from afnio_integrations._training import IndexDataset, SplitAgent
 from afnio_integrations.langchain._discovery import Selector
 from afnio_integrations.langchain._traced import TracedChain, trace
 
@@ -61,18 +61,7 @@ class MetricFeedback(Function):
         return Variable(data, role=f"feedback to {ctx.role}"), None, None
 
 
-class _Pairs(Dataset):
-    def __init__(self, pairs: Sequence[tuple[Any, Any]]) -> None:
-        self.pairs = list(pairs)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> tuple[int, int]:
-        return index, index  # the loader batches indices; the agent looks them up
-
-
-class _ChainAgent(Module):
+class _ChainAgent(SplitAgent):
     def __init__(
         self,
         traced: TracedChain,
@@ -82,11 +71,10 @@ class _ChainAgent(Module):
         best_score: Any,
         is_evaluator: bool,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer)
         self.traced = traced
         object.__setattr__(self, "_metric", metric)
         object.__setattr__(self, "_pairs", pairs)
-        object.__setattr__(self, "_make_optimizer", optimizer)
         object.__setattr__(self, "_best", best_score)
         object.__setattr__(self, "_is_evaluator", is_evaluator)
 
@@ -126,18 +114,6 @@ class _ChainAgent(Module):
                 best_score=self._best,
             )
         return {"loss": (score, explanation), "accuracy": float(score.data) / len(rows)}
-
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return self._step(batch, "val")
-
-    def configure_optimizers(self) -> Any:
-        return self._make_optimizer()
 
 
 def optimize(
@@ -204,14 +180,19 @@ def optimize(
         max_cost=max_cost,
         revert_on_regression=revert_on_regression,
     )
-    val_loader = DataLoader(_Pairs(pairs["val"]), batch_size=max(1, len(pairs["val"])))
+    val_loader = DataLoader(
+        IndexDataset(len(pairs["val"])), batch_size=max(1, len(pairs["val"]))
+    )
     before_prompts = traced.prompts()
     before = trainer.validate(agent, val_loader).get("val_accuracy")
     spent = trainer.total_cost
     history = trainer.fit(
         agent,
         DataLoader(
-            _Pairs(pairs["train"]), batch_size=batch_size, shuffle=True, seed=seed
+            IndexDataset(len(pairs["train"])),
+            batch_size=batch_size,
+            shuffle=True,
+            seed=seed,
         ),
         val_loader,
     )

@@ -25,12 +25,13 @@ from afnio.testing import SIMULATOR_MODEL  # noqa: E402
 from tests.conftest import LMEndpoint  # noqa: E402
 
 
-def make_lm(endpoint: LMEndpoint, **kwargs: Any) -> Any:
-    """A ``dspy.LM`` for ``endpoint`` that cassettes can record and replay."""
+def make_lm(endpoint: LMEndpoint | Any, **kwargs: Any) -> Any:
+    """A ``dspy.LM`` for ``endpoint`` (a cassette endpoint or a live ``Simulator``)
+    that cassettes can record and replay."""
     return dspy.LM(
         f"openai/{SIMULATOR_MODEL}",
         api_base=endpoint.base_url,
-        api_key=endpoint.api_key,
+        api_key=getattr(endpoint, "api_key", "sk-test"),
         engine="litellm",
         cache=False,
         num_retries=0,

@@ -20,7 +20,7 @@ from afnio import functional as F  # noqa: E402
 from afnio._runtime import reset_concurrency_stats  # noqa: E402
 from afnio.models.model_registry import MODEL_REGISTRY  # noqa: E402
 from afnio.optim import TGD  # noqa: E402
-from afnio.testing import SIMULATOR_MODEL, Simulator  # noqa: E402
+from afnio.testing import Simulator  # noqa: E402
 from afnio_integrations.dspy import AfnioModule, DSPyLM, trace  # noqa: E402
 from tests.conftest import LMEndpoint  # noqa: E402
 from tests.integrations.dspy.conftest import make_lm  # noqa: E402
@@ -111,14 +111,7 @@ def test_an_afnio_module_inside_a_traced_program_gets_feedback_and_trains(
 def test_a_traced_batch_keeps_every_dspy_request_under_afnios_bound() -> None:
     inputs = [{"message": f"message {k}"} for k in range(8)]
     with Simulator(latency=0.3) as sim:
-        model = dspy.LM(
-            f"openai/{SIMULATOR_MODEL}",
-            api_base=sim.base_url,
-            api_key="sk-test",
-            engine="litellm",
-            cache=False,
-            num_retries=0,
-        )
+        model = make_lm(sim)
         traced = trace(dspy.Predict("message -> sentiment"))
         with dspy.context(lm=model):
             afnio.set_max_concurrency(3)

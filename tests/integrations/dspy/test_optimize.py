@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings(
 import numpy as np  # noqa: E402
 
 import afnio  # noqa: E402
-from afnio.testing import SIMULATOR_MODEL, Simulator  # noqa: E402
+from afnio.testing import Simulator  # noqa: E402
 from afnio.utils.datasets import FacilitySupport  # noqa: E402
 from afnio_integrations.dspy import (  # noqa: E402
     AfnioTGD,
@@ -30,6 +30,7 @@ from afnio_integrations.dspy import (  # noqa: E402
     call_metric,
     trace,
 )
+from tests.integrations.dspy.conftest import make_lm  # noqa: E402
 
 SHARED = (
     Path(__file__).resolve().parents[3].parent / "shared" / "data" / "facility-support"
@@ -59,18 +60,6 @@ def sentiment_feedback(
         score=0.0,
         feedback=f'Wrong sentiment "{pred.sentiment}": the expected sentiment is '
         f'"{gold.sentiment}".',
-    )
-
-
-def _sim_lm(sim: Simulator) -> Any:
-    return dspy.LM(
-        f"openai/{SIMULATOR_MODEL}",
-        api_base=sim.base_url,
-        api_key="sk-test",
-        engine="litellm",
-        cache=False,
-        num_retries=0,
-        temperature=0,
     )
 
 
@@ -188,7 +177,7 @@ def test_dspy_lm_client_calls_run_concurrently_up_to_the_bound() -> None:
         return await asyncio.gather(*(client.achat(messages) for _ in range(n)))
 
     with Simulator(latency=0.3) as sim:
-        client = DSPyLM(_sim_lm(sim))
+        client = DSPyLM(make_lm(sim))
         afnio.set_max_concurrency(12)
         assert asyncio.run(many(client, 12)) == ["neutral"] * 12
         assert sim.stats.peak_in_flight == 12  # not capped by a small thread pool
@@ -211,7 +200,7 @@ def test_an_async_program_under_a_bound_of_one_does_not_deadlock() -> None:
             results = asyncio.run(all_three())
             return dspy.Prediction(sentiment=results[-1].sentiment)
 
-    with Simulator(latency=0.1) as sim, dspy.context(lm=_sim_lm(sim)):
+    with Simulator(latency=0.1) as sim, dspy.context(lm=make_lm(sim)):
         afnio.set_max_concurrency(1)
         traced = trace(Gather())
         assert traced(message="hello").sentiment.data == "neutral"
@@ -246,7 +235,7 @@ def test_afnio_tgd_learns_facility_support_sentiment(
     metric: Any, sentiment_data: dict[str, list[Any]], tmp_path: Path
 ) -> None:
     train, val = sentiment_data["train"], sentiment_data["val"]
-    with Simulator() as sim, dspy.context(lm=_sim_lm(sim)):
+    with Simulator() as sim, dspy.context(lm=make_lm(sim)):
         student = dspy.Predict("message -> sentiment")
         tgd = AfnioTGD(metric=metric, epochs=3, batch_size=16, seed=0, progress=False)
         optimized = tgd.compile(student, trainset=train, valset=val)
@@ -277,7 +266,7 @@ def test_max_cost_stops_the_run_within_the_budget() -> None:
         ).with_inputs("message")
         for k in range(16)
     ]
-    with Simulator() as sim, dspy.context(lm=_sim_lm(sim)):
+    with Simulator() as sim, dspy.context(lm=make_lm(sim)):
         budget = 0.004
         tgd = AfnioTGD(
             metric=sentiment_match,
@@ -304,7 +293,7 @@ def test_constraints_momentum_and_revert_reach_the_optimizer() -> None:
             ("The service was excellent.", "positive"),
         ]
     ]
-    with Simulator() as sim, dspy.context(lm=_sim_lm(sim)):
+    with Simulator() as sim, dspy.context(lm=make_lm(sim)):
         tgd = AfnioTGD(
             metric=sentiment_match,
             epochs=2,
