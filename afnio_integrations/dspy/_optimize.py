@@ -191,7 +191,7 @@ def _label_view(
         targets = [field_text(ex.get(key, "")) for ex in rows]
         return out.fields[key], targets
     parts = [out.fields[k] for k in names]
-    prediction = JoinFields.apply(parts, names, "the prediction's fields")
+    prediction = JoinFields.apply(parts, names, "fields of the prediction")
     targets = [
         "\n".join(f"{k}: {field_text(ex.get(k, ''))}" for k in names) for ex in rows
     ]

@@ -330,10 +330,13 @@ class TracedProgram(Module):
                 # composed by the program's code: from the predictions it contains
                 sources = collector.composed_of(text) or [last]
                 var = StepOutput.apply(
-                    sources, text, "program output", f"the `{key}` field of the program"
+                    sources,
+                    text,
+                    "program output",
+                    f"`{key}` field of the program's prediction",
                 )
             if var is None:
-                var = Variable(text, role=f"the `{key}` field of the program")
+                var = Variable(text, role=f"`{key}` field of the program's prediction")
             fields[key] = var
         return TracedPrediction(fields, result, trace)
 
@@ -390,10 +393,12 @@ def _stack(outcomes: list[TracedPrediction | BaseException]) -> TracedPrediction
         samples = [
             o.fields[key]
             if isinstance(o, TracedPrediction) and key in o.fields
-            else Variable("", role=f"the `{key}` field (no prediction)")
+            else Variable("", role=f"`{key}` field (no prediction)")
             for o in outcomes
         ]
-        fields[key] = StackSamples.apply(samples, f"the `{key}` field of the program")
+        fields[key] = StackSamples.apply(
+            samples, f"`{key}` field of the program's prediction"
+        )
     return TracedPrediction(
         fields,
         [o.prediction if isinstance(o, TracedPrediction) else None for o in outcomes],

@@ -323,7 +323,7 @@ class CallCollector(BaseCallback):
                 completion,
                 text,
                 f"parse of the `{key}` field",
-                f"the `{key}` field predicted by DSPy predictor {name}",
+                f"`{key}` field predicted by DSPy predictor {name}",
             )
             with self._lock:
                 self.produced.append((text, var))
