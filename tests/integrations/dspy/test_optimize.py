@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,6 @@ dspy = pytest.importorskip("dspy", reason="needs the dspy extra")
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Exception ignored in. <socket:pytest.PytestUnraisableExceptionWarning"
 )
-
-import numpy as np  # noqa: E402
 
 import afnio  # noqa: E402
 from afnio.testing import Simulator  # noqa: E402
@@ -79,8 +79,8 @@ class Judge(dspy.Module):
         (True, (1.0, "")),
         (0, (0.0, "")),
         (0.25, (0.25, "")),
-        (np.float32(0.5), (0.5, "")),
-        (np.bool_(True), (1.0, "")),
+        (Fraction(1, 2), (0.5, "")),  # any numbers.Real
+        (Decimal("1"), (1.0, "")),  # anything with __float__ (numpy scalars)
         ((0.0, "too long"), (0.0, "too long")),
         ({"score": 1, "feedback": "fine"}, (1.0, "fine")),
     ],
