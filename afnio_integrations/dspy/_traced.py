@@ -12,6 +12,7 @@ never mutated.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import re
 import threading
@@ -290,7 +291,27 @@ class TracedProgram(Module):
         self._sync()
         return self._call(inputs)
 
+    async def acall(self, **inputs: Any) -> TracedPrediction:
+        """Async :meth:`forward`: runs the program's ``acall`` (its ``aforward``).
+        Its LM calls are made on the caller's event loop, so they are not held to
+        afnio's request bound (blocking there could deadlock)."""
+        self._sync()
+        with self._recording(inputs) as (plain, finish):
+            result = await self.program.acall(**plain)
+            trace = list(dspy.settings.trace or [])
+        return finish(result, trace)
+
     def _call(self, inputs: Mapping[str, Any]) -> TracedPrediction:
+        with self._recording(inputs) as (plain, finish):
+            result = self.program(**plain)
+            trace = list(dspy.settings.trace or [])
+        return finish(result, trace)
+
+    @contextlib.contextmanager
+    def _recording(self, inputs: Mapping[str, Any]) -> Iterator[Any]:
+        """The DSPy context of one traced call: the collector among the callbacks,
+        a fresh trace and a shared usage tracker. Yields ``(plain inputs,
+        finish)``; ``finish(result, trace)`` builds the prediction."""
         slots = {id(slot.predictor): slot for slot in self._slots}
         slots.update({id(slot.predictor.signature): slot for slot in self._slots})
         seed = [(str(v.data), v) for v in inputs.values() if isinstance(v, Variable)]
@@ -301,11 +322,16 @@ class TracedProgram(Module):
         callbacks = [*(dspy.settings.callbacks or []), collector]
         parent = dspy.settings.usage_tracker
         tracker = _SharedTracker()
+
+        def finish(result: Any, trace: list[Any]) -> TracedPrediction:
+            if collector.errors:
+                raise collector.errors[0]
+            return self._prediction(result, collector, trace)
+
         token = collector.activate()
         try:
             with dspy.context(callbacks=callbacks, trace=[], usage_tracker=tracker):
-                result = self.program(**plain)
-                trace = list(dspy.settings.trace or [])
+                yield plain, finish
         finally:
             collector.deactivate(token)
             collector.release_all()
@@ -313,9 +339,6 @@ class TracedProgram(Module):
             if parent is not None:  # as DSPy's track_usage rolls up
                 for lm, entries in tracker.usage_data.items():
                     parent.usage_data[lm].extend(entries)
-        if collector.errors:
-            raise collector.errors[0]
-        return self._prediction(result, collector, trace)
 
     def _prediction(
         self, result: Any, collector: CallCollector, trace: list[Any]

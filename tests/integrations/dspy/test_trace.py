@@ -4,6 +4,7 @@ back into the user's program."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -278,3 +279,21 @@ def test_prediction_fields_are_named_in_errors() -> None:
     prediction = TracedPrediction({"a": afnio.Variable("x")}, None, [])
     with pytest.raises(AttributeError, match=r"no field 'b'.*\['a'\]"):
         _ = prediction.b
+
+
+class AsyncSummarizeThenClassify(SummarizeThenClassify):
+    async def aforward(self, message: str) -> Any:
+        summary = (await self.summarize.acall(message=message)).summary
+        return await self.classify.acall(summary=summary)
+
+
+@pytest.mark.vcr
+def test_an_async_call_is_traced_like_a_sync_one(
+    backward_lm: LMEndpoint, dspy_lm: Any
+) -> None:
+    traced = trace(AsyncSummarizeThenClassify())
+    prediction = asyncio.run(traced.acall(message=FRUSTRATED))
+    _, explanation = F.exact_match_evaluator(prediction.sentiment, "negative")
+    explanation.backward()
+    summarize, classify = traced.parameters()
+    assert summarize.grad and classify.grad
