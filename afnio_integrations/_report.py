@@ -6,6 +6,8 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
+from afnio.models.phases import PhaseRow
+
 __all__ = ["OptimizeReport"]
 
 
@@ -15,8 +17,9 @@ class OptimizeReport:
     0 to 1), the optimized texts before and after (LangChain prompt slots, or DSPy
     predictor instructions, by key), the per-epoch history, and ``calls``, ``tokens``
     and ``cost`` of every LM call of the run: the program's own and afnio's feedback
-    and optimizer calls. ``failed_samples`` counts program calls that raised (scored
-    as failures)."""
+    and optimizer calls, also by phase and model in ``phases`` (forward, evaluator,
+    backward, optimizer). ``failed_samples`` counts program calls that raised
+    (scored as failures)."""
 
     score_before: float | None
     score_after: float | None
@@ -28,6 +31,7 @@ class OptimizeReport:
     cost: float = 0.0
     stopped_reason: str | None = None
     failed_samples: int = 0
+    phases: list[PhaseRow] = field(default_factory=list)
 
     @property
     def prompt_diff(self) -> str:
@@ -52,5 +56,10 @@ class OptimizeReport:
         return (
             f"score before: {fmt(self.score_before)}  after: {fmt(self.score_after)}\n"
             f"LM calls: {self.calls}  tokens: {self.tokens}  cost: ${self.cost:.4f}\n"
+            + "".join(
+                f"  {r.phase}: {r.calls} calls, {r.prompt_tokens} + "
+                f"{r.completion_tokens} tokens, ${r.cost:.4f} ({r.model})\n"
+                for r in self.phases
+            )
             + (self.prompt_diff or "(no prompt changed)")
         )

@@ -37,6 +37,7 @@ from afnio.autodiff.config import IDENTITY_GRADIENT_DATA
 from afnio.autodiff.function import BackwardFunction, _needs_override
 from afnio.autodiff.grad_mode import _grad_enabled
 from afnio.autodiff.graph import AccumulateGrad, GradientEdge, Node
+from afnio.models.phases import lm_phase
 
 __all__ = ["abackward", "backward"]
 
@@ -366,7 +367,8 @@ def _claim(p: _Pass) -> list[BackwardFunction]:
 async def _execute(p: _Pass) -> None:
     claimed = _claim(p)
     try:
-        await _run_pass(p)
+        with lm_phase("backward"):  # the LM calls of the pass are feedback calls
+            await _run_pass(p)
     finally:
         for n in claimed:
             n._passes = n._passes - 1 if n._passes > 0 else 0

@@ -41,6 +41,7 @@ from afnio.autodiff.prompts import (
 )
 from afnio.errors import JudgeParseError
 from afnio.models.model import ChatCompletionModel
+from afnio.models.phases import lm_phase
 
 __all__ = ["DeterministicEvaluator", "ExactMatchEvaluator", "LMJudgeEvaluator"]
 
@@ -578,12 +579,13 @@ class LMJudgeEvaluator(Function):
                     for m in messages
                 ]
             )
-        judged = await asyncio.gather(
-            *(
-                _judge(ctx.name(), forward_model_client, sample, completion_args)
-                for sample in rendered
+        with lm_phase("evaluator"):
+            judged = await asyncio.gather(
+                *(
+                    _judge(ctx.name(), forward_model_client, sample, completion_args)
+                    for sample in rendered
+                )
             )
-        )
         scores = [score for score, _ in judged]
         explanations = [text for _, text in judged]
         if isinstance(prediction.data, list):

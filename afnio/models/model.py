@@ -63,9 +63,10 @@ class BaseModel(ABC):
         clear_usage_values(self._usage)
 
     @abstractmethod
-    def update_usage(self, usage: Any, model_name: str | None = None) -> None:
-        """Add a response's ``usage``; with ``model_name``, add its cost too;
-        without (a checkpoint restore), set the cost to the saved amount."""
+    def update_usage(self, usage: Any, model_name: str | None = None) -> float | None:
+        """Add a response's ``usage``; with ``model_name``, add its cost too (and
+        return it); without (a checkpoint restore), set the cost to the saved
+        amount."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:  # type: ignore[override]
         from afnio.models.model_registry import model_class_name

@@ -34,6 +34,7 @@ from afnio._runtime import request_slot, run_async
 from afnio.models.cache import cache_key, get_cache
 from afnio.models.model import ChatCompletionModel, EmbeddingModel, TextCompletionModel
 from afnio.models.model_registry import register_model_class
+from afnio.models.phases import LEDGER
 from afnio.models.pricing import cost_of
 from afnio.models.usage import add_usage
 
@@ -154,17 +155,21 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
 
     # -- usage -----------------------------------------------------------------------
 
-    def update_usage(self, usage: Any, model_name: str | None = None) -> None:
+    def update_usage(self, usage: Any, model_name: str | None = None) -> float | None:
         """Add a response's token counts; with ``model_name`` also add its cost from
-        the pricing table, without (a checkpoint restore) set the saved cost."""
+        the pricing table (and return it), without (a checkpoint restore) set the
+        saved cost."""
         data = _usage_dict(usage)
+        added = None
         with self._usage_lock:
             add_usage(self._usage, data)
             cost = self._usage.setdefault("cost", {"amount": 0.0, "currency": "USD"})
             if model_name is not None:
-                cost["amount"] += cost_of(data, model_name, self.provider or "openai")
+                added = cost_of(data, model_name, self.provider or "openai")
+                cost["amount"] += added
             elif isinstance(data.get("cost"), Mapping) and "amount" in data["cost"]:
                 cost["amount"] = float(data["cost"]["amount"])
+        return added
 
     # -- the request path ------------------------------------------------------------
 
@@ -180,8 +185,10 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
             async with request_slot():
                 self.calls += 1
                 value, usage = await send(payload)
+            cost = None
             if usage is not None:
-                self.update_usage(usage, payload.get("model"))
+                cost = self.update_usage(usage, payload.get("model"))
+            LEDGER.record(payload.get("model"), _usage_dict(usage), cost or 0.0)
             return value
 
         cache = get_cache()

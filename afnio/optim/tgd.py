@@ -47,6 +47,7 @@ from afnio.autodiff.config import BACKWARD_PASS_MAX_RETRIES
 from afnio.autodiff.grad_mode import no_grad
 from afnio.errors import AfnioError
 from afnio.models.model import ChatCompletionModel
+from afnio.models.phases import lm_phase
 from afnio.optim import prompts
 from afnio.optim.optimizer import Optimizer
 
@@ -467,6 +468,10 @@ class TGD(Optimizer):
         return loss
 
     async def _step_all(self) -> None:
+        with lm_phase("optimizer"):
+            await self._step_groups()
+
+    async def _step_groups(self) -> None:
         jobs = []
         for group in self.param_groups:
             if group["model_client"] is None:

@@ -35,6 +35,7 @@ from afnio._variable import Variable
 from afnio.autodiff.grad_mode import no_grad
 from afnio.cognitive.modules.module import Module
 from afnio.models.model import BaseModel
+from afnio.models.phases import LEDGER, PhaseRow
 from afnio.serialization import load, save
 
 __all__ = ["BudgetExceeded", "Trainer"]
@@ -385,6 +386,7 @@ class Trainer:
         optimizer = agent.configure_optimizers()
         agent._optimizers = optimizer
         self._meter = _CostMeter(self._clients(agent, optimizer, llm_clients))
+        self._phase_start = LEDGER.snapshot()
         self._cost_before = 0.0
         self._max_step_cost = self._max_eval_cost = 0.0
         self.history = []
@@ -640,6 +642,7 @@ class Trainer:
             )
         if loader is None:
             raise ValueError(f"a dataloader is required to {title.lower()}.")
+        self._phase_start = LEDGER.snapshot()
         self._meter = _CostMeter(
             self._clients(agent, getattr(agent, "_optimizers", None), llm_clients)
         )
@@ -676,6 +679,12 @@ class Trainer:
             agent.train(was_training)
         return outputs
 
+    def phase_rows(self) -> list[PhaseRow]:
+        """The LM calls, tokens and cost of the last ``fit``/``validate``/``test`` by
+        phase (forward, evaluator, backward, optimizer) and model."""
+        start = getattr(self, "_phase_start", None)
+        return LEDGER.since(start) if start is not None else []
+
     def _summary(self) -> None:
         from rich.table import Table
 
@@ -698,6 +707,25 @@ class Trainer:
                 ):
                     table.caption = (table.caption or "") + f" {key}={value:.4f}"
         self._print(table)
+        phases = self.phase_rows()
+        if phases:
+            by_phase = Table(title="LM calls by phase")
+            for name in ("phase", "model", "LM calls", "prompt tokens"):
+                by_phase.add_column(
+                    name, justify="left" if name in ("phase", "model") else "right"
+                )
+            by_phase.add_column("completion tokens", justify="right")
+            by_phase.add_column("cost (USD)", justify="right")
+            for row in phases:
+                by_phase.add_row(
+                    row.phase,
+                    row.model,
+                    str(row.calls),
+                    str(row.prompt_tokens),
+                    str(row.completion_tokens),
+                    f"{row.cost:.6f}",
+                )
+            self._print(by_phase)
         from afnio.models.pricing import unpriced_models
 
         unpriced = unpriced_models()

@@ -20,6 +20,7 @@ import dspy
 
 from afnio._runtime import get_max_concurrency, request_slot, run_async
 from afnio.models.model_registry import register_model_class
+from afnio.models.phases import LEDGER
 from afnio_integrations._client import AdapterChatModel
 
 __all__ = ["DSPyLM", "usage_dict"]
@@ -141,9 +142,11 @@ class DSPyLM(AdapterChatModel):
                     _executor(), context.run, self._call, request
                 )
             usage = usage_dict(getattr(response, "usage", None))
+            name = model_name(str(getattr(response, "model", None) or self.lm.model))
             if usage:
-                name = getattr(response, "model", None) or model_name(self.lm.model)
-                self.update_usage(usage, model_name(str(name)))
+                self.update_usage(usage, name)
+            else:
+                LEDGER.record(name)  # a call without usage
             return str(response.text or "")
 
         return await run_async(call())

@@ -42,6 +42,7 @@ from afnio.autodiff.evaluator import (
 )
 from afnio.autodiff.function import Function
 from afnio.models.model import ChatCompletionModel
+from afnio.models.phases import LEDGER
 from afnio.optim import TGD
 from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader
@@ -397,6 +398,7 @@ class AfnioTGD(Teleprompter):
         if valset is not None and not list(valset):
             raise ValueError("`valset` is empty: pass examples, or None for trainset.")
         val = _examples(valset, "valset") or train
+        phase_start = LEDGER.snapshot()
         program = student.deepcopy()
         traced = trace(program, descriptions=self.descriptions)
         backward, args = self._backward()
@@ -463,6 +465,7 @@ class AfnioTGD(Teleprompter):
             tokens=sum(r[1] for r in rows_before) + sum(r[1] for r in rows),
             cost=spent + trainer.total_cost,
             stopped_reason=trainer.stopped_reason,
+            phases=LEDGER.since(phase_start),
             failed_samples=agent.failed_samples,
         )
         return program

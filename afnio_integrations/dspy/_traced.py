@@ -27,6 +27,7 @@ from afnio._runtime import get_max_concurrency
 from afnio._variable import Variable
 from afnio.cognitive.modules.module import Module
 from afnio.cognitive.parameter import Parameter
+from afnio.models.phases import LEDGER
 from afnio.models.pricing import cost_of
 from afnio.models.usage import add_usage, default_usage
 from afnio_integrations._recorded import StackSamples, StepOutput
@@ -52,17 +53,20 @@ class ProgramUsage:
     def __repr__(self) -> str:
         return "DSPy program LMs"
 
-    def count_call(self) -> None:
+    def count_call(self, model: str | None = None) -> None:
         with self._lock:
             self.calls += 1
+        LEDGER.record(model_name(model or "unknown"), phase="forward")
 
     def add(self, by_model: Mapping[str, Mapping[str, Any]]) -> None:
         """Add DSPy's per-model usage (``{model: usage}``), priced by afnio's table."""
-        with self._lock:
-            for model, usage in by_model.items():
-                data = {k: v for k, v in dict(usage).items() if v is not None}
+        for model, usage in by_model.items():
+            data = {k: v for k, v in dict(usage).items() if v is not None}
+            cost = cost_of(data, model_name(model))
+            with self._lock:
                 add_usage(self._usage, data)
-                self._usage["cost"]["amount"] += cost_of(data, model_name(model))
+                self._usage["cost"]["amount"] += cost
+            LEDGER.record(model_name(model), data, cost, calls=0, phase="forward")
 
     def get_usage(self) -> dict[str, Any]:
         with self._lock:

@@ -146,7 +146,7 @@ class CallCollector(BaseCallback):
         self,
         slots: Mapping[int, PredictorSlot],
         seed: list[tuple[str, Variable]] | None = None,
-        on_lm_call: Callable[[], None] | None = None,
+        on_lm_call: Callable[[str | None], None] | None = None,
     ) -> None:
         self.slots = slots
         self.produced: list[tuple[str, Variable]] = list(seed or [])
@@ -156,6 +156,7 @@ class CallCollector(BaseCallback):
         self._parents: dict[str, str | None] = {}
         self._predicts: dict[str, _Call] = {}
         self._lm_owner: dict[str, str | None] = {}
+        self._lm_model: dict[str, str] = {}
         self._releases: dict[str, Callable[[], None]] = {}
         self._fields: list[Variable] = []  # the predicted field Variables
         self._lock = threading.RLock()
@@ -201,6 +202,7 @@ class CallCollector(BaseCallback):
         owner = self._owner(ACTIVE_CALL_ID.get())
         with self._lock:
             self._lm_owner[call_id] = owner
+            self._lm_model[call_id] = str(getattr(instance, "model", "") or "unknown")
             if owner is not None:
                 self._predicts[owner].conversation = _conversation(
                     inputs.get("messages"), inputs.get("prompt")
@@ -218,13 +220,14 @@ class CallCollector(BaseCallback):
         with self._lock:
             release = self._releases.pop(call_id, None)
             owner = self._lm_owner.pop(call_id, None)
+            model = self._lm_model.pop(call_id, None)
             self.calls += 1
             if exception is None and owner in self._predicts:
                 self._predicts[owner].output = _output_text(outputs)
         if release is not None:
             release()
         if self._on_lm_call is not None:
-            self._on_lm_call()
+            self._on_lm_call(model)
 
     def release_all(self) -> None:
         """Give back every request slot still held (a call that never ended)."""

@@ -16,6 +16,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 
 from afnio._runtime import request_slot, run_async
 from afnio.models.model_registry import register_model_class
+from afnio.models.phases import LEDGER
 from afnio_integrations._client import AdapterChatModel
 
 __all__ = ["LangChainChatModel"]
@@ -96,11 +97,13 @@ class LangChainChatModel(AdapterChatModel):
                 self.calls += 1
                 reply = await self.model.ainvoke(lc_messages, **kwargs)
             usage = _usage(reply)
+            name = (getattr(reply, "response_metadata", None) or {}).get(
+                "model_name"
+            ) or getattr(self.model, "model_name", None)
             if usage:
-                name = (getattr(reply, "response_metadata", None) or {}).get(
-                    "model_name"
-                ) or getattr(self.model, "model_name", None)
                 self.update_usage(usage, name or "unknown")
+            else:
+                LEDGER.record(name or "unknown")  # a call without usage
             content = reply.content
             if isinstance(content, list):
                 return "".join(

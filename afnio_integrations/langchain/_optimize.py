@@ -19,6 +19,7 @@ from afnio.autodiff.decorators import evaluator
 from afnio.autodiff.evaluator import DeterministicEvaluator
 from afnio.autodiff.function import Function
 from afnio.models.model import ChatCompletionModel
+from afnio.models.phases import LEDGER
 from afnio.optim import TGD
 from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader
@@ -161,6 +162,7 @@ def optimize(
         from afnio._model_client import get_backward_model_client
 
         model_client = get_backward_model_client().client
+    phase_start = LEDGER.snapshot()
     traced = trace(chain, select)
     pairs = {"train": list(trainset), "val": list(valset or trainset)}
 
@@ -209,5 +211,6 @@ def optimize(
         tokens=sum(r[2] for r in rows) + traced.lm_tokens,
         cost=spent + trainer.total_cost + traced.lm_cost,
         stopped_reason=trainer.stopped_reason,
+        phases=LEDGER.since(phase_start),
     )
     return chain, report

@@ -278,6 +278,7 @@ class TracedChain(Module):
 
     def _account(self, run: Any) -> None:
         """Count the chain's own LM call: tokens and cost from the run's usage."""
+        from afnio.models.phases import LEDGER
         from afnio.models.pricing import cost_of
 
         llm_output = (run.outputs or {}).get("llm_output") or {}
@@ -285,8 +286,9 @@ class TracedChain(Module):
         model = llm_output.get("model_name") or ""
         self.lm_calls += 1
         self.lm_tokens += int(usage.get("total_tokens") or 0)
-        if usage and model:
-            self.lm_cost += cost_of(usage, model)
+        cost = cost_of(usage, model) if usage and model else 0.0
+        self.lm_cost += cost
+        LEDGER.record(model or "unknown", usage, cost, phase="forward")
 
     # -- write-back and export ---------------------------------------------------------
 

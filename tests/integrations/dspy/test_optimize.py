@@ -245,6 +245,9 @@ def test_afnio_tgd_learns_facility_support_sentiment(
         assert report.score_before is not None and report.score_before < 0.62
         assert report.score_after is not None and report.score_after >= 0.75
         assert report.calls == sim.stats.calls  # every request of the run counted
+        phases = {r.phase for r in report.phases}
+        assert phases == {"forward", "backward", "optimizer"}
+        assert sum(r.calls for r in report.phases) == sim.stats.calls
         assert report.tokens > 0 and report.cost > 0
         assert 'If the message mentions "' in report.prompt_diff
         # the student is untouched; the copy is a plain DSPy program

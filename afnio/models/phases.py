@@ -1,0 +1,141 @@
+"""LM calls, tokens and cost by *phase* of a training step.
+
+Every LM call afnio (or an integration) makes is recorded in one process-wide
+:data:`LEDGER` under the model's name and the phase that was current when it was made:
+
+* ``"forward"``: the program's own calls (the default);
+* ``"evaluator"``: an LM judge scoring predictions;
+* ``"backward"``: the feedback (textual gradient) calls of ``backward()``;
+* ``"optimizer"``: the calls of an optimizer step (TGD's rewrites).
+
+The phase is a ``ContextVar`` set by afnio (the backward engine, the judge, TGD), so
+concurrent work is attributed correctly. The Trainer prints the calls of a run by
+phase and model; anyone can take :meth:`PhaseLedger.snapshot` before some work and
+:meth:`PhaseLedger.since` after it.
+
+Example::
+
+    >>> with lm_phase("optimizer"):
+    ...     current_phase()
+    'optimizer'
+    >>> current_phase()
+    'forward'
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "LEDGER",
+    "PHASES",
+    "PhaseLedger",
+    "PhaseRow",
+    "current_phase",
+    "lm_phase",
+]
+
+PHASES = ("forward", "evaluator", "backward", "optimizer")
+"""The phases, in the order of a training step."""
+
+_PHASE: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "afnio_lm_phase", default="forward"
+)
+
+
+def current_phase() -> str:
+    """The phase LM calls made now are recorded under."""
+    return _PHASE.get()
+
+
+@contextmanager
+def lm_phase(phase: str) -> Iterator[None]:
+    """Record the LM calls made inside the block under ``phase``."""
+    if phase not in PHASES:
+        raise ValueError(f"`phase` must be one of {PHASES}, got {phase!r}.")
+    token = _PHASE.set(phase)
+    try:
+        yield
+    finally:
+        _PHASE.reset(token)
+
+
+@dataclass(frozen=True)
+class PhaseRow:
+    """Calls, tokens and cost of one model in one phase."""
+
+    phase: str
+    model: str
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+
+
+def _tokens(usage: Mapping[str, Any] | None, key: str) -> int:
+    value = (usage or {}).get(key, 0)
+    return int(value) if isinstance(value, int | float) else 0
+
+
+class PhaseLedger:
+    """Totals by (phase, model); thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._totals: dict[tuple[str, str], list[float]] = {}
+
+    def record(
+        self,
+        model: str | None,
+        usage: Mapping[str, Any] | None = None,
+        cost: float = 0.0,
+        calls: int = 1,
+        phase: str | None = None,
+    ) -> None:
+        """Add ``calls`` LM calls of ``model`` with their ``usage`` (OpenAI shape)
+        and ``cost`` to the current phase (or ``phase``)."""
+        key = (phase or current_phase(), model or "unknown")
+        with self._lock:
+            row = self._totals.setdefault(key, [0, 0, 0, 0.0])
+            row[0] += calls
+            row[1] += _tokens(usage, "prompt_tokens")
+            row[2] += _tokens(usage, "completion_tokens")
+            row[3] += float(cost or 0.0)
+
+    def snapshot(self) -> dict[tuple[str, str], tuple[float, ...]]:
+        """The totals now (to subtract later with :meth:`since`)."""
+        with self._lock:
+            return {k: tuple(v) for k, v in self._totals.items()}
+
+    def since(
+        self, snapshot: Mapping[tuple[str, str], tuple[float, ...]] | None = None
+    ) -> list[PhaseRow]:
+        """The rows added since ``snapshot`` (everything without one), in phase
+        order, without empty rows."""
+        base = snapshot or {}
+        rows = []
+        for (phase, model), now in self.snapshot().items():
+            before = base.get((phase, model), (0, 0, 0, 0.0))
+            delta = [a - b for a, b in zip(now, before, strict=True)]
+            if any(delta):
+                rows.append(
+                    PhaseRow(
+                        phase,
+                        model,
+                        int(delta[0]),
+                        int(delta[1]),
+                        int(delta[2]),
+                        float(delta[3]),
+                    )
+                )
+        order = {p: i for i, p in enumerate(PHASES)}
+        return sorted(rows, key=lambda r: (order.get(r.phase, 99), r.model))
+
+
+LEDGER = PhaseLedger()
+"""The process-wide ledger every LM call is recorded in."""

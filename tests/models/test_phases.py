@@ -1,0 +1,87 @@
+"""LM calls by phase: the ledger, and every phase of a step attributed correctly."""
+
+from __future__ import annotations
+
+import pytest
+
+import afnio
+from afnio import cognitive as cog
+from afnio.models.openai import OpenAI
+from afnio.models.phases import LEDGER, PHASES, PhaseLedger, current_phase, lm_phase
+from afnio.optim import TGD
+from afnio.testing import SIMULATOR_MODEL, Simulator
+
+
+def test_the_ledger_sums_by_phase_and_model_since_a_snapshot() -> None:
+    ledger = PhaseLedger()
+    ledger.record("m1", {"prompt_tokens": 10, "completion_tokens": 2}, 0.5)
+    start = ledger.snapshot()
+    with lm_phase("backward"):
+        ledger.record("m1", {"prompt_tokens": 7, "completion_tokens": 1}, 0.25)
+        ledger.record("m1", {"prompt_tokens": 3}, 0.25)
+    ledger.record("m2", None, calls=2, phase="optimizer")
+    rows = ledger.since(start)
+    assert [(r.phase, r.model, r.calls) for r in rows] == [
+        ("backward", "m1", 2),
+        ("optimizer", "m2", 2),
+    ]
+    assert (rows[0].prompt_tokens, rows[0].completion_tokens, rows[0].cost) == (
+        10,
+        1,
+        0.5,
+    )
+    assert ledger.since()[0].phase == "forward"
+
+
+def test_lm_phase_checks_its_name_and_restores_the_previous_phase() -> None:
+    with pytest.raises(ValueError, match="`phase` must be one of"), lm_phase("x"):
+        pass
+    with lm_phase("evaluator"), lm_phase("optimizer"):
+        assert current_phase() == "optimizer"
+    assert current_phase() == "forward"
+    assert PHASES == ("forward", "evaluator", "backward", "optimizer")
+
+
+def test_a_step_records_forward_evaluator_backward_and_optimizer_calls() -> None:
+    start = LEDGER.snapshot()
+    with Simulator() as sim, OpenAI(base_url=sim.base_url, api_key="sk-test") as llm:
+        afnio.set_backward_model_client(llm, completion_args={"model": SIMULATOR_MODEL})
+        instruction = cog.Parameter("Classify the sentiment.", role="system prompt")
+        messages = [
+            {"role": "system", "content": [instruction]},
+            {"role": "user", "content": [afnio.Variable("{message}", role="input")]},
+        ]
+        prediction = cog.functional.chat_completion(
+            llm,
+            messages,
+            inputs={"message": ["All good.", "I am disappointed.", "So frustrated!"]},
+            model=SIMULATOR_MODEL,
+        )
+        judge = [
+            {
+                "role": "user",
+                "content": [
+                    afnio.Variable(
+                        "<PREDICTION>{prediction}</PREDICTION><TARGET>{target}</TARGET>",
+                        role="judge prompt",
+                    )
+                ],
+            }
+        ]
+        _, explanation = cog.functional.lm_judge_evaluator(
+            llm,
+            judge,
+            prediction,
+            ["neutral", "negative", "negative"],
+            model=SIMULATOR_MODEL,
+        )
+        explanation.backward()
+        TGD([instruction], model_client=llm, model=SIMULATOR_MODEL).step()
+        rows = {r.phase: r for r in LEDGER.since(start)}
+        assert rows["forward"].calls == 3
+        assert rows["evaluator"].calls == 3
+        # the judge's feedback on the 2 failed samples, then the chat's, per sample
+        assert rows["backward"].calls == 2 + 2
+        assert rows["optimizer"].calls == 1
+        assert sum(r.calls for r in rows.values()) == sim.stats.calls
+        assert all(r.model == SIMULATOR_MODEL and r.cost > 0 for r in rows.values())
