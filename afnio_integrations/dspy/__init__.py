@@ -11,11 +11,11 @@ import os
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from afnio_integrations._usage import ProgramUsage
 from afnio_integrations.dspy._model import DSPyLM
 from afnio_integrations.dspy._module import AfnioModule
 from afnio_integrations.dspy._optimize import AfnioTGD, MetricEvaluator, call_metric
 from afnio_integrations.dspy._traced import (
-    ProgramUsage,
     TracedPrediction,
     TracedProgram,
     trace,

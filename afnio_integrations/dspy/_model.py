@@ -22,8 +22,9 @@ from afnio._runtime import get_max_concurrency, request_slot, run_async
 from afnio.models.model_registry import register_model_class
 from afnio.models.phases import LEDGER
 from afnio_integrations._client import AdapterChatModel
+from afnio_integrations._usage import model_name
 
-__all__ = ["DSPyLM", "usage_dict"]
+__all__ = ["DSPyLM", "model_name", "usage_dict"]
 
 _ROLES = ("system", "user", "assistant")
 
@@ -45,15 +46,6 @@ def usage_dict(usage: Any) -> dict[str, Any]:
             "audio_tokens": int(getattr(usage, "output_audio_tokens", 0) or 0),
         },
     }
-
-
-def model_name(model: str) -> str:
-    """A DSPy/LiteLLM model string without its provider prefix (for pricing).
-
-    >>> model_name("openai/gpt-4o-mini"), model_name("gpt-4o")
-    ('gpt-4o-mini', 'gpt-4o')
-    """
-    return model.split("/", 1)[1] if "/" in model else model
 
 
 _pool: ThreadPoolExecutor | None = None

@@ -27,50 +27,14 @@ from afnio._runtime import get_max_concurrency
 from afnio._variable import Variable
 from afnio.cognitive.modules.module import Module
 from afnio.cognitive.parameter import Parameter
-from afnio.models.phases import LEDGER
-from afnio.models.pricing import cost_of
-from afnio.models.usage import add_usage, default_usage
 from afnio_integrations._recorded import StackSamples, StepOutput
-from afnio_integrations.dspy._model import model_name
+from afnio_integrations._usage import ProgramUsage
 from afnio_integrations.dspy._module import AfnioModule
 from afnio_integrations.dspy._tracing import CallCollector, PredictorSlot, field_text
 
 __all__ = ["ProgramUsage", "TracedPrediction", "TracedProgram", "trace"]
 
 _DEFAULT_DESC = re.compile(r"^\$\{.*\}$")
-
-
-class ProgramUsage:
-    """LM calls, tokens and cost of the traced program's own LM calls (read from
-    DSPy's usage tracker). It has the client interface the Trainer meters
-    (``get_usage()``, ``calls``), so budgets and run summaries include them."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self._usage: dict[str, Any] = default_usage()
-        self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return "DSPy program LMs"
-
-    def count_call(self, model: str | None = None) -> None:
-        with self._lock:
-            self.calls += 1
-        LEDGER.record(model_name(model or "unknown"), phase="forward")
-
-    def add(self, by_model: Mapping[str, Mapping[str, Any]]) -> None:
-        """Add DSPy's per-model usage (``{model: usage}``), priced by afnio's table."""
-        for model, usage in by_model.items():
-            data = {k: v for k, v in dict(usage).items() if v is not None}
-            cost = cost_of(data, model_name(model))
-            with self._lock:
-                add_usage(self._usage, data)
-                self._usage["cost"]["amount"] += cost
-            LEDGER.record(model_name(model), data, cost, calls=0, phase="forward")
-
-    def get_usage(self) -> dict[str, Any]:
-        with self._lock:
-            return {**self._usage, "cost": dict(self._usage["cost"])}
 
 
 class _SharedTracker(UsageTracker):
@@ -207,7 +171,7 @@ class TracedProgram(Module):
                 _parameter_name(f"afnio_{name.removeprefix('self.')}", taken), inner
             )
         object.__setattr__(self, "_written", self._current_texts())
-        object.__setattr__(self, "usage", ProgramUsage())
+        object.__setattr__(self, "usage", ProgramUsage("DSPy program LMs"))
 
     def extra_repr(self) -> str:
         return ", ".join(slot.name for slot in self._slots)

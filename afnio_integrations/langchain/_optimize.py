@@ -186,8 +186,14 @@ def optimize(
         IndexDataset(len(pairs["val"])), batch_size=max(1, len(pairs["val"]))
     )
     before_prompts = traced.prompts()
-    before = trainer.validate(agent, val_loader).get("val_accuracy")
+    clients = [traced.usage]  # the chain's own LM calls count in budgets and reports
+    before = trainer.validate(agent, val_loader, llm_clients=clients).get(
+        "val_accuracy"
+    )
     spent = trainer.total_cost
+    rows_before = trainer._meter.per_client() if trainer._meter is not None else []
+    if max_cost is not None:  # the first validation counts too
+        trainer.max_cost = max(0.0, max_cost - spent)
     history = trainer.fit(
         agent,
         DataLoader(
@@ -197,6 +203,7 @@ def optimize(
             seed=seed,
         ),
         val_loader,
+        llm_clients=clients,
     )
     traced.write_back()
     after = history[-1].get("val_accuracy") if history else before
@@ -207,9 +214,9 @@ def optimize(
         prompts_before=before_prompts,
         prompts_after=traced.prompts(),
         history=history,
-        calls=sum(r[3] for r in rows) + traced.lm_calls,
-        tokens=sum(r[2] for r in rows) + traced.lm_tokens,
-        cost=spent + trainer.total_cost + traced.lm_cost,
+        calls=sum(r[3] for r in rows_before) + sum(r[3] for r in rows),
+        tokens=sum(r[2] for r in rows_before) + sum(r[2] for r in rows),
+        cost=spent + trainer.total_cost,
         stopped_reason=trainer.stopped_reason,
         phases=LEDGER.since(phase_start),
     )

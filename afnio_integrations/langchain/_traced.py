@@ -12,6 +12,7 @@ from afnio._variable import Variable
 from afnio.cognitive.modules.module import Module
 from afnio.cognitive.parameter import Parameter
 from afnio_integrations._recorded import RecordedChatCall, StackSamples, StepOutput
+from afnio_integrations._usage import ProgramUsage
 from afnio_integrations.langchain._discovery import (
     METADATA_KEY,
     PromptSlot,
@@ -97,9 +98,7 @@ class TracedChain(Module):
                 }
             by_prompt.setdefault(prompt_key, []).append((slot, param))
         self._by_prompt = by_prompt
-        object.__setattr__(self, "lm_calls", 0)
-        object.__setattr__(self, "lm_tokens", 0)
-        object.__setattr__(self, "lm_cost", 0.0)
+        object.__setattr__(self, "usage", ProgramUsage("LangChain chain LMs"))
 
     def extra_repr(self) -> str:
         return ", ".join(slot.key for slot, _ in self._slot_list)
@@ -278,17 +277,24 @@ class TracedChain(Module):
 
     def _account(self, run: Any) -> None:
         """Count the chain's own LM call: tokens and cost from the run's usage."""
-        from afnio.models.phases import LEDGER
-        from afnio.models.pricing import cost_of
-
         llm_output = (run.outputs or {}).get("llm_output") or {}
         usage = llm_output.get("token_usage") or {}
-        model = llm_output.get("model_name") or ""
-        self.lm_calls += 1
-        self.lm_tokens += int(usage.get("total_tokens") or 0)
-        cost = cost_of(usage, model) if usage and model else 0.0
-        self.lm_cost += cost
-        LEDGER.record(model or "unknown", usage, cost, phase="forward")
+        self.usage.record(llm_output.get("model_name") or "unknown", usage)
+
+    @property
+    def lm_calls(self) -> int:
+        """The chain's own LM calls traced so far."""
+        return self.usage.calls
+
+    @property
+    def lm_tokens(self) -> int:
+        """Their tokens."""
+        return int(self.usage.get_usage().get("total_tokens", 0))
+
+    @property
+    def lm_cost(self) -> float:
+        """Their cost in USD (afnio's price table)."""
+        return float(self.usage.get_usage()["cost"]["amount"])
 
     # -- write-back and export ---------------------------------------------------------
 

@@ -67,9 +67,42 @@ def test_optimize_improves_the_users_chain_and_reports(metric: object) -> None:
         new = prompt.messages[0].prompt.template
         assert report.prompts_after == {"prompt0.system0": new} and new != CLASSIFY
         assert "+" + new in report.prompt_diff
-        assert report.calls > 0 and report.tokens > 0 and report.cost > 0
+        assert report.calls == sim.stats.calls  # the chain's calls and afnio's
+        assert sum(r.calls for r in report.phases) == sim.stats.calls
+        assert report.tokens > 0 and report.cost > 0
         assert chain.invoke({"message": "Awful again."}) == "negative"
         assert "score before: 0.250  after: 1.000" in str(report)
+
+
+def test_max_cost_counts_the_chains_own_calls_and_holds() -> None:
+    with (
+        Simulator() as sim,
+        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
+    ):
+        afnio.set_backward_model_client(
+            client, completion_args={"model": SIMULATOR_MODEL}
+        )
+        prompt = ChatPromptTemplate.from_messages(
+            [("system", CLASSIFY), ("human", "{message}")]
+        )
+        llm = ChatOpenAI(
+            model=SIMULATOR_MODEL, base_url=sim.base_url, api_key="k", max_retries=0
+        )
+        budget = 0.003
+        _, report = optimize(
+            prompt | llm | StrOutputParser(),
+            [({"message": m}, t) for m, t in MESSAGES],
+            exact,
+            epochs=5,
+            batch_size=2,
+            max_cost=budget,
+            progress=False,
+            model=SIMULATOR_MODEL,
+        )
+        assert report.stopped_reason and "max_cost" in report.stopped_reason
+        assert report.cost <= budget
+        chain_cost = sum(r.cost for r in report.phases if r.phase == "forward")
+        assert chain_cost > 0  # the chain's own calls were counted
 
 
 def test_optimize_rejects_an_empty_trainset() -> None:
