@@ -163,6 +163,7 @@ class Phase:
     peak_in_flight: int
     faults_served: int
     calls_by_kind: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
     retries: int = 0  # extra sequential rounds caused by retries
     rounds: int = 0
     critical_path_s: float = 0.0
@@ -228,6 +229,7 @@ def _analyse(
         peak_in_flight=stats.peak_in_flight,
         faults_served=stats.faults_served,
         calls_by_kind={k: kinds[k] for k in KIND_ORDER if kinds[k]},
+        prompt_tokens=stats.prompt_tokens,
         retries=retries,
         rounds=rounds,
         critical_path_s=critical,

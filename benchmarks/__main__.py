@@ -1,0 +1,307 @@
+"""``python -m benchmarks run``: one report of afnio's speed and cost, with peers.
+
+For every latency (``--latencies``, default 0.5 and 0.05 s) and batch size
+(``--batches``, default 4, 8 and 32) it times one optimization step of the Facility
+Support sentiment task (forward, evaluator, backward, optimizer) against the bundled
+simulator (``benchmarks/step_latency.py``): wall time, LM calls and prompt tokens per
+phase, peak requests in flight, and the ratio to the critical-path bound (sequential
+LM rounds x latency). With ``--peers`` the same step is done by TextGrad 0.1.8 and
+Trace (trace-opt 0.1.3.8), each installed from PyPI into its own venv under
+``benchmarks/.venvs/`` (made once) and pointed at a simulator with the same latency
+(``benchmarks/peers/*_step.py``); their calls, tokens and peak come from the
+simulator's counters. Engine overhead per node and LangChain tracing overhead are
+measured too. Writes ``report.md``, ``results.json`` and, with matplotlib (the
+``plot`` extra), ``chart.png`` into ``--out`` (default ``benchmarks/results``).
+
+Example: ``python -m benchmarks run --batches 4 8 32 --latencies 0.5 0.05 --peers``
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import venv
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PEERS = {
+    "textgrad": ("textgrad==0.1.8", HERE / "peers" / "textgrad_step.py"),
+    "trace": ("trace-opt==0.1.3.8", HERE / "peers" / "trace_step.py"),
+}
+
+
+def _load(name: str) -> Any:
+    """A benchmark script as a module (they are plain scripts, not a package API)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- afnio -----------------------------------------------------------------------------
+
+
+def afnio_steps(batches: list[int], latencies: list[float]) -> list[dict[str, Any]]:
+    step = _load("step_latency")
+    rows = []
+    for latency in latencies:
+        for batch in batches:
+            messages, targets, data = step.load_data(batch)
+            report = step.measure(messages, targets, latency, data=data)
+            row = asdict(report)
+            row["library"] = "afnio"
+            rows.append(row)
+            print(
+                f"afnio     batch {batch:3d} latency {latency:.2f}s: "
+                f"{report.wall_s:6.2f} s, {report.calls} calls, "
+                f"critical path x{report.ratio:.2f}",
+                flush=True,
+            )
+    return rows
+
+
+# -- peers -----------------------------------------------------------------------------
+
+
+def _peer_python(name: str, install: bool) -> Path | None:
+    requirement, _ = PEERS[name]
+    env_dir = HERE / ".venvs" / name
+    python = env_dir / "bin" / "python"
+    if python.exists():
+        return python
+    if not install:
+        return None
+    print(f"installing {requirement} into {env_dir} (once)", flush=True)
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", requirement], check=True
+    )
+    return python
+
+
+def _data_file(batch: int) -> Path:
+    step = _load("step_latency")
+    messages, targets, _ = step.load_data(batch)
+    path = Path(tempfile.mkdtemp(prefix="afnio-bench-")) / "data.json"
+    rows = [
+        {"message": m, "sentiment": t} for m, t in zip(messages, targets, strict=True)
+    ]
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return path
+
+
+def peer_steps(
+    batches: list[int], latencies: list[float], install: bool
+) -> list[dict[str, Any]]:
+    from afnio.testing import SIMULATOR_MODEL, Simulator
+
+    rows = []
+    for name, (_, script) in PEERS.items():
+        python = _peer_python(name, install) if script.exists() else None
+        if python is None:
+            print(f"{name}: not run (no venv or no {script.name})", flush=True)
+            continue
+        for latency in latencies:
+            for batch in batches:
+                data = _data_file(batch)
+                with Simulator(latency=latency) as sim:
+                    started = time.perf_counter()
+                    done = subprocess.run(
+                        [
+                            str(python),
+                            str(script),
+                            "--base-url",
+                            sim.base_url,
+                            "--model",
+                            SIMULATOR_MODEL,
+                            "--batch",
+                            str(batch),
+                            "--data",
+                            str(data),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        timeout=3600,
+                    )
+                    process_s = time.perf_counter() - started
+                    stats = sim.stats
+                if done.returncode != 0:
+                    print(f"{name} batch {batch}: failed\n{done.stderr[-2000:]}")
+                    continue
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                result.update(
+                    library=name,
+                    batch=batch,
+                    latency_s=latency,
+                    calls=stats.calls,
+                    prompt_tokens=stats.prompt_tokens,
+                    peak_in_flight=stats.peak_in_flight,
+                    process_s=process_s,
+                )
+                rows.append(result)
+                print(
+                    f"{name:9s} batch {batch:3d} latency {latency:.2f}s: "
+                    f"{result['wall_s']:6.2f} s, {stats.calls} calls",
+                    flush=True,
+                )
+    return rows
+
+
+# -- overheads -------------------------------------------------------------------------
+
+
+def overheads() -> dict[str, float]:
+    engine = _load("engine_overhead")
+    out: dict[str, float] = {}
+    for kind, fn in engine.KINDS.items():
+        engine.measure(fn, 200)  # warm up
+        out[f"engine_{kind}_us_per_node"] = min(
+            engine.measure(fn, 5000)[1] for _ in range(3)
+        )
+    try:
+        tracing = _load("tracing_overhead")
+    except ImportError:  # the langchain extra is not installed
+        return out
+    tracing.measure(20)
+    runs = [tracing.measure(200) for _ in range(3)]
+    out["tracing_ms_per_lm_call"] = min((t - p) / 1000 for p, t in runs)
+    return out
+
+
+# -- the report ------------------------------------------------------------------------
+
+
+def _phase(row: dict[str, Any], name: str, key: str) -> Any:
+    return next((p[key] for p in row.get("phases", []) if p["name"] == name), 0)
+
+
+def markdown(
+    ours: list[dict[str, Any]], peers: list[dict[str, Any]], extra: dict[str, float]
+) -> str:
+    lines = [
+        "# afnio benchmark report",
+        "",
+        f"Machine: {sys.platform}, Python {sys.version.split()[0]}; every LM call "
+        "goes to the bundled simulator (`afnio.testing`) over HTTP.",
+        "",
+        "## One optimization step (Facility Support sentiment)",
+        "",
+        "| library | latency | batch | wall (s) | critical path (s) | ratio | calls "
+        "(fwd/bwd/opt) | prompt tokens (fwd/bwd/opt) | peak in flight |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in ours:
+        calls = "/".join(
+            str(_phase(r, p, "calls")) for p in ("forward", "backward", "optimizer")
+        )
+        tokens = "/".join(
+            str(_phase(r, p, "prompt_tokens"))
+            for p in ("forward", "backward", "optimizer")
+        )
+        lines.append(
+            f"| afnio | {r['latency_s']} | {r['batch']} | {r['wall_s']:.2f} | "
+            f"{r['critical_path_s']:.2f} | {r['ratio']:.2f} | {r['calls']} ({calls}) | "
+            f"{tokens} | {r['peak_in_flight']} |"
+        )
+    for r in peers:
+        lines.append(
+            f"| {r['library']} | {r['latency_s']} | {r['batch']} | {r['wall_s']:.2f} "
+            f"| - | - | {r['calls']} | {r['prompt_tokens']} (all) "
+            f"| {r['peak_in_flight']} |"
+        )
+    if peers:
+        lines += ["", "## Ratios (peer / afnio, same latency and batch)", ""]
+        lines += [
+            "| peer | latency | batch | wall | LM calls |",
+            "|---|---|---|---|---|",
+        ]
+        for r in peers:
+            ours_row = next(
+                (
+                    o
+                    for o in ours
+                    if o["batch"] == r["batch"] and o["latency_s"] == r["latency_s"]
+                ),
+                None,
+            )
+            if ours_row is None:
+                continue
+            lines.append(
+                f"| {r['library']} | {r['latency_s']} | {r['batch']} | "
+                f"{r['wall_s'] / ours_row['wall_s']:.1f}x | "
+                f"{r['calls'] / max(1, ours_row['calls']):.2f}x |"
+            )
+    if extra:
+        lines += ["", "## Overheads", ""]
+        lines += [f"* {k}: {v:.2f}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def chart(ours: list[dict[str, Any]], peers: list[dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for library in ["afnio", *sorted({r["library"] for r in peers})]:
+        rows = [r for r in [*ours, *peers] if r["library"] == library]
+        for latency in sorted({r["latency_s"] for r in rows}):
+            points = sorted(
+                (r["batch"], r["wall_s"]) for r in rows if r["latency_s"] == latency
+            )
+            ax.plot(
+                *zip(*points, strict=True), marker="o", label=f"{library} @ {latency}s"
+            )
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("one step, wall time (s)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the benchmarks and write the report")
+    run.add_argument("--batches", type=int, nargs="+", default=[4, 8, 32])
+    run.add_argument("--latencies", type=float, nargs="+", default=[0.5, 0.05])
+    run.add_argument("--peers", action="store_true", help="also TextGrad and Trace")
+    run.add_argument("--no-install", action="store_true", help="never create venvs")
+    run.add_argument("--no-overheads", action="store_true")
+    run.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+    ours = afnio_steps(args.batches, args.latencies)
+    peers = (
+        peer_steps(args.batches, args.latencies, not args.no_install)
+        if args.peers
+        else []
+    )
+    extra = {} if args.no_overheads else overheads()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(
+        json.dumps({"afnio": ours, "peers": peers, "overheads": extra}, indent=2),
+        encoding="utf-8",
+    )
+    (args.out / "report.md").write_text(markdown(ours, peers, extra), encoding="utf-8")
+    drew = chart(ours, peers, args.out / "chart.png")
+    print(f"wrote {args.out / 'report.md'}" + (" and chart.png" if drew else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
