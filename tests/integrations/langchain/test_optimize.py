@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,8 +38,18 @@ def exact(prediction: str, target: str) -> int:
     return int(prediction.strip() == target)
 
 
-@pytest.mark.parametrize("metric", [exact, F.exact_match_evaluator])
-def test_optimize_improves_the_users_chain_and_reports(metric: object) -> None:
+@dataclass
+class Classifier:
+    """A sentiment chain on a live simulator, afnio's backward client set on it."""
+
+    sim: Simulator
+    prompt: ChatPromptTemplate
+    chain: Any
+    trainset: list[tuple[dict[str, str], str]]
+
+
+@pytest.fixture
+def classifier() -> Iterator[Classifier]:
     with (
         Simulator() as sim,
         OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
@@ -51,58 +64,55 @@ def test_optimize_improves_the_users_chain_and_reports(metric: object) -> None:
             model=SIMULATOR_MODEL, base_url=sim.base_url, api_key="k", max_retries=0
         )
         chain = prompt | llm | StrOutputParser()
-        trainset = [({"message": m}, t) for m, t in MESSAGES]
-        returned, report = optimize(
-            chain,
-            trainset,
-            metric,
-            epochs=2,
-            batch_size=4,
-            progress=False,
-            model=SIMULATOR_MODEL,
-        )
-        assert returned is chain
-        assert report.score_before == 0.25 and report.score_after == 1.0
-        assert report.prompts_before == {"prompt0.system0": CLASSIFY}
-        new = prompt.messages[0].prompt.template
-        assert report.prompts_after == {"prompt0.system0": new} and new != CLASSIFY
-        assert "+" + new in report.prompt_diff
-        assert report.calls == sim.stats.calls  # the chain's calls and afnio's
-        assert sum(r.calls for r in report.phases) == sim.stats.calls
-        assert report.tokens > 0 and report.cost > 0
-        assert chain.invoke({"message": "Awful again."}) == "negative"
-        assert "score before: 0.250  after: 1.000" in str(report)
+        yield Classifier(sim, prompt, chain, [({"message": m}, t) for m, t in MESSAGES])
 
 
-def test_max_cost_counts_the_chains_own_calls_and_holds() -> None:
-    with (
-        Simulator() as sim,
-        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
-    ):
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
-        prompt = ChatPromptTemplate.from_messages(
-            [("system", CLASSIFY), ("human", "{message}")]
-        )
-        llm = ChatOpenAI(
-            model=SIMULATOR_MODEL, base_url=sim.base_url, api_key="k", max_retries=0
-        )
-        budget = 0.003
-        _, report = optimize(
-            prompt | llm | StrOutputParser(),
-            [({"message": m}, t) for m, t in MESSAGES],
-            exact,
-            epochs=5,
-            batch_size=2,
-            max_cost=budget,
-            progress=False,
-            model=SIMULATOR_MODEL,
-        )
-        assert report.stopped_reason and "max_cost" in report.stopped_reason
-        assert report.cost <= budget
-        chain_cost = sum(r.cost for r in report.phases if r.phase == "forward")
-        assert chain_cost > 0  # the chain's own calls were counted
+@pytest.mark.parametrize("metric", [exact, F.exact_match_evaluator])
+def test_optimize_improves_the_users_chain_and_reports(
+    metric: object, classifier: Classifier
+) -> None:
+    sim, prompt, chain = classifier.sim, classifier.prompt, classifier.chain
+    trainset = classifier.trainset
+    returned, report = optimize(
+        chain,
+        trainset,
+        metric,
+        epochs=2,
+        batch_size=4,
+        progress=False,
+        model=SIMULATOR_MODEL,
+    )
+    assert returned is chain
+    assert report.score_before == 0.25 and report.score_after == 1.0
+    assert report.prompts_before == {"prompt0.system0": CLASSIFY}
+    new = prompt.messages[0].prompt.template
+    assert report.prompts_after == {"prompt0.system0": new} and new != CLASSIFY
+    assert "+" + new in report.prompt_diff
+    assert report.calls == sim.stats.calls  # the chain's calls and afnio's
+    assert sum(r.calls for r in report.phases) == sim.stats.calls
+    assert report.tokens > 0 and report.cost > 0
+    assert chain.invoke({"message": "Awful again."}) == "negative"
+    assert "score before: 0.250  after: 1.000" in str(report)
+
+
+def test_max_cost_counts_the_chains_own_calls_and_holds(
+    classifier: Classifier,
+) -> None:
+    budget = 0.003
+    _, report = optimize(
+        classifier.chain,
+        classifier.trainset,
+        exact,
+        epochs=5,
+        batch_size=2,
+        max_cost=budget,
+        progress=False,
+        model=SIMULATOR_MODEL,
+    )
+    assert report.stopped_reason and "max_cost" in report.stopped_reason
+    assert report.cost <= budget
+    chain_cost = sum(r.cost for r in report.phases if r.phase == "forward")
+    assert chain_cost > 0  # the chain's own calls were counted
 
 
 def test_optimize_rejects_an_empty_trainset() -> None:
@@ -131,57 +141,46 @@ print(json.dumps(chain.invoke({"message": "Awful service again."})))
 """
 
 
-def test_the_saved_chain_runs_where_afnio_cannot_be_imported(tmp_path: Path) -> None:
+def test_the_saved_chain_runs_where_afnio_cannot_be_imported(
+    tmp_path: Path, classifier: Classifier
+) -> None:
     import json
     import os
     import subprocess
     import sys
 
-    with (
-        Simulator() as sim,
-        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
-    ):
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
-        prompt = ChatPromptTemplate.from_messages(
-            [("system", CLASSIFY), ("human", "{message}")]
-        )
-        llm = ChatOpenAI(
-            model=SIMULATOR_MODEL, base_url=sim.base_url, api_key="k", max_retries=0
-        )
-        chain = prompt | llm | StrOutputParser()
-        trainset = [({"message": m}, t) for m, t in MESSAGES]
-        optimize(
-            chain,
-            trainset,
-            exact,
-            epochs=2,
-            batch_size=4,
-            progress=False,
-            model=SIMULATOR_MODEL,
-        )
-        from afnio_integrations.langchain import trace
+    sim, prompt, chain = classifier.sim, classifier.prompt, classifier.chain
+    trainset = classifier.trainset
+    optimize(
+        chain,
+        trainset,
+        exact,
+        epochs=2,
+        batch_size=4,
+        progress=False,
+        model=SIMULATOR_MODEL,
+    )
+    from afnio_integrations.langchain import trace
 
-        saved = tmp_path / "chain.json"
-        trace(chain).save_chain(saved)
-        assert "sk-" not in saved.read_text()  # keys are env references, not values
-        script = tmp_path / "run.py"
-        script.write_text(LOADER)
-        sim.reset_stats()
-        env = {**os.environ, "OPENAI_API_KEY": "sk-from-env"}
-        result = subprocess.run(
-            [sys.executable, str(script), str(saved)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout.strip().splitlines()[-1]) == "negative"
-        sent = sim.requests[-1]["messages"][0]["content"]
-        assert sent == prompt.messages[0].prompt.template and sent != CLASSIFY
+    saved = tmp_path / "chain.json"
+    trace(chain).save_chain(saved)
+    assert "sk-" not in saved.read_text()  # keys are env references, not values
+    script = tmp_path / "run.py"
+    script.write_text(LOADER)
+    sim.reset_stats()
+    env = {**os.environ, "OPENAI_API_KEY": "sk-from-env"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(saved)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == "negative"
+    sent = sim.requests[-1]["messages"][0]["content"]
+    assert sent == prompt.messages[0].prompt.template and sent != CLASSIFY
 
 
 def exact_with_feedback(prediction: str, target: str) -> tuple[int, str]:
@@ -193,36 +192,24 @@ def exact_with_feedback(prediction: str, target: str) -> tuple[int, str]:
     )
 
 
-def test_a_metrics_textual_feedback_is_used_as_the_gradient() -> None:
-    with (
-        Simulator() as sim,
-        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
-    ):
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
-        prompt = ChatPromptTemplate.from_messages(
-            [("system", CLASSIFY), ("human", "{message}")]
-        )
-        llm = ChatOpenAI(
-            model=SIMULATOR_MODEL, base_url=sim.base_url, api_key="k", max_retries=0
-        )
-        chain = prompt | llm | StrOutputParser()
-        trainset = [({"message": m}, t) for m, t in MESSAGES]
-        _, report = optimize(
-            chain,
-            trainset,
-            exact_with_feedback,
-            epochs=2,
-            batch_size=4,
-            progress=False,
-            model=SIMULATOR_MODEL,
-        )
-        assert report.score_after == 1.0
-        # no evaluator-backward call was made: the metric wrote the feedback
-        evaluator_calls = [
-            r
-            for r in sim.requests
-            if "<EVALUATION" in str(r.get("messages", [{}])[-1].get("content", ""))
-        ]
-        assert evaluator_calls == []
+def test_a_metrics_textual_feedback_is_used_as_the_gradient(
+    classifier: Classifier,
+) -> None:
+    sim, chain, trainset = classifier.sim, classifier.chain, classifier.trainset
+    _, report = optimize(
+        chain,
+        trainset,
+        exact_with_feedback,
+        epochs=2,
+        batch_size=4,
+        progress=False,
+        model=SIMULATOR_MODEL,
+    )
+    assert report.score_after == 1.0
+    # no evaluator-backward call was made: the metric wrote the feedback
+    evaluator_calls = [
+        r
+        for r in sim.requests
+        if "<EVALUATION" in str(r.get("messages", [{}])[-1].get("content", ""))
+    ]
+    assert evaluator_calls == []
