@@ -138,11 +138,13 @@ def peer_steps(
                     print(f"{name} batch {batch}: failed\n{done.stderr[-2000:]}")
                     continue
                 result = json.loads(done.stdout.strip().splitlines()[-1])
+                # the script's own count excludes its untimed warm-up request
+                counted = sum((result.get("lm_calls") or {}).values())
                 result.update(
                     library=name,
                     batch=batch,
                     latency_s=latency,
-                    calls=stats.calls,
+                    calls=counted or stats.calls,
                     prompt_tokens=stats.prompt_tokens,
                     peak_in_flight=stats.peak_in_flight,
                     process_s=process_s,

@@ -64,13 +64,22 @@ that quotes a rule sentence still gets gradients. In order:
    ``{"a" | "b"}`` alternatives expanded; a rule for a word already ruled replaces that
    sentence in place, a new one is appended, never twice), honouring the checkable
    constraint ``Do not use the character "<c>".``
-5. :func:`dspy_responder`, a prompt rendered by DSPy's ChatAdapter or JSONAdapter
+5. The peer libraries' prompts (:mod:`afnio.testing.peers`): TextGrad's TGD
+   update call (:func:`~afnio.testing.peers.textgrad_optimizer_responder`: the
+   current value with the rules of its ``<FEEDBACK>`` applied, between
+   ``<IMPROVED_VARIABLE>`` tags), TextGrad's backward calls
+   (:func:`~afnio.testing.peers.textgrad_backward_responder`: a string-based
+   function's verdict as ``the expected value is "<t>"``, an ``LLMCall``'s as the
+   rule :func:`chat_backward_gradients` would give) and Trace's OptoPrime call
+   (:func:`~afnio.testing.peers.optoprime_responder`: ``{"reasoning", "answer",
+   "suggestion"}`` with the rules its ``#Feedback`` calls for).
+6. :func:`dspy_responder`, a prompt rendered by DSPy's ChatAdapter or JSONAdapter
    (a system message declaring ``Your output fields are:`` and ending with DSPy's
    objective line): every output field answered from the rules in the
    instructions, as ``[[ ## field ## ]]`` blocks ending with
    ``[[ ## completed ## ]]``, or as a JSON object when JSON is asked for.
-6. :func:`task_responder`, any prompt holding rules (the grammar above).
-7. :func:`fallback_responder`, always the default label.
+7. :func:`task_responder`, any prompt holding rules (the grammar above).
+8. :func:`fallback_responder`, always the default label.
 
 Together they close afnio's loop without a model: the judge (or a deterministic
 evaluator) fails a sample, the evaluator backward names the expected value, the chat
@@ -1290,11 +1299,20 @@ def dspy_responder(request: SimRequest) -> Answer | None:
     return Answer("\n\n".join([*blocks, DSPY_COMPLETED]), responder="dspy")
 
 
+from afnio.testing.peers import (  # noqa: E402  (peers builds on the helpers above)
+    optoprime_responder,
+    textgrad_backward_responder,
+    textgrad_optimizer_responder,
+)
+
 RESPONDERS: list[Responder] = [
     judge_responder,
     chat_backward_responder,
     evaluator_backward_responder,
     optimizer_responder,
+    textgrad_optimizer_responder,
+    textgrad_backward_responder,
+    optoprime_responder,
     dspy_responder,
     task_responder,
     fallback_responder,
