@@ -13,13 +13,19 @@ __all__ = ["OptimizeReport"]
 
 @dataclass
 class OptimizeReport:
-    """What an optimization run did: scores before and after (on the validation set,
-    0 to 1), the optimized texts before and after (LangChain prompt slots, or DSPy
-    predictor instructions, by key), the per-epoch history, and ``calls``, ``tokens``
-    and ``cost`` of every LM call of the run: the program's own and afnio's feedback
-    and optimizer calls, also by phase and model in ``phases`` (forward, evaluator,
-    backward, optimizer). ``failed_samples`` counts program calls that raised
-    (scored as failures)."""
+    """What an optimization run did.
+
+    * ``score_before``/``score_after``: the validation score (0 to 1) before and
+      after; ``score_after`` is ``None`` when the run stopped early (``max_cost``),
+      so the last texts were never scored.
+    * ``prompts_before``/``prompts_after``: the optimized texts (LangChain prompt
+      slots, or DSPy predictor instructions) by key; ``prompt_diff`` shows them.
+    * ``history``: the Trainer's per-epoch rows.
+    * ``calls``, ``tokens``, ``cost``: every LM call of the run, the program's own
+      and afnio's feedback and optimizer calls; ``phases`` splits them by phase
+      (forward, evaluator, backward, optimizer) and model.
+    * ``failed_samples``: program calls that raised (scored as failures).
+    """
 
     score_before: float | None
     score_after: float | None

@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from afnio.cognitive.modules.module import Module
-from afnio.utils.data import Dataset
+from afnio.models.phases import LEDGER, PhaseRow
+from afnio.trainer import Trainer
+from afnio.utils.data import DataLoader, Dataset
 
-__all__ = ["IndexDataset", "SplitAgent"]
+__all__ = ["IndexDataset", "LoopOutcome", "SplitAgent", "train_agent"]
 
 
 class IndexDataset(Dataset):
@@ -49,3 +53,83 @@ class SplitAgent(Module):
 
     def configure_optimizers(self) -> Any:
         return self._make_optimizer()
+
+
+@dataclass
+class LoopOutcome:
+    """What :func:`train_agent` measured."""
+
+    score_before: float | None
+    score_after: float | None  # None: stopped early, the last texts were not scored
+    history: list[dict[str, Any]]
+    calls: int
+    tokens: int
+    cost: float
+    stopped_reason: str | None
+    phases: list[PhaseRow]
+
+
+def _calls_and_tokens(trainer: Trainer) -> tuple[int, int]:
+    meter = trainer._meter
+    if meter is None:
+        return 0, 0
+    rows = meter.per_client()
+    return sum(r[3] for r in rows), sum(r[2] for r in rows)
+
+
+def train_agent(
+    agent: SplitAgent,
+    *,
+    n_train: int,
+    n_val: int,
+    score_key: str,
+    clients: list[Any],
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    max_cost: float | None,
+    revert_on_regression: bool,
+    progress: bool,
+    root_dir: str | None,
+) -> LoopOutcome:
+    """Score the validation split, train with the Trainer, and measure the run.
+
+    ``clients`` are metered besides the agent's own (a traced program's LM usage), so
+    ``max_cost`` and the totals cover every LM call; the first validation counts in
+    the budget too. Metrics and checkpoints go to ``root_dir``, or to a new temporary
+    folder with no checkpoints (never the current directory).
+    """
+    phase_start = LEDGER.snapshot()
+    trainer = Trainer(
+        max_epochs=epochs,
+        enable_progress_bar=progress,
+        enable_agent_summary=False,
+        enable_checkpointing=root_dir is not None,
+        default_root_dir=root_dir or tempfile.mkdtemp(prefix="afnio-optimize-"),
+        max_cost=max_cost,
+        revert_on_regression=revert_on_regression,
+    )
+    val_loader = DataLoader(IndexDataset(n_val), batch_size=max(1, n_val))
+    train_loader = DataLoader(
+        IndexDataset(n_train), batch_size=batch_size, shuffle=True, seed=seed
+    )
+    before = trainer.validate(agent, val_loader, llm_clients=clients).get(score_key)
+    spent = trainer.total_cost
+    calls_before, tokens_before = _calls_and_tokens(trainer)
+    if max_cost is not None:
+        trainer.max_cost = max(0.0, max_cost - spent)
+    history = trainer.fit(agent, train_loader, val_loader, llm_clients=clients)
+    calls, tokens = _calls_and_tokens(trainer)
+    after = None
+    if trainer.stopped_reason is None:
+        after = history[-1].get(score_key) if history else before
+    return LoopOutcome(
+        score_before=before,
+        score_after=after,
+        history=history,
+        calls=calls_before + calls,
+        tokens=tokens_before + tokens,
+        cost=spent + trainer.total_cost,
+        stopped_reason=trainer.stopped_reason,
+        phases=LEDGER.since(phase_start),
+    )

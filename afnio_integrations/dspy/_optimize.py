@@ -20,7 +20,6 @@ from __future__ import annotations
 import builtins
 import inspect
 import numbers
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,13 +41,10 @@ from afnio.autodiff.evaluator import (
 )
 from afnio.autodiff.function import Function
 from afnio.models.model import ChatCompletionModel
-from afnio.models.phases import LEDGER
 from afnio.optim import TGD
-from afnio.trainer import Trainer
-from afnio.utils.data import DataLoader
 from afnio_integrations._recorded import JoinFields
 from afnio_integrations._report import OptimizeReport
-from afnio_integrations._training import IndexDataset, SplitAgent
+from afnio_integrations._training import SplitAgent, train_agent
 from afnio_integrations.dspy._model import DSPyLM
 from afnio_integrations.dspy._traced import TracedPrediction, TracedProgram, trace
 from afnio_integrations.dspy._tracing import field_text
@@ -398,7 +394,6 @@ class AfnioTGD(Teleprompter):
         if valset is not None and not list(valset):
             raise ValueError("`valset` is empty: pass examples, or None for trainset.")
         val = _examples(valset, "valset") or train
-        phase_start = LEDGER.snapshot()
         program = student.deepcopy()
         traced = trace(program, descriptions=self.descriptions)
         backward, args = self._backward()
@@ -420,60 +415,35 @@ class AfnioTGD(Teleprompter):
         agent = _ProgramAgent(
             traced, self.metric, examples, make_optimizer, self.best_score
         )
-        trainer = Trainer(
-            max_epochs=self.epochs,
-            enable_progress_bar=self.progress,
-            enable_agent_summary=False,
-            enable_checkpointing=self.root_dir is not None,
-            default_root_dir=self.root_dir or tempfile.mkdtemp(prefix="afnio-dspy-"),
-            max_cost=self.max_cost,
-            revert_on_regression=self.revert_on_regression,
-        )
-        val_loader = DataLoader(IndexDataset(len(val)), batch_size=len(val))
-        train_loader = DataLoader(
-            IndexDataset(len(train)),
-            batch_size=self.batch_size,
-            shuffle=True,
-            seed=self.seed,
-        )
-        clients = [traced.usage]
         before_texts = traced.instructions()
         with backward_model_client(backward, args):
-            before = trainer.validate(agent, val_loader, llm_clients=clients).get(
-                "val_score"
+            outcome = train_agent(
+                agent,
+                n_train=len(train),
+                n_val=len(val),
+                score_key="val_score",
+                clients=[traced.usage],
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                max_cost=self.max_cost,
+                revert_on_regression=self.revert_on_regression,
+                progress=self.progress,
+                root_dir=self.root_dir,
             )
-            spent = trainer.total_cost
-            rows_before = _usage_rows(trainer)
-            if self.max_cost is not None:  # the first validation counts too
-                trainer.max_cost = max(0.0, self.max_cost - spent)
-            history = trainer.fit(agent, train_loader, val_loader, llm_clients=clients)
         traced.write_back()
         program._compiled = True
-        # stopped early (budget): the last instructions were not validated
-        validated = trainer.stopped_reason is None
-        after = (
-            (history[-1].get("val_score") if history else before) if validated else None
-        )
-        rows = _usage_rows(trainer)
         self.report = OptimizeReport(
-            score_before=before,
-            score_after=after,
+            score_before=outcome.score_before,
+            score_after=outcome.score_after,
             prompts_before=before_texts,
             prompts_after=traced.instructions(),
-            history=history,
-            calls=sum(r[0] for r in rows_before) + sum(r[0] for r in rows),
-            tokens=sum(r[1] for r in rows_before) + sum(r[1] for r in rows),
-            cost=spent + trainer.total_cost,
-            stopped_reason=trainer.stopped_reason,
-            phases=LEDGER.since(phase_start),
+            history=outcome.history,
+            calls=outcome.calls,
+            tokens=outcome.tokens,
+            cost=outcome.cost,
+            stopped_reason=outcome.stopped_reason,
+            phases=outcome.phases,
             failed_samples=agent.failed_samples,
         )
         return program
-
-
-def _usage_rows(trainer: Trainer) -> list[tuple[int, int]]:
-    """(calls, tokens) per metered client of the trainer's last run."""
-    meter = trainer._meter
-    if meter is None:
-        return []
-    return [(calls, tokens) for _, _, tokens, calls in meter.per_client()]

@@ -10,7 +10,6 @@ scores before and after, the prompt diff, and the LM calls, tokens and cost.
 from __future__ import annotations
 
 import builtins
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,12 +18,9 @@ from afnio.autodiff.decorators import evaluator
 from afnio.autodiff.evaluator import DeterministicEvaluator
 from afnio.autodiff.function import Function
 from afnio.models.model import ChatCompletionModel
-from afnio.models.phases import LEDGER
 from afnio.optim import TGD
-from afnio.trainer import Trainer
-from afnio.utils.data import DataLoader
 from afnio_integrations._report import OptimizeReport
-from afnio_integrations._training import IndexDataset, SplitAgent
+from afnio_integrations._training import SplitAgent, train_agent
 from afnio_integrations.langchain._discovery import Selector
 from afnio_integrations.langchain._traced import TracedChain, trace
 
@@ -162,7 +158,6 @@ def optimize(
         from afnio._model_client import get_backward_model_client
 
         model_client = get_backward_model_client().client
-    phase_start = LEDGER.snapshot()
     traced = trace(chain, select)
     pairs = {"train": list(trainset), "val": list(valset or trainset)}
 
@@ -172,52 +167,32 @@ def optimize(
     # an afnio evaluator function returns (score, explanation) itself
     is_evaluator = getattr(metric, "__module__", "") == "afnio.cognitive.functional"
     agent = _ChainAgent(traced, metric, pairs, make_optimizer, best_score, is_evaluator)
-    trainer = Trainer(
-        max_epochs=epochs,
-        enable_progress_bar=progress,
-        enable_agent_summary=False,
-        enable_checkpointing=root_dir is not None,
-        # metrics go to root_dir, or to a fresh temporary folder (never the cwd)
-        default_root_dir=root_dir or tempfile.mkdtemp(prefix="afnio-optimize-"),
+    before_prompts = traced.prompts()
+    outcome = train_agent(
+        agent,
+        n_train=len(pairs["train"]),
+        n_val=len(pairs["val"]),
+        score_key="val_accuracy",
+        clients=[traced.usage],  # the chain's own LM calls count in budgets too
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
         max_cost=max_cost,
         revert_on_regression=revert_on_regression,
-    )
-    val_loader = DataLoader(
-        IndexDataset(len(pairs["val"])), batch_size=max(1, len(pairs["val"]))
-    )
-    before_prompts = traced.prompts()
-    clients = [traced.usage]  # the chain's own LM calls count in budgets and reports
-    before = trainer.validate(agent, val_loader, llm_clients=clients).get(
-        "val_accuracy"
-    )
-    spent = trainer.total_cost
-    rows_before = trainer._meter.per_client() if trainer._meter is not None else []
-    if max_cost is not None:  # the first validation counts too
-        trainer.max_cost = max(0.0, max_cost - spent)
-    history = trainer.fit(
-        agent,
-        DataLoader(
-            IndexDataset(len(pairs["train"])),
-            batch_size=batch_size,
-            shuffle=True,
-            seed=seed,
-        ),
-        val_loader,
-        llm_clients=clients,
+        progress=progress,
+        root_dir=root_dir,
     )
     traced.write_back()
-    after = history[-1].get("val_accuracy") if history else before
-    rows = trainer._meter.per_client() if trainer._meter is not None else []
     report = OptimizeReport(
-        score_before=before,
-        score_after=after,
+        score_before=outcome.score_before,
+        score_after=outcome.score_after,
         prompts_before=before_prompts,
         prompts_after=traced.prompts(),
-        history=history,
-        calls=sum(r[3] for r in rows_before) + sum(r[3] for r in rows),
-        tokens=sum(r[2] for r in rows_before) + sum(r[2] for r in rows),
-        cost=spent + trainer.total_cost,
-        stopped_reason=trainer.stopped_reason,
-        phases=LEDGER.since(phase_start),
+        history=outcome.history,
+        calls=outcome.calls,
+        tokens=outcome.tokens,
+        cost=outcome.cost,
+        stopped_reason=outcome.stopped_reason,
+        phases=outcome.phases,
     )
     return chain, report
