@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from afnio.models.phases import PhaseRow
+from afnio.trainer.projection import RunProfile
 
 __all__ = ["OptimizeReport"]
 
@@ -25,6 +26,8 @@ class OptimizeReport:
       and afnio's feedback and optimizer calls; ``phases`` splits them by phase
       (forward, evaluator, backward, optimizer) and model.
     * ``failed_samples``: program calls that raised (scored as failures).
+    * ``train_samples``, ``val_samples``, ``steps``: what the run did (for
+      :meth:`profile`).
     """
 
     score_before: float | None
@@ -38,6 +41,25 @@ class OptimizeReport:
     stopped_reason: str | None = None
     failed_samples: int = 0
     phases: list[PhaseRow] = field(default_factory=list)
+    train_samples: int = 0
+    val_samples: int = 0
+    steps: int = 0
+
+    def profile(self) -> RunProfile:
+        """This run's rates by phase, to project another configuration before
+        running it (a pilot on a subset, then the full run)::
+
+            pilot = tgd.compile(program, trainset=train[:32], valset=val[:32])
+            full = project(tgd.report.profile(), n_train=len(train),
+                           n_val=len(val), epochs=3, batch_size=16)
+            print(full)  # calls, tokens and cost by phase
+        """
+        return RunProfile.from_rows(
+            self.phases,
+            train_samples=self.train_samples,
+            val_samples=self.val_samples,
+            steps=self.steps,
+        )
 
     @property
     def prompt_diff(self) -> str:

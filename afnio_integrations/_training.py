@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ class LoopOutcome:
     cost: float
     stopped_reason: str | None
     phases: list[PhaseRow]
+    train_samples: int
+    val_samples: int
+    steps: int
 
 
 def _calls_and_tokens(trainer: Trainer) -> tuple[int, int]:
@@ -123,7 +127,11 @@ def train_agent(
     after = None
     if trainer.stopped_reason is None:
         after = history[-1].get(score_key) if history else before
+    epochs_run = len(history)
     return LoopOutcome(
+        train_samples=n_train * epochs_run,
+        val_samples=n_val * (epochs_run + 1),
+        steps=math.ceil(n_train / batch_size) * epochs_run,
         score_before=before,
         score_after=after,
         history=history,

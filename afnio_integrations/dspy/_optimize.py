@@ -444,6 +444,9 @@ class AfnioTGD(Teleprompter):
             cost=outcome.cost,
             stopped_reason=outcome.stopped_reason,
             phases=outcome.phases,
+            train_samples=outcome.train_samples,
+            val_samples=outcome.val_samples,
+            steps=outcome.steps,
             failed_samples=agent.failed_samples,
         )
         return program

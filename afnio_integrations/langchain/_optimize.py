@@ -194,5 +194,8 @@ def optimize(
         cost=outcome.cost,
         stopped_reason=outcome.stopped_reason,
         phases=outcome.phases,
+        train_samples=outcome.train_samples,
+        val_samples=outcome.val_samples,
+        steps=outcome.steps,
     )
     return chain, report

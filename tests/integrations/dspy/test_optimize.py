@@ -314,3 +314,39 @@ def test_constraints_momentum_and_revert_reach_the_optimizer() -> None:
         assert 'If the message mentions "frustrated"' in instructions
         assert all("train_reverted" in row for row in report.history)
         assert report.score_after == 1.0
+
+
+@needs_data
+def test_a_pilot_report_projects_the_full_run_within_20_percent(
+    sentiment_data: dict[str, list[Any]],
+) -> None:
+    from afnio.trainer.projection import project
+
+    train, val = sentiment_data["train"], sentiment_data["val"]
+    with Simulator() as sim, dspy.context(lm=make_lm(sim)):
+        pilot = AfnioTGD(
+            metric=sentiment_match, epochs=1, batch_size=16, progress=False
+        )
+        pilot.compile(
+            dspy.Predict("message -> sentiment"), trainset=train[:32], valset=val[:32]
+        )
+        assert pilot.report is not None
+        projected = project(
+            pilot.report.profile(),
+            n_train=len(train),
+            n_val=len(val),
+            epochs=2,
+            batch_size=16,
+        )
+        sim.reset_stats()
+        full = AfnioTGD(metric=sentiment_match, epochs=2, batch_size=16, progress=False)
+        full.compile(dspy.Predict("message -> sentiment"), trainset=train, valset=val)
+        calls = sim.stats.calls
+        tokens = sim.stats.prompt_tokens + sim.stats.completion_tokens
+    projected_tokens = projected.prompt_tokens + projected.completion_tokens
+    report = (
+        f"projected {projected.calls} / {projected_tokens}, measured {calls} / {tokens}"
+    )
+    print(report)
+    assert abs(projected.calls - calls) <= 0.2 * calls, report
+    assert abs(projected_tokens - tokens) <= 0.2 * tokens, report
