@@ -13,6 +13,7 @@ from afnio.cognitive.modules.module import Module
 from afnio.models.phases import LEDGER, PhaseRow
 from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader, Dataset
+from afnio_integrations._report import OptimizeReport
 
 __all__ = ["IndexDataset", "LoopOutcome", "SplitAgent", "train_agent"]
 
@@ -71,6 +72,30 @@ class LoopOutcome:
     train_samples: int
     val_samples: int
     steps: int
+
+    def report(
+        self,
+        prompts_before: dict[str, str],
+        prompts_after: dict[str, str],
+        failed_samples: int = 0,
+    ) -> OptimizeReport:
+        """The run's :class:`OptimizeReport`, with the texts before and after."""
+        return OptimizeReport(
+            score_before=self.score_before,
+            score_after=self.score_after,
+            prompts_before=prompts_before,
+            prompts_after=prompts_after,
+            history=self.history,
+            calls=self.calls,
+            tokens=self.tokens,
+            cost=self.cost,
+            stopped_reason=self.stopped_reason,
+            failed_samples=failed_samples,
+            phases=self.phases,
+            train_samples=self.train_samples,
+            val_samples=self.val_samples,
+            steps=self.steps,
+        )
 
 
 def _calls_and_tokens(trainer: Trainer) -> tuple[int, int]:

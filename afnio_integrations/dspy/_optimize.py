@@ -433,20 +433,7 @@ class AfnioTGD(Teleprompter):
             )
         traced.write_back()
         program._compiled = True
-        self.report = OptimizeReport(
-            score_before=outcome.score_before,
-            score_after=outcome.score_after,
-            prompts_before=before_texts,
-            prompts_after=traced.instructions(),
-            history=outcome.history,
-            calls=outcome.calls,
-            tokens=outcome.tokens,
-            cost=outcome.cost,
-            stopped_reason=outcome.stopped_reason,
-            phases=outcome.phases,
-            train_samples=outcome.train_samples,
-            val_samples=outcome.val_samples,
-            steps=outcome.steps,
-            failed_samples=agent.failed_samples,
+        self.report = outcome.report(
+            before_texts, traced.instructions(), agent.failed_samples
         )
         return program

@@ -183,19 +183,5 @@ def optimize(
         root_dir=root_dir,
     )
     traced.write_back()
-    report = OptimizeReport(
-        score_before=outcome.score_before,
-        score_after=outcome.score_after,
-        prompts_before=before_prompts,
-        prompts_after=traced.prompts(),
-        history=outcome.history,
-        calls=outcome.calls,
-        tokens=outcome.tokens,
-        cost=outcome.cost,
-        stopped_reason=outcome.stopped_reason,
-        phases=outcome.phases,
-        train_samples=outcome.train_samples,
-        val_samples=outcome.val_samples,
-        steps=outcome.steps,
-    )
+    report = outcome.report(before_prompts, traced.prompts())
     return chain, report
