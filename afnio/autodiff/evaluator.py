@@ -178,6 +178,44 @@ def _producer_inputs(prediction: Variable, n: int) -> list[str]:
     return [NO_INPUT] * n
 
 
+def _explain(
+    prediction: Variable,
+    predictions: list[Any],
+    targets: list[Any],
+    scores: list[Any],
+    purpose: str,
+    reduction_fn: Callable[[list[Any]], Any] | None,
+    reduction_purpose: str | None,
+) -> tuple[Any, Any]:
+    """The score and explanation of a deterministic evaluation: per-sample scores
+    reduced (or kept) and the contract's explanation texts."""
+    if not isinstance(prediction.data, list):
+        explanation = render(
+            SCALAR_EXPLANATION,
+            {
+                "purpose": purpose,
+                "prediction": predictions[0],
+                "target": targets[0],
+                "score": scores[0],
+            },
+        )
+        return scores[0], explanation
+    score = _reduce(scores, reduction_fn, reduction_purpose)
+    if reduction_fn is None:
+        return score, [
+            render(
+                SCALAR_EXPLANATION,
+                {"purpose": purpose, "prediction": p, "target": t, "score": s},
+            )
+            for p, t, s in zip(predictions, targets, scores, strict=True)
+        ]
+    explanation = render(
+        BATCH_EXPLANATION,
+        {"purpose": purpose, "reduction_purpose": reduction_purpose, "score": score},
+    )
+    return score, explanation
+
+
 def _failed_samples(ctx: Any) -> list[int]:
     if not ctx.per_sample_skip or ctx.best is None:
         return list(range(len(ctx.scores)))
@@ -356,36 +394,15 @@ class DeterministicEvaluator(Function):
         targets = _targets(target, prediction)
         predictions = _samples(prediction)
         scores = [eval_fn(p, t) for p, t in zip(predictions, targets, strict=True)]
-        if isinstance(prediction.data, list):
-            score = _reduce(scores, reduction_fn, reduction_purpose)
-            if reduction_fn is None:
-                explanation: Any = [
-                    render(
-                        SCALAR_EXPLANATION,
-                        {"purpose": purpose, "prediction": p, "target": t, "score": s},
-                    )
-                    for p, t, s in zip(predictions, targets, scores, strict=True)
-                ]
-            else:
-                explanation = render(
-                    BATCH_EXPLANATION,
-                    {
-                        "purpose": purpose,
-                        "reduction_purpose": reduction_purpose,
-                        "score": score,
-                    },
-                )
-        else:
-            score = scores[0]
-            explanation = render(
-                SCALAR_EXPLANATION,
-                {
-                    "purpose": purpose,
-                    "prediction": predictions[0],
-                    "target": targets[0],
-                    "score": score,
-                },
-            )
+        score, explanation = _explain(
+            prediction,
+            predictions,
+            targets,
+            scores,
+            purpose,
+            reduction_fn,
+            reduction_purpose,
+        )
         _save(
             ctx,
             prediction,

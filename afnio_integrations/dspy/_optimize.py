@@ -27,13 +27,11 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from afnio._model_client import backward_model_client, get_backward_model_client
-from afnio._template import render
 from afnio._variable import Variable
 from afnio.autodiff.decorators import evaluator
 from afnio.autodiff.evaluator import (
-    BATCH_EXPLANATION,
-    SCALAR_EXPLANATION,
     _ask_for_samples,
+    _explain,
     _failed_samples,
     _outputs,
     _prediction_only_backward,
@@ -129,22 +127,15 @@ class MetricEvaluator(Function):
                 f"`targets`, `scores` and `feedback` must have one entry per sample "
                 f"({n}); got {len(targets)}, {len(scores)} and {len(feedback)}."
             )
-        score = builtins.sum(scores)
-        if predictions is not None:
-            explanation = render(
-                BATCH_EXPLANATION,
-                {"purpose": purpose, "reduction_purpose": "summation", "score": score},
-            )
-        else:
-            explanation = render(
-                SCALAR_EXPLANATION,
-                {
-                    "purpose": purpose,
-                    "prediction": prediction.data,
-                    "target": targets[0],
-                    "score": score,
-                },
-            )
+        score, explanation = _explain(
+            prediction,
+            predictions if predictions is not None else [prediction.data],
+            list(targets),
+            list(scores),
+            purpose,
+            builtins.sum,
+            "summation",
+        )
         _save(
             ctx,
             prediction,
