@@ -6,8 +6,9 @@ One step is four phases, each timed on its own:
   whose system prompt is the trainable ``Parameter("Classify the sentiment of the
   message.")``;
 * ``evaluator``: ``ExactMatchEvaluator`` against the targets (no LM call);
-* ``backward``: ``explanation.backward()``: one evaluator-backward call per wrong
-  sample, then one chat-backward call per sample with feedback;
+* ``backward``: ``explanation.backward()``: one evaluator-backward call per group of
+  at most ``EVALUATOR_SAMPLES_PER_CALL`` (8) wrong samples, all groups at once, then
+  one chat-backward call per sample with feedback;
 * ``optimizer``: ``TGD([prompt]).step()``: one call for the one parameter.
 
 Every LM call goes to the bundled simulator (``afnio.testing.Simulator``, which

@@ -4,9 +4,12 @@
 :class:`ExactMatchEvaluator` with equality, :class:`LMJudgeEvaluator` with an LM
 judge. Their roles and explanation texts follow the upstream contract exactly.
 ``explanation.backward()`` (no gradient needed: they are evaluators) asks the backward
-model, once per sample that did not get the best score (concurrently), for feedback on
-the prediction, showing the prediction, the target and the input that led to it (found
-through the graph).
+model for feedback on the prediction from every sample that did not get the best
+score, showing each sample's prediction, target and the input that led to it (found
+through the graph; an LM judge's own explanation too). One call covers a group of at
+most ``samples_per_call`` failed samples (default
+:data:`afnio.autodiff.config.EVALUATOR_SAMPLES_PER_CALL`, 8); the groups are sent
+concurrently, so a batch of 32 with 19 wrong answers costs 3 calls, in one LM round.
 
 * ``success_fn(scores) -> bool``: if it returns True, backward makes no LM call and
   produces no gradient.
@@ -30,13 +33,17 @@ from typing import Any
 from afnio._template import render
 from afnio._utils import _validate_multi_turn_messages
 from afnio._variable import Variable
-from afnio.autodiff.config import BACKWARD_PASS_MAX_RETRIES
+from afnio.autodiff import config
 from afnio.autodiff.decorators import evaluator
 from afnio.autodiff.function import Function, _flatten_slots
 from afnio.autodiff.lm_backward import VariableInfo, format_variables, request_gradients
 from afnio.autodiff.prompts import (
     EVALUATOR_BACKWARD_SYSTEM,
     EVALUATOR_BACKWARD_USER,
+    EVALUATOR_SAMPLE_ELEMENT,
+    EVALUATOR_SAMPLE_EXPLANATION,
+    EVALUATOR_SAMPLE_VALUE,
+    PREDICTION_PLACEHOLDER,
     judge_response_format,
 )
 from afnio.errors import JudgeParseError
@@ -222,6 +229,17 @@ def _failed_samples(ctx: Any) -> list[int]:
     return [s for s, score in enumerate(ctx.scores) if score != ctx.best]
 
 
+def _samples_per_call(value: Any) -> int:
+    if value is None:
+        return config.EVALUATOR_SAMPLES_PER_CALL
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"`samples_per_call` must be a positive int (1 = one backward call per "
+            f"failed sample), got {value!r}."
+        )
+    return value
+
+
 async def _ask_for_samples(
     ctx: Any,
     grad_explanation: Variable | None,
@@ -229,7 +247,10 @@ async def _ask_for_samples(
     samples: list[int] | None = None,
 ) -> list[list[str]]:
     """Feedback for each of ``variables`` (Variable, location) from each failed sample
-    (or from ``samples`` only): ``result[k][s]`` (``""`` where no call was made)."""
+    (or from ``samples`` only): ``result[k][s]`` (``""`` where no call was made).
+
+    The samples are sent in groups of at most ``ctx.samples_per_call``, one backward
+    call per group, all groups concurrently."""
     n = len(ctx.scores)
     result = [[""] * n for _ in variables]
     if not variables or (ctx.success_fn is not None and ctx.success_fn(ctx.scores)):
@@ -243,44 +264,74 @@ async def _ask_for_samples(
             else str(data)
         )
 
-    async def one(s: int) -> None:
-        infos = []
-        for var, location in variables:
-            data = var.data
-            text = data[s] if isinstance(data, list) and len(data) == n else data
-            if location == "prediction":
-                text = ctx.predictions[s]
-            infos.append(
-                VariableInfo(
-                    role=var.role,
-                    location=location,
-                    trainable=var.is_leaf and var.requires_grad,
-                    text=str(text),
-                )
+    def per_sample(var: Variable) -> bool:
+        return isinstance(var.data, list) and len(var.data) == n
+
+    listed = format_variables(
+        [
+            VariableInfo(
+                role=var.role,
+                location=location,
+                trainable=var.is_leaf and var.requires_grad,
+                text=PREDICTION_PLACEHOLDER
+                if location == "prediction"
+                else ("" if per_sample(var) else str(var.data)),
             )
+            for var, location in variables
+        ]
+    )
+
+    def sample_element(s: int) -> str:
+        details = ""
+        if ctx.sample_explanations is not None:
+            details += render(
+                EVALUATOR_SAMPLE_EXPLANATION,
+                {"explanation": ctx.sample_explanations[s]},
+            )
+        for i, (var, location) in enumerate(variables, start=1):
+            if location != "prediction" and per_sample(var):
+                details += render(
+                    EVALUATOR_SAMPLE_VALUE, {"index": i, "text": str(var.data[s])}
+                )
+        return render(
+            EVALUATOR_SAMPLE_ELEMENT,
+            {
+                "index": s + 1,
+                "input": ctx.inputs_text[s],
+                "prediction_role": ctx.prediction_role,
+                "prediction": ctx.predictions[s],
+                "target": ctx.targets[s],
+                "score": ctx.scores[s],
+                "details": details,
+            },
+        )
+
+    async def one(group: list[int]) -> None:
+        k = len(variables)
         user = render(
             EVALUATOR_BACKWARD_USER,
             {
                 "purpose": ctx.purpose,
                 "explanation": ctx.explanation_text,
                 "feedback": feedback,
-                "input": ctx.inputs_text[s],
-                "prediction_role": ctx.prediction_role,
-                "prediction": ctx.predictions[s],
-                "target": ctx.targets[s],
-                "score": ctx.scores[s],
-                "count": len(infos),
-                "variables": format_variables(infos),
+                "variable_count": k,
+                "variables": listed,
+                "sample_count": len(group),
+                "samples": "\n".join(sample_element(s) for s in group),
+                "count": k * len(group),
             },
         )
         texts = await request_gradients(
-            ctx.name(), EVALUATOR_BACKWARD_SYSTEM, user, len(infos)
+            ctx.name(), EVALUATOR_BACKWARD_SYSTEM, user, k * len(group)
         )
-        for k, text in enumerate(texts):
-            result[k][s] = text.strip()
+        for j, s in enumerate(group):
+            for v in range(k):
+                result[v][s] = texts[j * k + v].strip()
 
     chosen = _failed_samples(ctx) if samples is None else samples
-    await asyncio.gather(*(one(s) for s in chosen))
+    size = ctx.samples_per_call
+    groups = [chosen[i : i + size] for i in range(0, len(chosen), size)]
+    await asyncio.gather(*(one(group) for group in groups))
     return result
 
 
@@ -317,6 +368,8 @@ def _save(
     success_fn: Any,
     best_score: Any,
     per_sample_skip: bool,
+    samples_per_call: int | None = None,
+    sample_explanations: list[str] | None = None,
 ) -> None:
     n = len(scores)
     ctx.batched = isinstance(prediction.data, list)
@@ -326,11 +379,11 @@ def _save(
     ctx.targets = ["" if t is None else str(t) for t in targets]
     ctx.scores = scores
     ctx.purpose = purpose
-    ctx.explanation_text = (
-        "\n".join(map(str, explanation))
-        if isinstance(explanation, list)
-        else explanation
-    )
+    # per-sample explanations (reduction_fn=None) restate each sample's own
+    # prediction, target and score, which its <SAMPLE> shows anyway
+    ctx.explanation_text = "" if isinstance(explanation, list) else str(explanation)
+    ctx.sample_explanations = sample_explanations
+    ctx.samples_per_call = _samples_per_call(samples_per_call)
     ctx.success_fn = success_fn
     ctx.best = _best_score(scores, best_score)
     ctx.per_sample_skip = bool(per_sample_skip)
@@ -381,6 +434,7 @@ class DeterministicEvaluator(Function):
         *,
         best_score: Any = None,
         per_sample_skip: bool = True,
+        samples_per_call: int | None = None,
     ) -> tuple[Variable, Variable]:
         _check_prediction(prediction)
         if not callable(eval_fn):
@@ -413,6 +467,7 @@ class DeterministicEvaluator(Function):
             success_fn,
             best_score,
             per_sample_skip,
+            samples_per_call,
         )
         return _outputs(ctx, prediction, score, explanation)
 
@@ -455,6 +510,7 @@ class ExactMatchEvaluator(Function):
         reduction_fn_purpose: str | Variable | None = "summation",
         *,
         per_sample_skip: bool = True,
+        samples_per_call: int | None = None,
     ) -> tuple[Variable, Variable]:
         return DeterministicEvaluator.forward(
             ctx,
@@ -467,6 +523,7 @@ class ExactMatchEvaluator(Function):
             reduction_fn_purpose,
             best_score=1,
             per_sample_skip=per_sample_skip,
+            samples_per_call=samples_per_call,
         )
 
     @staticmethod
@@ -503,7 +560,7 @@ async def _judge(
     args = {"response_format": judge_response_format(), **completion_args}
     answer = ""
     error: ValueError | None = None
-    for _ in range(BACKWARD_PASS_MAX_RETRIES + 1):
+    for _ in range(config.BACKWARD_PASS_MAX_RETRIES + 1):
         answer = await client.achat(messages, **args)
         try:
             return _parse_judgement(answer)
@@ -520,7 +577,8 @@ async def _judge(
             ]
     raise JudgeParseError(
         f"{node}: the judge's answer was not valid judgement JSON after "
-        f"{BACKWARD_PASS_MAX_RETRIES} retries: {error}. Last answer: {answer[:300]!r}."
+        f"{config.BACKWARD_PASS_MAX_RETRIES} retries: {error}. "
+        f"Last answer: {answer[:300]!r}."
     )
 
 
@@ -549,6 +607,7 @@ class LMJudgeEvaluator(Function):
         *,
         best_score: Any = None,
         per_sample_skip: bool = True,
+        samples_per_call: int | None = None,
         **completion_args: Any,
     ) -> tuple[Variable, Variable]:
         if not isinstance(forward_model_client, ChatCompletionModel):
@@ -627,6 +686,8 @@ class LMJudgeEvaluator(Function):
             success_fn,
             best_score,
             per_sample_skip,
+            samples_per_call,
+            explanations if isinstance(prediction.data, list) else None,
         )
         ctx.eval_mode = bool(mode)
         # the judge's Variables, for eval_mode=False, in slot order

@@ -11,8 +11,10 @@ bundled simulator, ``afnio.testing``) tell afnio's requests apart:
 
 * a ChatCompletion backward call holds ``<LM_CONVERSATION>``, ``<FEEDBACK_ON_OUTPUT>``
   and ``<VARIABLES ...>``;
-* an evaluator backward call holds ``<EVALUATION ...>``, ``<SAMPLE>`` (with
-  ``<INPUT>``, ``<PREDICTION ...>``, ``<TARGET>``, ``<SCORE>``) and ``<VARIABLES ...>``;
+* an evaluator backward call holds ``<EVALUATION ...>``, ``<VARIABLES ...>`` and
+  ``<SAMPLES ...>``: one ``<SAMPLE index="k">`` per failed sample of its group (with
+  ``<INPUT>``, ``<PREDICTION ...>``, ``<TARGET>``, ``<SCORE>``, optionally
+  ``<EXPLANATION>`` and ``<VALUE variable="i">``);
 * an LM judge call asks for the JSON schema named ``afnio_judgement``;
 * every backward answer is the JSON schema named ``afnio_gradients``:
   ``{"gradients": [one string per variable, in order]}``.
@@ -31,15 +33,21 @@ __all__ = [
     "CHAT_BACKWARD_USER",
     "EVALUATOR_BACKWARD_SYSTEM",
     "EVALUATOR_BACKWARD_USER",
+    "EVALUATOR_SAMPLE_ELEMENT",
+    "EVALUATOR_SAMPLE_EXPLANATION",
+    "EVALUATOR_SAMPLE_VALUE",
     "GRADIENTS_SCHEMA_NAME",
     "JUDGE_SCHEMA_NAME",
+    "PREDICTION_PLACEHOLDER",
     "PROMPTS_VERSION",
     "RETRY_USER",
     "gradients_response_format",
     "judge_response_format",
 ]
 
-PROMPTS_VERSION = 1
+PROMPTS_VERSION = 2
+"""2: one evaluator backward call covers a group of failed samples (was one per
+sample); an LM judge's own per-sample explanation is shown."""
 
 GRADIENTS_SCHEMA_NAME = "afnio_gradients"
 JUDGE_SCHEMA_NAME = "afnio_judgement"
@@ -76,32 +84,55 @@ Return exactly {count} feedback strings, one per variable, in order."""
 EVALUATOR_BACKWARD_SYSTEM = """\
 You are the gradient engine of afnio, an optimization system that improves the text \
 variables of a language-model program.
-An evaluator compared a prediction with its target (<EVALUATION>). You are shown one \
-sample that did not get the best score: the input that led to the prediction \
-(<INPUT>), the prediction (<PREDICTION>), the target (<TARGET>) and the sample's score \
-(<SCORE>).
-For each variable listed in <VARIABLES>, in order, write specific, actionable feedback \
-on how it should change so that the prediction matches the target for inputs like \
-this one. Give strategies and reasons; do not write a new version of the variable. Use \
-an empty string for a variable that needs no change.
-Answer with a JSON object only: {"gradients": [one feedback string per variable, in \
-order]}."""
-"""System prompt of an evaluator backward call (one call per failed sample)."""
+An evaluator compared predictions with their targets (<EVALUATION>). You are shown \
+the samples that did not get the best score, each in a <SAMPLE> element: the input \
+that led to the prediction (<INPUT>), the prediction (<PREDICTION>), the target \
+(<TARGET>), the sample's score (<SCORE>) and, when the evaluator wrote one, its \
+explanation (<EXPLANATION>).
+For each sample, in order, and for each variable listed in <VARIABLES>, in order, \
+write specific, actionable feedback on how that variable should change so that the \
+prediction matches the target for inputs like that sample's. A variable with \
+location="prediction" stands for each sample's <PREDICTION>; a <VALUE variable="i"> \
+element in a sample is that sample's text of variable i. Give strategies and \
+reasons; do not write a new version of the variable. Use an empty string for a \
+variable that needs no change.
+Answer with a JSON object only: {"gradients": [one feedback string per sample and \
+variable: the first sample's variables in order, then the next sample's]}."""
+"""System prompt of an evaluator backward call (one call per group of at most
+``config.EVALUATOR_SAMPLES_PER_CALL`` failed samples; groups are sent concurrently)."""
 
 EVALUATOR_BACKWARD_USER = """\
 <EVALUATION purpose="{purpose}">{explanation}</EVALUATION>
 <FEEDBACK_ON_EVALUATION>{feedback}</FEEDBACK_ON_EVALUATION>
-<SAMPLE>
+<VARIABLES count="{variable_count}">
+{variables}
+</VARIABLES>
+<SAMPLES count="{sample_count}">
+{samples}
+</SAMPLES>
+Return exactly {count} feedback strings: {variable_count} per sample, for \
+{sample_count} samples, in order."""
+"""User prompt of an evaluator backward call. ``variables`` is one ``<VARIABLE ...>``
+element per variable that needs a gradient (listed once); ``samples`` one
+:data:`EVALUATOR_SAMPLE_ELEMENT` per failed sample of the group."""
+
+EVALUATOR_SAMPLE_ELEMENT = """\
+<SAMPLE index="{index}">
 <INPUT>{input}</INPUT>
 <PREDICTION role="{prediction_role}">{prediction}</PREDICTION>
 <TARGET>{target}</TARGET>
-<SCORE>{score}</SCORE>
-</SAMPLE>
-<VARIABLES count="{count}">
-{variables}
-</VARIABLES>
-Return exactly {count} feedback strings, one per variable, in order."""
-"""User prompt of an evaluator backward call."""
+<SCORE>{score}</SCORE>{details}
+</SAMPLE>"""
+"""One failed sample of an evaluator backward call; ``details`` holds its
+``<EXPLANATION>`` (an LM judge's own explanation of the sample) and one
+``<VALUE variable="i">`` per batched variable other than the prediction (empty when
+there are none)."""
+
+EVALUATOR_SAMPLE_EXPLANATION = "\n<EXPLANATION>{explanation}</EXPLANATION>"
+EVALUATOR_SAMPLE_VALUE = '\n<VALUE variable="{index}">{text}</VALUE>'
+PREDICTION_PLACEHOLDER = "(each sample's <PREDICTION>)"
+"""The text of the ``location="prediction"`` variable in ``<VARIABLES>``: its value
+differs per sample and is already shown there."""
 
 RETRY_USER = """\
 Your answer could not be used: {error}

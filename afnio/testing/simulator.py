@@ -10,8 +10,9 @@ are recognised first, by their markers (see :data:`afnio.testing.world.RESPONDER
 an LM judge call (``json_schema`` named ``afnio_judgement``) gets ``{"score",
 "explanation"}`` from comparing its ``<PREDICTION>`` and ``<TARGET>``; a ChatCompletion
 backward call (``<LM_CONVERSATION>``, ``<FEEDBACK_ON_OUTPUT>``, ``<VARIABLES>``) and an
-evaluator backward call (``<EVALUATION>``, ``<SAMPLE>``, ``<VARIABLES>``) get
-``{"gradients": [one string per <VARIABLE>]}``, the first trainable system prompt
+evaluator backward call (``<EVALUATION>``, ``<VARIABLES>``, one ``<SAMPLE>`` per failed
+sample) get ``{"gradients": [one string per <VARIABLE> (per <SAMPLE>)]}``, the first
+trainable system prompt
 being given a new rule. afnio's tests use it to record reproducible HTTP cassettes
 and to measure concurrency.
 

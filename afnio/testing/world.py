@@ -54,7 +54,8 @@ that quotes a rule sentence still gets gradients. In order:
    for every variable.
 3. :func:`evaluator_backward_responder`, an evaluator backward call. Marker: a user
    message holding ``<EVALUATION ...>``, ``<SAMPLE>`` and ``<VARIABLES ...>``. It
-   answers ``{"gradients": [...]}``: the ``location="prediction"`` variable gets ``The
+   answers ``{"gradients": [...]}``, one string per variable for each ``<SAMPLE>``,
+   sample by sample: the ``location="prediction"`` variable gets ``The
    prediction "<p>" is wrong: the expected value is "<t>". Change what produces it so
    that this input leads to "<t>".``, any other ``The <role> should lead to the
    expected value "<t>" for this input.``
@@ -941,45 +942,59 @@ def chat_backward_responder(request: SimRequest) -> Answer | None:
 
 
 @dataclass(frozen=True)
-class EvaluatorBackwardPrompt:
-    """What the evaluator-backward responder reads from ``EVALUATOR_BACKWARD_USER``."""
+class EvaluatorSample:
+    """One ``<SAMPLE>`` of an evaluator backward prompt (texts stripped)."""
 
     input: str
     prediction: str
     target: str
+
+
+@dataclass(frozen=True)
+class EvaluatorBackwardPrompt:
+    """What the evaluator-backward responder reads from ``EVALUATOR_BACKWARD_USER``:
+    the variables (listed once) and the failed samples of the group, in order."""
+
+    samples: tuple[EvaluatorSample, ...]
     variables: tuple[PromptVariable, ...]
 
     @classmethod
     def parse(cls, text: str) -> EvaluatorBackwardPrompt:
-        """Parse ``<INPUT>``, ``<PREDICTION ...>`` and ``<TARGET>`` after the
-        ``<SAMPLE>`` opening (each after the previous one) and the ``<VARIABLE>``
-        elements of the ``<VARIABLES>`` block after them; texts are stripped."""
-        sample = re.compile(_opening("SAMPLE") + _ATTRS).search(text)
-        position = sample.end() if sample else 0
-        values: dict[str, str] = {}
-        for tag in ("INPUT", "PREDICTION", "TARGET"):
-            element = Element.first(tag, text, position)
-            if element is not None:
-                values[tag] = element.text.strip()
-                position = element.end
-        return cls(
-            input=values.get("INPUT", ""),
-            prediction=values.get("PREDICTION", ""),
-            target=values.get("TARGET", ""),
-            variables=tuple(_variables(text, position)),
-        )
+        """Parse the ``<VARIABLE>`` elements of the ``<VARIABLES>`` block and, after
+        each ``<SAMPLE ...>`` opening, its ``<INPUT>``, ``<PREDICTION ...>`` and
+        ``<TARGET>`` (each after the previous one; so an explanation that mentions
+        ``<TARGET>`` in prose is not read as a sample)."""
+        samples = []
+        for opening in re.compile(_opening("SAMPLE") + _ATTRS).finditer(text):
+            position = opening.end()
+            values: dict[str, str] = {}
+            for tag in ("INPUT", "PREDICTION", "TARGET"):
+                element = Element.first(tag, text, position)
+                if element is not None:
+                    values[tag] = element.text.strip()
+                    position = element.end
+            samples.append(
+                EvaluatorSample(
+                    input=values.get("INPUT", ""),
+                    prediction=values.get("PREDICTION", ""),
+                    target=values.get("TARGET", ""),
+                )
+            )
+        return cls(samples=tuple(samples), variables=tuple(_variables(text)))
 
 
 def evaluator_backward_gradients(prompt: EvaluatorBackwardPrompt) -> list[str]:
     """The gradients the simulator writes for an evaluator backward prompt (see
-    :func:`evaluator_backward_responder`)."""
-    p, t = prompt.prediction, prompt.target
+    :func:`evaluator_backward_responder`): one per variable for each sample, sample
+    by sample."""
     return [
-        f'The prediction "{p}" is wrong: the expected value is "{t}". Change what '
-        f'produces it so that this input leads to "{t}".'
+        f'The prediction "{sample.prediction}" is wrong: the expected value is '
+        f'"{sample.target}". Change what produces it so that this input leads to '
+        f'"{sample.target}".'
         if variable.location == "prediction"
-        else f'The {variable.role} should lead to the expected value "{t}" for this '
-        "input."
+        else f'The {variable.role} should lead to the expected value "{sample.target}" '
+        "for this input."
+        for sample in prompt.samples
         for variable in prompt.variables
     ]
 
@@ -988,14 +1003,14 @@ def evaluator_backward_responder(request: SimRequest) -> Answer | None:
     """Answer an evaluator backward call (afnio's ``EVALUATOR_BACKWARD_USER``).
 
     Marker: a ``user`` message holding ``<EVALUATION ...>``, ``<SAMPLE>`` and
-    ``<VARIABLES ...>``. The sample's ``<INPUT>``, ``<PREDICTION ...>`` (``p``) and
+    ``<VARIABLES ...>``. Each sample's ``<INPUT>``, ``<PREDICTION ...>`` (``p``) and
     ``<TARGET>`` (``t``) are read, stripped.
 
-    Answer: ``{"gradients": [...]}``, one string per ``<VARIABLE>`` element, in
-    order: a variable with ``location="prediction"`` gets ``The prediction "<p>" is
-    wrong: the expected value is "<t>". Change what produces it so that this input
-    leads to "<t>".``; any other ``The <role> should lead to the expected value
-    "<t>" for this input.``
+    Answer: ``{"gradients": [...]}``, for each sample in order one string per
+    ``<VARIABLE>`` element, in order: a variable with ``location="prediction"`` gets
+    ``The prediction "<p>" is wrong: the expected value is "<t>". Change what
+    produces it so that this input leads to "<t>".``; any other ``The <role> should
+    lead to the expected value "<t>" for this input.``
     """
     text = _marked_user_text(request, ("EVALUATION", "SAMPLE", "VARIABLES"))
     if text is None:

@@ -189,7 +189,10 @@ def test_per_sample_skip_can_be_switched_off(backward_lm: LMEndpoint, vcr: Any) 
         prediction, ["negative", "positive"], per_sample_skip=False
     )
     explanation.backward()
-    assert http_exchanges(vcr) == 2  # both samples asked
+    assert http_exchanges(vcr) == 1  # both samples asked, in one group
+    body = json.loads(vcr.requests[0].body)
+    assert body["messages"][1]["content"].count("<SAMPLE index=") == 2
+    assert prediction.grad[0].data[0].startswith('The prediction "negative" is wrong')
     assert prediction.grad[0].data[1].startswith('The prediction "neutral" is wrong')
 
 
@@ -219,7 +222,7 @@ JUDGE_USER = "<PREDICTION>{prediction}</PREDICTION><TARGET>{target}</TARGET>"
 
 @pytest.mark.vcr
 def test_lm_judge_scores_and_sends_feedback_to_the_prediction(
-    backward_lm: LMEndpoint,
+    backward_lm: LMEndpoint, vcr: Any
 ) -> None:
     client = backward_lm.client()
     task = Variable(JUDGE_TASK, role="evaluation task", requires_grad=True)
@@ -249,6 +252,10 @@ def test_lm_judge_scores_and_sends_feedback_to_the_prediction(
     assert prediction.grad[0].data[0].startswith('The prediction "Hola Mundo" is wrong')
     assert prediction.grad[0].data[1] == ""
     assert task.grad == []  # eval_mode=True: the judge is not optimized
+    # the backward call shows the judge's own explanation of the failed sample
+    backward_user = json.loads(vcr.requests[-1].body)["messages"][1]["content"]
+    assert '<EXPLANATION>The prediction "Hola Mundo" does not match' in backward_user
+    assert backward_user.count("<SAMPLE index=") == 1
 
 
 @pytest.mark.vcr
@@ -441,6 +448,47 @@ def test_batched_backward_reaches_the_bound_and_never_exceeds_it() -> None:
             assert sim.stats.calls == 16
             assert sim.stats.peak_in_flight == expected_peak
             assert len(system.grad[0].data) == 16
+
+
+def test_failed_samples_are_sent_in_groups_concurrently() -> None:
+    from afnio.models.openai import AsyncOpenAI
+    from afnio.testing import Simulator
+
+    labels = ["negative", "neutral", "positive"]
+    predictions = [labels[i % 3] for i in range(20)]
+    targets = [labels[(i + (i % 4 != 0)) % 3] for i in range(20)]  # 15 wrong
+    wrong = [i for i in range(20) if predictions[i] != targets[i]]
+    with (
+        Simulator() as sim,
+        AsyncOpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as llm,
+    ):
+        afnio.set_backward_model_client(llm, completion_args={"model": SIMULATOR_MODEL})
+        sim.latency = 0.2
+        for per_call, calls in ((None, 2), (4, 4), (1, 15)):
+            sim.reset_stats()
+            prediction = Variable(predictions, role="sentiment", requires_grad=True)
+            _, explanation = ExactMatchEvaluator.apply(
+                prediction, targets, samples_per_call=per_call
+            )
+            explanation.backward()
+            assert sim.stats.calls == calls
+            assert sim.stats.peak_in_flight == calls  # one LM round
+            grads = prediction.grad[0].data
+            for i in range(20):
+                if i in wrong:
+                    assert grads[i].startswith(
+                        f'The prediction "{predictions[i]}" is wrong: the expected '
+                        f'value is "{targets[i]}".'
+                    )
+                else:
+                    assert grads[i] == ""
+
+
+def test_samples_per_call_must_be_a_positive_int() -> None:
+    prediction = Variable(["a", "b"], role="label", requires_grad=True)
+    for bad in (0, -1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="`samples_per_call` must be a positive"):
+            ExactMatchEvaluator.apply(prediction, ["a", "c"], samples_per_call=bad)
 
 
 def test_async_apply_and_backward_inside_an_event_loop() -> None:

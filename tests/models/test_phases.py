@@ -80,8 +80,9 @@ def test_a_step_records_forward_evaluator_backward_and_optimizer_calls() -> None
         rows = {r.phase: r for r in LEDGER.since(start)}
         assert rows["forward"].calls == 3
         assert rows["evaluator"].calls == 3
-        # the judge's feedback on the 2 failed samples, then the chat's, per sample
-        assert rows["backward"].calls == 2 + 2
+        # one call for the judge's feedback on the 2 failed samples (one group),
+        # then the chat's, per failed sample
+        assert rows["backward"].calls == 1 + 2
         assert rows["optimizer"].calls == 1
         assert sum(r.calls for r in rows.values()) == sim.stats.calls
         assert all(r.model == SIMULATOR_MODEL and r.cost > 0 for r in rows.values())

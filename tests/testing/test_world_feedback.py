@@ -18,6 +18,7 @@ from afnio.autodiff.prompts import (
     CHAT_BACKWARD_USER,
     EVALUATOR_BACKWARD_SYSTEM,
     EVALUATOR_BACKWARD_USER,
+    EVALUATOR_SAMPLE_ELEMENT,
     MESSAGE_ELEMENT,
     RETRY_USER,
     VARIABLE_ELEMENT,
@@ -76,21 +77,42 @@ def chat_backward_user(
 
 
 def evaluator_backward_user(
-    prediction: str, target: str, variables: list[Var], *, input: str = "It broke."
+    prediction: str,
+    target: str,
+    variables: list[Var],
+    *,
+    input: str = "It broke.",
+    more: list[tuple[str, str, str]] = (),  # further samples: input, prediction, target
+    explanation: str = "The scores were summed: 0.",
 ) -> str:
+    samples = [(input, prediction, target), *more]
     return render(
         EVALUATOR_BACKWARD_USER,
         {
             "purpose": "exact match",
-            "explanation": "The scores were summed: 0.",
+            "explanation": explanation,
             "feedback": "Make the score higher.",
-            "input": input,
-            "prediction_role": "sentiment prediction",
-            "prediction": prediction,
-            "target": target,
-            "score": 0,
-            "count": len(variables),
+            "variable_count": len(variables),
             "variables": _variables(variables),
+            "sample_count": len(samples),
+            "samples": "\n".join(
+                render(
+                    EVALUATOR_SAMPLE_ELEMENT,
+                    {
+                        "index": i,
+                        "input": sample_input,
+                        "prediction_role": "sentiment prediction",
+                        "prediction": sample_prediction,
+                        "target": sample_target,
+                        "score": 0,
+                        "details": "",
+                    },
+                )
+                for i, (sample_input, sample_prediction, sample_target) in enumerate(
+                    samples, start=1
+                )
+            ),
+            "count": len(variables) * len(samples),
         },
     )
 
@@ -398,30 +420,53 @@ def test_evaluator_backward_gradients() -> None:
 
 
 def test_evaluator_backward_parses_the_sample_not_the_explanation() -> None:
-    user = render(
-        EVALUATOR_BACKWARD_USER,
-        {
-            "purpose": "judge",
-            "explanation": "Compared <PREDICTION> and <TARGET> fields.",
-            "feedback": "",
-            "input": '<MESSAGE role="user">It\'s {late}</MESSAGE>',
-            "prediction_role": "answer",
-            "prediction": 'A "quoted"\nanswer {x}',
-            "target": "B",
-            "score": "false",
-            "count": 1,
-            "variables": _variables([("answer", "prediction", False, "A")]),
-        },
+    user = evaluator_backward_user(
+        'A "quoted"\nanswer {x}',
+        "B",
+        [("answer", "prediction", False, prompts.PREDICTION_PLACEHOLDER)],
+        input='<MESSAGE role="user">It\'s {late}</MESSAGE>',
+        explanation="Compared <PREDICTION> and <TARGET> fields.",
     )
     prompt = world.EvaluatorBackwardPrompt.parse(user)
-    assert prompt.input == '<MESSAGE role="user">It\'s {late}</MESSAGE>'
-    assert prompt.prediction == 'A "quoted"\nanswer {x}'
-    assert prompt.target == "B"
+    [sample] = prompt.samples
+    assert sample.input == '<MESSAGE role="user">It\'s {late}</MESSAGE>'
+    assert sample.prediction == 'A "quoted"\nanswer {x}'
+    assert sample.target == "B"
     assert [v.location for v in prompt.variables] == ["prediction"]
     assert world.evaluator_backward_gradients(prompt) == [
         'The prediction "A "quoted"\nanswer {x}" is wrong: the expected value is "B". '
         'Change what produces it so that this input leads to "B".'
     ]
+
+
+def test_evaluator_backward_answers_every_sample_of_a_group_in_order() -> None:
+    variables: list[Var] = [
+        ("sentiment prediction", "prediction", True, prompts.PREDICTION_PLACEHOLDER),
+        ("system prompt", "system", True, TASK_SYSTEM),
+    ]
+    user = evaluator_backward_user(
+        "neutral",
+        "negative",
+        variables,
+        more=[("Thanks!", "neutral", "positive"), ("Ok.", "positive", "neutral")],
+    )
+    prompt = world.EvaluatorBackwardPrompt.parse(user)
+    assert [(s.prediction, s.target) for s in prompt.samples] == [
+        ("neutral", "negative"),
+        ("neutral", "positive"),
+        ("positive", "neutral"),
+    ]
+    gradients = json.loads(world.respond(_request(EVALUATOR_BACKWARD_SYSTEM, user)))[
+        "gradients"
+    ]
+    assert len(gradients) == 6
+    assert gradients[2] == (
+        'The prediction "neutral" is wrong: the expected value is "positive". '
+        'Change what produces it so that this input leads to "positive".'
+    )
+    assert gradients[5] == (
+        'The system prompt should lead to the expected value "neutral" for this input.'
+    )
 
 
 def test_the_evaluator_gradient_feeds_the_chat_backward() -> None:
