@@ -119,7 +119,8 @@ class RunProjection:
             f"{self.completion_tokens} completion tokens, ${self.cost:.4f}"
         ]
         lines += [
-            f"  {phase}: {p.calls} calls, ${p.cost:.4f}"
+            f"  {phase}: {p.calls} calls, {p.prompt_tokens} + {p.completion_tokens} "
+            f"tokens, ${p.cost:.4f}"
             for phase, p in self.by_phase.items()
         ]
         return "\n".join(lines)

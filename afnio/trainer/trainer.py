@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -344,6 +344,62 @@ class Trainer:
         return {key: _mean(values) for key, values in collected.items()}
 
     # -- the public API --------------------------------------------------------------
+
+    def estimate(
+        self,
+        agent: Module,
+        train_dataloader: Any,
+        val_dataloader: Any = None,
+        *,
+        assumptions: Any = None,
+        models: str | Mapping[str, str] | None = None,
+        shape: Any = None,
+        tokenizer: Any = None,
+    ) -> Any:
+        """Estimate what :meth:`fit` with these loaders would spend, **before any LM
+        call** (a dry run): LM calls, tokens and cost by phase, from the dataset
+        sizes, the batch size, ``max_epochs``, the agent's graph shape
+        (:meth:`~afnio.trainer.estimate.GraphShape.of_module`, or ``shape=``) and the
+        prices of ``models``. See :mod:`afnio.trainer.estimate` for the model and
+        its ``assumptions``.
+
+        Example::
+
+            run = trainer.estimate(agent, train_loader, val_loader, models="gpt-5")
+            print(run)  # estimated: 412 LM calls, ... $0.0123
+            if run.cost > 1.0:
+                ...
+        """
+        from afnio.trainer.estimate import GraphShape, approx_tokens, estimate
+
+        def size(loader: Any, name: str) -> tuple[int, int, Any]:
+            dataset = getattr(loader, "dataset", None)
+            batch = getattr(loader, "batch_size", None)
+            if dataset is None or not isinstance(batch, int):
+                raise TypeError(
+                    f"`{name}` must be a DataLoader (with a dataset and a batch_size)."
+                )
+            n = len(dataset)
+            if getattr(loader, "drop_last", False):
+                n = n // batch * batch
+            return n, batch, dataset
+
+        n_train, batch_size, train = size(train_dataloader, "train_dataloader")
+        n_val = size(val_dataloader, "val_dataloader")[0] if val_dataloader else 0
+        if shape is None:
+            shape = GraphShape.of_module(
+                agent, (train[i] for i in range(min(len(train), 500)))
+            )
+        return estimate(
+            shape,
+            n_train=n_train,
+            n_val=n_val,
+            epochs=self.max_epochs,
+            batch_size=batch_size,
+            assumptions=assumptions,
+            models=models,
+            tokenizer=tokenizer or approx_tokens,
+        )
 
     def fit(
         self,

@@ -5,25 +5,13 @@ batch-16, 1-epoch pilot projects a batch-8, 3-epoch run within 20%)."""
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-import afnio
-from afnio.models.openai import OpenAI
-from afnio.models.phases import LEDGER, PhaseRow
-from afnio.testing import SIMULATOR_MODEL, Simulator
-from afnio.trainer import Trainer
+from afnio.models.phases import PhaseRow
 from afnio.trainer.projection import RunProfile, project
-from afnio.utils.data import DataLoader
-from afnio.utils.datasets import FacilitySupport
-from examples.facility_support import START_PROMPT, SentimentClassifier
-
-SHARED = (
-    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "facility-support"
-)
+from tests.trainer._facility import data_root, fit, needs_dataset
 
 
 def test_rates_are_per_sample_and_per_step() -> None:
@@ -57,54 +45,18 @@ def test_project_checks_its_arguments() -> None:
         RunProfile.from_rows([], train_samples=1, val_samples=0, steps=-1)
 
 
-def _fit(root: Path, tmp: Path, batch: int, epochs: int, validate_first: bool) -> Any:
-    train = FacilitySupport("train", root=root, download=False)
-    val = FacilitySupport("val", root=root, download=False)
-    with (
-        Simulator() as sim,
-        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
-    ):
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
-        agent = SentimentClassifier(client, SIMULATOR_MODEL, START_PROMPT)
-        trainer = Trainer(
-            max_epochs=epochs,
-            default_root_dir=tmp / f"b{batch}e{epochs}",
-            enable_progress_bar=False,
-            enable_agent_summary=False,
-            enable_checkpointing=False,
-        )
-        start = LEDGER.snapshot()
-        val_loader = DataLoader(val, batch_size=len(val))
-        if validate_first:
-            trainer.validate(agent, val_loader)
-        trainer.fit(
-            agent, DataLoader(train, batch_size=batch, shuffle=True, seed=0), val_loader
-        )
-        return LEDGER.since(start), len(train), len(val)
-
-
-@pytest.mark.skipif(
-    not (SHARED / "dataset.json").exists(),
-    reason="../shared/data is not available (a fresh clone): the check needs the "
-    "Facility Support dataset",
-)
+@needs_dataset
 def test_a_pilot_profile_projects_another_configuration_within_20_percent(
     tmp_path: Path,
 ) -> None:
-    root = tmp_path / "data"
-    raw = root / "FacilitySupport" / "raw"
-    raw.mkdir(parents=True)
-    shutil.copy(SHARED / "dataset.json", raw / "dataset.json")
-    rows, n_train, n_val = _fit(
-        root, tmp_path, batch=16, epochs=1, validate_first=False
-    )
+    root = data_root(tmp_path)
+    pilot = fit(root, tmp_path, batch=16, epochs=1)
+    rows, n_train, n_val = pilot.rows, pilot.n_train, pilot.n_val
     profile = RunProfile.from_rows(
         rows, train_samples=n_train, val_samples=n_val, steps=math.ceil(n_train / 16)
     )
     projected = project(profile, n_train=n_train, n_val=n_val, epochs=3, batch_size=8)
-    measured, _, _ = _fit(root, tmp_path, batch=8, epochs=3, validate_first=True)
+    measured = fit(root, tmp_path, batch=8, epochs=3, validate_first=True).rows
     calls = sum(r.calls for r in measured)
     tokens = sum(r.prompt_tokens + r.completion_tokens for r in measured)
     projected_tokens = projected.prompt_tokens + projected.completion_tokens

@@ -1,0 +1,269 @@
+"""Estimating a run before any LM call: call counts that follow afnio's rules, token
+counts on the real prompt templates, argument checks, ``Trainer.estimate`` on an
+agent (no request made), and the acceptance check on Facility Support: assumptions
+tuned on a batch-16, 1-epoch pilot estimate other configurations within 20%."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import afnio
+from afnio import cognitive as cog
+from afnio.models.phases import PhaseRow
+from afnio.testing import SIMULATOR_MODEL
+from afnio.trainer import Trainer
+from afnio.trainer.estimate import (
+    Assumptions,
+    GraphShape,
+    _solve_growth,
+    approx_tokens,
+    estimate,
+)
+from afnio.utils.data import DataLoader
+from examples.facility_support import START_PROMPT, SentimentClassifier
+from tests.trainer._facility import data_root, fit, needs_dataset
+
+
+def words(text: str) -> int:
+    """The simulator's token count (words)."""
+    return len(text.split())
+
+
+SHAPE = GraphShape(
+    forward_calls=2,
+    prompt_texts=("Summarize the message.", "Classify the summary."),
+    parameters=("Summarize the message.", "Classify the summary."),
+    inputs=("one two three four",),
+    judge_calls=1,
+    judge_texts=("Is the label right?",),
+)
+
+
+def test_calls_follow_afnios_rules_when_every_sample_fails() -> None:
+    run = estimate(
+        SHAPE,
+        n_train=10,
+        n_val=5,
+        epochs=2,
+        batch_size=4,  # batches of 4, 4, 2
+        validate_first=True,
+        assumptions=Assumptions(failure_rate=1.0),
+    )
+    phases = {name: p.calls for name, p in run.by_phase.items()}
+    assert phases == {
+        "forward": 2 * (2 * 10 + 3 * 5),  # 2 calls per sample, 3 validation passes
+        "evaluator": 2 * 10 + 3 * 5,  # one judge call per sample
+        # one chat backward per failed sample and LM call, one evaluator-backward
+        # group per batch (at most 8 failed samples each)
+        "backward": 2 * 20 + 2 * 3,
+        "optimizer": 2 * 6,  # 2 parameters x 6 steps
+    }
+    assert run.calls == sum(phases.values())
+
+
+def test_no_failures_means_no_backward_and_no_optimizer_calls() -> None:
+    run = estimate(
+        SHAPE, n_train=10, epochs=3, assumptions=Assumptions(failure_rate=0.0)
+    )
+    assert set(run.by_phase) == {"forward", "evaluator"}
+
+
+def test_groups_and_metric_feedback_change_the_evaluator_backward_calls() -> None:
+    shape = GraphShape(1, ("Classify.",), ("Classify.",))
+    every = Assumptions(failure_rate=1.0)
+    grouped = estimate(shape, n_train=32, batch_size=32, assumptions=every)
+    assert grouped.by_phase["backward"].calls == 32 + 4  # 32 chat, 4 groups of 8
+    single = estimate(
+        shape,
+        n_train=32,
+        batch_size=32,
+        assumptions=Assumptions(failure_rate=1.0, samples_per_call=1),
+    )
+    assert single.by_phase["backward"].calls == 32 + 32
+    metric = GraphShape(1, ("Classify.",), ("Classify.",), evaluator_feedback=False)
+    assert (
+        estimate(metric, n_train=32, batch_size=32, assumptions=every)
+        .by_phase["backward"]
+        .calls
+        == 32
+    )
+
+
+def test_a_partial_failure_rate_counts_batches_with_a_failure() -> None:
+    shape = GraphShape(1, ("Classify.",), ("Classify.",))
+    run = estimate(
+        shape, n_train=80, batch_size=8, assumptions=Assumptions(failure_rate=0.25)
+    )
+    # 10 steps; a step has an optimizer call when any of its 8 samples fails
+    assert run.by_phase["optimizer"].calls == round(10 * (1 - 0.75**8))
+    # 20 chat backward calls + 1 evaluator-backward group per batch with a failure
+    assert run.by_phase["backward"].calls == round(20 + 10 * (1 - 0.75**8))
+
+
+def test_forward_tokens_are_the_prompt_and_input_sizes_plus_message_overhead() -> None:
+    shape = GraphShape(
+        1,
+        ("Classify the sentiment.", "{message}"),
+        ("Classify the sentiment.",),
+        inputs=("a b c d e", "a b c"),  # 4 words on average
+    )
+    run = estimate(
+        shape,
+        n_train=10,
+        n_val=10,
+        assumptions=Assumptions(failure_rate=0.0, answer_tokens=2),
+        tokenizer=words,
+    )
+    forward = run.by_phase["forward"]
+    assert forward.prompt_tokens == 20 * (3 + 1 + 4 + 2 * 3)
+    assert forward.completion_tokens == 20 * 2
+
+
+def test_parameters_grow_with_feedback_up_to_the_cap() -> None:
+    shape = GraphShape(1, ("Classify.",), ("Classify.",))
+    capped = Assumptions(
+        failure_rate=1.0, growth_per_failure_tokens=10, max_growth_tokens=30
+    )
+    run = estimate(shape, n_train=8, epochs=5, batch_size=8, assumptions=capped)
+    # the answers (new values) are the parameter plus min(80 u, 30) for u = 1..5
+    base = approx_tokens("Classify.")
+    assert run.by_phase["optimizer"].completion_tokens == 5 * (base + 30)
+    flat = Assumptions(failure_rate=1.0, growth_per_failure_tokens=0)
+    fixed = estimate(shape, n_train=8, epochs=5, batch_size=8, assumptions=flat)
+    assert (
+        fixed.by_phase["forward"].prompt_tokens < run.by_phase["forward"].prompt_tokens
+    )
+
+
+def test_cost_uses_each_phases_price_and_lists_unpriced_phases() -> None:
+    shape = GraphShape(1, ("Classify.",), ("Classify.",))
+    priced = estimate(shape, n_train=16, batch_size=8, models="gpt-4o-mini")
+    assert priced.cost > 0 and priced.unpriced == ()
+    mixed = estimate(
+        shape,
+        n_train=16,
+        batch_size=8,
+        models={"forward": "gpt-4o-mini", "backward": "no-such-model-9"},
+    )
+    assert mixed.by_phase["forward"].cost > 0
+    assert mixed.by_phase["backward"].cost == mixed.by_phase["optimizer"].cost == 0
+    assert mixed.unpriced == (
+        "backward (no-such-model-9)",
+        "optimizer (no-such-model-9)",
+    )
+    assert "no price" in str(mixed) and "assuming 50% of samples fail" in str(mixed)
+    unpriced = estimate(shape, n_train=16, batch_size=8)
+    assert unpriced.cost == 0 and len(unpriced.unpriced) == 3
+
+
+def test_bad_arguments_say_which_and_how_to_fix() -> None:
+    shape = GraphShape(1, ("Classify.",), ("Classify.",))
+    with pytest.raises(ValueError, match="`batch_size` must be an int >= 1"):
+        estimate(shape, n_train=10, batch_size=0)
+    with pytest.raises(ValueError, match="`n_train` must be an int >= 1"):
+        estimate(shape, n_train=0)
+    with pytest.raises(ValueError, match="unknown phases \\['fwd'\\]"):
+        estimate(shape, n_train=10, models={"fwd": "gpt-4o"})
+    with pytest.raises(ValueError, match="`failure_rate` must be between 0 and 1"):
+        Assumptions(failure_rate=1.5)
+    with pytest.raises(ValueError, match="`forward_calls` must be >= 1"):
+        GraphShape(0, ("x",), ("x",))
+    with pytest.raises(ValueError, match="nothing to optimize"):
+        GraphShape(1, ("x",), ())
+    with pytest.raises(TypeError, match="`inputs` must be a tuple of str"):
+        GraphShape(1, ("x",), ("x",), inputs="abc")
+    with pytest.raises(ValueError, match="`judge_texts` must be given"):
+        GraphShape(1, ("x",), ("x",), judge_calls=1)
+
+
+def test_growth_is_solved_back_from_its_mean() -> None:
+    g = _solve_growth(mean=50.0, updates=5, per_update=2.0, cap=90)
+    assert sum(min(u * g * 2.0, 90) for u in range(1, 6)) / 5 == pytest.approx(50, abs=0.01)
+    assert _solve_growth(mean=0.0, updates=5, per_update=2.0, cap=90) == 0.0
+
+
+def test_assumptions_from_a_pilots_rows() -> None:
+    shape = GraphShape(1, ("abc " * 10,), ("abc " * 10,))
+    rows = [
+        PhaseRow("forward", "m", 100, 10_000, 200, 0.0),
+        # 20 failed samples: 20 chat-backward texts + 20 evaluator texts of 30 words
+        PhaseRow("backward", "m", 23, 9_000, 1200, 0.0),
+        PhaseRow("optimizer", "m", 4, 2_000, 4 * 40, 0.0),
+    ]
+    a = Assumptions.from_rows(
+        rows,
+        shape=shape,
+        train_samples=80,
+        failure_rate=0.25,
+        final_parameters=["abc " * 50],
+        tokenizer=words,
+        feedback_tokens=45,  # an override wins
+    )
+    assert a.failure_rate == 0.25 and a.answer_tokens == 2
+    assert a.feedback_tokens == 45
+    assert a.max_growth_tokens == 40
+    assert a.growth_per_failure_tokens > 0
+
+
+def test_trainer_estimate_reads_the_agents_shape_and_the_loaders() -> None:
+    agent = SentimentClassifier(None, SIMULATOR_MODEL, START_PROMPT)  # no client
+    dataset = [(afnio.Variable(f"message {i} " * 20), "neutral") for i in range(20)]
+    shape = GraphShape.of_module(agent, dataset)
+    assert shape.forward_calls == 1 and shape.judge_calls == 0
+    assert shape.parameters == (START_PROMPT,)
+    assert shape.prompt_texts == (START_PROMPT, "{message}")
+    assert shape.inputs[0] == "message 0 " * 20
+    run = Trainer(max_epochs=2).estimate(
+        agent,
+        DataLoader(dataset, batch_size=8),
+        DataLoader(dataset, batch_size=20),
+        models="gpt-4o-mini",
+    )
+    assert run.by_phase["forward"].calls == 2 * 20 + 2 * 20
+    assert run.cost > 0
+    with pytest.raises(TypeError, match="`train_dataloader` must be a DataLoader"):
+        Trainer().estimate(agent, [1, 2, 3])
+
+    class NoLM(cog.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.prompt = cog.Parameter("x", role="prompt")
+
+    with pytest.raises(ValueError, match="no ChatCompletion submodule"):
+        Trainer().estimate(NoLM(), DataLoader(dataset, batch_size=8))
+
+
+@needs_dataset
+def test_assumptions_tuned_on_a_pilot_estimate_other_runs_within_20_percent(
+    tmp_path: Path,
+) -> None:
+    root = data_root(tmp_path)
+    pilot = fit(root, tmp_path, batch=16, epochs=1)
+    agent = SentimentClassifier(None, SIMULATOR_MODEL, START_PROMPT)
+    shape = GraphShape.of_module(agent)
+    assumptions = Assumptions.from_rows(
+        pilot.rows,
+        shape=shape,
+        train_samples=pilot.n_train,
+        failure_rate=1 - pilot.history[0]["train_accuracy"],
+        final_parameters=[pilot.prompt_after],
+        tokenizer=words,
+    )
+    kwargs = {"assumptions": assumptions, "tokenizer": words, "models": SIMULATOR_MODEL}
+    for batch, epochs in ((8, 3), (4, 2)):
+        run = fit(root, tmp_path, batch, epochs, estimate_kwargs=kwargs)
+        calls = sum(r.calls for r in run.rows)
+        tokens = sum(r.prompt_tokens + r.completion_tokens for r in run.rows)
+        estimated = run.estimate.prompt_tokens + run.estimate.completion_tokens
+        cost = sum(r.cost for r in run.rows)
+        report = (
+            f"batch {batch} x {epochs} epochs: estimated {run.estimate.calls} calls / "
+            f"{estimated} tokens / ${run.estimate.cost:.4f}, measured {calls} / "
+            f"{tokens} / ${cost:.4f}"
+        )
+        print(report)
+        assert abs(run.estimate.calls - calls) <= 0.2 * calls, report
+        assert abs(estimated - tokens) <= 0.2 * tokens, report
+        assert abs(run.estimate.cost - cost) <= 0.2 * cost, report
