@@ -76,15 +76,17 @@ def _peer_python(name: str, install: bool) -> Path | None:
     requirement, _ = PEERS[name]
     env_dir = HERE / ".venvs" / name
     python = env_dir / "bin" / "python"
-    if python.exists():
+    done = env_dir / ".installed"  # written last: an interrupted install is redone
+    if done.exists():
         return python
     if not install:
         return None
     print(f"installing {requirement} into {env_dir} (once)", flush=True)
-    venv.EnvBuilder(with_pip=True).create(env_dir)
+    venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
     subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", requirement], check=True
     )
+    done.write_text(requirement + "\n", encoding="utf-8")
     return python
 
 

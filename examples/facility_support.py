@@ -10,6 +10,7 @@ Run:
     python examples/facility_support.py          # simulator; downloads the data
     python examples/facility_support.py --dataset-file path/to/dataset.json
     OPENAI_API_KEY=... python examples/facility_support.py --openai --model gpt-4o-mini
+    python examples/facility_support.py --dry-run --openai --model gpt-5-mini
 """
 
 from __future__ import annotations
@@ -131,9 +132,23 @@ def main(argv: list[str] | None = None) -> int:
         "--root-dir", default="runs/facility_support", help="metrics and checkpoints"
     )
     parser.add_argument("--max-cost", type=float, default=None, help="budget in USD")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the estimated LM calls, tokens and cost of the run and stop "
+        "(no LM call; works without OPENAI_API_KEY)",
+    )
     args = parser.parse_args(argv)
 
     with contextlib.ExitStack() as stack:
+        if args.dry_run:
+            root = stack.enter_context(data_root(args.dataset_file))
+            train, val, _test = loaders(root, args.batch_size, args.seed)
+            model = args.model or ("gpt-4o-mini" if args.openai else "afnio-sim-1")
+            agent = SentimentClassifier(None, model)
+            trainer = Trainer(max_epochs=args.epochs, enable_agent_summary=False)
+            print(trainer.estimate(agent, train, val, models=model))
+            return 0
         if args.openai:
             if not os.environ.get("OPENAI_API_KEY"):
                 parser.error("--openai needs OPENAI_API_KEY in the environment")

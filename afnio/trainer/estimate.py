@@ -65,7 +65,14 @@ from afnio.models.pricing import ModelPrice, calculate_cost, get_model_price
 from afnio.optim.prompts import FEEDBACK_CONDENSE_CHARS, TGD_SYSTEM, TGD_USER
 from afnio.trainer.projection import PhaseProjection, RunProjection
 
-__all__ = ["Assumptions", "GraphShape", "RunEstimate", "approx_tokens", "estimate"]
+__all__ = [
+    "Assumptions",
+    "GraphShape",
+    "RunEstimate",
+    "Tokenizer",
+    "approx_tokens",
+    "estimate",
+]
 
 Tokenizer = Callable[[str], int]
 

@@ -40,6 +40,14 @@ from afnio.autodiff.evaluator import (
 from afnio.autodiff.function import Function
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import TGD
+from afnio.trainer.estimate import (
+    Assumptions,
+    GraphShape,
+    RunEstimate,
+    Tokenizer,
+    approx_tokens,
+)
+from afnio.trainer.estimate import estimate as _estimate
 from afnio_integrations._recorded import JoinFields
 from afnio_integrations._report import OptimizeReport
 from afnio_integrations._training import SplitAgent, train_agent
@@ -357,6 +365,98 @@ class AfnioTGD(Teleprompter):
             "AfnioTGD needs an LM to write feedback: pass backward_lm=dspy.LM(...), "
             "configure one with dspy.configure(lm=...), or set afnio's backward "
             "client with afnio.set_backward_model_client(...)."
+        )
+
+    def graph_shape(
+        self,
+        student: dspy.Module,
+        trainset: Sequence[dspy.Example],
+        *,
+        metric_feedback: bool = False,
+    ) -> GraphShape:
+        """The program's graph shape for :mod:`afnio.trainer.estimate` (see
+        :meth:`estimate`); also what ``Assumptions.from_rows`` needs to tune
+        assumptions on a pilot's ``report.phases``."""
+        if not isinstance(student, dspy.Module):
+            raise TypeError(
+                f"`student` must be a dspy.Module, got {type(student).__name__}."
+            )
+        train = _examples(trainset, "trainset")
+        if not train:
+            raise ValueError("`trainset` is empty: pass dspy.Example items.")
+        predictors = [p for _, p in student.named_predictors()]
+        if not predictors:
+            raise ValueError("the program has no predictor: there is nothing to train.")
+        adapter = dspy.ChatAdapter()
+        texts: list[str] = []
+        parameters: list[str] = []
+        for predictor in predictors:
+            signature = predictor.signature
+            blanks = dict.fromkeys(signature.input_fields, "")
+            demos = list(getattr(predictor, "demos", []) or [])
+            texts += [m["content"] for m in adapter.format(signature, demos, blanks)]
+            parameters.append(signature.instructions)
+            if self.descriptions:
+                parameters += [
+                    str(f.json_schema_extra.get("desc", ""))
+                    for f in signature.output_fields.values()
+                ]
+        return GraphShape(
+            forward_calls=len(predictors),
+            prompt_texts=tuple(texts),
+            parameters=tuple(parameters),
+            inputs=tuple(
+                "\n".join(str(v) for v in ex.inputs().values()) for ex in train
+            ),
+            evaluator_feedback=not metric_feedback,
+            parameter_role="instructions",
+        )
+
+    def estimate(
+        self,
+        student: dspy.Module,
+        *,
+        trainset: Sequence[dspy.Example],
+        valset: Sequence[dspy.Example] | None = None,
+        metric_feedback: bool = False,
+        assumptions: Assumptions | None = None,
+        models: str | Mapping[str, str] | None = None,
+        tokenizer: Tokenizer = approx_tokens,
+    ) -> RunEstimate:
+        """What :meth:`compile` with these arguments would spend, before any LM call:
+        LM calls, tokens and cost by phase (the first validation included).
+
+        The graph shape is the program's: one LM call per predictor and example
+        (``named_predictors()``), each sending the prompt DSPy's ``ChatAdapter``
+        formats for its signature and demos, the instructions (and, with
+        ``descriptions=True``, the output descriptions) as the trainable texts.
+        ``metric_feedback=True`` for a metric that returns feedback (no
+        evaluator-backward call). ``models``: one model or ``{phase: model}``; by
+        default DSPy's configured LM for ``forward``. See
+        :mod:`afnio.trainer.estimate` for ``assumptions``.
+
+        Example::
+
+            run = AfnioTGD(metric, epochs=3, batch_size=16).estimate(
+                program, trainset=train, valset=val, models="gpt-4o-mini")
+            print(run)  # estimated: ... LM calls, ... tokens, $...
+        """
+        shape = self.graph_shape(student, trainset, metric_feedback=metric_feedback)
+        train = _examples(trainset, "trainset")
+        val = _examples(valset, "valset") or train
+        if models is None:
+            name = getattr(dspy.settings.lm, "model", None)
+            models = {"forward": name.split("/")[-1]} if isinstance(name, str) else None
+        return _estimate(
+            shape,
+            n_train=len(train),
+            n_val=len(val),
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            validate_first=True,
+            assumptions=assumptions,
+            models=models,
+            tokenizer=tokenizer,
         )
 
     def compile(

@@ -5,6 +5,7 @@ Install with the ``langchain`` extra: ``pip install -e '.[langchain]'``.
 """
 
 from afnio_integrations.langchain._discovery import PromptSlot, find_prompt_slots
+from afnio_integrations.langchain._estimate import estimate
 from afnio_integrations.langchain._model import LangChainChatModel
 from afnio_integrations.langchain._optimize import OptimizeReport, optimize
 from afnio_integrations.langchain._runnable import AfnioRunnable
@@ -21,6 +22,7 @@ __all__ = [
     "PlaceholderMismatchError",
     "PromptSlot",
     "TracedChain",
+    "estimate",
     "find_prompt_slots",
     "heal_braces",
     "load_chain",

@@ -180,7 +180,9 @@ def test_bad_arguments_say_which_and_how_to_fix() -> None:
 
 def test_growth_is_solved_back_from_its_mean() -> None:
     g = _solve_growth(mean=50.0, updates=5, per_update=2.0, cap=90)
-    assert sum(min(u * g * 2.0, 90) for u in range(1, 6)) / 5 == pytest.approx(50, abs=0.01)
+    assert sum(min(u * g * 2.0, 90) for u in range(1, 6)) / 5 == pytest.approx(
+        50, abs=0.01
+    )
     assert _solve_growth(mean=0.0, updates=5, per_update=2.0, cap=90) == 0.0
 
 

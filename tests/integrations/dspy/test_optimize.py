@@ -350,3 +350,49 @@ def test_a_pilot_report_projects_the_full_run_within_20_percent(
     print(report)
     assert abs(projected.calls - calls) <= 0.2 * calls, report
     assert abs(projected_tokens - tokens) <= 0.2 * tokens, report
+
+
+@needs_data
+def test_estimate_tuned_on_a_pilot_estimates_the_full_run_within_20_percent(
+    sentiment_data: dict[str, list[Any]],
+) -> None:
+    from afnio.trainer.estimate import Assumptions
+
+    def words(text: str) -> int:
+        return len(text.split())  # the simulator's tokens
+
+    train, val = sentiment_data["train"], sentiment_data["val"]
+    student = dspy.Predict("message -> sentiment")
+    with Simulator() as sim, dspy.context(lm=make_lm(sim)):
+        pilot = AfnioTGD(
+            metric=sentiment_match, epochs=1, batch_size=16, progress=False
+        )
+        compiled = pilot.compile(student, trainset=train[:32], valset=val[:32])
+        assert pilot.report is not None
+        assumptions = Assumptions.from_rows(
+            pilot.report.phases,
+            shape=pilot.graph_shape(student, train[:32]),
+            train_samples=32,
+            failure_rate=1 - pilot.report.history[0]["train_score"],
+            final_parameters=[compiled.signature.instructions],
+            tokenizer=words,
+        )
+        full = AfnioTGD(metric=sentiment_match, epochs=2, batch_size=16, progress=False)
+        sim.reset_stats()
+        run = full.estimate(
+            student,
+            trainset=train,
+            valset=val,
+            assumptions=assumptions,
+            tokenizer=words,
+        )
+        assert sim.stats.calls == 0  # a dry run: no request
+        assert run.by_phase["forward"].cost > 0  # DSPy's configured LM is priced
+        full.compile(student, trainset=train, valset=val)
+        calls = sim.stats.calls
+        tokens = sim.stats.prompt_tokens + sim.stats.completion_tokens
+    estimated = run.prompt_tokens + run.completion_tokens
+    report = f"estimated {run.calls} / {estimated}, measured {calls} / {tokens}"
+    print(report)
+    assert abs(run.calls - calls) <= 0.2 * calls, report
+    assert abs(estimated - tokens) <= 0.2 * tokens, report

@@ -13,6 +13,7 @@ EXPECTED_ALL = [
     "PlaceholderMismatchError",
     "PromptSlot",
     "TracedChain",
+    "estimate",
     "find_prompt_slots",
     "heal_braces",
     "load_chain",

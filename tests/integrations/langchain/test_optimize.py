@@ -19,7 +19,8 @@ import afnio
 from afnio import functional as F
 from afnio.models.openai import OpenAI
 from afnio.testing import SIMULATOR_MODEL, Simulator
-from afnio_integrations.langchain import optimize
+from afnio.trainer.estimate import Assumptions
+from afnio_integrations.langchain import estimate, optimize
 
 MESSAGES = [
     ("The new cleaning crew is wonderful.", "positive"),
@@ -113,6 +114,49 @@ def test_max_cost_counts_the_chains_own_calls_and_holds(
     assert report.cost <= budget
     chain_cost = sum(r.cost for r in report.phases if r.phase == "forward")
     assert chain_cost > 0  # the chain's own calls were counted
+
+
+def test_estimate_spends_nothing_and_counts_what_optimize_calls(
+    classifier: Classifier,
+) -> None:
+    sim, chain, trainset = classifier.sim, classifier.chain, classifier.trainset
+    words = lambda text: len(text.split())  # noqa: E731 (the simulator's tokens)
+    run = estimate(
+        chain,
+        trainset,
+        epochs=2,
+        batch_size=4,
+        # the simulator answers one word and writes one 12-word rule per failure
+        assumptions=Assumptions(
+            failure_rate=0.75 / 2, answer_tokens=1, growth_per_failure_tokens=12
+        ),
+        tokenizer=words,
+    )
+    assert sim.stats.calls == 0  # a dry run: no request
+    assert run.unpriced == ("backward (no model)", "optimizer (no model)")
+    assert run.by_phase["forward"].cost > 0  # the chain's own model is priced
+    _, report = optimize(
+        chain,
+        trainset,
+        exact,
+        epochs=2,
+        batch_size=4,
+        progress=False,
+        model=SIMULATOR_MODEL,
+    )
+    measured = {r.phase: r for r in report.phases}
+    # every forward call is counted exactly: 2 epochs x 8 + 3 validations x 8
+    assert run.by_phase["forward"].calls == measured["forward"].calls == 40
+    forward_tokens = measured["forward"].prompt_tokens
+    assert abs(run.by_phase["forward"].prompt_tokens - forward_tokens) <= (
+        0.2 * forward_tokens
+    )
+    assert abs(run.calls - report.calls) <= 0.2 * report.calls
+    feedback = estimate(chain, trainset, metric_feedback=True, batch_size=8)
+    plain = estimate(chain, trainset, batch_size=8)
+    assert feedback.by_phase["backward"].calls < plain.by_phase["backward"].calls
+    with pytest.raises(ValueError, match="nothing to optimize"):
+        estimate(chain, trainset, select="ai")
 
 
 def test_optimize_rejects_an_empty_trainset() -> None:

@@ -1,0 +1,135 @@
+"""``estimate(chain, trainset)``: what :func:`optimize` would spend, before any LM call.
+
+The graph shape comes from the chain itself (the prompts :func:`find_prompt_slots`
+discovers, one LM call per prompt, the selected messages as the trainable texts),
+the sample sizes from ``trainset``; :func:`afnio.trainer.estimate.estimate` does the
+counting (see there for the model and its assumptions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel, BaseLanguageModel
+
+from afnio.trainer.estimate import (
+    Assumptions,
+    GraphShape,
+    RunEstimate,
+    Tokenizer,
+    approx_tokens,
+)
+from afnio.trainer.estimate import estimate as _estimate
+from afnio_integrations.langchain._discovery import (
+    Selector,
+    _prompts,
+    find_prompt_slots,
+)
+
+__all__ = ["estimate"]
+
+
+def _input_text(inputs: Any) -> str:
+    if isinstance(inputs, Mapping):
+        return "\n".join(str(v) for v in inputs.values())
+    return str(inputs)
+
+
+def _model_name(chain: Any) -> str | None:
+    """The model name of the first chat model in the chain's graph, if it has one."""
+    for node in chain.get_graph().nodes.values():
+        if isinstance(node.data, (BaseChatModel, BaseLanguageModel)):
+            for attr in ("model_name", "model"):
+                name = getattr(node.data, attr, None)
+                if isinstance(name, str) and name:
+                    return name
+    return None
+
+
+def _prompt_texts(prompt: Any) -> list[str]:
+    messages = getattr(prompt, "messages", None)
+    if messages is None:
+        return [prompt.template]
+    texts = []
+    for message in messages:
+        template = getattr(getattr(message, "prompt", None), "template", None)
+        if isinstance(template, str):
+            texts.append(template)
+        else:  # a literal message
+            content = getattr(message, "content", None)
+            if isinstance(content, str):
+                texts.append(content)
+    return texts
+
+
+def estimate(
+    chain: Any,
+    trainset: Sequence[tuple[Any, Any]],
+    *,
+    valset: Sequence[tuple[Any, Any]] | None = None,
+    epochs: int = 3,
+    batch_size: int = 16,
+    select: Selector = "system",
+    include: Iterable[Any] = (),
+    metric_feedback: bool = False,
+    forward_calls: int | None = None,
+    assumptions: Assumptions | None = None,
+    models: str | Mapping[str, str] | None = None,
+    tokenizer: Tokenizer = approx_tokens,
+) -> RunEstimate:
+    """Estimate the LM calls, tokens and cost of :func:`optimize` with the same
+    ``chain``, ``trainset``, ``valset``, ``epochs``, ``batch_size`` and ``select``,
+    without calling any LM (the first validation included, as ``optimize`` makes it).
+
+    Args:
+        metric_feedback: ``True`` if the metric returns ``(score, feedback)`` (its
+            text is the gradient: no evaluator-backward call).
+        forward_calls: LM calls the chain makes per input (default: one per prompt
+            template found; set it for a chain that calls a prompt in a loop).
+        assumptions: see :class:`afnio.trainer.estimate.Assumptions` (failure rate,
+            text lengths); e.g. ``failure_rate=1 - score`` of a first evaluation.
+        models: one model for every phase or ``{phase: model}``; by default the
+            chain's own chat model (by its ``model_name``) for ``forward`` and none
+            for the others (listed as unpriced).
+
+    Example::
+
+        run = estimate(chain, trainset, models={"forward": "gpt-4o-mini",
+                                                 "backward": "gpt-5"})
+        print(run)  # estimated: ... LM calls, ... tokens, $...
+    """
+    if not trainset:
+        raise ValueError("`trainset` is empty: pass (inputs, target) pairs.")
+    prompts: dict[int, Any] = {}
+    for runnable in (chain, *include):
+        for prompt in _prompts(runnable):
+            prompts.setdefault(id(prompt), prompt)
+    slots = find_prompt_slots(chain, select, include)
+    if not slots:
+        raise ValueError(
+            f"no prompt message of the chain matches select={select!r}: there is "
+            "nothing to optimize (try select='all')."
+        )
+    calls = forward_calls if forward_calls is not None else max(1, len(prompts))
+    shape = GraphShape(
+        forward_calls=calls,
+        prompt_texts=tuple(t for p in prompts.values() for t in _prompt_texts(p)),
+        parameters=tuple(slot.text for slot in slots),
+        inputs=tuple(_input_text(inputs) for inputs, _ in trainset),
+        evaluator_feedback=not metric_feedback,
+    )
+    if models is None:
+        name = _model_name(chain)
+        models = {"forward": name} if name else None
+    return _estimate(
+        shape,
+        n_train=len(trainset),
+        n_val=len(valset or trainset),
+        epochs=epochs,
+        batch_size=batch_size,
+        validate_first=True,
+        assumptions=assumptions,
+        models=models,
+        tokenizer=tokenizer,
+    )
