@@ -18,16 +18,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from afnio._template import render
 from afnio._variable import Variable
 from afnio.autodiff.function import Function
 from afnio.autodiff.lm_backward import (
     VariableInfo,
-    format_conversation,
-    format_variables,
+    chat_backward_user,
     request_gradients,
 )
-from afnio.autodiff.prompts import CHAT_BACKWARD_SYSTEM, CHAT_BACKWARD_USER
+from afnio.autodiff.prompts import CHAT_BACKWARD_SYSTEM
 
 __all__ = ["JoinFields", "RecordedChatCall", "StackSamples", "StepOutput"]
 
@@ -107,16 +105,8 @@ class RecordedChatCall(Function):
             )
             for k in asked
         ]
-        user = render(
-            CHAT_BACKWARD_USER,
-            {
-                "conversation": format_conversation(ctx.conversation),
-                "output_role": ctx.output_role,
-                "output": ctx.output,
-                "feedback": feedback,
-                "count": len(infos),
-                "variables": format_variables(infos),
-            },
+        user = chat_backward_user(
+            ctx.conversation, ctx.output_role, ctx.output, feedback, infos
         )
         texts = await request_gradients(
             ctx.name(), CHAT_BACKWARD_SYSTEM, user, len(infos)

@@ -19,15 +19,18 @@ import pydantic
 from afnio._template import render
 from afnio.autodiff import config
 from afnio.autodiff.prompts import (
+    CHAT_BACKWARD_USER,
     MESSAGE_ELEMENT,
     RETRY_USER,
     VARIABLE_ELEMENT,
+    VARIABLE_IN_MESSAGE,
     gradients_response_format,
 )
 from afnio.errors import BackwardParseError, GradientCountError
 
 __all__ = [
     "VariableInfo",
+    "chat_backward_user",
     "format_conversation",
     "format_variables",
     "request_gradients",
@@ -71,6 +74,48 @@ def format_variables(variables: list[VariableInfo]) -> str:
             },
         )
         for i, v in enumerate(variables, start=1)
+    )
+
+
+def chat_backward_user(
+    conversation: list[dict[str, str]],
+    output_role: str,
+    output: str,
+    feedback: str,
+    variables: list[VariableInfo],
+) -> str:
+    """The user prompt of a ChatCompletion backward call (``CHAT_BACKWARD_USER``).
+
+    A variable whose text is the whole content of a message of the conversation
+    (a system prompt) is not repeated: its ``<VARIABLE>`` points at that message."""
+    where: dict[str, tuple[int, str]] = {}
+    for i, message in enumerate(conversation, start=1):
+        if message["content"].strip():
+            where.setdefault(message["content"], (i, message["role"]))
+    shown = [
+        VariableInfo(
+            v.role,
+            v.location,
+            v.trainable,
+            render(
+                VARIABLE_IN_MESSAGE,
+                {"index": where[v.text][0], "role": where[v.text][1]},
+            ),
+        )
+        if v.text in where
+        else v
+        for v in variables
+    ]
+    return render(
+        CHAT_BACKWARD_USER,
+        {
+            "conversation": format_conversation(conversation),
+            "output_role": output_role,
+            "output": output,
+            "feedback": feedback,
+            "count": len(shown),
+            "variables": format_variables(shown),
+        },
     )
 
 

@@ -26,11 +26,10 @@ from afnio._variable import Variable
 from afnio.autodiff.function import Function, _flatten_slots
 from afnio.autodiff.lm_backward import (
     VariableInfo,
-    format_conversation,
-    format_variables,
+    chat_backward_user,
     request_gradients,
 )
-from afnio.autodiff.prompts import CHAT_BACKWARD_SYSTEM, CHAT_BACKWARD_USER
+from afnio.autodiff.prompts import CHAT_BACKWARD_SYSTEM
 from afnio.models.model import ChatCompletionModel
 
 __all__ = ["ChatCompletion"]
@@ -246,16 +245,8 @@ class ChatCompletion(Function):
                 )
                 for k in asked
             ]
-            user = render(
-                CHAT_BACKWARD_USER,
-                {
-                    "conversation": format_conversation(ctx.rendered[s]),
-                    "output_role": OUTPUT_ROLE,
-                    "output": ctx.replies[s],
-                    "feedback": feedback[s],
-                    "count": len(infos),
-                    "variables": format_variables(infos),
-                },
+            user = chat_backward_user(
+                ctx.rendered[s], OUTPUT_ROLE, ctx.replies[s], feedback[s], infos
             )
             texts = await request_gradients(
                 ctx.name(), CHAT_BACKWARD_SYSTEM, user, len(infos)

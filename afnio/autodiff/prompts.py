@@ -41,13 +41,15 @@ __all__ = [
     "PREDICTION_PLACEHOLDER",
     "PROMPTS_VERSION",
     "RETRY_USER",
+    "VARIABLE_IN_MESSAGE",
     "gradients_response_format",
     "judge_response_format",
 ]
 
 PROMPTS_VERSION = 2
 """2: one evaluator backward call covers a group of failed samples (was one per
-sample); an LM judge's own per-sample explanation is shown."""
+sample); an LM judge's own per-sample explanation is shown; a chat-backward variable
+that is a whole message is not repeated (:data:`VARIABLE_IN_MESSAGE`)."""
 
 GRADIENTS_SCHEMA_NAME = "afnio_gradients"
 JUDGE_SCHEMA_NAME = "afnio_judgement"
@@ -142,6 +144,11 @@ exactly {count} strings."""
 together with that answer, so the model can correct it."""
 
 MESSAGE_ELEMENT = '<MESSAGE role="{role}">{content}</MESSAGE>'
+VARIABLE_IN_MESSAGE = (
+    '(the whole content of <MESSAGE> {index} of <LM_CONVERSATION>, role "{role}")'
+)
+"""The text of a ``<VARIABLE>`` in a ChatCompletion backward call whose value is the
+whole content of a message of the conversation (a system prompt, say): shown once."""
 VARIABLE_ELEMENT = (
     '<VARIABLE index="{index}" role="{role}" location="{location}" '
     'trainable="{trainable}">{text}</VARIABLE>'

@@ -50,11 +50,10 @@ from typing import Any
 
 from afnio._template import render
 from afnio.autodiff import config
-from afnio.autodiff.lm_backward import VariableInfo, format_conversation
+from afnio.autodiff.lm_backward import VariableInfo, chat_backward_user
 from afnio.autodiff.lm_backward import format_variables as _format_variables
 from afnio.autodiff.prompts import (
     CHAT_BACKWARD_SYSTEM,
-    CHAT_BACKWARD_USER,
     EVALUATOR_BACKWARD_SYSTEM,
     EVALUATOR_BACKWARD_USER,
     EVALUATOR_SAMPLE_ELEMENT,
@@ -370,28 +369,21 @@ class _Prompts:
         return self.judge + answer + self.input + MESSAGE_OVERHEAD_TOKENS
 
     def chat_backward(self) -> float:
-        conversation = format_conversation(
-            [
-                {"role": "system", "content": _filler(self.prompt)},
-                {"role": "user", "content": _filler(self.input)},
-            ]
+        system = _filler(self.prompt)
+        conversation = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": _filler(self.input)},
+        ]
+        # the parameter is the system message: the prompt shows it once
+        variable = VariableInfo(self.shape.parameter_role, "system", True, system)
+        user = chat_backward_user(
+            conversation,
+            "assistant",
+            _filler(self.a.answer_tokens),
+            _filler(self.a.feedback_tokens),
+            [variable],
         )
-        variables = _format_variables(
-            [VariableInfo(self.shape.parameter_role, "system", True, "")]
-        )
-        user = render(
-            CHAT_BACKWARD_USER,
-            {
-                "conversation": conversation,
-                "output_role": "assistant",
-                "output": _filler(self.a.answer_tokens),
-                "feedback": _filler(self.a.feedback_tokens),
-                "count": 1,
-                "variables": variables,
-            },
-        )
-        # the variable's text is the system prompt already shown in the conversation
-        return self.request(CHAT_BACKWARD_SYSTEM, user) + self.parameter
+        return self.request(CHAT_BACKWARD_SYSTEM, user)
 
     def evaluator_backward(self, group: int) -> float:
         sample = render(
@@ -539,12 +531,11 @@ def estimate(
             )
             odds = _binomial(size, a.failure_rate)
             failed = size * a.failure_rate
-            # one chat-backward call per failed sample and LM call on its path; it
-            # shows the parameter twice (in the conversation and as the variable)
+            # one chat-backward call per failed sample and LM call on its path
             add(
                 "backward",
                 failed * shape.forward_calls,
-                p.chat_backward() + 2 * grown * per_call,
+                p.chat_backward() + grown * per_call,
                 a.feedback_tokens,
             )
             if shape.evaluator_feedback:

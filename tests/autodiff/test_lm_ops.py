@@ -79,6 +79,29 @@ def test_scalar_forward_and_backward_reach_every_variable(
 
 
 @pytest.mark.vcr
+def test_a_variable_that_is_a_whole_message_is_shown_once(
+    backward_lm: LMEndpoint, vcr: Any
+) -> None:
+    client = backward_lm.client()
+    system, template, messages = _classifier(None)
+    template.requires_grad_(True)
+    reply = ChatCompletion.apply(
+        client, messages, inputs={"message": "It broke."}, model=SIMULATOR_MODEL
+    )
+    reply.backward(Variable(EXPECTED_NEGATIVE, role="feedback"))
+    user = json.loads(vcr.requests[-1].body)["messages"][1]["content"]
+    assert user.count(SYSTEM) == 1  # in the conversation, not again as the variable
+    assert (
+        '<VARIABLE index="1" role="system prompt" location="system" trainable="true">'
+        '(the whole content of <MESSAGE> 1 of <LM_CONVERSATION>, role "system")'
+        "</VARIABLE>" in user
+    )
+    # the user template is only part of its rendered message: shown as it is
+    assert ">Customer message: {message}</VARIABLE>" in user
+    assert len(system.grad) == 1 and len(template.grad) == 1
+
+
+@pytest.mark.vcr
 def test_batched_gradients_follow_difference_13(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
