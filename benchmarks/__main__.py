@@ -181,6 +181,25 @@ def overheads() -> dict[str, float]:
     return out
 
 
+def estimate_rows() -> list[dict[str, Any]]:
+    """The dry-run estimate and the pilot projection against measured runs
+    (``benchmarks/estimate_accuracy.py``); none without the dataset."""
+    accuracy = _load("estimate_accuracy")
+    if not accuracy.DATASET.is_file():
+        print("estimate check skipped: the Facility Support dataset is missing")
+        return []
+    rows = accuracy.measure([(8, 3), (4, 2)])
+    for row in rows:
+        err = accuracy.errors(row)
+        print(
+            f"estimate  batch {row['batch']} x {row['epochs']} epochs: "
+            f"{err['estimated_calls']:+.1%} calls, {err['estimated_tokens']:+.1%} "
+            "tokens",
+            flush=True,
+        )
+    return rows
+
+
 # -- the report ------------------------------------------------------------------------
 
 
@@ -188,8 +207,85 @@ def _phase(row: dict[str, Any], name: str, key: str) -> Any:
     return next((p[key] for p in row.get("phases", []) if p["name"] == name), 0)
 
 
+def targets(
+    ours: list[dict[str, Any]],
+    peers: list[dict[str, Any]],
+    estimates: list[dict[str, Any]],
+) -> list[tuple[str, str, bool]]:
+    """The speed and cost targets, checked on this run's rows: ``(target, measured,
+    met)`` for each one the run has the rows for."""
+
+    def row(rows: list[dict[str, Any]], library: str, batch: int) -> Any:
+        return next(
+            (
+                r
+                for r in rows
+                if r["library"] == library
+                and r["batch"] == batch
+                and r["latency_s"] == 0.5
+            ),
+            None,
+        )
+
+    out = []
+    a32, a4, tg32 = row(ours, "afnio", 32), row(ours, "afnio", 4), None
+    tg32 = row(peers, "textgrad", 32)
+    if a32 is not None:
+        out.append(
+            (
+                "batch 32 @ 500 ms: wall within 1.5x of the critical path",
+                f"{a32['ratio']:.2f}x",
+                a32["ratio"] <= 1.5,
+            )
+        )
+    if a32 is not None and tg32 is not None:
+        speedup = tg32["wall_s"] / a32["wall_s"]
+        out.append(
+            (
+                "batch 32 @ 500 ms: at least 15x faster than TextGrad",
+                f"{speedup:.1f}x ({a32['wall_s']:.2f} s vs {tg32['wall_s']:.2f} s)",
+                speedup >= 15,
+            )
+        )
+        share = a32["calls"] / tg32["calls"]
+        out.append(
+            (
+                "LM calls per step at batch 32: at most 0.7x TextGrad's",
+                f"{share:.2f}x ({a32['calls']} vs {tg32['calls']})",
+                share <= 0.7,
+            )
+        )
+    if a32 is not None and a4 is not None:
+        t32 = _phase(a32, "optimizer", "prompt_tokens")
+        t4 = _phase(a4, "optimizer", "prompt_tokens")
+        out.append(
+            (
+                "optimizer prompt tokens at batch 32: at most 3x those at batch 4",
+                f"{t32 / max(1, t4):.2f}x ({t32} vs {t4})",
+                t32 <= 3 * t4,
+            )
+        )
+    for e in estimates:
+        worst = max(
+            abs(e[f"estimated_{w}"] / e[f"measured_{w}"] - 1)
+            for w in ("calls", "tokens")
+        )
+        out.append(
+            (
+                f"dry-run estimate of fit at batch {e['batch']} x {e['epochs']} "
+                "epochs (tuned on batch 16 x 1): within 20% in calls and tokens",
+                f"{worst:.1%}",
+                worst <= 0.2,
+            )
+        )
+    return out
+
+
 def markdown(
-    ours: list[dict[str, Any]], peers: list[dict[str, Any]], extra: dict[str, float]
+    ours: list[dict[str, Any]],
+    peers: list[dict[str, Any]],
+    extra: dict[str, float],
+    estimates: list[dict[str, Any]] | None = None,
 ) -> str:
     lines = [
         "# afnio benchmark report",
@@ -244,6 +340,39 @@ def markdown(
                 f"{r['wall_s'] / ours_row['wall_s']:.1f}x | "
                 f"{r['calls'] / max(1, ours_row['calls']):.2f}x |"
             )
+    if estimates:
+        lines += [
+            "",
+            "## Dry-run estimate and pilot projection of `fit`",
+            "",
+            "Tuned on a pilot at batch 16 x 1 epoch; each configuration estimated "
+            "before it ran (`trainer.estimate`, no LM call) and projected from the "
+            "pilot's rates (`project`), then measured (simulator tokens are words).",
+            "",
+            "| batch x epochs | measured calls / tokens | estimated | projected |",
+            "|---|---|---|---|",
+        ]
+        for e in estimates:
+            err = {
+                f"{k}_{w}": e[f"{k}_{w}"] / e[f"measured_{w}"] - 1
+                for k in ("estimated", "projected")
+                for w in ("calls", "tokens")
+            }
+            lines.append(
+                f"| {e['batch']} x {e['epochs']} | {e['measured_calls']} / "
+                f"{e['measured_tokens']} | {e['estimated_calls']} / "
+                f"{e['estimated_tokens']} ({err['estimated_calls']:+.1%} / "
+                f"{err['estimated_tokens']:+.1%}) | {e['projected_calls']} / "
+                f"{e['projected_tokens']} ({err['projected_calls']:+.1%} / "
+                f"{err['projected_tokens']:+.1%}) |"
+            )
+    checks = targets(ours, peers, estimates or [])
+    if checks:
+        lines += ["", "## Targets", "", "| target | this run | met |", "|---|---|---|"]
+        lines += [
+            f"| {name} | {value} | {'yes' if met else '**no**'} |"
+            for name, value, met in checks
+        ]
     if extra:
         lines += ["", "## Overheads", ""]
         lines += [f"* {k}: {v:.2f}" for k, v in extra.items()]
@@ -287,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--peers", action="store_true", help="also TextGrad and Trace")
     run.add_argument("--no-install", action="store_true", help="never create venvs")
     run.add_argument("--no-overheads", action="store_true")
+    run.add_argument(
+        "--no-estimate", action="store_true", help="skip the dry-run estimate check"
+    )
     run.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     ours = afnio_steps(args.batches, args.latencies)
@@ -296,12 +428,24 @@ def main(argv: list[str] | None = None) -> int:
         else []
     )
     extra = {} if args.no_overheads else overheads()
+    estimates = [] if args.no_estimate else estimate_rows()
     args.out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "afnio": ours,
+        "peers": peers,
+        "overheads": extra,
+        "estimates": estimates,
+        "targets": [
+            {"target": t, "measured": v, "met": m}
+            for t, v, m in targets(ours, peers, estimates)
+        ],
+    }
     (args.out / "results.json").write_text(
-        json.dumps({"afnio": ours, "peers": peers, "overheads": extra}, indent=2),
-        encoding="utf-8",
+        json.dumps(payload, indent=2), encoding="utf-8"
     )
-    (args.out / "report.md").write_text(markdown(ours, peers, extra), encoding="utf-8")
+    (args.out / "report.md").write_text(
+        markdown(ours, peers, extra, estimates), encoding="utf-8"
+    )
     drew = chart(ours, peers, args.out / "chart.png")
     print(f"wrote {args.out / 'report.md'}" + (" and chart.png" if drew else ""))
     return 0
