@@ -154,7 +154,7 @@ def peer_steps(
                 rows.append(result)
                 print(
                     f"{name:9s} batch {batch:3d} latency {latency:.2f}s: "
-                    f"{result['wall_s']:6.2f} s, {stats.calls} calls",
+                    f"{result['wall_s']:6.2f} s, {result['calls']} calls",
                     flush=True,
                 )
     return rows
