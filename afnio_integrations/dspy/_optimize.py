@@ -269,6 +269,20 @@ def _examples(data: Sequence[Any] | None, name: str) -> list[dspy.Example]:
     return rows
 
 
+def _student_and_trainset(
+    student: Any, trainset: Sequence[dspy.Example]
+) -> list[dspy.Example]:
+    """Check ``student`` and ``trainset`` (as ``compile`` takes them); the examples."""
+    if not isinstance(student, dspy.Module):
+        raise TypeError(
+            f"`student` must be a dspy.Module, got {type(student).__name__}."
+        )
+    train = _examples(trainset, "trainset")
+    if not train:
+        raise ValueError("`trainset` is empty: pass dspy.Example items.")
+    return train
+
+
 class AfnioTGD(Teleprompter):
     """Textual gradient descent on the instructions of a DSPy program's predictors.
 
@@ -377,13 +391,7 @@ class AfnioTGD(Teleprompter):
         """The program's graph shape for :mod:`afnio.trainer.estimate` (see
         :meth:`estimate`); also what ``Assumptions.from_rows`` needs to tune
         assumptions on a pilot's ``report.phases``."""
-        if not isinstance(student, dspy.Module):
-            raise TypeError(
-                f"`student` must be a dspy.Module, got {type(student).__name__}."
-            )
-        train = _examples(trainset, "trainset")
-        if not train:
-            raise ValueError("`trainset` is empty: pass dspy.Example items.")
+        train = _student_and_trainset(student, trainset)
         predictors = [p for _, p in student.named_predictors()]
         if not predictors:
             raise ValueError("the program has no predictor: there is nothing to train.")
@@ -475,13 +483,7 @@ class AfnioTGD(Teleprompter):
             raise TypeError(f"compile() got unexpected arguments {sorted(kwargs)}.")
         if teacher is not None:
             raise ValueError("AfnioTGD does not use a teacher program: pass none.")
-        if not isinstance(student, dspy.Module):
-            raise TypeError(
-                f"`student` must be a dspy.Module, got {type(student).__name__}."
-            )
-        train = _examples(trainset, "trainset")
-        if not train:
-            raise ValueError("`trainset` is empty: pass dspy.Example items.")
+        train = _student_and_trainset(student, trainset)
         if valset is not None and not list(valset):
             raise ValueError("`valset` is empty: pass examples, or None for trainset.")
         val = _examples(valset, "valset") or train
