@@ -43,6 +43,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -368,6 +369,7 @@ class _Prompts:
         answer = 2 * self.a.answer_tokens  # the prediction and its target
         return self.judge + answer + self.input + MESSAGE_OVERHEAD_TOKENS
 
+    @functools.cache  # noqa: B019 (one short-lived instance per estimate)
     def chat_backward(self) -> float:
         system = _filler(self.prompt)
         conversation = [
@@ -385,6 +387,7 @@ class _Prompts:
         )
         return self.request(CHAT_BACKWARD_SYSTEM, user)
 
+    @functools.cache  # noqa: B019
     def evaluator_backward(self, group: int) -> float:
         sample = render(
             EVALUATOR_SAMPLE_ELEMENT,
@@ -440,7 +443,7 @@ def _prices(
     models: str | Mapping[str, str] | None,
 ) -> tuple[dict[str, ModelPrice | None], list[str]]:
     if models is None:
-        return dict.fromkeys(PHASES), list(PHASES)
+        return dict.fromkeys(PHASES), [f"{p} (no model)" for p in PHASES]
     if isinstance(models, str):
         names = dict.fromkeys(PHASES, models)
     else:
@@ -520,6 +523,7 @@ def estimate(
                 a.feedback_tokens,
             )
 
+    binomial = functools.cache(lambda n: _binomial(n, a.failure_rate))
     if validate_first:
         validation()
     for _epoch in range(epochs):
@@ -529,7 +533,7 @@ def estimate(
             add(
                 "evaluator", size * shape.judge_calls, p.judge_call(), a.feedback_tokens
             )
-            odds = _binomial(size, a.failure_rate)
+            odds = binomial(size)
             failed = size * a.failure_rate
             # one chat-backward call per failed sample and LM call on its path
             add(
