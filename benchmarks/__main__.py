@@ -228,7 +228,7 @@ def targets(
         )
 
     out = []
-    a32, a4, tg32 = row(ours, "afnio", 32), row(ours, "afnio", 4), None
+    a32, a4 = row(ours, "afnio", 32), row(ours, "afnio", 4)
     tg32 = row(peers, "textgrad", 32)
     if a32 is not None:
         out.append(

@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the estimated LM calls, tokens and cost of the run and stop "
-        "(no LM call; works without OPENAI_API_KEY)",
+        help="print the estimated LM calls, tokens and cost of fit and stop (no LM "
+        "call; works without OPENAI_API_KEY)",
     )
     args = parser.parse_args(argv)
 
@@ -148,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             agent = SentimentClassifier(None, model)
             trainer = Trainer(max_epochs=args.epochs, enable_agent_summary=False)
             print(trainer.estimate(agent, train, val, models=model))
+            print(
+                f"(fit only: the test passes before and after add "
+                f"{2 * len(_test.dataset)} forward calls)"
+            )
             return 0
         if args.openai:
             if not os.environ.get("OPENAI_API_KEY"):

@@ -230,12 +230,15 @@ def _failed_samples(ctx: Any) -> list[int]:
 
 
 def _samples_per_call(value: Any) -> int:
+    name = "samples_per_call"
     if value is None:
-        return config.EVALUATOR_SAMPLES_PER_CALL
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        value, name = config.EVALUATOR_SAMPLES_PER_CALL, "EVALUATOR_SAMPLES_PER_CALL"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {value!r}.")
+    if value < 1:
         raise ValueError(
-            f"`samples_per_call` must be a positive int (1 = one backward call per "
-            f"failed sample), got {value!r}."
+            f"`{name}` must be >= 1 (1 = one backward call per failed sample), got "
+            f"{value!r}."
         )
     return value
 
@@ -437,6 +440,7 @@ class DeterministicEvaluator(Function):
         samples_per_call: int | None = None,
     ) -> tuple[Variable, Variable]:
         _check_prediction(prediction)
+        _samples_per_call(samples_per_call)  # before any work: a clear error
         if not callable(eval_fn):
             raise TypeError(
                 "`eval_fn` must be a function (prediction, target) -> score."
@@ -617,6 +621,7 @@ class LMJudgeEvaluator(Function):
             )
         _validate_multi_turn_messages(messages)
         _check_prediction(prediction)
+        _samples_per_call(samples_per_call)  # before the judge calls are paid for
         inputs = dict(inputs or {})
         clash = sorted({"prediction", "target"} & set(inputs))
         if clash:

@@ -87,25 +87,20 @@ def chat_backward_user(
     """The user prompt of a ChatCompletion backward call (``CHAT_BACKWARD_USER``).
 
     A variable whose text is the whole content of a message of the conversation
-    (a system prompt) is not repeated: its ``<VARIABLE>`` points at that message."""
+    (a system prompt) is not repeated: its ``<VARIABLE>`` points at that message
+    (unless the text is shorter than the pointer)."""
     where: dict[str, tuple[int, str]] = {}
     for i, message in enumerate(conversation, start=1):
         if message["content"].strip():
             where.setdefault(message["content"], (i, message["role"]))
-    shown = [
-        VariableInfo(
-            v.role,
-            v.location,
-            v.trainable,
-            render(
-                VARIABLE_IN_MESSAGE,
-                {"index": where[v.text][0], "role": where[v.text][1]},
-            ),
-        )
-        if v.text in where
-        else v
-        for v in variables
-    ]
+    shown = []
+    for v in variables:
+        if v.text in where:
+            index, role = where[v.text]
+            pointer = render(VARIABLE_IN_MESSAGE, {"index": index, "role": role})
+            if len(pointer) < len(v.text):  # a short text is cheaper as it is
+                v = VariableInfo(v.role, v.location, v.trainable, pointer)
+        shown.append(v)
     return render(
         CHAT_BACKWARD_USER,
         {
@@ -133,7 +128,8 @@ def _parse(answer: str, count: int) -> list[str]:
         ) from None
     if len(gradients) != count:
         raise _CountMismatch(
-            f"it holds {len(gradients)} gradients, but there are {count} variables"
+            f"it holds {len(gradients)} feedback strings, but {count} are asked for "
+            "(one per variable, for each sample listed)"
         )
     return gradients
 

@@ -964,12 +964,22 @@ class EvaluatorBackwardPrompt:
         each ``<SAMPLE ...>`` opening, its ``<INPUT>``, ``<PREDICTION ...>`` and
         ``<TARGET>`` (each after the previous one; so an explanation that mentions
         ``<TARGET>`` in prose is not read as a sample)."""
+        # the template puts the <SAMPLES> block right after the variables: split
+        # there, so that a text inside a variable or a sample is not read as markup
+        junction = re.compile(r"</VARIABLES>\s*" + _opening("SAMPLES") + _ATTRS)
+        split = junction.search(text)
+        head, body = (
+            (text[: split.start()], text[split.end() :]) if split else ("", text)
+        )
+        variables = _variables(head) if split else _variables(text)
         samples = []
-        for opening in re.compile(_opening("SAMPLE") + _ATTRS).finditer(text):
+        for opening in re.compile(r"^" + _opening("SAMPLE") + _ATTRS, re.M).finditer(
+            body
+        ):
             position = opening.end()
             values: dict[str, str] = {}
             for tag in ("INPUT", "PREDICTION", "TARGET"):
-                element = Element.first(tag, text, position)
+                element = Element.first(tag, body, position)
                 if element is not None:
                     values[tag] = element.text.strip()
                     position = element.end
@@ -980,7 +990,7 @@ class EvaluatorBackwardPrompt:
                     target=values.get("TARGET", ""),
                 )
             )
-        return cls(samples=tuple(samples), variables=tuple(_variables(text)))
+        return cls(samples=tuple(samples), variables=tuple(variables))
 
 
 def evaluator_backward_gradients(prompt: EvaluatorBackwardPrompt) -> list[str]:

@@ -62,7 +62,7 @@ from afnio.autodiff.prompts import (
 )
 from afnio.models.phases import PHASES, PhaseRow
 from afnio.models.pricing import ModelPrice, calculate_cost, get_model_price
-from afnio.optim.prompts import FEEDBACK_CONDENSE_CHARS, TGD_SYSTEM, TGD_USER
+from afnio.optim.prompts import TGD_SYSTEM, TGD_USER
 from afnio.trainer.projection import PhaseProjection, RunProjection
 
 __all__ = [
@@ -108,6 +108,10 @@ class GraphShape:
             on failed samples (``False`` when a metric's own feedback text is the
             gradient, as with a ``(score, feedback)`` metric).
         parameter_role: the role shown in backward and optimizer prompts.
+        parameters_are_messages: whether each trainable text is a whole message (a
+            system prompt: a backward prompt shows it once); ``False`` when it is part
+            of a larger message (DSPy instructions inside the adapter's system
+            message: shown again as the variable).
     """
 
     forward_calls: int
@@ -118,15 +122,16 @@ class GraphShape:
     judge_texts: tuple[str, ...] = ()
     evaluator_feedback: bool = True
     parameter_role: str = "system prompt"
+    parameters_are_messages: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.forward_calls, bool) or self.forward_calls < 1:
-            raise ValueError(
-                f"`forward_calls` must be >= 1 (the LM calls the program makes per "
-                f"sample), got {self.forward_calls!r}."
-            )
-        if self.judge_calls < 0:
-            raise ValueError(f"`judge_calls` must be >= 0, got {self.judge_calls!r}.")
+        for name, low in (("forward_calls", 1), ("judge_calls", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(
+                    f"`{name}` must be an int >= {low} (LM calls per sample), got "
+                    f"{value!r}."
+                )
         for name in ("prompt_texts", "parameters", "inputs", "judge_texts"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(t, str) for t in value):
@@ -225,6 +230,21 @@ class Assumptions:
     samples_per_call: int | None = None
 
     def __post_init__(self) -> None:
+        for name in (
+            "failure_rate",
+            "answer_tokens",
+            "feedback_tokens",
+            "growth_per_failure_tokens",
+            "max_growth_tokens",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"`{name}` must be a number, got {value!r}.")
+        per_call = self.samples_per_call
+        if per_call is not None and (
+            isinstance(per_call, bool) or not isinstance(per_call, int)
+        ):
+            raise TypeError(f"`samples_per_call` must be an int, got {per_call!r}.")
         if not 0.0 <= self.failure_rate <= 1.0:
             raise ValueError(
                 f"`failure_rate` must be between 0 and 1, got {self.failure_rate!r}."
@@ -326,10 +346,10 @@ def _solve_growth(mean: float, updates: int, per_update: float, cap: float) -> f
     return round((low + high) / 2, 3)
 
 
-def _filler(tokens: float) -> str:
+def _filler(tokens: float, word: str = "abc ") -> str:
     """A text of about ``tokens`` tokens for both :func:`approx_tokens` and
     word-counting tokenizers ("abc " is 4 characters and 1 word)."""
-    return "abc " * max(0, round(tokens))
+    return word * max(0, round(tokens))
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -342,14 +362,36 @@ def _batch_sizes(n: int, batch_size: int) -> list[int]:
 
 
 def _binomial(n: int, p: float) -> list[float]:
-    return [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
+    """P(k of n samples fail), k = 0..n (in log space: no overflow for large n)."""
+    if p <= 0.0:
+        return [1.0] + [0.0] * n
+    if p >= 1.0:
+        return [0.0] * n + [1.0]
+    log_p, log_q = math.log(p), math.log1p(-p)
+    return [
+        math.exp(
+            math.lgamma(n + 1)
+            - math.lgamma(k + 1)
+            - math.lgamma(n - k + 1)
+            + k * log_p
+            + (n - k) * log_q
+        )
+        for k in range(n + 1)
+    ]
 
 
 class _Prompts:
     """Token counts of afnio's prompts rendered with texts of the assumed sizes."""
 
-    def __init__(self, shape: GraphShape, a: Assumptions, tokenizer: Tokenizer):
+    def __init__(
+        self,
+        shape: GraphShape,
+        a: Assumptions,
+        tokenizer: Tokenizer,
+        constraints: Sequence[str] = (),
+    ) -> None:
         self.tok = tokenizer
+        self.constraints = sum(tokenizer(c) + 2 for c in constraints)
         self.shape = shape
         self.a = a
         self.prompt = sum(tokenizer(t) for t in shape.prompt_texts) / (
@@ -376,8 +418,14 @@ class _Prompts:
             {"role": "system", "content": system},
             {"role": "user", "content": _filler(self.input)},
         ]
-        # the parameter is the system message: the prompt shows it once
-        variable = VariableInfo(self.shape.parameter_role, "system", True, system)
+        # a parameter that is the whole system message is shown once; one inside a
+        # larger message is shown again as the variable
+        text = (
+            system
+            if self.shape.parameters_are_messages
+            else _filler(self.parameter, "def ")  # a text of its own
+        )
+        variable = VariableInfo(self.shape.parameter_role, "system", True, text)
         user = chat_backward_user(
             conversation,
             "assistant",
@@ -398,7 +446,10 @@ class _Prompts:
                 "prediction": _filler(self.a.answer_tokens),
                 "target": _filler(self.a.answer_tokens),
                 "score": 0,
-                "details": "",
+                # an LM judge's own explanation of the sample
+                "details": _filler(self.a.feedback_tokens)
+                if self.shape.judge_calls
+                else "",
             },
         )
         user = render(
@@ -420,11 +471,12 @@ class _Prompts:
             PREDICTION_PLACEHOLDER
         )
 
-    def optimizer(self, feedback_texts: float) -> float:
-        """The optimizer prompt without the parameter's own text."""
-        # feedback beyond the condensing limit is condensed by TGD
-        limit = self.tok(_filler(FEEDBACK_CONDENSE_CHARS / 4))
-        feedback = min(feedback_texts * self.a.feedback_tokens, limit)
+    def optimizer(self, feedback_texts: float, past: float) -> float:
+        """The optimizer prompt without the parameter's own text: every distinct
+        feedback text (TGD condenses only texts that differ in quoted parts, which
+        real feedback rarely does), ``past`` tokens of past iterations (momentum) and
+        the constraints."""
+        feedback = feedback_texts * self.a.feedback_tokens + 2 * feedback_texts
         user = render(
             TGD_USER,
             {
@@ -436,7 +488,7 @@ class _Prompts:
                 "constraints": "",
             },
         )
-        return self.request(TGD_SYSTEM, user)
+        return self.request(TGD_SYSTEM, user) + past + self.constraints
 
 
 def _prices(
@@ -469,6 +521,9 @@ def estimate(
     epochs: int = 1,
     batch_size: int = 1,
     validate_first: bool = False,
+    validate_every_step: bool = False,
+    momentum: int = 0,
+    constraints: Sequence[str] = (),
     assumptions: Assumptions | None = None,
     models: str | Mapping[str, str] | None = None,
     tokenizer: Tokenizer = approx_tokens,
@@ -485,19 +540,26 @@ def estimate(
             takes the ``backward`` model); prices from
             :func:`afnio.models.pricing.get_model_price`. ``None``: cost 0, all
             phases listed as unpriced.
+        validate_every_step: a validation pass after every optimizer step too
+            (``Trainer(revert_on_regression=True)``).
+        momentum, constraints: TGD's (past iterations and constraints are shown in
+            every optimizer prompt).
         tokenizer: counts the tokens of a text (default :func:`approx_tokens`).
     """
+    if not isinstance(shape, GraphShape):
+        raise TypeError(f"`shape` must be a GraphShape, got {type(shape).__name__}.")
     for name, value, low in (
         ("n_train", n_train, 1),
         ("n_val", n_val, 0),
         ("epochs", epochs, 1),
         ("batch_size", batch_size, 1),
+        ("momentum", momentum, 0),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
     a = assumptions or Assumptions()
     samples_per_call = a.samples_per_call or config.EVALUATOR_SAMPLES_PER_CALL
-    p = _Prompts(shape, a, tokenizer)
+    p = _Prompts(shape, a, tokenizer, constraints)
     # calls, prompt tokens, completion tokens per phase
     totals = {phase: [0.0, 0.0, 0.0] for phase in PHASES}
 
@@ -510,6 +572,7 @@ def estimate(
     # the parameters grow as the optimizer rewrites them: `grown` tokens so far
     # per parameter, which every later call that shows the parameter carries
     grown = 0.0
+    updates = 0.0  # expected optimizer updates so far (for momentum)
     per_call = len(shape.parameters) / shape.forward_calls  # parameters per call
 
     def validation() -> None:
@@ -539,7 +602,8 @@ def estimate(
             add(
                 "backward",
                 failed * shape.forward_calls,
-                p.chat_backward() + grown * per_call,
+                p.chat_backward()
+                + grown * per_call * (1 if shape.parameters_are_messages else 2),
                 a.feedback_tokens,
             )
             if shape.evaluator_feedback:
@@ -556,6 +620,9 @@ def estimate(
             if any_failed:
                 mean_texts = failed / any_failed  # given that some sample failed
                 before = p.parameter + grown
+                # momentum shows the last iterations: each its value and feedback
+                shown = min(updates, momentum)
+                past = shown * (before + mean_texts * a.feedback_tokens)
                 # E[failures] = P(any) x E[failures | any]: the expected growth
                 grown = min(
                     grown + failed * a.growth_per_failure_tokens, a.max_growth_tokens
@@ -563,9 +630,12 @@ def estimate(
                 add(
                     "optimizer",
                     any_failed * len(shape.parameters),
-                    p.optimizer(mean_texts) + before,
+                    p.optimizer(mean_texts, past) + before,
                     p.parameter + grown,  # the answer is the new value
                 )
+                updates += any_failed
+            if validate_every_step:
+                validation()
         validation()
     prices, unpriced = _prices(models)
     by_phase = {}

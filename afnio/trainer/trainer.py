@@ -29,7 +29,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from afnio._variable import Variable
 from afnio.autodiff.grad_mode import no_grad
@@ -37,6 +37,9 @@ from afnio.cognitive.modules.module import Module
 from afnio.models.model import BaseModel
 from afnio.models.phases import LEDGER, PhaseRow
 from afnio.serialization import load, save
+
+if TYPE_CHECKING:
+    from afnio.trainer.estimate import Assumptions, GraphShape, RunEstimate, Tokenizer
 
 __all__ = ["BudgetExceeded", "Trainer"]
 
@@ -351,17 +354,21 @@ class Trainer:
         train_dataloader: Any,
         val_dataloader: Any = None,
         *,
-        assumptions: Any = None,
+        assumptions: Assumptions | None = None,
         models: str | Mapping[str, str] | None = None,
-        shape: Any = None,
-        tokenizer: Any = None,
-    ) -> Any:
+        shape: GraphShape | None = None,
+        momentum: int = 0,
+        constraints: Sequence[str] = (),
+        tokenizer: Tokenizer | None = None,
+    ) -> RunEstimate:
         """Estimate what :meth:`fit` with these loaders would spend, **before any LM
         call** (a dry run): LM calls, tokens and cost by phase, from the dataset
         sizes, the batch size, ``max_epochs``, the agent's graph shape
         (:meth:`~afnio.trainer.estimate.GraphShape.of_module`, or ``shape=``) and the
-        prices of ``models``. See :mod:`afnio.trainer.estimate` for the model and
-        its ``assumptions``.
+        prices of ``models``, with a validation after every step when
+        ``revert_on_regression`` is set; ``momentum`` and ``constraints``: those of
+        the agent's TGD. See :mod:`afnio.trainer.estimate` for the model and its
+        ``assumptions``.
 
         Example::
 
@@ -371,6 +378,11 @@ class Trainer:
                 ...
         """
         from afnio.trainer.estimate import GraphShape, approx_tokens, estimate
+
+        if not isinstance(agent, Module):
+            raise TypeError(
+                f"`agent` must be an afnio Module, got {type(agent).__name__}."
+            )
 
         def size(loader: Any, name: str) -> tuple[int, int, Any]:
             dataset = getattr(loader, "dataset", None)
@@ -396,6 +408,9 @@ class Trainer:
             n_val=n_val,
             epochs=self.max_epochs,
             batch_size=batch_size,
+            validate_every_step=self.revert_on_regression and n_val > 0,
+            momentum=momentum,
+            constraints=constraints,
             assumptions=assumptions,
             models=models,
             tokenizer=tokenizer or approx_tokens,

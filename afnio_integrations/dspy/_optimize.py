@@ -52,7 +52,12 @@ from afnio_integrations._recorded import JoinFields
 from afnio_integrations._report import OptimizeReport
 from afnio_integrations._training import SplitAgent, train_agent
 from afnio_integrations.dspy._model import DSPyLM
-from afnio_integrations.dspy._traced import TracedPrediction, TracedProgram, trace
+from afnio_integrations.dspy._traced import (
+    TracedPrediction,
+    TracedProgram,
+    _description,
+    trace,
+)
 from afnio_integrations.dspy._tracing import field_text
 
 __all__ = ["AfnioTGD", "MetricEvaluator", "call_metric"]
@@ -269,6 +274,14 @@ def _examples(data: Sequence[Any] | None, name: str) -> list[dspy.Example]:
     return rows
 
 
+def _valset(
+    valset: Sequence[dspy.Example] | None, train: list[dspy.Example]
+) -> list[dspy.Example]:
+    if valset is not None and not list(valset):
+        raise ValueError("`valset` is empty: pass examples, or None for trainset.")
+    return _examples(valset, "valset") or train
+
+
 def _student_and_trainset(
     student: Any, trainset: Sequence[dspy.Example]
 ) -> list[dspy.Example]:
@@ -387,14 +400,21 @@ class AfnioTGD(Teleprompter):
         trainset: Sequence[dspy.Example],
         *,
         metric_feedback: bool = False,
+        forward_calls: int | None = None,
     ) -> GraphShape:
         """The program's graph shape for :mod:`afnio.trainer.estimate` (see
         :meth:`estimate`); also what ``Assumptions.from_rows`` needs to tune
-        assumptions on a pilot's ``report.phases``."""
+        assumptions on a pilot's ``report.phases``. ``forward_calls``: LM calls per
+        example when a predictor runs several times (ReAct, BestOfN, Refine,
+        loops); default one per predictor."""
         train = _student_and_trainset(student, trainset)
         predictors = [p for _, p in student.named_predictors()]
         if not predictors:
-            raise ValueError("the program has no predictor: there is nothing to train.")
+            raise ValueError(
+                "the program has no dspy.Predict to count its LM calls by (a program "
+                "of AfnioModules only): estimate its afnio Modules with "
+                "afnio.trainer.estimate.GraphShape.of_module instead."
+            )
         adapter = dspy.ChatAdapter()
         texts: list[str] = []
         parameters: list[str] = []
@@ -406,11 +426,10 @@ class AfnioTGD(Teleprompter):
             parameters.append(signature.instructions)
             if self.descriptions:
                 parameters += [
-                    str(f.json_schema_extra.get("desc", ""))
-                    for f in signature.output_fields.values()
+                    _description(f) for f in signature.output_fields.values()
                 ]
         return GraphShape(
-            forward_calls=len(predictors),
+            forward_calls=len(predictors) if forward_calls is None else forward_calls,
             prompt_texts=tuple(texts),
             parameters=tuple(parameters),
             inputs=tuple(
@@ -418,6 +437,7 @@ class AfnioTGD(Teleprompter):
             ),
             evaluator_feedback=not metric_feedback,
             parameter_role="instructions",
+            parameters_are_messages=False,  # inside the adapter's system message
         )
 
     def estimate(
@@ -427,6 +447,7 @@ class AfnioTGD(Teleprompter):
         trainset: Sequence[dspy.Example],
         valset: Sequence[dspy.Example] | None = None,
         metric_feedback: bool = False,
+        forward_calls: int | None = None,
         assumptions: Assumptions | None = None,
         models: str | Mapping[str, str] | None = None,
         tokenizer: Tokenizer = approx_tokens,
@@ -449,9 +470,14 @@ class AfnioTGD(Teleprompter):
                 program, trainset=train, valset=val, models="gpt-4o-mini")
             print(run)  # estimated: ... LM calls, ... tokens, $...
         """
-        shape = self.graph_shape(student, trainset, metric_feedback=metric_feedback)
+        shape = self.graph_shape(
+            student,
+            trainset,
+            metric_feedback=metric_feedback,
+            forward_calls=forward_calls,
+        )
         train = _examples(trainset, "trainset")
-        val = _examples(valset, "valset") or train
+        val = _valset(valset, train)
         if models is None:
             name = getattr(dspy.settings.lm, "model", None)
             models = {"forward": name.split("/")[-1]} if isinstance(name, str) else None
@@ -462,6 +488,9 @@ class AfnioTGD(Teleprompter):
             epochs=self.epochs,
             batch_size=self.batch_size,
             validate_first=True,
+            validate_every_step=self.revert_on_regression,
+            momentum=self.momentum,
+            constraints=self.constraints,
             assumptions=assumptions,
             models=models,
             tokenizer=tokenizer,
@@ -484,9 +513,7 @@ class AfnioTGD(Teleprompter):
         if teacher is not None:
             raise ValueError("AfnioTGD does not use a teacher program: pass none.")
         train = _student_and_trainset(student, trainset)
-        if valset is not None and not list(valset):
-            raise ValueError("`valset` is empty: pass examples, or None for trainset.")
-        val = _examples(valset, "valset") or train
+        val = _valset(valset, train)
         program = student.deepcopy()
         traced = trace(program, descriptions=self.descriptions)
         backward, args = self._backward()

@@ -73,6 +73,7 @@ def estimate(
     select: Selector = "system",
     include: Iterable[Any] = (),
     metric_feedback: bool = False,
+    revert_on_regression: bool = False,
     forward_calls: int | None = None,
     assumptions: Assumptions | None = None,
     models: str | Mapping[str, str] | None = None,
@@ -85,6 +86,7 @@ def estimate(
     Args:
         metric_feedback: ``True`` if the metric returns ``(score, feedback)`` (its
             text is the gradient: no evaluator-backward call).
+        revert_on_regression: as for ``optimize`` (a validation after every step).
         forward_calls: LM calls the chain makes per input (default: one per prompt
             template found; set it for a chain that calls a prompt in a loop).
         assumptions: see :class:`afnio.trainer.estimate.Assumptions` (failure rate,
@@ -101,6 +103,9 @@ def estimate(
     """
     if not trainset:
         raise ValueError("`trainset` is empty: pass (inputs, target) pairs.")
+    for name, pairs in (("trainset", trainset), ("valset", valset or ())):
+        if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+            raise TypeError(f"`{name}` must hold (inputs, target) pairs.")
     prompts: dict[int, Any] = {}
     for runnable in (chain, *include):
         for prompt in _prompts(runnable):
@@ -129,6 +134,7 @@ def estimate(
         epochs=epochs,
         batch_size=batch_size,
         validate_first=True,
+        validate_every_step=revert_on_regression,
         assumptions=assumptions,
         models=models,
         tokenizer=tokenizer,

@@ -507,11 +507,51 @@ def test_failed_samples_are_sent_in_groups_concurrently() -> None:
                     assert grads[i] == ""
 
 
-def test_samples_per_call_must_be_a_positive_int() -> None:
+def test_samples_per_call_must_be_a_positive_int(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     prediction = Variable(["a", "b"], role="label", requires_grad=True)
-    for bad in (0, -1, 2.5, True, "8"):
-        with pytest.raises(ValueError, match="`samples_per_call` must be a positive"):
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="`samples_per_call` must be >= 1"):
             ExactMatchEvaluator.apply(prediction, ["a", "c"], samples_per_call=bad)
+    for bad in (2.5, True, "8"):
+        with pytest.raises(TypeError, match="`samples_per_call` must be an int"):
+            ExactMatchEvaluator.apply(prediction, ["a", "c"], samples_per_call=bad)
+    monkeypatch.setattr(afnio.autodiff.config, "EVALUATOR_SAMPLES_PER_CALL", 0)
+    with pytest.raises(ValueError, match="`EVALUATOR_SAMPLES_PER_CALL` must be >= 1"):
+        ExactMatchEvaluator.apply(prediction, ["a", "c"])
+
+
+def test_a_bad_samples_per_call_fails_before_the_judge_is_paid() -> None:
+    judge = ScriptedLM('{"score": true, "explanation": "ok"}')
+    messages = [{"role": "user", "content": [Variable(JUDGE_USER, role="judge")]}]
+    prediction = Variable(["a", "b"], role="label", requires_grad=True)
+    with pytest.raises(ValueError, match="`samples_per_call` must be >= 1"):
+        LMJudgeEvaluator.apply(
+            judge, messages, prediction, ["a", "b"], samples_per_call=0
+        )
+    assert judge.calls == 0
+
+
+def test_one_failed_group_among_several_changes_no_gradient() -> None:
+    from afnio.models.openai import AsyncOpenAI
+    from afnio.testing import Fault, Simulator
+
+    with (
+        Simulator() as sim,
+        AsyncOpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as llm,
+    ):
+        afnio.set_backward_model_client(llm, completion_args={"model": SIMULATOR_MODEL})
+        prediction = Variable(["x"] * 12, role="labels", requires_grad=True)
+        _, explanation = ExactMatchEvaluator.apply(
+            prediction, ["y"] * 12, samples_per_call=4
+        )
+        sim.inject(Fault.SERVER_ERROR)  # one of the 3 groups' requests fails
+        with pytest.raises(Exception):  # noqa: B017 (the SDK's error, any kind)
+            explanation.backward(retain_graph=True)
+        assert prediction.grad == []
+        explanation.backward()  # the graph was kept: it works when the LM does
+        assert len(prediction.grad[0].data) == 12
 
 
 def test_async_apply_and_backward_inside_an_event_loop() -> None:
@@ -567,7 +607,7 @@ def test_a_wrong_gradient_count_is_retried_then_raises_a_value_error() -> None:
     prediction = Variable("green", role="color", requires_grad=True)
     _, explanation = ExactMatchEvaluator.apply(prediction, "red")
     with pytest.raises(
-        GradientCountError, match="3 gradients, but there are 1"
+        GradientCountError, match="3 feedback strings, but 1 are asked for"
     ) as info:
         explanation.backward()
     assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)

@@ -439,6 +439,23 @@ def test_evaluator_backward_parses_the_sample_not_the_explanation() -> None:
     ]
 
 
+def test_markup_inside_texts_is_not_read_as_samples_or_variables() -> None:
+    user = evaluator_backward_user(
+        "neutral",
+        "negative",
+        [("sentiment", "prediction", False, prompts.PREDICTION_PLACEHOLDER)],
+        input='It broke. <SAMPLE index="9"> and </VARIABLES> inside the text',
+        explanation="No <SAMPLE> here.",
+        more=[("Thanks </VARIABLES>", "neutral", "positive")],
+    )
+    prompt = world.EvaluatorBackwardPrompt.parse(user)
+    assert [(s.prediction, s.target) for s in prompt.samples] == [
+        ("neutral", "negative"),
+        ("neutral", "positive"),
+    ]
+    assert len(prompt.variables) == 1
+
+
 def test_evaluator_backward_answers_every_sample_of_a_group_in_order() -> None:
     variables: list[Var] = [
         ("sentiment prediction", "prediction", True, prompts.PREDICTION_PLACEHOLDER),

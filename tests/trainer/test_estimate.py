@@ -5,6 +5,8 @@ tuned on a batch-16, 1-epoch pilot estimate other configurations within 20%."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 import afnio
@@ -167,7 +169,7 @@ def test_bad_arguments_say_which_and_how_to_fix() -> None:
         estimate(shape, n_train=10, models={"fwd": "gpt-4o"})
     with pytest.raises(ValueError, match="`failure_rate` must be between 0 and 1"):
         Assumptions(failure_rate=1.5)
-    with pytest.raises(ValueError, match="`forward_calls` must be >= 1"):
+    with pytest.raises(ValueError, match="`forward_calls` must be an int >= 1"):
         GraphShape(0, ("x",), ("x",))
     with pytest.raises(ValueError, match="nothing to optimize"):
         GraphShape(1, ("x",), ())
@@ -252,3 +254,96 @@ def test_assumptions_tuned_on_a_pilot_estimate_other_runs_within_20_percent() ->
         for what in ("calls", "tokens", "cost"):
             measured = row[f"measured_{what}"]
             assert abs(row[f"estimated_{what}"] - measured) <= 0.2 * measured, report
+
+
+def test_large_batches_do_not_overflow() -> None:
+    shape = GraphShape(1, ("Classify.",), ("Classify.",))
+    for rate in (0.01, 0.5, 1.0):
+        run = estimate(
+            shape,
+            n_train=2000,
+            batch_size=2000,
+            assumptions=Assumptions(failure_rate=rate),
+        )
+        assert (
+            run.by_phase["backward"].calls
+            == round(2000 * rate + math.ceil(2000 * rate / 8))
+            or rate == 0.01
+        )  # 0.01: the groups are a distribution, not a count
+        assert run.by_phase["optimizer"].calls == 1
+
+
+def test_per_step_validation_momentum_and_constraints_are_counted() -> None:
+    shape = GraphShape(1, ("Classify.",), ("Classify.",))
+    every = Assumptions(failure_rate=1.0)
+    base = estimate(shape, n_train=40, n_val=10, batch_size=8, assumptions=every)
+    gated = estimate(
+        shape,
+        n_train=40,
+        n_val=10,
+        batch_size=8,
+        validate_every_step=True,
+        assumptions=every,
+    )
+    # 5 steps, each followed by a validation of 10 samples
+    assert gated.by_phase["forward"].calls == base.by_phase["forward"].calls + 5 * 10
+    richer = estimate(
+        shape,
+        n_train=40,
+        batch_size=8,
+        momentum=2,
+        constraints=["Do not use the character x."],
+        assumptions=every,
+    )
+    plain = estimate(shape, n_train=40, batch_size=8, assumptions=every)
+    assert (
+        richer.by_phase["optimizer"].prompt_tokens
+        > plain.by_phase["optimizer"].prompt_tokens
+    )
+
+
+def test_feedback_is_counted_per_distinct_text_not_capped() -> None:
+    shape = GraphShape(1, ("Classify.",), ("Classify.",))
+    a = Assumptions(failure_rate=1.0, feedback_tokens=60)
+    small = estimate(shape, n_train=4, batch_size=4, assumptions=a)
+    large = estimate(shape, n_train=64, batch_size=64, assumptions=a)
+    # 64 feedback texts of 60 tokens reach the one optimizer prompt
+    assert large.by_phase["optimizer"].prompt_tokens > 64 * 60
+    assert small.by_phase["optimizer"].prompt_tokens < 4 * 60 + 400
+
+
+def test_texts_inside_messages_and_judge_explanations_cost_tokens() -> None:
+    prompt = "Classify the sentiment of the customer message. " * 4
+    inside = GraphShape(1, (prompt,), (prompt,), parameters_are_messages=False)
+    whole = GraphShape(1, (prompt,), (prompt,))
+    a = Assumptions(failure_rate=1.0)
+    assert (
+        estimate(inside, n_train=8, batch_size=8, assumptions=a)
+        .by_phase["backward"]
+        .prompt_tokens
+        > estimate(whole, n_train=8, batch_size=8, assumptions=a)
+        .by_phase["backward"]
+        .prompt_tokens
+    )
+    judged = GraphShape(1, (prompt,), (prompt,), judge_calls=1, judge_texts=("Judge.",))
+    assert (
+        estimate(judged, n_train=8, batch_size=8, assumptions=a)
+        .by_phase["backward"]
+        .prompt_tokens
+        > estimate(whole, n_train=8, batch_size=8, assumptions=a)
+        .by_phase["backward"]
+        .prompt_tokens
+    )
+
+
+def test_wrong_types_are_named() -> None:
+    with pytest.raises(TypeError, match="`failure_rate` must be a number"):
+        Assumptions(failure_rate="0.5")
+    with pytest.raises(TypeError, match="`samples_per_call` must be an int"):
+        Assumptions(samples_per_call=2.5)
+    with pytest.raises(ValueError, match="`forward_calls` must be an int >= 1"):
+        GraphShape(1.5, ("x",), ("x",))
+    with pytest.raises(TypeError, match="`shape` must be a GraphShape"):
+        estimate("shape", n_train=1)
+    with pytest.raises(TypeError, match="`agent` must be an afnio Module"):
+        Trainer().estimate("agent", DataLoader([1], batch_size=1))

@@ -396,3 +396,31 @@ def test_estimate_tuned_on_a_pilot_estimates_the_full_run_within_20_percent(
     print(report)
     assert abs(run.calls - calls) <= 0.2 * calls, report
     assert abs(estimated - tokens) <= 0.2 * tokens, report
+
+
+def test_estimate_arguments_and_program_shapes() -> None:
+    examples = [
+        dspy.Example(message=f"message {i}", sentiment="neutral").with_inputs("message")
+        for i in range(8)
+    ]
+    tgd = AfnioTGD(metric=sentiment_match, epochs=1, batch_size=4, progress=False)
+    cot = dspy.ChainOfThought("message -> sentiment")
+    one = tgd.estimate(cot, trainset=examples)
+    # a validation first, 8 training samples, a validation after the epoch
+    assert one.by_phase["forward"].calls == 8 + 8 + 8
+    react_like = tgd.estimate(cot, trainset=examples, forward_calls=3)
+    assert react_like.by_phase["forward"].calls == 3 * 24
+    with pytest.raises(ValueError, match="`valset` is empty"):
+        tgd.estimate(cot, trainset=examples, valset=[])
+    with pytest.raises(ValueError, match=r"no dspy\.Predict to count"):
+        tgd.estimate(dspy.Module(), trainset=examples)
+    with pytest.raises(TypeError, match=r"`student` must be a dspy\.Module"):
+        tgd.estimate("program", trainset=examples)
+    gated = AfnioTGD(
+        metric=sentiment_match,
+        epochs=1,
+        batch_size=4,
+        revert_on_regression=True,
+        progress=False,
+    ).estimate(cot, trainset=examples)
+    assert gated.by_phase["forward"].calls == one.by_phase["forward"].calls + 2 * 8

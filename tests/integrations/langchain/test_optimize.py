@@ -157,6 +157,11 @@ def test_estimate_spends_nothing_and_counts_what_optimize_calls(
     assert feedback.by_phase["backward"].calls < plain.by_phase["backward"].calls
     with pytest.raises(ValueError, match="nothing to optimize"):
         estimate(chain, trainset, select="ai")
+    with pytest.raises(TypeError, match="`trainset` must hold \\(inputs, target\\)"):
+        estimate(chain, [{"message": "hi"}])
+    gated = estimate(chain, trainset, batch_size=4, revert_on_regression=True)
+    # a validation of the 8 samples after each of the 2 steps per epoch, 3 epochs
+    assert gated.by_phase["forward"].calls == plain.by_phase["forward"].calls + 6 * 8
 
 
 def test_optimize_rejects_an_empty_trainset() -> None:
