@@ -650,12 +650,8 @@ def estimate(
             round(completion),
             calculate_cost(usage, price) if price else 0.0,
         )
-    return RunEstimate(
-        calls=sum(x.calls for x in by_phase.values()),
-        prompt_tokens=sum(x.prompt_tokens for x in by_phase.values()),
-        completion_tokens=sum(x.completion_tokens for x in by_phase.values()),
-        cost=sum(x.cost for x in by_phase.values()),
-        by_phase=by_phase,
+    return RunEstimate.of_phases(
+        by_phase,
         assumptions=a,
         unpriced=tuple(u for u in unpriced if u.split(" ")[0] in by_phase),
     )

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, Self
 
 from afnio.models.phases import PHASES, PhaseRow
 
@@ -113,6 +114,21 @@ class RunProjection:
     cost: float
     by_phase: dict[str, PhaseProjection] = field(default_factory=dict)
 
+    @classmethod
+    def of_phases(
+        cls, by_phase: dict[str, PhaseProjection], **fields: Any
+    ) -> Self:
+        """A run whose totals are the sums of ``by_phase`` (``fields``: a
+        subclass's own)."""
+        return cls(
+            calls=sum(p.calls for p in by_phase.values()),
+            prompt_tokens=sum(p.prompt_tokens for p in by_phase.values()),
+            completion_tokens=sum(p.completion_tokens for p in by_phase.values()),
+            cost=sum(p.cost for p in by_phase.values()),
+            by_phase=by_phase,
+            **fields,
+        )
+
     def __str__(self) -> str:
         lines = [
             f"projected: {self.calls} LM calls, {self.prompt_tokens} prompt + "
@@ -162,10 +178,4 @@ def project(
             round(calls * rate.completion_tokens_per_call),
             calls * rate.cost_per_call,
         )
-    return RunProjection(
-        calls=sum(p.calls for p in by_phase.values()),
-        prompt_tokens=sum(p.prompt_tokens for p in by_phase.values()),
-        completion_tokens=sum(p.completion_tokens for p in by_phase.values()),
-        cost=sum(p.cost for p in by_phase.values()),
-        by_phase=by_phase,
-    )
+    return RunProjection.of_phases(by_phase)
