@@ -115,9 +115,7 @@ class RunProjection:
     by_phase: dict[str, PhaseProjection] = field(default_factory=dict)
 
     @classmethod
-    def of_phases(
-        cls, by_phase: dict[str, PhaseProjection], **fields: Any
-    ) -> Self:
+    def of_phases(cls, by_phase: dict[str, PhaseProjection], **fields: Any) -> Self:
         """A run whose totals are the sums of ``by_phase`` (``fields``: a
         subclass's own)."""
         return cls(
