@@ -179,6 +179,30 @@ def _default_messages() -> list[dict[str, Any]]:
     ]
 
 
+def _wrapped_value(text: str) -> str | None:
+    """The inner string if ``text`` is a JSON object whose only key is
+    ``improved_value`` (an LM that encoded its answer twice), else ``None``.
+
+    Example::
+
+        >>> _wrapped_value('{"improved_value": "Be brief."}')
+        'Be brief.'
+        >>> _wrapped_value('{"label": "x"}') is None  # other JSON may be a prompt
+        True
+    """
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        return None
+    try:
+        data = json.loads(stripped)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(data, dict) and list(data) == ["improved_value"]:
+        inner = data["improved_value"]
+        return inner if isinstance(inner, str) else ""
+    return None
+
+
 def _check_answer(answer: str, param: Variable) -> str:
     try:
         data = json.loads(answer)
@@ -188,6 +212,14 @@ def _check_answer(answer: str, param: Variable) -> str:
         value = _ImprovedVariable.model_validate(data).improved_value
     except pydantic.ValidationError:
         raise ValueError('the answer must be {"improved_value": "<string>"}') from None
+    inner = _wrapped_value(value)
+    if inner is not None:  # double-encoded: unwrap one level of the same schema
+        value = inner
+        if _wrapped_value(value) is not None:
+            raise ValueError(
+                'the improved value is itself a JSON {"improved_value": ...} object '
+                "nested more than once"
+            )
     if not value.strip():
         raise ValueError("the improved value is empty")
     expected = set(placeholders(str(param.data)))

@@ -211,3 +211,55 @@ def test_parameters_of_a_step_are_optimized_concurrently() -> None:
         assert sim.stats.peak_in_flight == 6
     assert all(p.data.endswith(RULE_AWFUL) for p in params)
     afnio.set_max_concurrency(16)
+
+
+class Answers(ChatCompletionModel):
+    """Answers each TGD call with the next text of a list."""
+
+    def __init__(self, answers: list[str]) -> None:
+        super().__init__(provider="scripted")
+        self.answers = list(answers)
+        self.calls = 0
+
+    async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        self.calls += 1
+        return self.answers.pop(0)
+
+    def update_usage(self, usage: Any, model_name: str | None = None) -> None:
+        pass
+
+
+def _wrap(value: str, times: int) -> str:
+    for _ in range(times):
+        value = json.dumps({"improved_value": value})
+    return value
+
+
+def test_a_double_encoded_answer_is_unwrapped_once() -> None:
+    param = Parameter("Customer message: {message}", role="prompt")
+    param.append_grad(Variable("name the label", role="feedback"))
+    client = Answers([_wrap("Classify. Customer message: {message}", 2)])
+    TGD([param], model_client=client).step()
+    assert param.data == "Classify. Customer message: {message}"
+    assert client.calls == 1
+
+
+def test_an_answer_wrapped_three_times_never_becomes_the_prompt() -> None:
+    param = Parameter("Customer message: {message}", role="prompt")
+    param.append_grad(Variable("name the label", role="feedback"))
+    bad = _wrap("Customer message: {message}", 3)
+    client = Answers([bad, bad, bad, bad])
+    with pytest.raises(OptimizerStepError):
+        TGD([param], model_client=client).step()
+    assert param.data == "Customer message: {message}"
+    client = Answers([bad, _wrap("Better. Customer message: {message}", 1)])
+    TGD([param], model_client=client).step()  # retried, then a good answer
+    assert param.data == "Better. Customer message: {message}"
+
+
+def test_other_json_texts_may_be_prompts() -> None:
+    param = Parameter('{"format": "json"}', role="prompt")
+    param.append_grad(Variable("add a key", role="feedback"))
+    value = '{"format": "json", "strict": true}'
+    TGD([param], model_client=Answers([_wrap(value, 1)])).step()
+    assert param.data == value
