@@ -11,12 +11,19 @@ per test: ``cassettes/<test module path>/<test name>.yaml``) with no network. To
 
 Each cassette stores which server answered it (metadata ``recorded_with``). Requests
 match on method, path and JSON body only (never host or port: the simulator's port
-changes between runs). Auth headers never reach a cassette: every request header but
-``content-type`` is dropped before recording, and volatile response headers too.
+changes between runs). Credentials never reach a cassette: every request header but
+``content-type`` is dropped before recording (volatile response headers too), and so
+are URL user info and every query parameter that is a credential (``?key=``,
+``?api_key=``, ``?access_token=``, ``?sig=``, any value like ``sk-...``; the rules are
+``afnio._secrets``); a credential in a JSON request body is masked.
+
+Replaying, a test whose cassette does not exist, or whose request is not in it, fails
+with a "Cassette miss" report naming the cassette and the command that records it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 import afnio
+from afnio._secrets import mask_query_string, mask_secrets
 
 TESTS_DIR = Path(__file__).resolve().parent
 CASSETTES_DIR = TESTS_DIR.parent / "cassettes"
@@ -90,14 +98,36 @@ def _no_backward_client(monkeypatch: pytest.MonkeyPatch) -> None:
 SIMULATOR_HOST = "simulator.invalid"  # what a cassette shows for the local simulator
 
 
+def _scrub_body(body: Any) -> Any:
+    """A JSON body with its credentials masked; any other body as it is. A body with
+    nothing to mask is returned unchanged (byte for byte)."""
+    if not isinstance(body, (str, bytes)) or not body:
+        return body
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body
+    masked = mask_secrets(data)
+    return body if masked == data else json.dumps(masked)
+
+
 def _scrub_request(request: Any) -> Any:
+    """What a cassette records of a request: no header but ``content-type``, no user
+    info or credential query parameter in the URL, no credential in a JSON body, and
+    the simulator under one stable host. Replaying applies it to live requests too
+    (before matching), so it never changes what matches."""
     request.headers = {
         k: v for k, v in request.headers.items() if k.lower() == "content-type"
     }
     parts = urlsplit(request.uri)
+    netloc = parts.netloc.rpartition("@")[2]  # user info never reaches a cassette
     if parts.hostname in ("127.0.0.1", "localhost", "::1"):
         # the simulator's port changes every run: record one stable address
-        request.uri = urlunsplit(parts._replace(netloc=SIMULATOR_HOST))
+        netloc = SIMULATOR_HOST
+    query = mask_query_string(parts.query, drop=True)
+    request.uri = urlunsplit(parts._replace(netloc=netloc, query=query))
+    if isinstance(request.body, (str, bytes)):  # never a file or an iterator
+        request.body = _scrub_body(request.body)
     return request
 
 
@@ -200,7 +230,7 @@ def lm(
     if vcr is None:
         pytest.fail("the `lm` fixture needs @pytest.mark.vcr on the test")
     if record_mode == "none":
-        vcr.get_metadata("recorded_with", None)  # every cassette names its server
+        _check_replayable(vcr, request.node.nodeid)
         endpoint = LMEndpoint("http://127.0.0.1:9/v1", DUMMY_KEY, None)
         yield endpoint
         endpoint.close()
@@ -234,7 +264,52 @@ def backward_lm(lm: LMEndpoint) -> LMEndpoint:
     return lm
 
 
+def _miss_report(what: str, cassette_path: Any, nodeid: str) -> str:
+    """The project's "Cassette miss" report: what is missing, the cassette, and the
+    command that records it (``once`` creates a missing cassette; an existing one is
+    write-protected in that mode, so it is re-recorded with ``rewrite``)."""
+    if Path(str(cassette_path)).is_file():
+        command, note = "rewrite", "(re-records the whole cassette; then compare it)"
+    else:
+        command, note = "once", "(records only cassettes that do not exist yet)"
+    return (
+        f"Cassette miss: {what}\n"
+        f"  cassette: {cassette_path}\n"
+        f"Record it against the simulator with:\n"
+        f"  python -m pytest '{nodeid}' --record-mode={command}\n"
+        f"{note}"
+    )
+
+
+def _check_replayable(cassette: Any, nodeid: str) -> None:
+    """Replaying: fail with a cassette-miss report unless the cassette file exists and
+    names the server that answered it (metadata ``recorded_with``)."""
+    from vcr.errors import CannotOverwriteExistingCassetteException
+
+    path = Path(cassette._path)
+    if not path.is_file():
+        pytest.fail(
+            _miss_report("this test has no cassette (replay mode).", path, nodeid),
+            pytrace=False,
+        )
+    try:
+        cassette.get_metadata("recorded_with", None)
+    except CannotOverwriteExistingCassetteException:
+        pytest.fail(
+            _miss_report(
+                "the cassette does not say which server answered it (metadata "
+                "recorded_with): re-record it.",
+                path,
+                nodeid,
+            ),
+            pytrace=False,
+        )
+
+
 def _cassette_miss(excinfo: Any) -> BaseException | None:
+    """vcrpy's "can't record in this mode" error (or a subclass) behind a failure."""
+    from vcr.errors import CannotOverwriteExistingCassetteException
+
     seen: set[int] = set()
     stack = [excinfo.value] if excinfo is not None else []
     while stack:
@@ -242,7 +317,7 @@ def _cassette_miss(excinfo: Any) -> BaseException | None:
         if err is None or id(err) in seen:
             continue
         seen.add(id(err))
-        if type(err).__name__ == "CannotOverwriteExistingCassetteException":
+        if isinstance(err, CannotOverwriteExistingCassetteException):
             return err
         stack.extend([err.__cause__, err.__context__])
     return None
@@ -255,20 +330,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and call.excinfo is not None:
         miss = _cassette_miss(call.excinfo)
         if miss is not None:
+            path = getattr(miss.cassette, "_path", "?")
             request = getattr(miss, "failed_request", None)
-            what = f"{request.method} {request.path}" if request is not None else "?"
-            body = ""
-            if request is not None and request.body:
-                raw = request.body
+            said = ""
+            if not Path(str(path)).is_file():
+                what = "this test has no cassette (replay mode)."
+            elif request is None:  # vcrpy's MissingMetadataError
+                what = (
+                    f"the cassette lacks the metadata {getattr(miss, 'key', '?')!r}: "
+                    "re-record it."
+                )
+            else:
+                raw = request.body or b""
                 body = (
                     raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
                 )[:400]
-            report.longrepr = (
-                f"Cassette miss: the request {what} is not recorded.\n"
-                f"  body: {body}\n"
-                f"  cassette: {getattr(miss.cassette, '_path', '?')}\n"
-                f"Record it against the simulator with:\n"
-                f"  python -m pytest '{item.nodeid}' --record-mode=once\n"
-                f"(or --record-mode=rewrite to re-record the whole cassette).\n\n"
-                f"vcrpy said: {str(miss)[:1500]}"
-            )
+                what = (
+                    f"the request {request.method} {request.path} is not recorded.\n"
+                    f"  body: {body}"
+                )
+                said = f"\n\nvcrpy said: {str(miss)[:1500]}"
+            report.longrepr = _miss_report(what, path, item.nodeid) + said

@@ -1,40 +1,55 @@
-"""The recorded cassettes: no secrets, a declared server, and the compare tool."""
+"""The recorded cassettes: no secrets, a declared server, the compare tool, and the
+cassette machinery of ``tests/conftest.py`` (credential scrubbing, cassette misses)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from vcr.request import Request
 
+from afnio._secrets import SECRET_SCAN_PATTERNS
 from afnio.testing.cassettes import compare_cassette_dirs, main
+from tests.conftest import _scrub_request
 
-CASSETTES = Path(__file__).resolve().parents[1] / "cassettes"
+TESTS = Path(__file__).resolve().parent
+CASSETTES = TESTS.parent / "cassettes"
 ALL = sorted(CASSETTES.rglob("*.yaml"))
+FILES = sorted(p for p in CASSETTES.rglob("*") if p.is_file())  # README.md too
 SECRET_PATTERNS = [
-    re.compile(r"sk-[A-Za-z0-9_-]{16,}"),
-    re.compile(r"Bearer\s+[A-Za-z0-9._-]{8,}", re.I),
-    re.compile(
-        r"^\s*(authorization|api-key|x-api-key|openai-organization|cookie)\s*:",
-        re.I | re.M,
-    ),
+    *SECRET_SCAN_PATTERNS,
+    # not credentials, but never recorded either
+    re.compile(r"^[\s-]*(openai-organization|openai-project)\s*:", re.I | re.M),
 ]
+
+
+def _leaks(text: str) -> list[str]:
+    return [m.group(0) for p in SECRET_PATTERNS for m in p.finditer(text)]
 
 
 def test_there_are_cassettes() -> None:
     assert len(ALL) >= 10
 
 
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(CASSETTES)))
+def test_no_file_of_the_cassettes_folder_holds_a_secret(path: Path) -> None:
+    leaks = _leaks(path.read_text(encoding="utf-8", errors="replace"))
+    assert not leaks, f"{path} looks like it holds a secret: {leaks}"
+
+
+def test_every_file_of_the_cassettes_folder_is_scanned() -> None:
+    assert CASSETTES / "README.md" in FILES and set(ALL) <= set(FILES)
+
+
 @pytest.mark.parametrize("path", ALL, ids=lambda p: str(p.relative_to(CASSETTES)))
-def test_cassette_holds_no_secret_and_names_its_server(path: Path) -> None:
-    text = path.read_text(encoding="utf-8")
-    for pattern in SECRET_PATTERNS:
-        assert not pattern.search(text), (
-            f"{path} looks like it holds a secret ({pattern.pattern})"
-        )
-    data = yaml.safe_load(text)
+def test_cassette_names_its_server_and_keeps_no_request_header(path: Path) -> None:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert data["metadata"]["recorded_with"], (
         "every cassette says which server answered"
     )
@@ -42,9 +57,154 @@ def test_cassette_holds_no_secret_and_names_its_server(path: Path) -> None:
         assert set(item["request"]["headers"]) <= {"content-type"}
 
 
-def test_secret_scan_catches_a_leaked_key(tmp_path: Path) -> None:
-    leaked = "headers:\n  authorization:\n  - Bearer sk-abcdefghijklmnopqrstuvwxyz\n"
-    assert any(p.search(leaked) for p in SECRET_PATTERNS)
+@pytest.mark.parametrize(
+    "leaked",
+    [
+        "headers:\n  authorization:\n  - Bearer sk-abcdefghijklmnopqrstuvwxyz\n",
+        "body: 'the key is sk-test-dummy-key'",  # shorter than 16 after sk-
+        "body: sk-ab12",
+        "value: Bearer tok1234",
+        "headers:\n  api-key:\n  - azure-value\n",
+        "  x-api-key: anything\n",
+        "uri: https://x.invalid/v1/chat/completions?key=AIzaSy-short",
+        "uri: https://x.invalid/v1/embeddings?api-version=1&api_key=abc",
+        "uri: https://x.invalid/v1/completions?token=abc",
+        "uri: https://x.invalid/v1/completions?access_token=abc",
+        'string: \'{"api_key": "abc", "model": "m"}\'',
+        "AIzaSyA1234567890abcdefghijklmnop",
+    ],
+)
+def test_secret_scan_catches_a_leaked_credential(leaked: str) -> None:
+    assert _leaks(leaked), leaked
+
+
+@pytest.mark.parametrize(
+    "clean",
+    [
+        "uri: http://simulator.invalid/v1/chat/completions",
+        "uri: https://x.invalid/v1/chat/completions?api-version=2024-06-01",
+        '{"max_tokens": 5, "prompt_cache_key": "c1", "model": "gpt-4o-mini"}',
+        "a task-list and a desk-top; asks: be brief",
+        "OPENAI_API_KEY=... .venv/bin/python -m pytest --real-provider",
+    ],
+)
+def test_secret_scan_passes_ordinary_text(clean: str) -> None:
+    assert not _leaks(clean), clean
+
+
+def test_recorded_requests_lose_query_and_header_credentials() -> None:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    request = Request(
+        "POST",
+        "http://127.0.0.1:5123/v1/chat/completions"
+        "?key=AIza-SECRET1&api-version=1&sig=SECRET2&x=sk-SECRET3&Api_Key=SECRET4",
+        body,
+        {
+            "Authorization": "Bearer sk-SECRET5",
+            "api-key": "SECRET6",
+            "Content-Type": "application/json",
+        },
+    )
+    scrubbed = _scrub_request(request)
+    assert scrubbed.uri == (
+        "http://simulator.invalid/v1/chat/completions?api-version=1"
+    )
+    assert dict(scrubbed.headers) == {"Content-Type": "application/json"}
+    assert scrubbed.body == body.encode()  # a body without credentials is untouched
+
+
+def test_a_credential_in_a_recorded_body_is_masked() -> None:
+    body = json.dumps({"model": "m", "api_key": "SECRET1", "user": "sk-SECRET2"})
+    scrubbed = _scrub_request(
+        Request("POST", "http://127.0.0.1:5123/v1/chat/completions", body, {})
+    )
+    assert json.loads(scrubbed.body) == {
+        "model": "m",
+        "api_key": "<redacted>",
+        "user": "<redacted>",
+    }
+
+
+# -- the cassette machinery, end to end (a pytest run in a subprocess) -----------------
+
+PROBE_TEST = """
+import pytest
+from afnio.testing import SIMULATOR_MODEL
+
+
+@pytest.mark.vcr
+def test_probe(lm):
+    client = lm.client(
+        default_query={"key": "sk-leak-query1", "api-version": "1"},
+        default_headers={"api-key": "azure-leak-header2"},
+    )
+    reply = client.chat(
+        [{"role": "user", "content": "Say hi."}],
+        model=SIMULATOR_MODEL,
+        extra_query={"access_token": "leak-token3"},
+    )
+    assert isinstance(reply, str)
+"""
+
+
+def _probe_project(root: Path) -> Path:
+    """A pytest project with the suite's conftest and one cassette test."""
+    (root / "tests").mkdir(parents=True)
+    (root / "pytest.ini").write_text(
+        "[pytest]\naddopts = -p no:cacheprovider --import-mode=importlib\n"
+    )
+    shutil.copy(TESTS / "conftest.py", root / "tests" / "conftest.py")
+    (root / "tests" / "test_probe.py").write_text(PROBE_TEST)
+    return root / "cassettes" / "test_probe" / "test_probe.yaml"
+
+
+def _pytest(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/test_probe.py", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_missing_cassette_fails_with_its_path_and_the_record_command(
+    tmp_path: Path,
+) -> None:
+    cassette = _probe_project(tmp_path)
+    run = _pytest(tmp_path)
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out
+    assert "Cassette miss" in out, out
+    assert str(cassette) in out, out
+    assert (
+        "python -m pytest 'tests/test_probe.py::test_probe' --record-mode=once" in out
+    ), out
+    assert "MissingMetadataError" not in out and "deleting it" not in out, out
+    assert not cassette.exists()
+
+
+def test_recording_keeps_credentials_out_of_the_cassette(tmp_path: Path) -> None:
+    cassette = _probe_project(tmp_path)
+    run = _pytest(tmp_path, "--record-mode=once")
+    assert run.returncode == 0, run.stdout + run.stderr
+    text = cassette.read_text(encoding="utf-8")
+    assert "leak" not in text and not _leaks(text), text
+    assert "api-version=1" in text  # ordinary query parameters are kept
+    replay = _pytest(tmp_path)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    # a request the cassette lacks: an existing cassette is re-recorded with rewrite
+    probe = tmp_path / "tests" / "test_probe.py"
+    probe.write_text(probe.read_text().replace("Say hi.", "Say bye."))
+    miss = _pytest(tmp_path)
+    out = miss.stdout + miss.stderr
+    assert miss.returncode == 1, out
+    assert "Cassette miss: the request POST /v1/chat/completions is not recorded" in out
+    assert f"cassette: {cassette}" in out, out
+    assert (
+        "python -m pytest 'tests/test_probe.py::test_probe' --record-mode=rewrite"
+        in out
+    ), out
 
 
 def test_compare_ignores_order_host_and_port_but_not_bodies(tmp_path: Path) -> None:

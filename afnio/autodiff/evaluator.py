@@ -49,6 +49,7 @@ from afnio.autodiff.prompts import (
 from afnio.errors import JudgeParseError
 from afnio.models.model import ChatCompletionModel
 from afnio.models.phases import lm_phase
+from afnio.models.step_memo import reject_answer
 
 __all__ = ["DeterministicEvaluator", "ExactMatchEvaluator", "LMJudgeEvaluator"]
 
@@ -570,6 +571,7 @@ async def _judge(
             return _parse_judgement(answer)
         except ValueError as e:
             error = e
+            reject_answer(answer)  # a retried step must not replay it
             messages = [
                 *messages,
                 {"role": "assistant", "content": answer},

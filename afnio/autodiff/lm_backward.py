@@ -27,6 +27,7 @@ from afnio.autodiff.prompts import (
     gradients_response_format,
 )
 from afnio.errors import BackwardParseError, GradientCountError
+from afnio.models.step_memo import reject_answer
 
 __all__ = [
     "VariableInfo",
@@ -171,6 +172,7 @@ async def request_gradients(
             return _parse(answer, count)
         except ValueError as e:
             error = e
+            reject_answer(answer)  # a retried step must not replay it
             messages = [
                 *messages,
                 {"role": "assistant", "content": answer},

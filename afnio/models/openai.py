@@ -24,23 +24,38 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
-
-import httpx
-import openai
-from openai import NOT_GIVEN, NotGiven
+from typing import TYPE_CHECKING, Any
 
 from afnio._runtime import request_slot, run_async
-from afnio.models.cache import cache_key, get_cache
+from afnio._secrets import REDACTED, mask_secrets, mask_url
+from afnio.models.cache import account_fingerprint, cache_key, get_cache
 from afnio.models.model import ChatCompletionModel, EmbeddingModel, TextCompletionModel
 from afnio.models.model_registry import register_model_class
 from afnio.models.phases import LEDGER
 from afnio.models.pricing import cost_of
+from afnio.models.step_memo import memoized
 from afnio.models.usage import add_usage
+
+if TYPE_CHECKING:  # the SDK is imported when a client is built, not with afnio
+    import httpx
+    import openai
+    from openai import NotGiven
 
 __all__ = ["AsyncOpenAI", "OpenAI"]
 
-DEFAULT_MAX_RETRIES = openai.DEFAULT_MAX_RETRIES
+DEFAULT_MAX_RETRIES = 2
+"""The openai SDK's ``DEFAULT_MAX_RETRIES`` (kept here so that ``import afnio`` does
+not import the SDK; a test checks they agree)."""
+
+
+class _NotGivenType:
+    """The default of ``timeout``: the SDK's own default applies."""
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN: Any = _NotGivenType()
 
 
 def _usage_dict(usage: Any) -> dict[str, Any]:
@@ -67,6 +82,10 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
         default_query: Mapping[str, object] | None = None,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
+        # imported here, on the caller's thread (import afnio stays light)
+        import httpx
+        import openai
+
         if http_client is not None and not isinstance(http_client, httpx.AsyncClient):
             raise TypeError(
                 "`http_client` must be an httpx.AsyncClient: afnio runs every request "
@@ -86,7 +105,7 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
             project=project,
             base_url=base_url,
             websocket_base_url=websocket_base_url,
-            timeout=timeout,
+            timeout=openai.NOT_GIVEN if timeout is NOT_GIVEN else timeout,
             max_retries=max_retries,
             default_headers=headers,
             default_query=default_query,
@@ -95,14 +114,19 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
         config: dict[str, Any] = {
             "organization": organization,
             "project": project,
-            "base_url": str(self._aclient.base_url),
-            "websocket_base_url": str(websocket_base_url)
+            "base_url": mask_url(str(self._aclient.base_url)),
+            "websocket_base_url": mask_url(str(websocket_base_url))
             if websocket_base_url
             else None,
             "timeout": timeout if isinstance(timeout, (int, float)) else None,
             "max_retries": max_retries,
-            "default_headers": dict(default_headers) if default_headers else None,
-            "default_query": dict(default_query) if default_query else None,
+            # credentials (Authorization, api-key, ?key=, sk-...) are masked
+            "default_headers": mask_secrets(dict(default_headers))
+            if default_headers
+            else None,
+            "default_query": mask_secrets(dict(default_query), query=True)
+            if default_query
+            else None,
         }
         config = {k: v for k, v in config.items() if v is not None}
         json.dumps(config)  # the config must stay JSON-serialisable (no secrets in it)
@@ -122,12 +146,11 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
         return self._aclient
 
     def __repr__(self) -> str:
-        key = self._aclient.api_key or ""
-        masked = f"{key[:3]}...{key[-2:]}" if len(key) > 8 else "***"
-        return (
-            f"{type(self).__name__}(base_url={str(self._aclient.base_url)!r}, "
-            f"api_key={masked!r})"
-        )
+        """Class and endpoint; no part of the API key (nor of a URL password or a
+        credential query parameter) is shown."""
+        key = REDACTED if self._aclient.api_key else None
+        url = mask_url(str(self._aclient.base_url))
+        return f"{type(self).__name__}(base_url={url!r}, api_key={key!r})"
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -179,25 +202,54 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
         payload: dict[str, Any],
         send: Callable[[dict[str, Any]], Awaitable[tuple[Any, Any]]],
     ) -> Any:
-        """Run one request on afnio's loop: cache, then a request slot, then usage."""
+        """Run one request on afnio's loop: the step memo, the cache, then a request
+        slot, then usage.
+
+        A retried unit of work gets the answers it already paid for from the step
+        memo (:mod:`afnio.models.step_memo`). The cache key covers the kind, the base
+        URL, the request and the account (:meth:`_cache_account`): clients of
+        different accounts never share answers, and rotating a key starts a fresh
+        cache. ``calls`` counts answered (billed) requests, as the phase ledger
+        does; a request that failed after the SDK's retries counts in neither."""
 
         async def call() -> Any:
             async with request_slot():
-                self.calls += 1
                 value, usage = await send(payload)
+                self.calls += 1
             cost = None
             if usage is not None:
                 cost = self.update_usage(usage, payload.get("model"))
             LEDGER.record(payload.get("model"), _usage_dict(usage), cost or 0.0)
             return value
 
-        cache = get_cache()
-        if cache is None:
-            return await call()
-        key = cache_key(
-            {"kind": kind, "base_url": str(self._aclient.base_url), "request": payload}
+        async def cached() -> Any:
+            cache = get_cache()
+            if cache is None:
+                return await call()
+            key = cache_key(
+                {
+                    "kind": kind,
+                    "base_url": str(self._aclient.base_url),
+                    "account": self._cache_account(),
+                    "request": payload,
+                }
+            )
+            return await cache.get_or_call(key, call, kind=kind)
+
+        return await memoized(self, kind, payload, cached)
+
+    def _cache_account(self) -> str:
+        """The account of this client's requests, hashed (for the cache key): API
+        key, organization, project, and the credential-bearing default headers and
+        query parameters (:func:`afnio.models.cache.account_fingerprint`)."""
+        sdk = self._aclient
+        return account_fingerprint(
+            api_key=sdk.api_key,
+            organization=sdk.organization,
+            project=sdk.project,
+            headers=sdk.default_headers,
+            query=sdk.default_query,
         )
-        return await cache.get_or_call(key, call)
 
     @staticmethod
     def _check_model(model: Any) -> str:

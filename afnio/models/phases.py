@@ -25,8 +25,9 @@ Example::
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,21 @@ class PhaseLedger:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._totals: dict[tuple[str, str], list[float]] = {}
+        self._listeners: list[Callable[[PhaseRow], None]] = []
+
+    def subscribe(self, listener: Callable[[PhaseRow], None]) -> Callable[[], None]:
+        """Call ``listener(row)`` for every record from now on (``row`` holds that
+        record alone); returns the function that unsubscribes it. Listeners run in
+        the recording thread and must be quick; their errors are not raised."""
+        with self._lock:
+            self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return unsubscribe
 
     def record(
         self,
@@ -100,12 +116,22 @@ class PhaseLedger:
         """Add ``calls`` LM calls of ``model`` with their ``usage`` (OpenAI shape)
         and ``cost`` to the current phase (or ``phase``)."""
         key = (phase or current_phase(), model or "unknown")
+        delta = (
+            calls,
+            _tokens(usage, "prompt_tokens"),
+            _tokens(usage, "completion_tokens"),
+            float(cost or 0.0),
+        )
         with self._lock:
             row = self._totals.setdefault(key, [0, 0, 0, 0.0])
-            row[0] += calls
-            row[1] += _tokens(usage, "prompt_tokens")
-            row[2] += _tokens(usage, "completion_tokens")
-            row[3] += float(cost or 0.0)
+            for i, value in enumerate(delta):
+                row[i] += value
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(PhaseRow(*key, *delta))
+            except Exception:  # a listener never breaks an LM call
+                logging.getLogger("afnio.models").exception("ledger listener failed")
 
     def snapshot(self) -> dict[tuple[str, str], tuple[float, ...]]:
         """The totals now (to subtract later with :meth:`since`)."""

@@ -13,6 +13,7 @@ import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from afnio._secrets import mask_secrets, restore_secrets
 from afnio._variable import Variable
 from afnio.models.model import BaseModel
 from afnio.models.model_registry import MODEL_REGISTRY
@@ -28,6 +29,11 @@ class _RequiredParameter:
 
 
 required = _RequiredParameter()
+
+
+def _is_saved_model(value: Any) -> bool:
+    """Whether ``value`` is a model client as a checkpoint stores it."""
+    return isinstance(value, Mapping) and value.get("class_type") in MODEL_REGISTRY
 
 
 class Optimizer:
@@ -134,12 +140,22 @@ class Optimizer:
 
     def state_dict(self) -> dict[str, Any]:
         """``{"state": {index: state}, "param_groups": [group with "params": [index,
-        ...]]}``; model clients become ``{"class_type", "provider", "usage"}``."""
+        ...]]}``; model clients become ``{"class_type", "provider", "usage"}``, and
+        credentials in the options (``completion_args``' ``extra_headers``
+        ``Authorization``, an ``extra_query`` ``key``, any ``sk-...`` value: see
+        ``afnio._secrets``) are saved as ``"<redacted>"``, never in clear."""
         index = self._index()
         groups = []
         for group in self.param_groups:
+            masked = mask_secrets(
+                {
+                    k: v
+                    for k, v in group.items()
+                    if k != "params" and not isinstance(v, BaseModel)
+                }
+            )
             saved = {
-                k: (copy.deepcopy(v) if isinstance(v, BaseModel) else v)
+                k: (copy.deepcopy(v) if isinstance(v, BaseModel) else masked[k])
                 for k, v in group.items()
                 if k != "params"
             }
@@ -166,6 +182,10 @@ class Optimizer:
                 option name (e.g. ``{"model_client": client}``); their usage is
                 restored from the checkpoint.
 
+        A credential saved masked (``"<redacted>"``, see :meth:`state_dict`) keeps
+        the value this optimizer's group holds at that place, or is left out when the
+        group has none: a masked placeholder is never loaded, so never sent.
+
         Raises:
             ValueError: different group count or sizes, or a missing model client.
         """
@@ -188,25 +208,33 @@ class Optimizer:
         new_groups = []
         restores = []
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            # masked credentials come back from the live group (or are left out)
+            options = restore_secrets(
+                {
+                    k: v
+                    for k, v in saved.items()
+                    if k != "params" and not _is_saved_model(v)
+                },
+                group,
+            )
             new = {}
             for key, value in saved.items():
                 if key == "params":
                     continue
-                if (
-                    isinstance(value, Mapping)
-                    and value.get("class_type") in MODEL_REGISTRY
-                ):
-                    cls = MODEL_REGISTRY[value["class_type"]]
-                    client = model_clients.get(key)
-                    if not isinstance(client, cls):
-                        raise ValueError(
-                            f"Missing model client for '{key}' of expected type "
-                            f"'{value['class_type']}'. Pass it as load_state_dict(..., "
-                            f"model_clients={{'{key}': {value['class_type']}(...)}})."
-                        )
-                    restores.append((client, value.get("usage")))
-                    value = client
-                new[key] = value
+                if not _is_saved_model(value):
+                    if key in options:
+                        new[key] = options[key]
+                    continue
+                cls = MODEL_REGISTRY[value["class_type"]]
+                client = model_clients.get(key)
+                if not isinstance(client, cls):
+                    raise ValueError(
+                        f"Missing model client for '{key}' of expected type "
+                        f"'{value['class_type']}'. Pass it as load_state_dict(..., "
+                        f"model_clients={{'{key}': {value['class_type']}(...)}})."
+                    )
+                restores.append((client, value.get("usage")))
+                new[key] = client
             new["params"] = group["params"]
             new_groups.append(new)
         id_map = {}
@@ -230,8 +258,8 @@ class Optimizer:
         lines = [f"{type(self).__name__} ("]
         for i, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
-            for key in sorted(group):
-                if key != "params":
-                    lines.append(f"    {key}: {group[key]}")
+            shown = mask_secrets({k: v for k, v in group.items() if k != "params"})
+            for key in sorted(shown):
+                lines.append(f"    {key}: {shown[key]}")
         lines.append(")")
         return "\n".join(lines)

@@ -48,6 +48,7 @@ from afnio.autodiff.grad_mode import no_grad
 from afnio.errors import AfnioError
 from afnio.models.model import ChatCompletionModel
 from afnio.models.phases import lm_phase
+from afnio.models.step_memo import reject_answer
 from afnio.optim import prompts
 from afnio.optim.optimizer import Optimizer
 
@@ -277,6 +278,7 @@ async def _propose(
             return _check_answer(answer, param)
         except ValueError as e:
             error = e
+            reject_answer(answer)  # a retried step must not replay it
             chat = [
                 *chat,
                 {"role": "assistant", "content": answer},

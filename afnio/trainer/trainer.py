@@ -27,18 +27,23 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from afnio._variable import Variable
 from afnio.autodiff.grad_mode import no_grad
 from afnio.cognitive.modules.module import Module
+from afnio.errors import SerializationError
 from afnio.models.model import BaseModel
 from afnio.models.phases import LEDGER, PhaseRow
+from afnio.models.step_memo import StepMemo, active_memo, step_memo
 from afnio.serialization import load, save
 
 if TYPE_CHECKING:
+    from afnio.serialization import LoadLimits
     from afnio.trainer.estimate import Assumptions, GraphShape, RunEstimate, Tokenizer
 
 __all__ = ["BudgetExceeded", "Trainer"]
@@ -46,6 +51,7 @@ __all__ = ["BudgetExceeded", "Trainer"]
 logger = logging.getLogger("afnio.trainer")
 
 MAX_RETRIES = 3
+_LAST = "last"  # the file under checkpoints/ naming the newest checkpoint
 
 
 class BudgetExceeded(Exception):
@@ -86,6 +92,85 @@ def _batch_metrics(
     for key, value in extra.items():
         metrics[key] = value.data if isinstance(value, Variable) else value
     return metrics
+
+
+@contextmanager
+def _unit_memo() -> Iterator[StepMemo]:
+    """The active step memo (a retry nested in a step shares the step's), or a new
+    one for this unit of work."""
+    memo = active_memo()
+    if memo is not None:
+        yield memo
+        return
+    with step_memo() as memo:
+        yield memo
+
+
+class _SpendLog:
+    """``checkpoints/spend.log``: the cost of every LM call of a run, one line each,
+    appended as it is recorded, so that what a killed process paid after its last
+    checkpoint is still counted when the run resumes (a checkpoint stores the log's
+    length when it was written; what follows was spent after it)."""
+
+    NAME = "spend.log"
+
+    def __init__(self, folder: Path, *, fresh: bool) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / self.NAME
+        self._lock = threading.Lock()
+        mode = "w" if fresh else "a"  # a resumed run continues the log
+        self._file: IO[str] | None = open(self.path, mode, encoding="utf-8")  # noqa: SIM115
+        self._unsubscribe = LEDGER.subscribe(self._record)
+
+    def _record(self, row: PhaseRow) -> None:
+        if not row.cost:
+            return
+        with self._lock:
+            if self._file is not None:
+                self._file.write(f"{row.cost!r}\n")
+                self._file.flush()  # in the OS: a killed process loses nothing
+
+    def position(self, checkpoint: Path) -> dict[str, Any]:
+        """Where the log stands now, as stored in ``checkpoint``: its path relative
+        to the checkpoint's folder, and its length."""
+        with self._lock:
+            offset = self._file.tell() if self._file is not None else 0
+        return {
+            "path": os.path.relpath(self.path, checkpoint.parent),
+            "offset": offset,
+        }
+
+    @staticmethod
+    def spent_after(checkpoint: Path, position: Any) -> float:
+        """What the log named by a checkpoint's ``position`` holds after it (a cut
+        last line is ignored; a missing log holds nothing)."""
+        if not isinstance(position, dict):
+            return 0.0
+        relative, offset = position.get("path"), position.get("offset")
+        if not isinstance(relative, str) or not isinstance(offset, int):
+            return 0.0
+        try:
+            with open(checkpoint.parent / relative, "rb") as f:
+                f.seek(max(0, offset))
+                lines = f.read().decode("utf-8", "replace").splitlines()
+        except FileNotFoundError:
+            return 0.0
+        total = 0.0
+        for line in lines:
+            try:
+                value = float(line)
+            except ValueError:
+                continue
+            if math.isfinite(value) and value > 0:
+                total += value
+        return total
+
+    def close(self) -> None:
+        self._unsubscribe()
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 class _CostMeter:
@@ -186,6 +271,9 @@ class Trainer:
         self._cost_before = 0.0
         self._max_step_cost = 0.0
         self._max_eval_cost = 0.0
+        self._best_val: float | None = None
+        self._epoch_metrics: dict[str, list[Any]] = {}
+        self._spend_log: _SpendLog | None = None
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -229,27 +317,34 @@ class Trainer:
             )
 
     def _retry(self, fn: Any, what: str) -> Any:
-        last: Exception | None = None
-        for attempt in range(1, MAX_RETRIES + 1):
-            try:
-                return fn()
-            except BudgetExceeded:
-                raise
-            except Exception as e:  # LM failures are retried
-                last = e
-                logger.warning(
-                    "%s failed (attempt %d/%d): %s", what, attempt, MAX_RETRIES, e
-                )
-        raise RuntimeError(
-            f"{what} failed after {MAX_RETRIES} retries: {last}"
-        ) from last
+        """Run ``fn`` up to ``MAX_RETRIES`` times. LM answers paid in a failed
+        attempt are replayed to the next one (:mod:`afnio.models.step_memo`), so a
+        retry only re-sends the requests that failed."""
+        with _unit_memo() as memo:
+            last: Exception | None = None
+            for attempt in range(1, MAX_RETRIES + 1):
+                if attempt > 1:
+                    memo.begin_attempt()
+                try:
+                    return fn()
+                except BudgetExceeded:
+                    raise
+                except Exception as e:  # LM failures are retried
+                    last = e
+                    logger.warning(
+                        "%s failed (attempt %d/%d): %s", what, attempt, MAX_RETRIES, e
+                    )
+            raise RuntimeError(
+                f"{what} failed after {MAX_RETRIES} retries: {last}"
+            ) from last
 
     def _checkpoint(
         self, name: str, agent: Module, optimizer: Any, state: dict[str, Any]
     ) -> Path | None:
         if not self.enable_checkpointing:
             return None
-        path = self.default_root_dir / "checkpoints" / name
+        folder = self.default_root_dir / "checkpoints"
+        path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         save(
             {
@@ -260,9 +355,25 @@ class Trainer:
                 else None,
                 "history": self.history,
                 "total_cost": self._cost(),
+                # what a resume needs to continue exactly (format: see _resume)
+                "epoch_metrics": {
+                    key: [v if isinstance(v, (int, float)) else None for v in values]
+                    for key, values in self._epoch_metrics.items()
+                },
+                "max_step_cost": self._max_step_cost,
+                "max_eval_cost": self._max_eval_cost,
+                "best_val": self._best_val,
+                "spend_log": self._spend_log.position(path)
+                if self._spend_log is not None
+                else None,
             },
             path,
         )
+        # the pointer moves only once the checkpoint is complete (both atomic)
+        pointer = folder / _LAST
+        tmp = folder / f".{_LAST}.{os.getpid()}.tmp"
+        tmp.write_text(path.relative_to(folder).as_posix(), "utf-8")
+        os.replace(tmp, pointer)
         self.last_checkpoint = path
         return path
 
@@ -304,10 +415,14 @@ class Trainer:
         label: str,
         on_batch: Any,
         skip_until: int = -1,
+        collected: dict[str, list[Any]] | None = None,
+        after_batch: Any = None,
     ) -> dict[str, Any]:
         """Run ``on_batch(idx, batch)`` over ``loader`` with a progress bar; returns the
-        per-batch metric means."""
-        collected: dict[str, list[Any]] = {}
+        per-batch metric means. ``collected`` holds the per-batch metrics so far (a
+        resumed epoch's, restored from its checkpoint) and is extended in place;
+        ``after_batch(idx)`` runs once a batch's metrics are collected."""
+        collected = {} if collected is None else collected
         total = len(loader) if hasattr(loader, "__len__") else None
         progress = None
         task = None
@@ -330,6 +445,8 @@ class Trainer:
                 metrics = on_batch(idx, batch)
                 for key, value in metrics.items():
                     collected.setdefault(key, []).append(value)
+                if after_batch is not None:
+                    after_batch(idx)
                 if progress is not None and task is not None:
                     shown = " ".join(
                         f"{key}: {_mean(values):.4f}"
@@ -423,14 +540,39 @@ class Trainer:
         val_dataloader: Any = None,
         ckpt_path: str | os.PathLike[str] | None = None,
         llm_clients: Sequence[Any] | None = None,
+        *,
+        allow_functions: bool | Iterable[str] = False,
+        load_limits: LoadLimits | None = None,
     ) -> list[dict[str, Any]]:
         """Train ``agent``; returns the metric history (one dict per epoch).
+
+        Args:
+            agent: the Module to train.
+            train_dataloader: the training batches.
+            val_dataloader: validation batches, run after every epoch.
+            ckpt_path: a checkpoint to resume from, or ``"last"`` for the newest one
+                this Trainer's ``default_root_dir`` holds. A resumed run continues
+                exactly where the checkpoint was written: parameters, optimizer
+                state, data order, the metric history and the current epoch's
+                per-batch metrics, the spend and the per-step cost estimate (so
+                ``max_cost`` holds across the resume).
+            llm_clients: extra model clients whose usage counts in the cost.
+            allow_functions: passed to :func:`afnio.load` and
+                :meth:`~afnio.cognitive.Module.load_state_dict` when resuming:
+                functions saved in the checkpoint fill only the slots that already
+                hold that very function unless ``True`` (import any) or a list of
+                module names (import from those only). Only for checkpoints you
+                trust.
+            load_limits: the size limits of :func:`afnio.load` for the checkpoint
+                (defaults admit every checkpoint afnio writes).
 
         Raises:
             TypeError: ``agent`` is not a Module, or a wrong argument type.
             ValueError: no training loader, or ``revert_on_regression`` without a
                 validation loader.
-            RuntimeError: a step still failed after the retries.
+            FileNotFoundError: ``ckpt_path="last"`` and there is no checkpoint yet.
+            RuntimeError: a step still failed after the retries (``total_cost``
+                and the summary still count what was spent).
         """
         if not isinstance(agent, Module):
             raise TypeError(
@@ -448,10 +590,12 @@ class Trainer:
                 )
         if ckpt_path is not None and not isinstance(ckpt_path, (str, os.PathLike)):
             raise TypeError(
-                f"`ckpt_path` must be a path, got {type(ckpt_path).__name__}."
+                f'`ckpt_path` must be a path or "last", got {type(ckpt_path).__name__}.'
             )
         if self.revert_on_regression and val_dataloader is None:
             raise ValueError("`revert_on_regression` needs a `val_dataloader`.")
+        if ckpt_path == "last":
+            ckpt_path = self.last_checkpoint_path()
         if self.enable_agent_summary:
             self._print(str(agent) + "\n")
         optimizer = agent.configure_optimizers()
@@ -460,103 +604,161 @@ class Trainer:
         self._phase_start = LEDGER.snapshot()
         self._cost_before = 0.0
         self._max_step_cost = self._max_eval_cost = 0.0
+        self._best_val = None
+        self._epoch_metrics = {}
         self.history = []
         self.stopped_reason = None
+        self.total_cost = 0.0
         start_epoch, skip_until = 1, -1
         sampler = getattr(train_dataloader, "sampler", None)
-        if ckpt_path is not None:
-            start_epoch, skip_until = self._resume(
-                agent, optimizer, Path(ckpt_path), sampler
-            )
-        best_val: float | None = None
-        epoch = start_epoch
         try:
-            for epoch in range(start_epoch, self.max_epochs + 1):
-                self._print(f"Epoch {epoch}/{self.max_epochs}")
-                sampler_state = (
-                    sampler.state_dict() if hasattr(sampler, "state_dict") else None
-                )
-                agent.train()
-
-                def train_batch(
-                    idx: int,
-                    batch: Any,
-                    epoch: int = epoch,
-                    sampler_state: Any = sampler_state,
-                ) -> dict[str, Any]:
-                    nonlocal best_val
-                    self._check_budget()
-                    before = self._cost()
-                    snapshot = (
-                        [(p, p.data) for p in agent.parameters()]
-                        if self.revert_on_regression
-                        else None
-                    )
-                    metrics = self._train_step(agent, optimizer, batch, idx)
-                    if snapshot is not None:
-                        val = self._evaluate(
-                            agent, val_dataloader, "validation_step", "[Revert check]"
-                        )
-                        score = val.get("loss")
-                        if (
-                            best_val is not None
-                            and score is not None
-                            and score < best_val
-                        ):
-                            for p, data in snapshot:
-                                p.data = data
-                            metrics["reverted"] = 1
-                        else:
-                            best_val = score if score is not None else best_val
-                            metrics["reverted"] = 0
-                    self._max_step_cost = max(
-                        self._max_step_cost, self._cost() - before
-                    )
-                    self._checkpoint(
-                        f"epoch_{epoch}/checkpoint_batch{idx}.hf",
-                        agent,
-                        optimizer,
-                        {"epoch": epoch, "batch": idx, "sampler_state": sampler_state},
-                    )
-                    return metrics
-
-                train = self._loop(
-                    agent,
-                    train_dataloader,
-                    "training_step",
-                    "[Training]",
-                    train_batch,
-                    skip_until if epoch == start_epoch else -1,
-                )
-                row: dict[str, Any] = {"epoch": epoch}
-                row.update({f"train_{k}": v for k, v in train.items()})
-                if val_dataloader is not None:
-                    val = self._evaluate(
-                        agent, val_dataloader, "validation_step", "[Validation]"
-                    )
-                    row.update({f"val_{k}": v for k, v in val.items()})
-                row["total_cost"] = self._cost()
-                self.history.append(row)
-                self._write_metrics()
-                self._checkpoint(
-                    f"checkpoint_epoch{epoch}.hf",
+            if ckpt_path is not None:
+                start_epoch, skip_until = self._resume(
                     agent,
                     optimizer,
-                    {
-                        "epoch": epoch,
-                        "batch": None,
-                        "sampler_state": sampler.state_dict()
-                        if hasattr(sampler, "state_dict")
-                        else None,
-                    },
+                    Path(ckpt_path),
+                    sampler,
+                    allow_functions=allow_functions,
+                    load_limits=load_limits,
                 )
+            if self.enable_checkpointing:
+                self._spend_log = _SpendLog(
+                    self.default_root_dir / "checkpoints", fresh=ckpt_path is None
+                )
+            self._fit_epochs(
+                agent,
+                optimizer,
+                train_dataloader,
+                val_dataloader,
+                sampler,
+                start_epoch,
+                skip_until,
+            )
         except BudgetExceeded as e:
             self.stopped_reason = str(e)
             self._print(f"[yellow]{e}[/yellow]")
             self._write_metrics()
-        self.total_cost = self._cost()
-        self._summary()
+        finally:
+            # also when a step failed for good: what was spent is reported
+            if self._spend_log is not None:
+                self._spend_log.close()
+                self._spend_log = None
+            self.total_cost = self._cost()
+            self._summary()
         return self.history
+
+    def _fit_epochs(
+        self,
+        agent: Module,
+        optimizer: Any,
+        train_dataloader: Any,
+        val_dataloader: Any,
+        sampler: Any,
+        start_epoch: int,
+        skip_until: int,
+    ) -> None:
+        for epoch in range(start_epoch, self.max_epochs + 1):
+            self._print(f"Epoch {epoch}/{self.max_epochs}")
+            sampler_state = (
+                sampler.state_dict() if hasattr(sampler, "state_dict") else None
+            )
+            if epoch != start_epoch or skip_until < 0:
+                self._epoch_metrics = {}  # a resumed epoch keeps its batches' metrics
+            agent.train()
+
+            def train_batch(idx: int, batch: Any) -> dict[str, Any]:
+                self._check_budget()
+                before = self._cost()
+                snapshot = (
+                    [(p, p.data) for p in agent.parameters()]
+                    if self.revert_on_regression
+                    else None
+                )
+                metrics = self._train_step(agent, optimizer, batch, idx)
+                if snapshot is not None:
+                    val = self._evaluate(
+                        agent, val_dataloader, "validation_step", "[Revert check]"
+                    )
+                    score = val.get("loss")
+                    best = self._best_val
+                    if best is not None and score is not None and score < best:
+                        for p, data in snapshot:
+                            p.data = data
+                        metrics["reverted"] = 1
+                    else:
+                        self._best_val = score if score is not None else best
+                        metrics["reverted"] = 0
+                self._max_step_cost = max(self._max_step_cost, self._cost() - before)
+                return metrics
+
+            def after_batch(
+                idx: int, epoch: int = epoch, sampler_state: Any = sampler_state
+            ) -> None:
+                self._checkpoint(
+                    f"epoch_{epoch}/checkpoint_batch{idx}.hf",
+                    agent,
+                    optimizer,
+                    {"epoch": epoch, "batch": idx, "sampler_state": sampler_state},
+                )
+
+            train = self._loop(
+                agent,
+                train_dataloader,
+                "training_step",
+                "[Training]",
+                train_batch,
+                skip_until if epoch == start_epoch else -1,
+                collected=self._epoch_metrics,
+                after_batch=after_batch,
+            )
+            row: dict[str, Any] = {"epoch": epoch}
+            row.update({f"train_{k}": v for k, v in train.items()})
+            if val_dataloader is not None:
+                val = self._evaluate(
+                    agent, val_dataloader, "validation_step", "[Validation]"
+                )
+                row.update({f"val_{k}": v for k, v in val.items()})
+            row["total_cost"] = self._cost()
+            self.history.append(row)
+            self._epoch_metrics = {}
+            self._write_metrics()
+            self._checkpoint(
+                f"checkpoint_epoch{epoch}.hf",
+                agent,
+                optimizer,
+                {
+                    "epoch": epoch,
+                    "batch": None,
+                    "sampler_state": sampler.state_dict()
+                    if hasattr(sampler, "state_dict")
+                    else None,
+                },
+            )
+
+    def last_checkpoint_path(self) -> Path:
+        """The newest checkpoint written under ``default_root_dir`` (what
+        ``fit(ckpt_path="last")`` resumes from).
+
+        Raises:
+            FileNotFoundError: no checkpoint was written there yet.
+        """
+        pointer = self.default_root_dir / "checkpoints" / _LAST
+        try:
+            name = pointer.read_text("utf-8").strip()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"No checkpoint to resume from in {pointer.parent}: "
+                "fit(ckpt_path='last') needs a run that wrote checkpoints there "
+                "(enable_checkpointing=True)."
+            ) from None
+        path = pointer.parent / name
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise FileNotFoundError(f"{pointer} does not name a checkpoint: {name!r}.")
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{pointer} names {name!r}, which does not exist any more."
+            )
+        return path
 
     def _train_step(
         self, agent: Module, optimizer: Any, batch: Any, idx: int
@@ -575,20 +777,23 @@ class Trainer:
 
         if not agent.automatic_optimization:
             return attempt()
-        last: Exception | None = None
-        for n in range(1, MAX_RETRIES + 1):
-            try:
-                return attempt()
-            except BudgetExceeded:
-                raise
-            except Exception as e:
-                last = e
-                logger.warning(
-                    "training step failed (attempt %d/%d): %s", n, MAX_RETRIES, e
-                )
-        raise RuntimeError(
-            f"training_step() failed after {MAX_RETRIES} retries: {last}"
-        ) from last
+        with _unit_memo() as memo:
+            last: Exception | None = None
+            for n in range(1, MAX_RETRIES + 1):
+                if n > 1:
+                    memo.begin_attempt()  # replay what was paid, re-send the rest
+                try:
+                    return attempt()
+                except BudgetExceeded:
+                    raise
+                except Exception as e:
+                    last = e
+                    logger.warning(
+                        "training step failed (attempt %d/%d): %s", n, MAX_RETRIES, e
+                    )
+            raise RuntimeError(
+                f"training_step() failed after {MAX_RETRIES} retries: {last}"
+            ) from last
 
     def _evaluate(
         self, agent: Module, loader: Any, method: str, label: str
@@ -642,14 +847,30 @@ class Trainer:
         return clients
 
     def _resume(
-        self, agent: Module, optimizer: Any, path: Path, sampler: Any
+        self,
+        agent: Module,
+        optimizer: Any,
+        path: Path,
+        sampler: Any,
+        *,
+        allow_functions: bool | Iterable[str] = False,
+        load_limits: LoadLimits | None = None,
     ) -> tuple[int, int]:
-        # functions come back as references: they load into slots that already
-        # hold the same functions, and nothing named in the file is imported
-        checkpoint = load(path)
+        # by default functions come back as references: they load only into slots
+        # that already hold the same functions, and nothing named in the file is
+        # imported
+        checkpoint = load(path, allow_functions=allow_functions, limits=load_limits)
+        if not isinstance(checkpoint, dict) or not isinstance(
+            checkpoint.get("agent_state_dict"), dict
+        ):
+            raise SerializationError(
+                f"{path} is not a Trainer checkpoint (no agent_state_dict)."
+            )
         state = checkpoint["agent_state_dict"]
         agent.load_state_dict(
-            state, model_clients=self._model_clients(agent, optimizer, state)
+            state,
+            model_clients=self._model_clients(agent, optimizer, state),
+            allow_functions=allow_functions,
         )
         if optimizer is not None and checkpoint.get("optimizer_state_dict") is not None:
             group_clients = {
@@ -665,6 +886,15 @@ class Trainer:
         self._meter.rebase()  # restored usage is not new spending
         self.history = list(checkpoint.get("history") or [])
         self._cost_before = float(checkpoint.get("total_cost") or 0.0)
+        # paid by an interrupted process after this checkpoint: paid all the same
+        self._cost_before += _SpendLog.spent_after(path, checkpoint.get("spend_log"))
+        self._max_step_cost = float(checkpoint.get("max_step_cost") or 0.0)
+        self._max_eval_cost = float(checkpoint.get("max_eval_cost") or 0.0)
+        self._best_val = checkpoint.get("best_val")
+        metrics = checkpoint.get("epoch_metrics") or {}
+        self._epoch_metrics = {
+            str(k): list(v) for k, v in metrics.items() if isinstance(v, list)
+        }
         state = checkpoint.get("sampler_state")
         if state is not None and hasattr(sampler, "load_state_dict"):
             sampler.load_state_dict(state)

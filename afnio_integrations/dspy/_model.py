@@ -21,6 +21,7 @@ import dspy
 from afnio._runtime import get_max_concurrency, request_slot, run_async
 from afnio.models.model_registry import register_model_class
 from afnio.models.phases import LEDGER
+from afnio.models.step_memo import memoized
 from afnio_integrations._client import AdapterChatModel
 from afnio_integrations._usage import model_name
 
@@ -127,12 +128,12 @@ class DSPyLM(AdapterChatModel):
 
         async def call() -> str:
             async with request_slot():
-                self.calls += 1
                 loop = asyncio.get_running_loop()
                 context = contextvars.copy_context()
                 response = await loop.run_in_executor(
                     _executor(), context.run, self._call, request
                 )
+                self.calls += 1  # answered: billed
             usage = usage_dict(getattr(response, "usage", None))
             name = model_name(str(getattr(response, "model", None) or self.lm.model))
             if usage:
@@ -141,4 +142,5 @@ class DSPyLM(AdapterChatModel):
                 LEDGER.record(name)  # a call without usage
             return str(response.text or "")
 
-        return await run_async(call())
+        body = {"messages": messages, **kwargs}
+        return await run_async(memoized(self, "chat", body, call))

@@ -17,6 +17,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from afnio._runtime import request_slot, run_async
 from afnio.models.model_registry import register_model_class
 from afnio.models.phases import LEDGER
+from afnio.models.step_memo import memoized
 from afnio_integrations._client import AdapterChatModel
 
 __all__ = ["LangChainChatModel"]
@@ -94,8 +95,8 @@ class LangChainChatModel(AdapterChatModel):
 
         async def call() -> str:
             async with request_slot():
-                self.calls += 1
                 reply = await self.model.ainvoke(lc_messages, **kwargs)
+                self.calls += 1  # answered: billed
             usage = _usage(reply)
             name = (getattr(reply, "response_metadata", None) or {}).get(
                 "model_name"
@@ -112,4 +113,5 @@ class LangChainChatModel(AdapterChatModel):
                 )
             return str(content)
 
-        return await run_async(call())
+        request = {"messages": messages, **kwargs}
+        return await run_async(memoized(self, "chat", request, call))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -622,3 +624,65 @@ def test_an_unusable_judge_answer_raises_after_the_retries() -> None:
         LMJudgeEvaluator.apply(judge, messages, Variable("a"), "b")
     assert isinstance(info.value, RuntimeError)
     assert judge.calls == 4
+
+
+# -- credentials in completion args ---------------------------------------------------
+
+
+class RecordingLM(ScriptedLM):
+    """A :class:`ScriptedLM` that keeps the keyword arguments of every call."""
+
+    def __init__(self, answer: str) -> None:
+        super().__init__(answer)
+        self.kwargs: list[dict[str, Any]] = []
+
+    async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        self.kwargs.append(kwargs)
+        return await super().achat(messages, **kwargs)
+
+
+def test_credentials_in_completion_args_never_reach_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    client = RecordingLM("positive")
+    _, _, messages = _classifier(None)
+    module = cog.ChatCompletion()
+    headers = {"Authorization": "Bearer sk-abc123", "X-Trace": "trace-1"}
+    query = {"key": "qk-SECRET", "api-version": "1"}
+    module(
+        client,
+        messages,
+        inputs={"message": "Great!"},
+        model="m",
+        extra_headers=headers,
+        extra_query=query,
+    )
+    # the LM call itself gets the real credentials
+    assert client.kwargs[0]["extra_headers"] == headers
+    assert client.kwargs[0]["extra_query"] == query
+    module.forward_model_client = None  # a scripted client: no checkpoint of it
+    sd = module.state_dict()
+    assert sd["completion_args"] == {
+        "model": "m",
+        "extra_headers": {"Authorization": "<redacted>", "X-Trace": "trace-1"},
+        "extra_query": {"key": "<redacted>", "api-version": "1"},
+    }
+    assert module.completion_args["extra_headers"] == headers  # the live slot is intact
+    path = tmp_path / "agent.hf"
+    afnio.save(sd, path)
+    with zipfile.ZipFile(path) as archive:
+        text = archive.read("data.json").decode("utf-8")
+    assert "abc123" not in text and "qk-SECRET" not in text
+    loaded = afnio.load(path)
+    # loaded into a module that holds the credentials: it keeps its own
+    module.load_state_dict(loaded)
+    assert module.completion_args["extra_headers"] == headers
+    assert module.completion_args["extra_query"] == query
+    # loaded into a fresh module: the credentials are dropped, never set to the mask
+    fresh = cog.ChatCompletion()
+    fresh.load_state_dict(loaded, strict=False)
+    assert fresh.completion_args == {
+        "model": "m",
+        "extra_headers": {"X-Trace": "trace-1"},
+        "extra_query": {"api-version": "1"},
+    }

@@ -236,6 +236,36 @@ def test_api_key_never_shows_in_repr_or_config() -> None:
     }
 
 
+def test_credentials_in_headers_query_and_url_never_show_but_are_sent() -> None:
+    client = AsyncOpenAI(
+        api_key="sk-ZQ9xw7",  # a short key: no part of it may show
+        base_url="http://me:pw-SECRET1@127.0.0.1:9/v1",
+        default_headers={
+            "Authorization": "Bearer sk-HDR1abc",
+            "api-key": "azure-SECRET2",
+            "X-Trace": "trace-1",
+        },
+        default_query={"key": "google-SECRET3", "api-version": "2024-06-01"},
+    )
+    shown = f"{client!r} {client.get_config()} {client.get_config()!r}"
+    for secret in ("ZQ9", "w7", "HDR1", "SECRET1", "SECRET2", "SECRET3"):
+        assert secret not in shown, secret
+    config = client.get_config()
+    assert config["default_headers"] == {
+        "Authorization": "<redacted>",
+        "api-key": "<redacted>",
+        "X-Trace": "trace-1",
+    }
+    assert config["default_query"] == {"key": "<redacted>", "api-version": "2024-06-01"}
+    assert config["base_url"] == "http://me:<redacted>@127.0.0.1:9/v1/"
+    # the live SDK client keeps (and sends) the real values
+    sdk = client.client
+    assert sdk.api_key == "sk-ZQ9xw7"
+    assert sdk.default_headers["Authorization"] == "Bearer sk-HDR1abc"
+    assert sdk.default_headers["api-key"] == "azure-SECRET2"
+    assert sdk.default_query["key"] == "google-SECRET3"
+
+
 def copy_checkpoint(client: Any) -> Any:
     import copy
 

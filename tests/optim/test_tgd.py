@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import zipfile
 from typing import Any
 
 import pytest
@@ -263,3 +265,47 @@ def test_other_json_texts_may_be_prompts() -> None:
     value = '{"format": "json", "strict": true}'
     TGD([param], model_client=Answers([_wrap(value, 1)])).step()
     assert param.data == value
+
+
+# -- credentials in completion args ---------------------------------------------------
+
+
+def test_credentials_in_completion_args_never_reach_a_checkpoint_or_repr() -> None:
+    from afnio.models.openai import AsyncOpenAI
+
+    client = AsyncOpenAI(api_key="sk-test", base_url="http://127.0.0.1:9/v1")
+    optimizer = TGD(
+        [Parameter("v1", role="prompt")],
+        model_client=client,
+        model="gpt-4o",
+        extra_headers={"Authorization": "Bearer sk-ab12", "X-Trace": "t-1"},
+        extra_query={"api_key": "q-SECRET", "api-version": "1"},
+    )
+    saved = optimizer.state_dict()
+    args = saved["param_groups"][0]["completion_args"]
+    assert args == {
+        "model": "gpt-4o",
+        "extra_headers": {"Authorization": "<redacted>", "X-Trace": "t-1"},
+        "extra_query": {"api_key": "<redacted>", "api-version": "1"},
+    }
+    assert "sk-ab12" not in repr(optimizer) and "q-SECRET" not in repr(optimizer)
+    live = optimizer.param_groups[0]["completion_args"]
+    assert live["extra_headers"]["Authorization"] == "Bearer sk-ab12"  # intact
+    buf = io.BytesIO()
+    afnio.save(saved, buf)
+    with zipfile.ZipFile(buf) as archive:  # the checkpoint's JSON, uncompressed
+        text = archive.read("data.json").decode("utf-8")
+    assert "sk-ab12" not in text and "q-SECRET" not in text and "<redacted>" in text
+    buf.seek(0)
+    loaded = afnio.load(buf)
+    # loading keeps the live credentials of the optimizer it loads into
+    optimizer.load_state_dict(loaded, model_clients={"model_client": client})
+    assert optimizer.param_groups[0]["completion_args"] == live
+    # an optimizer without them gets none: the mask is dropped, never sent
+    other = TGD([Parameter("v1", role="prompt")], model_client=client, model="gpt-4o")
+    other.load_state_dict(loaded, model_clients={"model_client": client})
+    assert other.param_groups[0]["completion_args"] == {
+        "model": "gpt-4o",
+        "extra_headers": {"X-Trace": "t-1"},
+        "extra_query": {"api-version": "1"},
+    }

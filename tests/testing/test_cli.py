@@ -8,7 +8,6 @@ import selectors
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,13 +31,22 @@ def _spawn(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def _first_line(proc: subprocess.Popen[str], timeout: float = 10.0) -> str:
+def _first_line(proc: subprocess.Popen[str], timeout: float = 90.0) -> str:
+    """The server's first line. The bound is generous: a loaded CI machine may take
+    many seconds to start an interpreter; a server that died says why."""
     assert proc.stdout is not None
     with selectors.DefaultSelector() as selector:
         selector.register(proc.stdout, selectors.EVENT_READ)
         if not selector.select(timeout):
-            raise AssertionError("the simulator printed nothing")
-    return proc.stdout.readline()
+            raise AssertionError(f"the simulator printed nothing in {timeout:.0f} s")
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(timeout=30)
+        stderr = proc.stderr.read() if proc.stderr is not None else ""
+        raise AssertionError(
+            f"the simulator exited ({proc.returncode}) before serving:\n{stderr}"
+        )
+    return line
 
 
 @pytest.fixture
@@ -55,7 +63,7 @@ def servers() -> Iterator[dict[signal.Signals, subprocess.Popen[str]]]:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-            proc.wait(timeout=5)
+            proc.wait(timeout=60)
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
@@ -81,12 +89,11 @@ def test_serve_answers_and_exits_cleanly(
             )
         assert reply.choices[0].message.content == "negative"
         proc.send_signal(sig)
-    start = time.monotonic()
     for proc in servers.values():
-        assert proc.wait(timeout=5) == 0
+        # the server polls its stop flag every 0.2 s; the bound only catches a hang
+        assert proc.wait(timeout=60) == 0
         assert proc.stdout is not None
         assert proc.stdout.read() == ""  # exactly one line was printed
-    assert time.monotonic() - start < 5
 
 
 def test_serve_refuses_a_public_host(capsys: pytest.CaptureFixture[str]) -> None:

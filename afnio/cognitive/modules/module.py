@@ -42,9 +42,10 @@ import importlib
 import inspect
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
+from afnio._secrets import mask_secrets, restore_secrets
 from afnio._utils import _validate_multi_turn_messages
 from afnio._variable import Variable
 from afnio.cognitive.parameter import Parameter
@@ -113,31 +114,93 @@ def function_import_path(func: Any) -> str | None:
     return f"{module}:{name}"
 
 
+def _module_filter(
+    allow_functions: bool | Iterable[str] | None,
+) -> Callable[[str], bool]:
+    """The test ``allow_functions`` stands for: which modules a function stored by
+    import path may be imported from.
+
+    ``False`` or ``None``: none; ``True``: any; an iterable of module names: those
+    modules and their submodules (``["pkg"]`` admits ``pkg`` and ``pkg.sub``, not
+    ``pkgx``).
+
+    Raises:
+        TypeError: ``allow_functions`` is a ``str`` (write ``["name"]``) or not a
+            bool or an iterable of ``str``.
+
+    Example::
+
+        >>> allowed = _module_filter(["my_pkg"])
+        >>> allowed("my_pkg.metrics"), allowed("my_pkg"), allowed("os")
+        (True, True, False)
+    """
+    if allow_functions is None or allow_functions is False:
+        return lambda module: False
+    if allow_functions is True:
+        return lambda module: True
+    if isinstance(allow_functions, str) or not isinstance(allow_functions, Iterable):
+        hint = (
+            f"; use [{allow_functions!r}]" if isinstance(allow_functions, str) else ""
+        )
+        raise TypeError(
+            "`allow_functions` must be a bool or a list of module names, got "
+            f"{type(allow_functions).__name__}{hint}."
+        )
+    names = tuple(allow_functions)
+    bad = [n for n in names if not isinstance(n, str) or not n]
+    if bad:
+        raise TypeError(
+            f"`allow_functions` must list module names (non-empty str), got {bad[0]!r}."
+        )
+    allowed = frozenset(names)
+    return lambda module: any(
+        module == m or module.startswith(m + ".") for m in allowed
+    )
+
+
+# What a FunctionReference may put into an *empty* function slot without
+# ``allow_functions``: builtins that only compute on their arguments. Evaluator
+# modules fill their ``reduction_fn`` slot in ``forward`` (``sum`` by default), so a
+# fresh one resuming from a checkpoint holds ``None`` there. Like the safe globals
+# PyTorch's ``weights_only`` loading admits, these run no code of the file's choice.
+_SAFE_FUNCTIONS = frozenset(
+    f"builtins:{name}" for name in ("all", "any", "len", "max", "min", "sorted", "sum")
+)
+
+
 class FunctionReference:
     """A function stored by import path that was **not** imported (``afnio.load``
-    without ``allow_functions``). ``load_state_dict`` accepts it when the slot already
-    holds that function, or when its module is already imported (then nothing runs);
-    :meth:`resolve` imports it explicitly."""
+    without ``allow_functions``): nothing named in a file is imported unless you opt
+    in.
+
+    ``Module.load_state_dict`` accepts one only into a slot that already holds that
+    very function (a no-op), into an empty slot if it names one of a few pure
+    builtins (``sum``, ``max``, ``min``, ``len``, ``any``, ``all``, ``sorted``), or,
+    with ``load_state_dict(..., allow_functions=...)``, imports it; :meth:`resolve`
+    imports it explicitly."""
 
     __slots__ = ("path",)
 
     def __init__(self, path: str) -> None:
+        if not isinstance(path, str):
+            raise TypeError(
+                f'`path` must be a str "module:qualname", got {type(path).__name__}.'
+            )
         self.path = path
-
-    def resolve_loaded(self) -> Callable[..., Any] | None:
-        """The function if its module is already imported (no code runs), else
-        ``None``."""
-        module_name, _, name = self.path.partition(":")
-        module = sys.modules.get(module_name)
-        func = getattr(module, name, None) if module is not None else None
-        if func is None or function_import_path(func) != self.path:
-            return None
-        return func
 
     def resolve(self) -> Callable[..., Any]:
         """Import the module and return the function (runs the module's import-time
-        code: only do this for trusted files)."""
+        code: only do this for trusted files).
+
+        Raises:
+            ImportError: the path does not name an importable top-level function.
+        """
         module_name, _, name = self.path.partition(":")
+        if not (
+            name.isidentifier()
+            and all(part.isidentifier() for part in module_name.split("."))
+        ):
+            raise ImportError(f"{self.path!r} is not a 'module:function' path.")
         module = importlib.import_module(module_name)
         func = getattr(module, name, None)
         if func is None or function_import_path(func) != self.path:
@@ -676,7 +739,8 @@ class Module:
                 destination[prefix + name] = copy.deepcopy(model)
         for name, config in self._completion_configs.items():
             if config is not None:
-                destination[prefix + name] = config
+                # credentials (extra_headers' Authorization, ...) are never saved
+                destination[prefix + name] = mask_secrets(config)
         for name, func in self._functions.items():
             if func is not None:
                 destination[prefix + name] = func
@@ -693,7 +757,10 @@ class Module:
         """Every saved slot by dotted name: parameters and persistent buffers
         (detached copies unless ``keep_vars``), chats, model clients (as
         ``{"class_type", "provider", "usage"}``), completion configs, functions, and
-        ``_extra_state``. ``None`` slots are omitted.
+        ``_extra_state``. ``None`` slots are omitted. Credentials in completion
+        configs (an ``extra_headers`` ``Authorization``, an ``extra_query`` ``key``,
+        any ``sk-...`` value: see ``afnio._secrets``) are saved as ``"<redacted>"``,
+        never in clear.
 
         Example::
 
@@ -740,6 +807,8 @@ class Module:
         strict: bool = True,
         assign: bool = False,
         model_clients: Mapping[str, BaseModel] | None = None,
+        *,
+        allow_functions: bool | Iterable[str] = False,
     ) -> _IncompatibleKeys:
         """Restore the slots from ``state_dict`` (as made by :meth:`state_dict`).
 
@@ -750,14 +819,35 @@ class Module:
         objects are set, a plain Variable loaded into a parameter slot becoming a
         Parameter. Model clients are never stored: pass the live client for each model
         slot in ``model_clients`` (by dotted key); its usage is restored from the
-        checkpoint. A function stored as a :class:`FunctionReference` loads into a
-        slot that already holds that function.
+        checkpoint. A credential saved masked (``"<redacted>"``) in a completion
+        config keeps the value the slot holds at that place, or is left out when the
+        slot has none: a masked placeholder is never loaded, so never sent.
+
+        Function slots take real functions as they are (an in-memory state dict, or a
+        file loaded with ``afnio.load(..., allow_functions=...)``). A
+        :class:`FunctionReference` (what ``afnio.load`` returns by default) loads only
+        into a slot that already holds that very function, or into an empty slot if
+        it names a pure builtin (``sum``, ``max``, ``min``, ``len``, ``any``, ``all``,
+        ``sorted``: what an evaluator's ``reduction_fn`` holds), so a tampered file
+        cannot swap in another one (``builtins:exec``, ``posix:system``); to accept
+        other functions from a file you trust, pass ``allow_functions``: ``True``
+        imports any, a list of module names only functions of those modules (and
+        their submodules). Importing runs the module's code.
+
+        Args:
+            state_dict: the slots by dotted key.
+            strict: whether missing and unexpected keys are errors.
+            assign: set the saved objects instead of copying into the existing ones.
+            model_clients: the live client for each model slot, by dotted key.
+            allow_functions: which :class:`FunctionReference`\\ s may be imported
+                into slots that do not already hold them (default: none).
 
         Returns:
             ``(missing_keys, unexpected_keys)``.
 
         Raises:
-            TypeError: if ``state_dict`` is not a mapping.
+            TypeError: if ``state_dict`` is not a mapping, or ``allow_functions`` is
+                neither a bool nor a list of module names.
             RuntimeError: ``"Error(s) in loading state_dict for <Cls>: ..."`` listing
                 every problem (with ``strict``, missing and unexpected keys too).
         """
@@ -765,6 +855,7 @@ class Module:
             raise TypeError(
                 f"Expected state_dict to be dict-like, got {type(state_dict).__name__}."
             )
+        may_import = _module_filter(allow_functions)
         model_clients = dict(model_clients or {})
         missing: list[str] = []
         errors: list[str] = []
@@ -793,6 +884,7 @@ class Module:
                     state_dict[key],
                     assign,
                     model_clients,
+                    may_import,
                     errors,
                     actions,
                 )
@@ -830,6 +922,7 @@ class Module:
         value: Any,
         assign: bool,
         model_clients: dict[str, BaseModel],
+        may_import: Callable[[str], bool],
         errors: list[str],
         actions: list[Callable[[], None]],
     ) -> None:
@@ -848,9 +941,11 @@ class Module:
                     f"{type(value).__name__}."
                 )
                 return
-            actions.append(lambda: self._completion_configs.__setitem__(name, value))
+            # a masked credential keeps the slot's live value, or is dropped
+            restored = restore_secrets(value, slot) if value is not None else None
+            actions.append(lambda: self._completion_configs.__setitem__(name, restored))
         elif store == "_functions":
-            self._plan_function(name, key, slot, value, errors, actions)
+            self._plan_function(name, key, slot, value, may_import, errors, actions)
 
     def _plan_variable(
         self,
@@ -995,22 +1090,40 @@ class Module:
         key: str,
         slot: Any,
         value: Any,
+        may_import: Callable[[str], bool],
         errors: list[str],
         actions: list[Callable[[], None]],
     ) -> None:
         if isinstance(value, FunctionReference):
             if slot is not None and function_import_path(slot) == value.path:
                 return  # the module already holds that very function
-            loaded = value.resolve_loaded()
-            if loaded is not None:
-                # its module is already imported: resolving it executes nothing
-                actions.append(lambda: self._functions.__setitem__(name, loaded))
+            module = value.path.partition(":")[0]
+            safe = slot is None and value.path in _SAFE_FUNCTIONS
+            if not (safe or may_import(module)):
+                held = function_import_path(slot) if slot is not None else None
+                holds = (
+                    f"holds {held!r}"
+                    if held is not None
+                    else ("is empty" if slot is None else f"holds {slot!r}")
+                )
+                errors.append(
+                    f'function "{key}": refused {value.path!r} from the state dict '
+                    f"(the slot {holds}). A function reference loads only into a slot "
+                    "already holding that function; if you trust this checkpoint, "
+                    "pass allow_functions=True or allow_functions=[module names] to "
+                    "load_state_dict (it imports the module), or assign the "
+                    "function yourself."
+                )
                 return
-            errors.append(
-                f'function "{key}" was saved as {value.path!r}, which the module does '
-                "not hold. Load the file with afnio.load(..., allow_functions=True) "
-                "(it imports that module), or assign the function yourself."
-            )
+            try:
+                func = value.resolve()
+            except Exception as e:  # importing runs the module's code: report it
+                errors.append(
+                    f'function "{key}": cannot import {value.path!r}: '
+                    f"{type(e).__name__}: {e}"
+                )
+                return
+            actions.append(lambda: self._functions.__setitem__(name, func))
             return
         if value is not None and not callable(value):
             errors.append(f'function "{key}": expected a function, got {value!r}.')

@@ -504,10 +504,19 @@ def test_function_reference_loads_into_a_slot_with_the_same_function() -> None:
     b = Agent()
     b.load_state_dict(sd, model_clients={"client": FakeClient()})
     assert b.score_fn is metric
+    # another function, although its module is imported: refused unless allowed
     sd["score_fn"] = FunctionReference(f"{__name__}:other_metric")
     other = Agent()
-    other.load_state_dict(sd, model_clients={"client": FakeClient()})
-    assert other.score_fn is other_metric  # its module is imported: nothing runs
+    with pytest.raises(RuntimeError, match="allow_functions=True") as info:
+        other.load_state_dict(sd, model_clients={"client": FakeClient()})
+    assert f"function \"score_fn\": refused '{__name__}:other_metric'" in str(
+        info.value
+    )
+    assert other.score_fn is metric
+    other.load_state_dict(
+        sd, model_clients={"client": FakeClient()}, allow_functions=[__name__]
+    )
+    assert other.score_fn is other_metric
     sd["score_fn"] = FunctionReference("afnio_not_imported_anywhere:metric")
     with pytest.raises(RuntimeError, match="allow_functions=True"):
         Agent().load_state_dict(sd, model_clients={"client": FakeClient()})

@@ -1,0 +1,247 @@
+"""Exact resume and honest cost: a run killed at seeded moments and resumed ends as the
+uninterrupted run did; budgets hold across a resume; a failed run still reports what
+it spent; a retried step re-sends only the requests that failed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import afnio
+from afnio.models.openai import OpenAI
+from afnio.testing import SIMULATOR_MODEL, Simulator
+from afnio.trainer import Trainer
+from afnio.utils.data import DataLoader
+from benchmarks import resume_kills
+from benchmarks.resume_kills import Kill, Messages
+from examples.facility_support import SentimentClassifier
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Simulator]:
+    with Simulator() as simulator:
+        yield simulator
+
+
+@pytest.fixture(scope="module")
+def full(sim: Simulator, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    outcome, kills = resume_kills.run(
+        tmp_path_factory.mktemp("full"), sim.base_url, iter(()), 0
+    )
+    assert kills == []
+    return outcome
+
+
+@pytest.mark.parametrize(
+    "kills",
+    [
+        pytest.param([Kill("request", 3)], id="mid-step (forward requests in flight)"),
+        pytest.param([Kill("request", 12)], id="mid-step (backward or optimizer)"),
+        pytest.param([Kill("fsync", 1)], id="mid-save (the first checkpoint)"),
+        pytest.param([Kill("fsync", 3)], id="mid-save (an epoch checkpoint)"),
+        pytest.param([Kill("replace", 2)], id="checkpoint saved, pointer not moved"),
+        pytest.param([Kill("validation", 2)], id="mid-validation"),
+        pytest.param(
+            [Kill("epoch_end", 1)], id="between the last batch and the epoch checkpoint"
+        ),
+        pytest.param(
+            [Kill("request", 20), Kill("fsync", 2), Kill("epoch_end", 2)],
+            id="three kills in one run",
+        ),
+    ],
+)
+def test_a_killed_and_resumed_run_ends_as_the_uninterrupted_one(
+    sim: Simulator, full: dict[str, Any], tmp_path: Path, kills: list[Kill]
+) -> None:
+    outcome, happened = resume_kills.run(tmp_path, sim.base_url, iter(kills), 3)
+    assert happened == kills  # every kill fired
+    assert resume_kills.differences(full, outcome, len(happened)) == []
+    assert outcome["history"][-1]["epoch"] == resume_kills.EPOCHS
+
+
+def test_seeded_random_kills_resume_exactly(
+    sim: Simulator, full: dict[str, Any], tmp_path: Path
+) -> None:
+    kills = resume_kills.plan(seed=7)
+    total = 0
+    for run in range(3):
+        outcome, happened = resume_kills.run(
+            tmp_path / str(run), sim.base_url, kills, 3
+        )
+        total += len(happened)
+        assert resume_kills.differences(full, outcome, len(happened)) == []
+    assert total > 0
+
+
+def test_work_paid_by_a_killed_process_counts_in_the_resumed_cost(
+    sim: Simulator, full: dict[str, Any], tmp_path: Path
+) -> None:
+    # killed when the first epoch checkpoint is complete but before "last" names it:
+    # the resumed run redoes the epoch's validation, and the spend log tells what
+    # the killed process had paid for it (and for its last step)
+    outcome, happened = resume_kills.run(
+        tmp_path, sim.base_url, iter([Kill("epoch_end", 1)]), 1
+    )
+    assert happened == [Kill("epoch_end", 1)]
+    assert outcome["total_cost"] > full["total_cost"] + 1e-9
+    assert resume_kills.differences(full, outcome, 1) == []
+
+
+# -- in-process runs -------------------------------------------------------------------
+
+
+def _trainer(root: Path, **kwargs: Any) -> Trainer:
+    return Trainer(
+        max_epochs=kwargs.pop("max_epochs", 2),
+        default_root_dir=root,
+        enable_progress_bar=False,
+        enable_agent_summary=False,
+        **kwargs,
+    )
+
+
+def _loaders() -> tuple[DataLoader, DataLoader]:
+    rows = resume_kills.MESSAGES
+    train = DataLoader(Messages(rows[:8]), batch_size=4, shuffle=True, seed=3)
+    return train, DataLoader(Messages(rows[8:]), batch_size=4)
+
+
+@pytest.fixture
+def client(sim: Simulator) -> Iterator[OpenAI]:
+    sim.clear_faults()
+    with OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as c:
+        afnio.set_backward_model_client(c, completion_args={"model": SIMULATOR_MODEL})
+        yield c
+
+
+def test_max_cost_holds_across_a_resume(client: OpenAI, tmp_path: Path) -> None:
+    train, val = _loaders()
+    first = _trainer(tmp_path, max_epochs=1)
+    first.fit(SentimentClassifier(client, SIMULATOR_MODEL), train, val)
+    spent = first.total_cost
+    assert first._max_step_cost > 0.0002  # a step costs more than the headroom
+    resumed = _trainer(tmp_path, max_epochs=2, max_cost=spent + 0.0002)
+    train, val = _loaders()
+    resumed.fit(
+        SentimentClassifier(client, SIMULATOR_MODEL), train, val, ckpt_path="last"
+    )
+    assert resumed.stopped_reason is not None  # the first step would not fit
+    assert resumed.total_cost <= spent + 0.0002
+    assert len(resumed.history) == 1
+
+
+class _Broken(SentimentClassifier):
+    """Fails every training step after its LM calls were made (and paid)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        out = super().training_step(batch, batch_idx)
+        raise KeyError("a bug in the metric")
+        return out
+
+
+def test_a_failed_fit_still_reports_what_it_spent(
+    client: OpenAI, tmp_path: Path
+) -> None:
+    train, _ = _loaders()
+    trainer = _trainer(tmp_path, max_epochs=1)
+    before = client.get_usage()["cost"]["amount"]
+    with pytest.raises(RuntimeError, match="failed after 3 retries"):
+        trainer.fit(_Broken(client, SIMULATOR_MODEL), train)
+    spent = client.get_usage()["cost"]["amount"] - before
+    assert spent > 0
+    assert trainer.total_cost == pytest.approx(spent)
+
+
+def test_the_summary_and_the_phase_table_count_the_same_calls(
+    client: OpenAI, sim: Simulator, tmp_path: Path
+) -> None:
+    train, val = _loaders()
+    trainer = _trainer(tmp_path, max_epochs=1)
+    sim.inject("server_error", times=1)  # one request fails (max_retries=0): unbilled
+    trainer.fit(SentimentClassifier(client, SIMULATOR_MODEL), train, val)
+    calls = sum(row[3] for row in trainer._meter.per_client())
+    assert calls == sum(row.calls for row in trainer.phase_rows())
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_so(
+    client: OpenAI, tmp_path: Path
+) -> None:
+    train, _ = _loaders()
+    with pytest.raises(FileNotFoundError, match="No checkpoint to resume from"):
+        _trainer(tmp_path).fit(
+            SentimentClassifier(client, SIMULATOR_MODEL), train, ckpt_path="last"
+        )
+
+
+def test_a_killed_save_leaves_the_last_pointer_on_a_complete_checkpoint(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    assert resume_kills.attempt(tmp_path, sim.base_url, Kill("fsync", 2)) is None
+    last = Trainer(default_root_dir=tmp_path).last_checkpoint_path()
+    assert last.name == "checkpoint_batch0.hf"
+    assert afnio.load(last)["batch"] == 0
+
+
+def _one_epoch(forward: Simulator, backward: Simulator, root: Path) -> Trainer:
+    """One epoch; the classifier calls ``forward``, the backward LM and the
+    optimizer call ``backward``."""
+    with (
+        OpenAI(base_url=forward.base_url, api_key="sk-test", max_retries=0) as fwd,
+        OpenAI(base_url=backward.base_url, api_key="sk-test", max_retries=0) as bwd,
+    ):
+        afnio.set_backward_model_client(bwd, completion_args={"model": SIMULATOR_MODEL})
+
+        class Classifier(SentimentClassifier):
+            def configure_optimizers(self) -> Any:
+                from afnio.optim import TGD
+
+                return TGD(self.parameters(), model_client=bwd, model=SIMULATOR_MODEL)
+
+        train, _ = _loaders()
+        trainer = _trainer(root, max_epochs=1)
+        trainer.fit(Classifier(fwd, SIMULATOR_MODEL), train)
+        return trainer
+
+
+def test_a_retried_step_re_sends_only_the_request_that_failed(tmp_path: Path) -> None:
+    with Simulator() as fwd, Simulator() as bwd:
+        clean = _one_epoch(fwd, bwd, tmp_path / "clean")
+        fwd_calls, bwd_calls = fwd.stats.calls, bwd.stats.calls
+        assert bwd_calls > 0
+        fwd.reset_stats()
+        bwd.reset_stats()
+        bwd.inject("server_error", times=1)  # the first backward request fails for good
+        retried = _one_epoch(fwd, bwd, tmp_path / "retried")
+        assert bwd.stats.faults_served == 1
+        # the step ran twice, but its forward calls were paid once: the retry got
+        # them from the step memo, and re-sent only the failed backward request
+        assert fwd.stats.calls == fwd_calls
+        assert bwd.stats.calls == bwd_calls + 1
+    assert retried.total_cost == pytest.approx(clean.total_cost)
+    assert [r["train_loss"] for r in retried.history] == [
+        r["train_loss"] for r in clean.history
+    ]
+
+
+def test_an_unusable_answer_is_asked_again_when_the_step_is_retried(
+    tmp_path: Path,
+) -> None:
+    with Simulator() as fwd, Simulator() as bwd:
+        clean = _one_epoch(fwd, bwd, tmp_path / "clean")
+        bwd_calls = bwd.stats.calls
+        bwd.reset_stats()
+        # the first backward request and its 3 retries get cut JSON: the step fails
+        # and is retried; the memo must not replay the rejected answers
+        bwd.inject("malformed_json", times=4)
+        retried = _one_epoch(fwd, bwd, tmp_path / "retried")
+        assert bwd.stats.faults_served == 4
+        assert bwd.stats.calls == bwd_calls + 4
+    assert [r["train_loss"] for r in retried.history] == [
+        r["train_loss"] for r in clean.history
+    ]
