@@ -376,7 +376,14 @@ class TracedChain(Module):
 
 def load_chain(path: str | Path, **kwargs: Any) -> Any:
     """Load a chain saved by :meth:`TracedChain.save_chain` (plain LangChain: this
-    is what a deployment without afnio runs; secrets come from the environment)."""
+    is what a deployment without afnio runs; secrets come from the environment).
+
+    Only for files you trust: like ``langchain_core.load.loads`` it instantiates
+    LangChain classes with the file's constructor arguments (a model's ``base_url``
+    included) and reads API keys from the environment, so a tampered file could send
+    the key to another host. For a file you did not write, build the chain yourself
+    and apply its texts with :meth:`TracedChain.load_prompts` (texts only,
+    placeholders checked). ``kwargs`` override the options passed to ``loads``."""
     from langchain_core.load import loads
 
     options: dict[str, Any] = {

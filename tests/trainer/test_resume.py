@@ -5,6 +5,8 @@ it spent; a retried step re-sends only the requests that failed."""
 from __future__ import annotations
 
 import os
+import textwrap
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,9 @@ from typing import Any
 import pytest
 
 import afnio
+from afnio.errors import SerializationError
 from afnio.models.openai import OpenAI
+from afnio.serialization import LoadLimits
 from afnio.testing import SIMULATOR_MODEL, Simulator
 from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader
@@ -245,3 +249,65 @@ def test_an_unusable_answer_is_asked_again_when_the_step_is_retried(
     assert [r["train_loss"] for r in retried.history] == [
         r["train_loss"] for r in clean.history
     ]
+
+
+# -- checkpoints that are not what this afnio wrote ------------------------------------
+
+
+class _WithFunction(SentimentClassifier):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.normalize = textwrap.dedent  # a function slot, saved by import path
+
+
+def _tamper(path: Path, old: str, new: str) -> None:
+    with zipfile.ZipFile(path) as zf:
+        text = zf.read("data.json").decode("utf-8")
+    assert old in text
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("data.json", text.replace(old, new))
+
+
+def test_fit_refuses_a_checkpoint_whose_function_was_swapped(
+    client: OpenAI, sim: Simulator, tmp_path: Path
+) -> None:
+    train, _ = _loaders()
+    _trainer(tmp_path, max_epochs=1).fit(_WithFunction(client, SIMULATOR_MODEL), train)
+    last = Trainer(default_root_dir=tmp_path).last_checkpoint_path()
+    _tamper(last, '"textwrap:dedent"', '"builtins:exec"')
+    agent = _WithFunction(client, SIMULATOR_MODEL)
+    before = sim.stats.calls
+    with pytest.raises(RuntimeError, match="refused 'builtins:exec'"):
+        _trainer(tmp_path, max_epochs=2).fit(agent, train, ckpt_path=last)
+    assert agent.normalize is textwrap.dedent  # nothing changed
+    assert sim.stats.calls == before  # and no LM call was made
+
+
+def test_fit_imports_functions_only_from_the_modules_it_is_allowed(
+    client: OpenAI, tmp_path: Path
+) -> None:
+    train, _ = _loaders()
+    _trainer(tmp_path, max_epochs=1).fit(_WithFunction(client, SIMULATOR_MODEL), train)
+    last = Trainer(default_root_dir=tmp_path).last_checkpoint_path()
+    _tamper(last, '"textwrap:dedent"', '"textwrap:indent"')
+    agent = _WithFunction(client, SIMULATOR_MODEL)
+    with pytest.raises(RuntimeError, match="refused 'textwrap:indent'"):
+        _trainer(tmp_path, max_epochs=1).fit(agent, train, ckpt_path=last)
+    _trainer(tmp_path, max_epochs=1).fit(
+        agent, train, ckpt_path=last, allow_functions=["textwrap"]
+    )
+    assert agent.normalize is textwrap.indent
+
+
+def test_fit_passes_its_load_limits(client: OpenAI, tmp_path: Path) -> None:
+    train, _ = _loaders()
+    _trainer(tmp_path, max_epochs=1).fit(
+        SentimentClassifier(client, SIMULATOR_MODEL), train
+    )
+    with pytest.raises(SerializationError, match="max_elements"):
+        _trainer(tmp_path, max_epochs=2).fit(
+            SentimentClassifier(client, SIMULATOR_MODEL),
+            train,
+            ckpt_path="last",
+            load_limits=LoadLimits(max_elements=50),
+        )
