@@ -7,10 +7,15 @@ client's ``get_config()`` and ``repr``, ``state_dict()`` checkpoints, test casse
   ``api-key``, ``x-api-key``, ``Cookie``, ``password``, ``client_secret``, anything
   ending in ``api_key``/``_secret``/``_password``/``access_token``...). Names compare
   case-insensitively, with ``-``, ``.`` and spaces read as ``_``.
+* **header names**: in a header dict (``default_headers``, ``extra_headers``,
+  ``headers``), also any header whose name contains ``auth``, ``key``, ``token``,
+  ``secret``, ``passw``, ``cookie``, ``session``, ``credential`` or ``signature``
+  (``x-functions-key``, ``PRIVATE-TOKEN``, ``X-Vault-Token``): the same rule the
+  response cache uses to tell which headers name the account.
 * **query names**: in a query string (``default_query``, ``extra_query``, a URL),
-  also any parameter whose name ends in ``key``, ``token``, ``secret``, ``password``,
-  ``sig``/``signature``, ``auth`` or ``credential(s)`` (``?key=``, ``?api_key=``,
-  ``?access_token=``, ``?sig=``).
+  the header rule, and any parameter whose name ends in ``key``, ``token``,
+  ``secret``, ``password``, ``sig``/``signature``, ``auth`` or ``credential(s)``, or
+  is ``code`` (``?key=``, ``?api_key=``, ``?access_token=``, ``?sig=``, ``?code=``).
 * **values**: a string that holds a provider key (``sk-...`` of any length,
   ``AIza...``, ``ghp_...``, ``AKIA...``, ``xox?-...``) or is an HTTP auth value
   (``Bearer <token>``, ``Basic <base64>``), under any name.
@@ -41,6 +46,7 @@ from typing import Any
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 __all__ = [
+    "CREDENTIAL_MARKERS",
     "REDACTED",
     "SECRET_SCAN_PATTERNS",
     "find_secrets",
@@ -93,10 +99,23 @@ _QUERY_NAME_RE = re.compile(
     r"(key|token|secret|password|passwd|sig|signature|auth|authorization|"
     r"credentials?)$"
 )
-# containers whose items are query parameters
+# containers whose items are query parameters, and headers
 _QUERY_CONTAINERS = frozenset(
     {"default_query", "extra_query", "query", "params", "query_params"}
 )
+_HEADER_CONTAINERS = frozenset({"default_headers", "extra_headers", "headers"})
+CREDENTIAL_MARKERS = (
+    "auth",
+    "key",
+    "token",
+    "secret",
+    "passw",
+    "cookie",
+    "session",
+    "credential",
+    "signature",
+)
+"""A header or query parameter whose name contains one of these holds a credential."""
 
 SECRET_VALUE_RE = re.compile(
     r"(?<![A-Za-z0-9_-])(?:"
@@ -155,9 +174,10 @@ def _normalize(name: str) -> str:
     return re.sub(r"[-.\s]+", "_", name.strip().lower())
 
 
-def is_credential_name(name: str, *, query: bool = False) -> bool:
-    """Whether a header, field or (with ``query``) query parameter named ``name``
-    holds a credential.
+def is_credential_name(name: str, *, query: bool = False, header: bool = False) -> bool:
+    """Whether a field named ``name`` holds a credential; with ``header``, a header
+    of that name; with ``query``, a query parameter of that name (the broader rules
+    of the module docstring).
 
     Example::
 
@@ -165,6 +185,10 @@ def is_credential_name(name: str, *, query: bool = False) -> bool:
         (True, False)
         >>> is_credential_name("key"), is_credential_name("key", query=True)
         (False, True)
+        >>> is_credential_name("x-functions-key", header=True)
+        True
+        >>> is_credential_name("X-Request-Id", header=True)
+        False
     """
     if not isinstance(name, str):
         return False
@@ -173,7 +197,9 @@ def is_credential_name(name: str, *, query: bool = False) -> bool:
         norm == s or norm.endswith("_" + s) for s in _CREDENTIAL_SUFFIXES
     ):
         return True
-    return query and _QUERY_NAME_RE.search(norm) is not None
+    if (header or query) and any(marker in norm for marker in CREDENTIAL_MARKERS):
+        return True
+    return query and (norm == "code" or _QUERY_NAME_RE.search(norm) is not None)
 
 
 def looks_like_credential(value: Any) -> bool:
@@ -207,18 +233,22 @@ def _is_mask(value: Any) -> bool:
     return isinstance(value, str) and value == REDACTED
 
 
-def mask_secrets(obj: Any, *, query: bool = False) -> Any:
+def mask_secrets(obj: Any, *, query: bool = False, header: bool = False) -> Any:
     """``obj`` (nested dicts, lists and tuples) with every credential replaced by
     :data:`REDACTED`: a string under a credential name (query names too with
-    ``query``, and inside a ``default_query``/``extra_query``/``params`` dict), and
-    any string that looks like a credential. ``obj`` itself is never changed: a
-    container holding a credential is copied (as a ``dict``, ``list`` or
-    ``tuple``); one with nothing to mask, and any other object, is returned as it is.
+    ``query`` and inside a ``default_query``/``extra_query``/``params`` dict; header
+    names with ``header`` and inside a ``default_headers``/``extra_headers``/
+    ``headers`` dict), and any string that looks like a credential. ``obj`` itself
+    is never changed: a container holding a credential is copied (as a ``dict``,
+    ``list`` or ``tuple``); one with nothing to mask, and any other object, is
+    returned as it is.
 
     Example::
 
         >>> mask_secrets({"headers": {"api-key": "azure-1", "X-Trace": "t-1"}})
         {'headers': {'api-key': '<redacted>', 'X-Trace': 't-1'}}
+        >>> mask_secrets({"PRIVATE-TOKEN": "glpat-1"}, header=True)
+        {'PRIVATE-TOKEN': '<redacted>'}
         >>> mask_secrets(["ok", "sk-live-1234"])
         ['ok', '<redacted>']
         >>> args = {"temperature": 0}
@@ -229,17 +259,21 @@ def mask_secrets(obj: Any, *, query: bool = False) -> Any:
         masked: dict[Any, Any] = {}
         for key, value in obj.items():
             if isinstance(value, (Mapping, list, tuple)):
-                inner = query or (
-                    isinstance(key, str) and _normalize(key) in _QUERY_CONTAINERS
+                name = _normalize(key) if isinstance(key, str) else ""
+                masked[key] = mask_secrets(
+                    value,
+                    query=query or name in _QUERY_CONTAINERS,
+                    header=header or name in _HEADER_CONTAINERS,
                 )
-                masked[key] = mask_secrets(value, query=inner)
             else:
-                masked[key] = _mask_scalar(value, is_credential_name(key, query=query))
+                masked[key] = _mask_scalar(
+                    value, is_credential_name(key, query=query, header=header)
+                )
         if all(masked[k] is v for k, v in obj.items()):
             return obj
         return masked
     if isinstance(obj, (list, tuple)):
-        items = [mask_secrets(item, query=query) for item in obj]
+        items = [mask_secrets(item, query=query, header=header) for item in obj]
         if all(new is old for new, old in zip(items, obj, strict=True)):
             return obj
         return items if isinstance(obj, list) else tuple(items)

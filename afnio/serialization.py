@@ -61,10 +61,10 @@ import io
 import json
 import os
 import re
+import secrets
 import socket
 import stat
 import struct
-import tempfile
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -83,12 +83,13 @@ from afnio.errors import SerializationError
 from afnio.models.model import BaseModel
 from afnio.models.model_registry import model_class_name
 
-__all__ = ["FORMAT_VERSION", "LoadLimits", "load", "save"]
+__all__ = ["FORMAT_VERSION", "LoadLimits", "load", "save", "write_atomic"]
 
 FORMAT_VERSION = 1
 _MEMBER = "data.json"
 _TAG = "__afnio__"
 _CHUNK = 1 << 16  # inflate data.json this many bytes at a time
+_MAX_SAME_HASH = 8  # non-str keys of one dict that may share a hash
 
 PathOrFile = str | os.PathLike[str] | IO[bytes]
 
@@ -237,25 +238,7 @@ def save(obj: Any, f: PathOrFile) -> None:
         zf.writestr(_MEMBER, payload)
     blob = buffer.getvalue()
     if isinstance(f, (str, os.PathLike)):
-        target = Path(f)
-        directory = target.parent
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{target.name[:100]}.afnio.{_host_tag()}.{os.getpid()}.",
-            suffix=".tmp",
-            dir=directory,
-        )
-        try:
-            # mkstemp makes an owner-only file: give it the usual permissions
-            os.fchmod(fd, _file_mode(target))
-            with os.fdopen(fd, "wb") as out:
-                out.write(blob)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _remove_stale_temps(directory)
+        write_atomic(Path(f), blob)
     elif hasattr(f, "write"):
         f.write(blob)
     else:
@@ -265,20 +248,50 @@ def save(obj: Any, f: PathOrFile) -> None:
         )
 
 
-def _file_mode(target: Path) -> int:
+def write_atomic(target: Path, blob: bytes) -> None:
+    """Write ``blob`` to ``target`` atomically: a temporary file in the same folder
+    (named after this host and process), flushed to disk, then renamed over
+    ``target``. A new file gets the usual permissions (``0o666`` less the umask), an
+    existing one keeps its mode. Temporary files left by killed writers (processes
+    of this host that no longer run) are then removed from the folder.
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> write_atomic(folder / "last", b"checkpoint_epoch1.hf")
+        >>> (folder / "last").read_bytes(), [p.name for p in folder.iterdir()]
+        (b'checkpoint_epoch1.hf', ['last'])
+    """
+    directory = target.parent
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    prefix = f".{target.name[:100]}.afnio.{_host_tag()}.{os.getpid()}."
+    while True:
+        tmp = directory / f"{prefix}{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)  # the kernel applies the umask
+            break
+        except FileExistsError:
+            continue
     try:
-        return target.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        with contextlib.suppress(FileNotFoundError):
+            os.fchmod(fd, target.stat().st_mode & 0o7777)  # keep an existing mode
+        with os.fdopen(fd, "wb") as out:
+            out.write(blob)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _remove_stale_temps(directory)
 
 
 # -- temporary files of killed saves --------------------------------------------------
 
 _TEMP_NAME = re.compile(
     r"\..*\.afnio\.(?P<host>[A-Za-z0-9-]{1,32})\.(?P<pid>[0-9]{1,10})\.[a-z0-9_]{8}\.tmp"
-)
+)  # what write_atomic names its temporary files
 
 
 def _host_tag() -> str:
@@ -466,6 +479,7 @@ class _Decoder:
         if items:
             self._check_depth(depth + 2, where)  # the item list, then a pair
         items.reverse()  # pop from the end: each parsed pair is freed once converted
+        same_hash: dict[int, int] = {}
         while items:
             pair = items.pop()
             if not isinstance(pair, list) or len(pair) != 2:
@@ -474,11 +488,21 @@ class _Decoder:
                 )
             key = self.decode(pair[0], (where, " key"), depth + 3)
             try:
-                hash(key)
+                hashed = hash(key)
             except TypeError:
                 raise SerializationError(
                     f"Unhashable dict key at {_render(where)}."
                 ) from None
+            if not isinstance(key, str):
+                # str hashes are salted per process, others are not: keys crafted
+                # to share one hash would make building the dict quadratic
+                same_hash[hashed] = same_hash.get(hashed, 0) + 1
+                if same_hash[hashed] > _MAX_SAME_HASH:
+                    raise SerializationError(
+                        f"Invalid dict at {_render(where)}: more than "
+                        f"{_MAX_SAME_HASH} keys share one hash (a file crafted to "
+                        "make loading slow)."
+                    )
             result[key] = self.decode(pair[1], (where, _Key(key)), depth + 3)
         if tag == "state_dict":
             raw = obj.get("metadata", {_TAG: "dict", "items": []})

@@ -254,7 +254,15 @@ def differences(full: dict[str, Any], resumed: dict[str, Any], kills: int) -> li
 def plan(seed: int) -> Iterator[Kill]:
     """Seeded kills of every kind, at moments spread over a run."""
     rng = random.Random(seed)
-    limits = {"request": 60, "replace": 14, "fsync": 8, "validation": 8, "epoch_end": 3}
+    # per epoch: about 20 requests, 7 renames and fsyncs (2 batch checkpoints and
+    # their pointers, metrics.jsonl, the epoch checkpoint and its pointer)
+    limits = {
+        "request": 60,
+        "replace": 21,
+        "fsync": 21,
+        "validation": 8,
+        "epoch_end": 3,
+    }
     while True:
         kind = rng.choice(KINDS)
         yield Kill(kind, rng.randint(1, limits[kind]))

@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -666,6 +667,43 @@ def test_saved_file_gets_the_permissions_of_a_normally_created_file(tmp_path):
     path = tmp_path / "ckpt.hf"
     afnio.save(1, path)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_saving_never_changes_the_process_umask(tmp_path, monkeypatch):
+    # os.umask(0) would briefly give files created by other threads no umask
+    def forbidden(mask: int) -> int:
+        raise AssertionError("save() changed the process umask")
+
+    monkeypatch.setattr(os, "umask", forbidden)
+    afnio.save(1, tmp_path / "new.hf")
+    assert afnio.load(tmp_path / "new.hf") == 1
+
+
+def test_an_existing_file_keeps_its_mode(tmp_path):
+    path = tmp_path / "ckpt.hf"
+    afnio.save(1, path)
+    path.chmod(0o640)
+    afnio.save(2, path)
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_keys_crafted_to_share_one_hash_are_refused_quickly(tmp_path):
+    # ints i * (2**61 - 1) all hash to 0: 85,000 of them (a 1 MB file) took 37 s
+    # to load as one dict
+    keys = [i * (2**61 - 1) for i in range(1, 20_001)]
+    path = _write_data(
+        tmp_path / "flood.hf", {_TAG: "dict", "items": [[k, 0] for k in keys]}
+    )
+    start = time.monotonic()
+    with pytest.raises(SerializationError, match="share one hash"):
+        afnio.load(path)
+    assert time.monotonic() - start < 5  # generous: refused at the 9th key
+
+
+def test_ordinary_int_keys_load(tmp_path):
+    data = {_TAG: "dict", "items": [[i, str(i)] for i in range(50_000)]}
+    loaded = afnio.load(_write_data(tmp_path / "ints.hf", data))
+    assert len(loaded) == 50_000 and loaded[49_999] == "49999"
 
 
 def _nested_function() -> Callable[[], int]:

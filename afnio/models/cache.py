@@ -68,6 +68,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -95,18 +96,6 @@ DEFAULT_TIMEOUT = 5.0
 """Seconds an SQLite operation waits for another connection's lock (SQLite's busy
 timeout; Python's ``sqlite3`` default too)."""
 
-_CREDENTIAL_MARKERS = (
-    "auth",
-    "key",
-    "token",
-    "secret",
-    "passw",
-    "cookie",
-    "session",
-    "credential",
-    "signature",
-)
-
 _ENVELOPE_VERSION = 1
 
 
@@ -117,14 +106,13 @@ def cache_key(request: Mapping[str, Any]) -> str:
 
 
 def _is_account_entry(name: object, value: object) -> bool:
-    """Whether a default header or query parameter carries a credential: by its name
-    (one containing a marker of ``_CREDENTIAL_MARKERS``, or a credential name for
-    :mod:`afnio._secrets`) or by its value (a provider key, ``Bearer ...``)."""
+    """Whether a default header or query parameter carries a credential, by the
+    rules that mask credentials (:mod:`afnio._secrets`): by its name (as a header
+    or a query parameter) or by its value (a provider key, ``Bearer ...``)."""
     if not isinstance(name, str) or not isinstance(value, (str, int, float)):
         return False  # unset (None, the SDK's Omit)
-    lowered = name.lower()
     return (
-        any(marker in lowered for marker in _CREDENTIAL_MARKERS)
+        is_credential_name(name, header=True)
         or is_credential_name(name, query=True)
         or looks_like_credential(value)
     )
@@ -384,6 +372,14 @@ class _Store:
         except sqlite3.Error:
             return None
 
+    def delete(self, keys: list[str]) -> None:
+        try:
+            self._setup("write").executemany(
+                "DELETE FROM responses WHERE key = ?", [(k,) for k in keys]
+            )
+        except sqlite3.Error as e:
+            self._report("write", e, 0)
+
     def delete_all(self) -> None:
         try:
             self._setup("write").execute("DELETE FROM responses")
@@ -408,9 +404,13 @@ class _Store:
                 self._flush = self._threads["write"].submit(self._write_batch)
             return self._flush
 
-    def forget_pending(self) -> None:
+    def forget_pending(self, keys: list[str] | None = None) -> None:
+        """Drop queued writes (of ``keys``, or all)."""
         with self._lock:
-            self._pending.clear()
+            if keys is None:
+                self._pending.clear()
+            for key in keys or ():
+                self._pending.pop(key, None)
 
     def close(self) -> None:
         """Write what is queued, then close both connections."""
@@ -463,6 +463,7 @@ class ResponseCache:
         self._write_errors = 0
         self._failing: set[str] = set()  # operations in a run of failures (warned)
         self._pid = os.getpid()
+        _CACHES.add(self)
         self._stale: list[_Store] = []  # inherited through fork: never used or closed
         self._store: _Store | None = None
         if self.path is not None:
@@ -660,6 +661,29 @@ class ResponseCache:
         if task is not None and not task.cancelled():
             task.exception()  # every waiter may have gone: mark it retrieved
 
+    def forget_answer(self, answer: Any) -> int:
+        """Forget every stored copy of ``answer``, an answer its consumer found
+        unusable (afnio's parsers call this through
+        :func:`afnio.models.step_memo.reject_answer`), so that the request is sent
+        again instead of being answered with it. Answers that are the very object
+        are dropped; failing that, equal ones. Returns how many were dropped."""
+        with self._lock:
+            keys = [k for k, (_, v) in self._memory.items() if v is answer]
+            if not keys:
+                keys = [
+                    k
+                    for k, (_, v) in self._memory.items()
+                    if type(v) is type(answer) and v == answer
+                ]
+            for key in keys:
+                del self._memory[key]
+        store = self._file()
+        if keys and store is not None:
+            store.forget_pending(keys)
+            with contextlib.suppress(_Closed):
+                store.submit("write", store.delete, keys)
+        return len(keys)
+
     def stats(self) -> CacheStats:
         """Counters since the cache was enabled (entries: the rows of the file, or
         the answers in memory when it has none or cannot be read)."""
@@ -691,6 +715,20 @@ class ResponseCache:
         store = self._file()
         if store is not None:
             store.close()
+
+
+_CACHES: weakref.WeakSet[ResponseCache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # a lock held by another thread at fork time would never be released in the
+    # child: give every cache a fresh one (its file is reopened on first use)
+    for cache in list(_CACHES):
+        cache._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _is_busy(error: sqlite3.OperationalError) -> bool:

@@ -121,7 +121,7 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
             "timeout": timeout if isinstance(timeout, (int, float)) else None,
             "max_retries": max_retries,
             # credentials (Authorization, api-key, ?key=, sk-...) are masked
-            "default_headers": mask_secrets(dict(default_headers))
+            "default_headers": mask_secrets(dict(default_headers), header=True)
             if default_headers
             else None,
             "default_query": mask_secrets(dict(default_query), query=True)

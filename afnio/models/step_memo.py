@@ -3,23 +3,30 @@
 When a training step fails because one LM request exhausted its retries (a 429 storm,
 a timeout), the Trainer runs the step again. Without a memo every request of the step
 would be sent and billed again, although all but one were answered. Inside
-:func:`step_memo`, each answer an afnio model client receives is kept; when the unit
-of work is attempted again (:meth:`StepMemo.begin_attempt`), the *n*-th identical
-request of the new attempt gets the *n*-th answer paid for that request, without a
-call, and only requests that were never answered are sent. So a retry costs exactly
-the requests that failed.
+:func:`step_memo`, each request an afnio model client makes is kept with its answer;
+when the unit of work is attempted again (:meth:`StepMemo.begin_attempt`), the *n*-th
+identical request of the new attempt gets the *n*-th answer of that request from the
+earlier attempts, without a call, and only requests that never got an answer are
+sent. A request of an earlier attempt that is still in flight when the retry asks
+for it is awaited, not sent twice. So a retry costs exactly the requests that failed.
 
 Rules:
 
 * A request is identified by the client object, the kind of call (chat, complete,
   embed) and every parameter, as canonical JSON. The memo lives for one unit of work
   (a training step with its retries) and only in the context that opened it (a
-  ``ContextVar``: other threads and tasks are unaffected).
+  ``ContextVar``: other threads and tasks are unaffected; afnio's event loop inherits
+  the caller's context).
 * Within one attempt nothing is replayed: identical requests made on purpose (sampling
   twice) are all sent, as without a memo.
 * An answer that its consumer rejected (unparsable JSON, a wrong gradient count) is
-  dropped with :func:`reject_answer`, so the retry asks again instead of replaying it.
-* Failed requests store nothing; a cancelled request stores nothing.
+  dropped with :func:`reject_answer` (the very answer handed out, not every equal
+  text), so the retry asks again instead of replaying it; the response cache, if on,
+  forgets it too.
+* Failed and cancelled requests store nothing.
+* :meth:`StepMemo.forget` drops everything: the Trainer does so when an attempt
+  failed for a reason other than the LM service (a bug, or a check on an answer's
+  content), so that the retry asks the model afresh, as without a memo.
 
 Example::
 
@@ -42,13 +49,14 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from afnio.models.cache import cache_key
+from afnio.models.cache import cache_key, get_cache
 
 __all__ = [
     "StepMemo",
@@ -63,12 +71,29 @@ T = TypeVar("T")
 _ACTIVE: ContextVar[StepMemo | None] = ContextVar("afnio_step_memo", default=None)
 
 
+class _Entry:
+    """One request's answer: pending while the request is in flight."""
+
+    __slots__ = ("done", "event", "failed", "value")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.failed = False
+        self.value: Any = None
+        # set (from afnio's loop) when the request answered or failed
+        self.event = asyncio.Event()
+
+    def settle(self, value: Any = None, *, failed: bool = False) -> None:
+        self.done, self.failed, self.value = True, failed, value
+        self.event.set()
+
+
 class StepMemo:
-    """The answers paid during a unit of work, by request key, in arrival order."""
+    """The answers paid during a unit of work, by request key, in request order."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._answers: dict[str, list[Any]] = {}
+        self._entries: dict[str, list[_Entry]] = {}
         self._used: dict[str, int] = {}
         self.replayed = 0
         self.attempts = 1
@@ -79,37 +104,69 @@ class StepMemo:
             self._used.clear()
             self.attempts += 1
 
-    def take(self, key: str) -> tuple[bool, Any]:
-        """``(True, answer)`` for the next unused stored answer of ``key``."""
+    def forget(self) -> None:
+        """Drop every stored answer (the next attempt asks the model afresh)."""
         with self._lock:
-            answers = self._answers.get(key, [])
+            self._entries.clear()
+            self._used.clear()
+
+    def _take(self, key: str) -> _Entry | None:
+        """The next entry of ``key`` not yet used in this attempt, or ``None``."""
+        with self._lock:
+            entries = self._entries.get(key, [])
             used = self._used.get(key, 0)
-            if used < len(answers):
+            if used < len(entries):
                 self._used[key] = used + 1
-                self.replayed += 1
-                return True, answers[used]
-        return False, None
+                return entries[used]
+        return None
 
-    def store(self, key: str, answer: Any) -> None:
-        """Keep a freshly paid ``answer`` of ``key`` (it counts as used in this
-        attempt)."""
+    def _add(self, key: str) -> _Entry:
+        """A new pending entry of ``key``, used in this attempt."""
+        entry = _Entry()
         with self._lock:
-            self._answers.setdefault(key, []).append(answer)
+            self._entries.setdefault(key, []).append(entry)
             self._used[key] = self._used.get(key, 0) + 1
+        return entry
 
-    def reject(self, answer: Any) -> None:
-        """Forget every stored copy of ``answer`` (its consumer could not use it)."""
+    def _drop(self, key: str, entry: _Entry) -> None:
+        """Remove ``entry`` (failed or rejected); it was used in this attempt."""
         with self._lock:
-            for key, answers in self._answers.items():
-                kept = [a for a in answers if a != answer]
-                if len(kept) != len(answers):
-                    dropped = len(answers) - len(kept)
-                    self._answers[key] = kept
-                    self._used[key] = max(0, self._used.get(key, 0) - dropped)
+            entries = self._entries.get(key, [])
+            for i, candidate in enumerate(entries):
+                if candidate is entry:
+                    del entries[i]
+                    if i < self._used.get(key, 0):
+                        self._used[key] -= 1
+                    return
+
+    def reject(self, answer: Any) -> bool:
+        """Forget the stored ``answer`` (the very object a request returned; else the
+        last equal answer handed out in this attempt). Returns whether one was
+        found."""
+        with self._lock:
+            found: tuple[str, _Entry] | None = None
+            for key, entries in self._entries.items():
+                for entry in entries[: self._used.get(key, 0)]:
+                    if entry.done and not entry.failed and entry.value is answer:
+                        found = (key, entry)
+            if found is None:
+                for key, entries in self._entries.items():
+                    for entry in entries[: self._used.get(key, 0)]:
+                        if entry.done and not entry.failed and entry.value == answer:
+                            found = (key, entry)
+        if found is None:
+            return False
+        self._drop(*found)
+        return True
 
     def __len__(self) -> int:
         with self._lock:
-            return sum(len(a) for a in self._answers.values())
+            return sum(
+                1
+                for entries in self._entries.values()
+                for e in entries
+                if e.done and not e.failed
+            )
 
 
 def active_memo() -> StepMemo | None:
@@ -138,23 +195,37 @@ async def memoized(
     request: Mapping[str, Any],
     call: Callable[[], Awaitable[T]],
 ) -> T:
-    """``await call()``, unless the active memo holds an unused answer to this very
-    request from an earlier attempt. Without an active memo, just ``await call()``."""
+    """``await call()``, unless the active memo holds an answer to this very request
+    from an earlier attempt (awaited if that request is still in flight). Without an
+    active memo, just ``await call()``. Runs on one event loop (afnio's)."""
     memo = _ACTIVE.get()
     if memo is None:
         return await call()
     key = cache_key({"client": id(client), "kind": kind, "request": dict(request)})
-    found, answer = memo.take(key)
-    if found:
-        return answer  # type: ignore[no-any-return]
-    answer = await call()
-    memo.store(key, answer)
-    return answer
+    earlier = memo._take(key)
+    if earlier is not None:
+        await earlier.event.wait()
+        if not earlier.failed:
+            memo.replayed += 1
+            return earlier.value  # type: ignore[no-any-return]
+        memo._drop(key, earlier)  # that request failed: send it now
+    entry = memo._add(key)
+    try:
+        value = await call()
+    except BaseException:
+        memo._drop(key, entry)
+        entry.settle(failed=True)
+        raise
+    entry.settle(value)
+    return value
 
 
 def reject_answer(answer: Any) -> None:
-    """Tell the active memo (if any) that ``answer`` was unusable, so that a retry of
-    the unit of work asks the model again instead of replaying it."""
+    """Tell the active memo (if any) and the response cache (if on) that ``answer``
+    was unusable, so that a retry asks the model again instead of replaying it."""
     memo = _ACTIVE.get()
     if memo is not None:
         memo.reject(answer)
+    cache = get_cache()
+    if cache is not None:
+        cache.forget_answer(answer)

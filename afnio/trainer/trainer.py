@@ -27,6 +27,8 @@ import json
 import logging
 import math
 import os
+import stat
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,7 +42,7 @@ from afnio.errors import SerializationError
 from afnio.models.model import BaseModel
 from afnio.models.phases import LEDGER, PhaseRow
 from afnio.models.step_memo import StepMemo, active_memo, step_memo
-from afnio.serialization import load, save
+from afnio.serialization import load, save, write_atomic
 
 if TYPE_CHECKING:
     from afnio.serialization import LoadLimits
@@ -94,6 +96,88 @@ def _batch_metrics(
     return metrics
 
 
+def _check_checkpoint(checkpoint: Any, path: Path) -> None:
+    """Raise ``SerializationError`` unless ``checkpoint`` has the shape of what
+    :meth:`Trainer._checkpoint` writes (a file that ``afnio.load`` accepts may still
+    hold anything)."""
+
+    def bad(what: str) -> SerializationError:
+        return SerializationError(f"{path} is not a Trainer checkpoint: {what}.")
+
+    if not isinstance(checkpoint, dict):
+        raise bad(f"it holds a {type(checkpoint).__name__}, not a dict")
+    if not isinstance(checkpoint.get("agent_state_dict"), dict):
+        raise bad("no agent_state_dict")
+    epoch, batch = checkpoint.get("epoch"), checkpoint.get("batch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        raise bad(f"epoch is {epoch!r}")
+    if batch is not None and (
+        isinstance(batch, bool) or not isinstance(batch, int) or batch < 0
+    ):
+        raise bad(f"batch is {batch!r}")
+    history = checkpoint.get("history")
+    if history is not None and not (
+        isinstance(history, list) and all(isinstance(r, dict) for r in history)
+    ):
+        raise bad("history is not a list of dicts")
+    for key in ("total_cost", "max_step_cost", "max_eval_cost", "best_val"):
+        value = checkpoint.get(key)
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise bad(f"{key} is {value!r}")
+    metrics = checkpoint.get("epoch_metrics")
+    if metrics is not None and not (
+        isinstance(metrics, dict)
+        and all(isinstance(k, str) and isinstance(v, list) for k, v in metrics.items())
+    ):
+        raise bad("epoch_metrics is not a dict of lists")
+    for key in ("optimizer_state_dict", "sampler_state", "spend_log"):
+        value = checkpoint.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise bad(f"{key} is a {type(value).__name__}")
+
+
+def _is_service_failure(error: BaseException) -> bool:
+    """Whether ``error`` (or an exception it was raised from) is a failure of the
+    LM service: a transport error, a timeout, an HTTP error status from the
+    provider, or an answer afnio rejected as unusable (already dropped from the
+    memo)."""
+    from afnio.errors import BackwardParseError, JudgeParseError
+    from afnio.optim.tgd import OptimizerStepError
+
+    service: tuple[type[BaseException], ...] = (
+        ConnectionError,
+        TimeoutError,
+        BackwardParseError,
+        JudgeParseError,
+        OptimizerStepError,
+    )
+    for module, name in (("openai", "APIError"), ("httpx", "TransportError")):
+        loaded = sys.modules.get(module)
+        cls = getattr(loaded, name, None) if loaded is not None else None
+        if isinstance(cls, type):
+            service = (*service, cls)
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, service):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _keep_or_forget(memo: StepMemo, error: BaseException) -> None:
+    """After a failed attempt: keep the paid answers for the retry when the LM
+    service failed; otherwise (a bug, a check on an answer's content) forget them,
+    so that the retry asks the model afresh."""
+    if not _is_service_failure(error):
+        memo.forget()
+
+
 @contextmanager
 def _unit_memo() -> Iterator[StepMemo]:
     """The active step memo (a retry nested in a step shares the step's), or a new
@@ -113,6 +197,7 @@ class _SpendLog:
     length when it was written; what follows was spent after it)."""
 
     NAME = "spend.log"
+    MAX_READ = 64 << 20  # bytes read after a checkpoint (about 2.5 million calls)
 
     def __init__(self, folder: Path, *, fresh: bool) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -140,21 +225,30 @@ class _SpendLog:
             "offset": offset,
         }
 
-    @staticmethod
-    def spent_after(checkpoint: Path, position: Any) -> float:
+    @classmethod
+    def spent_after(cls, checkpoint: Path, position: Any) -> float:
         """What the log named by a checkpoint's ``position`` holds after it (a cut
-        last line is ignored; a missing log holds nothing)."""
+        last line is ignored; a missing log holds nothing).
+
+        The position comes from a file: only ``spend.log`` beside the checkpoint or
+        one folder up is read, only a regular file (never blocking on a FIFO), and
+        at most ``MAX_READ`` bytes of it; anything else holds nothing."""
         if not isinstance(position, dict):
             return 0.0
         relative, offset = position.get("path"), position.get("offset")
-        if not isinstance(relative, str) or not isinstance(offset, int):
+        if relative not in (cls.NAME, f"../{cls.NAME}") or not isinstance(offset, int):
             return 0.0
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
         try:
-            with open(checkpoint.parent / relative, "rb") as f:
-                f.seek(max(0, offset))
-                lines = f.read().decode("utf-8", "replace").splitlines()
-        except FileNotFoundError:
+            fd = os.open(checkpoint.parent / relative, flags)
+        except OSError:
             return 0.0
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return 0.0
+            f.seek(max(0, offset))
+            blob = f.read(cls.MAX_READ)
+        lines = blob.decode("utf-8", "replace").splitlines()
         total = 0.0
         for line in lines:
             try:
@@ -331,6 +425,7 @@ class Trainer:
                     raise
                 except Exception as e:  # LM failures are retried
                     last = e
+                    _keep_or_forget(memo, e)
                     logger.warning(
                         "%s failed (attempt %d/%d): %s", what, attempt, MAX_RETRIES, e
                     )
@@ -370,19 +465,14 @@ class Trainer:
             path,
         )
         # the pointer moves only once the checkpoint is complete (both atomic)
-        pointer = folder / _LAST
-        tmp = folder / f".{_LAST}.{os.getpid()}.tmp"
-        tmp.write_text(path.relative_to(folder).as_posix(), "utf-8")
-        os.replace(tmp, pointer)
+        write_atomic(folder / _LAST, path.relative_to(folder).as_posix().encode())
         self.last_checkpoint = path
         return path
 
     def _write_metrics(self) -> None:
         self.default_root_dir.mkdir(parents=True, exist_ok=True)
-        path = self.default_root_dir / "metrics.jsonl"
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history), "utf-8")
-        os.replace(tmp, path)
+        text = "".join(json.dumps(row) + "\n" for row in self.history)
+        write_atomic(self.default_root_dir / "metrics.jsonl", text.encode("utf-8"))
         try:
             import matplotlib
 
@@ -622,9 +712,11 @@ class Trainer:
                     load_limits=load_limits,
                 )
             if self.enable_checkpointing:
-                self._spend_log = _SpendLog(
-                    self.default_root_dir / "checkpoints", fresh=ckpt_path is None
-                )
+                folder = self.default_root_dir / "checkpoints"
+                if ckpt_path is None:
+                    # a new run: "last" must never name an earlier run's checkpoint
+                    (folder / _LAST).unlink(missing_ok=True)
+                self._spend_log = _SpendLog(folder, fresh=ckpt_path is None)
             self._fit_epochs(
                 agent,
                 optimizer,
@@ -788,6 +880,7 @@ class Trainer:
                     raise
                 except Exception as e:
                     last = e
+                    _keep_or_forget(memo, e)
                     logger.warning(
                         "training step failed (attempt %d/%d): %s", n, MAX_RETRIES, e
                     )
@@ -834,7 +927,9 @@ class Trainer:
         clients: dict[str, Any] = {}
         for key, value in state.items():
             if not (
-                isinstance(value, dict) and value.get("class_type") in MODEL_REGISTRY
+                isinstance(value, dict)
+                and isinstance(value.get("class_type"), str)
+                and value["class_type"] in MODEL_REGISTRY
             ):
                 continue
             cls = MODEL_REGISTRY[value["class_type"]]
@@ -860,12 +955,7 @@ class Trainer:
         # that already hold the same functions, and nothing named in the file is
         # imported
         checkpoint = load(path, allow_functions=allow_functions, limits=load_limits)
-        if not isinstance(checkpoint, dict) or not isinstance(
-            checkpoint.get("agent_state_dict"), dict
-        ):
-            raise SerializationError(
-                f"{path} is not a Trainer checkpoint (no agent_state_dict)."
-            )
+        _check_checkpoint(checkpoint, path)
         state = checkpoint["agent_state_dict"]
         agent.load_state_dict(
             state,

@@ -357,3 +357,31 @@ def test_client_timeout_is_enforced() -> None:
             with pytest.raises(openai.APITimeoutError):
                 client.chat(messages=MESSAGES, model=SIMULATOR_MODEL)
             assert client.get_usage()["total_tokens"] == 0
+
+
+def test_every_header_the_cache_counts_as_an_account_is_masked() -> None:
+    from afnio.models.cache import _is_account_entry
+    from afnio.models.openai import OpenAI
+
+    headers = {
+        "x-functions-key": "hunter2-functions",
+        "PRIVATE-TOKEN": "glpat-abcdef",
+        "X-Vault-Token": "hvs.abcdef",
+        "X-Session-Id": "s-123",
+        "X-Request-Id": "r-1",
+    }
+    client = OpenAI(
+        api_key="sk-test",
+        base_url="http://127.0.0.1:9/v1",
+        default_headers=headers,
+        default_query={"code": "azure-fn-code", "api-version": "2024-10-21"},
+    )
+    config = client.get_config()
+    for name, value in headers.items():
+        masked = config["default_headers"][name] == "<redacted>"
+        assert masked == _is_account_entry(name, value), name
+    assert config["default_headers"]["X-Request-Id"] == "r-1"
+    assert config["default_query"] == {
+        "code": "<redacted>",
+        "api-version": "2024-10-21",
+    }

@@ -48,7 +48,8 @@ def full(sim: Simulator, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
         pytest.param([Kill("request", 3)], id="mid-step (forward requests in flight)"),
         pytest.param([Kill("request", 12)], id="mid-step (backward or optimizer)"),
         pytest.param([Kill("fsync", 1)], id="mid-save (the first checkpoint)"),
-        pytest.param([Kill("fsync", 3)], id="mid-save (an epoch checkpoint)"),
+        pytest.param([Kill("fsync", 2)], id="mid-save (the last pointer)"),
+        pytest.param([Kill("fsync", 6)], id="mid-save (an epoch checkpoint)"),
         pytest.param([Kill("replace", 2)], id="checkpoint saved, pointer not moved"),
         pytest.param([Kill("validation", 2)], id="mid-validation"),
         pytest.param(
@@ -86,9 +87,9 @@ def test_seeded_random_kills_resume_exactly(
 def test_work_paid_by_a_killed_process_counts_in_the_resumed_cost(
     sim: Simulator, full: dict[str, Any], tmp_path: Path
 ) -> None:
-    # killed when the first epoch checkpoint is complete but before "last" names it:
-    # the resumed run redoes the epoch's validation, and the spend log tells what
-    # the killed process had paid for it (and for its last step)
+    # killed at the end of the first epoch, after its validation and before its
+    # epoch checkpoint: the resumed run redoes the validation, and the spend log
+    # tells what the killed process had paid for it
     outcome, happened = resume_kills.run(
         tmp_path, sim.base_url, iter([Kill("epoch_end", 1)]), 1
     )
@@ -186,7 +187,8 @@ def test_ckpt_path_last_without_a_checkpoint_says_so(
 def test_a_killed_save_leaves_the_last_pointer_on_a_complete_checkpoint(
     sim: Simulator, tmp_path: Path
 ) -> None:
-    assert resume_kills.attempt(tmp_path, sim.base_url, Kill("fsync", 2)) is None
+    # fsyncs: batch 0's checkpoint, the pointer to it, batch 1's checkpoint (killed)
+    assert resume_kills.attempt(tmp_path, sim.base_url, Kill("fsync", 3)) is None
     last = Trainer(default_root_dir=tmp_path).last_checkpoint_path()
     assert last.name == "checkpoint_batch0.hf"
     assert afnio.load(last)["batch"] == 0
@@ -311,3 +313,150 @@ def test_fit_passes_its_load_limits(client: OpenAI, tmp_path: Path) -> None:
             ckpt_path="last",
             load_limits=LoadLimits(max_elements=50),
         )
+
+
+def test_a_rejected_answer_is_not_replayed_from_the_response_cache(
+    tmp_path: Path,
+) -> None:
+    from afnio.models.cache import disable_cache, enable_cache
+
+    enable_cache(tmp_path / "lm.sqlite")
+    try:
+        with Simulator() as fwd, Simulator() as bwd:
+            bwd.inject("malformed_json", times=4)
+            trainer = _one_epoch(fwd, bwd, tmp_path / "run")
+            assert bwd.stats.faults_served == 4
+        assert trainer.history and trainer.history[0]["train_loss"] is not None
+    finally:
+        disable_cache()
+
+
+class _PickyAboutAnswers(SentimentClassifier):
+    """Its metric fails once on the answers' content, after the LM calls."""
+
+    failures = 1
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        out = super().training_step(batch, batch_idx)
+        if _PickyAboutAnswers.failures:
+            _PickyAboutAnswers.failures -= 1
+            raise ValueError("the answers do not look right")
+        return out
+
+
+def test_a_failure_that_is_not_the_lm_service_asks_the_model_afresh(
+    client: OpenAI, sim: Simulator, tmp_path: Path
+) -> None:
+    train, _ = _loaders()
+    sim.reset_stats()
+    _trainer(tmp_path / "clean", max_epochs=1).fit(
+        SentimentClassifier(client, SIMULATOR_MODEL), train
+    )
+    clean = sim.stats.calls
+    sim.reset_stats()
+    _PickyAboutAnswers.failures = 1
+    _trainer(tmp_path / "picky", max_epochs=1).fit(
+        _PickyAboutAnswers(client, SIMULATOR_MODEL), train
+    )
+    assert sim.stats.calls == clean + 4  # the failed attempt's 4 forward calls again
+
+
+def test_service_failures_are_told_from_other_errors() -> None:
+    import httpx
+    import openai
+
+    from afnio.errors import BackwardParseError
+    from afnio.trainer.trainer import _is_service_failure
+
+    request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
+    assert _is_service_failure(openai.APIConnectionError(request=request))
+    assert _is_service_failure(httpx.ReadTimeout("slow", request=request))
+    assert _is_service_failure(BackwardParseError("cut JSON"))
+    assert _is_service_failure(TimeoutError())
+    try:
+        try:
+            raise ConnectionError("reset")
+        except ConnectionError as e:
+            raise RuntimeError("wrapped") from e
+    except RuntimeError as wrapped:
+        assert _is_service_failure(wrapped)
+    assert not _is_service_failure(KeyError("label"))
+    assert not _is_service_failure(ValueError("the answers do not look right"))
+
+
+@pytest.mark.parametrize(
+    "position",
+    [
+        {"path": "/dev/zero", "offset": 0},
+        {"path": "../../../../etc/passwd", "offset": 0},
+        {"path": "fifo", "offset": 0},
+        {"path": "spend.log", "offset": "0"},
+    ],
+    ids=["a device", "outside the run", "not the log's name", "a bad offset"],
+)
+def test_a_tampered_spend_log_position_reads_nothing(
+    tmp_path: Path, position: dict[str, Any]
+) -> None:
+    from afnio.trainer.trainer import _SpendLog
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "spend.log").write_text("0.5\n")
+    assert _SpendLog.spent_after(tmp_path / "ckpt.hf", position) == 0.0
+    assert _SpendLog.spent_after(
+        tmp_path / "ckpt.hf", {"path": "spend.log", "offset": 0}
+    ) == pytest.approx(0.5)
+
+
+def test_a_spend_log_that_is_a_fifo_never_blocks(tmp_path: Path) -> None:
+    from afnio.trainer.trainer import _SpendLog
+
+    os.mkfifo(tmp_path / "spend.log")
+    position = {"path": "spend.log", "offset": 0}
+    assert _SpendLog.spent_after(tmp_path / "ckpt.hf", position) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"epoch": [1]}, "epoch is"),
+        ({"batch": "0"}, "batch is"),
+        ({"history": ["row"]}, "history"),
+        ({"total_cost": "0.1"}, "total_cost is"),
+        ({"epoch_metrics": {"loss": 1.0}}, "epoch_metrics"),
+        ({"spend_log": [1]}, "spend_log is"),
+    ],
+)
+def test_a_checkpoint_of_the_wrong_shape_is_a_serialization_error(
+    client: OpenAI, tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    train, _ = _loaders()
+    _trainer(tmp_path, max_epochs=1).fit(
+        SentimentClassifier(client, SIMULATOR_MODEL), train
+    )
+    last = Trainer(default_root_dir=tmp_path).last_checkpoint_path()
+    checkpoint = afnio.load(last)
+    checkpoint.update(change)
+    afnio.save(checkpoint, last)
+    with pytest.raises(SerializationError, match=message):
+        _trainer(tmp_path, max_epochs=2).fit(
+            SentimentClassifier(client, SIMULATOR_MODEL), train, ckpt_path="last"
+        )
+
+
+def test_a_new_run_never_resumes_an_earlier_runs_last_checkpoint(
+    client: OpenAI, tmp_path: Path
+) -> None:
+    train, _ = _loaders()
+    _trainer(tmp_path, max_epochs=1).fit(
+        SentimentClassifier(client, SIMULATOR_MODEL), train
+    )
+    assert (tmp_path / "checkpoints" / "last").exists()
+
+    class Dies(SentimentClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            raise KeyboardInterrupt  # killed before its first checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tmp_path, max_epochs=1).fit(Dies(client, SIMULATOR_MODEL), train)
+    with pytest.raises(FileNotFoundError, match="No checkpoint to resume from"):
+        Trainer(default_root_dir=tmp_path).last_checkpoint_path()
