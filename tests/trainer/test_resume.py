@@ -262,21 +262,27 @@ class _WithFunction(SentimentClassifier):
         self.normalize = textwrap.dedent  # a function slot, saved by import path
 
 
-def _tamper(path: Path, old: str, new: str) -> None:
+def _tampered_checkpoint(client: OpenAI, root: Path, old: str, new: str) -> Path:
+    """Train ``_WithFunction`` one epoch under ``root``; its last checkpoint with
+    ``old`` replaced by ``new`` in ``data.json``."""
+    train, _ = _loaders()
+    _trainer(root, max_epochs=1).fit(_WithFunction(client, SIMULATOR_MODEL), train)
+    path = Trainer(default_root_dir=root).last_checkpoint_path()
     with zipfile.ZipFile(path) as zf:
         text = zf.read("data.json").decode("utf-8")
     assert old in text
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("data.json", text.replace(old, new))
+    return path
 
 
 def test_fit_refuses_a_checkpoint_whose_function_was_swapped(
     client: OpenAI, sim: Simulator, tmp_path: Path
 ) -> None:
+    last = _tampered_checkpoint(
+        client, tmp_path, '"textwrap:dedent"', '"builtins:exec"'
+    )
     train, _ = _loaders()
-    _trainer(tmp_path, max_epochs=1).fit(_WithFunction(client, SIMULATOR_MODEL), train)
-    last = Trainer(default_root_dir=tmp_path).last_checkpoint_path()
-    _tamper(last, '"textwrap:dedent"', '"builtins:exec"')
     agent = _WithFunction(client, SIMULATOR_MODEL)
     before = sim.stats.calls
     with pytest.raises(RuntimeError, match="refused 'builtins:exec'"):
@@ -288,10 +294,10 @@ def test_fit_refuses_a_checkpoint_whose_function_was_swapped(
 def test_fit_imports_functions_only_from_the_modules_it_is_allowed(
     client: OpenAI, tmp_path: Path
 ) -> None:
+    last = _tampered_checkpoint(
+        client, tmp_path, '"textwrap:dedent"', '"textwrap:indent"'
+    )
     train, _ = _loaders()
-    _trainer(tmp_path, max_epochs=1).fit(_WithFunction(client, SIMULATOR_MODEL), train)
-    last = Trainer(default_root_dir=tmp_path).last_checkpoint_path()
-    _tamper(last, '"textwrap:dedent"', '"textwrap:indent"')
     agent = _WithFunction(client, SIMULATOR_MODEL)
     with pytest.raises(RuntimeError, match="refused 'textwrap:indent'"):
         _trainer(tmp_path, max_epochs=1).fit(agent, train, ckpt_path=last)

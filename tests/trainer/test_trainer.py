@@ -12,48 +12,12 @@ from typing import Any
 import pytest
 
 import afnio
-from afnio import Variable
 from afnio.models.openai import OpenAI
 from afnio.testing import SIMULATOR_MODEL, Simulator
 from afnio.trainer import Trainer
-from afnio.utils.data import DataLoader, Dataset
+from afnio.utils.data import DataLoader
+from benchmarks.resume_kills import MESSAGES, Messages
 from examples.facility_support import SentimentClassifier
-
-MESSAGES = [
-    ("The new cleaning crew is wonderful.", "positive"),
-    ("The heater broke again, this is awful.", "negative"),
-    ("Please confirm the Tuesday visit.", "neutral"),
-    ("I love how quickly you fixed the lift.", "positive"),
-    ("Terrible response time, I am upset.", "negative"),
-    ("Where can I find the invoice?", "neutral"),
-    ("Fantastic work on the garden.", "positive"),
-    ("The worst service we have had.", "negative"),
-    ("Can you send the schedule?", "neutral"),
-    ("We are grateful for the quick repair.", "positive"),
-    ("Unacceptable delays again.", "negative"),
-    ("Is the gym open on Sunday?", "neutral"),
-]
-
-
-class Messages(Dataset):
-    """Facility-support-shaped items: (message, (urgency, sentiment, categories))."""
-
-    def __init__(self, rows: list[tuple[str, str]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> Any:
-        text, label = self.rows[i]
-        return (
-            Variable(text, role="input email or message"),
-            (
-                Variable("low", role="output urgency"),
-                Variable(label, role="output sentiment"),
-                Variable("{}", role="output categories"),
-            ),
-        )
 
 
 @pytest.fixture
