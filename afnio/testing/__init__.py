@@ -16,7 +16,11 @@ afnio's own prompts are recognised first, by the markers of
 is answered ``{"score", "explanation"}`` by comparing its ``<PREDICTION>`` and
 ``<TARGET>`` elements; ChatCompletion and evaluator backward calls are answered
 ``{"gradients": [...]}``, one string per ``<VARIABLE>``, the first trainable system
-prompt being given the rule that would have produced the expected value.
+prompt being given the rule that would have produced the expected value, and a computed
+input (the output of an earlier call) the value the call's own rules map to it, so that
+credit reaches an earlier stage's prompt too (the *relay*). Requests can be delayed by
+rules (:meth:`Simulator.delay_when`), and :mod:`afnio.testing.programs` generates
+programs with known ground truth to check that tracing links every gradient right.
 
 Example::
 

@@ -24,8 +24,8 @@ counts (``prompt_tokens``: the words of every message plus 3 per message;
 ``completion_tokens``: the words of the answer).
 
 Counters (:attr:`Simulator.stats`), the received bodies (:attr:`Simulator.requests`),
-a settable per-request ``latency`` and fault injection (:meth:`Simulator.inject`,
-:class:`Fault`) let tests observe and disturb a run.
+a settable per-request ``latency``, per-request delays and fault injection
+(:meth:`Simulator.inject`, :class:`Fault`) let tests observe and disturb a run.
 
 Example::
 
@@ -46,6 +46,29 @@ Example::
     'negative'
     >>> sim.stats.calls
     1
+
+Per-request latency: :meth:`Simulator.delay_when` delays the requests whose text (see
+:func:`request_text`) holds a string, or whose parsed JSON body satisfies a predicate,
+and ``Simulator(delay=...)`` (or the settable :attr:`Simulator.delay`) takes a
+function of the parsed body that returns extra seconds. So a test can make chosen
+requests (one sample of a batch, one branch of a program) finish after the others::
+
+    >>> import time
+    >>> with Simulator() as sim:
+    ...     sim.delay_when("tortoise", 0.2)
+    ...     client = openai.OpenAI(base_url=sim.base_url, api_key="x", max_retries=0)
+    ...     start = time.perf_counter()
+    ...     reply = client.chat.completions.create(
+    ...         model="afnio-sim-1",
+    ...         messages=[{"role": "user", "content": "The tortoise came last."}],
+    ...     )
+    ...     seconds = time.perf_counter() - start
+    ...     client.close()
+    >>> seconds >= 0.2
+    True
+    >>> hare = {"messages": [{"role": "user", "content": "The hare."}]}
+    >>> sim.delay_for(hare), sim.delay_for({"prompt": "A tortoise"})
+    (0.0, 0.2)
 """
 
 from __future__ import annotations
@@ -56,6 +79,7 @@ import dataclasses
 import hashlib
 import ipaddress
 import json
+import math
 import re
 import socket
 import socketserver
@@ -63,7 +87,7 @@ import struct
 import sys
 import threading
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -78,9 +102,12 @@ __all__ = [
     "ENDPOINTS",
     "SIMULATOR_MODEL",
     "SYSTEM_FINGERPRINT",
+    "DelayFunction",
     "Fault",
+    "RequestPredicate",
     "Simulator",
     "SimulatorStats",
+    "request_text",
 ]
 
 SIMULATOR_MODEL = "afnio-sim-1"
@@ -752,6 +779,66 @@ FaultSpec = Fault | str | tuple[Any, ...] | Mapping[str, Any]
 """One entry of ``Simulator(faults=...)``: a kind, a tuple ``(kind, times[, endpoint
 [, seconds]])`` or a mapping of :meth:`Simulator.inject` keyword arguments."""
 
+DelayFunction = Callable[[Mapping[str, Any]], float]
+"""``Simulator(delay=...)``: called with the parsed JSON body of every well-formed
+``POST`` request (possibly from several server threads at once), it returns the extra
+seconds to wait before answering (``0`` for none)."""
+
+RequestPredicate = Callable[[Mapping[str, Any]], bool]
+"""A :meth:`Simulator.delay_when` predicate on the parsed JSON body of a request."""
+
+
+def request_text(body: Mapping[str, Any]) -> str:
+    """The text a request carries, as one string: the content of every message
+    (text parts of multimodal content included), the completion ``prompt`` and the
+    embedding ``input`` strings, one per line. What :meth:`Simulator.delay_when`
+    matches a string against.
+
+    >>> request_text({"messages": [{"role": "system", "content": "Be brief."},
+    ...     {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]})
+    'Be brief.\\nHi'
+    >>> request_text({"prompt": ["a", "b"]}), request_text({"input": "c"})
+    ('a\\nb', 'c')
+    """
+    texts: list[str] = []
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        texts.extend(
+            world.message_text(m.get("content"))
+            for m in messages
+            if isinstance(m, Mapping)
+        )
+    for key in ("prompt", "input"):
+        value = body.get(key)
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, list):
+            texts.extend(v for v in value if isinstance(v, str))
+    return "\n".join(texts)
+
+
+@dataclass(frozen=True)
+class _DelayRule:
+    match: str | RequestPredicate
+    seconds: float
+    endpoint: str | None
+
+    def applies(self, endpoint: str, body: Mapping[str, Any]) -> bool:
+        if self.endpoint not in (None, endpoint):
+            return False
+        if isinstance(self.match, str):
+            return self.match in request_text(body)
+        return bool(self.match(body))
+
+
+def _delay_seconds(value: Any, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{source} must give a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not seconds >= 0 or math.isinf(seconds):
+        raise ValueError(f"{source} must give finite seconds >= 0, got {value!r}")
+    return seconds
+
 
 class Simulator:
     """An OpenAI-compatible HTTP server on 127.0.0.1 that answers by rules.
@@ -769,6 +856,9 @@ class Simulator:
             mapping of ``inject`` keyword arguments. ``Simulator(faults=[("rate_limit",
             2), ("delay", 1, "embeddings", 0.5)])`` makes the next two requests get a
             429 and the next embeddings request wait half a second.
+        delay: a function of the parsed JSON body of a request that returns extra
+            seconds to wait before answering it (see :attr:`delay`); with
+            :meth:`delay_when` rules, it gives chosen requests their own latency.
 
     Use it as a context manager or call :meth:`start`/:meth:`stop` (both idempotent;
     a stopped simulator can be started again, keeping its counters and faults).
@@ -786,6 +876,7 @@ class Simulator:
         port: int = 0,
         latency: float = 0.0,
         faults: Iterable[FaultSpec] | None = None,
+        delay: DelayFunction | None = None,
     ) -> None:
         if host == "localhost":
             host = "127.0.0.1"
@@ -814,6 +905,9 @@ class Simulator:
         self._reset_counters()
         self._in_flight = 0
         self._peak_in_flight = 0
+        self._delay: DelayFunction | None = None
+        self._delay_rules: list[_DelayRule] = []
+        self.delay = delay
         for spec in faults or ():
             self._inject_spec(spec)
 
@@ -840,8 +934,8 @@ class Simulator:
     def stop(self) -> None:
         """Stop serving and close open connections; a no-op when not running.
 
-        Requests still waiting (latency, ``DELAY``) are woken and dropped; ``stop``
-        returns once none is in flight (or after 2 s).
+        Requests still waiting (latency, delays, ``DELAY``) are woken and dropped;
+        ``stop`` returns once none is in flight (or after 2 s).
         """
         with self._lock:
             server, thread = self._server, self._thread
@@ -902,6 +996,95 @@ class Simulator:
         if not value >= 0:
             raise ValueError(f"latency must be a non-negative number, got {value!r}")
         self._latency = value
+
+    # -- per-request delays --------------------------------------------------------
+
+    @property
+    def delay(self) -> DelayFunction | None:
+        """A function of the parsed JSON body of each well-formed ``POST`` request
+        (any endpoint) that returns extra seconds to wait, on top of :attr:`latency`
+        and of the :meth:`delay_when` rules; ``None`` (the default) for none.
+        Settable at any time. It is called from the server's threads, possibly
+        several at once, so it must be thread-safe; one that raises or returns
+        anything but finite seconds >= 0 makes the request fail with HTTP 500 (a
+        simulator internal error, its traceback printed).
+
+        >>> sim = Simulator(delay=lambda body: 0.05 if body.get("stream") else 0)
+        >>> sim.delay_for({"stream": True}), sim.delay_for({"stream": False})
+        (0.05, 0.0)
+        """
+        return self._delay
+
+    @delay.setter
+    def delay(self, function: DelayFunction | None) -> None:
+        if function is not None and not callable(function):
+            raise TypeError(f"delay must be callable or None, got {function!r}")
+        self._delay = function
+
+    def delay_when(
+        self,
+        match: str | RequestPredicate,
+        seconds: float,
+        endpoint: str | None = None,
+    ) -> None:
+        """Delay every matching request by ``seconds`` (until :meth:`clear_delays`).
+
+        Args:
+            match: a string that must occur in the request's text
+                (:func:`request_text`: its message contents, ``prompt`` or
+                ``input``), or a predicate on its parsed JSON body (called from the
+                server's threads: it must be thread-safe).
+            seconds: the extra wait, finite and ``>= 0``.
+            endpoint: only requests to this endpoint match (``"chat/completions"``,
+                ``"completions"``, ``"embeddings"``; ``"/v1/..."`` spellings work
+                too); ``None``: any endpoint.
+
+        The waits of all matching rules add up, and add to :attr:`latency` and to
+        :attr:`delay`. Only well-formed ``POST`` requests are delayed (a 400 answers
+        at once); a waiting request is woken by :meth:`stop`.
+
+        >>> sim = Simulator()
+        >>> sim.delay_when("slow", 0.25)
+        >>> sim.delay_when(lambda body: body.get("temperature") == 0, 0.5)
+        >>> body = {"messages": [{"role": "user", "content": "slow"}], "temperature": 0}
+        >>> sim.delay_for(body)
+        0.75
+        >>> sim.clear_delays(); sim.delay_for(body)
+        0.0
+        """
+        if not isinstance(match, str) and not callable(match):
+            raise TypeError(f"match must be a string or a predicate, got {match!r}")
+        rule = _DelayRule(
+            match,
+            _delay_seconds(seconds, "delay_when"),
+            None if endpoint is None else _endpoint_key(endpoint),
+        )
+        with self._lock:
+            self._delay_rules.append(rule)
+
+    def clear_delays(self) -> None:
+        """Drop every :meth:`delay_when` rule and the :attr:`delay` function."""
+        with self._lock:
+            self._delay_rules.clear()
+            self._delay = None
+
+    def delay_for(
+        self, body: Mapping[str, Any], endpoint: str = "chat/completions"
+    ) -> float:
+        """The extra seconds (beyond :attr:`latency`) a request with this parsed body
+        to ``endpoint`` would wait now: the :attr:`delay` function's answer plus the
+        seconds of every matching :meth:`delay_when` rule."""
+        key = _endpoint_key(endpoint)
+        with self._lock:
+            rules = list(self._delay_rules)
+            function = self._delay
+        total = 0.0
+        if function is not None:
+            total += _delay_seconds(function(body), "the delay function")
+        for rule in rules:
+            if rule.applies(key, body):
+                total += rule.seconds
+        return total
 
     # -- faults --------------------------------------------------------------------
 
@@ -1079,8 +1262,11 @@ class Simulator:
                         400, "Invalid request body: expected a JSON object."
                     )
                 self._validate(endpoint, body)
+            extra = 0.0
+            if method == "POST" and isinstance(body, Mapping):
+                extra = self.delay_for(body, endpoint)
             fault = self._take_fault(endpoint)
-            self._sleep(self._latency)
+            self._sleep(self._latency + extra)
             if fault is not None and fault.kind is Fault.RATE_LIMIT:
                 raise _RequestError(
                     429,

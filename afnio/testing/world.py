@@ -49,9 +49,15 @@ that quotes a rule sentence still gets gradients. In order:
    conversation, its ``sentiment`` output field or else its first output field other
    than ``reasoning``, and the input is the current input values); a target equal
    to the default label (``neutral``) gets no rule but ``The <role> should lead to
-   "<target>" for inputs like this one.``; the other variables get ``The
-   <role> should lead to "<target>" for this input.``; blank feedback gives ``""``
-   for every variable.
+   "<target>" for inputs like this one.``; a *computed input* (a variable with
+   ``trainable="false"`` in a ``user``/``human`` message or an ``input:<key>``: the
+   output of an upstream step) gets the *relay* ``The <role> should contain "<v>":
+   the expected value is "<v>", since the rule for "<v>" gives the <field>
+   "<target>".`` when the conversation's rules (a DSPy predictor's: those of its
+   instructions naming the field) map a value to the target (see
+   :func:`relay_value`; never for the default label); the other variables get
+   ``The <role> should lead to "<target>" for this input.``; blank feedback gives
+   ``""`` for every variable.
 3. :func:`evaluator_backward_responder`, an evaluator backward call. Marker: a user
    message holding ``<EVALUATION ...>``, ``<SAMPLE>`` and ``<VARIABLES ...>``. It
    answers ``{"gradients": [...]}``, one string per variable for each ``<SAMPLE>``,
@@ -89,6 +95,35 @@ rule makes the task responder answer the expected value. The JSON answers render
 same object under every ``response_format`` (plain text included). Element texts may
 span lines and hold quotes and braces; an element's text runs to its first closing
 tag.
+
+Two stages
+----------
+When a call reads the output of an earlier call (a pipeline, a chain, a multi-stage
+DSPy program), the same rules assign the credit the way a capable model would:
+
+* *Forward*, each stage answers by the rules of its own prompt, for whatever field
+  they name (``If the message mentions "late", the feeling is unhappy.``), matched
+  against its own user content only (for DSPy, its own input fields): a later stage
+  sees the message only through the earlier stage's output. An intermediate stage
+  whose rules do not match answers its default label (``neutral``), an
+  uninformative value; a DSPy free-text output field that no rule names passes the
+  input through.
+* *Backward, downstream*: the evaluator's feedback names the target ``t`` of the
+  last stage; its chat backward gives its own system prompt a rule from its own input
+  when that input holds a lexicon word (as for a single stage), and gives the
+  computed input the relay: the value ``v`` that this stage's rules map to ``t``,
+  named as that input's expected value.
+* *Backward, upstream*: the feedback reaching the earlier call's output (through any
+  parser or lambda step in between, which only prefixes it) now holds ``the expected
+  value is "v"``, so that call's chat backward writes, for its own system prompt,
+  ``If the message mentions "<word>", the <its field> is v.``, the word being the
+  lexicon word of *its* input (the message): the rule that makes it produce the value
+  the next stage needs. Longer chains relay the same way, stage by stage.
+
+So an error that only the first prompt can fix (the second stage already maps every
+value it needs, the first answers an uninformative default) is fixed by training:
+``benchmarks/two_stage.py`` measures it with an afnio Module, a traced LangChain chain
+and a DSPy program.
 
 Rendering
 ---------
@@ -156,6 +191,7 @@ __all__ = [
     "judge_responder",
     "judgement_matches",
     "message_text",
+    "relay_value",
     "render_content",
     "respond",
     "salient_word",
@@ -696,6 +732,11 @@ _NOT_NEGATED = (
 """Lookbehinds: the word is not right after a negator (see :func:`salient_word`)."""
 
 
+_DOTTED_I = {0x130: "i", 0x131: "i"}
+"""The two characters that ``re.IGNORECASE`` matches with ``i`` and whose casefold is
+not ``i`` (every other character matching a lexicon letter casefolds to it)."""
+
+
 def salient_word(text: str) -> str | None:
     """The first word of :data:`SALIENCE_LEXICON` (alphabetical order) that occurs in
     ``text`` as a whole word, case-insensitively; a hyphen joined to letters counts
@@ -711,7 +752,10 @@ def salient_word(text: str) -> str | None:
     >>> salient_word("I'm not impressed: unacceptable"), salient_word("not only great")
     ('unacceptable', 'great')
     """
+    folded = text.translate(_DOTTED_I).casefold()
     for word in sorted(SALIENCE_LEXICON):
+        if word not in folded:  # a cheap necessary condition (the regexes are slow)
+            continue
         word_pattern = rf"(?<![\w])(?<!\w-){re.escape(word)}(?![\w])(?!-\w)"
         pattern = _NOT_NEGATED + word_pattern
         if re.search(pattern, text, re.IGNORECASE):
@@ -856,9 +900,76 @@ class ChatBackwardPrompt:
         )
 
 
+def relay_value(rules: Sequence[Rule], field: str, target: str) -> str | None:
+    """The value an input of a call should have held for the call to answer
+    ``target`` for ``field``: the word of the first rule of ``rules`` that names
+    ``field`` (case- and separator-insensitively) with the label ``target`` (any case)
+    and that is also the first rule matching a text holding that word alone (so an
+    earlier rule cannot take over); ``None`` when no rule qualifies.
+
+    >>> rules = find_rules(
+    ...     'If the message mentions "unhappy", the sentiment is negative. '
+    ...     'If the message mentions "happy", the sentiment is positive. '
+    ...     'If the message mentions "pleased", the mood is positive.')
+    >>> relay_value(rules, "sentiment", "Positive"), relay_value(rules, "mood", "x")
+    ('happy', None)
+    >>> shadowed = find_rules('If the message mentions "late", the tone is upset. '
+    ...     'If the message mentions "late", the tone is calm.')
+    >>> relay_value(shadowed, "tone", "calm") is None
+    True
+    """
+    wanted = target.strip().casefold()
+    for rule in rules:
+        if _norm(rule.field) != _norm(field) or rule.label.casefold() != wanted:
+            continue
+        first = next((r for r in rules if r.matches(rule.word)), None)
+        if first is not None and first.label.casefold() == wanted:
+            return rule.word
+    return None
+
+
+def _is_computed_input(variable: PromptVariable) -> bool:
+    """A variable the call reads as input and that an upstream step computed: not
+    trainable (not a leaf being optimized) and placed in a ``user`` (LangChain:
+    ``human``) message or an input (``input:<key>``), where the rules look for their
+    words."""
+    location = variable.location.casefold()
+    return not variable.trainable and (
+        location in ("user", "human") or location.startswith("input:")
+    )
+
+
 def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
     """The gradients the simulator writes for a ChatCompletion backward prompt (see
-    :func:`chat_backward_responder`)."""
+    :func:`chat_backward_responder`).
+
+    Two stages: the second call maps feelings to sentiments; its input (the first
+    call's output) should have held the feeling that leads to the target, and the
+    first call's backward turns that into a rule for its own prompt.
+
+    >>> second = ChatBackwardPrompt(
+    ...     messages=(Message("system",
+    ...         'If the message mentions "unhappy", the sentiment is negative.'),
+    ...               Message("user", "neutral")),
+    ...     feedback='The prediction "neutral" is wrong: the expected value is '
+    ...              '"negative".',
+    ...     variables=(PromptVariable("1", "second prompt", "system", True, "..."),
+    ...                PromptVariable("2", "feeling", "input:feeling", False,
+    ...                               "neutral")))
+    >>> relay = chat_backward_gradients(second)
+    >>> relay  # doctest: +NORMALIZE_WHITESPACE
+    ['The second prompt should lead to "negative" for inputs like this one.',
+     'The feeling should contain "unhappy": the expected value is "unhappy", since
+     the rule for "unhappy" gives the sentiment "negative".']
+    >>> first = ChatBackwardPrompt(
+    ...     messages=(Message("system",
+    ...         'If the message mentions "furious", the feeling is unhappy.'),
+    ...               Message("user", "I am frustrated: the lift is broken.")),
+    ...     feedback=relay[1],
+    ...     variables=(PromptVariable("1", "first prompt", "system", True, "..."),))
+    >>> chat_backward_gradients(first)
+    ['If the message mentions "frustrated", the feeling is unhappy.']
+    """
     feedback = prompt.feedback.strip()
     if not feedback:
         return ["" for _ in prompt.variables]
@@ -875,6 +986,11 @@ def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
         label_field = dspy_prompt.label_field()
         field_name = label_field.name if label_field else DEFAULT_FIELD
         text = dspy_prompt.input_text
+        rules = [  # a predictor answers a field by the rules naming that field
+            rule
+            for rule in find_rules(dspy_prompt.instructions)
+            if _norm(rule.field) == _norm(field_name)
+        ]
     # A rule names a word as evidence *for* its label. The default label is what the
     # task answers when no rule matches, i.e. the absence of evidence: "<word> means
     # neutral" is a rule no model would write, and since a rule for an already-ruled
@@ -882,6 +998,12 @@ def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
     # taught (the rule would flip with every batch: last failure wins).
     default = target is not None and target.strip().casefold() == DEFAULT_LABEL
     word = None if default else salient_word(text)
+    # An input computed upstream should have held the value this call's own rules
+    # map to the target: naming it as *its* expected value lets the upstream call's
+    # backward write the rule that produces it (credit assignment across stages).
+    relayed = (
+        None if target is None or default else relay_value(rules, field_name, target)
+    )
     excerpt = feedback[:FEEDBACK_EXCERPT_CHARS].strip()
     gradients = []
     rule_given = False
@@ -899,6 +1021,12 @@ def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
                 )
             else:
                 gradients.append(f"The {role} should address this feedback: {excerpt}")
+        elif relayed is not None and _is_computed_input(variable):
+            gradients.append(
+                f'The {role} should contain "{relayed}": the expected value is '
+                f'"{relayed}", since the rule for "{relayed}" gives the {field_name} '
+                f'"{target}".'
+            )
         elif target is not None:
             gradients.append(f'The {role} should lead to "{target}" for this input.')
         else:
@@ -926,11 +1054,16 @@ def chat_backward_responder(request: SimRequest) -> Answer | None:
     (the ``count`` attribute is not trusted). The first variable with
     ``trainable="true"`` and ``location="system"`` gets the rule ``If the message
     mentions "<word>", the <field> is <target>.``; with a target but no word,
-    ``The <role> should lead to "<target>" for inputs like this one.``. Every other
-    variable gets ``The <role> should lead to "<target>" for this input.``. Without a
-    target, any variable gets ``The <role> should address this feedback: <the first
-    200 characters of the stripped feedback>``. An empty (or blank) feedback gives
-    ``""`` for every variable.
+    ``The <role> should lead to "<target>" for inputs like this one.``. A computed
+    input (``trainable="false"``, location ``user``, ``human`` or ``input:<key>``: what
+    an upstream step produced) gets the relay ``The <role> should contain "<v>": the
+    expected value is "<v>", since the rule for "<v>" gives the <field> "<target>".``
+    when :func:`relay_value` finds ``v`` among the conversation's rules for the field
+    (a DSPy predictor's: its instructions' rules naming the field) and the target is
+    not the default label. Every other variable gets ``The <role> should lead to
+    "<target>" for this input.``. Without a target, any variable gets ``The <role>
+    should address this feedback: <the first 200 characters of the stripped
+    feedback>``. An empty (or blank) feedback gives ``""`` for every variable.
     """
     text = _marked_user_text(
         request, ("LM_CONVERSATION", "FEEDBACK_ON_OUTPUT", "VARIABLES")

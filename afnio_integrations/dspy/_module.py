@@ -4,8 +4,10 @@
 it with keyword arguments like any predictor and get a ``dspy.Prediction``. Inside a
 program traced by :func:`~afnio_integrations.dspy.trace`, its graph is joined to the
 program's: an input whose text equals an earlier predictor's output is passed as that
-output's Variable, and its outputs can feed later predictors, so feedback flows
-through it, and its Parameters are trained together with the instructions.
+output's Variable (several equal ones, or the predictions an input is composed of,
+are joined by one step whose feedback goes to each: the tracer's links by value), and
+its outputs can feed later predictors, so feedback flows through it, and its
+Parameters are trained together with the instructions.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dspy
 
 from afnio._variable import Variable
 from afnio.cognitive.modules.module import Module
+from afnio_integrations._recorded import StepOutput
 from afnio_integrations.dspy._tracing import active_collector, field_text
 
 __all__ = ["AfnioModule"]
@@ -84,8 +87,15 @@ class AfnioModule(dspy.Module):
                 args[key] = value
                 continue
             text = field_text(value)
-            linked = collector.find(text) if collector is not None else None
-            args[key] = linked or Variable(text, role=f"input `{key}`")
+            linked = collector.link_input(text) if collector is not None else []
+            if len(linked) == 1 and linked[0].data == text:
+                args[key] = linked[0]
+            elif linked:  # several equal predictions, or one composed of several
+                args[key] = StepOutput.apply(
+                    linked, text, f"input `{key}` of the afnio module", f"input `{key}`"
+                )
+            else:
+                args[key] = Variable(text, role=f"input `{key}`")
         named = self._named(self.module(**args))
         if collector is not None:
             for var in named.values():

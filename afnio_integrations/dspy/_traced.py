@@ -283,7 +283,11 @@ class TracedProgram(Module):
         slots = {id(slot.predictor): slot for slot in self._slots}
         slots.update({id(slot.predictor.signature): slot for slot in self._slots})
         seed = [(str(v.data), v) for v in inputs.values() if isinstance(v, Variable)]
-        collector = CallCollector(slots, seed, self.usage.count_call)
+        positions = {
+            id(module): k
+            for k, (_, module) in enumerate(self.program.named_sub_modules())
+        }
+        collector = CallCollector(slots, seed, self.usage.count_call, positions)
         plain = {
             k: (v.data if isinstance(v, Variable) else v) for k, v in inputs.items()
         }
@@ -311,24 +315,25 @@ class TracedProgram(Module):
     def _prediction(
         self, result: Any, collector: CallCollector, trace: list[Any]
     ) -> TracedPrediction:
+        """The program's prediction as Variables, each field linked by value (see
+        :mod:`~afnio_integrations.dspy._tracing`): to the one Variable with its text
+        (the field is that Variable), else to every equal one, each prediction it is
+        composed of, or every prediction no later predictor took."""
         items = dict(result.items()) if hasattr(result, "items") else {"output": result}
         fields: dict[str, Variable] = {}
-        last = collector.produced[-1][1] if collector.produced else None
         for key, value in items.items():
             text = field_text(value)
-            var = collector.find(text)
-            if var is None and last is not None:
-                # composed by the program's code: from the predictions it contains
-                sources = collector.composed_of(text) or [last]
-                var = StepOutput.apply(
-                    sources,
-                    text,
-                    "program output",
-                    f"`{key}` field of the program's prediction",
-                )
-            if var is None:
-                var = Variable(text, role=f"`{key}` field of the program's prediction")
-            fields[key] = var
+            role = f"`{key}` field of the program's prediction"
+            equal = collector.find(text)
+            if len(equal) == 1:
+                fields[key] = equal[0]
+                continue
+            sources = equal or collector.composed_of(text) or collector.frontier()
+            fields[key] = (
+                StepOutput.apply(sources, text, "program output", role)
+                if sources
+                else Variable(text, role=role)
+            )
         return TracedPrediction(fields, result, trace)
 
     def batch(

@@ -10,11 +10,55 @@ call. For every ``Predict`` call it records the messages the LM received
     instructions Parameter + linked inputs -> RecordedChatCall (the LM call, no LM call
     repeated) -> StepOutput per output field -> field Variables
 
-An input whose text equals an earlier output (of this program call) is linked to that
-output's Variable, so feedback flows back across stages. When the ChatAdapter falls back
-to the JSONAdapter, the answer that was parsed (the last one) is recorded. Each LM
-request also holds one of afnio's request slots (:func:`afnio._runtime.
-acquire_request_slot`), so DSPy's calls obey the same concurrency bound as afnio's.
+Links by value
+--------------
+DSPy hands the program's code plain values, so the tracer links **by value**. The
+*candidates* are the Variables of the program call: its inputs passed as Variables,
+each prediction's raw LM answer and output fields, and ``AfnioModule`` outputs.
+
+1. **Equal:** a text is linked to *every* candidate with exactly that text. This is
+   an over-approximation: a prediction with an equal value is assumed to have
+   contributed (a majority vote over several calls feeds back to each vote equal to
+   it, not only to the last one).
+2. **Composed:** with no equal candidate, to every predicted output field whose text
+   occurs in it as a whole (not inside a longer word): a text the code composed of
+   several predictions feeds back to each of them. For a predictor input, only when
+   those texts make up the whole input, nothing but separators between them (no
+   other letter: ``"; ".join(labels)``, a list of answers as JSON); free text that
+   merely holds a label word is not linked.
+3. **Upstream left out:** among candidates with the same text, one whose value
+   reached another through linked inputs (rules 1 and 2, transitively: it is
+   upstream of it) is dropped: it contributed through that one (in a pipeline whose
+   two stages both answer ``neutral``, the output feeds back to the second stage,
+   and through it to the first).
+
+A **predictor input** is linked by these rules among the candidates recorded before
+its call started (a call still running cannot have fed it); an input passed as a
+Variable is linked as itself. A **program output** is linked by them among all the
+candidates of the call; if nothing equals it or occurs in it (the code computed it,
+e.g. a count of votes), to every prediction and ``AfnioModule`` output that no input
+took (a prediction by its raw LM answer), else to the program's input Variables. One
+link is the output itself; several are joined by one ``program output`` step whose
+feedback goes to each.
+
+The set of links and their order never depend on which call finished first. Links
+are ordered by the **call order** of the calls that produced them (program inputs
+first; within one call, the raw LM answer, then the fields in order). The call order
+is the order of the calls in the tree of DSPy module calls, each call placed among
+the calls of its parent:
+
+* a call started on its parent's thread (a loop, a pipeline, ``asyncio.gather``) by
+  when it started, as the program's code started it;
+* a call started on another thread (``dspy.Parallel``'s workers), where which one
+  the thread scheduler starts first is chance, by content: the module's position in
+  the program (``named_sub_modules()`` order), then its inputs as JSON; it comes after
+  the same-thread calls its parent started before it and before the later ones.
+  Calls equal in both (same module, same inputs) are ordered by when they started.
+
+When the ChatAdapter falls back to the JSONAdapter, the answer that was parsed (the
+last one) is recorded. Each LM request also holds one of afnio's request slots
+(:func:`afnio._runtime.acquire_request_slot`), so DSPy's calls obey the same
+concurrency bound as afnio's.
 """
 
 from __future__ import annotations
@@ -26,7 +70,7 @@ import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import dspy
 from dspy.utils.callback import ACTIVE_CALL_ID, BaseCallback
@@ -124,13 +168,55 @@ class PredictorSlot:
     descriptions: dict[str, Variable] = field(default_factory=dict)
 
 
+_LinkKey = tuple[Any, ...]
+"""The order of a produced Variable among the links: ``(group, call path, start,
+index)``, compared as a tuple (see the module docstring)."""
+
+
+def _stable_text(value: Any) -> str:
+    """``value`` as canonical JSON (sorted keys; other objects as :func:`field_text`),
+    the content that orders calls started on other threads."""
+    try:
+        return json.dumps(value, default=field_text, sort_keys=True)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+@dataclass
+class _Node:
+    """A DSPy module call in the call tree: its path (see :meth:`CallCollector.
+    on_module_start`), the thread it started on, when it started (a counter) and how
+    many calls it started on its own thread."""
+
+    path: tuple[Any, ...]
+    thread: int
+    start: int
+    children: int = 0
+    added: int = 0  # Variables added from this call (``AfnioModule`` outputs)
+    inputs: set[int] = field(default_factory=set)  # producers its inputs came from
+
+
 @dataclass
 class _Call:
     predictor: Any
     inputs: dict[str, Any]
-    visible: int  # outputs produced before the call started (its inputs' sources)
+    visible: int  # entries recorded before the call started (its inputs' sources)
+    node: _Node
     conversation: list[dict[str, str]] | None = None
     output: str | None = None
+
+
+@dataclass
+class _Entry:
+    """A Variable produced (or seeded) during the program call, with its text, its
+    link order, what it is and which producer made it: a program input, a
+    prediction (its raw answer and its fields) or an ``AfnioModule`` output."""
+
+    text: str
+    var: Variable
+    key: _LinkKey
+    kind: Literal["seed", "completion", "field", "added"]
+    producer: int = -1
 
 
 class CallCollector(BaseCallback):
@@ -140,6 +226,10 @@ class CallCollector(BaseCallback):
         slots: the traced predictors, by ``id`` of their Predict object and of its
             signature class (unique per traced predictor).
         seed: (text, Variable) pairs the program's inputs may be linked to.
+        on_lm_call: called with the model name after every LM call.
+        positions: the position of each of the program's modules, by ``id`` (the
+            ``named_sub_modules()`` order): orders the calls started on other
+            threads.
     """
 
     def __init__(
@@ -147,30 +237,71 @@ class CallCollector(BaseCallback):
         slots: Mapping[int, PredictorSlot],
         seed: list[tuple[str, Variable]] | None = None,
         on_lm_call: Callable[[str | None], None] | None = None,
+        positions: Mapping[int, int] | None = None,
     ) -> None:
         self.slots = slots
-        self.produced: list[tuple[str, Variable]] = list(seed or [])
+        self.positions = dict(positions or {})
         self.calls = 0
         self.errors: list[BaseException] = []
         self._on_lm_call = on_lm_call
+        self._entries: list[_Entry] = [
+            _Entry(text, var, (0, (), k, 0), "seed", k)
+            for k, (text, var) in enumerate(seed or [])
+        ]
+        self._producers = len(self._entries)
+        self._consumed: set[int] = set()  # producers whose output a later call took
+        # producer -> the producers its inputs were linked to
+        self._inputs: dict[int, frozenset[int]] = {}
         self._parents: dict[str, str | None] = {}
+        self._started = 0
+        # the program is called on the thread that creates the collector
+        self._root = _Node((), threading.get_ident(), 0)
+        self._nodes: dict[str, _Node] = {}
         self._predicts: dict[str, _Call] = {}
         self._lm_owner: dict[str, str | None] = {}
         self._lm_model: dict[str, str] = {}
         self._releases: dict[str, Callable[[], None]] = {}
-        self._fields: list[Variable] = []  # the predicted field Variables
         self._lock = threading.RLock()
+
+    @property
+    def produced(self) -> list[tuple[str, Variable]]:
+        """Every (text, Variable) produced or seeded so far, in link order."""
+        with self._lock:
+            entries = sorted(self._entries, key=lambda e: e.key)
+        return [(e.text, e.var) for e in entries]
 
     # -- DSPy hooks ----------------------------------------------------------------
 
     def on_module_start(
         self, call_id: str, instance: Any, inputs: dict[str, Any]
     ) -> None:
+        """Place the call in the call tree. Its path is its parent's path plus one
+        step: ``(n, 1, ())`` for the n-th call its parent started on the parent's own
+        thread; ``(n, 0, content)`` for a call started on another thread after n such
+        calls (``content``: the module's position, class name and inputs)."""
+        parent_id = ACTIVE_CALL_ID.get()
+        thread = threading.get_ident()
+        content: tuple[Any, ...] = ()
         with self._lock:
-            self._parents[call_id] = ACTIVE_CALL_ID.get()
+            parent = self._nodes.get(parent_id or "", self._root)
+        if thread != parent.thread:  # computed outside the lock: inputs may be big
+            position = self.positions.get(id(instance), len(self.positions))
+            content = (position, type(instance).__name__, _stable_text(inputs))
+        with self._lock:
+            self._parents[call_id] = parent_id
+            if thread == parent.thread:
+                step = (parent.children, 1, ())
+                parent.children += 1
+            else:
+                step = (parent.children, 0, content)
+            self._started += 1
+            node = _Node((*parent.path, step), thread, self._started)
+            self._nodes[call_id] = node
             if isinstance(instance, dspy.Predict):
                 kwargs = dict(inputs.get("kwargs") or {})
-                self._predicts[call_id] = _Call(instance, kwargs, len(self.produced))
+                self._predicts[call_id] = _Call(
+                    instance, kwargs, len(self._entries), node
+                )
 
     def on_module_end(
         self, call_id: str, outputs: Any | None, exception: Exception | None = None
@@ -258,29 +389,136 @@ class CallCollector(BaseCallback):
         _ACTIVE.reset(token)
 
     def add(self, text: str, var: Variable) -> None:
-        """Record a Variable produced during the call (later inputs link to it)."""
+        """Record a Variable produced during the call by the module call running now
+        (an ``AfnioModule``): later inputs and the program output link to it."""
         with self._lock:
-            self.produced.append((text, var))
+            node = self._current()
+            key = (1, node.path, node.start, node.added)
+            node.added += 1
+            self._new_producer([_Entry(text, var, key, "added")], node)
 
-    def find(self, text: str, visible: int | None = None) -> Variable | None:
-        """The latest Variable produced (or seeded) with exactly ``text``, among the
-        first ``visible`` ones when given."""
+    def _current(self) -> _Node:
+        """The node of the DSPy module call running in this context."""
         with self._lock:
-            produced = self.produced if visible is None else self.produced[:visible]
-            return next((v for t, v in reversed(produced) if t == text), None)
+            return self._nodes.get(ACTIVE_CALL_ID.get() or "", self._root)
 
-    def composed_of(self, text: str) -> list[Variable]:
-        """The predicted field Variables whose text occurs in ``text`` as a whole
-        (an output composed of several predictions), oldest first, each once."""
-        found: list[Variable] = []
+    def _new_producer(self, entries: list[_Entry], node: _Node) -> None:
+        """Record ``entries`` as the outputs of one new producer, the call of
+        ``node``."""
         with self._lock:
-            for piece, var in self.produced:
-                if not piece.strip() or var in found or var not in self._fields:
-                    continue
+            producer = self._producers
+            self._producers += 1
+            self._inputs[producer] = frozenset(node.inputs)
+            for entry in entries:
+                entry.producer = producer
+            self._entries.extend(entries)
+
+    def _visible(self, visible: int | None) -> list[_Entry]:
+        with self._lock:
+            return list(self._entries if visible is None else self._entries[:visible])
+
+    def _upstream(self, producers: set[int]) -> set[int]:
+        """Every producer whose output reached the inputs of one of ``producers``,
+        through links of inputs (transitively)."""
+        with self._lock:
+            stack = [
+                p for producer in producers for p in self._inputs.get(producer, ())
+            ]
+            reached: set[int] = set()
+            while stack:
+                producer = stack.pop()
+                if producer not in reached:
+                    reached.add(producer)
+                    stack.extend(self._inputs.get(producer, ()))
+        return reached
+
+    def _ordered(self, entries: list[_Entry]) -> list[_Entry]:
+        """``entries`` in link order, each Variable once, without those upstream of
+        another entry with the same text (they contributed through it)."""
+        texts: dict[str, set[int]] = {}
+        for entry in entries:
+            texts.setdefault(entry.text, set()).add(entry.producer)
+        upstream = {
+            text: self._upstream(producers) for text, producers in texts.items()
+        }
+        out: list[_Entry] = []
+        seen: set[int] = set()
+        for entry in sorted(entries, key=lambda e: e.key):
+            if id(entry.var) not in seen and entry.producer not in upstream[entry.text]:
+                seen.add(id(entry.var))
+                out.append(entry)
+        return out
+
+    def _equal(self, text: str, visible: int | None) -> list[_Entry]:
+        return self._ordered([e for e in self._visible(visible) if e.text == text])
+
+    def _composing(self, text: str, visible: int | None, whole: bool) -> list[_Entry]:
+        found: list[_Entry] = []
+        occurs: dict[str, str | None] = {}  # piece -> its pattern, if it occurs
+        for entry in self._visible(visible):
+            piece = entry.text
+            if entry.kind != "field" or not piece.strip() or piece not in text:
+                continue
+            if piece not in occurs:
                 pattern = rf"(?<!\w){re.escape(piece)}(?!\w)"
-                if re.search(pattern, text):
-                    found.append(var)
-        return found
+                occurs[piece] = pattern if re.search(pattern, text) else None
+            if occurs[piece] is not None:
+                found.append(entry)
+        if whole and found:  # nothing but separators may remain: no letter
+            patterns = sorted((p for p in occurs.values() if p), key=len, reverse=True)
+            rest = re.sub("|".join(patterns), "", text)
+            if re.search(r"[^\W\d_]", rest):
+                return []
+        return self._ordered(found)
+
+    def find(self, text: str, visible: int | None = None) -> list[Variable]:
+        """Every Variable produced (or seeded) with exactly ``text``, in link order,
+        but those upstream of another one (see the module docstring); among the
+        first ``visible`` recorded ones when given (those recorded before a call
+        started)."""
+        return [e.var for e in self._equal(text, visible)]
+
+    def composed_of(
+        self, text: str, visible: int | None = None, whole: bool = False
+    ) -> list[Variable]:
+        """The predicted field Variables whose text occurs in ``text`` as a whole
+        (not inside a longer word): a text composed of several predictions, in link
+        order, as :meth:`find` gives them; among the first ``visible`` recorded ones
+        when given. With ``whole=True``, none unless they make up all of ``text``
+        (what remains between them holds no letter)."""
+        return [e.var for e in self._composing(text, visible, whole)]
+
+    def link_input(self, text: str, visible: int | None = None) -> list[Variable]:
+        """The Variables an input with ``text`` of the module call running now (an
+        ``AfnioModule``) is linked to: every equal one, else the predictions it is
+        made of (see :meth:`find`, :meth:`composed_of` with ``whole=True``)."""
+        return self._link(text, visible, self._current())
+
+    def _link(self, text: str, visible: int | None, node: _Node) -> list[Variable]:
+        """:meth:`link_input` for the call of ``node``: the linked producers count as
+        consumed (see :meth:`frontier`) and as the call's inputs."""
+        entries = self._equal(text, visible) or self._composing(text, visible, True)
+        with self._lock:
+            for entry in entries:
+                self._consumed.add(entry.producer)
+                node.inputs.add(entry.producer)
+        return [e.var for e in entries]
+
+    def frontier(self) -> list[Variable]:
+        """The output of every producer whose output no input took (a prediction's
+        raw LM answer, an ``AfnioModule`` output), in link order; the seeded program
+        inputs when nothing was produced."""
+        with self._lock:
+            entries = list(self._entries)
+            consumed = set(self._consumed)
+        last = [
+            e
+            for e in entries
+            if e.kind in ("completion", "added") and e.producer not in consumed
+        ]
+        if not any(e.kind != "seed" for e in entries):
+            last = [e for e in entries if e.kind == "seed"]
+        return [e.var for e in self._ordered(last)]
 
     def _record(self, call: _Call, outputs: Any) -> None:
         slot = self.slots.get(id(call.predictor)) or self.slots.get(
@@ -294,15 +532,18 @@ class CallCollector(BaseCallback):
             for var in slot.descriptions.values():
                 variables.append(var)
                 locations.append("system")
+        linked = {id(v) for v in variables}
         for key, value in call.inputs.items():
-            if isinstance(value, Variable):
-                variables.append(value)
-                locations.append(f"input:{key}")
-                continue
-            var = self.find(field_text(value), call.visible)
-            if var is not None and var not in variables:
-                variables.append(var)
-                locations.append(f"input:{key}")
+            found = (
+                [value]
+                if isinstance(value, Variable)
+                else self._link(field_text(value), call.visible, call.node)
+            )
+            for var in found:
+                if id(var) not in linked:
+                    linked.add(id(var))
+                    variables.append(var)
+                    locations.append(f"input:{key}")
         name = slot.name if slot is not None else type(call.predictor).__name__
         conversation = call.conversation or [
             {"role": "user", "content": field_text(call.inputs)}
@@ -318,9 +559,9 @@ class CallCollector(BaseCallback):
             locations,
             f"response of the LM of DSPy predictor {name}",
         )
-        with self._lock:
-            self.produced.append((output, completion))
-        for key, value in fields.items():
+        base = (1, call.node.path, call.node.start)
+        entries = [_Entry(output, completion, (*base, 0), "completion")]
+        for k, (key, value) in enumerate(fields.items(), start=1):
             text = field_text(value)
             var = StepOutput.apply(
                 completion,
@@ -328,6 +569,5 @@ class CallCollector(BaseCallback):
                 f"parse of the `{key}` field",
                 f"`{key}` field predicted by DSPy predictor {name}",
             )
-            with self._lock:
-                self.produced.append((text, var))
-                self._fields.append(var)
+            entries.append(_Entry(text, var, (*base, k), "field"))
+        self._new_producer(entries, call.node)

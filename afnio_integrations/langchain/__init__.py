@@ -4,6 +4,7 @@ prompt texts with textual gradients, and write them back into the user's own obj
 Install with the ``langchain`` extra: ``pip install -e '.[langchain]'``.
 """
 
+from afnio_integrations._warnings import AfnioTracingWarning
 from afnio_integrations.langchain._discovery import PromptSlot, find_prompt_slots
 from afnio_integrations.langchain._estimate import estimate
 from afnio_integrations.langchain._model import LangChainChatModel
@@ -17,6 +18,7 @@ from afnio_integrations.langchain._writeback import (
 
 __all__ = [
     "AfnioRunnable",
+    "AfnioTracingWarning",
     "LangChainChatModel",
     "OptimizeReport",
     "PlaceholderMismatchError",

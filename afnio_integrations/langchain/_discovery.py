@@ -1,29 +1,74 @@
 """Finding the trainable prompt texts of an LCEL chain, without changing its structure.
 
-The chain's graph (``chain.get_graph()``) holds the actual runnable instances; every
-``ChatPromptTemplate`` (deduplicated by identity) contributes its text-bearing message
-templates (``messages[i].prompt.template``), and a plain ``PromptTemplate`` its whole
-text (role ``human``: a chat model receives it as one user message).
+Discovery walks the runnables the chain holds, depth first, in definition order:
+
+* ``RunnableSequence`` steps and ``RunnableParallel`` branches (also ``.assign``'s
+  mapper, ``RunnableAssign``);
+* ``RunnableBranch`` conditions, branches and default;
+* ``RunnableWithFallbacks``: the runnable and its fallbacks;
+* ``RunnableBinding.bound`` (``.bind``, ``.with_config``, ``.with_retry``
+  (``RunnableRetry``), ``.with_listeners``, ...) and ``RunnableEach.bound``
+  (``.map()``);
+* ``RouterRunnable`` routes; configurable runnables (default and alternatives);
+* ``RunnableLambda`` (``@chain``) and ``RunnableGenerator`` functions: the runnables
+  in their closure, the globals they name, and the functions those reference (a
+  nested lambda or helper calling a sub-chain), plus LangChain's own
+  ``RunnableLambda.deps`` (attribute chains such as ``self.chain``);
+* any other runnable: its fields that hold runnables (directly or in a list, tuple
+  or dict), e.g. a custom composite or an output parser's retry chain.
+
+Sub-chains reached any other way (e.g. looked up in a dict at run time) are invisible:
+pass them with ``include=``. When a traced call runs an LM on a prompt discovery did
+not find, :class:`~afnio_integrations.langchain.AfnioTracingWarning` says so (see
+:mod:`afnio_integrations.langchain._traced`).
+
+Every ``ChatPromptTemplate`` (deduplicated by identity) contributes its text-bearing
+message templates (``messages[i].prompt.template``), and a plain ``PromptTemplate``
+its whole text (role ``human``: a chat model receives it as one user message).
 ``MessagesPlaceholder`` and literal messages carry no template and are skipped;
-multimodal message templates (a list of templates) are skipped too.
+multimodal message templates (a list of templates) are skipped too. Other prompt
+templates (few-shot templates, ...) are discovered, so their LM calls are traced
+without a warning, but hold no trainable text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import contextlib
+import types
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
+from langchain_core.language_models import BaseLanguageModel
+from langchain_core.prompts import (
+    BasePromptTemplate,
+    ChatPromptTemplate,
+    PromptTemplate,
+)
 from langchain_core.prompts.chat import (
     AIMessagePromptTemplate,
     ChatMessagePromptTemplate,
     HumanMessagePromptTemplate,
     SystemMessagePromptTemplate,
 )
-from langchain_core.runnables import Runnable, RunnableLambda
+from langchain_core.runnables import (
+    Runnable,
+    RunnableBranch,
+    RunnableGenerator,
+    RunnableLambda,
+    RunnableParallel,
+    RunnableSequence,
+    RunnableWithFallbacks,
+)
+from langchain_core.runnables.base import RunnableBindingBase, RunnableEachBase
+from langchain_core.runnables.configurable import (
+    DynamicRunnable,
+    RunnableConfigurableAlternatives,
+)
+from langchain_core.runnables.passthrough import RunnableAssign, RunnablePassthrough
+from langchain_core.runnables.router import RouterRunnable
 
-__all__ = ["PromptSlot", "find_prompt_slots"]
+__all__ = ["Discovery", "PromptSlot", "discover", "find_prompt_slots"]
 
 METADATA_KEY = "afnio_prompt_id"
 
@@ -32,6 +77,8 @@ _ROLES: tuple[tuple[type, str], ...] = (
     (HumanMessagePromptTemplate, "human"),
     (AIMessagePromptTemplate, "ai"),
 )
+
+_FUNCTION_DEPTH = 4  # how many function hops a lambda's references are followed
 
 
 @dataclass
@@ -56,6 +103,26 @@ class PromptSlot:
         return self.template.template
 
 
+@dataclass
+class Discovery:
+    """What :func:`discover` found: every prompt template (in discovery order) and
+    the run names of the ``RunnableWithFallbacks`` it passed (the tracer needs them
+    to place the fallbacks' runs, see :mod:`afnio_integrations.langchain._tracing`).
+    """
+
+    prompts: list[BasePromptTemplate] = field(default_factory=list)
+    fallback_names: set[str] = field(default_factory=set)
+
+    @property
+    def editable(self) -> list[ChatPromptTemplate | PromptTemplate]:
+        """The prompts whose texts can be optimized (chat and plain templates)."""
+        return [
+            p
+            for p in self.prompts
+            if isinstance(p, (ChatPromptTemplate, PromptTemplate))
+        ]
+
+
 def _role(message: Any) -> str | None:
     if isinstance(message, ChatMessagePromptTemplate):
         return str(message.role)
@@ -65,74 +132,165 @@ def _role(message: Any) -> str | None:
     return None
 
 
-def _referenced_runnables(func: Any) -> list[Runnable]:
-    """Runnables a lambda's function uses: its closure cells and the globals it
-    names (how a sub-chain called inside a ``RunnableLambda`` is found)."""
-    found: list[Runnable] = []
+def _code_names(code: types.CodeType) -> Iterator[str]:
+    """The global names a code object (and the functions defined in it) uses."""
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_names(const)
+
+
+def _function_references(func: Any) -> list[Any]:
+    """What a function uses: its closure cells and the globals it names (runnables,
+    and functions that may call runnables)."""
+    found: list[Any] = []
+    func = getattr(func, "__func__", func)  # a bound method
+    if isinstance(func, types.BuiltinFunctionType) or not callable(func):
+        return found
     for cell in getattr(func, "__closure__", None) or ():
         try:
-            value = cell.cell_contents
+            found.append(cell.cell_contents)
         except ValueError:  # an empty cell
             continue
-        if isinstance(value, Runnable):
-            found.append(value)
     code = getattr(func, "__code__", None)
-    if code is not None:
-        names = getattr(func, "__globals__", {})
+    names = getattr(func, "__globals__", None)
+    if isinstance(code, types.CodeType) and isinstance(names, dict):
         found.extend(
-            v for name in code.co_names if isinstance(v := names.get(name), Runnable)
+            names[name] for name in dict.fromkeys(_code_names(code)) if name in names
         )
-    return found
+    return [
+        value
+        for value in found
+        if isinstance(value, (Runnable, types.FunctionType, types.MethodType))
+    ]
 
 
-def _prompts(
-    chain: Any, visited: set[int] | None = None
-) -> list[ChatPromptTemplate | PromptTemplate]:
-    if isinstance(chain, (ChatPromptTemplate, PromptTemplate)):
-        return [chain]
-    visited = set() if visited is None else visited
-    if id(chain) in visited:
-        return []
-    visited.add(id(chain))
-    seen: dict[int, ChatPromptTemplate | PromptTemplate] = {}
-    for node in chain.get_graph().nodes.values():
-        data = node.data
-        if isinstance(data, (ChatPromptTemplate, PromptTemplate)):
-            seen.setdefault(id(data), data)
-        elif isinstance(data, RunnableLambda):
-            for func in (data.func, getattr(data, "afunc", None)):
-                for runnable in _referenced_runnables(func):
-                    for prompt in _prompts(runnable, visited):
-                        seen.setdefault(id(prompt), prompt)
-    return list(seen.values())
+class _Walker:
+    def __init__(self) -> None:
+        self.found = Discovery()
+        self._seen_prompts: set[int] = set()
+        self._visited: set[int] = set()
+
+    def walk(self, obj: Any, depth: int = 0) -> None:
+        if isinstance(obj, BasePromptTemplate):
+            if id(obj) not in self._seen_prompts:
+                self._seen_prompts.add(id(obj))
+                self.found.prompts.append(obj)
+            return
+        if id(obj) in self._visited:
+            return
+        self._visited.add(id(obj))
+        if isinstance(obj, (types.FunctionType, types.MethodType)):
+            if isinstance(obj, types.MethodType) and isinstance(obj.__self__, Runnable):
+                self.walk(obj.__self__)
+            if depth < _FUNCTION_DEPTH:
+                for ref in _function_references(obj):
+                    self.walk(ref, depth + 1)
+            return
+        if not isinstance(obj, Runnable) or isinstance(obj, BaseLanguageModel):
+            return  # a model holds no prompt (its fields are clients and settings)
+        if isinstance(obj, RunnableWithFallbacks):
+            self.found.fallback_names.add(obj.get_name())
+        if isinstance(obj, RunnableBindingBase) and isinstance(
+            obj.bound, RunnableWithFallbacks
+        ):
+            name = (obj.config or {}).get("run_name")
+            if name:
+                self.found.fallback_names.add(str(name))
+        for child in _held(obj):
+            self.walk(child, depth if isinstance(child, Runnable) else 0)
+
+
+def _held(obj: Runnable) -> Iterator[Any]:
+    """The runnables (and functions) a runnable holds, in definition order."""
+    if isinstance(obj, RunnableSequence):
+        yield from obj.steps
+    elif isinstance(obj, RunnableParallel):
+        yield from obj.steps__.values()
+    elif isinstance(obj, RunnableBranch):
+        for condition, branch in obj.branches:
+            yield condition
+            yield branch
+        yield obj.default
+    elif isinstance(obj, RunnableWithFallbacks):
+        yield obj.runnable
+        yield from obj.fallbacks
+    elif isinstance(obj, (RunnableBindingBase, RunnableEachBase)):
+        yield obj.bound
+    elif isinstance(obj, RouterRunnable):
+        yield from obj.runnables.values()
+    elif isinstance(obj, RunnableAssign):
+        yield obj.mapper
+    elif isinstance(obj, RunnableConfigurableAlternatives):
+        yield obj.default
+        yield from (v for v in obj.alternatives.values() if isinstance(v, Runnable))
+    elif isinstance(obj, DynamicRunnable):
+        yield obj.default
+    elif isinstance(obj, (RunnableLambda, RunnablePassthrough)):
+        for name in ("func", "afunc"):
+            func = getattr(obj, name, None)
+            if func is not None:
+                yield func
+        if isinstance(obj, RunnableLambda):
+            # attribute chains, e.g. self.chain.invoke (from the source; best effort)
+            with contextlib.suppress(Exception):
+                yield from obj.deps
+    elif isinstance(obj, RunnableGenerator):
+        for name in ("_transform", "_atransform"):
+            func = getattr(obj, name, None)
+            if func is not None:
+                yield func
+    else:  # another runnable: the runnables its fields hold
+        for value in dict(getattr(obj, "__dict__", {})).values():
+            yield from _runnables_in(value)
+
+
+def _runnables_in(value: Any, depth: int = 0) -> Iterator[Runnable]:
+    if isinstance(value, Runnable):
+        yield value
+    elif depth < 2 and isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _runnables_in(item, depth + 1)
+    elif depth < 2 and isinstance(value, dict):
+        for item in value.values():
+            yield from _runnables_in(item, depth + 1)
+
+
+def discover(chain: Any, include: Iterable[Any] = ()) -> Discovery:
+    """Every prompt template ``chain`` holds (and ``include`` holds: more runnables
+    or prompts to search), in discovery order, deduplicated by identity."""
+    walker = _Walker()
+    for runnable in (chain, *include):
+        walker.walk(runnable)
+    return walker.found
+
+
+def _prompts(chain: Any) -> list[ChatPromptTemplate | PromptTemplate]:
+    """The editable prompts of ``chain`` (chat and plain templates)."""
+    return discover(chain).editable
 
 
 Selector = str | Iterable[str] | Callable[[PromptSlot], bool]
 
 
-def find_prompt_slots(
-    chain: Any, select: Selector = "system", include: Iterable[Any] = ()
-) -> list[PromptSlot]:
-    """The message templates of ``chain`` chosen by ``select``: a role (``"system"``,
-    ``"human"``, ``"ai"``), several roles, ``"all"``, or a predicate on a slot.
-
-    Sub-chains called inside a ``RunnableLambda`` are found through the function's
-    closure and the globals it names; ``include`` lists more runnables (or prompts) to
-    search, for sub-chains reached any other way."""
+def _keeper(select: Selector) -> Callable[[PromptSlot], bool]:
     if isinstance(select, str):
         roles = None if select == "all" else {select}
-        keep: Callable[[PromptSlot], bool] = lambda s: roles is None or s.role in roles  # noqa: E731
-    elif callable(select):
-        keep = select
-    else:
-        wanted = set(select)
-        keep = lambda s: s.role in wanted  # noqa: E731
+        return lambda s: roles is None or s.role in roles
+    if callable(select):
+        return select
+    wanted = set(select)
+    return lambda s: s.role in wanted
+
+
+def slots_of(
+    prompts: Iterable[ChatPromptTemplate | PromptTemplate], select: Selector
+) -> list[PromptSlot]:
+    """The message templates of ``prompts`` (numbered in order) chosen by
+    ``select``."""
+    keep = _keeper(select)
     slots: list[PromptSlot] = []
-    prompts: dict[int, ChatPromptTemplate | PromptTemplate] = {}
-    for runnable in (chain, *include):
-        for prompt in _prompts(runnable):
-            prompts.setdefault(id(prompt), prompt)
-    for p, prompt in enumerate(prompts.values()):
+    for p, prompt in enumerate(prompts):
         if isinstance(prompt, PromptTemplate):
             # a plain template: its whole text is one human message
             slot = PromptSlot(f"prompt{p}.human0", prompt, -1, "human")
@@ -152,3 +310,17 @@ def find_prompt_slots(
             if keep(slot):
                 slots.append(slot)
     return slots
+
+
+def find_prompt_slots(
+    chain: Any, select: Selector = "system", include: Iterable[Any] = ()
+) -> list[PromptSlot]:
+    """The message templates of ``chain`` chosen by ``select``: a role (``"system"``,
+    ``"human"``, ``"ai"``), several roles, ``"all"``, or a predicate on a slot.
+
+    Sub-chains held by LangChain's composites (sequences, parallels, branches,
+    fallbacks, bindings, retries, ``.map()``, routers, ``.assign``) and those called
+    inside a ``RunnableLambda`` (found through the function's closure and the globals
+    it names) are searched; ``include`` lists more runnables (or prompts) to search,
+    for sub-chains reached any other way."""
+    return slots_of(discover(chain, include).editable, select)

@@ -1,66 +1,71 @@
-"""``trace(chain)``: an afnio Module around a user's LCEL chain (left untouched)."""
+"""``trace(chain)``: an afnio Module around a user's LCEL chain (left untouched).
+
+**Run identity.** Every call gets its own root run id: ``invoke``, ``ainvoke``,
+``stream`` and ``astream`` pass ``config["run_id"]`` (the caller's own ``run_id``
+when it gives one, else a fresh one), and ``batch``/``abatch`` pass one config per
+item (``chain.batch(inputs, config=[...])``), each with a distinct ``run_id``. The
+graph of each call, and of each batch item, is built from the root run with that id
+(and from the runs that carry its id in their metadata, :data:`CALL_KEY`), never by
+comparing inputs or by the order in which runs finished; each call also has its own
+collector, so calls of one :class:`TracedChain` from several threads never cross.
+How a call's run tree becomes its graph (which prompt fed which chat call, which
+inputs are linked) is :mod:`afnio_integrations.langchain._tracing`.
+
+**Undiscovered prompts.** When a traced call runs an LM on a prompt that discovery
+(:mod:`afnio_integrations.langchain._discovery`) did not find, that call has no
+Parameter and its prompt can never improve. The Module then emits
+:class:`~afnio_integrations.langchain.AfnioTracingWarning`, once per
+:class:`TracedChain` and call site (the path of runs to the LM call), naming the site
+and asking to pass the sub-chain with ``trace(chain, include=[...])``. A prompt that
+was discovered but has no message chosen by ``select=`` is not reported.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
+import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from uuid import UUID, uuid4
+
+from langchain_core.callbacks import BaseCallbackManager
+from langchain_core.prompts import BasePromptTemplate
 
 from afnio._variable import Variable
 from afnio.cognitive.modules.module import Module
 from afnio.cognitive.parameter import Parameter
-from afnio_integrations._recorded import RecordedChatCall, StackSamples, StepOutput
+from afnio_integrations._recorded import StackSamples
 from afnio_integrations._usage import ProgramUsage
+from afnio_integrations._warnings import AfnioTracingWarning
 from afnio_integrations.langchain._discovery import (
     METADATA_KEY,
     PromptSlot,
     Selector,
-    find_prompt_slots,
+    discover,
+    slots_of,
 )
 from afnio_integrations.langchain._tracing import (
-    OUTPUT_ROLE,
+    CALL_KEY,
+    PromptIndex,
     RunCollector,
-    conversation_of,
-    output_of,
+    TracedCall,
+    build_graph,
 )
 from afnio_integrations.langchain._writeback import apply_template, checked_template
 
 __all__ = ["TracedChain", "load_chain", "trace"]
 
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    content = getattr(value, "content", None)  # a message
-    if isinstance(content, str):
-        return content
-    if hasattr(value, "model_dump"):  # a pydantic object (structured output)
-        return json.dumps(value.model_dump(), default=str)
-    try:
-        return json.dumps(value, default=str)
-    except TypeError:
-        return str(value)
+Config = dict[str, Any]
 
 
-def _prompt_contents(value: Any) -> list[str]:
-    """The message texts a prompt run produced (a plain template's text is one
-    message)."""
-    messages = getattr(value, "messages", None)
-    if messages is not None:
-        return [_text(m) for m in messages]
-    text = getattr(value, "text", None)
-    return [str(text)] if text is not None else []
-
-
-def _runs(root: Any) -> list[Any]:
-    out, stack = [], [root]
-    while stack:
-        run = stack.pop()
-        out.append(run)
-        stack.extend(sorted(run.child_runs, key=lambda r: r.dotted_order, reverse=True))
-    return sorted(out, key=lambda r: r.dotted_order)
+def _joined(chunks: list[Any]) -> Any:
+    """A streamed result: string chunks joined, else the last chunk."""
+    if all(isinstance(c, str) for c in chunks):
+        return "".join(chunks)
+    return chunks[-1] if chunks else None
 
 
 class TracedChain(Module):
@@ -76,28 +81,42 @@ class TracedChain(Module):
     ) -> None:
         super().__init__()
         object.__setattr__(self, "chain", chain)
-        slots = find_prompt_slots(chain, select, include)
+        found = discover(chain, include)
+        slots = slots_of(found.editable, select)
         if not slots:
             raise ValueError(
                 "No prompt template text was found to optimize with select="
                 f"{select!r}: the chain needs a ChatPromptTemplate with such messages."
             )
+        # every discovered prompt carries an afnio id in its metadata, so its runs
+        # are recognized (a copied prompt that shares an id gets its own)
+        prompts: dict[str, BasePromptTemplate] = {}
+        token_of: dict[int, str] = {}
+        for prompt in found.prompts:
+            token = (prompt.metadata or {}).get(METADATA_KEY)
+            if not isinstance(token, str) or token in prompts:
+                token = uuid4().hex
+                prompt.metadata = {**(prompt.metadata or {}), METADATA_KEY: token}
+            prompts[token] = prompt
+            token_of[id(prompt)] = token
         self._slot_list: list[tuple[PromptSlot, Parameter]] = []
-        by_prompt: dict[str, list[tuple[PromptSlot, Parameter]]] = {}
+        parameters: dict[str, list[tuple[str, Parameter]]] = {}
         for k, slot in enumerate(slots):
             param = Parameter(
                 slot.text, role=f"{slot.role} prompt of the chain ({slot.key})"
             )
             self.register_parameter(f"prompt_{k}", param)
             self._slot_list.append((slot, param))
-            prompt_key = slot.key.split(".")[0]
-            if by_prompt.get(prompt_key) is None:
-                slot.prompt.metadata = {
-                    **(slot.prompt.metadata or {}),
-                    METADATA_KEY: prompt_key,
-                }
-            by_prompt.setdefault(prompt_key, []).append((slot, param))
-        self._by_prompt = by_prompt
+            parameters.setdefault(token_of[id(slot.prompt)], []).append(
+                (slot.role, param)
+            )
+        object.__setattr__(
+            self,
+            "_index",
+            PromptIndex(parameters, prompts, frozenset(found.fallback_names)),
+        )
+        object.__setattr__(self, "_warned", set())
+        object.__setattr__(self, "_warn_lock", threading.Lock())
         object.__setattr__(self, "usage", ProgramUsage("LangChain chain LMs"))
 
     def extra_repr(self) -> str:
@@ -113,167 +132,147 @@ class TracedChain(Module):
 
     @staticmethod
     def _config(
-        config: dict[str, Any] | None, collector: RunCollector
-    ) -> dict[str, Any]:
+        config: Config | None, collector: RunCollector, run_id: UUID | None = None
+    ) -> tuple[Config, UUID]:
+        """``config`` with the collector among its callbacks and a root run id (the
+        caller's own, unless ``run_id`` is given) also recorded in its metadata."""
         config = dict(config or {})
-        callbacks = config.get("callbacks") or []
-        config["callbacks"] = [*callbacks, collector]
-        return config
+        given = config.get("run_id")
+        chosen = run_id or (given if isinstance(given, UUID) else uuid4())
+        config["run_id"] = chosen
+        config["metadata"] = {**(config.get("metadata") or {}), CALL_KEY: str(chosen)}
+        callbacks = config.get("callbacks")
+        if isinstance(callbacks, BaseCallbackManager):
+            manager = callbacks.copy()
+            manager.add_handler(collector, inherit=True)
+            config["callbacks"] = manager
+        else:
+            config["callbacks"] = [*(callbacks or []), collector]
+        return config, chosen
 
-    def forward(self, inputs: Any, config: dict[str, Any] | None = None) -> Variable:
+    def _configs(
+        self,
+        config: Config | Sequence[Config] | None,
+        n: int,
+        collector: RunCollector,
+    ) -> tuple[list[Config], list[UUID]]:
+        """One config per batch item, each with its own root run id."""
+        if config is None or isinstance(config, dict):
+            given = [dict(config or {}, run_id=None) for _ in range(n)]
+        else:
+            given = [dict(c or {}) for c in config]
+            if len(given) != n:
+                raise ValueError(
+                    f"`config` has {len(given)} configs for {n} inputs: pass one "
+                    "config, or one per input."
+                )
+        configs, ids = [], []
+        for item in given:
+            own = item.get("run_id")
+            fresh = None if isinstance(own, UUID) and own not in ids else uuid4()
+            cfg, run_id = self._config(item, collector, fresh)
+            configs.append(cfg)
+            ids.append(run_id)
+        return configs, ids
+
+    def _graph(self, collector: RunCollector, run_id: UUID, result: Any) -> TracedCall:
+        root, strays = collector.call(run_id)
+        traced = build_graph(root, strays, result, self._index)
+        for run in traced.model_runs:
+            self._account(run)
+        return traced
+
+    def _finish(
+        self, collector: RunCollector, ids: list[UUID], results: list[Any]
+    ) -> list[Variable]:
+        calls = [
+            self._graph(collector, run_id, result)
+            for run_id, result in zip(ids, results, strict=True)
+        ]
+        self._warn_undiscovered(calls)
+        return [call.output for call in calls]
+
+    def _warn_undiscovered(self, calls: list[TracedCall]) -> None:
+        for call in calls:
+            for found in call.undiscovered:
+                with self._warn_lock:
+                    if found.site in self._warned:
+                        continue
+                    self._warned.add(found.site)
+                warnings.warn(
+                    f"An LM call of the traced chain, at {found.site}, got its "
+                    f"messages from a prompt afnio did not discover: {found.prompt}. "
+                    "It has no Parameter, so it gets no feedback and is never "
+                    "optimized. Pass the sub-chain that holds this prompt with "
+                    "trace(chain, include=[sub_chain]).",
+                    AfnioTracingWarning,
+                    stacklevel=4,
+                )
+
+    def forward(self, inputs: Any, config: Config | None = None) -> Variable:
         return self.invoke(inputs, config)
 
-    def invoke(self, inputs: Any, config: dict[str, Any] | None = None) -> Variable:
+    def invoke(self, inputs: Any, config: Config | None = None) -> Variable:
         """Run the chain on ``inputs``; the output as a Variable in the afnio graph."""
         self._sync()
         collector = RunCollector()
-        result = self.chain.invoke(inputs, config=self._config(config, collector))
-        return self._build(collector.roots[-1], result)
+        cfg, run_id = self._config(config, collector)
+        result = self.chain.invoke(inputs, config=cfg)
+        return self._finish(collector, [run_id], [result])[0]
 
-    async def ainvoke(
-        self, inputs: Any, config: dict[str, Any] | None = None
-    ) -> Variable:
+    async def ainvoke(self, inputs: Any, config: Config | None = None) -> Variable:
         """Async :meth:`invoke`."""
         self._sync()
         collector = RunCollector()
-        result = await self.chain.ainvoke(
-            inputs, config=self._config(config, collector)
-        )
-        return self._build(collector.roots[-1], result)
+        cfg, run_id = self._config(config, collector)
+        result = await self.chain.ainvoke(inputs, config=cfg)
+        return self._finish(collector, [run_id], [result])[0]
 
-    def _batch_output(
-        self, inputs: Sequence[Any], results: list[Any], roots: list[Any]
-    ) -> Variable:
-        remaining = list(roots)
-        samples = []
-        for item, result in zip(inputs, results, strict=True):
-            match = (
-                next((r for r in remaining if r.inputs == item), None) or remaining[0]
-            )
-            remaining.remove(match)
-            samples.append(self._build(match, result))
-        return StackSamples.apply(samples, "outputs of the chain")
+    def _batched(self, outputs: list[Variable]) -> Variable:
+        return StackSamples.apply(outputs, "outputs of the chain")
 
     def batch(
-        self, inputs: Sequence[Any], config: dict[str, Any] | None = None
+        self, inputs: Sequence[Any], config: Config | Sequence[Config] | None = None
     ) -> Variable:
         """Run the chain on every input (concurrently, as ``chain.batch`` does); one
-        batched Variable, aligned with ``inputs``."""
+        batched Variable, aligned with ``inputs``. ``config`` is one config for all
+        items or one per item; each item runs with its own root ``run_id`` (an
+        item's own ``run_id`` is kept when the configs are given per item)."""
+        inputs = list(inputs)
         self._sync()
         collector = RunCollector()
-        results = self.chain.batch(list(inputs), config=self._config(config, collector))
-        return self._batch_output(inputs, results, collector.roots)
+        configs, ids = self._configs(config, len(inputs), collector)
+        results = self.chain.batch(inputs, config=configs)
+        return self._batched(self._finish(collector, ids, results))
 
     async def abatch(
-        self, inputs: Sequence[Any], config: dict[str, Any] | None = None
+        self, inputs: Sequence[Any], config: Config | Sequence[Config] | None = None
     ) -> Variable:
         """Async :meth:`batch`."""
+        inputs = list(inputs)
         self._sync()
         collector = RunCollector()
-        results = await self.chain.abatch(
-            list(inputs), config=self._config(config, collector)
-        )
-        return self._batch_output(inputs, results, collector.roots)
+        configs, ids = self._configs(config, len(inputs), collector)
+        results = await self.chain.abatch(inputs, config=configs)
+        return self._batched(self._finish(collector, ids, results))
 
-    def stream(self, inputs: Any, config: dict[str, Any] | None = None) -> Variable:
+    def stream(self, inputs: Any, config: Config | None = None) -> Variable:
         """Stream the chain (its chunks are joined); the output as a Variable."""
         self._sync()
         collector = RunCollector()
-        chunks = list(self.chain.stream(inputs, config=self._config(config, collector)))
-        result: Any = (
-            "".join(map(str, chunks))
-            if all(isinstance(c, str) for c in chunks)
-            else chunks[-1]
-        )
-        return self._build(collector.roots[-1], result)
+        cfg, run_id = self._config(config, collector)
+        result = _joined(list(self.chain.stream(inputs, config=cfg)))
+        return self._finish(collector, [run_id], [result])[0]
 
-    async def astream(
-        self, inputs: Any, config: dict[str, Any] | None = None
-    ) -> Variable:
+    async def astream(self, inputs: Any, config: Config | None = None) -> Variable:
         """Async :meth:`stream`."""
         self._sync()
         collector = RunCollector()
-        chunks = [
-            chunk
-            async for chunk in self.chain.astream(
-                inputs, config=self._config(config, collector)
-            )
-        ]
-        result: Any = (
-            "".join(map(str, chunks))
-            if all(isinstance(c, str) for c in chunks)
-            else chunks[-1]
-        )
-        return self._build(collector.roots[-1], result)
+        cfg, run_id = self._config(config, collector)
+        chunks = [chunk async for chunk in self.chain.astream(inputs, config=cfg)]
+        return self._finish(collector, [run_id], [_joined(chunks)])[0]
 
-    # -- the graph ---------------------------------------------------------------------
-
-    def _build(self, root: Any, result: Any) -> Variable:
-        produced: list[tuple[str, Variable]] = []
-        last: Variable | None = None
-        prompt_runs: list[Any] = []
-        for run in _runs(root):
-            if run.run_type == "prompt":
-                prompt_runs.append(run)
-            elif run.run_type in ("chat_model", "llm"):
-                conversation = conversation_of(run)
-                contents = [m["content"] for m in conversation]
-                variables: list[Variable] = []
-                locations: list[str] = []
-                source = next(
-                    (
-                        p
-                        for p in reversed(prompt_runs)
-                        if _prompt_contents((p.outputs or {}).get("output")) == contents
-                    ),
-                    None,
-                )
-                if source is not None:
-                    for slot, param in self._by_prompt.get(
-                        source.metadata.get(METADATA_KEY), []
-                    ):
-                        variables.append(param)
-                        locations.append(slot.role)
-                    for key, value in (source.inputs or {}).items():
-                        text = _text(value)
-                        var = next(
-                            (v for t, v in reversed(produced) if t == text), None
-                        )
-                        if var is not None:
-                            variables.append(var)
-                            locations.append(f"input:{key}")
-                self._account(run)
-                last = RecordedChatCall.apply(
-                    conversation, output_of(run), variables, locations, OUTPUT_ROLE
-                )
-                produced.append((str(last.data), last))
-            elif run.run_type == "parser" and last is not None:
-                text = _text((run.outputs or {}).get("output"))
-                feeding = _text((run.inputs or {}).get("input"))
-                src = next((v for t, v in reversed(produced) if t == feeding), last)
-                var = StepOutput.apply(src, text, run.name)
-                produced.append((text, var))
-            elif run.run_type == "chain" and run is not root and produced:
-                # a lambda (or any step) transforming an earlier output: feedback on
-                # its output passes to that earlier output
-                feeding = _text((run.inputs or {}).get("input"))
-                src = next((v for t, v in reversed(produced) if t == feeding), None)
-                if src is not None and run.outputs:
-                    # a dict output is stored as the outputs themselves
-                    output = run.outputs.get("output", run.outputs)
-                    text = _text(output)
-                    if text != feeding:
-                        var = StepOutput.apply(src, text, run.name)
-                        produced.append((text, var))
-                        if isinstance(output, dict):  # e.g. {"text": ...} for a prompt
-                            produced.extend((_text(v), var) for v in output.values())
-        final = _text(result)
-        if not produced:
-            return Variable(final, role="output of the chain")
-        same = next((v for t, v in reversed(produced) if t == final), None)
-        if same is not None:
-            return same
-        return StepOutput.apply(produced[-1][1], final, "chain output")
+    # -- usage -------------------------------------------------------------------------
 
     def _account(self, run: Any) -> None:
         """Count the chain's own LM call: tokens and cost from the run's usage."""
@@ -366,10 +365,13 @@ class TracedChain(Module):
         :meth:`save_chain` and load the file.)"""
         self.write_back()
         exported = copy.deepcopy(self.chain)
-        for slot in find_prompt_slots(exported, "all"):
-            if slot.prompt.metadata and METADATA_KEY in slot.prompt.metadata:
-                slot.prompt.metadata = {
-                    k: v for k, v in slot.prompt.metadata.items() if k != METADATA_KEY
+        originals = {id(p) for p in self._index.prompts.values()}
+        for prompt in discover(exported).prompts:
+            if id(prompt) in originals:  # shared, not copied (e.g. held by a function)
+                continue
+            if prompt.metadata and METADATA_KEY in prompt.metadata:
+                prompt.metadata = {
+                    k: v for k, v in prompt.metadata.items() if k != METADATA_KEY
                 } or None
         return exported
 
@@ -400,9 +402,12 @@ def trace(
 ) -> TracedChain:
     """Trace a LangChain chain: an afnio Module whose Parameters are the chain's
     prompt texts chosen by ``select`` (``"system"`` by default; a role, roles,
-    ``"all"``, or a predicate on a :class:`PromptSlot`). ``include`` lists
-    sub-chains only called from inside ``RunnableLambda`` functions (invisible to the
-    chain's structure); their calls are traced like the rest.
+    ``"all"``, or a predicate on a :class:`PromptSlot`). Prompts held by LangChain's
+    composites and by the functions of ``RunnableLambda``/``@chain`` steps are found
+    (see :func:`find_prompt_slots`); ``include`` lists sub-chains reached any other
+    way (e.g. looked up in a dict at run time). Their calls are traced like the rest;
+    an LM call on a prompt that was not found emits an
+    :class:`~afnio_integrations.langchain.AfnioTracingWarning` naming it.
 
     Example::
 

@@ -1,27 +1,117 @@
 """Tracing an LCEL chain into an afnio graph, through LangChain callbacks.
 
 Each call runs the **user's own chain** with a tracer in ``config["callbacks"]``
-(nothing is wrapped or rebuilt). From the recorded run tree, every chat-model call
-becomes an afnio node whose inputs are the Parameters of the prompt that produced its
-messages and the outputs of earlier calls that fed that prompt; its output is the
-recorded text (no LM call is repeated). ``loss.backward()`` then asks the backward model
-for feedback on every Parameter through every LM call, with the exact messages the
-model saw.
+(nothing is wrapped or rebuilt). The tracer records LangChain's run tree; from it
+every chat-model (or LLM) call becomes a :class:`RecordedChatCall` node whose output is
+the recorded text (no LM call is repeated), and ``loss.backward()`` asks the backward
+model for feedback on every input of every LM call, with the exact messages the model
+saw.
+
+**The linking contract.** Values flow along the run tree, never by searching for
+equal text elsewhere in the call:
+
+* *Which run fed a run*: the previous step of its ``RunnableSequence``; for the first
+  step, and for the children of ``RunnableParallel``, ``RunnableBranch``,
+  ``RunnableWithFallbacks``, retries, ``.assign``/``.pick`` and the other wrappers,
+  the input of the parent (an element of it for ``.map()``); inside an opaque step
+  (a ``RunnableLambda``/``@chain`` function, a custom runnable) a sub-call's input
+  is whichever of the step's input and its earlier, finished sub-calls' outputs
+  equals it (under the same key first; when values from different sources are equal
+  to it, or none is, it is computed from them by the rule for non-LM steps below).
+* *Which prompt produced a chat call*: the prompt run that fed that model run in
+  the tree (through the wrappers above and any step that returns its input
+  unchanged), not an earlier prompt run that happened to render the same messages.
+* *Template links*: a chat call's gradient goes to (a) the selected Parameters of the
+  prompt that produced its messages and (b) the upstream afnio Variables feeding
+  that prompt's ``input_variables`` (and ``optional_variables``, e.g. an optional
+  ``MessagesPlaceholder``) only. Partial variables (even when the input also has a
+  key of that name, which LangChain would then render), and inputs the template
+  does not use, are not linked.
+* *Parsers, lambdas and other non-LM steps*: feedback on the step's output goes to
+  those of its inputs whose text occurs in its output (an input with empty text
+  never counts as occurring); if none occurs, to all of its inputs. A dict input
+  (e.g. after ``RunnableParallel`` or ``.assign``) is several inputs, one per key (a
+  list: one per element); a constant input (the chain's own input) counts like any
+  other but has nothing to link. A dict output is several outputs, one per key, each
+  linked by the same rule. A step that runs sub-calls (a ``@chain`` function) also
+  counts their outputs as its inputs, and when its output equals a sub-call's output
+  it is that output. An output linked to exactly one Variable with the same text is
+  that Variable (no node in between); otherwise a :class:`StepOutput` node names the
+  step (parsers always get one).
+* *Undiscovered prompts*: a chat call fed by a prompt the chain's discovery did not
+  find (see :mod:`~afnio_integrations.langchain._discovery`) is reported in
+  :attr:`TracedCall.undiscovered`; the Module warns about it (see
+  :mod:`~afnio_integrations.langchain._traced`).
+
+LangChain stores a non-dict input as ``{"input": value}`` and a non-dict output as
+``{"output": value}``; a dict with exactly that one key is read as the bare value.
+Texts: a string is itself; a message, its content; a prompt value, its messages'
+contents (one per line); a dict or list, its JSON (keys sorted).
+
+Two LangChain quirks are worked around. ``RunnableWithFallbacks.invoke`` passes its
+own config to its runnables, so their runs are recorded as its siblings (or, at the
+root, as separate root runs): siblings with the fallbacks run's tags that ran within
+its time span are treated as its children, and every root run carrying the call's
+metadata (:data:`CALL_KEY`) as a child of the call's root. And a ``RunnableBinding``
+(``.bind``, ``.with_config``, ...) merges its config with the enclosing run's, so
+when its caller passes a config explicitly (a ``RunnableBranch`` branch, a step of a
+batched sequence under ``.map()``) its run is recorded under an outer run, with the
+tag its real parent gave it: it moves back under the run that gave that tag (see
+``_Graph._rehome``).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
+from uuid import UUID
 
+from langchain_core.messages import BaseMessage
+from langchain_core.prompt_values import PromptValue
 from langchain_core.tracers.base import BaseTracer
 from langchain_core.tracers.schemas import Run
+from pydantic import BaseModel
 
+from afnio._variable import Variable
 from afnio_integrations._recorded import RecordedChatCall, StepOutput
+from afnio_integrations.langchain._discovery import METADATA_KEY
 
-__all__ = ["RecordedChatCall", "RunCollector", "StepOutput"]
+__all__ = [
+    "CALL_KEY",
+    "PromptIndex",
+    "RecordedChatCall",
+    "RunCollector",
+    "StepOutput",
+    "TracedCall",
+    "UndiscoveredCall",
+    "build_graph",
+    "text_of",
+]
 
 OUTPUT_ROLE = "response of a LangChain chat model"
+
+CALL_KEY = "afnio_trace_call"
+"""Run metadata naming the traced call (batch item) a run belongs to: its root run
+id."""
+
+_MODEL_TYPES = ("chat_model", "llm")
+_STEP_TAG = re.compile(r"^seq:step:(\d+)$")
+_KEY_TAG = "map:key:"
+_SITE_TAGS = ("seq:step:", "map:key:", "branch:", "condition:")
+_WRAPPER_NAMES = (
+    "RunnableAssign",
+    "RunnableBranch",
+    "RunnableParallel",
+    "RunnablePassthrough",
+    "RunnablePick",
+    "RunnableRetry",
+    "RunnableSequence",
+    "RunnableWithFallbacks",
+)
 
 
 class RunCollector(BaseTracer):
@@ -31,10 +121,56 @@ class RunCollector(BaseTracer):
 
     def __init__(self) -> None:
         super().__init__(_schema_format="original+chat")
-        self.roots: list[Run] = []
+        self._roots: list[Run] = []
+        self._roots_lock = threading.Lock()
 
     def _persist_run(self, run: Run) -> None:
-        self.roots.append(run)
+        with self._roots_lock:
+            self._roots.append(run)
+
+    @property
+    def roots(self) -> list[Run]:
+        """The root runs recorded so far, in the order they finished."""
+        with self._roots_lock:
+            return list(self._roots)
+
+    def call(self, run_id: UUID) -> tuple[Run, list[Run]]:
+        """The root run of the call started with ``run_id``, and the other root runs
+        it caused (runs carrying its :data:`CALL_KEY` metadata that LangChain recorded
+        without a parent).
+
+        Raises:
+            RuntimeError: if no root run has that id (the chain did not run with the
+                tracer's config).
+        """
+        roots = self.roots
+        root = next((r for r in roots if r.id == run_id), None)
+        if root is None:
+            raise RuntimeError(
+                f"The traced call {run_id} recorded no root run: the chain must be "
+                "run with the config afnio passes (its callbacks and run_id)."
+            )
+        key = str(run_id)
+        strays = [
+            r for r in roots if r is not root and _metadata(r).get(CALL_KEY) == key
+        ]
+        return root, strays
+
+
+# -- texts -----------------------------------------------------------------------------
+
+
+def _metadata(run: Run) -> dict[str, Any]:
+    return dict((run.extra or {}).get("metadata") or {})
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, list):
+        return "\n".join(
+            part.get("text", "") if isinstance(part, dict) else str(part)
+            for part in content
+        )
+    return str(content)
 
 
 def _message_role(message: Any) -> str:
@@ -55,23 +191,22 @@ def _message_text(message: Any) -> str:
         content = message.get("kwargs", {}).get("content", "")
     else:
         content = getattr(message, "content", "")
-    if isinstance(content, list):
-        return "\n".join(
-            part.get("text", "") if isinstance(part, dict) else str(part)
-            for part in content
-        )
-    return str(content)
+    return _content_text(content)
 
 
-def conversation_of(chat_run: Run) -> list[dict[str, str]]:
-    """The messages a chat-model run received."""
-    batches = chat_run.inputs.get("messages") or [[]]
+def conversation_of(model_run: Run) -> list[dict[str, str]]:
+    """The messages a chat-model run received (an LLM run: its prompt, as one user
+    message)."""
+    inputs = model_run.inputs or {}
+    if "messages" not in inputs and inputs.get("prompts"):
+        return [{"role": "user", "content": str(inputs["prompts"][0])}]
+    batches = inputs.get("messages") or [[]]
     return [{"role": _message_role(m), "content": _message_text(m)} for m in batches[0]]
 
 
-def output_of(chat_run: Run) -> str:
+def output_of(model_run: Run) -> str:
     """The text a chat-model run produced (aggregated when streamed)."""
-    generations = (chat_run.outputs or {}).get("generations") or [[{}]]
+    generations = (model_run.outputs or {}).get("generations") or [[{}]]
     first = generations[0][0] if generations and generations[0] else {}
     text = first.get("text") if isinstance(first, dict) else None
     if text:
@@ -84,3 +219,807 @@ def output_of(chat_run: Run) -> str:
     if tool_calls:  # structured output through tool calling
         return json.dumps(tool_calls, default=str)
     return str(kwargs.get("content", ""))
+
+
+def _is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and bool(value)
+        and all(isinstance(v, BaseMessage) for v in value)
+    )
+
+
+def text_of(value: Any) -> str:
+    """The text of a value flowing through a chain (see the module docstring).
+
+    >>> text_of("hi"), text_of({"b": 1, "a": "x"}), text_of(None)
+    ('hi', '{"a": "x", "b": 1}', '')
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, BaseMessage):
+        tool_calls = getattr(value, "tool_calls", None)
+        if tool_calls and not value.content:
+            return json.dumps(tool_calls, default=str)
+        return _content_text(value.content)
+    if isinstance(value, PromptValue):
+        return "\n".join(_content_text(m.content) for m in value.to_messages())
+    if _is_messages(value):
+        return "\n".join(_content_text(m.content) for m in value)
+    if isinstance(value, BaseModel):
+        return json.dumps(value.model_dump(), default=str, ensure_ascii=False)
+    try:
+        return json.dumps(value, default=str, ensure_ascii=False, sort_keys=True)
+    except TypeError:  # keys that do not sort
+        return json.dumps(value, default=str, ensure_ascii=False)
+    except ValueError:  # a circular structure
+        return str(value)
+
+
+def _parts_of(payload: Any) -> dict[str, Any] | None:
+    """A dict's items (a list's elements) as named parts; ``None`` for a single
+    value."""
+    if isinstance(payload, dict):
+        return {str(k): v for k, v in payload.items()}
+    if isinstance(payload, (list, tuple)) and payload and not _is_messages(payload):
+        return {str(i): v for i, v in enumerate(payload)}
+    return None
+
+
+def _bare(recorded: Mapping[str, Any] | None, key: str) -> Any:
+    """A recorded input/output dict, unwrapped when LangChain wrapped a bare value."""
+    recorded = dict(recorded or {})
+    return recorded[key] if set(recorded) == {key} else recorded
+
+
+# -- values ----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Rendered:
+    """A prompt run's output: the run, its afnio id, and the Variables feeding the
+    template's variables (location ``input:<name>``)."""
+
+    run: Run
+    token: str | None
+    sources: list[tuple[str, Variable]]
+
+
+@dataclass(eq=False)
+class _Value:
+    """The afnio view of a value in the chain: its text, and the Variable holding it
+    (none for a constant), or its parts (a dict or list), or the prompt it is."""
+
+    text: str
+    var: Variable | None = None
+    parts: dict[str, _Value] | None = None
+    prompt: _Rendered | None = None
+    aliases: tuple[str, ...] = ()
+
+    def matches(self, text: str) -> bool:
+        return self.text == text or text in self.aliases
+
+    def walk(self) -> Iterator[_Value]:
+        """This value, then its parts (depth first)."""
+        yield self
+        for part in (self.parts or {}).values():
+            yield from part.walk()
+
+
+def _const(payload: Any) -> _Value:
+    parts = _parts_of(payload)
+    return _Value(
+        text_of(payload),
+        parts=None if parts is None else {k: _const(v) for k, v in parts.items()},
+    )
+
+
+def _inputs(value: _Value) -> list[tuple[str, _Value]]:
+    """A value as a step's inputs: one per key of a dict (element of a list), else
+    itself (key ``""``)."""
+    if value.parts:
+        return list(value.parts.items())
+    return [("", value)]
+
+
+def _source(value: _Value) -> int | None:
+    """What a value's afnio links come from (``None`` for a constant)."""
+    if value.var is not None:
+        return id(value.var)
+    if value.prompt is not None:
+        return id(value)
+    parts = value.parts or {}
+    if any(_source(part) is not None for part in parts.values()):
+        return id(value)
+    return None
+
+
+def _unique(variables: Iterable[Variable]) -> list[Variable]:
+    seen: dict[int, Variable] = {}
+    for var in variables:
+        seen.setdefault(id(var), var)
+    return list(seen.values())
+
+
+# -- the graph -------------------------------------------------------------------------
+
+
+@dataclass
+class PromptIndex:
+    """What the Module knows of the chain's prompts, by their ``afnio_prompt_id``."""
+
+    parameters: Mapping[str, Sequence[tuple[str, Variable]]]
+    """The selected Parameters of each discovered prompt, with their locations."""
+    prompts: Mapping[str, Any]
+    """Every discovered prompt template."""
+    fallback_names: frozenset[str] = frozenset()
+    """Run names of the chain's ``RunnableWithFallbacks``."""
+
+
+@dataclass(frozen=True)
+class UndiscoveredCall:
+    """An LM call fed by a prompt the chain's discovery did not find."""
+
+    site: str  # the path of runs from the call's root to the LM call
+    prompt: str  # the prompt run's name and the start of what it rendered
+
+
+@dataclass
+class TracedCall:
+    """The afnio graph of one traced call."""
+
+    output: Variable
+    model_runs: list[Run] = field(default_factory=list)
+    undiscovered: list[UndiscoveredCall] = field(default_factory=list)
+
+
+def _in_text(run: Run) -> str:
+    """The text of what a run received (a model run: its messages, one per line)."""
+    if run.run_type in _MODEL_TYPES:
+        return "\n".join(m["content"] for m in conversation_of(run))
+    return text_of(_bare(run.inputs, "input"))
+
+
+def _out_text(run: Run) -> str:
+    """The text of what a run produced."""
+    if run.run_type in _MODEL_TYPES:
+        return output_of(run)
+    return text_of(_bare(run.outputs, "output"))
+
+
+_STRUCTURAL_TAGS = ("seq:step:", "map:key:", "branch:", "condition:", "retry:attempt:")
+
+
+def _structural(run: Run) -> list[str]:
+    """The tags a parent gives its child run (its position: a step, a key...)."""
+    return [t for t in run.tags or () if t.startswith(_STRUCTURAL_TAGS)]
+
+
+def _tag_kind(tag: str) -> str:
+    return next(k for k in _STRUCTURAL_TAGS if tag.startswith(k))
+
+
+def _spans(outer: Run, inner: Run) -> bool:
+    """``outer`` ran during the whole of ``inner``."""
+    return (
+        outer.end_time is not None
+        and inner.end_time is not None
+        and outer.start_time <= inner.start_time
+        and inner.end_time <= outer.end_time
+    )
+
+
+def _step_of(run: Run) -> int | None:
+    for tag in run.tags or ():
+        match = _STEP_TAG.match(tag)
+        if match:
+            return int(match[1])
+    return None
+
+
+def _key_of(run: Run) -> str | None:
+    for tag in run.tags or ():
+        if tag.startswith(_KEY_TAG):
+            return tag[len(_KEY_TAG) :]
+    return None
+
+
+def _is_condition(run: Run) -> bool:
+    return any(tag.startswith("condition:") for tag in run.tags or ())
+
+
+def _succeeded(run: Run) -> bool:
+    return run.error is None and run.outputs is not None
+
+
+class _Graph:
+    def __init__(self, root: Run, strays: Sequence[Run], index: PromptIndex) -> None:
+        self.root = root
+        self.index = index
+        self.kids: dict[UUID, list[Run]] = {}
+        self.parent: dict[UUID, Run | None] = {root.id: None}
+        self._add(root)
+        for stray in strays:
+            self._add(stray)
+            self.kids[root.id].append(stray)
+            self.parent[stray.id] = root
+        # children in start order (a stable sort keeps LangChain's order, which is
+        # the order they started in, for runs started in the same microsecond)
+        for children in self.kids.values():
+            children.sort(key=lambda r: r.start_time)
+        for run_id in list(self.kids):
+            self._adopt_fallback_runs(run_id)
+        for children in self.kids.values():
+            children.sort(key=lambda r: r.start_time)
+        self._rehomed: set[UUID] = set()
+        for run in self.runs():  # from the root down
+            self._rehome(run.id)
+        for children in self.kids.values():
+            children.sort(key=lambda r: r.start_time)
+        self._out: dict[UUID, _Value] = {}
+        self._in: dict[UUID, _Value] = {}
+        self._each: dict[UUID, dict[UUID, int]] = {}
+        self.model_runs: list[Run] = []
+        self.undiscovered: list[UndiscoveredCall] = []
+
+    # -- the tree --------------------------------------------------------------------
+
+    def _add(self, run: Run) -> None:
+        stack = [run]
+        while stack:
+            current = stack.pop()
+            self.kids[current.id] = list(current.child_runs)
+            for child in current.child_runs:
+                self.parent[child.id] = current
+                stack.append(child)
+
+    def _move(self, run: Run, parent: Run) -> None:
+        old = self.parent.get(run.id)
+        if old is not None:
+            self.kids[old.id].remove(run)
+        self.kids[parent.id].append(run)
+        self.parent[run.id] = parent
+
+    def _rehome(self, parent_id: UUID) -> None:
+        """Runs LangChain recorded above their parent move back under it.
+
+        A ``RunnableBinding`` (``.bind``, ``.with_config``, ``.with_retry``'s
+        attempts, ...) merges its config with the *ambient* one (the config of the
+        nearest enclosing run that set it), so when its caller passed a config
+        explicitly (a ``RunnableBranch`` branch, a step of a batched sequence under
+        ``.map()``, ...) its run is recorded under that enclosing run, with the
+        structural tag its real parent gave it (``seq:step:<k>``, ``branch:<n>``,
+        ``map:key:<k>``) added to the ambient tags. Such a run (two structural tags,
+        or one that does not fit where it is) moves to the run below its recorded
+        parent that spans its time and lacks a child with that tag (of these, the
+        one whose recorded neighbouring values match it; they are interchangeable
+        otherwise); failing that, when it repeats the tag of a sibling that spans
+        its time, to the innermost chain run of that sibling spanning it."""
+        for run in list(self.kids[parent_id]):
+            if run.id in self._rehomed or run.end_time is None:
+                continue
+            siblings = [c for c in self.kids[parent_id] if c is not run]
+            own = self._misplaced_tag(run, siblings)
+            if own is None:
+                continue
+            holder = self._holder(parent_id, run, own)
+            if holder is None:
+                twin = next(
+                    (
+                        c
+                        for c in siblings
+                        if own in (c.tags or ())
+                        and _spans(c, run)
+                        and not self._is_fallbacks(c)
+                    ),
+                    None,
+                )
+                if twin is not None:
+                    holder = max(
+                        (
+                            d
+                            for d in [twin, *self._descendants(twin.id, exclude=run)]
+                            if d.run_type == "chain" and _spans(d, run)
+                        ),
+                        key=lambda d: d.start_time,
+                    )
+            if holder is not None:
+                self._rehomed.add(run.id)
+                self._move(run, holder)
+
+    def _misplaced_tag(self, run: Run, siblings: list[Run]) -> str | None:
+        """The structural tag ``run``'s real parent gave it, when it is recorded
+        elsewhere (``None`` when it fits where it is)."""
+        tags = _structural(run)
+        if not tags:
+            return None
+        if len(tags) > 1:  # the ambient position's tag, and its own
+            taken = {t for c in siblings for t in _structural(c)}
+            own = [t for t in tags if t not in taken]
+            return own[0] if len(own) == 1 else None
+        tag = tags[0]
+        kinds = {_tag_kind(t) for c in siblings for t in _structural(c)}
+        if any(tag in (c.tags or ()) and _spans(c, run) for c in siblings) and not any(
+            self._is_fallbacks(c) for c in siblings
+        ):
+            return tag  # it repeats the position of a sibling around it
+        kind = _tag_kind(tag)
+        if kind == "seq:step:":
+            k = _step_of(run) or 0
+            steps = {_step_of(c) for c in siblings}
+            fits = all(_step_of(c) is not None for c in siblings) and bool(
+                {k - 1, k + 1} & steps
+            )
+            return None if fits else tag
+        if kind in ("branch:", "condition:"):
+            return None if kinds & {"branch:", "condition:"} or not siblings else tag
+        if kind == "map:key:":
+            return None if "map:key:" in kinds or not siblings else tag
+        return None
+
+    def _holder(self, parent_id: UUID, run: Run, tag: str) -> Run | None:
+        """The run below ``parent_id`` that ``run`` (tagged ``tag`` by it) came
+        from."""
+        kind = _tag_kind(tag)
+        best: tuple[int, Run] | None = None
+        for holder in self._descendants(parent_id, exclude=run):
+            if holder.run_type != "chain" or not _spans(holder, run):
+                continue
+            children = [c for c in self.kids[holder.id] if c is not run]
+            if any(tag in (c.tags or ()) for c in children):
+                continue
+            held = {_tag_kind(t) for c in children for t in _structural(c)}
+            score = 0
+            if kind == "seq:step:":
+                steps = self._steps(holder)
+                k = _step_of(run) or 0
+                if not ({k - 1, k + 1} & set(steps)):
+                    continue
+                if k - 1 in steps and _out_text(steps[k - 1]) == _in_text(run):
+                    score += 1
+                if k + 1 in steps and _out_text(run) == _in_text(steps[k + 1]):
+                    score += 1
+            elif kind in ("branch:", "condition:"):
+                if not held & {"branch:", "condition:"}:
+                    continue
+                score = int(_in_text(holder) == _in_text(run))
+            elif kind == "map:key:":
+                if "map:key:" not in held:
+                    continue
+                score = int(_in_text(holder) == _in_text(run))
+            else:
+                continue
+            if best is None or score > best[0]:
+                best = (score, holder)
+        return best[1] if best is not None else None
+
+    def _descendants(self, run_id: UUID, exclude: Run) -> Iterator[Run]:
+        stack = [c for c in reversed(self.kids[run_id]) if c is not exclude]
+        while stack:
+            run = stack.pop()
+            yield run
+            stack.extend(reversed(self.kids[run.id]))
+
+    def _is_fallbacks(self, run: Run) -> bool:
+        return run.name in self.index.fallback_names or run.name.startswith(
+            "RunnableWithFallbacks"
+        )
+
+    def _adopt_fallback_runs(self, parent_id: UUID) -> None:
+        """Runs recorded as siblings of a ``RunnableWithFallbacks`` run (same tags,
+        within its time span) become its children (the innermost one's)."""
+        siblings = self.kids[parent_id]
+        holders = [s for s in siblings if self._is_fallbacks(s) and s.end_time]
+        if not holders:
+            return
+        rank = {r.id: i for i, r in enumerate(siblings)}
+        for run in list(siblings):
+            if run.end_time is None:
+                continue
+            inside = [
+                f
+                for f in holders
+                if rank[f.id] < rank[run.id]
+                and sorted(f.tags or []) == sorted(run.tags or [])
+                and run.end_time <= f.end_time  # type: ignore[operator]
+            ]
+            if inside:
+                holder = max(inside, key=lambda f: rank[f.id])
+                siblings.remove(run)
+                self.kids[holder.id].append(run)
+                self.parent[run.id] = holder
+
+    def runs(self) -> list[Run]:
+        out, stack = [], [self.root]
+        while stack:
+            run = stack.pop()
+            out.append(run)
+            stack.extend(reversed(self.kids[run.id]))
+        return out
+
+    def _kind(self, run: Run) -> str:
+        if run.run_type in _MODEL_TYPES:
+            return "model"
+        if run.run_type in ("prompt", "parser"):
+            return run.run_type
+        children = self.kids[run.id]
+        if self._is_fallbacks(run):
+            return "wrapper"
+        if any(_step_of(c) is not None for c in children):
+            return "sequence"
+        if any(_key_of(c) is not None for c in children):
+            return "parallel"
+        if run.name.startswith("RunnableEach"):
+            return "each"
+        if run.name.startswith(_WRAPPER_NAMES):
+            return "wrapper"
+        tags = [t for c in children for t in c.tags or ()]
+        if any(t.startswith(("branch:", "condition:", "retry:")) for t in tags):
+            return "wrapper"
+        if children and all(c.name == run.name for c in children):
+            return "wrapper"  # a retry runs under the name of what it retries
+        return "step"
+
+    def _steps(self, run: Run) -> dict[int, Run]:
+        steps: dict[int, Run] = {}
+        for child in self.kids[run.id]:  # sorted by start: the first of each step
+            k = _step_of(child)
+            if k is not None:
+                steps.setdefault(k, child)
+        return steps
+
+    def _results(self, run: Run) -> list[Run]:
+        """The children that produced a value, the latest to finish first."""
+        done = [c for c in self.kids[run.id] if _succeeded(c) and not _is_condition(c)]
+        return sorted(done, key=lambda c: c.end_time or c.start_time, reverse=True)
+
+    def _earlier(self, parent: Run, run: Run) -> list[Run]:
+        """The parent's children that finished before ``run`` started, latest
+        first."""
+        siblings = self.kids[parent.id]
+        position = siblings.index(run)
+        return [
+            c
+            for c in self._results(parent)
+            if siblings.index(c) < position
+            and c.end_time is not None
+            and c.end_time <= run.start_time
+        ]
+
+    # -- values ----------------------------------------------------------------------
+
+    def variables(self, value: _Value) -> list[Variable]:
+        """The Variables a value carries (a prompt consumed by a non-LM step becomes
+        a step output of its Parameters and inputs)."""
+        if value.var is not None:
+            return [value.var]
+        if value.prompt is not None:
+            rendered = value.prompt
+            sources = _unique(
+                [p for _, p in self.index.parameters.get(rendered.token or "", ())]
+                + [v for _, v in rendered.sources]
+            )
+            if sources:
+                value.var = StepOutput.apply(
+                    sources if len(sources) > 1 else sources[0],
+                    value.text,
+                    rendered.run.name,
+                )
+            return [value.var] if value.var is not None else []
+        return _unique(
+            v for part in (value.parts or {}).values() for v in self.variables(part)
+        )
+
+    def _computed(
+        self,
+        payload: Any,
+        inputs: list[tuple[str, _Value]],
+        step: str,
+        wrap: bool = False,
+    ) -> _Value:
+        """A value a non-LM step computed from ``inputs``: linked to the inputs whose
+        text occurs in it, else to all of them (per key for a dict or list)."""
+        parts = _parts_of(payload)
+        if parts is not None:
+            return _Value(
+                text_of(payload),
+                parts={
+                    k: self._computed(v, inputs, step, wrap) for k, v in parts.items()
+                },
+            )
+        text = text_of(payload)
+        occurring = [v for _, v in inputs if v.text and v.text in text]
+        chosen = occurring or [v for _, v in inputs]
+        carrying = [v for v in chosen if self.variables(v)]
+        if not carrying:
+            return _Value(text)
+        if not wrap and len(carrying) == 1 and carrying[0].matches(text):
+            return carrying[0]
+        sources = _unique(v for value in carrying for v in self.variables(value))
+        var = StepOutput.apply(sources if len(sources) > 1 else sources[0], text, step)
+        return _Value(text, var=var)
+
+    def _derive(
+        self,
+        payload: Any,
+        candidates: list[_Value],
+        step: str,
+        key: str | None = None,
+        opaque: bool = False,
+    ) -> _Value:
+        """The value ``payload`` is, given the values it was made from (in order of
+        preference): the same key of one of them with the same text, else one of
+        them (or a part of one) with the same text, else (a dict) part by part, else
+        computed from them by the rule for non-LM steps. ``opaque``: they are what a
+        function had at hand, so when values from different sources have that text,
+        the rule for non-LM steps decides (all of them are linked)."""
+        text = text_of(payload)
+        if key is not None:  # the same key of a dict it was made from
+            for candidate in candidates:
+                part = (candidate.parts or {}).get(key)
+                if part is not None and part.matches(text):
+                    return part
+        found = [v for c in candidates for v in c.walk() if v.matches(text)]
+        if found:
+            sources = {_source(v): v for v in found if _source(v) is not None}
+            if not opaque or not sources:
+                return found[0]
+            if len(sources) == 1:
+                return next(iter(sources.values()))
+        parts = _parts_of(payload)
+        if parts is not None:
+            return _Value(
+                text,
+                parts={
+                    k: self._derive(v, candidates, step, key=k, opaque=opaque)
+                    for k, v in parts.items()
+                },
+            )
+        inputs = [item for candidate in candidates for item in _inputs(candidate)]
+        return self._computed(payload, inputs, step)
+
+    def inp(self, run: Run) -> _Value:
+        """The value ``run`` received."""
+        if run.id in self._in:
+            return self._in[run.id]
+        if run.run_type in _MODEL_TYPES:  # the messages it received, as one text
+            payload: Any = _in_text(run)
+        else:
+            payload = _bare(run.inputs, "input")
+        parent = self.parent.get(run.id)
+        if parent is None:
+            value = _const(payload)
+        else:
+            kind = self._kind(parent)
+            step = _step_of(run)
+            previous = self._steps(parent).get(step - 1) if step else None
+            if kind == "sequence" and previous is not None:
+                candidates = [self.out(previous)]
+            elif kind == "each":
+                candidates = [self._element(parent, run)]
+            elif kind in ("sequence", "parallel", "wrapper"):
+                candidates = [self.inp(parent)]
+            else:  # an opaque step computed its sub-call's input
+                candidates = [self.out(c) for c in self._earlier(parent, run)]
+                candidates.append(self.inp(parent))
+            opaque = kind == "step"
+            value = self._derive(payload, candidates, parent.name, opaque=opaque)
+        self._in[run.id] = value
+        return value
+
+    def _each_positions(self, run: Run) -> dict[UUID, int]:
+        """``.map()``: which element each child run processed (by the element's and
+        the output's text, the earliest child first)."""
+        if run.id in self._each:
+            return self._each[run.id]
+        elements = _parts_of(_bare(run.inputs, "input")) or {}
+        outputs = _parts_of(_bare(run.outputs, "output")) or {}
+        positions: dict[UUID, int] = {}
+        free = list(range(len(elements)))
+        children = [c for c in self.kids[run.id] if _succeeded(c)]
+        for strict in (True, False):
+            for child in children:
+                if child.id in positions:
+                    continue
+                given = text_of(_bare(child.inputs, "input"))
+                made = text_of(_bare(child.outputs, "output"))
+                for i in free:
+                    if text_of(elements[str(i)]) == given and (
+                        not strict or text_of(outputs.get(str(i))) == made
+                    ):
+                        positions[child.id] = i
+                        free.remove(i)
+                        break
+        self._each[run.id] = positions
+        return positions
+
+    def _element(self, parent: Run, run: Run) -> _Value:
+        whole = self.inp(parent)
+        position = self._each_positions(parent).get(run.id)
+        if position is not None and whole.parts and str(position) in whole.parts:
+            return whole.parts[str(position)]
+        return whole
+
+    def out(self, run: Run) -> _Value:
+        """The value ``run`` produced."""
+        if run.id not in self._out:
+            self._out[run.id] = self._produce(run)
+        return self._out[run.id]
+
+    def _produce(self, run: Run) -> _Value:
+        kind = self._kind(run)
+        if kind == "model":
+            return self._model(run)
+        if not _succeeded(run):
+            return _Value("")
+        if kind == "prompt":
+            return self._prompt(run)
+        payload = _bare(run.outputs, "output")
+        text = text_of(payload)
+        if kind == "sequence":
+            steps = self._steps(run)
+            last = self.out(steps[max(steps)])
+            if last.matches(text):
+                return last
+            return self._derive(payload, [last, self.inp(run)], run.name)
+        if kind == "parallel" and isinstance(payload, dict):
+            branches = {_key_of(c): c for c in self.kids[run.id] if _succeeded(c)}
+            parts = {}
+            for k, v in _parts_of(payload).items():  # type: ignore[union-attr]
+                branch = branches.get(k)
+                parts[k] = (
+                    self.out(branch)
+                    if branch is not None
+                    else self._derive(v, [self.inp(run)], run.name, key=k)
+                )
+            return _Value(text, parts=parts)
+        if kind == "each":
+            positions = self._each_positions(run)
+            outputs = _parts_of(payload) or {}
+            by_position = {
+                i: c
+                for c in self.kids[run.id]
+                if (i := positions.get(c.id)) is not None
+            }
+            if outputs and all(int(k) in by_position for k in outputs):
+                return _Value(
+                    text, parts={k: self.out(by_position[int(k)]) for k in outputs}
+                )
+        picked = self._picked(run, payload)
+        if picked is not None:
+            return picked
+        results = self._results(run)
+        if kind in ("wrapper", "each", "parallel"):
+            candidates = [self.out(c) for c in results]
+            return self._derive(payload, [*candidates, self.inp(run)], run.name)
+        if kind == "step":  # a function returning what a sub-call returned
+            for child in results:
+                if self.out(child).matches(text):
+                    return self.out(child)
+        inputs = _inputs(self.inp(run))
+        for child in results:
+            inputs.extend(_inputs(self.out(child)))
+        return self._computed(payload, inputs, run.name, wrap=kind == "parser")
+
+    def _picked(self, run: Run, payload: Any) -> _Value | None:
+        """``.pick("key")``'s output: that part of its input (its run is named
+        ``RunnablePick<key>``; a dict output is matched key by key anyway)."""
+        name = run.name
+        if isinstance(payload, dict) or not (
+            name.startswith("RunnablePick<") and name.endswith(">")
+        ):
+            return None
+        key = name[len("RunnablePick<") : -1]
+        part = (self.inp(run).parts or {}).get(key)
+        return part if part is not None and part.matches(text_of(payload)) else None
+
+    def _template_variables(self, run: Run, token: str | None) -> list[str] | None:
+        kwargs = (run.serialized or {}).get("kwargs") or {}
+        names = kwargs.get("input_variables")
+        if isinstance(names, list):
+            return [*map(str, names), *map(str, kwargs.get("optional_variables") or ())]
+        prompt = self.index.prompts.get(token or "")
+        if prompt is not None:
+            return [*prompt.input_variables, *getattr(prompt, "optional_variables", ())]
+        return None
+
+    def _prompt(self, run: Run) -> _Value:
+        token = _metadata(run).get(METADATA_KEY)
+        output = _bare(run.outputs, "output")
+        text = text_of(output)
+        aliases = (output.to_string(),) if isinstance(output, PromptValue) else ()
+        source = self.inp(run)
+        names = self._template_variables(run, token)
+        sources: list[tuple[str, Variable]] = []
+        if names is None:  # an unknown template: the rule for non-LM steps
+            items = _inputs(source)
+            occurring = [(k, v) for k, v in items if v.text and v.text in text]
+            for k, value in occurring or items:
+                sources.extend(
+                    (f"input:{k}" if k else "input", var)
+                    for var in self.variables(value)
+                )
+        elif source.parts is not None:
+            for k, part in source.parts.items():
+                if k in names:
+                    sources.extend((f"input:{k}", var) for var in self.variables(part))
+        elif len(names) == 1:
+            sources.extend((f"input:{names[0]}", var) for var in self.variables(source))
+        rendered = _Rendered(run, token if isinstance(token, str) else None, sources)
+        return _Value(text, prompt=rendered, aliases=aliases)
+
+    def _site(self, run: Run) -> str:
+        labels = []
+        current: Run | None = run
+        while current is not None:
+            tag = next(
+                (t for t in current.tags or () if t.startswith(_SITE_TAGS)), None
+            )
+            labels.append(f"{current.name} ({tag})" if tag else current.name)
+            current = self.parent.get(current.id)
+        return " > ".join(reversed(labels))
+
+    def _model(self, run: Run) -> _Value:
+        self.model_runs.append(run)
+        feed = self.inp(run)
+        variables: list[Variable] = []
+        locations: list[str] = []
+
+        def link(var: Variable, location: str) -> None:
+            if all(var is not v for v in variables):
+                variables.append(var)
+                locations.append(location)
+
+        if feed.prompt is not None:
+            token = feed.prompt.token
+            for location, param in self.index.parameters.get(token or "", ()):
+                link(param, location)
+            for location, var in feed.prompt.sources:
+                link(var, location)
+            if token not in self.index.prompts:
+                first = feed.text.strip().splitlines()[0] if feed.text.strip() else ""
+                excerpt = first if len(first) <= 60 else first[:57] + "..."
+                self.undiscovered.append(
+                    UndiscoveredCall(
+                        self._site(run), f'{feed.prompt.run.name} ("{excerpt}")'
+                    )
+                )
+        else:
+            for var in self.variables(feed):
+                link(var, "input")
+        if not _succeeded(run):
+            return _Value("")
+        var = RecordedChatCall.apply(
+            conversation_of(run), output_of(run), variables, locations, OUTPUT_ROLE
+        )
+        return _Value(str(var.data), var=var)
+
+    def output(self, result: Any) -> Variable:
+        value = self.out(self.root)
+        for run in self.runs():  # every LM call gets its node (and is counted)
+            if run.run_type in _MODEL_TYPES:
+                self.out(run)
+        final = text_of(result)
+        if value.prompt is None and value.var is not None and value.matches(final):
+            return value.var
+        variables = self.variables(value)
+        if not variables:
+            return Variable(final, role="output of the chain")
+        if len(variables) == 1 and str(variables[0].data) == final:
+            return variables[0]
+        return StepOutput.apply(
+            variables if len(variables) > 1 else variables[0], final, "chain output"
+        )
+
+
+def build_graph(
+    root: Run, strays: Sequence[Run], result: Any, index: PromptIndex
+) -> TracedCall:
+    """The afnio graph of one traced call: ``root`` is its root run, ``strays`` other
+    root runs it caused, ``result`` what the chain returned."""
+    graph = _Graph(root, strays, index)
+    output = graph.output(result)
+    model_runs = sorted(graph.model_runs, key=lambda r: r.dotted_order or "")
+    return TracedCall(output, model_runs, graph.undiscovered)

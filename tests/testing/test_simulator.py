@@ -5,9 +5,11 @@ errors and byte-for-byte reproducible bodies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
+import threading
 import time
 from collections.abc import Iterator
 from enum import StrEnum
@@ -39,6 +41,7 @@ def sim(_shared: tuple[Simulator, openai.OpenAI, httpx.Client]) -> Iterator[Simu
     simulator = _shared[0]
     simulator.latency = 0.0
     simulator.clear_faults()
+    simulator.clear_delays()
     simulator.reset_stats()
     yield simulator
     assert simulator.stats.in_flight == 0
@@ -368,6 +371,120 @@ def test_latency_is_slept_per_request(sim: Simulator, client: openai.OpenAI) -> 
     assert time.perf_counter() - start >= 0.15
     with pytest.raises(ValueError, match="non-negative"):
         sim.latency = -1
+
+
+# -- per-request delays ----------------------------------------------------------------
+
+
+def _finishing_order(sim: Simulator, texts: list[str]) -> list[str]:
+    """Send one chat request per text at once; the texts in the order answered."""
+    order: list[str] = []
+
+    async def run() -> None:
+        async with openai.AsyncOpenAI(
+            base_url=sim.base_url, api_key="test", max_retries=0
+        ) as aclient:
+
+            async def one(text: str) -> None:
+                await aclient.chat.completions.create(
+                    model=SIMULATOR_MODEL, messages=_messages(text)
+                )
+                order.append(text)
+
+            await asyncio.gather(*(one(t) for t in texts))
+
+    asyncio.run(run())
+    return order
+
+
+def test_delay_when_makes_the_matching_request_finish_last(sim: Simulator) -> None:
+    sim.delay_when("tortoise", 0.3)
+    start = time.perf_counter()
+    order = _finishing_order(sim, ["the tortoise", "hare 1", "hare 2", "hare 3"])
+    elapsed = time.perf_counter() - start
+    assert order[-1] == "the tortoise"
+    assert 0.3 <= elapsed < 1.5  # the others did not wait
+    assert sim.stats.calls == 4
+
+
+def test_delay_function_sees_the_parsed_body_and_delays_add_up(
+    sim: Simulator, client: openai.OpenAI, http: httpx.Client
+) -> None:
+    seen: list[str] = []
+
+    def delay(body: object) -> float:
+        assert isinstance(body, dict)
+        seen.append(body["model"])
+        return 0.1 if body["model"] == "slow-model" else 0
+
+    sim.delay = delay
+    sim.delay_when(lambda body: body.get("temperature") == 0, 0.15)
+    sim.delay_when("broken", 0.05, endpoint="/v1/chat/completions")
+    sim.delay_when("broken", 7, endpoint="embeddings")  # another endpoint
+    body = {"model": "slow-model", "messages": _messages(), "temperature": 0}
+    assert sim.delay_for(body) == pytest.approx(0.3)
+    assert sim.delay_for({"model": "m", "input": "broken"}, "embeddings") == 7
+    start = time.perf_counter()
+    client.chat.completions.create(**body)  # type: ignore[call-overload]
+    assert time.perf_counter() - start >= 0.3
+    start = time.perf_counter()
+    _ask(client)  # only the "broken" chat rule applies
+    assert 0.05 <= time.perf_counter() - start < 0.3
+    assert seen[-2:] == ["slow-model", SIMULATOR_MODEL]
+    # malformed requests answer at once, without asking the delay function
+    assert http.post("/chat/completions", json={"model": "x"}).status_code == 400
+    assert len(seen) == 4  # two delay_for calls, two requests
+    sim.clear_delays()
+    assert sim.delay is None and sim.delay_for(body) == 0.0
+
+
+def test_delays_are_thread_safe_and_woken_by_stop() -> None:
+    calls: list[int] = []
+
+    def delay(body: object) -> float:
+        calls.append(1)  # from several server threads at once
+        return 0.05
+
+    with Simulator(delay=delay) as sim:
+        order = _finishing_order(sim, [f"message {i}" for i in range(12)])
+        assert sorted(order) == sorted(f"message {i}" for i in range(12))
+        assert len(calls) == 12 and sim.stats.peak_in_flight > 1
+        sim.delay_when("stuck", 30)
+        client = openai.OpenAI(base_url=sim.base_url, api_key="t", max_retries=0)
+        with client:
+            start = time.perf_counter()
+            stopper = threading.Timer(0.2, sim.stop)
+            stopper.start()
+            # woken at once: answered or dropped, never after 30 s
+            with contextlib.suppress(openai.APIConnectionError):
+                client.chat.completions.create(
+                    model=SIMULATOR_MODEL, messages=_messages("stuck")
+                )
+            stopper.join()
+        assert time.perf_counter() - start < 5
+
+
+def test_bad_delays_are_refused_or_answer_500(
+    sim: Simulator, client: openai.OpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ValueError, match="finite seconds"):
+        sim.delay_when("x", -1)
+    with pytest.raises(ValueError, match="finite seconds"):
+        sim.delay_when("x", math.inf)
+    with pytest.raises(TypeError, match="seconds"):
+        sim.delay_when("x", "1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="string or a predicate"):
+        sim.delay_when(3, 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown endpoint"):
+        sim.delay_when("x", 1, endpoint="nowhere")
+    with pytest.raises(TypeError, match="callable"):
+        sim.delay = 0.5  # type: ignore[assignment]
+    sim.delay = lambda body: -1
+    with pytest.raises(openai.InternalServerError, match="finite seconds"):
+        _ask(client)
+    assert "Traceback" in capsys.readouterr().err
+    sim.delay = None
+    assert _ask(client) == "very negative indeed"
 
 
 # -- faults ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ pytest.importorskip("langchain_core", reason="needs the langchain extra")
 
 EXPECTED_ALL = [
     "AfnioRunnable",
+    "AfnioTracingWarning",
     "LangChainChatModel",
     "OptimizeReport",
     "PlaceholderMismatchError",

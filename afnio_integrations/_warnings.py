@@ -1,0 +1,18 @@
+"""Warnings of afnio's integrations.
+
+:class:`AfnioTracingWarning` says that a traced program did something afnio could
+not wire into its graph, so part of the program gets no feedback (for instance a
+LangChain LM call whose prompt template was not found when the chain was traced).
+It is a ``UserWarning``: shown once per call site by default, and it can be turned
+into an error or silenced with the standard :mod:`warnings` filters, e.g.
+``warnings.simplefilter("error", AfnioTracingWarning)``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AfnioTracingWarning"]
+
+
+class AfnioTracingWarning(UserWarning):
+    """A traced program ran a step afnio could not connect to its Parameters (the
+    message names the step and how to include it)."""

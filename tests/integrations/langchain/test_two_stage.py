@@ -1,0 +1,35 @@
+"""Credit assignment through two stages as a traced LangChain chain (issue 17, item
+6): ``prompt | llm | StrOutputParser() | (lambda: {"feeling": ...}) | prompt | llm |
+StrOutputParser()``, optimized by ``optimize`` on the simulator, learns a first
+prompt that only the second stage's feedback can teach (see
+``benchmarks/two_stage.py`` and ``tests/trainer/test_two_stage.py``, which runs the
+controls on the same program as an afnio Module)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("langchain_openai", reason="needs the langchain test extra")
+
+from benchmarks import two_stage
+
+pytestmark = pytest.mark.skipif(
+    not two_stage.DATASET.exists(),
+    reason="../shared/data is not available (a fresh clone): the two-stage learning "
+    "experiment needs the Facility Support dataset",
+)
+
+
+def test_a_traced_two_stage_chain_learns_its_first_prompt(tmp_path: Path) -> None:
+    root = two_stage.data_root(tmp_path)
+    runs = [two_stage.run("chain", "real", seed, root, tmp_path) for seed in (0, 1, 2)]
+    report = ", ".join(f"{o.before:.3f}->{o.after:.3f}" for o in runs)
+    print(report)
+    assert statistics.median(o.gain for o in runs) * 100 >= 15, report
+    for outcome in runs:
+        assert outcome.before < 0.6, report
+        assert "the feeling is unhappy." in outcome.first_prompt, outcome
+        assert outcome.second_prompt == two_stage.SECOND_PROMPT, outcome
