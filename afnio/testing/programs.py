@@ -10,34 +10,52 @@ generates at random from a seed, against the live :class:`~afnio.testing.Simulat
 * :func:`generate` builds a :class:`Program`: an LCEL chain (sequences, parallel
   branches some of which the merge does not use, ``RunnableBranch`` and
   ``RouterRunnable`` routing, lambdas, nested lambdas, ``@chain`` functions,
-  ``assign``/``pick``, ``with_fallbacks``, ``with_retry``, ``.bind``,
-  ``with_config``, ``.map()``; string or dict inputs; ``batch``/``abatch``/
-  ``invoke``/``ainvoke``/``stream``/``astream``) or a DSPy module (one to four
-  predictors, ``Predict`` or ``ChainOfThought``, loops, conditionals,
-  ``dspy.Parallel``, outputs composed of several predictions; ``batch``, calls, or
-  concurrent ``acall``). Every prompt carries a unique marker word, every sample a
-  unique lexicon word and unique tokens, every failing output a unique target.
-* Its **ground truth** is known by construction: for each sample and each output, the
-  set of prompts on that output's path (:attr:`Program.paths`), each of which must get
-  feedback about that output, and the set that may (:attr:`Program.allowed`). It
-  follows the linking contract of the tracers. LangChain: each batch item's graph
-  comes from its own run; an LM call links to the Parameters of the prompt that
-  produced its messages and to the upstream outputs feeding the template's
-  ``input_variables`` only (an unused branch gets nothing); a non-LM step (a lambda,
-  ``pick``) passes feedback to the inputs it computes its output from, and, by the
-  contract's text rule (feedback goes to the inputs whose text occurs in the output),
-  *may* also pass it to an unused input whose text collides with its output. DSPy: a
-  program output or predictor input whose text equals the output of one or more
-  predictions links to all of them (a documented over-approximation, which the
-  generator provokes and requires), and a text composed of several predictions'
-  outputs to each.
+  ``assign``/``pick``, ``with_fallbacks`` and ``with_retry`` whose failing attempt
+  fails before or after its LM call, ``.bind``, ``with_config``, ``.map()``; string
+  or dict inputs; a chain ending in the chat model (message output) or in a
+  ``RunnableParallel`` (dict output); ``batch``/``abatch``/``ainvoke``/``astream``,
+  and ``invoke``/``stream`` from several threads at once on one traced chain) or a
+  DSPy module (one to four predictors, ``Predict`` or ``ChainOfThought``, loops,
+  conditionals, ``dspy.Parallel`` on one to n threads, members of a
+  ``dspy.Parallel`` block taking earlier predictions, two blocks in a row, outputs
+  composed of several predictions; ``batch``, calls, or concurrent ``acall``).
+  Every prompt carries a unique marker word, every sample a unique lexicon word and
+  unique tokens, every failing output a unique target.
+* Its **ground truth** is known by construction, per sample and output, as sets of
+  LM calls (``"<prompt>#<k>"``, the k-th call of that prompt in the sample's run):
+  :attr:`Program.must`, the calls of the **real dataflow** (the calls whose output
+  actually reached that output, tracked as the program computes it), each of which
+  must get feedback about that output (when it fails); and :attr:`Program.may`,
+  ``must`` plus the calls the tracers' documented **value rules** may add where
+  texts collide; nothing else may get it. (:attr:`Program.paths` and
+  :attr:`Program.allowed` are the prompts of these calls.)
+
+  LangChain: each batch item's graph comes from its own run; an LM call links to the
+  Parameters of the prompt that produced its messages and to the upstream outputs
+  feeding the template's ``input_variables`` only (an unused branch gets nothing); a
+  failed attempt of ``with_retry``/``with_fallbacks`` produced nothing that reached
+  the output, so its LM call gets nothing; a non-LM step (a lambda, ``pick``) passes
+  feedback to the inputs it computes its output from, and, by the contract's text
+  rule (feedback goes to the inputs whose text occurs in the output), *may* also
+  pass it to an unused input whose text collides with its output.
+
+  DSPy (links by value): a predictor input or program output equal to the output of
+  several predictions may be linked to all of them, and one composed of several
+  predictions' outputs to each, but only among the predictions **visible** to the
+  call: those that ended before it started and are not concurrent siblings (members
+  of one ``dspy.Parallel`` block, or calls gathered together, never see each other).
+  The generator provokes such collisions (programs whose predictors all answer
+  ``neutral``), so over-linking to a prediction that cannot have contributed is
+  caught, and so is a tracer that misses the real producer.
 * :class:`TracingBench` runs it under **uneven per-request latency** (the simulator
   delays the requests of one chosen sample, or of one chosen prompt, by a few
   milliseconds; see :meth:`~afnio.testing.Simulator.delay_when`), evaluates every
   output against its target with ``exact_match_evaluator``, calls ``backward()`` and
-  checks every Parameter's gradient (:class:`Outcome`): each failing sample's path
-  got feedback about that sample, and feedback about sample *i* landed only on
-  prompts on sample *i*'s path (for the output it is about), nowhere else.
+  checks every Parameter's gradient (:class:`Outcome`): each failing sample's
+  ``must`` calls got feedback about that sample, as many backward requests per
+  prompt and sample as there are such calls and no more than its ``may`` calls,
+  and feedback about sample *i* landed only on prompts allowed for the output it is
+  about, nowhere else.
 
 How feedback is attributed: every ChatCompletion backward request the simulator
 receives shows the recorded conversation of one LM call, the feedback on its output
@@ -49,6 +67,11 @@ which identify the run the LM call came from; the Variables' texts hold the prom
 markers. The simulator's answers to these requests (recomputed with
 :func:`afnio.testing.world.chat_backward_gradients`) must be exactly the gradients
 the Parameters hold.
+
+Not generated by default: a ``RunnableBranch`` whose condition is itself a chain
+with an LM call (whether that call gets feedback is a tracer decision):
+``generate(seed, lm_conditions="none" | "may" | "must")`` (or ``--lm-conditions``)
+adds it with that ground truth for the condition's call.
 
 Example (a seed replays a program exactly)::
 
@@ -70,6 +93,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import os
 import random
 import re
@@ -80,6 +104,7 @@ import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -88,6 +113,7 @@ from afnio.testing.simulator import SIMULATOR_MODEL, Simulator
 
 __all__ = [
     "LANGCHAIN_MODES",
+    "LM_CONDITIONS",
     "DSPY_MODES",
     "Outcome",
     "Program",
@@ -101,7 +127,14 @@ __all__ = [
 ]
 
 LANGCHAIN_MODES = ("batch", "abatch", "invoke", "ainvoke", "stream", "astream")
-"""How a generated chain is called (``batch`` and ``abatch`` weigh double)."""
+"""How a generated chain is called (``batch`` and ``abatch`` weigh double):
+``invoke`` and ``stream`` are called from one thread per sample at once, on one
+traced chain; ``ainvoke`` and ``astream`` are gathered on one event loop."""
+
+LM_CONDITIONS = ("none", "may", "must")
+"""What the ground truth says of the LM call of a ``RunnableBranch`` condition (a
+shape generated only on request, see :func:`generate`): it gets no feedback, it may,
+or it must."""
 
 DSPY_MODES = ("batch", "call", "acall")
 """How a generated DSPy program is called: ``TracedProgram.batch`` (threads), one
@@ -197,6 +230,13 @@ class _SampleDraft:
     first: str  # token of the first part
     second: str  # token of the second part
     labels: dict[str, tuple[str, str]] = field(default_factory=dict)  # prompt -> 2
+    calls: Counter[str] = field(default_factory=Counter)  # LM calls modelled so far
+
+    def call_id(self, prompt: str) -> str:
+        """A new LM call of ``prompt`` in this sample's run: ``"<prompt>#<k>"``."""
+        k = self.calls[prompt]
+        self.calls[prompt] += 1
+        return f"{prompt}#{k}"
 
     @property
     def message(self) -> str:
@@ -221,6 +261,15 @@ class _SampleDraft:
 # -- programs --------------------------------------------------------------------------
 
 
+def _prompt_of(call: str) -> str:
+    """The prompt of an LM call id (``"a#1"`` -> ``"a"``)."""
+    return call.split("#", 1)[0]
+
+
+def _prompts_of(calls: frozenset[str]) -> frozenset[str]:
+    return frozenset(_prompt_of(c) for c in calls)
+
+
 @dataclass
 class Program:
     """A generated program, its inputs and its ground truth.
@@ -235,17 +284,19 @@ class Program:
             one for its instructions).
         samples: the inputs, with their targets and expected outputs.
         outputs: the names of the outputs (``"out"`` for a chain).
-        paths: for each sample, for each output, the prompts on that output's path:
-            each must get feedback about that output (when it fails).
-        allowed: for each sample, for each output, the prompts that may get its
-            feedback: ``paths`` plus, for a LangChain non-LM step (a lambda,
-            ``pick``) whose unused input's text collides with its output, that
-            input's prompts (the contract's text rule allows it). ``paths`` when
-            not given.
+        must: for each sample, for each output, the LM calls of its real dataflow
+            (``"<prompt>#<k>"``): each must get feedback about that output (when it
+            fails).
+        may: for each sample, for each output, the LM calls that may get its
+            feedback: ``must`` plus those the contract's value rules may link where
+            texts collide (see the module docstring). ``must`` when not given.
         delays: the simulator's per-request delays: ``(what, seconds, predicate)``.
         select: the ``select`` argument of the LangChain ``trace``.
         string_inputs: whether a chain takes each message as a plain string (else
             ``{"message": ...}``; a DSPy program always takes ``message=...``).
+        lm_conditions: the ``lm_conditions`` option it was generated with.
+        paths: the prompts of the ``must`` calls (computed).
+        allowed: the prompts of the ``may`` calls (computed).
     """
 
     seed: int
@@ -255,21 +306,48 @@ class Program:
     prompts: dict[str, tuple[str, ...]]
     samples: list[Sample]
     outputs: tuple[str, ...]
-    paths: list[dict[str, frozenset[str]]]
+    must: list[dict[str, frozenset[str]]]
     delays: list[tuple[str, float, Callable[[Mapping[str, Any]], bool]]]
-    allowed: list[dict[str, frozenset[str]]] | None = None
+    may: list[dict[str, frozenset[str]]] | None = None
     select: str = "system"
     string_inputs: bool = False
+    lm_conditions: str | None = None
     build: Callable[[TracingBench], Any] | None = field(repr=False, default=None)
+    paths: list[dict[str, frozenset[str]]] = field(init=False, repr=False)
+    allowed: list[dict[str, frozenset[str]]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.allowed is None:
-            self.allowed = self.paths
+        if self.may is None:
+            self.may = self.must
+        for must, may in zip(self.must, self.may, strict=True):
+            for o, calls in must.items():
+                if not calls <= may[o]:
+                    raise ValueError(
+                        f"seed {self.seed}: output {o}'s must calls {sorted(calls)} "
+                        f"are not all among its may calls {sorted(may[o])}"
+                    )
+        self.paths = [{o: _prompts_of(c) for o, c in row.items()} for row in self.must]
+        self.allowed = [{o: _prompts_of(c) for o, c in row.items()} for row in self.may]
 
     def may_reach(self, sample: int, output: str) -> frozenset[str]:
         """The prompts that may get feedback about ``output`` of ``sample``."""
-        assert self.allowed is not None
         return self.allowed[sample][output]
+
+    def call_bounds(self, sample: int) -> dict[str, tuple[int, int]]:
+        """For each prompt, the fewest and most of its LM calls in ``sample``'s run
+        that get feedback about the sample: its ``must`` and its ``may`` calls over
+        the failing outputs."""
+        assert self.may is not None
+        failing = [o for o in self.outputs if self.samples[sample].failing(o)]
+        must = set().union(*(self.must[sample][o] for o in failing))
+        may = set().union(*(self.may[sample][o] for o in failing))
+        return {
+            name: (
+                sum(_prompt_of(c) == name for c in must),
+                sum(_prompt_of(c) == name for c in may),
+            )
+            for name in self.prompts
+        }
 
     def inputs(self) -> list[Any]:
         """The inputs of the samples, as the program takes them."""
@@ -278,7 +356,9 @@ class Program:
         return [{"message": s.message} for s in self.samples]
 
     def describe(self) -> str:
-        """The program in words: shape, mode, inputs, delays and ground truth."""
+        """The program in words: shape, mode, inputs, delays and ground truth (the
+        LM calls of each output's dataflow, and those it may also reach)."""
+        assert self.may is not None
         lines = [
             f"seed {self.seed}: {self.framework} program, mode {self.mode}"
             + (f", select={self.select!r}" if self.framework == "langchain" else ""),
@@ -288,15 +368,11 @@ class Program:
             "  delays: "
             + (", ".join(f"{what} +{s * 1000:.0f} ms" for what, s, _ in self.delays)),
         ]
-        for sample, paths in zip(self.samples, self.paths, strict=True):
+        for sample, must, may in zip(self.samples, self.must, self.may, strict=True):
             outs = "; ".join(
                 f"{o}: expected {sample.expected[o]!r}, target "
-                f"{sample.targets[o]!r}, path {_names(paths[o])}"
-                + (
-                    f" (may reach {_names(may)})"
-                    if (may := self.may_reach(sample.index, o)) != paths[o]
-                    else ""
-                )
+                f"{sample.targets[o]!r}, path {_names(must[o])}"
+                + (f" (may reach {_names(may[o])})" if may[o] != must[o] else "")
                 + ("" if sample.failing(o) else " (passes)")
                 for o in self.outputs
             )
@@ -308,14 +384,26 @@ def _names(names: frozenset[str] | set[str]) -> str:
     return "{" + ", ".join(sorted(names)) + "}"
 
 
-def generate(seed: int, framework: str | None = None) -> Program:
+def generate(
+    seed: int, framework: str | None = None, lm_conditions: str | None = None
+) -> Program:
     """The program of ``seed``: an LCEL chain for an even seed, a DSPy program for an
     odd one (unless ``framework`` is ``"langchain"`` or ``"dspy"``). Deterministic:
-    the same seed always gives the same program."""
+    the same seed always gives the same program.
+
+    ``lm_conditions`` (one of :data:`LM_CONDITIONS`) also generates
+    ``RunnableBranch`` conditions that are chains with an LM call, that call's
+    feedback being none, may or must in the ground truth; ``None`` (the default)
+    never generates them, and leaves every program as it is without the option."""
     if framework is None:
         framework = "langchain" if seed % 2 == 0 else "dspy"
+    if lm_conditions is not None and lm_conditions not in LM_CONDITIONS:
+        raise ValueError(
+            f"lm_conditions must be one of {LM_CONDITIONS} or None, got "
+            f"{lm_conditions!r}"
+        )
     if framework == "langchain":
-        return generate_langchain(seed)
+        return generate_langchain(seed, lm_conditions)
     if framework == "dspy":
         return generate_dspy(seed)
     raise ValueError(f"framework must be 'langchain' or 'dspy', got {framework!r}")
@@ -405,9 +493,9 @@ def _finish(
 
 
 class Value(NamedTuple):
-    """A text and the prompts on its path: those that must get its feedback (its
-    dataflow) and those that may (``must`` plus what the contract's value-based
-    rules may add when texts collide)."""
+    """A text and the LM calls on its path (``"<prompt>#<k>"``): those that must get
+    its feedback (its real dataflow) and those that may (``must`` plus what the
+    contract's value-based rules may add when texts collide)."""
 
     text: str
     must: frozenset[str] = frozenset()
@@ -421,7 +509,7 @@ def _input(text: str) -> Value:
 
 def _step(inputs: Sequence[Value], used: Sequence[Value], output: str) -> Value:
     """A non-LM step (a lambda, ``pick``) computing ``output`` from ``used`` among
-    its ``inputs``: its feedback must reach the prompts of ``used``; by the contract
+    its ``inputs``: its feedback must reach the calls of ``used``; by the contract
     (feedback goes to the inputs whose text occurs in the output, else to all of
     them) it may also reach those of an unused input whose text occurs in the output
     (a collision), compared case-insensitively to allow either reading."""
@@ -437,11 +525,18 @@ def _step(inputs: Sequence[Value], used: Sequence[Value], output: str) -> Value:
 @dataclass
 class _Build:
     """What the stages need to build a chain: the bench's chat model and a per-run
-    memory for the gates of ``with_retry``."""
+    memory for the gates of ``with_retry`` (which attempts were made)."""
 
     llm: Any
-    seen: set[str] = field(default_factory=set)
+    seen: set[tuple[int, str]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def first_attempt(self, gate: int, message: str) -> bool:
+        """Whether this is the first time ``gate`` sees ``message`` (noted)."""
+        with self.lock:
+            first = (gate, message) not in self.seen
+            self.seen.add((gate, message))
+        return first
 
 
 class _Stage:
@@ -463,7 +558,9 @@ class _Stage:
 
 @dataclass
 class _Unit(_Stage):
-    """``ChatPromptTemplate | chat model | StrOutputParser``: one LM call."""
+    """``ChatPromptTemplate | chat model | StrOutputParser``: one LM call (without
+    the parser, ``parse=False``, the chain's last step: its output is the chat
+    model's message)."""
 
     name: str
     marker: str
@@ -471,6 +568,7 @@ class _Unit(_Stage):
     human_marker: str | None = None
     distinct: bool = True
     bind: bool = False
+    parse: bool = True
     system: str = ""  # set once the samples are known
 
     def human(self) -> str:
@@ -485,9 +583,10 @@ class _Unit(_Stage):
             [("system", self.system), ("human", self.human())]
         )
         llm = ctx.llm.bind(stop=["ZZZZ"]) if self.bind else ctx.llm
-        return prompt | llm | StrOutputParser()
+        return prompt | llm | StrOutputParser() if self.parse else prompt | llm
 
-    def model(self, inp: Mapping[str, Value], sample: _SampleDraft) -> Value:
+    def answer(self, inp: Mapping[str, Value]) -> str:
+        """What the simulator answers this prompt for these inputs."""
         human = self.human().format(**{v: inp[v].text for v in self.variables})
         request = world.SimRequest.from_messages(
             [
@@ -495,17 +594,22 @@ class _Unit(_Stage):
                 {"role": "user", "content": human},
             ]
         )
+        return world.respond(request)
+
+    def model(self, inp: Mapping[str, Value], sample: _SampleDraft) -> Value:
+        call = frozenset({sample.call_id(self.name)})
         used = [inp[v] for v in self.variables]
         return Value(
-            world.respond(request),
-            frozenset({self.name}).union(*(v.must for v in used)),
-            frozenset({self.name}).union(*(v.may for v in used)),
+            self.answer(inp),
+            call.union(*(v.must for v in used)),
+            call.union(*(v.may for v in used)),
         )
 
     def describe(self) -> str:
         extra = "" if self.distinct else ", answers neutral"
         bound = ", llm.bind" if self.bind else ""
-        return f"{self.name}({', '.join(self.variables)}{bound}{extra})"
+        raw = ", message output" if not self.parse else ""
+        return f"{self.name}({', '.join(self.variables)}{bound}{raw}{extra})"
 
     def units(self) -> Iterator[_Unit]:
         yield self
@@ -518,16 +622,34 @@ def _word_in(words: frozenset[str]) -> Callable[[Any], bool]:
     return condition
 
 
+def _answer_in(labels: frozenset[str]) -> Callable[[str], bool]:
+    def condition(answer: str) -> bool:
+        return answer in labels
+
+    return condition
+
+
 @dataclass
 class _Route(_Stage):
     """``RunnableBranch`` or ``RouterRunnable``: each sample takes the option whose
-    words its message holds (else the last option)."""
+    words its message holds (else the last option). With ``condition`` (a branch,
+    on request: see :func:`generate`), the first option's condition is a chain with
+    an LM call instead: the first option is taken when its answer is one of
+    ``labels`` (the answers it gives to the messages holding the option's words);
+    ``feedback`` says whether that call must, may or must not get feedback."""
 
     kind: str  # "branch" or "router"
     options: list[tuple[frozenset[str], _Stage]]  # the last one is the default
+    condition: _Unit | None = None
+    feedback: str = "none"
+    labels: frozenset[str] = frozenset()  # set once the samples are known
 
-    def _choose(self, message: str) -> int:
+    def _choose(self, message: str, first: bool | None = None) -> int:
         for k, (words, _) in enumerate(self.options[:-1]):
+            if k == 0 and first is not None:
+                if first:
+                    return 0
+                continue
             if any(_occurs(w, message) for w in words):
                 return k
         return len(self.options) - 1
@@ -541,10 +663,15 @@ class _Route(_Stage):
 
         built = [stage.build(ctx) for _, stage in self.options]
         if self.kind == "branch":
-            pairs = [
+            pairs: list[tuple[Any, Any]] = [
                 (_word_in(words), r)
                 for (words, _), r in zip(self.options[:-1], built[:-1], strict=True)
             ]
+            if self.condition is not None:
+                asks = self.condition.build(ctx) | RunnableLambda(
+                    _answer_in(self.labels)
+                )
+                pairs[0] = (asks, pairs[0][1])
             return RunnableBranch(*pairs, built[-1])
         choose = self._choose
 
@@ -555,17 +682,32 @@ class _Route(_Stage):
         return RunnableLambda(route) | RouterRunnable(runnables)
 
     def model(self, inp: Mapping[str, Value], sample: _SampleDraft) -> Value:
-        return self.options[self._choose(inp["message"].text)][1].model(inp, sample)
+        if self.condition is None:
+            return self.options[self._choose(inp["message"].text)][1].model(inp, sample)
+        asked = self.condition.model(inp, sample)
+        chosen = self._choose(inp["message"].text, asked.text in self.labels)
+        value = self.options[chosen][1].model(inp, sample)
+        if self.feedback == "none":
+            return value
+        must = value.must | (asked.must if self.feedback == "must" else frozenset())
+        return Value(value.text, must, value.may | asked.may)
 
     def describe(self) -> str:
         opts = [
             f"{'/'.join(sorted(words))} -> {stage.describe()}"
             for words, stage in self.options[:-1]
         ]
+        if self.condition is not None:
+            opts[0] = (
+                f"lm condition {self.condition.describe()} (feedback "
+                f"{self.feedback}) -> {self.options[0][1].describe()}"
+            )
         opts.append(f"else -> {self.options[-1][1].describe()}")
         return f"{self.kind}[{'; '.join(opts)}]"
 
     def units(self) -> Iterator[_Unit]:
+        if self.condition is not None:
+            yield self.condition
         for _, stage in self.options:
             yield from stage.units()
 
@@ -587,48 +729,63 @@ def _transform(kind: str) -> Callable[[str], str]:
 @dataclass
 class _Wrap(_Stage):
     """A composite around a stage: ``with_config``, ``with_retry`` (the first
-    attempt of chosen samples fails before any LM call), ``with_fallbacks`` (the
-    primary fails before any LM call for chosen samples), a lambda or a nested
-    lambda calling it, or an ``@chain`` function calling it."""
+    attempt of chosen samples fails), ``with_fallbacks`` (the primary fails for
+    chosen samples), a lambda or a nested lambda calling it, or an ``@chain``
+    function calling it. A failing attempt fails before its LM call, or, with
+    ``after``, after it (``assign(out=inner) | gate``): that call produced nothing
+    that reached the output, so it must get no feedback."""
 
     kind: str  # config, retry, fallbacks, lambda, nested, chain
     inner: _Stage
     fail_words: frozenset[str] = frozenset()
     fallback: _Stage | None = None
+    after: bool = False
 
-    def build(self, ctx: _Build) -> Any:
-        from langchain_core.runnables import RunnableLambda, chain
+    def _primary(self, ctx: _Build, fails: Callable[[str], bool]) -> Any:
+        """The inner stage behind a gate that raises when ``fails(message)``: before
+        the inner stage, or after it (``after``)."""
+        from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
         inner = self.inner.build(ctx)
-        if self.kind == "config":
-            return inner.with_config(run_name="configured", tags=["afnio-generated"])
+        if self.after:
+
+            def gate_after(inp: dict[str, Any]) -> str:
+                if fails(inp["message"]):
+                    raise RuntimeError("fails after its LM call (generated)")
+                return inp["out"]
+
+            return RunnablePassthrough.assign(out=inner) | RunnableLambda(gate_after)
+
+        def gate(inp: dict[str, Any]) -> dict[str, Any]:
+            if fails(inp["message"]):
+                raise ValueError("fails before its LM call (generated)")
+            return inp
+
+        return RunnableLambda(gate) | inner
+
+    def build(self, ctx: _Build) -> Any:
+        from langchain_core.runnables import chain
+
+        words = self.fail_words
+
+        def chosen(message: str) -> bool:
+            return any(_occurs(w, message) for w in words)
+
         if self.kind == "retry":
-            words = self.fail_words
+            me = id(self)
 
-            def flaky(inp: dict[str, Any]) -> dict[str, Any]:
-                key = inp["message"]
-                with ctx.lock:
-                    first = key not in ctx.seen
-                    ctx.seen.add(key)
-                if first and any(_occurs(w, key) for w in words):
-                    raise RuntimeError("a transient failure (generated)")
-                return inp
+            def once(message: str) -> bool:
+                return ctx.first_attempt(me, message) and chosen(message)
 
-            return (RunnableLambda(flaky) | inner).with_retry(
+            return self._primary(ctx, once).with_retry(
                 stop_after_attempt=2, wait_exponential_jitter=False
             )
         if self.kind == "fallbacks":
             assert self.fallback is not None
-            words = self.fail_words
-
-            def gate(inp: dict[str, Any]) -> dict[str, Any]:
-                if any(_occurs(w, inp["message"]) for w in words):
-                    raise ValueError("the primary refuses this input (generated)")
-                return inp
-
-            return (RunnableLambda(gate) | inner).with_fallbacks(
-                [self.fallback.build(ctx)]
-            )
+            return self._primary(ctx, chosen).with_fallbacks([self.fallback.build(ctx)])
+        inner = self.inner.build(ctx)
+        if self.kind == "config":
+            return inner.with_config(run_name="configured", tags=["afnio-generated"])
         if self.kind == "lambda":
             return _calling_lambda(inner)
         if self.kind == "nested":
@@ -646,19 +803,24 @@ class _Wrap(_Stage):
         ):
             assert self.fallback is not None
             return self.fallback.model(inp, sample)
-        return self.inner.model(inp, sample)
+        value = self.inner.model(inp, sample)  # the attempt that succeeded
+        if self.after and self.kind in ("retry", "fallbacks"):  # through the gate
+            return _step([inp["message"], value], [value], value.text)
+        return value
 
     def describe(self) -> str:
+        when = "after" if self.after else "before"
+        words = "/".join(sorted(self.fail_words)) or "none"
         if self.kind == "fallbacks":
             assert self.fallback is not None
             return (
                 f"{self.inner.describe()}.with_fallbacks([{self.fallback.describe()}])"
-                f" failing for {'/'.join(sorted(self.fail_words)) or 'none'}"
+                f" failing {when} its LM call for {words}"
             )
         if self.kind == "retry":
             return (
-                f"{self.inner.describe()}.with_retry() failing once for "
-                f"{'/'.join(sorted(self.fail_words)) or 'none'}"
+                f"{self.inner.describe()}.with_retry() failing once {when} its LM "
+                f"call for {words}"
             )
         return f"{self.kind}({self.inner.describe()})"
 
@@ -714,13 +876,14 @@ class _Each(_Stage):
 class _Fan(_Stage):
     """Parallel branches (``RunnableParallel`` with the message passed along, or
     ``RunnablePassthrough.assign``), each optionally transformed by a lambda, then a
-    merge: an LM call whose template uses some of them, ``pick`` of one, or a lambda
-    joining some of them."""
+    merge: an LM call whose template uses some of them, ``pick`` of one, a lambda
+    joining some of them, or none (``"dict"``, the chain's last step: its output is
+    the dict of every branch and the message)."""
 
     branches: dict[str, _Stage]
     transforms: dict[str, str]  # branch -> "upper" | "wrap"
     how: str  # "parallel" or "assign"
-    merge: str  # "unit", "pick" or "join"
+    merge: str  # "unit", "pick", "join" or "dict"
     merge_unit: _Unit | None = None
     used: tuple[str, ...] = ()  # for pick (one) and join
 
@@ -745,6 +908,8 @@ class _Fan(_Stage):
                 return inp["message"]
 
             fan = RunnableParallel(**steps, message=RunnableLambda(message))
+        if self.merge == "dict":
+            return fan
         if self.merge == "pick":
             return fan.pick(self.used[0])
         if self.merge == "join":
@@ -769,6 +934,11 @@ class _Fan(_Stage):
         if self.merge == "unit":
             assert self.merge_unit is not None
             return self.merge_unit.model(env, sample)
+        if self.merge == "dict":  # as afnio shows a dict: JSON, sorted keys
+            text = json.dumps(
+                {k: v.text for k, v in env.items()}, sort_keys=True, ensure_ascii=False
+            )
+            return _step(list(env.values()), list(env.values()), text)
         used = [env[k] for k in self.used]
         text = (
             used[0].text if self.merge == "pick" else " + ".join(v.text for v in used)
@@ -784,10 +954,12 @@ class _Fan(_Stage):
         head = "assign" if self.how == "assign" else "parallel"
         if self.merge == "unit":
             assert self.merge_unit is not None
-            tail = f"merge {self.merge_unit.describe()}"
+            tail = f" | merge {self.merge_unit.describe()}"
+        elif self.merge == "dict":
+            tail = " (dict output)"
         else:
-            tail = f"{self.merge}({', '.join(self.used)})"
-        return f"{head}({branches}, message) | {tail}"
+            tail = f" | {self.merge}({', '.join(self.used)})"
+        return f"{head}({branches}, message){tail}"
 
     def units(self) -> Iterator[_Unit]:
         for stage in self.branches.values():
@@ -805,13 +977,21 @@ class _LcelGenerator:
 
     MAX_PROMPTS = 6
 
-    def __init__(self, rng: random.Random, tokens: _Tokens, streaming: bool) -> None:
+    def __init__(
+        self,
+        rng: random.Random,
+        tokens: _Tokens,
+        streaming: bool,
+        lm_conditions: str | None = None,
+    ) -> None:
         self.rng = rng
         self.tokens = tokens
         self.streaming = streaming  # with_retry does not retry a stream
+        self.lm_conditions = lm_conditions
         self.count = 0
         self.collide = rng.random() < 0.25  # every LM call answers "neutral"
         self.bind_some = rng.random() < 0.2
+        self.routes: list[_Route] = []  # those with an LM condition
 
     def left(self) -> int:
         return self.MAX_PROMPTS - self.count
@@ -840,7 +1020,17 @@ class _LcelGenerator:
             n = min(budget, rng.choice((2, 2, 3)))
             options = [(self.words(words), self.unit()) for _ in range(n)]
             options[-1] = (frozenset(), options[-1][1])
-            return _Route(rng.choice(("branch", "router")), list(options))
+            route = _Route(rng.choice(("branch", "router")), list(options))
+            if (
+                self.lm_conditions is not None
+                and route.kind == "branch"
+                and self.left() > reserve
+                and rng.random() < 0.6
+            ):
+                route.condition = self.unit()
+                route.feedback = self.lm_conditions
+                self.routes.append(route)
+            return route
         if roll < 0.45:
             kinds = ["config", "retry", "lambda", "nested", "chain"]
             if budget >= 2:
@@ -851,14 +1041,18 @@ class _LcelGenerator:
             fail = frozenset()
             if kind == "fallbacks" or (kind == "retry" and not self.streaming):
                 fail = self.words(words)
-            return _Wrap(kind, inner, fail, fallback)
+            after = kind in ("retry", "fallbacks") and rng.random() < 0.5
+            return _Wrap(kind, inner, fail, fallback, after)
         if roll < 0.55:
             return _Each(self.unit())
         return self.unit()
 
-    def fan(self, words: Sequence[str], reserve: int = 0) -> _Fan:
+    def fan(self, words: Sequence[str], reserve: int = 0, top: bool = False) -> _Fan:
+        """Parallel branches and a merge; at the top of the chain (``top``) the
+        merge may be none (the chain's output is a dict)."""
         rng = self.rng
-        merge = rng.choice(("unit", "unit", "unit", "pick", "join"))
+        merges = ("unit", "unit", "unit", "pick", "join") + (("dict",) if top else ())
+        merge = rng.choice(merges)
         need = 1 if merge == "unit" else 0
         n = max(1, min(self.left() - reserve - need, rng.choice((1, 2, 2, 3))))
         branches: dict[str, _Stage] = {}
@@ -870,6 +1064,8 @@ class _LcelGenerator:
         keys = list(branches)
         if merge == "pick":
             used: tuple[str, ...] = (rng.choice(keys),)
+        elif merge == "dict":
+            used = tuple(keys)
         else:
             used = tuple(k for k in keys if rng.random() < 0.6) or (rng.choice(keys),)
         merge_unit = None
@@ -884,7 +1080,7 @@ class _LcelGenerator:
         if roll < 0.3:
             return self.leaf(words)
         if roll < 0.85:
-            return self.fan(words)
+            return self.fan(words, top=True)
         first = self.fan(words, 1) if self.rng.random() < 0.5 else self.leaf(words, 2)
         second = self.leaf(words) if isinstance(first, _Fan) else self.fan(words)
         return _Route(
@@ -917,15 +1113,31 @@ def _drafts(
     return drafts
 
 
-def generate_langchain(seed: int) -> Program:
-    """A random LCEL program (see the module docstring), by seed."""
+def _last_unit(body: _Stage) -> _Unit | None:
+    """The LM call that makes the chain's output, when one does directly (the chain
+    may then end in the chat model, without a parser)."""
+    if isinstance(body, _Unit):
+        return body
+    if isinstance(body, _Fan) and body.merge == "unit":
+        return body.merge_unit
+    return None
+
+
+def generate_langchain(seed: int, lm_conditions: str | None = None) -> Program:
+    """A random LCEL program (see the module docstring), by seed (``lm_conditions``:
+    see :func:`generate`)."""
     rng = random.Random(seed)
     tokens = _Tokens(rng)
     mode = rng.choice((*LANGCHAIN_MODES, "batch", "abatch"))
-    gen = _LcelGenerator(rng, tokens, streaming=mode in ("stream", "astream"))
+    gen = _LcelGenerator(rng, tokens, mode in ("stream", "astream"), lm_conditions)
     words = rng.sample(_LEXICON, rng.randint(2, 4))
     body = gen.body(words)
     final = rng.choice((None, None, None, "upper", "wrap"))
+    if isinstance(body, _Fan) and body.merge == "dict":
+        final = None  # the output is a dict
+    last = _last_unit(body)
+    if final is None and last is not None and rng.random() < 0.3:
+        last.parse = False  # the output is the chat model's message
     units = list(body.units())
     select = "all" if rng.random() < 0.2 else "system"
     if select == "all":
@@ -936,6 +1148,13 @@ def generate_langchain(seed: int) -> Program:
         rules = [_rule(k, v) for d in drafts for k, v in d.keys(unit.name)]
         head = f"[{unit.marker}] Label the note."
         unit.system = " ".join([head, *rules]) if unit.distinct else head
+    for route in gen.routes:  # what the LM condition answers for the first option
+        assert route.condition is not None
+        route.labels = frozenset(
+            route.condition.answer({"message": _input(d.message)})
+            for d in drafts
+            if any(_occurs(w, d.message) for w in route.options[0][0])
+        )
     adapter = None
     if rng.random() < 0.65:  # a plain string input
         # a sequence at the root batches step by step (its runs end in input
@@ -946,14 +1165,14 @@ def generate_langchain(seed: int) -> Program:
         adapter = rng.choice(choices)
 
     expected: list[dict[str, str]] = []
-    paths: list[dict[str, frozenset[str]]] = []
-    allowed: list[dict[str, frozenset[str]]] = []
+    must: list[dict[str, frozenset[str]]] = []
+    may: list[dict[str, frozenset[str]]] = []
     for draft in drafts:
         value = body.model({"message": _input(draft.message)}, draft)
         text = value.text if final is None else _transform(final)(value.text)
         expected.append({"out": text})
-        paths.append({"out": value.must})
-        allowed.append({"out": value.may})
+        must.append({"out": value.must})
+        may.append({"out": value.may})
     samples = _finish(rng, tokens, drafts, ("out",), expected)
     delays = _sample_delays(rng, drafts, {u.name: u.marker for u in units})
 
@@ -989,11 +1208,12 @@ def generate_langchain(seed: int) -> Program:
         prompts=prompts,
         samples=samples,
         outputs=("out",),
-        paths=paths,
-        allowed=allowed,
+        must=must,
+        may=may,
         delays=delays,
         select=select,
         string_inputs=adapter is not None,
+        lm_conditions=lm_conditions,
         build=build,
     )
 
@@ -1024,8 +1244,9 @@ class _Predictor:
         )
         return dspy.ChainOfThought(signature) if self.cot else dspy.Predict(signature)
 
-    def model(self, values: Mapping[str, str]) -> str:
-        """What the simulator answers for these input values."""
+    def fields(self, values: Mapping[str, str]) -> dict[str, str]:
+        """What the simulator answers for these input values: every output field
+        (``reasoning`` first for a ChainOfThought, then ``sentiment``)."""
         outputs = (world.DSPyField("reasoning", "str"),) if self.cot else ()
         prompt = world.DSPyPrompt(
             inputs=tuple(world.DSPyField(n, "str") for n in self.inputs),
@@ -1034,7 +1255,7 @@ class _Predictor:
             values=dict(values),
             json_answer=False,
         )
-        return str(world.dspy_values(prompt)[_FIELD])
+        return {k: str(v) for k, v in world.dspy_values(prompt).items()}
 
     def describe(self) -> str:
         kind = "ChainOfThought" if self.cot else "Predict"
@@ -1093,13 +1314,19 @@ class _Loop:
 
 @dataclass(frozen=True)
 class _Par:
-    """Calls run concurrently (``dspy.Parallel``, or ``asyncio.gather`` in
-    ``aforward``)."""
+    """Calls run concurrently: ``dspy.Parallel`` on ``threads`` threads (0: one per
+    call; fewer make a later member start on the thread an earlier one freed), or
+    ``asyncio.gather`` in ``aforward``. A member may take an earlier step's
+    prediction, never a fellow member's."""
 
     calls: tuple[_Call, ...]
+    threads: int = 0
 
     def describe(self) -> str:
-        return f"parallel[{'; '.join(c.describe() for c in self.calls)}]"
+        on = f" on {self.threads} thread{'s' if self.threads > 1 else ''}"
+        return f"parallel[{'; '.join(c.describe() for c in self.calls)}]" + (
+            on if self.threads else ""
+        )
 
 
 _Step = _Call | _If | _Loop | _Par
@@ -1112,6 +1339,14 @@ def _env(message: str) -> dict[str, str]:
 
 def _output_text(env: Mapping[str, str], sources: tuple[str, ...]) -> str:
     return " + ".join(env[v] for v in sources)
+
+
+_PARALLEL_LOCK = threading.Lock()
+"""Held around each ``dspy.Parallel`` call of a generated program: DSPy 3.4's
+``ParallelExecutor.execute`` clears tqdm's instance set without tqdm's lock, so two
+``dspy.Parallel`` calls at once (samples of a batch, on their threads) can fail with
+a ``KeyError`` in tqdm. The samples' blocks run one at a time; within a block the
+members are as concurrent as ``num_threads`` lets them be."""
 
 
 @functools.cache
@@ -1166,11 +1401,12 @@ def _module_class() -> type:
                         for c in step.calls
                     ]
                     parallel = dspy.Parallel(
-                        num_threads=len(pairs), disable_progress_bar=True
+                        num_threads=step.threads or len(pairs),
+                        disable_progress_bar=True,
                     )
-                    for call, prediction in zip(
-                        step.calls, parallel(pairs), strict=True
-                    ):
+                    with _PARALLEL_LOCK:
+                        predictions = parallel(pairs)
+                    for call, prediction in zip(step.calls, predictions, strict=True):
                         env[call.out] = str(prediction[_FIELD])
             return self._result(env)
 
@@ -1196,53 +1432,107 @@ def _module_class() -> type:
     return GeneratedProgram
 
 
+@dataclass(frozen=True)
+class _Made:
+    """A prediction of the DSPy model: the texts of its output fields and the LM
+    calls its feedback may reach (it, and upstream of it)."""
+
+    texts: tuple[str, ...]
+    may: frozenset[str]
+
+
+def _whole_word(piece: str) -> str:
+    """The pattern of ``piece`` as a whole (not inside a longer word), as the DSPy
+    tracer looks for it."""
+    return rf"(?<!\w){re.escape(piece)}(?!\w)"
+
+
+def _value_links(text: str, visible: Sequence[_Made], whole: bool) -> list[_Made]:
+    """The predictions among ``visible`` that the DSPy contract may link ``text``
+    to: every one with a field equal to it, else every one with a field occurring in
+    it as a whole (with ``whole``, a predictor input, only when such fields make up
+    all of it: no letter left). Case-insensitive, so never fewer than the tracer."""
+    equal = [m for m in visible if text in m.texts]
+    if equal:
+        return equal
+    pieces = {
+        t
+        for m in visible
+        for t in m.texts
+        if t.strip() and re.search(_whole_word(t), text, re.IGNORECASE)
+    }
+    if not pieces:
+        return []
+    if whole:
+        ordered = sorted(pieces, key=len, reverse=True)
+        rest = re.sub("|".join(map(_whole_word, ordered)), "", text, flags=re.I)
+        if re.search(r"[^\W\d_]", rest):
+            return []
+    return [m for m in visible if pieces.intersection(m.texts)]
+
+
 def _dspy_model(
     predictors: Mapping[str, _Predictor],
     steps: Sequence[_Step],
     outputs: Sequence[tuple[str, tuple[str, ...]]],
-    message: str,
-) -> tuple[dict[str, str], dict[str, frozenset[str]]]:
-    """Each output's text and path, by the contract: a predictor input (computed
-    upstream) or a program output equal to the output of several predictions links
-    to all of them (among those finished before the call started); an output
-    composed of several predictions' outputs links to each."""
-    env = _env(message)
-    made: list[tuple[str, frozenset[str]]] = []  # every prediction: text, path
+    draft: _SampleDraft,
+) -> tuple[dict[str, str], dict[str, frozenset[str]], dict[str, frozenset[str]]]:
+    """Each output's text, its real dataflow (``must``: the calls whose prediction
+    the program's code passed on to it, tracked as the program runs) and the calls
+    it may reach (``may``): ``must`` plus, at every predictor input and program
+    output, the predictions the contract may link by value (equal or composing),
+    among those **visible** there: a call sees the predictions of the steps before
+    its own and, in a loop, of the iterations before its own; members of one
+    ``dspy.Parallel`` block (or ``asyncio.gather``) never see each other; the
+    program's outputs see them all."""
+    env = {k: _input(v) for k, v in _env(draft.message).items()}
+    made: list[_Made] = []
 
-    def call(
-        c: _Call, visible: Sequence[tuple[str, frozenset[str]]]
-    ) -> tuple[str, frozenset[str]]:
-        values = {f: env[src] for f, src in c.args}
-        text = predictors[c.pred].model(values)
-        path = frozenset({c.pred})
-        for f, src in c.args:
-            if src not in _PROGRAM_INPUTS:
-                path = path.union(*(p for t, p in visible if t == values[f]))
-        return text, path
+    def call(c: _Call, visible: Sequence[_Made]) -> tuple[Value, _Made]:
+        args = [env[src] for _, src in c.args]
+        fields = predictors[c.pred].fields(
+            {f: v.text for (f, _), v in zip(c.args, args, strict=True)}
+        )
+        me = frozenset({draft.call_id(c.pred)})
+        must = me.union(*(v.must for v in args))
+        may = me.union(*(v.may for v in args))
+        for v in args:
+            may = may.union(*(m.may for m in _value_links(v.text, visible, True)))
+        return Value(fields[_FIELD], must, may), _Made(tuple(fields.values()), may)
 
     for step in steps:
         visible = list(made)
         if isinstance(step, _Call | _If):
-            c = step if isinstance(step, _Call) else step.chosen(message)
-            made.append(call(c, visible))
-            env[c.out] = made[-1][0]
+            c = step if isinstance(step, _Call) else step.chosen(draft.message)
+            value, prediction = call(c, visible)
+            made.append(prediction)
+            env[c.out] = value
         elif isinstance(step, _Loop):
-            results = [call(c, visible) for c in step.calls()]
-            made.extend(results)
-            env[step.out] = ", ".join(t for t, _ in results)
+            values: list[Value] = []
+            for c in step.calls():  # one after the other: each sees the earlier
+                value, prediction = call(c, visible)
+                visible.append(prediction)
+                made.append(prediction)
+                values.append(value)
+            env[step.out] = Value(
+                ", ".join(v.text for v in values),
+                frozenset().union(*(v.must for v in values)),
+                frozenset().union(*(v.may for v in values)),
+            )
         else:
             results = [call(c, visible) for c in step.calls]
-            made.extend(results)
-            for c, (text, _) in zip(step.calls, results, strict=True):
-                env[c.out] = text
-    texts, paths = {}, {}
+            for c, (value, prediction) in zip(step.calls, results, strict=True):
+                made.append(prediction)
+                env[c.out] = value
+    texts, must, may = {}, {}, {}
     for name, sources in outputs:
-        text = _output_text(env, sources)
-        equal = [p for t, p in made if t == text]
-        composed = [p for t, p in made if t.strip() and _occurs(t, text)]
+        values = [env[v] for v in sources]
+        text = " + ".join(v.text for v in values)
+        links = _value_links(text, made, False) or made  # else: the frontier
         texts[name] = text
-        paths[name] = frozenset().union(*(equal or composed))
-    return texts, paths
+        must[name] = frozenset().union(*(v.must for v in values))
+        may[name] = must[name].union(*(v.may for v in values), *(m.may for m in links))
+    return texts, must, may
 
 
 def generate_dspy(seed: int) -> Program:
@@ -1251,26 +1541,54 @@ def generate_dspy(seed: int) -> Program:
     tokens = _Tokens(rng)
     mode = rng.choice((*DSPY_MODES, "batch"))
     words = rng.sample(_LEXICON, rng.randint(2, 4))
-    collide = rng.random() < 0.3
+    kind = rng.choice(
+        ("single", "cond", "loop", "parallel", "two", "par_after", "par_twice")
+    )
+    # a block member taking an earlier prediction: collisions with its fellow
+    # members (which it must not be linked to) need equal answers
+    staging = kind in ("par_after", "par_twice")
+    collide = rng.random() < (0.6 if staging else 0.3)
     predictors: dict[str, _Predictor] = {}
 
-    def predictor(inputs: tuple[str, ...]) -> str:
+    def predictor(inputs: tuple[str, ...], distinct: bool = False) -> str:
         name = "abcd"[len(predictors)]
         predictors[name] = _Predictor(
             name,
             tokens.new("mk"),
             inputs,
             cot=rng.random() < 0.3,
-            distinct=not collide and rng.random() < 0.7,
+            distinct=distinct or (not collide and rng.random() < 0.7),
         )
         return name
 
     def on_message(out: str) -> _Call:
         return _Call(out, predictor(("message",)), (("message", "message"),))
 
-    kind = rng.choice(("single", "cond", "loop", "parallel", "two"))
+    def on_label(
+        out: str, source: str, pred: str | None = None, own: bool = False
+    ) -> _Call:
+        """A call taking ``source`` (a prediction) as its label, sometimes with the
+        message too. ``own``: a new predictor that answers each message its own
+        label (it takes the message; its output collides with no other)."""
+        if pred is None:
+            with_message = own or rng.random() < 0.3
+            pred = predictor(("label", "message") if with_message else ("label",), own)
+        args = (("label", source),)
+        if "message" in predictors[pred].inputs:
+            args += (("message", "message"),)
+        return _Call(out, pred, args)
+
+    def threads(n: int) -> int:
+        """``dspy.Parallel``'s threads for n calls: one per call (0) or fewer (then
+        a later member starts when an earlier one has ended), mostly fewer in a
+        block where a member takes an earlier prediction."""
+        fewer = list(range(1, n))
+        return rng.choice([0, *fewer, *fewer] if staging else [0, 0, *fewer])
+
     steps: list[_Step] = []
     produced: list[str] = []
+    outputs: list[tuple[str, tuple[str, ...]]] = []
+    staged = False  # whether a call already takes an earlier prediction
     if kind == "single":
         steps.append(on_message("x1"))
         produced = ["x1"]
@@ -1280,25 +1598,46 @@ def generate_dspy(seed: int) -> Program:
         produced = ["x1"]
     elif kind == "loop":
         steps.append(_Loop("x1", predictor(("note",)), "note"))
+        produced = ["x1"]
     elif kind == "parallel":
         n = rng.choice((2, 2, 3))
-        steps.append(_Par(tuple(on_message(f"x{k + 1}") for k in range(n))))
+        calls = tuple(on_message(f"x{k + 1}") for k in range(n))
+        steps.append(_Par(calls, threads(n)))
         produced = [f"x{k + 1}" for k in range(n)]
+    elif kind == "par_after":  # the repro of the visibility defect
+        steps.append(on_message("x1"))
+        members = [on_message(f"x{k + 2}") for k in range(rng.choice((1, 2, 2)))]
+        # its own answers: the output links to it alone, so an input link to a
+        # fellow member (equal to x1 when all answer neutral) shows
+        consumer = on_label("y", "x1", own=collide or rng.random() < 0.5)
+        at = len(members) if rng.random() < 0.75 else 0  # mostly last
+        members.insert(at, consumer)
+        steps.append(_Par(tuple(members), threads(len(members))))
+        produced = [c.out for c in members if c is not consumer]
+        staged = True
+        count = 2 if rng.random() < 0.3 else 1
+        outputs.append(("answer", ("y", *rng.sample(produced, count - 1))))
+    elif kind == "par_twice":  # a second block takes the first block's predictions
+        first = (on_message("x1"), on_message("x2"))
+        steps.append(_Par(first, threads(2)))
+        y1 = on_label("y1", "x1")
+        if rng.random() < 0.6:  # y2's own answers show a link to y1 (its sibling)
+            y2 = on_label("y2", "x2", own=True)
+            answer: tuple[str, ...] = ("y2",)
+        else:
+            y2 = on_label("y2", "x2", y1.pred if rng.random() < 0.5 else None)
+            answer = ("y1", "y2") if rng.random() < 0.4 else ("y1",)
+        steps.append(_Par((y1, y2), threads(2)))
+        produced = ["x1", "x2"]
+        staged = True
+        outputs.append(("answer", answer))
     else:
         steps += [on_message("x1"), on_message("x2")]
         produced = ["x1", "x2"]
-    outputs: list[tuple[str, tuple[str, ...]]] = []
-    if produced and rng.random() < 0.5:  # a second stage, fed by a prediction
-        source = rng.choice(produced)
-        inputs = ("label", "message") if rng.random() < 0.3 else ("label",)
-        args = (("label", source),) + (
-            (("message", "message"),) if len(inputs) > 1 else ()
-        )
-        steps.append(_Call("y", predictor(inputs), args))
+    if not staged and rng.random() < 0.5:  # a second stage, fed by a prediction
+        steps.append(on_label("y", rng.choice(produced)))
         outputs.append(("answer", ("y",)))
-    elif kind == "loop":
-        outputs.append(("answer", ("x1",)))
-    else:
+    elif not staged:
         count = 2 if len(produced) > 1 and rng.random() < 0.3 else 1
         outputs.append(("answer", tuple(rng.sample(produced, count))))
     rest = [v for v in produced if all(v not in src for _, src in outputs)]
@@ -1311,11 +1650,12 @@ def generate_dspy(seed: int) -> Program:
         head = f"[{p.marker}] Label the note."
         p.instructions = " ".join([head, *rules]) if p.distinct else head
     names = tuple(name for name, _ in outputs)
-    expected, paths = [], []
+    expected, must, may = [], [], []
     for draft in drafts:
-        texts, path = _dspy_model(predictors, steps, outputs, draft.message)
+        texts, calls, reach = _dspy_model(predictors, steps, outputs, draft)
         expected.append(texts)
-        paths.append(path)
+        must.append(calls)
+        may.append(reach)
     samples = _finish(rng, tokens, drafts, names, expected)
     delays = _sample_delays(
         rng, drafts, {p.name: p.marker for p in predictors.values()}
@@ -1340,7 +1680,8 @@ def generate_dspy(seed: int) -> Program:
         prompts={p.name: (p.marker,) for p in predictors.values()},
         samples=samples,
         outputs=names,
-        paths=paths,
+        must=must,
+        may=may,
         delays=delays,
         build=build,
     )
@@ -1377,6 +1718,8 @@ class Outcome:
         seed, framework = self.program.seed, self.program.framework
         default = "langchain" if seed % 2 == 0 else "dspy"
         extra = "" if framework == default else f" --framework {framework}"
+        if self.program.lm_conditions is not None:
+            extra += f" --lm-conditions {self.program.lm_conditions}"
         command = f"python -m afnio.testing.programs --seed {seed}{extra} -v"
         lines.append(f"  replay: {command}")
         return "\n".join(lines)
@@ -1478,6 +1821,7 @@ def check(
     # each backward request: which sample it is about, which run it shows, where
     # its gradients go
     answered: list[tuple[str, int | None, str]] = []  # marker, sample, gradient
+    asked: Counter[tuple[str, int]] = Counter()  # (marker, sample): LM calls asked
     for body in requests:
         parsed = _chat_backward(body)
         if parsed is None:
@@ -1499,7 +1843,11 @@ def check(
         made_by = sorted({owner[m] for m in owner if m in system})
         for var, gradient in zip(prompt.variables, gradients, strict=True):
             markers = [m for m in owner if m in _variable_text(prompt, var.text)]
-            if not var.trainable or not gradient.strip() or not markers:
+            if not var.trainable or not markers:
+                continue
+            if len(about) == 1:
+                asked[(markers[0], about[0])] += 1
+            if not gradient.strip():
                 continue
             marker = markers[0]
             name = owner[marker]
@@ -1541,6 +1889,27 @@ def check(
                     problems.append(
                         f"prompt {name} [{marker}] is on the path of sample {i} "
                         f"but got no feedback about sample {i}"
+                    )
+
+    # as many LM calls of each prompt got feedback about each sample as its dataflow
+    # holds, and no more than may get it (a failed attempt's call gets none)
+    for i, sample in enumerate(samples):
+        if not any(sample.failing(o) for o in program.outputs):
+            continue
+        for name, (fewest, most) in program.call_bounds(i).items():
+            for marker in program.prompts[name]:
+                n = asked[(marker, i)]
+                if n < fewest:
+                    problems.append(
+                        f"prompt {name} [{marker}]: {n} of its LM calls got feedback "
+                        f"about sample {i}, but its dataflow holds {fewest}"
+                    )
+                elif n > most:
+                    problems.append(
+                        f"prompt {name} [{marker}]: {n} of its LM calls got feedback "
+                        f"about sample {i}, but at most {most} may (the others "
+                        "produced nothing that reached the output, or could not "
+                        "have fed it)"
                     )
 
     # the Parameters hold exactly the simulator's answers, and what they quote agrees
@@ -1764,9 +2133,10 @@ class TracingBench:
             out = traced.batch(inputs)
         elif mode == "abatch":
             out = self._await(traced.abatch(inputs))
-        elif mode in ("invoke", "stream"):
+        elif mode in ("invoke", "stream"):  # one thread per sample, at once
             call = traced.invoke if mode == "invoke" else traced.stream
-            out = [call(x) for x in inputs]
+            with ThreadPoolExecutor(len(inputs), "afnio-generated") as pool:
+                out = list(pool.map(call, inputs))
         else:
             acall = traced.ainvoke if mode == "ainvoke" else traced.astream
 
@@ -1816,6 +2186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--start", type=int, default=0, help="the first seed")
     parser.add_argument("--seed", type=int, help="run this one seed (replay)")
     parser.add_argument("--framework", choices=("langchain", "dspy"))
+    parser.add_argument(
+        "--lm-conditions",
+        choices=LM_CONDITIONS,
+        help="also generate RunnableBranch conditions with an LM call, whose call "
+        "gets no feedback, may get it, or must (not generated by default)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show each run")
     args = parser.parse_args(argv)
     seeds = (
@@ -1827,7 +2203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     with TracingBench() as bench:
         for seed in seeds:
-            outcome = bench.run(generate(seed, args.framework))
+            outcome = bench.run(generate(seed, args.framework, args.lm_conditions))
             if not outcome.ok:
                 failures += 1
                 print(outcome.report(), flush=True)

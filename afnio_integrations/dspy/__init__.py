@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from afnio_integrations._usage import ProgramUsage
+from afnio_integrations._warnings import AfnioTracingWarning
 from afnio_integrations.dspy._model import DSPyLM
 from afnio_integrations.dspy._module import AfnioModule
 from afnio_integrations.dspy._optimize import AfnioTGD, MetricEvaluator, call_metric
@@ -23,6 +24,7 @@ from afnio_integrations.dspy._traced import (
 
 __all__ = [
     "AfnioModule",
+    "AfnioTracingWarning",
     "AfnioTGD",
     "DSPyLM",
     "MetricEvaluator",

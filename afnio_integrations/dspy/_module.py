@@ -3,11 +3,14 @@
 ``AfnioModule(module, outputs=("answer",))`` is a ``dspy.Module``: DSPy programs call
 it with keyword arguments like any predictor and get a ``dspy.Prediction``. Inside a
 program traced by :func:`~afnio_integrations.dspy.trace`, its graph is joined to the
-program's: an input whose text equals an earlier predictor's output is passed as that
-output's Variable (several equal ones, or the predictions an input is composed of,
-are joined by one step whose feedback goes to each: the tracer's links by value), and
-its outputs can feed later predictors, so feedback flows through it, and its
-Parameters are trained together with the instructions.
+program's: an input whose text equals the output of a prediction visible to the call
+(one that ended before it started and is not a concurrent sibling, e.g. in the same
+``dspy.Parallel`` block: see "Visibility" in
+:mod:`~afnio_integrations.dspy._tracing`) is passed as that output's Variable
+(several equal ones, or the predictions an input is composed of, are joined by one
+step whose feedback goes to each: the tracer's links by value), and its outputs can
+feed later predictors, so feedback flows through it, and its Parameters are trained
+together with the instructions.
 """
 
 from __future__ import annotations

@@ -8,14 +8,26 @@ Variables wired into the afnio graph. :meth:`TracedProgram.write_back` puts the
 Parameters' texts into the predictors with ``signature.with_instructions(...)``: a new
 signature class per predictor, so signature classes shared with other programs are
 never mutated.
+
+**Untraced predictors.** A ``Predict`` the program creates at run time (inside
+``forward``) was not among ``named_predictors()`` when the program was traced: its
+calls are recorded (feedback still flows through them to earlier predictors), but
+its instructions have no Parameter, so they get no feedback and are never
+optimized. The traced program then emits
+:class:`~afnio_integrations.dspy.AfnioTracingWarning`, once per
+:class:`TracedProgram` and such predictor (its class, signature and instructions),
+naming it and asking to create it in the program's ``__init__``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import re
+import sys
 import threading
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,6 +41,7 @@ from afnio.cognitive.modules.module import Module
 from afnio.cognitive.parameter import Parameter
 from afnio_integrations._recorded import StackSamples, StepOutput
 from afnio_integrations._usage import ProgramUsage
+from afnio_integrations._warnings import AfnioTracingWarning
 from afnio_integrations.dspy._module import AfnioModule
 from afnio_integrations.dspy._tracing import CallCollector, PredictorSlot, field_text
 
@@ -98,6 +111,23 @@ class TracedPrediction(Mapping[str, Variable]):
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v.data!r}" for k, v in self.fields.items())
         return f"TracedPrediction({inner})"
+
+
+_PACKAGES = tuple(
+    os.path.dirname(module.__file__ or "") + os.sep
+    for module in (sys.modules["afnio"], sys.modules["afnio_integrations"])
+)
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside afnio's packages, for a warning
+    issued by the function that calls this one: the user's call site."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGES):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def _parameter_name(name: str, taken: set[str]) -> str:
@@ -172,6 +202,8 @@ class TracedProgram(Module):
             )
         object.__setattr__(self, "_written", self._current_texts())
         object.__setattr__(self, "usage", ProgramUsage("DSPy program LMs"))
+        object.__setattr__(self, "_warned", set())
+        object.__setattr__(self, "_warn_lock", threading.Lock())
 
     def extra_repr(self) -> str:
         return ", ".join(slot.name for slot in self._slots)
@@ -257,7 +289,9 @@ class TracedProgram(Module):
         them; a Variable is passed to the program as its text and linked in the
         graph). Returns the prediction's fields as Variables."""
         self._sync()
-        return self._call(inputs)
+        prediction, untraced = self._call(inputs)
+        self._warn_untraced(untraced)
+        return prediction
 
     async def acall(self, **inputs: Any) -> TracedPrediction:
         """Async :meth:`forward`: runs the program's ``acall`` (its ``aforward``).
@@ -267,19 +301,44 @@ class TracedProgram(Module):
         with self._recording(inputs) as (plain, finish):
             result = await self.program.acall(**plain)
             trace = list(dspy.settings.trace or [])
-        return finish(result, trace)
+        prediction, untraced = finish(result, trace)
+        self._warn_untraced(untraced)
+        return prediction
 
-    def _call(self, inputs: Mapping[str, Any]) -> TracedPrediction:
+    def _call(
+        self, inputs: Mapping[str, Any]
+    ) -> tuple[TracedPrediction, dict[tuple[str, ...], str]]:
+        """One traced call: the prediction and the untraced predictors it called."""
         with self._recording(inputs) as (plain, finish):
             result = self.program(**plain)
             trace = list(dspy.settings.trace or [])
         return finish(result, trace)
 
+    def _warn_untraced(self, untraced: Mapping[tuple[str, ...], str]) -> None:
+        """Warn about each predictor called but not traced (created at run time),
+        once per traced program and predictor."""
+        for key, name in untraced.items():
+            with self._warn_lock:
+                if key in self._warned:
+                    continue
+                self._warned.add(key)
+            warnings.warn(
+                f"The traced DSPy program called a predictor that was not among its "
+                f"predictors when it was traced: {name}. It was created at run time "
+                "(e.g. inside forward), so its instructions have no Parameter: they "
+                "get no feedback and are never optimized. Create it in the "
+                "program's __init__ (self.<name> = dspy.Predict(...)) so that "
+                "trace() finds it with named_predictors().",
+                AfnioTracingWarning,
+                stacklevel=_caller_level(),
+            )
+
     @contextlib.contextmanager
     def _recording(self, inputs: Mapping[str, Any]) -> Iterator[Any]:
         """The DSPy context of one traced call: the collector among the callbacks,
         a fresh trace and a shared usage tracker. Yields ``(plain inputs,
-        finish)``; ``finish(result, trace)`` builds the prediction."""
+        finish)``; ``finish(result, trace)`` builds the prediction and gives it
+        with the untraced predictors the call ran."""
         slots = {id(slot.predictor): slot for slot in self._slots}
         slots.update({id(slot.predictor.signature): slot for slot in self._slots})
         seed = [(str(v.data), v) for v in inputs.values() if isinstance(v, Variable)]
@@ -295,10 +354,13 @@ class TracedProgram(Module):
         parent = dspy.settings.usage_tracker
         tracker = _SharedTracker()
 
-        def finish(result: Any, trace: list[Any]) -> TracedPrediction:
+        def finish(
+            result: Any, trace: list[Any]
+        ) -> tuple[TracedPrediction, dict[tuple[str, ...], str]]:
             if collector.errors:
                 raise collector.errors[0]
-            return self._prediction(result, collector, trace)
+            prediction = self._prediction(result, collector, trace)
+            return prediction, dict(collector.untraced)
 
         token = collector.activate()
         try:
@@ -365,10 +427,13 @@ class TracedProgram(Module):
                 for ctx, row in zip(contexts, rows, strict=True)
             ]
             outcomes: list[TracedPrediction | BaseException] = []
+            untraced: dict[tuple[str, ...], str] = {}
             try:
                 for future in futures:
                     try:
-                        outcomes.append(future.result())
+                        prediction, found = future.result()
+                        outcomes.append(prediction)
+                        untraced.update(found)
                     except Exception as e:
                         if not return_exceptions:
                             raise
@@ -376,6 +441,7 @@ class TracedProgram(Module):
             except BaseException:  # an error or Ctrl-C: start nothing more
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
+        self._warn_untraced(untraced)
         return _stack(outcomes)
 
 

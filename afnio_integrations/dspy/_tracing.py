@@ -32,14 +32,40 @@ each prediction's raw LM answer and output fields, and ``AfnioModule`` outputs.
    two stages both answer ``neutral``, the output feeds back to the second stage,
    and through it to the first).
 
-A **predictor input** is linked by these rules among the candidates recorded before
-its call started (a call still running cannot have fed it); an input passed as a
-Variable is linked as itself. A **program output** is linked by them among all the
-candidates of the call; if nothing equals it or occurs in it (the code computed it,
-e.g. a count of votes), to every prediction and ``AfnioModule`` output that no input
-took (a prediction by its raw LM answer), else to the program's input Variables. One
-link is the output itself; several are joined by one ``program output`` step whose
-feedback goes to each.
+A **predictor input** is linked by these rules among the candidates **visible** to
+its call (an input passed as a Variable is linked as itself); an ``AfnioModule``
+input likewise, among those visible to the ``AfnioModule`` call. A **program
+output** is linked by them among all the candidates of the call; if nothing equals
+it or occurs in it (the code computed it, e.g. a count of votes), to every
+prediction and ``AfnioModule`` output that no input took (a prediction by its raw
+LM answer), else to the program's input Variables. One link is the output itself;
+several are joined by one ``program output`` step whose feedback goes to each.
+
+Visibility
+----------
+Which candidates can have fed a call is decided from the **call tree** of DSPy
+module calls, never from which call happened to finish first. Take the producer's
+call and the consumer's call, their nearest common ancestor, and the two children of
+it that hold them (the two calls themselves when they are siblings). The producer
+is visible only if
+
+* neither call holds the other (a call still running cannot have fed one it made),
+* the producer's side **ended before** the consumer's side started, and
+* the two sides are not **concurrent siblings**: members of one block never see
+  each other, even when one ended before the other started (on a thread another
+  member freed, or one after the other: ``dspy.Parallel(num_threads=1)`` runs its
+  members in turn on the parent's thread). A block is the members of one
+  ``dspy.Parallel`` call (DSPy's ``ParallelExecutor``, recognized on the call stack
+  of each member: the function it runs each member with, bound to the parent's
+  call); calls a parent starts on other threads by other means form a block per
+  thread pool (told apart by the names of its threads, ``<prefix>_<n>`` as
+  ``ThreadPoolExecutor`` names them; threads named otherwise count as one pool)
+  until the parent starts a call on its own thread.
+
+A sibling started on the parent's thread outside a block (a loop, a pipeline, the
+calls after a ``dspy.Parallel`` block) sees what ended before it started; with
+``asyncio.gather`` all the gathered calls start before any of them ends, so they do
+not see each other. Program inputs passed as Variables are visible to every call.
 
 The set of links and their order never depend on which call finished first. Links
 are ordered by the **call order** of the calls that produced them (program inputs
@@ -50,10 +76,12 @@ the calls of its parent:
 * a call started on its parent's thread (a loop, a pipeline, ``asyncio.gather``) by
   when it started, as the program's code started it;
 * a call started on another thread (``dspy.Parallel``'s workers), where which one
-  the thread scheduler starts first is chance, by content: the module's position in
-  the program (``named_sub_modules()`` order), then its inputs as JSON; it comes after
-  the same-thread calls its parent started before it and before the later ones.
-  Calls equal in both (same module, same inputs) are ordered by when they started.
+  the thread scheduler starts first is chance, by its block (blocks in the order
+  they started), then by content: the module's position in the program
+  (``named_sub_modules()`` order), then its inputs as JSON; it comes after the
+  same-thread calls its parent started before it and before the later ones. Calls
+  equal in all of these (same module, same inputs) are ordered by when they
+  started.
 
 When the ChatAdapter falls back to the JSONAdapter, the answer that was parsed (the
 last one) is recorded. Each LM request also holds one of afnio's request slots
@@ -67,6 +95,7 @@ import asyncio
 import contextvars
 import json
 import re
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -182,26 +211,116 @@ def _stable_text(value: Any) -> str:
         return str(value)
 
 
-@dataclass
+_POOL_THREAD = re.compile(r"^(.+)_\d+$")
+
+
+def _parallel_codes() -> tuple[Any, Any]:
+    """The code of the function DSPy's ``ParallelExecutor`` runs each item with (it
+    binds the caller's ``ACTIVE_CALL_ID``) and of its caller (``safe_func``, which
+    holds that function); ``None`` where this DSPy version has no such code."""
+    try:
+        from dspy.utils import callback_context
+        from dspy.utils.parallelizer import ParallelExecutor
+
+        bound = callback_context._bind_active_call_id(lambda: None).__code__
+        safe = ParallelExecutor(num_threads=1)._wrap_function(lambda x: x).__code__
+    except Exception:  # another DSPy: blocks are told apart by threads only
+        return None, None
+    if "parent_call_id" not in bound.co_freevars:
+        return None, None
+    return bound, safe
+
+
+_BOUND_CODE, _SAFE_CODE = _parallel_codes()
+
+
+def _parallel_block(parent_id: str | None) -> Any:
+    """The block (an object: the function DSPy's ``ParallelExecutor`` runs each item
+    with, one per ``dspy.Parallel`` call) the module call starting now is a member
+    of, when its innermost ``ParallelExecutor`` item on the call stack was started
+    by the call ``parent_id``, its parent; else ``None``."""
+    if _BOUND_CODE is None:
+        return None
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code is not _BOUND_CODE:
+        frame = frame.f_back
+    if frame is None:
+        return None
+    scope = frame.f_locals
+    if scope.get("parent_call_id") != parent_id:
+        return None  # a member's own sub-call (e.g. ChainOfThought's Predict)
+    caller = frame.f_back
+    if caller is not None and caller.f_code is _SAFE_CODE:
+        held = caller.f_locals.get("user_function")
+        if held is not None:  # one per ParallelExecutor.execute call
+            return held
+    return scope.get("fn")
+
+
+def _pool_of(thread: threading.Thread) -> str:
+    """The thread pool a thread belongs to, by its name (``<prefix>_<n>``, as
+    ``ThreadPoolExecutor`` names its threads); ``""`` for a thread named otherwise
+    (all such threads count as one pool)."""
+    found = _POOL_THREAD.match(thread.name)
+    return found[1] if found else ""
+
+
+@dataclass(eq=False)
 class _Node:
     """A DSPy module call in the call tree: its path (see :meth:`CallCollector.
-    on_module_start`), the thread it started on, when it started (a counter) and how
-    many calls it started on its own thread."""
+    on_module_start`), its parent, the thread it started on, when it started and
+    ended (ticks of the collector's clock), how many calls it started on its own
+    thread, and its block when it has one (a ``dspy.Parallel`` member, or a call
+    started on another thread than its parent's; see the module docstring,
+    "Visibility")."""
 
     path: tuple[Any, ...]
     thread: int
     start: int
+    parent: _Node | None = None
+    block: tuple[Any, ...] | None = None  # see CallCollector.on_module_start
+    end: int | None = None
     children: int = 0
+    blocks: dict[tuple[Any, ...], int] = field(default_factory=dict)  # -> ordinal
     added: int = 0  # Variables added from this call (``AfnioModule`` outputs)
     inputs: set[int] = field(default_factory=set)  # producers its inputs came from
+
+    def ancestry(self) -> list[_Node]:
+        """This node, its parent, ... up to the root."""
+        chain: list[_Node] = []
+        node: _Node | None = self
+        while node is not None:
+            chain.append(node)
+            node = node.parent
+        return chain
+
+
+def _sees(producer: _Node, consumer: _Node) -> bool:
+    """Whether the call of ``producer`` can have fed the call of ``consumer`` (see
+    the module docstring, "Visibility"): neither holds the other, and below their
+    nearest common ancestor the producer's side ended before the consumer's side
+    started and the two are not concurrent siblings of one block."""
+    chain = producer.ancestry()
+    index = {id(n): k for k, n in enumerate(chain)}
+    below = consumer  # the consumer's side
+    for node in consumer.ancestry():
+        k = index.get(id(node))
+        if k is not None:
+            if node is producer or node is consumer:
+                return False
+            side = chain[k - 1]  # the producer's side
+            if side.end is None or side.end > below.start:
+                return False
+            return side.block is None or side.block != below.block
+        below = node
+    return False  # in another tree (cannot happen: one root)
 
 
 @dataclass
 class _Call:
     predictor: Any
     inputs: dict[str, Any]
-    visible: int  # entries recorded before the call started (its inputs' sources)
-    node: _Node
+    node: _Node  # the consumer: its inputs are linked among what it sees
     conversation: list[dict[str, str]] | None = None
     output: str | None = None
 
@@ -217,6 +336,8 @@ class _Entry:
     key: _LinkKey
     kind: Literal["seed", "completion", "field", "added"]
     producer: int = -1
+    node: _Node | None = None  # the producer's call (``None``: a program input)
+    tick: int = 0  # the collector's clock when it was recorded
 
 
 class CallCollector(BaseCallback):
@@ -243,6 +364,8 @@ class CallCollector(BaseCallback):
         self.positions = dict(positions or {})
         self.calls = 0
         self.errors: list[BaseException] = []
+        # predictors called but not traced (created at run time): key -> name
+        self.untraced: dict[tuple[str, ...], str] = {}
         self._on_lm_call = on_lm_call
         self._entries: list[_Entry] = [
             _Entry(text, var, (0, (), k, 0), "seed", k)
@@ -253,22 +376,16 @@ class CallCollector(BaseCallback):
         # producer -> the producers its inputs were linked to
         self._inputs: dict[int, frozenset[int]] = {}
         self._parents: dict[str, str | None] = {}
-        self._started = 0
+        self._clock = 0  # ticks at every module call's start and end
         # the program is called on the thread that creates the collector
         self._root = _Node((), threading.get_ident(), 0)
         self._nodes: dict[str, _Node] = {}
         self._predicts: dict[str, _Call] = {}
+        self._held: dict[int, Any] = {}  # the objects that identify blocks
         self._lm_owner: dict[str, str | None] = {}
         self._lm_model: dict[str, str] = {}
         self._releases: dict[str, Callable[[], None]] = {}
         self._lock = threading.RLock()
-
-    @property
-    def produced(self) -> list[tuple[str, Variable]]:
-        """Every (text, Variable) produced or seeded so far, in link order."""
-        with self._lock:
-            entries = sorted(self._entries, key=lambda e: e.key)
-        return [(e.text, e.var) for e in entries]
 
     # -- DSPy hooks ----------------------------------------------------------------
 
@@ -277,11 +394,16 @@ class CallCollector(BaseCallback):
     ) -> None:
         """Place the call in the call tree. Its path is its parent's path plus one
         step: ``(n, 1, ())`` for the n-th call its parent started on the parent's own
-        thread; ``(n, 0, content)`` for a call started on another thread after n such
-        calls (``content``: the module's position, class name and inputs)."""
+        thread; ``(n, 0, b, content)`` for a call started on another thread after n
+        such calls, in the parent's b-th block (``content``: the module's position,
+        class name and inputs). Its block (see the module docstring): ``("parallel",
+        id)`` for a member of a ``dspy.Parallel`` call (on any thread), ``("pool", n,
+        pool)`` for another call started on another thread, else ``None``."""
         parent_id = ACTIVE_CALL_ID.get()
-        thread = threading.get_ident()
+        current = threading.current_thread()
+        thread = current.ident or threading.get_ident()
         content: tuple[Any, ...] = ()
+        member = _parallel_block(parent_id)
         with self._lock:
             parent = self._nodes.get(parent_id or "", self._root)
         if thread != parent.thread:  # computed outside the lock: inputs may be big
@@ -289,31 +411,42 @@ class CallCollector(BaseCallback):
             content = (position, type(instance).__name__, _stable_text(inputs))
         with self._lock:
             self._parents[call_id] = parent_id
+            block: tuple[Any, ...] | None = None
+            if member is not None:
+                self._held.setdefault(id(member), member)  # its id stays its own
+                block = ("parallel", id(member))
+            elif thread != parent.thread:
+                block = ("pool", parent.children, _pool_of(current))
             if thread == parent.thread:
-                step = (parent.children, 1, ())
+                step: tuple[Any, ...] = (parent.children, 1, ())
                 parent.children += 1
             else:
-                step = (parent.children, 0, content)
-            self._started += 1
-            node = _Node((*parent.path, step), thread, self._started)
+                assert block is not None
+                ordinal = parent.blocks.setdefault(block, len(parent.blocks))
+                step = (parent.children, 0, ordinal, content)
+            self._clock += 1
+            node = _Node((*parent.path, step), thread, self._clock, parent, block)
             self._nodes[call_id] = node
             if isinstance(instance, dspy.Predict):
                 kwargs = dict(inputs.get("kwargs") or {})
-                self._predicts[call_id] = _Call(
-                    instance, kwargs, len(self._entries), node
-                )
+                self._predicts[call_id] = _Call(instance, kwargs, node)
 
     def on_module_end(
         self, call_id: str, outputs: Any | None, exception: Exception | None = None
     ) -> None:
         with self._lock:
             call = self._predicts.pop(call_id, None)
-        if call is None or exception is not None or outputs is None:
-            return
         try:
-            self._record(call, outputs)
+            if call is not None and exception is None and outputs is not None:
+                self._record(call, outputs)
         except Exception as e:  # DSPy would only log it: re-raised after the call
             self.errors.append(e)
+        finally:
+            with self._lock:  # after its outputs are recorded
+                node = self._nodes.get(call_id)
+                if node is not None and node.end is None:
+                    self._clock += 1
+                    node.end = self._clock
 
     def _child(self, call_id: str) -> None:
         with self._lock:
@@ -411,11 +544,32 @@ class CallCollector(BaseCallback):
             self._inputs[producer] = frozenset(node.inputs)
             for entry in entries:
                 entry.producer = producer
+                entry.node = node
+                entry.tick = self._clock
             self._entries.extend(entries)
 
-    def _visible(self, visible: int | None) -> list[_Entry]:
+    def _visible(self, consumer: _Node | None) -> list[_Entry]:
+        """The entries the call of ``consumer`` can have taken as inputs (see the
+        module docstring, "Visibility"); every entry for ``None`` (the program
+        output, made when every call has ended)."""
         with self._lock:
-            return list(self._entries if visible is None else self._entries[:visible])
+            entries = list(self._entries)
+        if consumer is None:
+            return entries
+        seen: dict[int, bool] = {}
+        out = []
+        for entry in entries:
+            if entry.node is None:  # a program input
+                out.append(entry)
+                continue
+            if entry.producer not in seen:
+                if entry.node is self._root:  # added outside any module call
+                    seen[entry.producer] = entry.tick < consumer.start
+                else:
+                    seen[entry.producer] = _sees(entry.node, consumer)
+            if seen[entry.producer]:
+                out.append(entry)
+        return out
 
     def _upstream(self, producers: set[int]) -> set[int]:
         """Every producer whose output reached the inputs of one of ``producers``,
@@ -449,13 +603,15 @@ class CallCollector(BaseCallback):
                 out.append(entry)
         return out
 
-    def _equal(self, text: str, visible: int | None) -> list[_Entry]:
-        return self._ordered([e for e in self._visible(visible) if e.text == text])
+    def _equal(self, text: str, consumer: _Node | None) -> list[_Entry]:
+        return self._ordered([e for e in self._visible(consumer) if e.text == text])
 
-    def _composing(self, text: str, visible: int | None, whole: bool) -> list[_Entry]:
+    def _composing(
+        self, text: str, consumer: _Node | None, whole: bool
+    ) -> list[_Entry]:
         found: list[_Entry] = []
         occurs: dict[str, str | None] = {}  # piece -> its pattern, if it occurs
-        for entry in self._visible(visible):
+        for entry in self._visible(consumer):
             piece = entry.text
             if entry.kind != "field" or not piece.strip() or piece not in text:
                 continue
@@ -471,33 +627,29 @@ class CallCollector(BaseCallback):
                 return []
         return self._ordered(found)
 
-    def find(self, text: str, visible: int | None = None) -> list[Variable]:
+    def find(self, text: str) -> list[Variable]:
         """Every Variable produced (or seeded) with exactly ``text``, in link order,
-        but those upstream of another one (see the module docstring); among the
-        first ``visible`` recorded ones when given (those recorded before a call
-        started)."""
-        return [e.var for e in self._equal(text, visible)]
+        but those upstream of another one (see the module docstring)."""
+        return [e.var for e in self._equal(text, None)]
 
-    def composed_of(
-        self, text: str, visible: int | None = None, whole: bool = False
-    ) -> list[Variable]:
+    def composed_of(self, text: str, whole: bool = False) -> list[Variable]:
         """The predicted field Variables whose text occurs in ``text`` as a whole
         (not inside a longer word): a text composed of several predictions, in link
-        order, as :meth:`find` gives them; among the first ``visible`` recorded ones
-        when given. With ``whole=True``, none unless they make up all of ``text``
-        (what remains between them holds no letter)."""
-        return [e.var for e in self._composing(text, visible, whole)]
+        order, as :meth:`find` gives them. With ``whole=True``, none unless they
+        make up all of ``text`` (what remains between them holds no letter)."""
+        return [e.var for e in self._composing(text, None, whole)]
 
-    def link_input(self, text: str, visible: int | None = None) -> list[Variable]:
+    def link_input(self, text: str) -> list[Variable]:
         """The Variables an input with ``text`` of the module call running now (an
-        ``AfnioModule``) is linked to: every equal one, else the predictions it is
-        made of (see :meth:`find`, :meth:`composed_of` with ``whole=True``)."""
-        return self._link(text, visible, self._current())
+        ``AfnioModule``) is linked to, among those visible to that call (see the
+        module docstring): every equal one, else the predictions it is made of (see
+        :meth:`find`, :meth:`composed_of` with ``whole=True``)."""
+        return self._link(text, self._current())
 
-    def _link(self, text: str, visible: int | None, node: _Node) -> list[Variable]:
+    def _link(self, text: str, node: _Node) -> list[Variable]:
         """:meth:`link_input` for the call of ``node``: the linked producers count as
         consumed (see :meth:`frontier`) and as the call's inputs."""
-        entries = self._equal(text, visible) or self._composing(text, visible, True)
+        entries = self._equal(text, node) or self._composing(text, node, True)
         with self._lock:
             for entry in entries:
                 self._consumed.add(entry.producer)
@@ -537,14 +689,19 @@ class CallCollector(BaseCallback):
             found = (
                 [value]
                 if isinstance(value, Variable)
-                else self._link(field_text(value), call.visible, call.node)
+                else self._link(field_text(value), call.node)
             )
             for var in found:
                 if id(var) not in linked:
                     linked.add(id(var))
                     variables.append(var)
                     locations.append(f"input:{key}")
-        name = slot.name if slot is not None else type(call.predictor).__name__
+        if slot is not None:
+            name = slot.name
+        else:  # created at run time: no Parameter (the traced program warns)
+            name = _untraced_name(call.predictor)
+            with self._lock:
+                self.untraced.setdefault(_untraced_key(call.predictor), name)
         conversation = call.conversation or [
             {"role": "user", "content": field_text(call.inputs)}
         ]
@@ -571,3 +728,22 @@ class CallCollector(BaseCallback):
             )
             entries.append(_Entry(text, var, (*base, k), "field"))
         self._new_producer(entries, call.node)
+
+
+def _untraced_key(predictor: Any) -> tuple[str, ...]:
+    """What tells untraced predictors apart: class, signature and instructions."""
+    signature = getattr(predictor, "signature", None)
+    return (
+        type(predictor).__name__,
+        str(getattr(signature, "signature", "")),
+        str(getattr(signature, "instructions", "")),
+    )
+
+
+def _untraced_name(predictor: Any) -> str:
+    """An untraced predictor in words: ``Predict(question -> answer)``, with the
+    start of its instructions."""
+    kind, fields, instructions = _untraced_key(predictor)
+    head = " ".join(instructions.split())
+    head = head if len(head) <= 60 else head[:57] + "..."
+    return f"{kind}({fields})" + (f" instructed {head!r}" if head else "")

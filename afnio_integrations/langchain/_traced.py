@@ -17,15 +17,34 @@ Parameter and its prompt can never improve. The Module then emits
 :class:`~afnio_integrations.langchain.AfnioTracingWarning`, once per
 :class:`TracedChain` and call site (the path of runs to the LM call), naming the site
 and asking to pass the sub-chain with ``trace(chain, include=[...])``. A prompt that
-was discovered but has no message chosen by ``select=`` is not reported.
+was discovered but has no message chosen by ``select=`` is not reported. A run the
+tracer could not place with certainty
+(:class:`~afnio_integrations.langchain._tracing.AmbiguousRun`, e.g. two
+``with_fallbacks`` run concurrently on the same input) is warned about the same
+way. The warnings name the user's call (``traced(x)``, ``traced.invoke(x)``,
+``traced.batch(...)``) as their location.
+
+**Prompt ids.** Every discovered prompt carries an afnio id in its metadata, so its
+runs are recognized. An id belongs to one prompt object in the whole process (a weak
+map from ids to prompts): a copy that kept the id (``prompt.partial(...)``,
+``copy.deepcopy``) gets its own id when a later ``trace`` finds it, and the owner
+keeps its id, so tracing another chain never breaks a chain traced before.
+
+**Streams.** ``stream``/``astream`` return the whole output: the chunks added up
+with ``+`` as LangChain adds them (strings, message chunks, the dict chunks of a
+``RunnableParallel``), else what the root run recorded as its output.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+import os
+import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,11 +80,72 @@ __all__ = ["TracedChain", "load_chain", "trace"]
 Config = dict[str, Any]
 
 
+_UNJOINED = object()
+
+
 def _joined(chunks: list[Any]) -> Any:
-    """A streamed result: string chunks joined, else the last chunk."""
-    if all(isinstance(c, str) for c in chunks):
-        return "".join(chunks)
-    return chunks[-1] if chunks else None
+    """A streamed result: the chunks added up with ``+``, as LangChain combines them
+    (strings concatenate, message chunks merge, the ``AddableDict`` chunks of a
+    ``RunnableParallel`` merge key by key); :data:`_UNJOINED` when there are none
+    or they do not add (then the root run's recorded output is the result).
+
+    >>> _joined(["neu", "tral"]), _joined([{"a": 1}, {"b": 2}]) is _UNJOINED
+    ('neutral', True)
+    """
+    if not chunks:
+        return _UNJOINED
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        try:
+            total = total + chunk
+        except (TypeError, ValueError):
+            return _UNJOINED
+    return total
+
+
+# The prompt object that owns each afnio prompt id, across every TracedChain of the
+# process (weakly: a prompt no longer used frees its id). A copy of a traced prompt
+# (``prompt.partial(...)``, ``copy.deepcopy``) keeps the id in its metadata; when a
+# later discovery finds it, the copy gets an id of its own and the owner keeps its
+# id, so the Modules that traced the owner still recognize its runs.
+_OWNERS: weakref.WeakValueDictionary[str, BasePromptTemplate] = (
+    weakref.WeakValueDictionary()
+)
+_OWNERS_LOCK = threading.Lock()
+
+
+def _token_of(prompt: BasePromptTemplate) -> str:
+    """``prompt``'s afnio id: the one in its metadata when it owns it (or nobody
+    does), else a fresh one written into its metadata."""
+    with _OWNERS_LOCK:
+        token = (prompt.metadata or {}).get(METADATA_KEY)
+        owner = _OWNERS.get(token) if isinstance(token, str) else None
+        if not isinstance(token, str) or (owner is not None and owner is not prompt):
+            token = uuid4().hex
+            prompt.metadata = {**(prompt.metadata or {}), METADATA_KEY: token}
+        _OWNERS[token] = prompt
+        return token
+
+
+_INTERNAL_DIRS = frozenset(  # this package, and afnio's Module (its __call__)
+    os.path.dirname(os.path.abspath(path))
+    for path in (__file__, inspect.getfile(Module))
+)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller of this function
+    name the first frame outside this package and afnio's Module machinery: the
+    user's ``traced(x)``, ``traced.invoke(x)``, ``traced.batch(...)`` (or the
+    coroutine awaiting ``traced.ainvoke(x)``)."""
+    frame = sys._getframe(1)  # the function that calls warnings.warn: level 1
+    level = 1
+    while frame.f_back is not None and (
+        os.path.dirname(os.path.abspath(frame.f_code.co_filename)) in _INTERNAL_DIRS
+    ):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 class TracedChain(Module):
@@ -89,14 +169,11 @@ class TracedChain(Module):
                 f"{select!r}: the chain needs a ChatPromptTemplate with such messages."
             )
         # every discovered prompt carries an afnio id in its metadata, so its runs
-        # are recognized (a copied prompt that shares an id gets its own)
+        # are recognized (a copy of a prompt that owns its id gets its own id)
         prompts: dict[str, BasePromptTemplate] = {}
         token_of: dict[int, str] = {}
         for prompt in found.prompts:
-            token = (prompt.metadata or {}).get(METADATA_KEY)
-            if not isinstance(token, str) or token in prompts:
-                token = uuid4().hex
-                prompt.metadata = {**(prompt.metadata or {}), METADATA_KEY: token}
+            token = _token_of(prompt)
             prompts[token] = prompt
             token_of[id(prompt)] = token
         self._slot_list: list[tuple[PromptSlot, Parameter]] = []
@@ -192,13 +269,21 @@ class TracedChain(Module):
         self._warn_undiscovered(calls)
         return [call.output for call in calls]
 
+    def _warn_once(self, key: str) -> bool:
+        """Whether the warning ``key`` is new for this Module (then it is noted)."""
+        with self._warn_lock:
+            if key in self._warned:
+                return False
+            self._warned.add(key)
+            return True
+
     def _warn_undiscovered(self, calls: list[TracedCall]) -> None:
+        """Warn once per call site about LM calls on undiscovered prompts and runs
+        that could not be placed (see the module docstring)."""
         for call in calls:
             for found in call.undiscovered:
-                with self._warn_lock:
-                    if found.site in self._warned:
-                        continue
-                    self._warned.add(found.site)
+                if not self._warn_once(found.site):
+                    continue
                 warnings.warn(
                     f"An LM call of the traced chain, at {found.site}, got its "
                     f"messages from a prompt afnio did not discover: {found.prompt}. "
@@ -206,7 +291,19 @@ class TracedChain(Module):
                     "optimized. Pass the sub-chain that holds this prompt with "
                     "trace(chain, include=[sub_chain]).",
                     AfnioTracingWarning,
-                    stacklevel=4,
+                    stacklevel=_user_stacklevel(),
+                )
+            for unsure in call.ambiguous:
+                if not self._warn_once(f"ambiguous: {unsure.site}"):
+                    continue
+                warnings.warn(
+                    f"A run of the traced chain, at {unsure.site}, {unsure.reason}: "
+                    "afnio left it where LangChain recorded it, so the feedback "
+                    "through it may miss its prompts or reach other ones. Run "
+                    "such composites one after the other, or give them different "
+                    "inputs, to trace them exactly.",
+                    AfnioTracingWarning,
+                    stacklevel=_user_stacklevel(),
                 )
 
     def forward(self, inputs: Any, config: Config | None = None) -> Variable:
@@ -256,12 +353,25 @@ class TracedChain(Module):
         results = await self.chain.abatch(inputs, config=configs)
         return self._batched(self._finish(collector, ids, results))
 
+    @staticmethod
+    def _streamed(collector: RunCollector, run_id: UUID, chunks: list[Any]) -> Any:
+        """The whole output of a streamed call: its chunks added up (see
+        :func:`_joined`), else what its root run recorded as its output."""
+        result = _joined(chunks)
+        if result is _UNJOINED:
+            root, _ = collector.call(run_id)
+            recorded = dict(root.outputs or {})
+            result = recorded["output"] if set(recorded) == {"output"} else recorded
+        return result
+
     def stream(self, inputs: Any, config: Config | None = None) -> Variable:
-        """Stream the chain (its chunks are joined); the output as a Variable."""
+        """Stream the chain; the whole output (its chunks added up, as LangChain
+        adds them) as a Variable."""
         self._sync()
         collector = RunCollector()
         cfg, run_id = self._config(config, collector)
-        result = _joined(list(self.chain.stream(inputs, config=cfg)))
+        chunks = list(self.chain.stream(inputs, config=cfg))
+        result = self._streamed(collector, run_id, chunks)
         return self._finish(collector, [run_id], [result])[0]
 
     async def astream(self, inputs: Any, config: Config | None = None) -> Variable:
@@ -270,7 +380,8 @@ class TracedChain(Module):
         collector = RunCollector()
         cfg, run_id = self._config(config, collector)
         chunks = [chunk async for chunk in self.chain.astream(inputs, config=cfg)]
-        return self._finish(collector, [run_id], [_joined(chunks)])[0]
+        result = self._streamed(collector, run_id, chunks)
+        return self._finish(collector, [run_id], [result])[0]
 
     # -- usage -------------------------------------------------------------------------
 

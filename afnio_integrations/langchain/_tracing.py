@@ -38,6 +38,17 @@ equal text elsewhere in the call:
   it is that output. An output linked to exactly one Variable with the same text is
   that Variable (no node in between); otherwise a :class:`StepOutput` node names the
   step (parsers always get one).
+* *Messages made without a prompt* (a string or messages a step built): the chat
+  call's gradient goes to the Variables they were derived from, located as
+  ``input:<key>`` when they came from a key of a dict (``input`` otherwise).
+* *Branch conditions*: a ``RunnableBranch``'s output is also linked to the LM calls
+  its conditions made (every condition that ran, e.g. a routing chain ``prompt |
+  llm | parser | check``), so feedback on the output also reaches the routing
+  prompts: the conditions chose the branch that produced it. This over-approximates
+  where the branch that ran was not the problem. When the branch chose a prompt, the
+  routing LM calls are inputs (location :data:`ROUTING`) of the chat call it fed.
+  What a condition reads without an LM call (a lambda on an upstream output) is not
+  linked.
 * *Undiscovered prompts*: a chat call fed by a prompt the chain's discovery did not
   find (see :mod:`~afnio_integrations.langchain._discovery`) is reported in
   :attr:`TracedCall.undiscovered`; the Module warns about it (see
@@ -50,18 +61,28 @@ contents (one per line); a dict or list, its JSON (keys sorted).
 
 Two LangChain quirks are worked around. ``RunnableWithFallbacks.invoke`` passes its
 own config to its runnables, so their runs are recorded as its siblings (or, at the
-root, as separate root runs): siblings with the fallbacks run's tags that ran within
-its time span are treated as its children, and every root run carrying the call's
-metadata (:data:`CALL_KEY`) as a child of the call's root. And a ``RunnableBinding``
-(``.bind``, ``.with_config``, ...) merges its config with the enclosing run's, so
-when its caller passes a config explicitly (a ``RunnableBranch`` branch, a step of a
-batched sequence under ``.map()``) its run is recorded under an outer run, with the
-tag its real parent gave it: it moves back under the run that gave that tag (see
-``_Graph._rehome``).
+root, as separate root runs; every root run carrying the call's metadata,
+:data:`CALL_KEY`, is a child of the call's root): a sibling is its child when it
+started after it and finished within its span, with the same tags and the same
+input (plus the error under ``exception_key``). Another fallbacks run is never
+adopted, and a run that two fallbacks runs could hold (run concurrently on the same
+input) is left where it is. And a ``RunnableBinding`` (``.bind``, ``.with_config``,
+...) merges its config with the enclosing run's, so when its caller passes a config
+explicitly (a ``RunnableBranch`` branch, a step of a batched sequence under
+``.map()``) its run is recorded under an outer run, with the tag its real parent
+gave it: it moves back under the run that gave that tag whose neighbouring values
+match it best (see ``_Graph._rehome``); when runs with different values match it
+equally well, it is left where it is. A run left where it is for either reason is
+reported in :attr:`TracedCall.ambiguous`, and the Module warns about it.
+
+Values are computed once each, in the order the runs finished (what a run's value
+depends on finished before it, so it is already known): a function looping over
+many sub-calls needs no recursion along the loop.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import re
 import threading
@@ -82,6 +103,7 @@ from afnio_integrations.langchain._discovery import METADATA_KEY
 
 __all__ = [
     "CALL_KEY",
+    "AmbiguousRun",
     "PromptIndex",
     "RecordedChatCall",
     "RunCollector",
@@ -93,6 +115,10 @@ __all__ = [
 ]
 
 OUTPUT_ROLE = "response of a LangChain chat model"
+
+ROUTING = "routing condition"
+"""The location of a branch condition's LM call among the inputs of an LM call fed by
+a prompt that the branch chose."""
 
 CALL_KEY = "afnio_trace_call"
 """Run metadata naming the traced call (batch item) a run belongs to: its root run
@@ -324,6 +350,25 @@ def _inputs(value: _Value) -> list[tuple[str, _Value]]:
     return [("", value)]
 
 
+def _texts_in(value: _Value) -> set[str]:
+    """Every text (and alias) of ``value`` and its parts."""
+    return {t for v in value.walk() for t in (v.text, *v.aliases)}
+
+
+def _key_within(value: _Value, containers: Iterable[_Value]) -> str | None:
+    """The key under which ``value`` itself is a part of one of ``containers`` (the
+    innermost; ``None`` when it is none's part)."""
+    for container in containers:
+        stack = [container]
+        while stack:
+            current = stack.pop()
+            for key, part in (current.parts or {}).items():
+                if part is value:
+                    return key
+                stack.append(part)
+    return None
+
+
 def _source(value: _Value) -> int | None:
     """What a value's afnio links come from (``None`` for a constant)."""
     if value.var is not None:
@@ -366,6 +411,16 @@ class UndiscoveredCall:
     prompt: str  # the prompt run's name and the start of what it rendered
 
 
+@dataclass(frozen=True)
+class AmbiguousRun:
+    """A run LangChain recorded away from its real parent that afnio could not place
+    with certainty: it is left where it was recorded, so the feedback through it may
+    miss its prompts or reach other ones."""
+
+    site: str  # the path of runs from the call's root to the run
+    reason: str  # why it could not be placed
+
+
 @dataclass
 class TracedCall:
     """The afnio graph of one traced call."""
@@ -373,6 +428,7 @@ class TracedCall:
     output: Variable
     model_runs: list[Run] = field(default_factory=list)
     undiscovered: list[UndiscoveredCall] = field(default_factory=list)
+    ambiguous: list[AmbiguousRun] = field(default_factory=list)
 
 
 def _in_text(run: Run) -> str:
@@ -426,6 +482,23 @@ def _key_of(run: Run) -> str | None:
     return None
 
 
+def _same_input(holder: Run, run: Run) -> bool:
+    """``run`` received what ``holder`` received (plus, for a fallback given
+    ``exception_key``, the error of the runnable before it)."""
+    if _in_text(holder) == _in_text(run):
+        return True
+    given = _bare(holder.inputs, "input")
+    got = _bare(run.inputs, "input")
+    if not (isinstance(given, dict) and isinstance(got, dict)):
+        return False
+    extra = set(got) - set(given)
+    return (
+        len(extra) == 1
+        and isinstance(got[next(iter(extra))], BaseException)
+        and all(k in got and text_of(got[k]) == text_of(v) for k, v in given.items())
+    )
+
+
 def _is_condition(run: Run) -> bool:
     return any(tag.startswith("condition:") for tag in run.tags or ())
 
@@ -440,6 +513,8 @@ class _Graph:
         self.index = index
         self.kids: dict[UUID, list[Run]] = {}
         self.parent: dict[UUID, Run | None] = {root.id: None}
+        self._built = False
+        self.ambiguous: list[AmbiguousRun] = []
         self._add(root)
         for stray in strays:
             self._add(stray)
@@ -461,8 +536,16 @@ class _Graph:
         self._out: dict[UUID, _Value] = {}
         self._in: dict[UUID, _Value] = {}
         self._each: dict[UUID, dict[UUID, int]] = {}
+        self._finished: dict[UUID, tuple[list[Run], dict[UUID, int]]] = {}
+        self._done_values: dict[UUID, list[_Value]] = {}
+        self._done_texts: dict[UUID, set[str]] = {}
+        self._in_texts: dict[UUID, set[str]] = {}
+        self._kinds: dict[UUID, str] = {}
+        self._feed_keys: dict[UUID, str] = {}
+        self._step_table: dict[UUID, dict[int, Run]] = {}
+        self._built = True  # the tree is final: its tables can be kept
         self.model_runs: list[Run] = []
-        self.undiscovered: list[UndiscoveredCall] = []
+        self._undiscovered: list[tuple[str, UndiscoveredCall]] = []
 
     # -- the tree --------------------------------------------------------------------
 
@@ -500,11 +583,15 @@ class _Graph:
         for run in list(self.kids[parent_id]):
             if run.id in self._rehomed or run.end_time is None:
                 continue
+            if not _structural(run):  # a sub-call of a function: nothing to place
+                continue
             siblings = [c for c in self.kids[parent_id] if c is not run]
             own = self._misplaced_tag(run, siblings)
             if own is None:
                 continue
-            holder = self._holder(parent_id, run, own)
+            holder, sure = self._holder(parent_id, run, own)
+            if not sure:
+                continue
             if holder is None:
                 twin = next(
                     (
@@ -559,11 +646,16 @@ class _Graph:
             return None if "map:key:" in kinds or not siblings else tag
         return None
 
-    def _holder(self, parent_id: UUID, run: Run, tag: str) -> Run | None:
+    def _holder(self, parent_id: UUID, run: Run, tag: str) -> tuple[Run | None, bool]:
         """The run below ``parent_id`` that ``run`` (tagged ``tag`` by it) came
-        from."""
+        from: of the chain runs spanning it that lack a child with that tag, the one
+        whose recorded neighbouring values (the steps around the position, or its
+        input) match it best. When several match equally well but their values
+        differ (so they are not interchangeable), it is reported in
+        :attr:`ambiguous` and stays where it is. Returns the holder (``None``: no
+        candidate) and whether it is certain."""
         kind = _tag_kind(tag)
-        best: tuple[int, Run] | None = None
+        scored: list[tuple[int, tuple[str, ...], Run]] = []
         for holder in self._descendants(parent_id, exclude=run):
             if holder.run_type != "chain" or not _spans(holder, run):
                 continue
@@ -577,23 +669,40 @@ class _Graph:
                 k = _step_of(run) or 0
                 if not ({k - 1, k + 1} & set(steps)):
                     continue
-                if k - 1 in steps and _out_text(steps[k - 1]) == _in_text(run):
-                    score += 1
-                if k + 1 in steps and _out_text(run) == _in_text(steps[k + 1]):
-                    score += 1
-            elif kind in ("branch:", "condition:"):
-                if not held & {"branch:", "condition:"}:
+                before = (
+                    _out_text(steps[k - 1])
+                    if k - 1 in steps
+                    else _in_text(holder)  # the first step gets the holder's input
+                    if k == 1
+                    else None
+                )
+                after = _in_text(steps[k + 1]) if k + 1 in steps else None
+                score = int(before == _in_text(run)) + int(after == _out_text(run))
+                view: tuple[str, ...] = (str(before), str(after))
+            elif kind in ("branch:", "condition:", "map:key:"):
+                wanted = (
+                    {"branch:", "condition:"} if kind != "map:key:" else {"map:key:"}
+                )
+                if not held & wanted:
                     continue
-                score = int(_in_text(holder) == _in_text(run))
-            elif kind == "map:key:":
-                if "map:key:" not in held:
-                    continue
-                score = int(_in_text(holder) == _in_text(run))
+                view = (_in_text(holder),)
+                score = int(view[0] == _in_text(run))
             else:
                 continue
-            if best is None or score > best[0]:
-                best = (score, holder)
-        return best[1] if best is not None else None
+            scored.append((score, view, holder))
+        if not scored:
+            return None, True
+        top = max(score for score, _, _ in scored)
+        best = [(view, holder) for score, view, holder in scored if score == top]
+        if len({view for view, _ in best}) > 1:
+            self._ambiguous(
+                run,
+                f"could belong to any of {len(best)} runs that LangChain recorded "
+                "it beside (a .bind/.with_config/.with_retry step run by a "
+                "composite)",
+            )
+            return None, False
+        return best[0][1], True
 
     def _descendants(self, run_id: UUID, exclude: Run) -> Iterator[Run]:
         stack = [c for c in reversed(self.kids[run_id]) if c is not exclude]
@@ -608,15 +717,20 @@ class _Graph:
         )
 
     def _adopt_fallback_runs(self, parent_id: UUID) -> None:
-        """Runs recorded as siblings of a ``RunnableWithFallbacks`` run (same tags,
-        within its time span) become its children (the innermost one's)."""
+        """Runs recorded as siblings of a ``RunnableWithFallbacks`` run become its
+        children: those that started after it and finished within its span, with its
+        tags and its input (a fallback given ``exception_key`` also receives the
+        error under that key). A fallbacks run is never adopted (two fallbacks
+        running concurrently under one parent look alike otherwise), and a run that
+        several fallbacks runs could hold (the same input, overlapping spans) stays
+        where it is, reported in :attr:`ambiguous`."""
         siblings = self.kids[parent_id]
         holders = [s for s in siblings if self._is_fallbacks(s) and s.end_time]
         if not holders:
             return
         rank = {r.id: i for i, r in enumerate(siblings)}
         for run in list(siblings):
-            if run.end_time is None:
+            if run.end_time is None or self._is_fallbacks(run):
                 continue
             inside = [
                 f
@@ -624,12 +738,21 @@ class _Graph:
                 if rank[f.id] < rank[run.id]
                 and sorted(f.tags or []) == sorted(run.tags or [])
                 and run.end_time <= f.end_time  # type: ignore[operator]
+                and _same_input(f, run)
             ]
-            if inside:
-                holder = max(inside, key=lambda f: rank[f.id])
+            if len(inside) > 1:
+                self._ambiguous(
+                    run,
+                    f"could belong to any of {len(inside)} with_fallbacks runs "
+                    "that received the same input at the same time",
+                )
+            elif inside:
                 siblings.remove(run)
-                self.kids[holder.id].append(run)
-                self.parent[run.id] = holder
+                self.kids[inside[0].id].append(run)
+                self.parent[run.id] = inside[0]
+
+    def _ambiguous(self, run: Run, reason: str) -> None:
+        self.ambiguous.append(AmbiguousRun(self._site(run), reason))
 
     def runs(self) -> list[Run]:
         out, stack = [], [self.root]
@@ -640,6 +763,13 @@ class _Graph:
         return out
 
     def _kind(self, run: Run) -> str:
+        """What ``run`` is to the tracer (the tree no longer changes once built)."""
+        kind = self._kinds.get(run.id)
+        if kind is None:
+            kind = self._kinds[run.id] = self._classify(run)
+        return kind
+
+    def _classify(self, run: Run) -> str:
         if run.run_type in _MODEL_TYPES:
             return "model"
         if run.run_type in ("prompt", "parser"):
@@ -663,11 +793,16 @@ class _Graph:
         return "step"
 
     def _steps(self, run: Run) -> dict[int, Run]:
-        steps: dict[int, Run] = {}
-        for child in self.kids[run.id]:  # sorted by start: the first of each step
-            k = _step_of(child)
-            if k is not None:
-                steps.setdefault(k, child)
+        """``run``'s children by sequence step (the first to start of each)."""
+        steps = self._step_table.get(run.id) if self._built else None
+        if steps is None:
+            steps = {}
+            for child in self.kids[run.id]:  # sorted by start
+                k = _step_of(child)
+                if k is not None:
+                    steps.setdefault(k, child)
+            if self._built:
+                self._step_table[run.id] = steps
         return steps
 
     def _results(self, run: Run) -> list[Run]:
@@ -675,18 +810,52 @@ class _Graph:
         done = [c for c in self.kids[run.id] if _succeeded(c) and not _is_condition(c)]
         return sorted(done, key=lambda c: c.end_time or c.start_time, reverse=True)
 
-    def _earlier(self, parent: Run, run: Run) -> list[Run]:
-        """The parent's children that finished before ``run`` started, latest
-        first."""
-        siblings = self.kids[parent.id]
-        position = siblings.index(run)
-        return [
-            c
-            for c in self._results(parent)
-            if siblings.index(c) < position
-            and c.end_time is not None
-            and c.end_time <= run.start_time
-        ]
+    def _earlier_values(self, parent: Run, run: Run) -> list[_Value]:
+        """The outputs of ``parent``'s children that produced a value and finished
+        before ``run`` started (and started before it), latest to finish first (a
+        new list; each output computed once)."""
+        table = self._finished.get(parent.id)
+        if table is None:
+            table = self._finished[parent.id] = self._finished_before(parent)
+        done, counts = table
+        count = counts.get(run.id, 0)
+        values = self._done_values.setdefault(parent.id, [])
+        texts = self._done_texts.setdefault(parent.id, set())
+        for child in done[len(values) : count]:
+            value = self.out(child)
+            values.append(value)
+            texts |= _texts_in(value)
+        return values[:count][::-1]
+
+    def _input_texts(self, run: Run) -> set[str]:
+        """:func:`_texts_in` ``run``'s input (kept)."""
+        texts = self._in_texts.get(run.id)
+        if texts is None:
+            texts = self._in_texts[run.id] = _texts_in(self.inp(run))
+        return texts
+
+    def _finished_before(self, parent: Run) -> tuple[list[Run], dict[UUID, int]]:
+        """One pass over ``parent``'s children in start order: the results (see
+        :meth:`_results`) in the order they finished, and for each child how many of
+        them (a prefix) finished before it started. Start times only grow along the
+        children, so what finished before one child finished before the next too.
+        Equal end times keep the earlier-started child first once reversed, as
+        :meth:`_results` orders them."""
+        children = self.kids[parent.id]
+        pending: list[tuple[Any, int, Run]] = []  # by end time, later start first
+        done: list[Run] = []
+        counts: dict[UUID, int] = {}
+        for i, child in enumerate(children):
+            while pending and pending[0][0] <= child.start_time:
+                done.append(heapq.heappop(pending)[2])
+            counts[child.id] = len(done)
+            if (
+                _succeeded(child)
+                and not _is_condition(child)
+                and child.end_time is not None
+            ):
+                heapq.heappush(pending, (child.end_time, -i, child))
+        return done, counts
 
     # -- values ----------------------------------------------------------------------
 
@@ -748,20 +917,29 @@ class _Graph:
         step: str,
         key: str | None = None,
         opaque: bool = False,
+        texts: Sequence[set[str]] | None = None,
     ) -> _Value:
         """The value ``payload`` is, given the values it was made from (in order of
         preference): the same key of one of them with the same text, else one of
         them (or a part of one) with the same text, else (a dict) part by part, else
         computed from them by the rule for non-LM steps. ``opaque``: they are what a
         function had at hand, so when values from different sources have that text,
-        the rule for non-LM steps decides (all of them are linked)."""
+        the rule for non-LM steps decides (all of them are linked). ``texts``: when
+        given, sets holding (at least) every text and alias of the candidates and
+        their parts: a text in none of them matches no candidate (no search)."""
         text = text_of(payload)
-        if key is not None:  # the same key of a dict it was made from
+        searched = texts is None or any(text in known for known in texts)
+        if searched and key is not None:  # the same key of a dict it was made from
             for candidate in candidates:
                 part = (candidate.parts or {}).get(key)
                 if part is not None and part.matches(text):
                     return part
-        found = [v for c in candidates for v in c.walk() if v.matches(text)]
+        found = [
+            v
+            for c in (candidates if searched else ())
+            for v in (c.walk() if c.parts else (c,))
+            if v.matches(text)
+        ]
         if found:
             sources = {_source(v): v for v in found if _source(v) is not None}
             if not opaque or not sources:
@@ -773,7 +951,7 @@ class _Graph:
             return _Value(
                 text,
                 parts={
-                    k: self._derive(v, candidates, step, key=k, opaque=opaque)
+                    k: self._derive(v, candidates, step, k, opaque, texts)
                     for k, v in parts.items()
                 },
             )
@@ -795,6 +973,7 @@ class _Graph:
             kind = self._kind(parent)
             step = _step_of(run)
             previous = self._steps(parent).get(step - 1) if step else None
+            texts: tuple[set[str], ...] | None = None
             if kind == "sequence" and previous is not None:
                 candidates = [self.out(previous)]
             elif kind == "each":
@@ -802,10 +981,17 @@ class _Graph:
             elif kind in ("sequence", "parallel", "wrapper"):
                 candidates = [self.inp(parent)]
             else:  # an opaque step computed its sub-call's input
-                candidates = [self.out(c) for c in self._earlier(parent, run)]
+                candidates = self._earlier_values(parent, run)
                 candidates.append(self.inp(parent))
+                texts = (self._done_texts[parent.id], self._input_texts(parent))
             opaque = kind == "step"
-            value = self._derive(payload, candidates, parent.name, opaque=opaque)
+            value = self._derive(
+                payload, candidates, parent.name, opaque=opaque, texts=texts
+            )
+            if run.run_type in _MODEL_TYPES and value.prompt is None:
+                key = _key_within(value, candidates)
+                if key is not None:
+                    self._feed_keys[run.id] = key
         self._in[run.id] = value
         return value
 
@@ -845,8 +1031,43 @@ class _Graph:
     def out(self, run: Run) -> _Value:
         """The value ``run`` produced."""
         if run.id not in self._out:
-            self._out[run.id] = self._produce(run)
+            self._out[run.id] = self._routed(run, self._produce(run))
         return self._out[run.id]
+
+    def _routed(self, run: Run, value: _Value) -> _Value:
+        """A ``RunnableBranch``'s output, also linked to the LM calls its conditions
+        made (they chose the branch that produced it)."""
+        if not _succeeded(run) or run.run_type in _MODEL_TYPES:
+            return value
+        deciding = _unique(
+            var
+            for condition in self.kids[run.id]
+            if _is_condition(condition)
+            for model in self._descendants(condition.id, exclude=condition)
+            if model.run_type in _MODEL_TYPES
+            and (var := self.out(model).var) is not None
+        )
+        return self._linked(value, deciding, run.name) if deciding else value
+
+    def _linked(self, value: _Value, extra: list[Variable], step: str) -> _Value:
+        """``value``, its feedback also going to ``extra`` (a prompt: as more of its
+        sources; a dict or list: part by part)."""
+        if value.prompt is not None:
+            rendered = value.prompt
+            sources = [*rendered.sources, *((ROUTING, var) for var in extra)]
+            return _Value(
+                value.text,
+                prompt=_Rendered(rendered.run, rendered.token, sources),
+                aliases=value.aliases,
+            )
+        if value.parts:
+            parts = {k: self._linked(p, extra, step) for k, p in value.parts.items()}
+            return _Value(value.text, parts=parts, aliases=value.aliases)
+        sources = _unique([*self.variables(value), *extra])
+        var = StepOutput.apply(
+            sources if len(sources) > 1 else sources[0], value.text, step
+        )
+        return _Value(value.text, var=var, aliases=value.aliases)
 
     def _produce(self, run: Run) -> _Value:
         kind = self._kind(run)
@@ -981,14 +1202,16 @@ class _Graph:
             if token not in self.index.prompts:
                 first = feed.text.strip().splitlines()[0] if feed.text.strip() else ""
                 excerpt = first if len(first) <= 60 else first[:57] + "..."
-                self.undiscovered.append(
-                    UndiscoveredCall(
-                        self._site(run), f'{feed.prompt.run.name} ("{excerpt}")'
-                    )
+                found = UndiscoveredCall(
+                    self._site(run), f'{feed.prompt.run.name} ("{excerpt}")'
                 )
-        else:
-            for var in self.variables(feed):
-                link(var, "input")
+                self._undiscovered.append((run.dotted_order or "", found))
+        else:  # messages made without a prompt: located by the key they came from
+            key = self._feed_keys.get(run.id)
+            for k, value in _inputs(feed):
+                name = k or key
+                for var in self.variables(value):
+                    link(var, f"input:{name}" if name else "input")
         if not _succeeded(run):
             return _Value("")
         var = RecordedChatCall.apply(
@@ -996,11 +1219,31 @@ class _Graph:
         )
         return _Value(str(var.data), var=var)
 
+    def _finish_order(self) -> list[Run]:
+        """Every run, children before their parent, in the order they finished."""
+        post: list[Run] = []
+        stack: list[tuple[Run, bool]] = [(self.root, False)]
+        while stack:
+            run, expanded = stack.pop()
+            if expanded:
+                post.append(run)
+                continue
+            stack.append((run, True))
+            stack.extend((c, False) for c in reversed(self.kids[run.id]))
+        last = max((r.end_time for r in post if r.end_time is not None), default=None)
+        return sorted(  # stable: a parent stays after a child that ended with it
+            post, key=lambda r: r.end_time or last or r.start_time
+        )
+
     def output(self, result: Any) -> Variable:
+        # Values are computed in the order the runs finished: what a run's value
+        # depends on (its children, the earlier steps and sub-calls that fed it)
+        # finished before it, so it is already known and each value is computed
+        # once, without recursing along a long sequence or loop of sub-calls. Every
+        # LM call gets its node (and is counted).
+        for run in self._finish_order():
+            self.out(run)
         value = self.out(self.root)
-        for run in self.runs():  # every LM call gets its node (and is counted)
-            if run.run_type in _MODEL_TYPES:
-                self.out(run)
         final = text_of(result)
         if value.prompt is None and value.var is not None and value.matches(final):
             return value.var
@@ -1022,4 +1265,9 @@ def build_graph(
     graph = _Graph(root, strays, index)
     output = graph.output(result)
     model_runs = sorted(graph.model_runs, key=lambda r: r.dotted_order or "")
-    return TracedCall(output, model_runs, graph.undiscovered)
+    undiscovered = [found for _, found in sorted(graph._undiscovered, key=_first)]
+    return TracedCall(output, model_runs, undiscovered, graph.ambiguous)
+
+
+def _first(pair: tuple[str, Any]) -> str:
+    return pair[0]

@@ -13,6 +13,7 @@ pytest.importorskip("dspy", reason="needs the dspy extra")
 EXPECTED_ALL = [
     "AfnioModule",
     "AfnioTGD",
+    "AfnioTracingWarning",
     "DSPyLM",
     "MetricEvaluator",
     "ProgramUsage",

@@ -510,3 +510,152 @@ def test_calls_started_on_other_threads_are_ordered_by_content_not_by_start() ->
     ]
     assert links([3, 2, 1, 0]) == expected
     assert links([1, 3, 0, 2]) == expected
+
+
+class FirstThenParallel(dspy.Module):
+    """A first call, then three calls in ``dspy.Parallel`` on fewer threads than
+    calls; the third takes the first call's label ("neutral" here, as the two
+    others answer)."""
+
+    def __init__(self, threads: int = 2) -> None:
+        super().__init__()
+        self.first = dspy.Predict(dspy.Signature("message -> sentiment", "[mkfirst]"))
+        self.pa = dspy.Predict(dspy.Signature("message -> sentiment", "[mkpa]"))
+        self.pb = dspy.Predict(dspy.Signature("message -> sentiment", "[mkpb]"))
+        self.pc = dspy.Predict(
+            dspy.Signature("message, previous -> escalate: bool", "[mkpc]")
+        )
+        self.parallel = dspy.Parallel(num_threads=threads, disable_progress_bar=True)
+
+    def forward(self, message: str) -> dspy.Prediction:
+        previous = self.first(message=message).sentiment
+        pairs = [
+            (self.pa, {"message": message}),
+            (self.pb, {"message": message}),
+            (self.pc, {"message": message, "previous": previous}),
+        ]
+        _, _, c = self.parallel(pairs)
+        return c
+
+
+def _first_then_parallel(
+    fast: Simulator, slow_marker: str, threads: int
+) -> dict[str, Any]:
+    """Run :class:`FirstThenParallel` with the calls of one member slow: what PC's
+    input was linked to and which predictors got feedback."""
+    fast.clear_delays()
+    fast.delay_when(slow_marker, SLOW)
+    traced = trace(FirstThenParallel(threads))
+    with dspy.context(lm=make_lm(fast)):
+        prediction = traced(message="The lift is slow.")
+    fast.clear_delays()
+    assert prediction.escalate.data == "False"
+    pc = _recorded_call(prediction.escalate.grad_fn)
+    _, explanation = F.exact_match_evaluator(prediction.escalate, "True")
+    explanation.backward()
+    return {
+        "pc input links": input_links(pc),
+        "feedback": sorted(
+            name for name, param in traced.named_parameters() if param.grad
+        ),
+    }
+
+
+@pytest.mark.parametrize("threads", [2, 1])
+def test_a_parallel_call_is_never_linked_to_a_sibling_whichever_finishes_first(
+    threads: int, fast: Simulator, sim_backward: LMEndpoint
+) -> None:
+    """PC's ``previous`` input equals the output of FIRST, PA and PB ("neutral"), but
+    only FIRST can have fed it: PA and PB ran beside it in the same ``dspy.Parallel``
+    block (PC started when one of them had finished, on the freed thread; on one
+    thread DSPy runs the members in turn on the program's own thread)."""
+    runs = {
+        marker: _first_then_parallel(fast, marker, threads)
+        for marker in ("mkpa", "mkpb")
+    }
+    assert runs["mkpa"] == runs["mkpb"]
+    assert runs["mkpa"] == {
+        "pc input links": ["first: The lift is slow."],
+        "feedback": ["first_instructions", "pc_instructions"],
+    }
+
+
+class FirstThenParallelModule(FirstThenParallel):
+    """:class:`FirstThenParallel` whose third member is an afnio module taking the
+    first call's label."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefix = AfnioModule(Prefix(), outputs=("text",))
+
+    def forward(self, message: str) -> dspy.Prediction:
+        previous = self.first(message=message).sentiment
+        pairs = [
+            (self.pa, {"message": message}),
+            (self.pb, {"message": message}),
+            (self.prefix, {"label": previous}),
+        ]
+        _, _, text = self.parallel(pairs)
+        return text
+
+
+def test_an_afnio_module_in_a_parallel_block_is_never_linked_to_a_sibling(
+    fast: Simulator, sim_backward: LMEndpoint
+) -> None:
+    """The afnio module's input equals FIRST's, PA's and PB's output; it is linked to
+    FIRST alone, whichever of PA and PB finished before it started."""
+    feedback = []
+    for marker in ("mkpa", "mkpb"):
+        fast.clear_delays()
+        fast.delay_when(marker, SLOW)
+        traced = trace(FirstThenParallelModule())
+        with dspy.context(lm=make_lm(fast)):
+            prediction = traced(message="The lift is slow.")
+        fast.clear_delays()
+        assert prediction.text.data == "Label:neutral"
+        _, explanation = F.exact_match_evaluator(prediction.text, "Label: negative")
+        explanation.backward()
+        feedback.append(
+            sorted(name for name, param in traced.named_parameters() if param.grad)
+        )
+    assert feedback == [["afnio_prefix.prefix", "first_instructions"]] * 2
+
+
+class RuntimePredictor(dspy.Module):
+    """Creates a predictor inside ``forward``: not traceable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classify = dspy.Predict("message -> sentiment")
+
+    def forward(self, message: str) -> dspy.Prediction:
+        label = self.classify(message=message).sentiment
+        explain = dspy.Predict(dspy.Signature("sentiment -> escalate: bool", "[mkrt]"))
+        return explain(sentiment=label)
+
+
+def test_a_predictor_created_at_run_time_is_warned_about_once(
+    fast: Simulator, sim_backward: LMEndpoint
+) -> None:
+    """It has no Parameter: one AfnioTracingWarning per traced program names it and
+    says how to make it traceable; feedback still flows through its calls."""
+    from afnio_integrations.dspy import AfnioTracingWarning
+
+    traced = trace(RuntimePredictor())
+    assert traced.predictor_names == ["classify"]
+    with dspy.context(lm=make_lm(fast)):
+        with pytest.warns(AfnioTracingWarning) as caught:
+            first = traced(message="The lift is slow.")
+            traced(message="The heater is broken.")
+            traced.batch([{"message": "Hi."}, {"message": "Bye."}])
+        assert len(caught) == 1
+        message = str(caught[0].message)
+        assert "Predict(sentiment -> escalate)" in message and "[mkrt]" in message
+        assert "__init__" in message
+        assert caught[0].filename == __file__
+        with pytest.warns(AfnioTracingWarning):  # another traced program: warned
+            trace(RuntimePredictor())(message="Hi.")
+    _, explanation = F.exact_match_evaluator(first.escalate, "True")
+    explanation.backward()
+    (classify,) = traced.parameters()
+    assert classify.grad  # through the untraced call's input
