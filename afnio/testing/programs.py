@@ -544,13 +544,13 @@ class _Stage:
     (text and path) from its input, by construction."""
 
     def build(self, ctx: _Build) -> Any:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every stage builds its runnable
 
     def model(self, inp: Mapping[str, Value], sample: _SampleDraft) -> Value:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every stage models its output
 
     def describe(self) -> str:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every stage describes itself
 
     def units(self) -> Iterator[_Unit]:
         return iter(())
