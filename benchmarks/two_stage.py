@@ -386,8 +386,6 @@ def run_chain(
             def select(slot: Any) -> bool:
                 return slot.role == "system" and slot.text == SECOND_PROMPT
 
-        # no root_dir: with one, optimize checkpoints the traced chain, and saving
-        # it fails today (its state holds PromptSlot objects afnio.save refuses)
         _, report = optimize(
             chain,
             [({"message": m}, t) for m, t in train],
@@ -533,6 +531,25 @@ def run(
     if variant not in SUPPORTED[kind]:
         raise ValueError(f"{kind} has no {variant} variant; it has {SUPPORTED[kind]}")
     return RUNNERS[kind](load_splits(root, seed), seed, variant, out, epochs, batch)
+
+
+def learning_problems(runs: Sequence[Outcome], min_gain: float = 0.15) -> list[str]:
+    """Why real runs (one program kind, several seeds) do not show the first prompt
+    learning what the second stage needs; empty when they do: a median held-out gain
+    of at least ``min_gain``, a start below 0.6, the first prompt given an
+    ``unhappy`` rule and the second prompt unchanged."""
+    report = ", ".join(f"{o.before:.3f}->{o.after:.3f}" for o in runs)
+    problems = []
+    if statistics.median(o.gain for o in runs) < min_gain:
+        problems.append(f"median gain below {min_gain:.0%}: {report}")
+    for o in runs:
+        if o.before >= 0.6:
+            problems.append(f"seed {o.seed} starts at {o.before:.3f}")
+        if "the feeling is unhappy." not in o.first_prompt:
+            problems.append(f"seed {o.seed}: first prompt {o.first_prompt!r}")
+        if o.second_prompt != SECOND_PROMPT:
+            problems.append(f"seed {o.seed}: second prompt {o.second_prompt!r}")
+    return problems
 
 
 def median_gain(outcomes: Sequence[Outcome], kind: str, variant: str) -> float:

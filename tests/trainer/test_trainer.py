@@ -17,18 +17,13 @@ from afnio.testing import SIMULATOR_MODEL, Simulator
 from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader
 from benchmarks.resume_kills import MESSAGES, Messages
+from benchmarks.two_stage import simulated
 from examples.facility_support import SentimentClassifier
 
 
 @pytest.fixture
 def sim_client() -> Iterator[tuple[Simulator, OpenAI]]:
-    with (
-        Simulator() as sim,
-        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
-    ):
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
+    with simulated() as (sim, client):
         yield sim, client
 
 

@@ -7,7 +7,6 @@ an afnio Module)."""
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 import pytest
@@ -36,10 +35,4 @@ def test_a_two_stage_dspy_program_learns_its_first_instructions(
 ) -> None:
     root = two_stage.data_root(tmp_path)
     runs = [two_stage.run("dspy", "real", seed, root, tmp_path) for seed in (0, 1, 2)]
-    report = ", ".join(f"{o.before:.3f}->{o.after:.3f}" for o in runs)
-    print(report)
-    assert statistics.median(o.gain for o in runs) * 100 >= 15, report
-    for outcome in runs:
-        assert outcome.before < 0.6, report
-        assert "the feeling is unhappy." in outcome.first_prompt, outcome
-        assert outcome.second_prompt == two_stage.SECOND_PROMPT, outcome
+    assert two_stage.learning_problems(runs, min_gain=0.15) == []
