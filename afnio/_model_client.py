@@ -100,11 +100,16 @@ def set_backward_model_client(
             model client instance (any ``ChatCompletionModel``, including the
             integrations' LangChain and DSPy adapters); then give the model name in
             ``completion_args["model"]`` if the client needs one.
-        client_args: arguments of :class:`afnio.models.openai.AsyncOpenAI`
+        client_args: arguments of :class:`afnio.models.openai.OpenAI`
             (``api_key`` defaults to ``OPENAI_API_KEY``, ``base_url``, ``timeout``...).
         completion_args: defaults for every backward call (``temperature``, ...).
 
-    The client is rebuilt only when something changed.
+    From a path, the client is an :class:`afnio.models.openai.OpenAI` built from
+    ``client_args`` (as upstream's: ``get_backward_model_client()._client`` is an
+    ``OpenAI``, whose ``_client`` is the sync ``openai.OpenAI`` SDK client). Backward
+    calls still run concurrently: every afnio client sends its requests through the
+    async SDK client on afnio's event loop. The client is rebuilt only when something
+    changed.
 
     Raises:
         ValueError: for a malformed path or an unsupported provider.
@@ -144,9 +149,9 @@ def set_backward_model_client(
         if unchanged:
             return
         if client is None:
-            from afnio.models.openai import AsyncOpenAI
+            from afnio.models.openai import OpenAI
 
-            client = AsyncOpenAI(**args)
+            client = OpenAI(**args)
         new = ModelClientSingleton()
         new._client = client
         new._provider = provider

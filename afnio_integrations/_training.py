@@ -1,8 +1,10 @@
 """Pieces shared by the integrations' optimization loops (LangChain ``optimize``, DSPy
-``AfnioTGD``): a dataset of indices and an agent that runs one step per split."""
+``AfnioTGD``): a dataset of indices, an agent that runs one step per split, and the
+``model=`` a client needs (:func:`model_args`), settled before any LM call."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import tempfile
 from collections.abc import Callable
@@ -15,7 +17,15 @@ from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader, Dataset
 from afnio_integrations._report import OptimizeReport
 
-__all__ = ["IndexDataset", "LoopOutcome", "SplitAgent", "train_agent"]
+__all__ = [
+    "IndexDataset",
+    "LoopOutcome",
+    "SplitAgent",
+    "client_model",
+    "model_args",
+    "needs_model",
+    "train_agent",
+]
 
 
 class IndexDataset(Dataset):
@@ -133,6 +143,10 @@ def train_agent(
         max_epochs=epochs,
         enable_progress_bar=progress,
         enable_agent_summary=False,
+        enable_run_summary=progress,  # progress=False: nothing on stdout
+        # the bar shows the per-sample score users read (accuracy, score), not the
+        # batch's summed score that the Trainer's loss is
+        show_metrics=(score_key.removeprefix("val_"),),
         enable_checkpointing=root_dir is not None,
         default_root_dir=root_dir or tempfile.mkdtemp(prefix="afnio-optimize-"),
         max_cost=max_cost,
@@ -166,3 +180,69 @@ def train_agent(
         stopped_reason=trainer.stopped_reason,
         phases=LEDGER.since(phase_start),
     )
+
+
+def needs_model(client: Any) -> bool:
+    """Whether ``client.achat`` requires a ``model=`` argument (afnio's OpenAI
+    clients do; the LangChain and DSPy adapters name their model themselves)."""
+    try:
+        params = inspect.signature(client.achat).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+    param = params.get("model")
+    return (
+        param is not None
+        and param.default is inspect.Parameter.empty
+        and param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD)
+    )
+
+
+def client_model(client: Any) -> str | None:
+    """The model ``client`` already names, if any: a backward-client singleton's
+    ``model``, a LangChain chat model's ``model_name``/``model``, a DSPy LM's
+    ``model``, or a ``model``/``model_name`` string attribute of the client."""
+    from afnio._model_client import ModelClientSingleton
+
+    if isinstance(client, ModelClientSingleton):
+        name = client._completion_args.get("model") or client._model
+        return name if isinstance(name, str) and name else None
+    candidates = [client, getattr(client, "model", None), getattr(client, "lm", None)]
+    for owner in candidates:
+        for attr in ("model_name", "model"):
+            name = getattr(owner, attr, None)
+            if isinstance(name, str) and name:
+                return name
+    return None
+
+
+def model_args(
+    client: Any,
+    args: dict[str, Any],
+    *,
+    what: str,
+    default: str | None = None,
+    how: str,
+) -> dict[str, Any]:
+    """``args`` with a ``model`` when ``client`` needs one (:func:`needs_model`):
+    ``args["model"]`` if given, else ``default`` (e.g. the backward client's model),
+    else the model the client names itself (:func:`client_model`).
+
+    Args:
+        what: the client in a message (``"the optimizer client"``).
+        how: what the user passes to name the model (``"model='gpt-4o-mini'"``).
+
+    Raises:
+        ValueError: the client needs a model and none was found (before any LM
+            call).
+    """
+    args = dict(args)
+    if args.get("model") is not None or not needs_model(client):
+        return args
+    model = default or client_model(client)
+    if model is None:
+        raise ValueError(
+            f"{what} {client!r} needs a model name and none was given: pass {how} "
+            "(no LM call was made)."
+        )
+    args["model"] = model
+    return args

@@ -6,17 +6,30 @@ import sys
 
 __all__ = ["main"]
 
+USAGE = """\
+usage: afnio <command> [options]
+
+commands:
+  demo    watch an ordinary LangChain chain get better, offline
+          (afnio demo --help for its options)
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``afnio`` command with ``argv`` (default: ``sys.argv``); returns the
+    exit status (0 for help, 2 for a missing or unknown command)."""
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
-        print("usage: afnio demo [options]   (afnio demo --help for the options)")
+        print(USAGE, end="", file=sys.stdout if args else sys.stderr)
         return 0 if args else 2
     if args[0] == "demo":
         from afnio_integrations.demo import main as demo
 
         return demo(args[1:])
-    print(f"afnio: unknown command {args[0]!r}; try: afnio demo", file=sys.stderr)
+    print(
+        f"afnio: unknown command {args[0]!r}; try: afnio demo (or afnio --help)",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 from afnio._runtime import request_slot, run_async
 from afnio._secrets import REDACTED, mask_secrets, mask_url
+from afnio.errors import note_client
 from afnio.models.cache import account_fingerprint, cache_key, get_cache
 from afnio.models.model import ChatCompletionModel, EmbeddingModel, TextCompletionModel
 from afnio.models.model_registry import register_model_class
-from afnio.models.phases import LEDGER
+from afnio.models.phases import LEDGER, current_phase
 from afnio.models.pricing import cost_of
 from afnio.models.step_memo import memoized
 from afnio.models.usage import add_usage
@@ -214,7 +215,11 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
 
         async def call() -> Any:
             async with request_slot():
-                value, usage = await send(payload)
+                try:
+                    value, usage = await send(payload)
+                except Exception as e:  # say which client failed, and where to
+                    note_client(e, f"afnio's {current_phase()} client {self!r}")
+                    raise
                 self.calls += 1
             cost = None
             if usage is not None:
@@ -349,7 +354,84 @@ class OpenAI(_OpenAIClient):
         timeout, max_retries, default_headers, default_query, organization,
             project, websocket_base_url: as for the SDK.
         http_client: an ``httpx.AsyncClient`` (requests run on afnio's loop).
+
+    As upstream's, it exposes a synchronous SDK client, ``openai.OpenAI``, as
+    ``_client`` (built on first access, with the same key, base URL, timeout,
+    retries, headers and query; not with ``http_client``, which is async). afnio's
+    own requests (``chat`` as well as ``achat``) all go through the async SDK client
+    (:attr:`client`) on afnio's event loop, so they run concurrently under
+    :func:`afnio.set_max_concurrency` and share the cache and usage accounting.
     """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        organization: str | None = None,
+        project: str | None = None,
+        base_url: str | httpx.URL | None = None,
+        websocket_base_url: str | httpx.URL | None = None,
+        timeout: float | httpx.Timeout | NotGiven | None = NOT_GIVEN,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        default_headers: Mapping[str, str] | None = None,
+        default_query: Mapping[str, object] | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(
+            api_key=api_key,
+            organization=organization,
+            project=project,
+            base_url=base_url,
+            websocket_base_url=websocket_base_url,
+            timeout=timeout,
+            max_retries=max_retries,
+            default_headers=default_headers,
+            default_query=default_query,
+            http_client=http_client,
+        )
+        sdk = self._aclient  # the resolved settings (key and base URL from the env)
+        self._sync_args: dict[str, Any] = {
+            "api_key": sdk.api_key,
+            "organization": sdk.organization,
+            "project": sdk.project,
+            "base_url": sdk.base_url,
+            "websocket_base_url": websocket_base_url,
+            "timeout": sdk.timeout,
+            "max_retries": max_retries,
+            "default_headers": {
+                "Accept-Encoding": "gzip, deflate",
+                **(default_headers or {}),
+            },
+            "default_query": default_query,
+        }
+        self._sync_client: openai.OpenAI | None = None
+        self._sync_lock = threading.Lock()
+
+    @property
+    def _client(self) -> openai.OpenAI:
+        """The synchronous ``openai.OpenAI`` SDK client (upstream's ``_client``),
+        built on first access from this client's settings."""
+        with self._sync_lock:
+            if self._sync_client is None:
+                import openai
+
+                self._sync_client = openai.OpenAI(**self._sync_args)
+            return self._sync_client
+
+    def close(self) -> None:
+        """Close the HTTP connections of both SDK clients."""
+        with self._sync_lock:
+            sync, self._sync_client = self._sync_client, None
+        if sync is not None:
+            sync.close()
+        super().close()
+
+    async def aclose(self) -> None:
+        """Async :meth:`close`."""
+        with self._sync_lock:
+            sync, self._sync_client = self._sync_client, None
+        if sync is not None:
+            sync.close()
+        await super().aclose()
 
 
 @register_model_class

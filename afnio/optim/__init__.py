@@ -1,8 +1,15 @@
 """Optimizers: the base class and textual gradient descent."""
 
 from afnio.optim.optimizer import Optimizer
-from afnio.optim.tgd import TGD, OptimizerStepError, tgd
+from afnio.optim.tgd import (
+    TGD,
+    TGD_MESSAGES,
+    OptimizerStepError,
+    TGDMessagesWarning,
+    tgd,
+)
 
 __all__ = ["TGD", "tgd"]
 
-_public = (Optimizer, OptimizerStepError)  # also importable from afnio.optim
+# also importable from afnio.optim
+_public = (Optimizer, OptimizerStepError, TGDMessagesWarning, TGD_MESSAGES)

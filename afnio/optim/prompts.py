@@ -54,7 +54,11 @@ TGD_USER = """\
 {past_iterations}{constraints}Return the complete improved value."""
 """Default user message of TGD. Custom ``messages`` may use the same placeholders:
 ``variable_role``, ``variable``, ``feedback``, ``feedback_count``,
-``past_iterations``, ``constraints`` (plus the keys of ``inputs``)."""
+``past_iterations``, ``constraints`` (plus the keys of ``inputs``); without
+``{variable}`` or ``{feedback}`` they get a
+:class:`afnio.optim.tgd.TGDMessagesWarning`. Upstream's placeholder messages
+(:data:`afnio.optim.tgd.TGD_MESSAGES`) are replaced by this prompt and
+:data:`TGD_SYSTEM`."""
 
 PAST_ITERATIONS = """\
 <PAST_ITERATIONS>

@@ -33,7 +33,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
+import sys
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -52,7 +55,14 @@ from afnio.models.step_memo import reject_answer
 from afnio.optim import prompts
 from afnio.optim.optimizer import Optimizer
 
-__all__ = ["TGD", "OptimizerStepError", "render_feedback", "tgd"]
+__all__ = [
+    "TGD",
+    "TGD_MESSAGES",
+    "OptimizerStepError",
+    "TGDMessagesWarning",
+    "render_feedback",
+    "tgd",
+]
 
 logger = logging.getLogger("afnio.optim")
 
@@ -66,6 +76,156 @@ class OptimizerStepError(AfnioError, RuntimeError):
     def __init__(self, message: str, *, parameter: str | None = None) -> None:
         super().__init__(message)
         self.parameter = parameter
+
+
+class TGDMessagesWarning(UserWarning):
+    """Custom TGD ``messages`` lack the ``{variable}`` or ``{feedback}`` placeholder,
+    so the optimizer LM will not see the parameter's value or its feedback. Filter it
+    with ``warnings.filterwarnings("ignore", category=TGDMessagesWarning)`` when that
+    is intended."""
+
+
+_PLACEHOLDER_ROLE = "Textual Gradient Descent optimizer {} prompt"
+_PLACEHOLDER_DATA = "Placeholder for Textual Gradient Descent optimizer {} prompt"
+
+# Upstream afnio's placeholder texts (its server swapped them for its own prompts);
+# upstream's docstrings also spell them without "for".
+_PLACEHOLDER_TEXT = re.compile(
+    r"\s*placeholder\s+(?:for\s+)?textual\s+gradient\s+descent\s+optimizer\s+"
+    r"(system|user)\s+prompt\.?\s*",
+    re.IGNORECASE,
+)
+
+TGD_MESSAGES: list[dict[str, Any]] = [
+    {
+        "role": kind,
+        "content": [
+            Variable(
+                _PLACEHOLDER_DATA.format(kind), role=_PLACEHOLDER_ROLE.format(kind)
+            )
+        ],
+    }
+    for kind in ("system", "user")
+]
+"""Upstream afnio's placeholder optimizer messages (same texts and roles), kept for
+code written for upstream: ``TGD(..., messages=TGD_MESSAGES)`` and
+``tgd(..., messages=TGD_MESSAGES)``. Any message content equal to one of these
+placeholder texts is replaced by afnio's default prompt (``prompts.TGD_SYSTEM`` for
+the system placeholder, ``prompts.TGD_USER`` for the user one), so the optimizer LM
+sees the parameter's value and its feedback. Leaving ``messages`` out does the same.
+"""
+
+
+def _placeholder_kind(data: Any) -> str | None:
+    """``"system"``/``"user"`` if ``data`` is one of upstream's placeholder texts.
+
+    Example::
+
+        >>> _placeholder_kind("Placeholder for Textual Gradient Descent optimizer "
+        ...                   "user prompt")
+        'user'
+        >>> _placeholder_kind("Rewrite {variable} using {feedback}.") is None
+        True
+    """
+    if not isinstance(data, str):
+        return None
+    match = _PLACEHOLDER_TEXT.fullmatch(data)
+    return match.group(1).lower() if match else None
+
+
+def _default_text(kind: str) -> str:
+    return prompts.TGD_SYSTEM if kind == "system" else prompts.TGD_USER
+
+
+def _template_of(content: Variable) -> str:
+    """The template a message content renders from: afnio's default prompt in place
+    of an upstream placeholder, else the content's own text."""
+    kind = _placeholder_kind(content.data)
+    return _default_text(kind) if kind else str(content.data)
+
+
+_AFNIO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller of this function
+    point at the first frame outside the ``afnio`` package (the user's ``TGD(...)``,
+    ``tgd(...)`` or ``add_param_group(...)`` line)."""
+    frame = sys._getframe(1)  # the function that calls warnings.warn: level 1
+    level = 1
+    while frame.f_back is not None and os.path.abspath(
+        frame.f_code.co_filename
+    ).startswith(_AFNIO_DIR + os.sep):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _prepare_messages(messages: Any) -> Any:
+    """Resolve and check the optimizer ``messages`` given by a user.
+
+    ``None`` and :data:`TGD_MESSAGES` (or any copy of upstream's placeholders) give
+    afnio's default prompt: each placeholder content becomes a fresh Variable holding
+    the default system or user prompt (its role kept). Other contents are kept as
+    given (the list is returned unchanged when nothing was replaced). Messages
+    without a ``{variable}`` or ``{feedback}`` placeholder get a
+    :class:`TGDMessagesWarning`. Invalid structures are returned as given, for
+    :func:`afnio._utils._validate_multi_turn_messages` to report.
+    """
+    if messages is None or messages is TGD_MESSAGES:
+        return _default_messages()
+    if not _validate_multi_turn_messages(messages, raise_error=False):
+        return messages
+    replaced = False
+    resolved = []
+    for message in messages:
+        content = []
+        for v in message["content"]:
+            kind = _placeholder_kind(v.data)
+            if kind is not None:
+                replaced = True
+                v = Variable(_default_text(kind), role=v.role)
+            content.append(v)
+        resolved.append({**message, "content": content})
+    _warn_missing_slots(resolved)
+    return resolved if replaced else messages
+
+
+def _warn_missing_slots(messages: list[dict[str, Any]]) -> None:
+    """Warn when custom ``messages`` cannot show the LM the parameter's value
+    (``{variable}``) or its feedback (``{feedback}``)."""
+    found: set[str] = set()
+    for message in messages:
+        for v in message["content"]:
+            found.update(placeholders(_template_of(v)))
+    missing = [name for name in ("variable", "feedback") if name not in found]
+    if not missing:
+        return
+    if len(missing) == 2:
+        what = (
+            "neither a {variable} nor a {feedback} placeholder: the optimizer LM "
+            "will see neither the parameter's current value nor its feedback"
+        )
+    elif missing == ["variable"]:
+        what = (
+            "no {variable} placeholder: the optimizer LM will not see the "
+            "parameter's current value"
+        )
+    else:
+        what = (
+            "no {feedback} placeholder: the optimizer LM will not see the feedback "
+            "(the gradients) it should act on"
+        )
+    warnings.warn(
+        f"TGD `messages` contain {what}, yet its answer replaces the parameter. "
+        "Write {variable} (the current value) and {feedback} (the feedback texts) "
+        "into your messages (also available: {variable_role}, {feedback_count}, "
+        "{past_iterations}, {constraints} and the keys of `inputs`), or leave "
+        "`messages` out to use afnio's default prompt "
+        "(afnio.optim.prompts.TGD_SYSTEM and TGD_USER).",
+        TGDMessagesWarning,
+        stacklevel=_user_stacklevel(),
+    )
 
 
 class _ImprovedVariable(pydantic.BaseModel):
@@ -263,7 +423,7 @@ async def _propose(
     chat = [
         {
             "role": m["role"],
-            "content": "\n".join(render(str(v.data), values) for v in m["content"]),
+            "content": "\n".join(render(_template_of(v), values) for v in m["content"]),
         }
         for m in messages
     ]
@@ -406,8 +566,12 @@ def tgd(
     """Functional TGD: rewrite ``params[i]`` from ``grads[i]`` in place, and update
     ``momentum_buffer_list[i]`` in place (the last ``momentum`` ``(snapshot, grads)``
     pairs). Atomic with ``on_error="raise"``.
+
+    ``messages`` left out, or upstream's placeholders (:data:`TGD_MESSAGES`), use
+    afnio's default prompt; custom messages without ``{variable}`` or ``{feedback}``
+    get a :class:`TGDMessagesWarning`.
     """
-    messages = messages if messages is not None else _default_messages()
+    messages = _prepare_messages(messages)
     inputs = dict(inputs or {})
     constraints = list(constraints or [])
     _check_options(model_client, messages, inputs, constraints, momentum, on_error)
@@ -440,9 +604,11 @@ class TGD(Optimizer):
         params: the Parameters (or parameter groups) to optimize.
         model_client: the LM that writes the new values.
         messages: custom optimizer prompt (a chat of Variables); the default is
-            afnio's (``afnio.optim.prompts``). Placeholders: ``variable_role``,
+            afnio's (``afnio.optim.prompts``), also used for upstream's placeholders
+            (:data:`TGD_MESSAGES`). Placeholders: ``variable_role``,
             ``variable``, ``feedback``, ``feedback_count``, ``past_iterations``,
-            ``constraints`` and the keys of ``inputs``.
+            ``constraints`` and the keys of ``inputs``; messages without
+            ``{variable}`` or ``{feedback}`` get a :class:`TGDMessagesWarning`.
         inputs: values for extra placeholders of ``messages``.
         constraints: natural-language rules every new value must respect.
         momentum: how many past ``(value, feedback)`` iterations to show.
@@ -461,7 +627,7 @@ class TGD(Optimizer):
         on_error: str = "raise",
         **completion_args: Any,
     ) -> None:
-        messages = messages if messages is not None else _default_messages()
+        messages = _prepare_messages(messages)
         defaults = {
             "model_client": model_client,
             "messages": messages,
@@ -483,6 +649,15 @@ class TGD(Optimizer):
             )
         self.on_error = on_error
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group; its own ``messages``, if any, are resolved as the
+        constructor's are (upstream's placeholders give the default prompt; messages
+        without ``{variable}``/``{feedback}`` warn)."""
+        if isinstance(param_group, dict) and "messages" in param_group:
+            param_group["messages"] = _prepare_messages(param_group["messages"])
+            _validate_multi_turn_messages(param_group["messages"])
+        super().add_param_group(param_group)
 
     def step(self, closure: Any = None) -> Any:
         """Rewrite every parameter that has feedback; returns ``closure()``'s value

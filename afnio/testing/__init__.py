@@ -8,8 +8,12 @@ advance. afnio's own tests use it to record HTTP cassettes and to measure concur
 Rule grammar (see :mod:`afnio.testing.world`): a prompt may hold sentences of the exact
 form ``If the message mentions "<word>", the <field> is <label>.``; the answer is the
 label of the first rule whose word occurs as a whole word (any case) in the user
-messages (rule sentences excluded), else ``neutral`` (or, for a field other than
-``sentiment``, the first ``enum`` value of that field in the requested JSON schema).
+messages (rule sentences excluded; ``begins with`` rules match the input's lead word),
+else the task's default label: ``neutral`` when it is one of the task's labels (the
+schema ``enum``, or a ``: a, b or c`` list in the prompt) or no label set is known,
+else the first label. The backward answers write rules for the field the prompt names
+(``Classify the urgency ...``), with a word chosen from the failed input without
+looking at its label, and say why when no rule can be written.
 
 afnio's own prompts are recognised first, by the markers of
 :mod:`afnio.autodiff.prompts`: an LM judge call (the ``afnio_judgement`` JSON schema)

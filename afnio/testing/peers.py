@@ -315,7 +315,8 @@ def textgrad_feedback(text: str) -> str:
     ...     "to the variable to address the following feedback on the LM_OUTPUT: "
     ...     'The prediction "neutral" is wrong: the expected value is "negative". '
     ...     "</OBJECTIVE_FUNCTION> <VARIABLE> Classify. </VARIABLE>")
-    'If the message mentions "awful", the sentiment is negative.'
+    ... # doctest: +ELLIPSIS
+    'If the message mentions "awful", the sentiment is negative. The prompt names no...'
     """
     role_el = Element.first("ROLE", text)
     role = " ".join(role_el.text.split()) if role_el else "variable"

@@ -18,10 +18,37 @@ is the label of the **first** rule (in message order) whose quoted word occurs i
 *user content* as a whole word, case-insensitively. The user content is the text of
 all ``user`` messages with every rule sentence removed, so a rule never matches itself.
 
-If no rule matches, the answer is a default label: ``neutral`` (the majority class)
-when the field is ``sentiment`` or when there is no rule at all; for another field, the
-first ``enum`` value of that field's property when the request carries a JSON schema
-that has one (else ``neutral`` again).
+A rule may instead read ``If the message begins with "<word>", the <field> is
+<label>.``: it matches when ``<word>`` is the user content's *lead word*
+(:func:`lead_word`: its first content word, a leading ``Label:`` and the
+:data:`STOPWORDS` skipped, a negated word skipped).
+
+The task
+--------
+The simulator reads the task from the request, the same way for every task:
+
+* the *field*: that of the first rule; else the first ``enum`` property of a
+  ``json_schema`` response format; else the word after ``classify the`` (or
+  ``determine``, ``rate``, ``name``... the, see :func:`prompt_field`) in the
+  instructions; for DSPy, the ``sentiment`` output field, else the first output
+  field other than ``reasoning``; else ``sentiment`` (the feedback then says so);
+* the *labels*: the field's schema ``enum``, a DSPy ``Literal``, else the list the
+  instructions give after a colon (``: low, medium or high``, see
+  :func:`listed_labels`);
+* the *default label*, answered when no rule matches (see :func:`task_default`):
+  ``neutral`` when it is a label or no label set is known, else the first label
+  (``low`` for ``low, medium or high``). A prompt without rules but with a label set
+  is answered its default label; one with neither gets ``neutral``.
+
+The *rule word* of a failed sample (see :func:`rule_word`) never depends on its
+label: for an affect field (:data:`AFFECT_FIELDS`: sentiment, feeling, mood,
+tone...) a ``mentions`` rule for the alphabetically first :data:`SALIENCE_LEXICON`
+word of the input (the simulator's knowledge of evaluative words; no rule for the
+default label ``neutral``, the absence of evaluation); for any other field a ``begins
+with`` rule for the input's lead word (for every label). When no rule can be
+written (no such word in the input, the default label of an affect field), the
+system prompt's gradient says so and why (``No rule can be written: ...``); a prompt
+that names no field or (outside affect fields) no labels gets a note saying so.
 
 Responders
 ----------
@@ -159,14 +186,17 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "AFFECT_FIELDS",
     "DEFAULT_FIELD",
     "DEFAULT_LABEL",
     "DSPY_COMPLETED",
     "GRADIENTS_SCHEMA_NAME",
     "JUDGE_SCHEMA_NAME",
+    "NEGATORS",
     "RESPONDERS",
     "RULE_PATTERN",
     "SALIENCE_LEXICON",
+    "STOPWORDS",
     "Answer",
     "ChatBackwardPrompt",
     "DSPyField",
@@ -177,6 +207,7 @@ __all__ = [
     "PromptVariable",
     "Responder",
     "Rule",
+    "RuleWord",
     "SimRequest",
     "answer",
     "chat_backward_gradients",
@@ -188,14 +219,23 @@ __all__ = [
     "evaluator_backward_responder",
     "fallback_responder",
     "find_rules",
+    "instructions_text",
+    "is_affect_field",
     "judge_responder",
     "judgement_matches",
+    "lead_word",
+    "listed_labels",
     "message_text",
+    "prompt_field",
     "relay_value",
     "render_content",
     "respond",
+    "rule_sentence",
+    "rule_word",
     "salient_word",
     "schema_instance",
+    "task_default",
+    "task_labels",
     "task_responder",
     "user_content",
 ]
@@ -241,10 +281,45 @@ of a new rule from it (see :func:`salient_word`).
 """
 
 RULE_PATTERN = re.compile(
-    r'If\s+the\s+message\s+mentions\s+"(?P<word>[^"\n]+)",\s+'
+    r"If\s+the\s+message\s+(?P<kind>mentions|begins\s+with)\s+"
+    r'"(?P<word>[^"\n]+)",\s+'
     r"the\s+(?P<field>[^.\n]+?)\s+is\s+(?P<label>[^.\n]+?)\s*\."
 )
-"""The rule sentence: ``If the message mentions "<word>", the <field> is <label>.``"""
+"""The rule sentence: ``If the message mentions "<word>", the <field> is <label>.``
+or ``If the message begins with "<word>", the <field> is <label>.``"""
+
+AFFECT_FIELDS: tuple[str, ...] = (
+    "attitude",
+    "emotion",
+    "feeling",
+    "mood",
+    "opinion",
+    "polarity",
+    "sentiment",
+    "tone",
+)
+"""The fields :data:`SALIENCE_LEXICON` is knowledge for (compared case- and
+separator-insensitively): for them the chat backward writes ``mentions`` rules for
+evaluative words; for any other field it writes ``begins with`` rules for the
+input's lead word (see :func:`lead_word`)."""
+
+STOPWORDS: frozenset[str] = frozenset(
+    """a about above after again against all also am an and any are as at be because
+    been before being below between both but by can cannot could dear did do does doing
+    down during each either few for from further had has have having he hello her here
+    hers herself hey hi him himself his how i if in into is it its itself just let me
+    more most my myself neither no nor not now of off on once only or other our ours
+    ourselves out over own please same she should so some such than that the their
+    theirs them themselves then there these they this those through to too under until
+    up very was we were what when where which while who whom why will with would yes
+    yet you your yours yourself yourselves""".split()  # noqa: SIM905
+)
+"""English function words (and greetings) that are never a lead word (see
+:func:`lead_word`); a fixed list, the same for every task."""
+
+NEGATORS: frozenset[str] = frozenset({"no", "not", "never", "nothing", "without"})
+"""Words after which the next content word is negated (as are words ending in
+``n't``): a negated word is never a lead word."""
 
 
 @dataclass(frozen=True)
@@ -319,16 +394,88 @@ class Rule:
     field: str
     label: str
     sentence: str
+    kind: str = "mentions"
 
     def matches(self, text: str) -> bool:
-        """Whether the rule's word occurs in ``text`` as a whole word (any case).
+        """Whether the rule applies to ``text``: a ``mentions`` rule when its word
+        occurs in ``text`` as a whole word (any case); a ``begins with`` rule when its
+        word is the :func:`lead_word` of ``text`` (any case).
 
         >>> rule = find_rules('If the message mentions "Bad", the x is y.')[0]
         >>> rule.matches("so bad!"), rule.matches("badly")
         (True, False)
+        >>> lead = find_rules('If the message begins with "outage", the x is y.')[0]
+        >>> lead.matches("Subject: OUTAGE in Paris"), lead.matches("Power outage")
+        (True, False)
         """
+        if self.kind == "begins with":
+            return lead_word(text) == self.word.strip().casefold()
         pattern = rf"(?<!\w){re.escape(self.word.strip())}(?!\w)"
         return re.search(pattern, text, re.IGNORECASE) is not None
+
+    def text(self) -> str:
+        """The rule as a sentence of the grammar (normalised spacing)."""
+        return rule_sentence(self.kind, self.word, self.field, self.label)
+
+
+def rule_sentence(kind: str, word: str, field: str, label: str) -> str:
+    """A rule sentence: ``If the message <kind> "<word>", the <field> is <label>.``
+
+    >>> rule_sentence("begins with", "inquiry", "urgency", "low")
+    'If the message begins with "inquiry", the urgency is low.'
+    """
+    return f'If the message {kind} "{word}", the {field} is {label}.'
+
+
+_WORD = re.compile(r"[^\W\d_]+(?:['\u2019-][^\W\d_]+)*")
+_LABEL_HEADER = re.compile(r"\A\s*[^\W\d_]+\s*:")
+
+
+def lead_word(text: str) -> str | None:
+    """The *lead word* of ``text``: its first content word, casefolded. The beginning
+    of a text (a subject line, a title, the first words of a ticket) says what the text
+    is, whatever the language or the task. Rules, in order:
+
+    * rule sentences are removed, and a first word directly followed by a colon is a
+      field label (``Subject:``, ``Message:``, ``Ticket:``), skipped once;
+    * words are runs of letters (any script; inner ``'``/``-`` kept); a word of
+      :data:`STOPWORDS` or of one letter is no content word;
+    * a content word right after a negator (:data:`NEGATORS`, ``...n't``) is skipped
+      (``Not urgent: ...`` does not lead with ``urgent``).
+
+    ``None`` when ``text`` holds no content word. Labels play no part.
+
+    >>> lead_word("Subject: Urgent HVAC repair"), lead_word("Olá, preciso de ajuda")
+    ('urgent', 'olá')
+    >>> lead_word("Not urgent: the printer jams"), lead_word("Hi! I am so... ok?")
+    ('printer', 'ok')
+    >>> lead_word("Hello, is it me?") is None
+    True
+    """
+    text = RULE_PATTERN.sub(" ", text)
+    text = _LABEL_HEADER.sub(" ", text, count=1)
+    negated = False
+    for match in _WORD.finditer(text):
+        word = match[0].casefold().replace("\u2019", "'")
+        if word in NEGATORS or word.endswith("n't"):
+            negated = True
+            continue
+        if word in STOPWORDS or len(word) < 2:
+            continue
+        if negated:
+            negated = False
+            continue
+        return word
+    return None
+
+
+def is_affect_field(field: str | None) -> bool:
+    """Whether ``field`` is one of :data:`AFFECT_FIELDS` (or unknown, ``None``).
+
+    >>> is_affect_field("Sentiment"), is_affect_field("urgency")
+    (True, False)
+    """
+    return field is None or _norm(field) in AFFECT_FIELDS
 
 
 @dataclass(frozen=True)
@@ -391,9 +538,72 @@ def find_rules(text: str) -> list[Rule]:
             field=" ".join(m["field"].split()),
             label=" ".join(m["label"].split()),
             sentence=m.group(0),
+            kind=" ".join(m["kind"].split()),
         )
         for m in RULE_PATTERN.finditer(text)
     ]
+
+
+_TASK_VERB = re.compile(
+    r"\b(?:classify|determine|rate|label|assess|identify|predict|detect|name|"
+    r"estimate|judge|decide|give|choose|tag)\s+the\s+"
+    r"(?:[^\W\d_]+(?:'s|\u2019s)\s+)?(?P<field>[^\W\d_]+)",
+    re.IGNORECASE,
+)
+_LABEL_LIST = re.compile(
+    r":\s*(?P<list>\"?[\w-]+\"?(?:\s*,\s*\"?[\w-]+\"?)*,?\s+or\s+\"?[\w-]+\"?)"
+    r"\s*(?:[.;\n)]|$)"
+)
+
+
+def prompt_field(text: str) -> str | None:
+    """The field a prompt asks for, read from its instructions: the word after
+    ``<verb> the`` (``classify``, ``determine``, ``rate``, ``label``, ``assess``,
+    ``identify``, ``predict``, ``detect``, ``name``, ``estimate``, ``judge``,
+    ``decide``, ``give``, ``choose``, ``tag``; a possessive is skipped), lowercased;
+    ``None`` when there is none.
+
+    >>> prompt_field("Classify the urgency of the ticket."), prompt_field("Hi")
+    ('urgency', None)
+    >>> prompt_field("Name the customer's feeling in one word.")
+    'feeling'
+    """
+    match = _TASK_VERB.search(RULE_PATTERN.sub(" ", text))
+    return match["field"].lower() if match else None
+
+
+def listed_labels(text: str) -> tuple[str, ...]:
+    """The labels a prompt lists after a colon, ``: a, b or c`` (words, optionally
+    double-quoted); ``()`` when it lists none.
+
+    >>> listed_labels("Classify the urgency: low, medium or high.")
+    ('low', 'medium', 'high')
+    >>> listed_labels('Answer with one word: "yes" or "no"'), listed_labels("Hi.")
+    (('yes', 'no'), ())
+    """
+    match = _LABEL_LIST.search(RULE_PATTERN.sub(" ", text))
+    if match is None:
+        return ()
+    return tuple(
+        w.strip('"')
+        for w in re.findall(r'"?[\w-]+"?', match["list"])
+        if w.strip('"') != "or"
+    )
+
+
+def task_default(labels: Sequence[str]) -> str:
+    """The label a task answers when no rule matches: :data:`DEFAULT_LABEL`
+    (``neutral``) when it is one of ``labels`` or when no label set is known, else the
+    first label.
+
+    >>> task_default(["low", "medium", "high"]), task_default(["positive", "neutral"])
+    ('low', 'neutral')
+    >>> task_default([])
+    'neutral'
+    """
+    if not labels or DEFAULT_LABEL in labels:
+        return DEFAULT_LABEL
+    return str(labels[0])
 
 
 def user_content(request: SimRequest) -> str:
@@ -557,21 +767,52 @@ def render_content(answer: Answer, response_format: Mapping[str, Any] | None) ->
     return answer.label
 
 
-def _default_label(field_name: str | None, request: SimRequest) -> str:
-    if field_name is None or _norm(field_name) == "sentiment":
-        return DEFAULT_LABEL
+def instructions_text(messages: Sequence[Message]) -> str:
+    """The instructions of a conversation: its non-``user`` messages (system,
+    developer, assistant), or, when it has none, its ``user`` messages."""
+    texts = [m.text for m in messages if m.role != "user"]
+    return "\n".join(texts or [m.text for m in messages])
+
+
+def task_labels(field_name: str | None, request: SimRequest) -> tuple[str, ...]:
+    """The label set of the task: the ``enum`` of ``field_name``'s property in the
+    request's JSON schema, else the labels listed in the instructions (see
+    :func:`listed_labels`), else ``()``."""
     schema = request.json_schema
-    if schema:
+    if schema and field_name is not None:
         prop = _find_property(schema, field_name)
         enum = prop.get("enum") if prop else None
         if isinstance(enum, list) and enum:
-            return str(enum[0])
-    return DEFAULT_LABEL
+            return tuple(str(v) for v in enum)
+    return listed_labels(instructions_text(request.messages))
+
+
+def _default_label(field_name: str | None, request: SimRequest) -> str:
+    return task_default(task_labels(field_name, request))
+
+
+def _schema_field(request: SimRequest) -> str | None:
+    """The first property of the request's JSON schema that has an ``enum``."""
+    schema = request.json_schema
+    if not schema:
+        return None
+    props = _resolve(schema, schema).get("properties")
+    if not isinstance(props, Mapping):
+        return None
+    for key, sub in props.items():
+        if isinstance(_resolve(sub, schema).get("enum"), list):
+            return str(key)
+    return None
 
 
 def task_responder(request: SimRequest) -> Answer | None:
-    """Answer a task prompt that holds rules (see the module docstring); ``None``
-    when the request has no rule.
+    """Answer a task prompt (see the module docstring): the label of the first rule
+    that matches the user content, else the task's default label (see
+    :func:`task_default`: ``neutral`` when it is a label or no label set is known,
+    else the first label of the field's schema ``enum`` or of the labels the
+    instructions list). A prompt without rules is answered only when it names a
+    label set (then with its default label, under the field of its schema or its
+    instructions); ``None`` otherwise.
 
     >>> req = SimRequest.from_messages([
     ...     {"role": "system", "content":
@@ -580,10 +821,19 @@ def task_responder(request: SimRequest) -> Answer | None:
     ...     {"role": "user", "content": "Charged twice and it came late."}])
     >>> task_responder(req)
     Answer(label='shipping', field='topic', values={}, responder='task')
+    >>> task_responder(SimRequest.from_messages([
+    ...     {"role": "system", "content": "Rate the urgency: low, medium or high."},
+    ...     {"role": "user", "content": "The lift is down."}])).label
+    'low'
     """
     rules = [rule for m in request.messages for rule in find_rules(m.text)]
     if not rules:
-        return None
+        instructions = instructions_text(request.messages)
+        field_name = _schema_field(request) or prompt_field(instructions)
+        labels = task_labels(field_name, request)
+        if not labels:
+            return None
+        return Answer(task_default(labels), field=field_name, responder="task")
     text = user_content(request)
     for rule in rules:
         if rule.matches(text):
@@ -958,7 +1208,9 @@ def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
     ...                               "neutral")))
     >>> relay = chat_backward_gradients(second)
     >>> relay  # doctest: +NORMALIZE_WHITESPACE
-    ['The second prompt should lead to "negative" for inputs like this one.',
+    ['The second prompt should lead to "negative" for inputs like this one. No rule
+     can be written: the input holds no evaluative word (SALIENCE_LEXICON) that the
+     rule for the sentiment could name.',
      'The feeling should contain "unhappy": the expected value is "unhappy", since
      the rule for "unhappy" gives the sentiment "negative".']
     >>> first = ChatBackwardPrompt(
@@ -977,33 +1229,45 @@ def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
     target = found[1] if found else None
     conversation = "\n".join(m.text for m in prompt.messages)
     rules = find_rules(conversation)
-    field_name = rules[0].field if rules else DEFAULT_FIELD
+    instructions = instructions_text(prompt.messages)
+    named = rules[0].field if rules else prompt_field(instructions)
+    field_name = named or DEFAULT_FIELD
+    labels = listed_labels(instructions)
     text = "\n".join(
         RULE_PATTERN.sub("", m.text) for m in prompt.messages if m.role == "user"
     )
     dspy_prompt = DSPyPrompt.parse(prompt.messages)
     if dspy_prompt is not None:  # the rule names a field this predictor outputs
         label_field = dspy_prompt.label_field()
-        field_name = label_field.name if label_field else DEFAULT_FIELD
+        named = label_field.name if label_field else None
+        field_name = named or DEFAULT_FIELD
+        labels = tuple(str(c) for c in label_field.choices) if label_field else ()
         text = dspy_prompt.input_text
         rules = [  # a predictor answers a field by the rules naming that field
             rule
             for rule in find_rules(dspy_prompt.instructions)
             if _norm(rule.field) == _norm(field_name)
         ]
-    # A rule names a word as evidence *for* its label. The default label is what the
-    # task answers when no rule matches, i.e. the absence of evidence: "<word> means
-    # neutral" is a rule no model would write, and since a rule for an already-ruled
-    # word replaces it, its only effect would be to undo the polar rule other samples
-    # taught (the rule would flip with every batch: last failure wins).
-    default = target is not None and target.strip().casefold() == DEFAULT_LABEL
-    word = None if default else salient_word(text)
+    choice = rule_word(text, field_name, target)
     # An input computed upstream should have held the value this call's own rules
     # map to the target: naming it as *its* expected value lets the upstream call's
     # backward write the rule that produces it (credit assignment across stages).
+    default = target is not None and target.strip().casefold() == DEFAULT_LABEL
     relayed = (
         None if target is None or default else relay_value(rules, field_name, target)
     )
+    notes = []
+    if named is None:
+        notes.append(
+            f"The prompt names no field (no rule, no JSON schema field, no "
+            f'"classify the <field>" phrase), so the rule names the {field_name}.'
+        )
+    if not labels and not is_affect_field(field_name) and not rules:
+        notes.append(
+            f'The prompt lists no labels for the {field_name} (no ": a, b or c" '
+            f"list, no schema enum), so inputs that no rule matches get "
+            f'"{DEFAULT_LABEL}".'
+        )
     excerpt = feedback[:FEEDBACK_EXCERPT_CHARS].strip()
     gradients = []
     rule_given = False
@@ -1011,16 +1275,16 @@ def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
         role = variable.role
         if not rule_given and variable.trainable and variable.location == "system":
             rule_given = True
-            if target is not None and word is not None:
-                gradients.append(
-                    f'If the message mentions "{word}", the {field_name} is {target}.'
-                )
+            if target is not None and choice.word is not None:
+                gradient = rule_sentence(choice.kind, choice.word, field_name, target)
             elif target is not None:
-                gradients.append(
+                gradient = (
                     f'The {role} should lead to "{target}" for inputs like this one.'
+                    f" No rule can be written: {choice.reason}"
                 )
             else:
-                gradients.append(f"The {role} should address this feedback: {excerpt}")
+                gradient = f"The {role} should address this feedback: {excerpt}"
+            gradients.append(" ".join([gradient, *notes]))
         elif relayed is not None and _is_computed_input(variable):
             gradients.append(
                 f'The {role} should contain "{relayed}": the expected value is '
@@ -1032,6 +1296,65 @@ def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
         else:
             gradients.append(f"The {role} should address this feedback: {excerpt}")
     return gradients
+
+
+@dataclass(frozen=True)
+class RuleWord:
+    """The word (and kind) of the rule a chat backward writes for one failed sample,
+    or, when none can be written, why (``word`` is ``None``)."""
+
+    word: str | None
+    kind: str
+    reason: str = ""
+
+
+def rule_word(text: str, field: str | None, target: str | None = None) -> RuleWord:
+    """The word of the rule written for a failed sample whose input is ``text``,
+    for the task's ``field``. The choice never depends on the target label, except
+    that an affect field writes no rule for the default label:
+
+    * an affect field (:func:`is_affect_field`: ``sentiment``, ``feeling``...): a
+      ``mentions`` rule for :func:`salient_word` (the alphabetically first
+      evaluative word of :data:`SALIENCE_LEXICON`, not negated); no rule when the
+      input holds none, nor when the target is the default label ``neutral`` (the
+      absence of evaluation: no word is evidence for it);
+    * any other field: a ``begins with`` rule for the input's :func:`lead_word` (for
+      every label, the default included: what a text is, an "Inquiry" or an
+      "Urgent" request, is evidence for any label); no rule when the input holds no
+      content word.
+
+    >>> rule_word("Subject: Urgent repair needed", "urgency")
+    RuleWord(word='urgent', kind='begins with', reason='')
+    >>> rule_word("I am frustrated", "sentiment", "negative").word
+    'frustrated'
+    >>> print(rule_word("Hello there!", "urgency").reason)
+    the input holds no content word (every word is a stopword or negated).
+    """
+    if is_affect_field(field):
+        if target is not None and target.strip().casefold() == DEFAULT_LABEL:
+            return RuleWord(
+                None,
+                "mentions",
+                f'"{DEFAULT_LABEL}" is the default label (what the task answers when '
+                "no rule matches), so no word is evidence for it.",
+            )
+        word = salient_word(text)
+        if word is None:
+            return RuleWord(
+                None,
+                "mentions",
+                f"the input holds no evaluative word (SALIENCE_LEXICON) that the "
+                f"rule for the {field or DEFAULT_FIELD} could name.",
+            )
+        return RuleWord(word, "mentions")
+    word = lead_word(text)
+    if word is None:
+        return RuleWord(
+            None,
+            "begins with",
+            "the input holds no content word (every word is a stopword or negated).",
+        )
+    return RuleWord(word, "begins with")
 
 
 def chat_backward_responder(request: SimRequest) -> Answer | None:
@@ -1199,14 +1522,11 @@ def improve_value(current: str, feedback: str, constraints: str = "") -> str:
     for line in feedback.splitlines():
         for text in expand_alternatives(line):
             for rule in find_rules(text):
-                sentence = (
-                    f'If the message mentions "{rule.word}", the {rule.field} is '
-                    f"{rule.label}."
-                )
+                sentence = rule.text()
                 same_word = [
                     r
                     for r in find_rules(value)
-                    if r.word.casefold() == rule.word.casefold()
+                    if r.word.casefold() == rule.word.casefold() and r.kind == rule.kind
                 ]
                 if same_word:
                     value = value.replace(same_word[0].sentence, sentence, 1)

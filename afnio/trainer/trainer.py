@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -38,7 +39,13 @@ from typing import IO, TYPE_CHECKING, Any
 from afnio._variable import Variable
 from afnio.autodiff.grad_mode import no_grad
 from afnio.cognitive.modules.module import Module
-from afnio.errors import SerializationError
+from afnio.errors import (
+    SerializationError,
+    StepError,
+    error_text,
+    is_provider_error,
+    note_client,
+)
 from afnio.models.model import BaseModel
 from afnio.models.phases import LEDGER, PhaseRow
 from afnio.models.step_memo import StepMemo, active_memo, step_memo
@@ -85,6 +92,59 @@ def _parse_step_output(
             f"{method}()'s loss must be two Variables (score, explanation)."
         )
     return (score, explanation), extra
+
+
+def _metric_labels(
+    keys: Iterable[str], shown: Sequence[str] | None
+) -> list[tuple[str, str]]:
+    """``(key, label)`` of the metrics to display, in display order: the keys of
+    ``shown`` that are present, or (``shown is None``) every key, ``loss`` first.
+    The loss is a score (higher is better), so it is labelled ``score``
+    (``loss_score`` when a metric is itself named ``score``); other metrics keep
+    their key."""
+    keys = list(keys)
+    if shown is None:
+        order = (["loss"] if "loss" in keys else []) + [k for k in keys if k != "loss"]
+    else:
+        order = [k for k in shown if k in keys]
+    loss_label = "loss_score" if "score" in keys else "score"
+    return [(key, loss_label if key == "loss" else key) for key in order]
+
+
+def _progress_text(
+    collected: Mapping[str, list[Any]], shown: Sequence[str] | None, cost: float
+) -> str:
+    """What a progress bar shows after its metrics: the means of the batches so far
+    (by :func:`_metric_labels`) and the run's cost so far."""
+    parts = []
+    for key, label in _metric_labels(collected, shown):
+        mean = _mean(collected[key])
+        if mean is not None:
+            parts.append(f"{label}: {mean:.4f}")
+    parts.append(f"cost: ${cost:.4f}")
+    return " ".join(parts)
+
+
+def _history_text(row: Mapping[str, Any], shown: Sequence[str] | None) -> str:
+    """An epoch's history row as displayed (``train_accuracy=0.7500 ...``): the
+    ``train_``/``val_`` metrics by :func:`_metric_labels` (``train_loss`` is shown as
+    ``train_score``), then ``total_cost``."""
+    parts = []
+    for prefix in ("train", "val"):
+        metrics = {
+            key[len(prefix) + 1 :]: value
+            for key, value in row.items()
+            if key.startswith(prefix + "_")
+        }
+        for key, label in _metric_labels(metrics, shown):
+            value = metrics[key]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if number and not math.isnan(value):
+                parts.append(f"{prefix}_{label}={value:.4f}")
+    cost = row.get("total_cost")
+    if isinstance(cost, (int, float)) and not isinstance(cost, bool):
+        parts.append(f"total_cost=${cost:.4f}")
+    return " ".join(parts)
 
 
 def _batch_metrics(
@@ -140,33 +200,90 @@ def _check_checkpoint(checkpoint: Any, path: Path) -> None:
             raise bad(f"{key} is a {type(value).__name__}")
 
 
+_RETRIED_STATUS = frozenset({408, 409, 429})
+"""HTTP statuses worth retrying, besides 5xx (the openai SDK retries the same)."""
+
+# errors that retrying cannot fix; an exception of these types is transient only
+# when it was explicitly raised from a transient one (``raise X from e``)
+_PROGRAMMING_ERRORS: tuple[type[BaseException], ...] = (
+    LookupError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    NameError,
+    ArithmeticError,
+    AssertionError,
+    NotImplementedError,
+    ImportError,
+)
+
+
+def _loaded_classes(*names: tuple[str, str]) -> tuple[type[BaseException], ...]:
+    """The exception classes ``module.name`` of the modules already imported (an SDK
+    that was never imported raised nothing)."""
+    found: list[type[BaseException]] = []
+    for module, name in names:
+        loaded = sys.modules.get(module)
+        cls = getattr(loaded, name, None) if loaded is not None else None
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found)
+
+
+def _status_of(error: BaseException) -> int | None:
+    status = getattr(error, "status_code", None)
+    if not isinstance(status, int):
+        status = getattr(getattr(error, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
 def _is_service_failure(error: BaseException) -> bool:
-    """Whether ``error`` (or an exception it was raised from) is a failure of the
-    LM service: a transport error, a timeout, an HTTP error status from the
-    provider, or an answer afnio rejected as unusable (already dropped from the
-    memo)."""
+    """Whether ``error`` is a *transient* failure, the only kind the Trainer retries:
+    a connection error or timeout (``ConnectionError``, ``TimeoutError``, the
+    openai/anthropic SDKs' connection and timeout errors, httpx transport errors), an
+    HTTP answer worth retrying (408, 409, 429, 5xx; not 400/401/403/404/422, which
+    will not get better), or an LM answer afnio rejected as unusable
+    (``BackwardParseError``, ``JudgeParseError``, an ``OptimizerStepError`` of its
+    own; already dropped from the memo). A wrapper counts as its cause: the chain
+    of ``__cause__`` (and, for other than programming errors, ``__context__``) is
+    followed; an exception group is transient when all its members are."""
     from afnio.errors import BackwardParseError, JudgeParseError
     from afnio.optim.tgd import OptimizerStepError
 
-    service: tuple[type[BaseException], ...] = (
+    unusable = (BackwardParseError, JudgeParseError)
+    statuses = _loaded_classes(
+        ("openai", "APIStatusError"),
+        ("anthropic", "APIStatusError"),
+        ("httpx", "HTTPStatusError"),
+    )
+    transport = (
         ConnectionError,
         TimeoutError,
-        BackwardParseError,
-        JudgeParseError,
-        OptimizerStepError,
+        *_loaded_classes(
+            ("openai", "APIError"),  # APIConnectionError, APITimeoutError, ...
+            ("anthropic", "APIError"),
+            ("httpx", "TransportError"),
+        ),
     )
-    for module, name in (("openai", "APIError"), ("httpx", "TransportError")):
-        loaded = sys.modules.get(module)
-        cls = getattr(loaded, name, None) if loaded is not None else None
-        if isinstance(cls, type):
-            service = (*service, cls)
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
-        if isinstance(current, service):
-            return True
         seen.add(id(current))
-        current = current.__cause__ or current.__context__
+        if isinstance(current, BaseExceptionGroup):
+            return all(_is_service_failure(e) for e in current.exceptions)
+        if isinstance(current, unusable):
+            return True
+        if isinstance(current, OptimizerStepError) and current.__cause__ is None:
+            return True  # the optimizer's answer was unusable (else: its cause)
+        if statuses and isinstance(current, statuses):
+            status = _status_of(current)
+            return status is None or status in _RETRIED_STATUS or status >= 500
+        if isinstance(current, transport):
+            return True
+        if isinstance(current, _PROGRAMMING_ERRORS):
+            current = current.__cause__
+        else:
+            current = current.__cause__ or current.__context__
     return False
 
 
@@ -176,6 +293,30 @@ def _keep_or_forget(memo: StepMemo, error: BaseException) -> None:
     so that the retry asks the model afresh."""
     if not _is_service_failure(error):
         memo.forget()
+
+
+def _name_client(error: BaseException, stage: str | None, optimizer: Any) -> None:
+    """Add a note naming the client that failed to a provider error of the backward
+    pass (the backward client) or of the optimizer step (the optimizer's client),
+    unless the client already named itself (afnio's OpenAI clients do)."""
+    if stage not in ("backward", "optimizer") or not is_provider_error(error):
+        return
+    clients: list[Any] = []
+    if stage == "backward":
+        try:
+            from afnio._model_client import get_backward_model_client
+
+            clients.append(get_backward_model_client().client)
+        except (RuntimeError, AssertionError):
+            return
+    else:
+        for group in getattr(optimizer, "param_groups", []):
+            client = group.get("model_client")
+            if client is not None and all(client is not c for c in clients):
+                clients.append(client)
+    if clients:
+        names = " or ".join(repr(c) for c in clients)
+        note_client(error, f"the {stage} client {names}")
 
 
 @contextmanager
@@ -267,8 +408,28 @@ class _SpendLog:
                 self._file = None
 
 
+def _usage_source(client: Any) -> Any:
+    """The object whose usage ``client`` reports. The backward-client singleton
+    (what ``afnio.get_backward_model_client()`` returns) reports the usage of the
+    model client it wraps, so it is metered as that client: passing both, as
+    upstream's ``llm_clients=[fw, afnio.get_backward_model_client(), optim]`` does
+    beside the client the Trainer finds itself, counts its calls once."""
+    from afnio._model_client import ModelClientSingleton
+
+    seen: set[int] = set()
+    while isinstance(client, ModelClientSingleton) and id(client) not in seen:
+        seen.add(id(client))
+        client = client._client
+    return client
+
+
 class _CostMeter:
-    """Per-client cost, tokens and calls since the meter started (usage deltas)."""
+    """Per-client cost, tokens and calls since the meter started (usage deltas).
+
+    Each underlying client is counted once: wrappers are unwrapped to the client
+    whose usage they report (:func:`_usage_source`), then clients are deduplicated
+    by identity (a client passed twice, or an agent's model that is also the
+    optimizer's or the backward client)."""
 
     def __init__(self, clients: Iterable[Any]) -> None:
         self.clients: list[Any] = []
@@ -286,6 +447,9 @@ class _CostMeter:
         )
 
     def add(self, client: Any) -> None:
+        """Meter ``client`` (its usage from now on), unless it or the client it
+        wraps is metered already; objects without ``get_usage`` are ignored."""
+        client = _usage_source(client)
         if client is None or not hasattr(client, "get_usage"):
             return
         if any(c is client for c in self.clients):
@@ -315,8 +479,28 @@ class Trainer:
     Args:
         max_epochs: epochs to train (a falsy value means 10).
         enable_checkpointing: write batch and epoch checkpoints.
-        enable_progress_bar: show a rich progress bar with metrics and running cost.
-        enable_agent_summary: print the module before training.
+        enable_progress_bar: show the live progress on stdout: a rich progress bar
+            per loop with the step's metrics and the running cost, the
+            ``Epoch e/N`` lines, the ``Validation``/``Testing`` headers and the
+            ``Resumed from ...`` line. ``False``: none of these is printed.
+        enable_agent_summary: print the module before training (Lightning's
+            ``enable_model_summary``).
+        enable_run_summary: print the run summary after :meth:`fit` (LM calls,
+            tokens and cost by model client and by phase, the last epoch's metrics,
+            and why the run stopped early, if it did). ``False``: nothing is printed;
+            the same figures stay in :attr:`history`, :attr:`total_cost`,
+            :meth:`phase_rows` and :attr:`stopped_reason` (an early stop is logged
+            as a warning on the ``afnio.trainer`` logger). With
+            ``enable_progress_bar``, ``enable_agent_summary`` and
+            ``enable_run_summary`` all ``False`` the Trainer prints nothing on stdout.
+        show_metrics: which of the step's metrics the progress bar and the run
+            summary show, by the key the step returns them under (``"loss"``,
+            ``"accuracy"``...), in this order. Default: every metric, the loss first.
+            Display only: :attr:`history`, ``metrics.jsonl`` and the returned dicts
+            keep every metric under its own key (``train_loss``, ``val_accuracy``).
+            The loss is a score (higher is better; with ExactMatch, the *sum* over
+            the batch), so it is shown as ``score`` (``loss_score`` when the step
+            also returns a metric named ``score``).
         default_root_dir: where metrics and checkpoints go (default: the cwd).
         max_cost: a budget in USD for the run (training and validation LM calls,
             counted from the clients' usage). Before each step the Trainer checks that
@@ -337,6 +521,8 @@ class Trainer:
         default_root_dir: str | os.PathLike[str] | None = None,
         max_cost: float | None = None,
         revert_on_regression: bool = False,
+        enable_run_summary: bool = True,
+        show_metrics: Sequence[str] | None = None,
     ) -> None:
         if max_epochs is not None and (
             isinstance(max_epochs, bool)
@@ -354,6 +540,21 @@ class Trainer:
         self.enable_checkpointing = enable_checkpointing
         self.enable_progress_bar = enable_progress_bar
         self.enable_agent_summary = enable_agent_summary
+        self.enable_run_summary = enable_run_summary
+        if show_metrics is not None and not isinstance(show_metrics, str):
+            with contextlib.suppress(TypeError):  # not iterable: refused below
+                show_metrics = tuple(show_metrics)  # a generator is read once
+        if show_metrics is not None and (
+            not isinstance(show_metrics, tuple)
+            or not all(isinstance(k, str) for k in show_metrics)
+        ):
+            raise TypeError(
+                "`show_metrics` must be a list of metric names (the keys the steps "
+                f'return, e.g. ["accuracy"]), got {show_metrics!r}.'
+            )
+        self.show_metrics: tuple[str, ...] | None = (
+            None if show_metrics is None else tuple(show_metrics)
+        )
         self.default_root_dir = Path(default_root_dir or os.getcwd())
         self.max_cost = max_cost
         self.revert_on_regression = revert_on_regression
@@ -372,9 +573,20 @@ class Trainer:
     # -- helpers ---------------------------------------------------------------------
 
     def _print(self, *parts: Any) -> None:
+        """Print on stdout (rich markup). Every caller checks the flag that governs
+        what it prints (``enable_progress_bar``, ``enable_agent_summary``,
+        ``enable_run_summary``)."""
         from rich.console import Console
 
         Console().print(*parts)
+
+    def _status(self, message: str) -> None:
+        """A line of the live progress (``Epoch 1/3``, ``Validation``...): printed
+        with the progress bar, else only logged (``afnio.trainer``, INFO)."""
+        if self.enable_progress_bar:
+            self._print(message)
+        else:
+            logger.info("%s", message)
 
     def _clients(
         self, agent: Module, optimizer: Any, llm_clients: Sequence[Any] | None
@@ -410,10 +622,25 @@ class Trainer:
                 f"${estimate:.4f}. The last checkpoint holds the state so far."
             )
 
-    def _retry(self, fn: Any, what: str) -> Any:
-        """Run ``fn`` up to ``MAX_RETRIES`` times. LM answers paid in a failed
-        attempt are replayed to the next one (:mod:`afnio.models.step_memo`), so a
-        retry only re-sends the requests that failed."""
+    def _retry(
+        self,
+        fn: Any,
+        what: str,
+        *,
+        phase: str,
+        batch_idx: int | None = None,
+        where: list[str] | None = None,
+        optimizer: Any = None,
+    ) -> Any:
+        """Run ``fn``; retry it, up to ``MAX_RETRIES`` attempts in all, only after a
+        transient failure (:func:`_is_service_failure`). Any other failure raises a
+        :class:`~afnio.errors.StepError` at once, from the original exception: a
+        programming error does not go away by calling the LM again. LM answers paid
+        in a failed attempt are replayed to the next one
+        (:mod:`afnio.models.step_memo`), so a retry only re-sends the requests that
+        failed. ``where[0]`` is the stage ``fn`` is in when it fails (default
+        ``"forward"``); a ``StepError`` from a nested retry is final."""
+        where = where if where is not None else ["forward"]
         with _unit_memo() as memo:
             last: Exception | None = None
             for attempt in range(1, MAX_RETRIES + 1):
@@ -421,16 +648,31 @@ class Trainer:
                     memo.begin_attempt()
                 try:
                     return fn()
-                except BudgetExceeded:
+                except (BudgetExceeded, StepError):
                     raise
-                except Exception as e:  # LM failures are retried
+                except Exception as e:
+                    _name_client(e, where[0], optimizer)
+                    if not _is_service_failure(e):
+                        raise StepError(
+                            e, phase=phase, stage=where[0], batch_index=batch_idx
+                        ) from e
                     last = e
                     _keep_or_forget(memo, e)
                     logger.warning(
-                        "%s failed (attempt %d/%d): %s", what, attempt, MAX_RETRIES, e
+                        "%s failed (attempt %d/%d): %s",
+                        what,
+                        attempt,
+                        MAX_RETRIES,
+                        error_text(e),
                     )
-            raise RuntimeError(
-                f"{what} failed after {MAX_RETRIES} retries: {last}"
+            assert last is not None
+            raise StepError(
+                last,
+                phase=phase,
+                stage=where[0],
+                batch_index=batch_idx,
+                attempts=MAX_RETRIES,
+                transient=True,
             ) from last
 
     def _checkpoint(
@@ -517,6 +759,7 @@ class Trainer:
         progress = None
         task = None
         if self.enable_progress_bar:
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             progress = Progress(
@@ -525,6 +768,7 @@ class Trainer:
                 TimeElapsedColumn(),
                 TextColumn("{task.fields[metrics]}"),
                 refresh_per_second=5,
+                console=Console(),  # today's stdout and terminal width
             )
             progress.start()
             task = progress.add_task(label, total=total, metrics="")
@@ -538,15 +782,12 @@ class Trainer:
                 if after_batch is not None:
                     after_batch(idx)
                 if progress is not None and task is not None:
-                    shown = " ".join(
-                        f"{key}: {_mean(values):.4f}"
-                        for key, values in collected.items()
-                        if _mean(values) is not None
-                    )
                     progress.update(
                         task,
                         advance=1,
-                        metrics=f"tot_cost: ${self._cost():.4f} {shown}",
+                        metrics=_progress_text(
+                            collected, self.show_metrics, self._cost()
+                        ),
                     )
         finally:
             if progress is not None:
@@ -661,8 +902,11 @@ class Trainer:
             ValueError: no training loader, or ``revert_on_regression`` without a
                 validation loader.
             FileNotFoundError: ``ckpt_path="last"`` and there is no checkpoint yet.
-            RuntimeError: a step still failed after the retries (``total_cost``
-                and the summary still count what was spent).
+            afnio.errors.StepError: a step failed (a ``RuntimeError``; the original
+                exception is its ``__cause__``): at once for an error retrying
+                cannot fix, after ``MAX_RETRIES`` attempts for a transient one
+                (:func:`_is_service_failure`). ``total_cost`` and the summary still
+                count what was spent.
         """
         if not isinstance(agent, Module):
             raise TypeError(
@@ -728,7 +972,12 @@ class Trainer:
             )
         except BudgetExceeded as e:
             self.stopped_reason = str(e)
-            self._print(f"[yellow]{e}[/yellow]")
+            if self.enable_run_summary:
+                from rich.text import Text
+
+                self._print(Text(str(e), style="yellow"))
+            else:
+                logger.warning("%s", e)
             self._write_metrics()
         finally:
             # also when a step failed for good: what was spent is reported
@@ -750,7 +999,7 @@ class Trainer:
         skip_until: int,
     ) -> None:
         for epoch in range(start_epoch, self.max_epochs + 1):
-            self._print(f"Epoch {epoch}/{self.max_epochs}")
+            self._status(f"Epoch {epoch}/{self.max_epochs}")
             sampler_state = (
                 sampler.state_dict() if hasattr(sampler, "state_dict") else None
             )
@@ -855,43 +1104,46 @@ class Trainer:
     def _train_step(
         self, agent: Module, optimizer: Any, batch: Any, idx: int
     ) -> dict[str, Any]:
+        where = ["forward"]  # the stage the step is in, for the error message
+
         def attempt() -> dict[str, Any]:
+            where[0] = "forward"
             if agent.automatic_optimization:
                 optimizer.clear_grad()
             output = self._retry(
-                lambda: agent.training_step(batch, idx), "training_step()"
+                lambda: agent.training_step(batch, idx),
+                "training_step()",
+                phase="training step",
+                batch_idx=idx,
             )
             loss, extra = _parse_step_output(output, "training_step")
             if agent.automatic_optimization:
+                where[0] = "backward"
                 loss[1].backward()
+                where[0] = "optimizer"
                 optimizer.step()
             return _batch_metrics(loss, extra)
 
         if not agent.automatic_optimization:
             return attempt()
-        with _unit_memo() as memo:
-            last: Exception | None = None
-            for n in range(1, MAX_RETRIES + 1):
-                if n > 1:
-                    memo.begin_attempt()  # replay what was paid, re-send the rest
-                try:
-                    return attempt()
-                except BudgetExceeded:
-                    raise
-                except Exception as e:
-                    last = e
-                    _keep_or_forget(memo, e)
-                    logger.warning(
-                        "training step failed (attempt %d/%d): %s", n, MAX_RETRIES, e
-                    )
-            raise RuntimeError(
-                f"training_step() failed after {MAX_RETRIES} retries: {last}"
-            ) from last
+        # the forward pass has its own retries (in attempt); these retry the step
+        # after a transient failure of its backward pass or optimizer step
+        return self._retry(
+            attempt,
+            "training step",
+            phase="training step",
+            batch_idx=idx,
+            where=where,
+            optimizer=optimizer,
+        )
 
     def _evaluate(
         self, agent: Module, loader: Any, method: str, label: str
     ) -> dict[str, Any]:
         was_training = agent.training
+        phase = "test" if method == "test_step" else "validation"
+        if "revert" in label.lower():
+            phase = "validation (revert check)"
         agent.eval()
         try:
             with no_grad():
@@ -901,7 +1153,10 @@ class Trainer:
                         self._check_budget(self._max_eval_cost or self._max_step_cost)
                     before = self._cost() if self._meter is not None else 0.0
                     output = self._retry(
-                        lambda: getattr(agent, method)(batch, idx), f"{method}()"
+                        lambda: getattr(agent, method)(batch, idx),
+                        f"{method}()",
+                        phase=phase,
+                        batch_idx=idx,
                     )
                     loss, extra = _parse_step_output(output, method)
                     if self._meter is not None:
@@ -989,7 +1244,7 @@ class Trainer:
         if state is not None and hasattr(sampler, "load_state_dict"):
             sampler.load_state_dict(state)
         epoch, batch = int(checkpoint["epoch"]), checkpoint.get("batch")
-        self._print(f"Resumed from {path} (epoch {epoch}, batch {batch}).")
+        self._status(f"Resumed from {path} (epoch {epoch}, batch {batch}).")
         if batch is None:
             return epoch + 1, -1
         return epoch, int(batch)
@@ -1038,7 +1293,7 @@ class Trainer:
             self._clients(agent, getattr(agent, "_optimizers", None), llm_clients)
         )
         self._cost_before = 0.0
-        self._print("Validation" if prefix == "val" else "Testing")
+        self._status("Validation" if prefix == "val" else "Testing")
         metrics = self._evaluate(agent, loader, method, f"[{title}]")
         result = {f"{prefix}_{k}": v for k, v in metrics.items()}
         result["total_cost"] = self._cost()
@@ -1079,7 +1334,7 @@ class Trainer:
     def _summary(self) -> None:
         from rich.table import Table
 
-        if self._meter is None:
+        if self._meter is None or not self.enable_run_summary:
             return
         table = Table(title="Run summary")
         table.add_column("model client")
@@ -1089,14 +1344,7 @@ class Trainer:
         for client, cost, tokens, calls in self._meter.per_client():
             table.add_row(repr(client), str(calls), str(tokens), f"{cost:.6f}")
         if self.history:
-            last = self.history[-1]
-            for key, value in last.items():
-                if (
-                    key != "epoch"
-                    and isinstance(value, float)
-                    and not math.isnan(value)
-                ):
-                    table.caption = (table.caption or "") + f" {key}={value:.4f}"
+            table.caption = _history_text(self.history[-1], self.show_metrics) or None
         self._print(table)
         phases = self.phase_rows()
         if phases:

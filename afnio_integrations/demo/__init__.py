@@ -6,8 +6,9 @@ StrOutputParser``) for Facility Support messages, optimizes its system prompt wi
 the old and new prompt, LM calls, tokens and cost, and where the optimized prompts were
 saved. By default everything runs against the bundled simulator (a deterministic
 stand-in, clearly labelled; offline, no key). With ``--openai`` and ``OPENAI_API_KEY``,
-real models are used. If the dataset cannot be downloaded (or ``--sample`` is given),
-the demo uses a small labelled sample of support messages shipped with afnio.
+real models are used (the key is checked before anything else is done). If the
+dataset cannot be downloaded (or ``--sample`` is given), the demo uses a small labelled
+sample of support messages shipped with afnio, and says so before anything else.
 """
 
 from __future__ import annotations
@@ -69,26 +70,137 @@ def exact_match(prediction: str, target: str) -> int:
     return int(prediction.strip().lower() == target.strip().lower())
 
 
-def main(argv: list[str] | None = None) -> int:
+DESCRIPTION = """\
+Watch an ordinary LangChain chain get better: afnio optimizes the system prompt of a
+sentiment classifier (ChatPromptTemplate | ChatOpenAI | StrOutputParser) on Facility
+Support messages, then prints the validation accuracy before and after, the old and
+new system prompt, the LM calls, tokens and cost, and where the optimized prompts
+were saved."""
+EPILOG = """\
+By default everything runs offline against afnio's bundled simulator (a deterministic
+stand-in, not a model; no API key). The Facility Support dataset is downloaded on
+first use into $AFNIO_DATA_DIR/FacilitySupport/raw/ (default data folder:
+~/.cache/afnio/data); if it cannot be downloaded, the demo says so first and uses a
+small sample of support messages shipped with afnio.
+
+examples:
+  afnio demo                                     # simulator, Facility Support
+  afnio demo --sample                            # simulator, the bundled sample
+  afnio demo --dataset-file path/to/dataset.json # a local copy of the dataset
+  OPENAI_API_KEY=... afnio demo --openai --model gpt-4o-mini   # real models, real cost
+"""
+
+
+def _reason(error: BaseException) -> str:
+    """A one-line reason for a failed dataset load (the last mirror's error for a
+    failed download)."""
+    cause = error.__cause__ or error
+    text = " ".join(part.strip() for part in str(cause).splitlines() if part.strip())
+    return text or type(cause).__name__
+
+
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="afnio demo", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sample", action="store_true", help="use the bundled sample")
-    parser.add_argument(
-        "--dataset-file", help="a local copy of Facility Support's dataset.json"
+        prog="afnio demo",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--openai", action="store_true", help="real models (OPENAI_API_KEY)"
+        "--epochs", type=int, default=3, help="training epochs (default: 3)"
     )
-    parser.add_argument("--model", default=None)
     parser.add_argument(
-        "--out", default="runs/afnio-demo", help="where to save the prompts"
+        "--batch-size", type=int, default=16, help="training batch size (default: 16)"
     )
-    parser.add_argument("--max-cost", type=float, default=None, help="budget in USD")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="shuffling seed (default: 0)"
+    )
+    parser.add_argument(
+        "--sample",
+        action="store_true",
+        help="use the small sample shipped with afnio (no download)",
+    )
+    parser.add_argument(
+        "--dataset-file",
+        metavar="PATH",
+        help="a local copy of Facility Support's dataset.json (no download)",
+    )
+    parser.add_argument(
+        "--openai",
+        action="store_true",
+        help="use OpenAI's real models (needs OPENAI_API_KEY; costs money)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="the model name (default: the simulator's; gpt-4o-mini with --openai)",
+    )
+    parser.add_argument(
+        "--out",
+        default="runs/afnio-demo",
+        metavar="DIR",
+        help="where to save the optimized prompts (default: runs/afnio-demo)",
+    )
+    parser.add_argument(
+        "--max-cost",
+        type=float,
+        default=None,
+        metavar="USD",
+        help="stop before the run would spend more than this (in USD)",
+    )
+    return parser
+
+
+def _load_data(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[list[Any], list[Any], str]:
+    """The training and validation pairs and a description of them.
+
+    An explicit ``--dataset-file`` that cannot be read is an error (exit 2); a failed
+    download falls back to the bundled sample, which is said on one line, before the
+    demo's header.
+    """
+    if args.sample:
+        return _sample()
+    facility = "Facility Support (66 training and 66 validation emails)"
+    if args.dataset_file:
+        if not Path(args.dataset_file).is_file():
+            parser.error(
+                f"--dataset-file {args.dataset_file}: no such file (pass the path "
+                "of a local copy of Facility Support's dataset.json, or drop the "
+                "option to download it)"
+            )
+        try:
+            train, val = _facility_support(args.dataset_file)
+        except Exception as e:
+            parser.error(f"--dataset-file {args.dataset_file}: {_reason(e)}")
+        return train, val, facility
+    try:
+        train, val = _facility_support(None)
+    except Exception as e:  # no network, a mirror down...
+        train, val, source = _sample()
+        print(
+            f"Facility Support could not be downloaded ({_reason(e)}): using "
+            f"{source} instead (--sample skips the download; --dataset-file "
+            "path/to/dataset.json uses a local copy).",
+            flush=True,
+        )
+        return train, val, source
+    return train, val, facility
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo with command-line arguments ``argv`` (default: ``sys.argv``);
+    returns the exit status."""
+    parser = _build_parser()
     args = parser.parse_args(argv)
+    if args.openai and not os.environ.get("OPENAI_API_KEY"):
+        # before the download, the imports and the simulator: fail at once
+        parser.error(
+            "--openai needs OPENAI_API_KEY in the environment (export "
+            "OPENAI_API_KEY=..., or drop --openai to run offline against the "
+            "bundled simulator)"
+        )
 
     from langchain_core.output_parsers import StrOutputParser
     from langchain_core.prompts import ChatPromptTemplate
@@ -99,21 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     from afnio_integrations.langchain import optimize
 
     start = time.perf_counter()
-    if args.sample:
-        train, val, source = _sample()
-    else:
-        try:
-            train, val = _facility_support(args.dataset_file)
-            source = "Facility Support (66 training and 66 validation emails)"
-        except Exception as e:  # no network, a corrupted file...
-            print(f"Could not load the Facility Support dataset ({e}).")
-            print("Using the bundled sample of support messages written for afnio.")
-            train, val, source = _sample()
+    train, val, source = _load_data(args, parser)
 
     with contextlib.ExitStack() as stack:
         if args.openai:
-            if not os.environ.get("OPENAI_API_KEY"):
-                parser.error("--openai needs OPENAI_API_KEY in the environment")
             model = args.model or "gpt-4o-mini"
             base_url, key = None, None
             label = f"OpenAI ({model}): real models, real cost"

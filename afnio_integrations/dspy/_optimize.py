@@ -20,7 +20,7 @@ from __future__ import annotations
 import builtins
 import inspect
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import dspy
@@ -38,6 +38,7 @@ from afnio.autodiff.evaluator import (
     _save,
 )
 from afnio.autodiff.function import Function
+from afnio.errors import is_provider_error, note_client, tag_sample
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import TGD
 from afnio.trainer.estimate import (
@@ -50,7 +51,13 @@ from afnio.trainer.estimate import (
 from afnio.trainer.estimate import estimate as _estimate
 from afnio_integrations._recorded import JoinFields
 from afnio_integrations._report import OptimizeReport
-from afnio_integrations._training import SplitAgent, train_agent
+from afnio_integrations._rows import short_repr
+from afnio_integrations._training import (
+    SplitAgent,
+    client_model,
+    model_args,
+    train_agent,
+)
 from afnio_integrations.dspy._model import DSPyLM
 from afnio_integrations.dspy._traced import (
     TracedPrediction,
@@ -199,12 +206,35 @@ def _label_view(
     return prediction, targets
 
 
+def _describe_lm(lm: Any) -> str:
+    """``dspy.LM('openai/gpt-4o-mini', api_base='https://...')``, no credentials."""
+    from afnio._secrets import mask_url
+
+    base = None
+    kwargs = getattr(lm, "kwargs", None)
+    if isinstance(kwargs, Mapping):
+        base = kwargs.get("api_base") or kwargs.get("base_url")
+    text = f"dspy.LM({getattr(lm, 'model', type(lm).__name__)!r}"
+    return text + (f", api_base={mask_url(str(base))!r})" if base else ")")
+
+
+def _program_lms(program: dspy.Module) -> list[Any]:
+    """The LMs the program's predictors call (their own, else DSPy's configured)."""
+    lms: list[Any] = []
+    for _, predictor in program.named_predictors():
+        lm = getattr(predictor, "lm", None) or dspy.settings.lm
+        if lm is not None and all(lm is not other for other in lms):
+            lms.append(lm)
+    return lms
+
+
 class _ProgramAgent(SplitAgent):
     def __init__(
         self,
         traced: TracedProgram,
         metric: Callable[..., Any],
         examples: dict[str, list[dspy.Example]],
+        names: dict[str, str],
         optimizer: Callable[[], Any],
         best_score: float,
     ) -> None:
@@ -212,6 +242,7 @@ class _ProgramAgent(SplitAgent):
         self.traced = traced
         object.__setattr__(self, "_metric", metric)
         object.__setattr__(self, "_examples", examples)
+        object.__setattr__(self, "_names", names)
         object.__setattr__(self, "_best", best_score)
         object.__setattr__(self, "failed_samples", 0)
 
@@ -219,18 +250,35 @@ class _ProgramAgent(SplitAgent):
         return self.traced.batch(rows, return_exceptions=True)
 
     def _step(self, batch: Any, split: str) -> dict[str, Any]:
-        rows = [self._examples[split][int(i)] for i in batch[0]]
+        indices = [int(i) for i in batch[0]]
+        dataset = self._names[split]
+        rows = [self._examples[split][i] for i in indices]
         out = self(rows)
         if all(error is not None for error in out.errors):
-            raise out.errors[0]  # nothing ran: say why (an LM down, a bad program)
+            # nothing ran: say why (an LM down, a bad program), and where
+            error = out.errors[0]
+            if is_provider_error(error):  # the service failed, not one example
+                lms = _program_lms(self.traced.program)
+                if lms:
+                    names = " or ".join(_describe_lm(lm) for lm in lms)
+                    note_client(error, f"the program's own LM {names}")
+            else:  # the program failed on every example: name the first
+                tag_sample(error, dataset=dataset, index=indices[0], stage="forward")
+            raise error
         scores, feedback = [], []
-        for example, pred, error in zip(rows, out.prediction, out.errors, strict=True):
+        for i, example, pred, error in zip(
+            indices, rows, out.prediction, out.errors, strict=True
+        ):
             if error is not None or pred is None:
                 object.__setattr__(self, "failed_samples", self.failed_samples + 1)
                 scores.append(0.0)
                 feedback.append("")
                 continue
-            score, text = call_metric(self._metric, example, pred)
+            try:
+                score, text = call_metric(self._metric, example, pred)
+            except Exception as e:  # a bug in the metric: name the example
+                tag_sample(e, dataset=dataset, index=i, stage="metric")
+                raise
             scores.append(score)
             feedback.append(text)
         prediction, targets = _label_view(out, rows)
@@ -255,21 +303,40 @@ def _client(lm: LMLike, name: str) -> ChatCompletionModel:
     )
 
 
+_EXAMPLE = 'dspy.Example(question=..., answer=...).with_inputs("question")'
+
+
 def _examples(data: Sequence[Any] | None, name: str) -> list[dspy.Example]:
+    """``data`` as a list of ``dspy.Example`` with input keys (``[]`` for None).
+
+    Raises:
+        TypeError: ``data`` is not a list, or holds something else than examples.
+        ValueError: an example has no input keys.
+    """
     if data is None:
         return []
+    if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"`{name}` must be a list of dspy.Example, got {short_repr(data)}. "
+            f"Build each as {_EXAMPLE}."
+        )
     rows = list(data)
     for i, ex in enumerate(rows):
         if not isinstance(ex, dspy.Example):
+            hint = ""
+            if isinstance(ex, Mapping):
+                hint = " (for a dict row: dspy.Example(**row).with_inputs(...))"
             raise TypeError(
-                f"`{name}[{i}]` must be a dspy.Example, got {type(ex).__name__}."
+                f"`{name}[{i}]` must be a dspy.Example, got {short_repr(ex)}. "
+                f"Build it as {_EXAMPLE}{hint}."
             )
         try:
             ex.inputs()
         except ValueError:
+            fields = ", ".join(repr(k) for k in ex.toDict()) or "none"
             raise ValueError(
-                f"`{name}[{i}]` has no input keys: build it with "
-                "dspy.Example(...).with_inputs('field', ...)."
+                f"`{name}[{i}]` has no input keys (its fields: {fields}): say which "
+                f"fields the program takes with .with_inputs(...), e.g. {_EXAMPLE}."
             ) from None
     return rows
 
@@ -376,16 +443,30 @@ class AfnioTGD(Teleprompter):
         self.report: OptimizeReport | None = None
 
     def _backward(self) -> tuple[ChatCompletionModel, dict[str, Any]]:
+        """The backward client and its completion arguments, ``model`` settled
+        before any LM call (see :func:`_training.model_args`)."""
+        how = "completion_args={'model': 'gpt-4o-mini'} to AfnioTGD"
         if self.backward_lm is not None:
-            return _client(self.backward_lm, "backward_lm"), dict(self.completion_args)
+            client = _client(self.backward_lm, "backward_lm")
+            args = model_args(
+                client, self.completion_args, what="AfnioTGD's backward_lm", how=how
+            )
+            return client, args
         try:
             current = get_backward_model_client()
-            args = {**current._completion_args, **self.completion_args}
-            if current._model is not None:
-                args.setdefault("model", current._model)
-            return current.client, args
         except RuntimeError:
-            pass
+            current = None
+        if current is not None:
+            args = {**current._completion_args, **self.completion_args}
+            args = model_args(
+                current.client,
+                args,
+                what="afnio's backward client",
+                default=client_model(current),
+                how=f"{how}, or set afnio.set_backward_model_client(client, "
+                "completion_args={'model': ...})",
+            )
+            return current.client, args
         if dspy.settings.lm is not None:
             return DSPyLM(dspy.settings.lm), dict(self.completion_args)
         raise ValueError(
@@ -520,7 +601,13 @@ class AfnioTGD(Teleprompter):
         optimizer_client, optimizer_args = backward, args
         if self.optimizer_lm is not None:
             optimizer_client = _client(self.optimizer_lm, "optimizer_lm")
-            optimizer_args = dict(self.completion_args)
+            optimizer_args = model_args(
+                optimizer_client,
+                self.completion_args,
+                what="AfnioTGD's optimizer_lm",
+                default=args.get("model") if optimizer_client is backward else None,
+                how="completion_args={'model': 'gpt-4o-mini'} to AfnioTGD",
+            )
 
         def make_optimizer() -> TGD:
             return TGD(
@@ -532,8 +619,9 @@ class AfnioTGD(Teleprompter):
             )
 
         examples = {"train": train, "val": val}
+        names = {"train": "trainset", "val": "trainset" if val is train else "valset"}
         agent = _ProgramAgent(
-            traced, self.metric, examples, make_optimizer, self.best_score
+            traced, self.metric, examples, names, make_optimizer, self.best_score
         )
         before_texts = traced.instructions()
         with backward_model_client(backward, args):

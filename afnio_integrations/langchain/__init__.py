@@ -10,7 +10,13 @@ from afnio_integrations.langchain._estimate import estimate
 from afnio_integrations.langchain._model import LangChainChatModel
 from afnio_integrations.langchain._optimize import OptimizeReport, optimize
 from afnio_integrations.langchain._runnable import AfnioRunnable
-from afnio_integrations.langchain._traced import TracedChain, load_chain, trace
+from afnio_integrations.langchain._saving import (
+    ChainLoadError,
+    ChainSaveError,
+    load_chain,
+    save_chain,
+)
+from afnio_integrations.langchain._traced import TracedChain, trace
 from afnio_integrations.langchain._writeback import (
     PlaceholderMismatchError,
     heal_braces,
@@ -19,6 +25,8 @@ from afnio_integrations.langchain._writeback import (
 __all__ = [
     "AfnioRunnable",
     "AfnioTracingWarning",
+    "ChainLoadError",
+    "ChainSaveError",
     "LangChainChatModel",
     "OptimizeReport",
     "PlaceholderMismatchError",
@@ -29,5 +37,6 @@ __all__ = [
     "heal_braces",
     "load_chain",
     "optimize",
+    "save_chain",
     "trace",
 ]

@@ -21,6 +21,7 @@ from afnio.trainer.estimate import (
     approx_tokens,
 )
 from afnio.trainer.estimate import estimate as _estimate
+from afnio_integrations._rows import check_inputs, entry_variables, normalize_rows
 from afnio_integrations.langchain._discovery import (
     Selector,
     _prompts,
@@ -65,9 +66,11 @@ def _prompt_texts(prompt: Any) -> list[str]:
 
 def estimate(
     chain: Any,
-    trainset: Sequence[tuple[Any, Any]],
+    trainset: Iterable[Any],
     *,
-    valset: Sequence[tuple[Any, Any]] | None = None,
+    valset: Iterable[Any] | None = None,
+    input_keys: Sequence[str] | None = None,
+    label_key: str | None = None,
     epochs: int = 3,
     batch_size: int = 16,
     select: Selector = "system",
@@ -84,6 +87,8 @@ def estimate(
     without calling any LM (the first validation included, as ``optimize`` makes it).
 
     Args:
+        trainset, valset, input_keys, label_key: as for :func:`optimize` (the same
+            row shapes, checked the same way).
         metric_feedback: ``True`` if the metric returns ``(score, feedback)`` (its
             text is the gradient: no evaluator-backward call).
         revert_on_regression: as for ``optimize`` (a validation after every step).
@@ -101,11 +106,25 @@ def estimate(
                                                  "backward": "gpt-5"})
         print(run)  # estimated: ... LM calls, ... tokens, $...
     """
-    if not trainset:
-        raise ValueError("`trainset` is empty: pass (inputs, target) pairs.")
-    for name, pairs in (("trainset", trainset), ("valset", valset or ())):
-        if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
-            raise TypeError(f"`{name}` must hold (inputs, target) pairs.")
+    variables = entry_variables(chain)
+    train = normalize_rows(
+        trainset,
+        "trainset",
+        input_keys=input_keys,
+        label_key=label_key,
+        variables=variables,
+    )
+    check_inputs(train, "trainset", variables, input_keys=input_keys)
+    val = train
+    if valset is not None:
+        val = normalize_rows(
+            valset,
+            "valset",
+            input_keys=input_keys,
+            label_key=label_key,
+            variables=variables,
+        )
+        check_inputs(val, "valset", variables)
     prompts: dict[int, Any] = {}
     for runnable in (chain, *include):
         for prompt in _prompts(runnable):
@@ -121,7 +140,7 @@ def estimate(
         forward_calls=calls,
         prompt_texts=tuple(t for p in prompts.values() for t in _prompt_texts(p)),
         parameters=tuple(slot.text for slot in slots),
-        inputs=tuple(_input_text(inputs) for inputs, _ in trainset),
+        inputs=tuple(_input_text(inputs) for inputs, _ in train),
         evaluator_feedback=not metric_feedback,
     )
     if models is None:
@@ -129,8 +148,8 @@ def estimate(
         models = {"forward": name} if name else None
     return _estimate(
         shape,
-        n_train=len(trainset),
-        n_val=len(valset or trainset),
+        n_train=len(train),
+        n_val=len(val),
         epochs=epochs,
         batch_size=batch_size,
         validate_first=True,

@@ -5,22 +5,43 @@ The chain is traced (:func:`trace`), trained with TGD through the
 :class:`~afnio.trainer.Trainer` (progress, ``max_cost``, ``revert_on_regression``), the
 improved prompts are written back into the user's own chain, and a report tells the
 scores before and after, the prompt diff, and the LM calls, tokens and cost.
+
+Before any LM call, ``optimize`` checks the rows of ``trainset``/``valset``
+(:mod:`afnio_integrations._rows`: pairs, LangSmith examples, dict rows with
+``label_key=``) against the chain's entry prompt, and settles the ``model=`` of the
+backward and optimizer clients. During the run, only transient failures are retried
+(see :class:`afnio.errors.StepError`); an error of the metric or of the chain on one
+row ends the run at once, naming the row (``trainset[2]``).
 """
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from afnio._secrets import mask_url
 from afnio._variable import Variable
 from afnio.autodiff.decorators import evaluator
 from afnio.autodiff.evaluator import DeterministicEvaluator
 from afnio.autodiff.function import Function
+from afnio.errors import is_provider_error, note_client, tag_sample
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import TGD
 from afnio_integrations._report import OptimizeReport
-from afnio_integrations._training import SplitAgent, train_agent
+from afnio_integrations._rows import (
+    Row,
+    check_inputs,
+    entry_variables,
+    normalize_rows,
+)
+from afnio_integrations._training import (
+    SplitAgent,
+    client_model,
+    model_args,
+    needs_model,
+    train_agent,
+)
 from afnio_integrations.langchain._discovery import Selector
 from afnio_integrations.langchain._traced import TracedChain, trace
 
@@ -58,12 +79,42 @@ class MetricFeedback(Function):
         return Variable(data, role=f"feedback to {ctx.role}"), None, None
 
 
+def _chain_models(chain: Any) -> list[Any]:
+    """The language models in the chain's graph (what its own LM calls go to)."""
+    from langchain_core.language_models import BaseLanguageModel
+
+    models: list[Any] = []
+    try:
+        nodes = chain.get_graph().nodes.values()
+    except Exception:  # a chain whose graph cannot be drawn: name no model
+        return models
+    for node in nodes:
+        if isinstance(node.data, BaseLanguageModel) and all(
+            node.data is not m for m in models
+        ):
+            models.append(node.data)
+    return models
+
+
+def _describe_model(model: Any) -> str:
+    """``ChatOpenAI (model 'gpt-4o-mini', base URL https://...)``, no credentials."""
+    name = client_model(model)
+    url = getattr(model, "openai_api_base", None) or getattr(model, "base_url", None)
+    if url is None:
+        url = getattr(getattr(model, "root_client", None), "base_url", None)
+    parts = [f"model {name!r}"] if name else []
+    if url is not None:
+        parts.append(f"base URL {mask_url(str(url))}")
+    return type(model).__name__ + (f" ({', '.join(parts)})" if parts else "")
+
+
 class _ChainAgent(SplitAgent):
     def __init__(
         self,
         traced: TracedChain,
         metric: Callable[..., Any],
-        pairs: dict[str, list[tuple[Any, Any]]],
+        pairs: dict[str, list[Row]],
+        names: dict[str, str],
         optimizer: Callable[[], Any],
         best_score: Any,
         is_evaluator: bool,
@@ -72,53 +123,110 @@ class _ChainAgent(SplitAgent):
         self.traced = traced
         object.__setattr__(self, "_metric", metric)
         object.__setattr__(self, "_pairs", pairs)
+        object.__setattr__(self, "_names", names)
         object.__setattr__(self, "_best", best_score)
         object.__setattr__(self, "_is_evaluator", is_evaluator)
 
     def forward(self, inputs: list[Any]) -> Variable:
         return self.traced.batch(inputs)
 
+    def _run_chain(self, inputs: list[Any], split: str, indices: list[int]) -> Variable:
+        """The chain on the batch; an error names the rows (and, for a provider
+        error, the chain's own model that failed)."""
+        try:
+            return self(inputs)
+        except Exception as e:
+            if is_provider_error(e):  # the service failed, not one row
+                models = _chain_models(self.traced.chain)
+                if models:
+                    names = " or ".join(_describe_model(m) for m in models)
+                    note_client(e, f"the chain's own model {names}")
+            else:  # chain.batch does not say which row failed: name the batch
+                tag_sample(e, dataset=self._names[split], index=indices)
+            raise
+
     def _step(self, batch: Any, split: str) -> dict[str, Any]:
-        indices = batch[0]
-        rows = [self._pairs[split][int(i)] for i in indices]
-        prediction = self([inputs for inputs, _ in rows])
+        indices = [int(i) for i in batch[0]]
+        dataset = self._names[split]
+        rows = [self._pairs[split][i] for i in indices]
+        prediction = self._run_chain([inputs for inputs, _ in rows], split, indices)
         targets = [str(target) for _, target in rows]
-        results = (
-            []
-            if self._is_evaluator
-            else [
-                self._metric(str(p), t)
-                for p, t in zip(prediction.data, targets, strict=True)
-            ]
-        )
-        if self._is_evaluator:
-            score, explanation = self._metric(prediction, targets)
-        elif any(isinstance(r, tuple) for r in results):
-            # the metric returned (score, textual feedback): use its feedback
-            pairs = [r if isinstance(r, tuple) else (r, "") for r in results]
-            score, explanation = MetricFeedback.apply(
-                prediction, [p[0] for p in pairs], [p[1] for p in pairs]
-            )
-        else:
-            score, explanation = DeterministicEvaluator.apply(
-                prediction,
-                targets,
-                self._metric,
-                getattr(self._metric, "__name__", "the metric"),
-                None,
-                builtins.sum,
-                "summation",
-                best_score=self._best,
-            )
+        results = []
+        if not self._is_evaluator:
+            for i, p, t in zip(indices, prediction.data, targets, strict=True):
+                try:
+                    results.append(self._metric(str(p), t))
+                except Exception as e:  # a bug in the metric: name the row
+                    tag_sample(e, dataset=dataset, index=i, stage="metric")
+                    raise
+        try:
+            if self._is_evaluator:
+                score, explanation = self._metric(prediction, targets)
+            elif any(isinstance(r, tuple) for r in results):
+                # the metric returned (score, textual feedback): use its feedback
+                pairs = [r if isinstance(r, tuple) else (r, "") for r in results]
+                score, explanation = MetricFeedback.apply(
+                    prediction, [p[0] for p in pairs], [p[1] for p in pairs]
+                )
+            else:
+                score, explanation = DeterministicEvaluator.apply(
+                    prediction,
+                    targets,
+                    self._metric,
+                    getattr(self._metric, "__name__", "the metric"),
+                    None,
+                    builtins.sum,
+                    "summation",
+                    best_score=self._best,
+                )
+        except Exception as e:
+            tag_sample(e, dataset=dataset, index=indices, stage="metric")
+            raise
         return {"loss": (score, explanation), "accuracy": float(score.data) / len(rows)}
+
+
+def _clients(
+    model_client: ChatCompletionModel | None, completion_args: dict[str, Any]
+) -> tuple[ChatCompletionModel, dict[str, Any]]:
+    """The optimizer's client and completion arguments, ``model`` settled (see
+    :func:`optimize`); the backward client is checked to have a model too."""
+    from afnio._model_client import get_backward_model_client
+
+    try:
+        backward = get_backward_model_client()
+    except RuntimeError:
+        raise ValueError(
+            "optimize() needs afnio's backward client, the LM that writes the "
+            "feedback: call afnio.set_backward_model_client(client, "
+            "completion_args={'model': ...}) first (no LM call was made)."
+        ) from None
+    backward_model = client_model(backward)
+    if backward_model is None and needs_model(backward.client):
+        raise ValueError(
+            f"afnio's backward client {backward.client!r} has no model: set one with "
+            "afnio.set_backward_model_client(client, completion_args={'model': "
+            "'gpt-4o-mini'}) (no LM call was made)."
+        )
+    client = backward.client if model_client is None else model_client
+    same = client is backward.client or client is backward
+    args = model_args(
+        client,
+        completion_args,
+        what="the optimizer client",
+        default=backward_model if same else None,
+        how="model='gpt-4o-mini' (optimize(chain, trainset, metric, model=...))",
+    )
+    return client, args
 
 
 def optimize(
     chain: Any,
-    trainset: Sequence[tuple[Any, Any]],
+    trainset: Iterable[Any],
     metric: Callable[..., Any],
     *,
-    valset: Sequence[tuple[Any, Any]] | None = None,
+    valset: Iterable[Any] | None = None,
+    input_keys: Sequence[str] | None = None,
+    label_key: str | None = None,
     model_client: ChatCompletionModel | None = None,
     epochs: int = 3,
     batch_size: int = 16,
@@ -135,38 +243,100 @@ def optimize(
 
     Args:
         chain: the user's LangChain chain (its prompts are updated in place).
-        trainset: ``(inputs, target)`` pairs; ``inputs`` is what ``chain.invoke``
-            takes.
+        trainset: the rows to train on, each one of (every row of a set is read the
+            same way):
+
+            * ``(inputs, target)``: ``inputs`` is what ``chain.invoke`` takes (a
+              dict, or a str for a chain whose prompt has one input variable);
+            * a LangSmith-style example ``{"inputs": {...}, "outputs": {...}}``, or
+              an object with ``.inputs``/``.outputs`` (``langsmith`` ``Example``):
+              the target is the single value of ``outputs`` (or
+              ``outputs[label_key]``);
+            * a dict row such as ``{"message": ..., "label": ...}``, only with
+              ``label_key=`` (and ``input_keys=``).
+
+            Anything else raises ``TypeError``/``ValueError`` naming the row, before
+            any LM call; so do inputs that lack a variable of the chain's first
+            prompt.
         metric: ``metric(prediction: str, target: str) -> score`` (e.g. 1/0), or
             ``-> (score, feedback)`` whose text is then used as the feedback itself
             (no LM call writes it), or an afnio evaluator function such as
             ``afnio.functional.exact_match_evaluator``.
-        valset: pairs scored before and after (and per epoch); default ``trainset``.
-        model_client: the LM that writes feedback and new prompts (TGD's client); by
-            default the backward client set with ``afnio.set_backward_model_client``.
+        valset: rows scored before and after (and per epoch), read as
+            ``trainset``; default ``trainset``.
+        input_keys: for dict rows, the keys given to the chain (default: every key
+            but ``label_key``); for examples, the inputs kept (default: all).
+        label_key: the key (of a dict row, or of an example's ``outputs``) holding
+            the target.
+        model_client: the LM that writes new prompts (TGD's optimizer client); by
+            default the backward client set with ``afnio.set_backward_model_client``
+            (which writes the feedback in either case).
         epochs, batch_size, seed: the training loop (shuffled with ``seed``).
         select: which prompt messages to optimize (see :func:`trace`).
         best_score: a sample's best metric value (no feedback is asked for it).
         max_cost, revert_on_regression: as for :class:`~afnio.trainer.Trainer`.
         root_dir: where metrics and checkpoints go (default: a new temporary folder,
             and no checkpoints).
-        **completion_args: passed to the optimizer client (``model=`` included).
-    """
-    if not trainset:
-        raise ValueError("`trainset` is empty: pass (inputs, target) pairs.")
-    if model_client is None:
-        from afnio._model_client import get_backward_model_client
+        **completion_args: passed to every optimizer call. ``model=`` names the
+            optimizer's model; by default it is the backward client's model (its
+            ``completion_args["model"]``) when the optimizer client is the backward
+            client, or the model the client names itself (a ``LangChainChatModel``
+            or ``DSPyLM`` does; an afnio ``OpenAI`` client does not, so a different
+            ``OpenAI`` client needs ``model=``). A missing model raises
+            ``ValueError`` before any LM call.
 
-        model_client = get_backward_model_client().client
+    Raises:
+        TypeError, ValueError: a bad row, argument or missing model (before any LM
+            call).
+        afnio.errors.StepError: a step failed: at once for an error retrying
+            cannot fix (its ``__cause__``, e.g. a metric's ``KeyError``; the
+            message names the row, ``trainset[2]``), after 3 attempts for a
+            transient one (connection, timeout, 429/5xx; the message names the
+            client and its base URL).
+
+    Example::
+
+        afnio.set_backward_model_client(
+            "openai/gpt-4o", completion_args={"temperature": 0}
+        )
+        rows = [{"message": "The heater broke again.", "label": "negative"}, ...]
+        chain, report = optimize(chain, rows, metric, label_key="label")
+    """
+    variables = entry_variables(chain)
+    train = normalize_rows(
+        trainset,
+        "trainset",
+        input_keys=input_keys,
+        label_key=label_key,
+        variables=variables,
+    )
+    val = (
+        train
+        if valset is None
+        else normalize_rows(
+            valset,
+            "valset",
+            input_keys=input_keys,
+            label_key=label_key,
+            variables=variables,
+        )
+    )
+    check_inputs(train, "trainset", variables, input_keys=input_keys)
+    if valset is not None:
+        check_inputs(val, "valset", variables)
+    model_client, completion_args = _clients(model_client, completion_args)
     traced = trace(chain, select)
-    pairs = {"train": list(trainset), "val": list(valset or trainset)}
+    pairs = {"train": train, "val": val}
+    names = {"train": "trainset", "val": "trainset" if valset is None else "valset"}
 
     def make_optimizer() -> TGD:
         return TGD(traced.parameters(), model_client=model_client, **completion_args)
 
     # an afnio evaluator function returns (score, explanation) itself
     is_evaluator = getattr(metric, "__module__", "") == "afnio.cognitive.functional"
-    agent = _ChainAgent(traced, metric, pairs, make_optimizer, best_score, is_evaluator)
+    agent = _ChainAgent(
+        traced, metric, pairs, names, make_optimizer, best_score, is_evaluator
+    )
     before_prompts = traced.prompts()
     outcome = train_agent(
         agent,

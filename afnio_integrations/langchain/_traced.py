@@ -37,7 +37,6 @@ with ``+`` as LangChain adds them (strings, message chunks, the dict chunks of a
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import os
@@ -75,7 +74,7 @@ from afnio_integrations.langchain._tracing import (
 )
 from afnio_integrations.langchain._writeback import apply_template, checked_template
 
-__all__ = ["TracedChain", "load_chain", "trace"]
+__all__ = ["TracedChain", "trace"]
 
 Config = dict[str, Any]
 
@@ -450,32 +449,27 @@ class TracedChain(Module):
                 param.data = before[slot.key]
             raise
 
-    def save_chain(self, path: str | Path) -> None:
-        """Save :meth:`export`'s chain as LangChain JSON (``langchain_core.load``
-        format; API keys are stored as references to environment variables, never as
-        values). Load it without afnio with ``langchain_core.load.loads`` (see
-        :func:`load_chain` for the options)."""
-        from langchain_core.load import dumpd
+    def save_chain(self, path: str | Path) -> tuple[type, ...]:
+        """Save the chain, its current texts written in, as LangChain JSON: the same
+        as ``save_chain(self, path)`` (see
+        :func:`afnio_integrations.langchain.save_chain`; load it with
+        :func:`~afnio_integrations.langchain.load_chain`)."""
+        from afnio_integrations.langchain._saving import save_chain
 
-        self.write_back()
-
-        def scrub(node: Any) -> Any:  # drop afnio's bookkeeping from prompt metadata
-            if isinstance(node, dict):
-                return {k: scrub(v) for k, v in node.items() if k != METADATA_KEY}
-            if isinstance(node, list):
-                return [scrub(v) for v in node]
-            return node
-
-        text = json.dumps(scrub(dumpd(self.chain)), indent=2)
-        Path(path).write_text(text, "utf-8")
+        return save_chain(self, path)
 
     def export(self) -> Any:
-        """A deep copy of the user's chain with the current texts written in and no
-        afnio metadata: a plain LangChain chain that needs no afnio at run time. (A
-        model client that holds open connections may refuse to be copied; then use
-        :meth:`save_chain` and load the file.)"""
+        """A copy of the user's chain with the current texts written in and no afnio
+        metadata: a plain LangChain chain that needs no afnio at run time. Prompts,
+        parsers and composites are deep copies; each model (``ChatOpenAI``...) is a
+        shallow copy (``model_copy()``): its own settings, sharing the original's
+        HTTP clients, whose locks cannot be copied. Functions of ``RunnableLambda``
+        steps are shared. To keep the chain across processes, use
+        :meth:`save_chain`."""
+        from afnio_integrations.langchain._saving import copy_chain
+
         self.write_back()
-        exported = copy.deepcopy(self.chain)
+        exported = copy_chain(self.chain)
         originals = {id(p) for p in self._index.prompts.values()}
         for prompt in discover(exported).prompts:
             if id(prompt) in originals:  # shared, not copied (e.g. held by a function)
@@ -485,27 +479,6 @@ class TracedChain(Module):
                     k: v for k, v in prompt.metadata.items() if k != METADATA_KEY
                 } or None
         return exported
-
-
-def load_chain(path: str | Path, **kwargs: Any) -> Any:
-    """Load a chain saved by :meth:`TracedChain.save_chain` (plain LangChain: this
-    is what a deployment without afnio runs; secrets come from the environment).
-
-    Only for files you trust: like ``langchain_core.load.loads`` it instantiates
-    LangChain classes with the file's constructor arguments (a model's ``base_url``
-    included) and reads API keys from the environment, so a tampered file could send
-    the key to another host. For a file you did not write, build the chain yourself
-    and apply its texts with :meth:`TracedChain.load_prompts` (texts only,
-    placeholders checked). ``kwargs`` override the options passed to ``loads``."""
-    from langchain_core.load import loads
-
-    options: dict[str, Any] = {
-        "secrets_from_env": True,
-        "valid_namespaces": ["langchain_openai", "langchain_anthropic"],
-        "allowed_objects": "all",
-    }
-    options.update(kwargs)
-    return loads(Path(path).read_text("utf-8"), **options)
 
 
 def trace(

@@ -494,11 +494,19 @@ def test_chat_backward_wins_over_a_dspy_shaped_system_message() -> None:
     }
 
 
+NO_LABELS = (
+    ' The prompt lists no labels for the label (no ": a, b or c" list, no schema '
+    'enum), so inputs that no rule matches get "neutral".'
+)
+
+
 def test_chat_backward_rule_names_the_predictors_output_field() -> None:
-    # the instructions rule "the sentiment", but this predictor outputs `label`
+    # the instructions rule "the sentiment", but this predictor outputs `label`: not
+    # an affect field, so the rule names the input's lead word (and says that the
+    # predictor lists no labels)
     label = dspy.Signature("message -> label", RULES)
     assert gradients(label, {"message": "So upset."}, EXPECTED_NEGATIVE) == [
-        'If the message mentions "upset", the label is negative.'
+        'If the message begins with "upset", the label is negative.' + NO_LABELS
     ]
 
 
@@ -509,7 +517,7 @@ def test_chat_backward_rule_for_chain_of_thought_names_sentiment() -> None:
     ]
     reason_first = dspy.Signature("message -> reasoning, label", "Classify.")
     assert gradients(reason_first, {"message": "So upset."}, EXPECTED_NEGATIVE) == [
-        'If the message mentions "upset", the label is negative.'
+        'If the message begins with "upset", the label is negative.' + NO_LABELS
     ]
 
 
@@ -550,7 +558,9 @@ def test_chat_backward_without_an_expected_value_gives_no_rule() -> None:
 def test_chat_backward_default_target_gives_no_rule() -> None:
     feedback = 'The expected sentiment is "neutral".'
     assert gradients(classify(), {"message": "So upset."}, feedback) == [
-        'The instructions should lead to "neutral" for inputs like this one.'
+        'The instructions should lead to "neutral" for inputs like this one. No '
+        'rule can be written: "neutral" is the default label (what the task answers '
+        "when no rule matches), so no word is evidence for it."
     ]
 
 

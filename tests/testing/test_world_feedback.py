@@ -193,25 +193,33 @@ def test_trainable_system_prompt_gets_a_rule() -> None:
     ]
 
 
+NO_FIELD = (
+    ' The prompt names no field (no rule, no JSON schema field, no "classify the '
+    '<field>" phrase), so the rule names the sentiment.'
+)
+
+
 def test_the_rule_word_is_the_first_lexicon_word_alphabetically() -> None:
     # "upset" comes first in the text, "angry" first in the alphabet
     user = "Upset, angry and TOP-NOTCH-ly confused."
     prompt = chat_backward_user([("user", user)], EVAL_FEEDBACK, [SYSTEM_VAR])
     assert gradients_of(prompt) == [
-        'If the message mentions "angry", the sentiment is negative.'
+        'If the message mentions "angry", the sentiment is negative.' + NO_FIELD
     ]
     # a hyphenated lexicon word matches as a whole word, any case
     prompt = chat_backward_user(
         [("user", "A Top-Notch job")], EVAL_FEEDBACK, [SYSTEM_VAR]
     )
     assert gradients_of(prompt) == [
-        'If the message mentions "top-notch", the sentiment is negative.'
+        'If the message mentions "top-notch", the sentiment is negative.' + NO_FIELD
     ]
     prompt = chat_backward_user(
         [("user", "My great-grandson")], EVAL_FEEDBACK, [SYSTEM_VAR]
     )
     assert gradients_of(prompt) == [
-        'The system prompt should lead to "negative" for inputs like this one.'
+        'The system prompt should lead to "negative" for inputs like this one. No '
+        "rule can be written: the input holds no evaluative word (SALIENCE_LEXICON) "
+        "that the rule for the sentiment could name." + NO_FIELD
     ]
     assert world.salient_word("so-called great-ish, non-upset") is None
     assert world.salient_word("Great, (UPSET)") == "great"
@@ -230,8 +238,9 @@ def test_the_field_comes_from_an_existing_rule() -> None:
         'The prediction "billing" is wrong: the expected value is "shipping".',
         [("system prompt", "system", True, system)],
     )
+    # "topic" is no affect field: the rule names the input's lead word
     assert gradients_of(prompt) == [
-        'If the message mentions "awful", the topic is shipping.'
+        'If the message begins with "awful", the topic is shipping.'
     ]
 
 
@@ -257,7 +266,9 @@ def test_target_without_a_salient_word() -> None:
         [SYSTEM_VAR, TEMPLATE_VAR],
     )
     assert gradients_of(prompt) == [
-        'The system prompt should lead to "negative" for inputs like this one.',
+        'The system prompt should lead to "negative" for inputs like this one. No '
+        "rule can be written: the input holds no evaluative word (SALIENCE_LEXICON) "
+        "that the rule for the sentiment could name.",
         'The user message template should lead to "negative" for this input.',
     ]
 
@@ -348,7 +359,7 @@ def test_attributes_and_multiline_elements_are_tolerated() -> None:
         "Sort it.\n</VARIABLE>\n</VARIABLES>"
     )
     assert gradients_of(prompt) == [
-        'If the message mentions "upset", the sentiment is negative.'
+        'If the message mentions "upset", the sentiment is negative.' + NO_FIELD
     ]
 
 

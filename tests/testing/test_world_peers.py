@@ -312,7 +312,11 @@ class TestTextGradBackward:
     def test_default_label_gets_no_rule(self) -> None:
         feedback = world.respond(_function_backward("negative", "neutral", 0))
         reply = world.respond(_llm_backward(PROMPT, "Awful!", "negative", feedback))
-        assert reply == f'The {ROLE} should lead to "neutral" for inputs like this one.'
+        assert reply == (
+            f'The {ROLE} should lead to "neutral" for inputs like this one. No rule '
+            'can be written: "neutral" is the default label (what the task answers '
+            "when no rule matches), so no word is evidence for it."
+        )
 
     def test_correct_sample_gets_a_generic_critique(self) -> None:
         feedback = world.respond(_function_backward("negative", "negative", 1))
@@ -326,7 +330,11 @@ class TestTextGradBackward:
             'The prediction "neutral" is wrong: the expected value is "negative".'
         )
         reply = world.respond(_llm_backward(long_prompt, "Awful.", "x", feedback))
-        assert reply == AWFUL
+        # the prompt names no field: the rule names the sentiment, and says so
+        assert reply == AWFUL + (
+            ' The prompt names no field (no rule, no JSON schema field, no "classify '
+            'the <field>" phrase), so the rule names the sentiment.'
+        )
 
     def test_base_template_reads_the_evaluation(self) -> None:
         evaluation = 'Wrong. The expected value is "positive".'

@@ -105,7 +105,9 @@ def test_each_stage_answers_its_own_field_from_its_own_input() -> None:
 def test_the_computed_input_is_told_the_value_that_leads_to_the_target() -> None:
     assert gradients_of(second_stage()) == [
         # "neutral" holds no lexicon word: the second prompt gets no rule
-        'The second prompt should lead to "negative" for inputs like this one.',
+        'The second prompt should lead to "negative" for inputs like this one. No '
+        "rule can be written: the input holds no evaluative word (SALIENCE_LEXICON) "
+        "that the rule for the sentiment could name.",
         RELAY,
     ]
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import afnio
-from afnio.errors import SerializationError
+from afnio.errors import SerializationError, StepError
 from afnio.models.openai import OpenAI
 from afnio.serialization import LoadLimits
 from afnio.testing import SIMULATOR_MODEL, Simulator
@@ -156,8 +156,9 @@ def test_a_failed_fit_still_reports_what_it_spent(
     train, _ = _loaders()
     trainer = _trainer(tmp_path, max_epochs=1)
     before = client.get_usage()["cost"]["amount"]
-    with pytest.raises(RuntimeError, match="failed after 3 retries"):
+    with pytest.raises(StepError, match="KeyError: a bug in the metric") as info:
         trainer.fit(_Broken(client, SIMULATOR_MODEL), train)
+    assert info.value.attempts == 1  # a bug is not retried
     spent = client.get_usage()["cost"]["amount"] - before
     assert spent > 0
     assert trainer.total_cost == pytest.approx(spent)
@@ -338,7 +339,8 @@ def test_a_rejected_answer_is_not_replayed_from_the_response_cache(
 
 
 class _PickyAboutAnswers(SentimentClassifier):
-    """Its metric fails once on the answers' content, after the LM calls."""
+    """Its metric fails once on the answers' content, after the LM calls (a
+    ``ValueError``: not transient)."""
 
     failures = 1
 
@@ -350,21 +352,19 @@ class _PickyAboutAnswers(SentimentClassifier):
         return out
 
 
-def test_a_failure_that_is_not_the_lm_service_asks_the_model_afresh(
+def test_a_failure_that_is_not_the_lm_service_is_not_retried(
     client: OpenAI, sim: Simulator, tmp_path: Path
 ) -> None:
     train, _ = _loaders()
     sim.reset_stats()
-    _trainer(tmp_path / "clean", max_epochs=1).fit(
-        SentimentClassifier(client, SIMULATOR_MODEL), train
-    )
-    clean = sim.stats.calls
-    sim.reset_stats()
     _PickyAboutAnswers.failures = 1
-    _trainer(tmp_path / "picky", max_epochs=1).fit(
-        _PickyAboutAnswers(client, SIMULATOR_MODEL), train
-    )
-    assert sim.stats.calls == clean + 4  # the failed attempt's 4 forward calls again
+    with pytest.raises(StepError, match="ValueError: the answers do not look") as info:
+        _trainer(tmp_path / "picky", max_epochs=1).fit(
+            _PickyAboutAnswers(client, SIMULATOR_MODEL), train
+        )
+    assert isinstance(info.value.__cause__, ValueError)
+    assert info.value.phase == "training step" and info.value.stage == "forward"
+    assert sim.stats.calls == 4  # the failed attempt's 4 forward calls, no retry
 
 
 def test_service_failures_are_told_from_other_errors() -> None:

@@ -9,6 +9,8 @@ pytest.importorskip("langchain_core", reason="needs the langchain extra")
 EXPECTED_ALL = [
     "AfnioRunnable",
     "AfnioTracingWarning",
+    "ChainLoadError",
+    "ChainSaveError",
     "LangChainChatModel",
     "OptimizeReport",
     "PlaceholderMismatchError",
@@ -19,6 +21,7 @@ EXPECTED_ALL = [
     "heal_braces",
     "load_chain",
     "optimize",
+    "save_chain",
     "trace",
 ]
 

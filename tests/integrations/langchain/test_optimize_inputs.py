@@ -1,0 +1,330 @@
+"""optimize()/estimate(): the trainset shapes they accept, the rows they refuse before
+any LM call, the ``model=`` they settle, and the failures they do not retry (issue 18,
+items 1-3). LM calls are counted on a live simulator."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+pytest.importorskip("langchain_openai", reason="needs the langchain test extra")
+
+import openai
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableLambda
+from langchain_openai import ChatOpenAI
+
+import afnio
+from afnio.errors import StepError
+from afnio.models.openai import OpenAI
+from afnio.testing import SIMULATOR_MODEL, Simulator
+from afnio_integrations._rows import normalize_rows
+from afnio_integrations.langchain import LangChainChatModel, estimate, optimize
+
+ROWS = [
+    ("The heater broke again, this is awful.", "negative"),
+    ("I love how quickly you fixed the lift.", "positive"),
+    ("Please confirm the Tuesday visit.", "neutral"),
+    ("Terrible response time, I am upset.", "negative"),
+]
+CLASSIFY = "Classify the sentiment of the message."
+
+
+def exact(prediction: str, target: str) -> int:
+    return int(prediction.strip() == target)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Setup:
+    sim: Simulator
+    backward: OpenAI
+
+    def chain(self, base_url: str | None = None, human: str = "{message}") -> Any:
+        """The LangChain docs' chain: prompt | ChatOpenAI | StrOutputParser."""
+        prompt = ChatPromptTemplate.from_messages(
+            [("system", CLASSIFY), ("human", human)]
+        )
+        llm = ChatOpenAI(
+            model=SIMULATOR_MODEL,
+            base_url=base_url or self.sim.base_url,
+            api_key="k",
+            max_retries=0,
+        )
+        return prompt | llm | StrOutputParser()
+
+
+@pytest.fixture
+def setup() -> Iterator[Setup]:
+    with (
+        Simulator() as sim,
+        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as backward,
+    ):
+        afnio.set_backward_model_client(
+            backward, completion_args={"model": SIMULATOR_MODEL}
+        )
+        yield Setup(sim, backward)
+
+
+def _run(chain: Any, trainset: Any, **kwargs: Any) -> Any:
+    kwargs = {"epochs": 1, "batch_size": 4, "progress": False, **kwargs}
+    return optimize(chain, trainset, kwargs.pop("metric", exact), **kwargs)[1]
+
+
+# -- item 1: the shapes ----------------------------------------------------------------
+
+
+def test_dict_rows_with_label_key_train_like_pairs(setup: Setup) -> None:
+    pairs = _run(setup.chain(), [({"message": m}, t) for m, t in ROWS])
+    calls = setup.sim.stats.calls
+    setup.sim.reset_stats()
+    rows = [{"message": m, "label": t, "id": k} for k, (m, t) in enumerate(ROWS)]
+    dicts = _run(setup.chain(), rows, label_key="label", input_keys=["message"])
+    assert (dicts.score_before, dicts.score_after) == (
+        pairs.score_before,
+        pairs.score_after,
+    )
+    assert dicts.score_after > dicts.score_before
+    assert setup.sim.stats.calls == calls  # the same run, call for call
+
+
+def test_str_inputs_reach_a_single_variable_prompt(setup: Setup) -> None:
+    report = _run(setup.chain(), ROWS)  # (str, target) pairs
+    assert report.score_before == 0.25 and report.score_after == 1.0
+
+
+def test_langsmith_examples_as_dicts_and_objects_are_read() -> None:
+    class Example:  # what langsmith.schemas.Example looks like (no import)
+        def __init__(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+            self.inputs, self.outputs = inputs, outputs
+
+    data = [
+        {"inputs": {"message": "Awful."}, "outputs": {"label": "negative"}},
+        Example({"message": "Great!"}, {"label": "positive"}),
+    ]
+    assert normalize_rows(data, "trainset") == [
+        ({"message": "Awful."}, "negative"),
+        ({"message": "Great!"}, "positive"),
+    ]
+    several = [{"inputs": {"message": "Hi", "lang": "en"}, "outputs": {"a": 1, "b": 2}}]
+    assert normalize_rows(
+        several, "trainset", label_key="b", input_keys=["message"]
+    ) == [({"message": "Hi"}, 2)]
+    with pytest.raises(ValueError, match=r"`trainset\[0\]` has several outputs"):
+        normalize_rows(several, "trainset")
+
+
+def test_langsmith_examples_train_like_pairs(setup: Setup) -> None:
+    examples = [{"inputs": {"message": m}, "outputs": {"label": t}} for m, t in ROWS]
+    report = _run(setup.chain(), examples)
+    assert report.score_before == 0.25 and report.score_after == 1.0
+
+
+BAD_TRAINSETS = [
+    (
+        [{"message": "Awful.", "label": "negative"}],
+        {},
+        TypeError,
+        r"`trainset\[0\]` is a dict row \{'message': 'Awful.', 'label': 'negative'\}, "
+        r"but no label_key=.* label_key='label'",
+    ),
+    (
+        {"Awful.": "negative", "Great!": "positive"},
+        {},
+        TypeError,
+        r"`trainset` is a dict .*list\(trainset.items\(\)\)",
+    ),
+    ("Awful.", {}, TypeError, r"`trainset` must be a list of rows, got str 'Awful.'"),
+    (None, {}, TypeError, r"`trainset` must be a list of rows, got NoneType"),
+    (
+        [("Awful.", "negative", "extra")],
+        {},
+        TypeError,
+        r"`trainset\[0\]` is a tuple of 3 items .*Expected \(inputs, target\) pairs "
+        r"such as \(\{'message': 'The heater broke again.'\}, 'negative'\)",
+    ),
+    (
+        [("Awful.", "negative"), ("Great!", None)],
+        {},
+        ValueError,
+        r"`trainset\[1\]` has a None target",
+    ),
+    (
+        [{"message": "Awful.", "label": "negative"}, {"text": "Great!", "label": "x"}],
+        {"label_key": "label", "input_keys": ["message"]},
+        ValueError,
+        r"`trainset\[1\]` has no key 'message' \(from input_keys\)",
+    ),
+    (
+        [("Awful.", "negative")],
+        {"label_key": "label"},
+        TypeError,
+        r"`trainset\[0\]` is an \(inputs, target\) pair, but label_key=",
+    ),
+    (
+        [{"message": "Awful.", "label": "negative"}],
+        {"label_key": "label", "input_keys": "message"},
+        TypeError,
+        r"pass input_keys=\['message'\]",
+    ),
+    (
+        [({"text": "Awful."}, "negative")],
+        {},
+        ValueError,
+        r"The inputs of `trainset\[0\]` \(dict \{'text': 'Awful.'\}\) lack 'message'",
+    ),
+    (
+        [{"text": "Awful.", "label": "negative"}],
+        {"label_key": "label"},
+        ValueError,
+        r"The inputs of `trainset\[0\]`.* lack 'message': the chain's prompt takes",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("trainset", "kwargs", "kind", "match"),
+    BAD_TRAINSETS,
+    ids=[
+        "dict row without label_key",
+        "dict {text: label}",
+        "a str",
+        "None",
+        "3-tuple",
+        "None target",
+        "missing input key",
+        "pairs with label_key",
+        "input_keys as a str",
+        "inputs lack a prompt variable",
+        "dict row lacks a prompt variable",
+    ],
+)
+def test_bad_rows_are_refused_before_any_lm_call(
+    setup: Setup, trainset: Any, kwargs: dict[str, Any], kind: type, match: str
+) -> None:
+    chain = setup.chain()
+    with pytest.raises(kind, match=match):
+        optimize(chain, trainset, exact, progress=False, **kwargs)
+    with pytest.raises(kind, match=match):
+        estimate(chain, trainset, **kwargs)
+    assert setup.sim.stats.calls == 0
+
+
+def test_a_bad_valset_row_is_named_as_valset(setup: Setup) -> None:
+    with pytest.raises(ValueError, match=r"`valset\[1\]` has a None target"):
+        optimize(setup.chain(), ROWS, exact, valset=[ROWS[0], ("Hi", None)])
+    assert setup.sim.stats.calls == 0
+
+
+def test_str_inputs_for_a_prompt_of_two_variables_are_refused(setup: Setup) -> None:
+    chain = setup.chain(human="{topic}: {message}")
+    with pytest.raises(TypeError, match=r"takes 2 variables \['message', 'topic'\]"):
+        optimize(chain, ROWS, exact)
+    with pytest.raises(ValueError, match=r"`input_keys`=\['message'\] lacks 'topic'"):
+        rows = [{"message": m, "topic": "x", "label": t} for m, t in ROWS]
+        optimize(chain, rows, exact, label_key="label", input_keys=["message"])
+    assert setup.sim.stats.calls == 0
+
+
+def test_estimate_reads_dict_rows_like_optimize(setup: Setup) -> None:
+    rows = [{"message": m, "label": t} for m, t in ROWS]
+    by_dict = estimate(setup.chain(), rows, label_key="label")
+    by_pair = estimate(setup.chain(), [({"message": m}, t) for m, t in ROWS])
+    assert by_dict == by_pair
+
+
+# -- item 2: model= --------------------------------------------------------------------
+
+
+def test_model_defaults_to_the_backward_clients_model(setup: Setup) -> None:
+    report = _run(setup.chain(), ROWS)  # no model=: the backward client's
+    assert report.score_after == 1.0
+    assert {r.model for r in report.phases if r.phase == "optimizer"} == {
+        SIMULATOR_MODEL
+    }
+
+
+def test_a_client_without_a_model_is_refused_before_any_lm_call(setup: Setup) -> None:
+    with OpenAI(base_url=setup.sim.base_url, api_key="sk-test") as other:
+        with pytest.raises(
+            ValueError, match=r"the optimizer client OpenAI\(.*pass model='gpt-4o-mini'"
+        ):
+            optimize(setup.chain(), ROWS, exact, model_client=other)
+        afnio.set_backward_model_client(other)  # no completion_args["model"]
+        with pytest.raises(ValueError, match=r"backward client OpenAI.* has no model"):
+            optimize(setup.chain(), ROWS, exact)
+    assert setup.sim.stats.calls == 0
+
+
+def test_a_client_that_names_its_model_needs_no_model_argument(setup: Setup) -> None:
+    optimizer = LangChainChatModel(
+        ChatOpenAI(model=SIMULATOR_MODEL, base_url=setup.sim.base_url, api_key="k")
+    )
+    report = _run(setup.chain(), ROWS, model_client=optimizer)
+    assert report.score_after == 1.0
+
+
+# -- item 3: failures ------------------------------------------------------------------
+
+
+def test_a_metric_bug_fails_at_once_naming_the_row(setup: Setup) -> None:
+    def metric(prediction: str, target: str) -> int:
+        return {"positive": 1}[target]  # KeyError on other labels
+
+    rows = ROWS[1:]  # positive, neutral, negative: the issue's 3 samples
+    with pytest.raises(StepError) as info:
+        optimize(setup.chain(), rows, metric, progress=False)
+    error = info.value
+    assert isinstance(error.__cause__, KeyError)
+    assert (error.dataset, error.sample_index) == ("trainset", 1)
+    assert (error.phase, error.stage) == ("validation", "metric")
+    assert str(error).startswith(
+        "The validation failed in the metric on trainset[1] (batch 0): "
+        "KeyError: 'neutral'"
+    )
+    # the first validation's 3 chain calls, then nothing (it was 9 LM calls)
+    assert setup.sim.stats.calls == 3
+
+
+def test_a_langchain_error_is_shown_as_plain_text(setup: Setup) -> None:
+    prompt = ChatPromptTemplate.from_messages(
+        [("system", CLASSIFY), ("human", "{message}")]
+    )
+    llm = ChatOpenAI(model=SIMULATOR_MODEL, base_url=setup.sim.base_url, api_key="k")
+    # the entry is a lambda (its input is unknown): the prompt's KeyError comes at run
+    chain = RunnableLambda(lambda d: {"text": d["text"]}) | prompt | llm
+    rows = [({"text": m}, t) for m, t in ROWS[:2]]
+    with pytest.raises(StepError) as info:
+        optimize(chain, rows, exact, progress=False)
+    text = str(info.value)
+    assert (
+        "KeyError: Input to ChatPromptTemplate is missing variables {'message'}" in text
+    )
+    assert "on one of trainset[0, 1]" in text
+    assert "\\n" not in text and "\\'" not in text
+    assert info.value.attempts == 1 and setup.sim.stats.calls == 0
+
+
+def test_a_connection_error_of_the_chains_model_names_it_and_its_url(
+    setup: Setup,
+) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    with pytest.raises(StepError) as info:
+        optimize(setup.chain(base_url=url), ROWS, exact, progress=False)
+    error = info.value
+    assert error.transient and error.attempts == 3
+    assert isinstance(error.__cause__, openai.APIConnectionError)
+    assert (
+        f"LM client: the chain's own model ChatOpenAI (model '{SIMULATOR_MODEL}', "
+        f"base URL {url})" in str(error)
+    )
