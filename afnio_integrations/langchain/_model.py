@@ -5,20 +5,35 @@ the backward client (``afnio.set_backward_model_client(client)``) or TGD's optim
 model. Requests run on afnio's event loop under its LM-request bound; usage and cost
 come from the response's ``usage_metadata`` (priced with afnio's table by the
 response's model name); it is registered for checkpoints.
+
+**Not part of a traced chain.** An afnio Module that runs inside a LangChain chain
+(``AfnioRunnable``) calls this client in the chain's run context, and LangChain hands
+nested calls the running chain's callbacks. The client's calls are afnio's own: they
+are metered by the client (``calls``, ``get_usage()``, the phase ledger), so they are
+kept out of afnio's chain tracer (``_tracing.RunCollector``), which would count
+them a second time as the chain's own LM calls and put them in its graph (the
+traced chain meters the clients of the modules it holds instead, see
+:meth:`TracedChain.llm_clients`). Every other callback stays: the model's own
+``callbacks`` and the handlers of the chain's config (a LangSmith tracer passed there
+or enabled globally still records the call, nested under the module's run).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from langchain_core.callbacks import BaseCallbackManager
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import var_child_runnable_config
 
 from afnio._runtime import request_slot, run_async
 from afnio.models.model_registry import register_model_class
 from afnio.models.phases import LEDGER
 from afnio.models.step_memo import memoized
 from afnio_integrations._client import AdapterChatModel
+from afnio_integrations.langchain._tracing import RunCollector
 
 __all__ = ["LangChainChatModel"]
 
@@ -59,6 +74,36 @@ def _usage(message: AIMessage) -> dict[str, Any]:
     }
 
 
+def _without_tracer(callbacks: Any) -> Any:
+    """``callbacks`` (a list of handlers or a callback manager) without afnio's chain
+    tracers (:class:`RunCollector`); a manager is copied, never changed."""
+    if isinstance(callbacks, BaseCallbackManager):
+        manager = callbacks.copy()
+        for handler in [*manager.handlers, *manager.inheritable_handlers]:
+            if isinstance(handler, RunCollector):
+                manager.remove_handler(handler)
+        return manager
+    if isinstance(callbacks, (list, tuple)):
+        return [h for h in callbacks if not isinstance(h, RunCollector)]
+    return callbacks
+
+
+def _own_call_config(config: RunnableConfig | None) -> RunnableConfig:
+    """The config of afnio's own call: ``config`` (the caller's, if any) with the
+    callbacks it would inherit (its own, else those of the LangChain run it is made
+    in) minus afnio's chain tracers, so a traced chain neither counts nor graphs it.
+
+    LangChain's ``ensure_config`` starts from the running chain's child config and
+    lets the given keys replace it; the ``callbacks`` given here therefore replace the
+    parent's, keeping every handler of it but the tracers."""
+    own = dict(config or {})
+    inherited = own.get("callbacks")
+    if inherited is None:
+        inherited = (var_child_runnable_config.get() or {}).get("callbacks")
+    own["callbacks"] = [] if inherited is None else _without_tracer(inherited)
+    return RunnableConfig(**own)  # type: ignore[typeddict-item]
+
+
 @register_model_class
 class LangChainChatModel(AdapterChatModel):
     """An afnio chat client backed by a LangChain chat model.
@@ -68,7 +113,8 @@ class LangChainChatModel(AdapterChatModel):
 
     Extra keyword arguments of ``chat``/``achat`` (``temperature``, ``response_format``,
     ...) are passed to the model's call; ``model=`` is ignored (the LangChain model
-    already names its model).
+    already names its model); ``config=`` is the call's ``RunnableConfig`` (afnio's
+    chain tracers are taken out of its callbacks, see the module docstring).
 
     Example::
 
@@ -91,11 +137,13 @@ class LangChainChatModel(AdapterChatModel):
     async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
         """Answer ``messages`` with the LangChain model; returns the reply's text."""
         kwargs.pop("model", None)
+        config = _own_call_config(kwargs.pop("config", None))
         lc_messages = _to_langchain(messages)
 
         async def call() -> str:
             async with request_slot():
-                reply = await self.model.ainvoke(lc_messages, **kwargs)
+                # afnio's own call: not counted again by a traced chain it runs in
+                reply = await self.model.ainvoke(lc_messages, config, **kwargs)
                 self.calls += 1  # answered: billed
             usage = _usage(reply)
             name = (getattr(reply, "response_metadata", None) or {}).get(

@@ -343,7 +343,9 @@ def optimize(
         n_train=len(pairs["train"]),
         n_val=len(pairs["val"]),
         score_key="val_accuracy",
-        clients=[traced.usage],  # the chain's own LM calls count in budgets too
+        # the chain's own LM calls, and those of afnio modules inside it, count in
+        # budgets and in the report
+        clients=traced.llm_clients(),
         epochs=epochs,
         batch_size=batch_size,
         seed=seed,

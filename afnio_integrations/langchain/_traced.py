@@ -62,9 +62,11 @@ from afnio_integrations.langchain._discovery import (
     METADATA_KEY,
     PromptSlot,
     Selector,
+    _Walker,
     discover,
     slots_of,
 )
+from afnio_integrations.langchain._runnable import AfnioRunnable
 from afnio_integrations.langchain._tracing import (
     CALL_KEY,
     PromptIndex,
@@ -147,6 +149,32 @@ def _user_stacklevel() -> int:
     return level
 
 
+class _ModuleWalker(_Walker):
+    """Discovery's walk, also noting the afnio Modules of the ``AfnioRunnable`` steps
+    it passes (in walk order, each once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modules: list[Module] = []
+
+    def walk(self, obj: Any, depth: int = 0) -> None:
+        if isinstance(obj, AfnioRunnable) and all(
+            obj.module is not m for m in self.modules
+        ):
+            self.modules.append(obj.module)
+        super().walk(obj, depth)
+
+
+def afnio_modules(chain: Any, include: Sequence[Any] = ()) -> list[Module]:
+    """The afnio Modules held by the ``AfnioRunnable`` steps of ``chain`` (and of
+    ``include``), found where discovery finds prompts (composites, bindings, the
+    functions of ``RunnableLambda`` steps...)."""
+    walker = _ModuleWalker()
+    for runnable in (chain, *include):
+        walker.walk(runnable)
+    return walker.modules
+
+
 class TracedChain(Module):
     """An afnio Module whose Parameters are prompt texts of a LangChain chain.
 
@@ -194,6 +222,10 @@ class TracedChain(Module):
         object.__setattr__(self, "_warned", set())
         object.__setattr__(self, "_warn_lock", threading.Lock())
         object.__setattr__(self, "usage", ProgramUsage("LangChain chain LMs"))
+        # afnio Modules inside the chain (AfnioRunnable): their clients' calls are
+        # not traced as the chain's own (LangChainChatModel keeps them out of the
+        # tracer), so they are metered as clients (llm_clients)
+        object.__setattr__(self, "_afnio_modules", afnio_modules(chain, include))
 
     def extra_repr(self) -> str:
         return ", ".join(slot.key for slot, _ in self._slot_list)
@@ -389,6 +421,21 @@ class TracedChain(Module):
         llm_output = (run.outputs or {}).get("llm_output") or {}
         usage = llm_output.get("token_usage") or {}
         self.usage.record(llm_output.get("model_name") or "unknown", usage)
+
+    def llm_clients(self) -> list[Any]:
+        """Everything that meters this chain's LM calls, for a Trainer's
+        ``llm_clients=`` (``optimize`` passes it): :attr:`usage` (the chain's own
+        LM calls, traced) and the model clients of the afnio Modules inside the chain
+        (``AfnioRunnable`` steps, found like prompts), whose calls are afnio's own and
+        are metered by the clients themselves, never by the tracer. A client listed
+        here that is also the backward or optimizer client is counted once (the
+        Trainer deduplicates clients by identity)."""
+        clients: list[Any] = [self.usage]
+        for module in self._afnio_modules:
+            for client in module.models():
+                if all(client is not c for c in clients):
+                    clients.append(client)
+        return clients
 
     @property
     def lm_calls(self) -> int:
