@@ -3,15 +3,54 @@ an afnio ``ChatCompletionModel``): usage and cost come from their responses."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import threading
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
+from afnio._runtime import get_max_concurrency
 from afnio.models.model import ChatCompletionModel
 from afnio.models.phases import LEDGER
 from afnio.models.pricing import cost_of
 from afnio.models.usage import add_usage
 
-__all__ = ["AdapterChatModel"]
+__all__ = ["AdapterChatModel", "run_blocking"]
+
+T = TypeVar("T")
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    """Threads for another library's blocking calls, never fewer than afnio's bound
+    (the default executor has ``cpu + 4``, which would cap the requests in flight)."""
+    global _pool, _pool_size
+    wanted = max(32, get_max_concurrency())
+    with _pool_lock:
+        if _pool is None or _pool_size < wanted:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(wanted, thread_name_prefix="afnio-adapter-lm")
+            _pool_size = wanted
+        return _pool
+
+
+async def run_blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a library's blocking call ``fn(*args, **kwargs)`` in a worker thread (with
+    the caller's context variables), from afnio's event loop.
+
+    A wrapped model's *async* client cannot be used here: its connection pool belongs
+    to the event loop of the user's program (LangChain shares one pool between models
+    with the same settings), and afnio's calls run on afnio's own loop."""
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+    return await loop.run_in_executor(
+        _executor(), lambda: context.run(fn, *args, **kwargs)
+    )
 
 
 class AdapterChatModel(ChatCompletionModel):

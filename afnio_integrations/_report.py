@@ -9,7 +9,11 @@ from typing import Any
 from afnio.models.phases import PhaseRow
 from afnio.trainer.projection import RunProfile
 
-__all__ = ["OptimizeReport"]
+__all__ = ["FEEDBACK_SHOWN_CHARS", "OptimizeReport"]
+
+FEEDBACK_SHOWN_CHARS = 500
+"""How much of each parameter's last feedback ``str(OptimizeReport)`` shows when no
+prompt changed."""
 
 
 @dataclass
@@ -28,6 +32,12 @@ class OptimizeReport:
     * ``failed_samples``: program calls that raised (scored as failures).
     * ``train_samples``, ``val_samples``, ``steps``: what the run did (for
       :meth:`profile`).
+    * ``last_feedback``: the feedback each optimized text received at the last
+      optimizer step that had any (by the parameter's role): what the optimizer
+      was told. When no prompt changed, ``str(report)`` shows it (truncated to
+      :data:`FEEDBACK_SHOWN_CHARS` characters), so the reason the optimizer saw,
+      e.g. a simulator's ``No rule can be written: ...``, or a real model's
+      critique, is in the report.
     """
 
     score_before: float | None
@@ -44,6 +54,7 @@ class OptimizeReport:
     train_samples: int = 0
     val_samples: int = 0
     steps: int = 0
+    last_feedback: dict[str, str] = field(default_factory=dict)
 
     def profile(self) -> RunProfile:
         """This run's rates by phase, to project another configuration before
@@ -89,5 +100,20 @@ class OptimizeReport:
                 f"{r.completion_tokens} tokens, ${r.cost:.4f} ({r.model})\n"
                 for r in self.phases
             )
-            + (self.prompt_diff or "(no prompt changed)")
+            + (self.prompt_diff or self._unchanged())
         )
+
+    def _unchanged(self) -> str:
+        """The ``(no prompt changed)`` line, with what the optimizer was told."""
+        if not self.last_feedback:
+            return (
+                "(no prompt changed; no optimized text received feedback: every "
+                "training sample passed, or the feedback was empty)"
+            )
+        lines = ["(no prompt changed) the last feedback the optimizer received:"]
+        for role, text in self.last_feedback.items():
+            flat = " ".join(text.split())
+            if len(flat) > FEEDBACK_SHOWN_CHARS:
+                flat = flat[: FEEDBACK_SHOWN_CHARS - 3].rstrip() + "..."
+            lines.append(f"  {role}: {flat}")
+        return "\n".join(lines)

@@ -8,7 +8,7 @@ import inspect
 import math
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from afnio.cognitive.modules.module import Module
@@ -24,6 +24,7 @@ __all__ = [
     "client_model",
     "model_args",
     "needs_model",
+    "parameter_feedback",
     "train_agent",
 ]
 
@@ -64,7 +65,42 @@ class SplitAgent(Module):
         return self._step(batch, "val")
 
     def configure_optimizers(self) -> Any:
-        return self._make_optimizer()
+        """The optimizer built by ``make_optimizer``; before each of its steps, the
+        feedback its parameters received is kept (see :attr:`last_feedback`)."""
+        optimizer = self._make_optimizer()
+        object.__setattr__(self, "last_feedback", {})
+        step = optimizer.step
+
+        def step_keeping_feedback(*args: Any, **kwargs: Any) -> Any:
+            feedback = parameter_feedback(optimizer)
+            if feedback:
+                object.__setattr__(self, "last_feedback", feedback)
+            return step(*args, **kwargs)
+
+        optimizer.step = step_keeping_feedback
+        return optimizer
+
+
+def parameter_feedback(optimizer: Any) -> dict[str, str]:
+    """The feedback (the texts of ``.grad``, non-blank, joined by a blank line) each
+    trainable parameter of ``optimizer`` holds, by the parameter's role; parameters
+    without feedback are left out."""
+    feedback: dict[str, str] = {}
+    for group in getattr(optimizer, "param_groups", []):
+        for param in group.get("params", []):
+            if not getattr(param, "requires_grad", False):
+                continue
+            texts = [
+                str(getattr(g, "data", g)).strip() for g in getattr(param, "grad", [])
+            ]
+            texts = [t for t in texts if t]
+            if texts:
+                role = str(getattr(param, "role", "") or "parameter")
+                key, n = role, 2
+                while key in feedback:
+                    key, n = f"{role} ({n})", n + 1
+                feedback[key] = "\n\n".join(texts)
+    return feedback
 
 
 @dataclass
@@ -82,6 +118,8 @@ class LoopOutcome:
     train_samples: int
     val_samples: int
     steps: int
+    # the feedback the parameters held at the last optimizer step that had any
+    last_feedback: dict[str, str] = field(default_factory=dict)
 
     def report(
         self,
@@ -91,6 +129,7 @@ class LoopOutcome:
     ) -> OptimizeReport:
         """The run's :class:`OptimizeReport`, with the texts before and after."""
         return OptimizeReport(
+            last_feedback=dict(self.last_feedback),
             score_before=self.score_before,
             score_after=self.score_after,
             prompts_before=prompts_before,
@@ -179,6 +218,7 @@ def train_agent(
         cost=spent + trainer.total_cost,
         stopped_reason=trainer.stopped_reason,
         phases=LEDGER.since(phase_start),
+        last_feedback=dict(getattr(agent, "last_feedback", {})),
     )
 
 

@@ -10,19 +10,15 @@ for checkpoints.
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dspy
 
-from afnio._runtime import get_max_concurrency, request_slot, run_async
+from afnio._runtime import request_slot, run_async
 from afnio.models.model_registry import register_model_class
 from afnio.models.phases import LEDGER
 from afnio.models.step_memo import memoized
-from afnio_integrations._client import AdapterChatModel
+from afnio_integrations._client import AdapterChatModel, run_blocking
 from afnio_integrations._usage import model_name
 
 __all__ = ["DSPyLM", "model_name", "usage_dict"]
@@ -47,25 +43,6 @@ def usage_dict(usage: Any) -> dict[str, Any]:
             "audio_tokens": int(getattr(usage, "output_audio_tokens", 0) or 0),
         },
     }
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_lock = threading.Lock()
-
-
-def _executor() -> ThreadPoolExecutor:
-    """Threads for DSPy's blocking calls, never fewer than afnio's bound (the default
-    executor has ``cpu + 4``, which would cap the requests in flight)."""
-    global _pool, _pool_size
-    wanted = max(32, get_max_concurrency())
-    with _pool_lock:
-        if _pool is None or _pool_size < wanted:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(wanted, thread_name_prefix="afnio-dspy-lm")
-            _pool_size = wanted
-        return _pool
 
 
 @register_model_class
@@ -128,11 +105,7 @@ class DSPyLM(AdapterChatModel):
 
         async def call() -> str:
             async with request_slot():
-                loop = asyncio.get_running_loop()
-                context = contextvars.copy_context()
-                response = await loop.run_in_executor(
-                    _executor(), context.run, self._call, request
-                )
+                response = await run_blocking(self._call, request)
                 self.calls += 1  # answered: billed
             usage = usage_dict(getattr(response, "usage", None))
             name = model_name(str(getattr(response, "model", None) or self.lm.model))

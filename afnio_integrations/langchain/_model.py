@@ -32,7 +32,7 @@ from afnio._runtime import request_slot, run_async
 from afnio.models.model_registry import register_model_class
 from afnio.models.phases import LEDGER
 from afnio.models.step_memo import memoized
-from afnio_integrations._client import AdapterChatModel
+from afnio_integrations._client import AdapterChatModel, run_blocking
 from afnio_integrations.langchain._tracing import RunCollector
 
 __all__ = ["LangChainChatModel"]
@@ -143,7 +143,11 @@ class LangChainChatModel(AdapterChatModel):
         async def call() -> str:
             async with request_slot():
                 # afnio's own call: not counted again by a traced chain it runs in
-                reply = await self.model.ainvoke(lc_messages, config, **kwargs)
+                # the blocking call in a worker thread: the model's async client
+                # belongs to the user's event loop, not afnio's
+                reply = await run_blocking(
+                    self.model.invoke, lc_messages, config, **kwargs
+                )
                 self.calls += 1  # answered: billed
             usage = _usage(reply)
             name = (getattr(reply, "response_metadata", None) or {}).get(

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-import httpx
 import pytest
 
 pytest.importorskip("langchain_openai", reason="needs the langchain test extra")
@@ -26,7 +25,6 @@ from langchain_openai import ChatOpenAI
 import afnio
 import afnio.cognitive as cog
 from afnio import Variable
-from afnio._runtime import run_sync
 from afnio.models.phases import LEDGER
 from afnio.testing import SIMULATOR_MODEL, Simulator
 from afnio.trainer.trainer import _CostMeter
@@ -151,16 +149,14 @@ def test_a_wrapped_model_called_inside_a_traced_chain_is_counted_once(
 def test_async_and_batched_calls_of_the_chain_count_the_module_once(
     setup: Setup,
 ) -> None:
-    # the wrapper's model has its own async HTTP client, used on afnio's loop only
-    # (langchain-openai's process-wide cached one is used by asyncio.run's loop)
-    http = httpx.AsyncClient()
+    # the chain's model and the wrapped one share langchain-openai's cached HTTP
+    # pools; the chain runs on asyncio.run's loop, the module's call on afnio's
     wrapped = LangChainChatModel(
         ChatOpenAI(
             model=SIMULATOR_MODEL,
             base_url=setup.sim.base_url,
             api_key="k",
             max_retries=0,
-            http_async_client=http,
         )
     )
     chain = (
@@ -168,14 +164,15 @@ def test_async_and_batched_calls_of_the_chain_count_the_module_once(
     )
     traced = trace(chain)
     snapshot = LEDGER.snapshot()
-    try:
-        asyncio.run(traced.ainvoke({"message": "I love it"}))
-        traced.batch([{"message": "Awful."}, {"message": "Fine."}])
-    finally:
-        run_sync(http.aclose())  # on afnio's loop, where its connections live
-    assert setup.sim.stats.calls == 6
-    assert traced.usage.calls == 3 and wrapped.calls == 3
-    assert _ledger_calls(snapshot) == 6
+
+    async def three() -> list[str]:  # the chain's calls on this loop's pools
+        return [await traced.ainvoke({"message": m}) for m in ("Love", "Bad", "Ok")]
+
+    asyncio.run(three())
+    traced.batch([{"message": "Awful."}, {"message": "Fine."}])
+    assert setup.sim.stats.calls == 10
+    assert traced.usage.calls == 5 and wrapped.calls == 5
+    assert _ledger_calls(snapshot) == 10
 
 
 def test_the_traced_chain_meters_the_clients_of_its_afnio_modules(
