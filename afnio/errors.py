@@ -36,6 +36,7 @@ __all__ = [
     "error_text",
     "is_provider_error",
     "note_client",
+    "request_url",
     "tag_sample",
 ]
 
@@ -141,6 +142,19 @@ def error_text(error: BaseException) -> str:
     return "\n".join([text, *notes])
 
 
+_SHOWN_ROWS = 5
+"""How many row numbers a :class:`StepError` lists before it only counts them."""
+
+
+def _rows_text(rows: Sequence[int]) -> str:
+    """``"0, 1, 2"``; a long list as its first :data:`_SHOWN_ROWS` numbers and the
+    count: ``"0, 1, 2, 3, 4, ... (24 rows)"``."""
+    if len(rows) <= _SHOWN_ROWS + 1:
+        return ", ".join(str(i) for i in rows)
+    shown = ", ".join(str(i) for i in rows[:_SHOWN_ROWS])
+    return f"{shown}, ... ({len(rows)} rows)"
+
+
 class StepError(AfnioError, RuntimeError):
     """A :class:`~afnio.trainer.Trainer` step failed.
 
@@ -148,8 +162,10 @@ class StepError(AfnioError, RuntimeError):
     429 or 5xx answer, an LM answer afnio could not use); anything else (a bug in a
     metric, a wrong input, a 400/401/404 answer) ends the run at once. Either way
     the step raises a ``StepError`` (a ``RuntimeError``, as upstream's "failed after
-    3 retries" error was) whose ``__cause__`` is the original exception, keeping its
-    type for ``except`` clauses that look at ``e.__cause__``.
+    3 retries" error was; afnio's says "failed after 3 attempts") whose ``__cause__``
+    is the original exception, keeping its type for ``except`` clauses that look at
+    ``e.__cause__``. A failure tied to several rows (a batch call that did not say
+    which row failed) lists the first five and the count.
 
     Attributes:
         phase: ``"training step"``, ``"validation"``, ``"validation (revert
@@ -198,8 +214,7 @@ class StepError(AfnioError, RuntimeError):
         if self.dataset is not None and len(self.samples) == 1:
             parts.append(f"on {self.dataset}[{self.samples[0]}]")
         elif self.dataset is not None and self.samples:
-            rows = ", ".join(str(i) for i in self.samples)
-            parts.append(f"on one of {self.dataset}[{rows}]")
+            parts.append(f"on one of {self.dataset}[{_rows_text(self.samples)}]")
         if self.batch_index is not None:
             parts.append(f"(batch {self.batch_index})")
         return " ".join(parts)
@@ -208,7 +223,7 @@ class StepError(AfnioError, RuntimeError):
         where = self._where()
         head = f"The {self.phase} failed"
         if self.transient:
-            head += f" after {self.attempts} retries,"
+            head += f" after {self.attempts} attempts,"
         head += f" {where}" if where else ""
         head = head.rstrip(",")
         text = f"{head}: {error_text(self.error)}"
@@ -239,18 +254,37 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
 def is_provider_error(error: BaseException) -> bool:
     """Whether ``error`` (or an exception it was raised from) came from an LM
     provider's SDK or the network: a ``ConnectionError`` or ``TimeoutError``, any
-    ``openai``/``anthropic`` ``APIError`` (any status), an ``httpx`` error. Only
-    SDKs already imported are looked at."""
+    ``openai``/``anthropic`` ``APIError`` (any status), an ``httpx`` error, a
+    ``requests`` or ``aiohttp`` client error. Only SDKs already imported are looked
+    at."""
     kinds: list[type[BaseException]] = [ConnectionError, TimeoutError]
     for module, name in (
         ("openai", "APIError"),
         ("anthropic", "APIError"),
         ("httpx", "HTTPError"),
+        ("requests.exceptions", "RequestException"),
+        ("aiohttp", "ClientError"),
     ):
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and issubclass(cls, BaseException):
             kinds.append(cls)
     return any(isinstance(e, tuple(kinds)) for e in _chain(error))
+
+
+def request_url(error: BaseException) -> str | None:
+    """The URL of the HTTP request that failed, as ``error`` (or an exception it was
+    raised from) tells it: the ``request.url`` of an openai/anthropic/httpx error,
+    else a ``requests`` error's. ``None`` when no exception says. The URL is as
+    sent: mask it (``afnio._secrets.mask_url``) before showing it."""
+    for e in _chain(error):
+        try:  # httpx's .request raises RuntimeError when it was never set
+            request = getattr(e, "request", None)
+            url = getattr(request, "url", None)
+        except Exception:
+            continue
+        if url is not None and str(url):
+            return str(url)
+    return None
 
 
 def note_client(error: BaseException, description: str) -> None:

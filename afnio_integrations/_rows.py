@@ -14,7 +14,10 @@ Accepted rows (every row of one set is read the same way):
   (``input_keys`` default: every key but ``label_key``).
 
 Anything else (a dict row without ``label_key``, a dict ``{text: label}`` as the
-whole set, a string, a 3-tuple, ``None``, a ``None`` target...) raises ``TypeError``
+whole set, a ``set`` of rows (no order), a string, a 3-tuple, ``None``, a pair whose
+inputs are neither a dict nor a str, a pair whose target is ``None``, a dict (a
+reversed pair, a dict of outputs) or another collection (rows nested in a row), a
+pandas ``DataFrame`` or its ``iterrows()`` rows...) raises ``TypeError``
 or ``ValueError`` naming the argument and the row (``trainset[3]``), what was found,
 and an example of what is expected. When the chain's entry prompt is known
 (:func:`entry_variables`), each row's inputs are checked against its input
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import reprlib
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 __all__ = [
@@ -175,6 +179,72 @@ def _from_example(
     return inputs, target
 
 
+def _is_pandas(value: Any) -> bool:
+    """A pandas object (``Series``, ``DataFrame``...), recognised without importing
+    pandas."""
+    return type(value).__module__.split(".")[0] == "pandas"
+
+
+_COLLECTIONS = (Mapping, list, tuple, set, frozenset)
+
+
+def _check_pair(
+    row: Any, inputs: Any, target: Any, where: str, variables: Sequence[str] | None
+) -> None:
+    """Refuse an ``(inputs, target)`` pair that cannot be one: a pandas
+    ``(index, Series)`` row, a collection or ``None`` as the target (a reversed pair,
+    a dict of outputs, rows nested in a row), inputs that are neither a dict nor a
+    str."""
+    if _is_pandas(target) or _is_pandas(inputs):
+        raise TypeError(
+            f"`{where}` is a pandas row ({short_repr(row)}), as DataFrame.iterrows() "
+            "yields: pass df.to_dict('records') with label_key= naming the target "
+            "column (and input_keys=[...] for the inputs)."
+        )
+    if inputs is None:
+        raise ValueError(f"`{where}` has None inputs. {_expected(variables)}")
+    if target is None:
+        raise ValueError(
+            f"`{where}` has a None target ({short_repr(row)}): every row needs "
+            f"the output the metric compares with, e.g. {_example_pair(variables)}."
+        )
+    if isinstance(target, Mapping) and not isinstance(inputs, Mapping):
+        raise TypeError(
+            f"`{where}` looks reversed: its target is a dict and its inputs a "
+            f"{type(inputs).__name__} ({short_repr(row)}). A row is (inputs, "
+            f"target), the inputs first, e.g. {_example_pair(variables)}."
+        )
+    if isinstance(target, Mapping):
+        keys = [str(k) for k in target]
+        label = keys[0] if len(keys) == 1 else "label"
+        raise TypeError(
+            f"`{where}` has a dict target ({short_repr(row)}): the metric compares "
+            "the chain's output with one value. Pass the target itself, e.g. "
+            f"{_example_pair(variables)}, or LangSmith-style examples {{'inputs': "
+            f"inputs, 'outputs': target}} with label_key={label!r} naming the output "
+            "to compare."
+        )
+    if isinstance(target, _COLLECTIONS):
+        if isinstance(inputs, (tuple, list)) and len(inputs) == 2:
+            raise TypeError(
+                f"`{where}` holds rows instead of being one ({short_repr(row)}): "
+                "pass a flat list of (inputs, target) rows, e.g. "
+                f"[{_example_pair(variables)}, ...] (not [[row, row], ...])."
+            )
+        raise TypeError(
+            f"`{where}` has a {type(target).__name__} target ({short_repr(row)}): "
+            "the target is the one value (a str or a number) the metric compares "
+            f"the chain's output with, e.g. {_example_pair(variables)}."
+        )
+    if not isinstance(inputs, (Mapping, str)):
+        raise TypeError(
+            f"`{where}` has inputs of type {type(inputs).__name__} "
+            f"({short_repr(row)}): the inputs are what chain.invoke takes, a dict "
+            "of the prompt's variables (or a str for a prompt of one variable). "
+            f"{_expected(variables)}"
+        )
+
+
 def _row(
     row: Any,
     where: str,
@@ -229,13 +299,7 @@ def _row(
                 "pairs."
             )
         inputs, target = row
-        if inputs is None:
-            raise ValueError(f"`{where}` has None inputs. {_expected(variables)}")
-        if target is None:
-            raise ValueError(
-                f"`{where}` has a None target ({short_repr(row)}): every row needs "
-                f"the output the metric compares with, e.g. {_example_pair(variables)}."
-            )
+        _check_pair(row, inputs, target, where, variables)
         return inputs, target
     kind = type(row).__module__.split(".")[0]
     if kind == "dspy":
@@ -291,6 +355,13 @@ def normalize_rows(
         raise TypeError(
             f"`{name}` must be a list of rows, got {short_repr(data)}. "
             f"{_expected(variables)}"
+        )
+    if isinstance(data, AbstractSet):
+        raise TypeError(
+            f"`{name}` is a {type(data).__name__} of rows, which has no order: the "
+            f"run (its shuffling by seed=, the row numbers of errors) would change "
+            f"from one process to the next. Pass a list, e.g. sorted({name}, "
+            "key=str)."
         )
     rows = list(data)
     if not rows:

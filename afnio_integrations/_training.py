@@ -174,7 +174,8 @@ def train_agent(
 
     ``clients`` are metered besides the agent's own (a traced program's LM usage), so
     ``max_cost`` and the totals cover every LM call; the first validation counts in
-    the budget too. Metrics and checkpoints go to ``root_dir``, or to a new temporary
+    the budget and in the Trainer's run summary too (its figures are the report's).
+    Metrics and checkpoints go to ``root_dir``, or to a new temporary
     folder with no checkpoints (never the current directory).
     """
     phase_start = LEDGER.snapshot()
@@ -198,6 +199,8 @@ def train_agent(
     before = trainer.validate(agent, val_loader, llm_clients=clients).get(score_key)
     spent = trainer.total_cost
     calls_before, tokens_before = _calls_and_tokens(trainer)
+    if trainer._meter is not None:  # fit's run summary counts the first validation
+        trainer._summary_prior = (phase_start, trainer._meter.per_client())
     if max_cost is not None:
         trainer.max_cost = max(0.0, max_cost - spent)
     history = trainer.fit(agent, train_loader, val_loader, llm_clients=clients)

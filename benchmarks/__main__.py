@@ -163,20 +163,23 @@ def peer_steps(
 # -- overheads -------------------------------------------------------------------------
 
 
-def overheads() -> dict[str, float]:
+def overheads(nodes: int = 5000, invokes: int = 200) -> dict[str, float]:
+    """The engine's overhead per node (chains of ``nodes`` custom Functions) and the
+    LangChain tracer's per LM call (``invokes`` invokes of a 3-step chain), best of
+    three each."""
     engine = _load("engine_overhead")
     out: dict[str, float] = {}
     for kind, fn in engine.KINDS.items():
         engine.measure(fn, 200)  # warm up
         out[f"engine_{kind}_us_per_node"] = min(
-            engine.measure(fn, 5000)[1] for _ in range(3)
+            engine.measure(fn, nodes)[1] for _ in range(3)
         )
     try:
         tracing = _load("tracing_overhead")
     except ImportError:  # the langchain extra is not installed
         return out
-    tracing.measure(20)
-    runs = [tracing.measure(200) for _ in range(3)]
+    tracing.measure(tracing._chain, 20, 1)  # warm up imports and caches
+    runs = [tracing.measure(tracing._chain, invokes, 1) for _ in range(3)]
     out["tracing_ms_per_lm_call"] = min((t - p) / 1000 for p, t in runs)
     return out
 

@@ -8,8 +8,10 @@ before it runs (``trainer.estimate``, which makes no LM call) and projected, and
 measured. Prints calls and tokens, estimated, projected and measured, and exits 1 if
 any estimate or projection is off by more than ``--target`` (default 20%).
 
-Run: ``python benchmarks/estimate_accuracy.py`` (needs the Facility Support dataset
-in ``../shared/data/facility-support``).
+Run: ``python benchmarks/estimate_accuracy.py [--dataset PATH]`` (the Facility
+Support ``dataset.json``; by default where ``FacilitySupport`` keeps it,
+``$AFNIO_DATA_DIR/FacilitySupport/raw/dataset.json``, else under
+``~/.cache/afnio/data``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATASET = REPO_ROOT.parent / "shared" / "data" / "facility-support" / "dataset.json"
 if str(REPO_ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(REPO_ROOT))
 
@@ -37,7 +38,12 @@ from afnio.trainer.estimate import Assumptions, GraphShape  # noqa: E402
 from afnio.trainer.projection import RunProfile, project  # noqa: E402
 from afnio.utils.data import DataLoader  # noqa: E402
 from afnio.utils.datasets import FacilitySupport  # noqa: E402
+from afnio.utils.datasets.utils import default_data_root  # noqa: E402
 from examples.facility_support import START_PROMPT, SentimentClassifier  # noqa: E402
+
+DATASET = Path(default_data_root()) / "FacilitySupport" / "raw" / "dataset.json"
+"""Where :class:`FacilitySupport` keeps its file (``$AFNIO_DATA_DIR``, else
+``~/.cache/afnio/data``): the default of ``--dataset``."""
 
 
 def words(text: str) -> int:
@@ -52,6 +58,17 @@ def data_root(folder: Path, dataset: Path = DATASET) -> Path:
     raw.mkdir(parents=True, exist_ok=True)
     shutil.copy(dataset, raw / "dataset.json")
     return root
+
+
+def dataset_missing(path: Path) -> str:
+    """The message for a missing Facility Support file: where it was looked for and
+    the ``--dataset`` option."""
+    return (
+        f"no Facility Support dataset at {path}: pass --dataset path/to/dataset.json, "
+        'or download it first with: python -c "from afnio.utils.datasets import '
+        "FacilitySupport; FacilitySupport('train')\" (into $AFNIO_DATA_DIR, else "
+        "~/.cache/afnio/data)"
+    )
 
 
 @dataclass
@@ -99,6 +116,7 @@ def fit(
             default_root_dir=out / f"b{batch}e{epochs}",
             enable_progress_bar=False,
             enable_agent_summary=False,
+            enable_run_summary=False,  # the benchmark prints its own figures
             enable_checkpointing=False,
         )
         train_loader = DataLoader(train, batch_size=batch, shuffle=True, seed=0)
@@ -201,12 +219,18 @@ def errors(row: dict[str, Any]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=float, default=0.2, help="max |error|")
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        default=DATASET,
+        help="Facility Support's dataset.json (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
-    if not DATASET.is_file():
-        print(f"skipped: {DATASET} is not available")
-        return 0
+    if not args.dataset.is_file():
+        print(dataset_missing(args.dataset), file=sys.stderr)
+        return 2
     worst = 0.0
-    for row in measure([(8, 3), (4, 2)]):
+    for row in measure([(8, 3), (4, 2)], args.dataset):
         err = errors(row)
         worst = max(worst, *map(abs, err.values()))
         print(
@@ -215,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             f"estimated {row['estimated_calls']} / {row['estimated_tokens']} "
             f"({err['estimated_calls']:+.1%} / {err['estimated_tokens']:+.1%}); "
             f"projected {row['projected_calls']} / {row['projected_tokens']} "
-            f"({err['projected_calls']:+.1%} / {err['projected_tokens']:+.1%})"
+            f"({err['projected_calls']:+.1%} / {err['projected_tokens']:+.1%}); "
+            f"cost measured ${row['measured_cost']:.4f}, estimated "
+            f"${row['estimated_cost']:.4f} "
+            f"({row['estimated_cost'] / row['measured_cost'] - 1:+.1%})"
         )
     verdict = "PASS" if worst <= args.target else "FAIL"
     print(f"largest error {worst:.1%} (target <= {args.target:.0%}): {verdict}")

@@ -29,14 +29,16 @@ round. Before the timed step, one untimed request warms the client up (afnio's e
 loop, the openai SDK's lazily imported resources, one connection); its duration is
 printed. ``--cold`` times the step without it.
 
-Data: the first ``--batch`` emails of ``../shared/data/facility-support/dataset.json``
-(relative to the repository root) with their ``sentiment``, if that file exists;
-otherwise synthesised messages built around words of
-``afnio.testing.SALIENCE_LEXICON`` (mixed targets, so that some samples are wrong).
-No network.
+Data: the first ``--batch`` emails of the Facility Support ``dataset.json`` with their
+``sentiment``: ``--dataset PATH``, by default where ``FacilitySupport`` keeps it
+(``$AFNIO_DATA_DIR``, else ``~/.cache/afnio/data``, then
+``FacilitySupport/raw/dataset.json``; ``FacilitySupport("train")`` downloads it there).
+Without the default file, synthesised messages built around words of
+``afnio.testing.SALIENCE_LEXICON`` (mixed targets, so that some samples are wrong); a
+``--dataset`` that does not exist is an error. No network.
 
 Run: ``python benchmarks/step_latency.py [--batch 32] [--latency 0.5] [--repeat 1]
-[--target 1.5] [--cold] [--json PATH]``
+[--target 1.5] [--cold] [--dataset PATH] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ from afnio._runtime import reset_concurrency_stats
 from afnio.models.openai import AsyncOpenAI
 from afnio.optim import TGD
 from afnio.testing import SALIENCE_LEXICON, SIMULATOR_MODEL, Simulator, world
+from afnio.utils.datasets.utils import default_data_root
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATASET = REPO_ROOT.parent / "shared" / "data" / "facility-support" / "dataset.json"
+# where FacilitySupport keeps its file ($AFNIO_DATA_DIR, else ~/.cache/afnio/data)
+DATASET = Path(default_data_root()) / "FacilitySupport" / "raw" / "dataset.json"
 INITIAL_PROMPT = "Classify the sentiment of the message."
 PHASES = ("forward", "evaluator", "backward", "optimizer")
 
@@ -136,17 +140,25 @@ def synthesize(batch: int) -> tuple[list[str], list[str]]:
     return messages, targets
 
 
-def load_data(batch: int) -> tuple[list[str], list[str], str]:
-    """``(messages, targets, description)`` from the dataset file if present, else
-    synthesised."""
-    if DATASET.is_file():
-        messages, targets = load_dataset(DATASET, batch)
-        try:
-            shown = DATASET.relative_to(REPO_ROOT.parent)
-            where = f"../{shown}"
-        except ValueError:  # pragma: no cover - unusual layouts
-            where = str(DATASET)
+def load_data(
+    batch: int, dataset: Path | None = None
+) -> tuple[list[str], list[str], str]:
+    """``(messages, targets, description)`` from ``dataset`` (default: where
+    ``FacilitySupport`` keeps the file) if present, else synthesised.
+
+    Raises:
+        FileNotFoundError: an explicit ``dataset`` that does not exist.
+    """
+    path = DATASET if dataset is None else Path(dataset)
+    if path.is_file():
+        messages, targets = load_dataset(path, batch)
+        where = "Facility Support" if dataset is None else str(path)
         return messages, targets, f"{where} (first {batch} emails)"
+    if dataset is not None:
+        raise FileNotFoundError(
+            f"--dataset {path}: no such file (pass the path of Facility Support's "
+            "dataset.json)"
+        )
     messages, targets = synthesize(batch)
     return messages, targets, f"synthesised from SALIENCE_LEXICON ({batch} messages)"
 
@@ -413,8 +425,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cold", action="store_true", help="no untimed warm-up request before a step"
     )
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        default=None,
+        help="Facility Support's dataset.json (default: "
+        "$AFNIO_DATA_DIR/FacilitySupport/raw/dataset.json, else synthesised messages)",
+    )
     parser.add_argument("--json", type=Path, help="also write the reports as JSON")
     args = parser.parse_args(argv)
+    if args.dataset is not None and not args.dataset.is_file():
+        parser.error(
+            f"--dataset {args.dataset}: no such file (pass the path of Facility "
+            "Support's dataset.json)"
+        )
     if args.batch < 1:
         parser.error("--batch must be >= 1")
     if not args.latency > 0:
@@ -422,7 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
 
-    messages, targets, data = load_data(args.batch)
+    messages, targets, data = load_data(args.batch, args.dataset)
+    if args.dataset is None and not DATASET.is_file():
+        print(
+            f"no Facility Support dataset at {DATASET}: using synthesised messages "
+            "(--dataset path/to/dataset.json uses a copy)"
+        )
     reports = []
     for i in range(args.repeat):
         report = measure(

@@ -22,9 +22,11 @@ them, the chain and the DSPy program): the first prompt frozen, the training lab
 shuffled, the intermediate output detached from the graph.
 
 Run: ``python benchmarks/two_stage.py [--kinds module chain dspy] [--seeds 0 1 2]``
-(needs the Facility Support dataset in ``../shared/data/facility-support``; the chain
-needs the ``langchain`` extra and the DSPy program the ``dspy`` extra). Prints one row
-per run and the median gain per program kind and variant.
+(the Facility Support dataset: ``--dataset PATH``, by default where
+``FacilitySupport`` keeps it, ``$AFNIO_DATA_DIR/FacilitySupport/raw/dataset.json``
+(else under ``~/.cache/afnio/data``); the chain needs the ``langchain`` extra and the
+DSPy program the ``dspy`` extra). Prints one row per run and the median gain per
+program kind and variant.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATASET = REPO_ROOT.parent / "shared" / "data" / "facility-support" / "dataset.json"
 if str(REPO_ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(REPO_ROOT))
 
@@ -58,6 +59,11 @@ from afnio.testing import SIMULATOR_MODEL, Simulator  # noqa: E402
 from afnio.trainer import Trainer  # noqa: E402
 from afnio.utils.data import DataLoader, Dataset  # noqa: E402
 from afnio.utils.datasets import FacilitySupport  # noqa: E402
+from afnio.utils.datasets.utils import default_data_root  # noqa: E402
+
+DATASET = Path(default_data_root()) / "FacilitySupport" / "raw" / "dataset.json"
+"""Where :class:`FacilitySupport` keeps its file (``$AFNIO_DATA_DIR``, else
+``~/.cache/afnio/data``): the default of ``--dataset``."""
 
 FIRST_PROMPT = (
     "Name the customer's feeling in one word: happy, unhappy or neutral. "
@@ -98,6 +104,17 @@ def data_root(folder: Path, dataset: Path = DATASET) -> Path:
     raw.mkdir(parents=True, exist_ok=True)
     shutil.copy(dataset, raw / "dataset.json")
     return root
+
+
+def dataset_missing(path: Path) -> str:
+    """The message for a missing Facility Support file: where it was looked for and
+    the ``--dataset`` option."""
+    return (
+        f"no Facility Support dataset at {path}: pass --dataset path/to/dataset.json, "
+        'or download it first with: python -c "from afnio.utils.datasets import '
+        "FacilitySupport; FacilitySupport('train')\" (into $AFNIO_DATA_DIR, else "
+        "~/.cache/afnio/data)"
+    )
 
 
 def _pairs(split: FacilitySupport) -> list[Pair]:
@@ -565,10 +582,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--dataset", type=Path, default=DATASET)
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        default=DATASET,
+        help="Facility Support's dataset.json (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
-    if not args.dataset.exists():
-        print(f"{args.dataset} is missing (the Facility Support dataset)")
+    if not args.dataset.is_file():
+        print(dataset_missing(args.dataset), file=sys.stderr)
         return 2
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory() as folder:

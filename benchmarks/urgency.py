@@ -16,8 +16,9 @@ held-out set: the 68 emails of the test split, before and after. Control: the sa
 runs with the training labels permuted by the seed.
 
 Run: ``python benchmarks/urgency.py [--seeds 0 1 2] [--dataset PATH]`` (needs the
-``langchain`` extra and the Facility Support dataset, by default
-``../shared/data/facility-support/dataset.json``). Prints one row per run and the
+``langchain`` extra and the Facility Support dataset: by default where
+:class:`FacilitySupport` keeps it, ``$AFNIO_DATA_DIR/FacilitySupport/raw/dataset.json``,
+else under ``~/.cache/afnio/data``). Prints one row per run and the
 median gains.
 """
 
@@ -38,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATASET = REPO_ROOT.parent / "shared" / "data" / "facility-support" / "dataset.json"
 if str(REPO_ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(REPO_ROOT))
 
@@ -46,6 +46,11 @@ import afnio  # noqa: E402
 from afnio.models.openai import OpenAI  # noqa: E402
 from afnio.testing import SIMULATOR_MODEL, Simulator  # noqa: E402
 from afnio.utils.datasets import FacilitySupport  # noqa: E402
+from afnio.utils.datasets.utils import default_data_root  # noqa: E402
+from benchmarks.two_stage import dataset_missing  # noqa: E402
+
+DATASET = Path(default_data_root()) / "FacilitySupport" / "raw" / "dataset.json"
+"""Where :class:`FacilitySupport` keeps its file: the default of ``--dataset``."""
 
 START_PROMPT = "Classify the urgency of the message: low, medium or high."
 """The chain's starting system prompt: it names the field and the label set."""
@@ -209,10 +214,15 @@ def learning_problems(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--dataset", type=Path, default=DATASET)
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        default=DATASET,
+        help="Facility Support's dataset.json (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
-    if not args.dataset.exists():
-        print(f"{args.dataset} is missing (the Facility Support dataset)")
+    if not args.dataset.is_file():
+        print(dataset_missing(args.dataset), file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as folder:
         root = data_root(Path(folder), args.dataset)

@@ -9,6 +9,7 @@ uses OpenAI.
 Run:
     python examples/facility_support.py          # simulator; downloads the data
     python examples/facility_support.py --dataset-file path/to/dataset.json
+    python examples/facility_support.py --sample  # the small sample shipped with afnio
     OPENAI_API_KEY=... python examples/facility_support.py --openai --model gpt-4o-mini
     python examples/facility_support.py --dry-run --openai --model gpt-5-mini
 """
@@ -17,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -100,13 +103,61 @@ def data_root(dataset_file: str | None) -> Iterator[str | None]:
         yield root
 
 
+Item = tuple[afnio.Variable, tuple[afnio.Variable, afnio.Variable, afnio.Variable]]
+
+
+def sample_splits() -> tuple[list[Item], list[Item], list[Item]]:
+    """The small sample of support messages shipped with afnio (the demo's), in
+    FacilitySupport's item shape: ``(email, (urgency, sentiment, categories))`` with
+    only the sentiment known. Train, val and test (the val messages: the sample has
+    no third split)."""
+    raw = json.loads(
+        resources.files("afnio_integrations.demo")
+        .joinpath("sample_messages.json")
+        .read_text("utf-8")
+    )
+
+    def items(split: str) -> list[Item]:
+        return [
+            (
+                afnio.Variable(row["message"], role="input email or message"),
+                (
+                    afnio.Variable("", role="output urgency"),
+                    afnio.Variable(row["sentiment"], role="output sentiment"),
+                    afnio.Variable("{}", role="output categories"),
+                ),
+            )
+            for row in raw[split]
+        ]
+
+    return items("train"), items("val"), items("val")
+
+
 def loaders(
-    root: str | None, batch_size: int, seed: int
+    root: str | None, batch_size: int, seed: int, *, sample: bool = False
 ) -> tuple[DataLoader, DataLoader, DataLoader]:
-    kwargs: dict[str, Any] = {"root": root, "download": root is None}
-    train = FacilitySupport("train", **kwargs)
-    val = FacilitySupport("val", **kwargs)
-    test = FacilitySupport("test", **kwargs)
+    """Train, val and test loaders of Facility Support (downloaded when ``root`` is
+    None), or of the bundled sample with ``sample=True`` or when the download fails
+    (said on one line)."""
+    if sample:
+        train, val, test = sample_splits()
+    else:
+        kwargs: dict[str, Any] = {"root": root, "download": root is None}
+        try:
+            train = FacilitySupport("train", **kwargs)
+            val = FacilitySupport("val", **kwargs)
+            test = FacilitySupport("test", **kwargs)
+        except RuntimeError as e:  # no network, a mirror down
+            if root is not None:  # a --dataset-file copy that is not the dataset
+                raise
+            train, val, test = sample_splits()
+            print(
+                f"Facility Support could not be downloaded ({e}): using the small "
+                f"sample shipped with afnio ({len(train)} + {len(val)} messages) "
+                "instead (--sample skips the download; --dataset-file "
+                "path/to/dataset.json uses a local copy).",
+                flush=True,
+            )
     return (
         DataLoader(train, batch_size=batch_size, shuffle=True, seed=seed),
         DataLoader(val, batch_size=batch_size),
@@ -121,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--dataset-file", help="a local copy of dataset.json (no download)"
+    )
+    parser.add_argument(
+        "--sample",
+        action="store_true",
+        help="use the small sample of support messages shipped with afnio (no "
+        "download)",
     )
     parser.add_argument(
         "--openai", action="store_true", help="use OpenAI (needs OPENAI_API_KEY)"
@@ -139,11 +196,19 @@ def main(argv: list[str] | None = None) -> int:
         "call; works without OPENAI_API_KEY)",
     )
     args = parser.parse_args(argv)
+    if args.dataset_file is not None and not Path(args.dataset_file).is_file():
+        parser.error(
+            f"--dataset-file {args.dataset_file}: no such file (pass the path of a "
+            "local copy of Facility Support's dataset.json, or drop the option to "
+            "download it)"
+        )
 
     with contextlib.ExitStack() as stack:
         if args.dry_run:
             root = stack.enter_context(data_root(args.dataset_file))
-            train, val, _test = loaders(root, args.batch_size, args.seed)
+            train, val, _test = loaders(
+                root, args.batch_size, args.seed, sample=args.sample
+            )
             model = args.model or ("gpt-4o-mini" if args.openai else "afnio-sim-1")
             agent = SentimentClassifier(None, model)
             trainer = Trainer(max_epochs=args.epochs, enable_agent_summary=False)
@@ -172,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             client, completion_args={"model": model, "temperature": 0}
         )
         root = stack.enter_context(data_root(args.dataset_file))
-        train, val, test = loaders(root, args.batch_size, args.seed)
+        train, val, test = loaders(root, args.batch_size, args.seed, sample=args.sample)
         agent = SentimentClassifier(client, model)
         trainer = Trainer(
             max_epochs=args.epochs,

@@ -39,12 +39,43 @@ def test_readme_is_a_front_page() -> None:
     assert README.stat().st_size < 12_000  # the rest lives in docs/
 
 
+OUTSIDE = ("../shared", "/work/shared", "shared/data/", "shared/reference")
+# the scripts a user runs from a clone: they must not default to the development
+# workspace's data either (tests/ may, through their own fixtures)
+SCRIPTS = sorted(
+    path
+    for folder in ("benchmarks", "examples")
+    for path in (ROOT / folder).rglob("*.py")
+    if ".venvs" not in path.parts
+)
+
+
 @pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: p.relative_to(ROOT).name)
 def test_no_path_outside_the_repository(path: Path) -> None:
     # a clone has no ../shared (the development workspace's data and references)
     text = path.read_text(encoding="utf-8")
-    for outside in ("../shared", "/work/shared", "shared/data/", "shared/reference"):
+    for outside in OUTSIDE:
         assert outside not in text, f"{path.name} names {outside!r}"
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_no_script_reaches_outside_the_repository(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    # also the pathlib spelling: REPO_ROOT.parent / "shared"
+    spelled = re.search(r"\.parent\s*/\s*[\"']shared[\"']", text)
+    assert not spelled, f"{path.name} builds a path into ../shared"
+    for outside in OUTSIDE:
+        assert outside not in text, f"{path.name} names {outside!r}"
+
+
+def test_the_scripts_are_checked() -> None:
+    names = {path.relative_to(ROOT).as_posix() for path in SCRIPTS}
+    assert {
+        "benchmarks/two_stage.py",
+        "benchmarks/estimate_accuracy.py",
+        "benchmarks/step_latency.py",
+        "examples/facility_support.py",
+    } <= names
 
 
 def test_readme_links_into_the_docs_resolve() -> None:

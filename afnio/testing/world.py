@@ -28,27 +28,36 @@ The task
 The simulator reads the task from the request, the same way for every task:
 
 * the *field*: that of the first rule; else the first ``enum`` property of a
-  ``json_schema`` response format; else the word after ``classify the`` (or
-  ``determine``, ``rate``, ``name``... the, see :func:`prompt_field`) in the
-  instructions; for DSPy, the ``sentiment`` output field, else the first output
-  field other than ``reasoning``; else ``sentiment`` (the feedback then says so);
-* the *labels*: the field's schema ``enum``, a DSPy ``Literal``, else the list the
-  instructions give after a colon (``: low, medium or high``, see
-  :func:`listed_labels`);
+  ``json_schema`` response format (a backward call does not see the response format:
+  there, the first non-free-text property of the JSON object the call answered, see
+  :func:`output_field`); else the task phrase of the instructions (``classify the
+  <field>``, ``route ... to the right <field>``, ``which <field>``, ``is this ...
+  <field>?``..., see :func:`prompt_field`); for DSPy, the ``sentiment`` output field,
+  else the first output field other than ``reasoning``; else, when labels are known,
+  the generic :data:`GENERIC_FIELD` (``label``); else ``sentiment`` (the feedback then
+  says so);
+* the *labels*: the field's schema ``enum`` (in a backward call, an ``enum`` shown in
+  the conversation, :func:`shown_enum`), a DSPy ``Literal``, else the list the
+  instructions give (``: low, medium or high``, ``Categories: a, b, c``, ``Answer
+  yes or no``, a bullet list; see :func:`listed_labels`);
 * the *default label*, answered when no rule matches (see :func:`task_default`):
-  ``neutral`` when it is a label or no label set is known, else the first label
-  (``low`` for ``low, medium or high``). A prompt without rules but with a label set
-  is answered its default label; one with neither gets ``neutral``.
+  ``neutral`` when it is a label or no label set is known, else the first label in
+  the order given (``low`` for ``low, medium or high``). A prompt without rules but
+  with a label set is answered its default label; one with neither gets ``neutral``.
+  A DSPy ``bool``/``int``/``float`` output gets ``False``/``0``/``0.0``, and never a
+  value outside its type or ``Literal`` choices (see :func:`dspy_typed`).
 
 The *rule word* of a failed sample (see :func:`rule_word`) never depends on its
 label: for an affect field (:data:`AFFECT_FIELDS`: sentiment, feeling, mood,
 tone...) a ``mentions`` rule for the alphabetically first :data:`SALIENCE_LEXICON`
 word of the input (the simulator's knowledge of evaluative words; no rule for the
 default label ``neutral``, the absence of evaluation); for any other field a ``begins
-with`` rule for the input's lead word (for every label). When no rule can be
-written (no such word in the input, the default label of an affect field), the
-system prompt's gradient says so and why (``No rule can be written: ...``); a prompt
-that names no field or (outside affect fields) no labels gets a note saying so.
+with`` rule for the input's lead word (for every label; headers such as ``Subject:``
+or a template's ``Customer message:`` line are skipped, see :func:`lead_word`). When
+no rule can be written (no such word in the input, the default label of an affect
+field), the system prompt's gradient says so and why (``No rule can be written:
+...``); a prompt that names no field or (outside affect fields) no labels gets a note
+saying so.
 
 Responders
 ----------
@@ -68,15 +77,14 @@ that quotes a rule sentence still gets gradients. In order:
 2. :func:`chat_backward_responder`, a ChatCompletion backward call. Marker: a user
    message holding ``<LM_CONVERSATION>``, ``<FEEDBACK_ON_OUTPUT>`` and
    ``<VARIABLES ...>``. It answers ``{"gradients": [...]}``, one string per
-   ``<VARIABLE>``: the first trainable ``system`` variable gets a new *rule*, ``If the
-   message mentions "<word>", the <field> is <target>.``, where the target is the
-   ``expected value is "<t>"`` quoted in the feedback, the word the first
-   :data:`SALIENCE_LEXICON` word of the sample's input that is not negated and the
-   field that of the conversation's first rule (else ``sentiment``; in a DSPy
-   conversation, its ``sentiment`` output field or else its first output field other
-   than ``reasoning``, and the input is the current input values); a target equal
-   to the default label (``neutral``) gets no rule but ``The <role> should lead to
-   "<target>" for inputs like this one.``; a *computed input* (a variable with
+   ``<VARIABLE>``: the first trainable ``system`` variable gets a new *rule* for the
+   target, the ``expected value is "<t>"`` quoted in the feedback, naming the task's
+   field (above; the conversation's first rule, the ``<LM_OUTPUT>``'s JSON field, the
+   instructions, DSPy's output field) and the sample's rule word (above): ``If the
+   message mentions "<word>", the <field> is <target>.`` for an affect field, ``If
+   the message begins with "<word>", the <field> is <target>.`` otherwise; when no
+   rule can be written, ``The <role> should lead to "<target>" for inputs like this
+   one. No rule can be written: <reason>``; a *computed input* (a variable with
    ``trainable="false"`` in a ``user``/``human`` message or an ``input:<key>``: the
    output of an upstream step) gets the *relay* ``The <role> should contain "<v>":
    the expected value is "<v>", since the rule for "<v>" gives the <field>
@@ -143,9 +151,10 @@ DSPy program), the same rules assign the credit the way a capable model would:
 * *Backward, upstream*: the feedback reaching the earlier call's output (through any
   parser or lambda step in between, which only prefixes it) now holds ``the expected
   value is "v"``, so that call's chat backward writes, for its own system prompt,
-  ``If the message mentions "<word>", the <its field> is v.``, the word being the
-  lexicon word of *its* input (the message): the rule that makes it produce the value
-  the next stage needs. Longer chains relay the same way, stage by stage.
+  the rule for *its* field and the rule word of *its* input (the message), ``If the
+  message mentions "<word>", the <its field> is v.`` for an affect field: the rule
+  that makes it produce the value the next stage needs. Longer chains relay the same
+  way, stage by stage.
 
 So an error that only the first prompt can fix (the second stage already maps every
 value it needs, the first answers an uninformative default) is fixed by training:
@@ -190,13 +199,19 @@ __all__ = [
     "DEFAULT_FIELD",
     "DEFAULT_LABEL",
     "DSPY_COMPLETED",
+    "FREE_TEXT_FIELDS",
+    "GENERIC_FIELD",
+    "HEADER_LABELS",
+    "HEADER_LINE_WORDS",
     "GRADIENTS_SCHEMA_NAME",
     "JUDGE_SCHEMA_NAME",
     "NEGATORS",
+    "NON_FIELD_WORDS",
     "RESPONDERS",
     "RULE_PATTERN",
     "SALIENCE_LEXICON",
     "STOPWORDS",
+    "TASK_VERBS",
     "Answer",
     "ChatBackwardPrompt",
     "DSPyField",
@@ -213,6 +228,7 @@ __all__ = [
     "chat_backward_gradients",
     "chat_backward_responder",
     "dspy_responder",
+    "dspy_typed",
     "dspy_values",
     "embed",
     "evaluator_backward_gradients",
@@ -226,6 +242,7 @@ __all__ = [
     "lead_word",
     "listed_labels",
     "message_text",
+    "output_field",
     "prompt_field",
     "relay_value",
     "render_content",
@@ -234,6 +251,7 @@ __all__ = [
     "rule_word",
     "salient_word",
     "schema_instance",
+    "shown_enum",
     "task_default",
     "task_labels",
     "task_responder",
@@ -428,7 +446,43 @@ def rule_sentence(kind: str, word: str, field: str, label: str) -> str:
 
 
 _WORD = re.compile(r"[^\W\d_]+(?:['\u2019-][^\W\d_]+)*")
-_LABEL_HEADER = re.compile(r"\A\s*[^\W\d_]+\s*:")
+
+HEADER_LABELS: frozenset[str] = frozenset(
+    """body comment content customer date description email e-mail fw fwd from input
+    mail message note query question re request sent subject text ticket title to
+    user""".split()  # noqa: SIM905
+)
+"""The header labels of a message (``Subject:``, ``Re:``, ``Fwd:``, ``Message:``,
+``Ticket:``...) that :func:`lead_word` skips when a text begins with ``<label>:``:
+generic words of e-mail and form headers, the same for every task. Any other
+``Word:`` stays a content word (``URGENT: server down`` leads with ``urgent``).
+
+    >>> "subject" in HEADER_LABELS, "urgent" in HEADER_LABELS
+    (True, False)
+"""
+
+HEADER_LINE_WORDS = 8
+"""A leading line of at most this many words that ends with ``:`` and holds
+nothing else is a header (``Customer message:``, ``Here is what the customer
+wrote:``), skipped by :func:`lead_word`."""
+
+_HEADER_LABEL = re.compile(r"\A\s*(?P<label>[^\W\d_]+(?:-[^\W\d_]+)?)\s*:(?!//)")
+_HEADER_LINE = re.compile(r"\A\s*(?P<line>[^\n:]*):[ \t]*\n")
+
+
+def _skip_headers(text: str) -> str:
+    """``text`` without its leading header lines and header labels (see
+    :func:`lead_word`)."""
+    while True:
+        line = _HEADER_LINE.match(text)
+        if line is not None and 0 < len(line["line"].split()) <= HEADER_LINE_WORDS:
+            text = text[line.end() :]
+            continue
+        label = _HEADER_LABEL.match(text)
+        if label is not None and label["label"].casefold() in HEADER_LABELS:
+            text = text[label.end() :]
+            continue
+        return text
 
 
 def lead_word(text: str) -> str | None:
@@ -436,8 +490,13 @@ def lead_word(text: str) -> str | None:
     of a text (a subject line, a title, the first words of a ticket) says what the text
     is, whatever the language or the task. Rules, in order:
 
-    * rule sentences are removed, and a first word directly followed by a colon is a
-      field label (``Subject:``, ``Message:``, ``Ticket:``), skipped once;
+    * rule sentences are removed;
+    * headers are skipped, repeatedly: a leading line of at most
+      :data:`HEADER_LINE_WORDS` words that ends with ``:`` and holds nothing else
+      (``Customer message:``, the preamble of a prompt template), and a leading
+      ``<label>:`` whose label is one of :data:`HEADER_LABELS` (``Subject:``,
+      ``Re:``, ``Fwd:``, ``Ticket:``); any other ``Word:`` is content
+      (``URGENT: server down`` leads with ``urgent``);
     * words are runs of letters (any script; inner ``'``/``-`` kept); a word of
       :data:`STOPWORDS` or of one letter is no content word;
     * a content word right after a negator (:data:`NEGATORS`, ``...n't``) is skipped
@@ -447,13 +506,14 @@ def lead_word(text: str) -> str | None:
 
     >>> lead_word("Subject: Urgent HVAC repair"), lead_word("Olá, preciso de ajuda")
     ('urgent', 'olá')
+    >>> lead_word("URGENT: server down"), lead_word("Customer message:\\nRefund me")
+    ('urgent', 'refund')
     >>> lead_word("Not urgent: the printer jams"), lead_word("Hi! I am so... ok?")
     ('printer', 'ok')
     >>> lead_word("Hello, is it me?") is None
     True
     """
-    text = RULE_PATTERN.sub(" ", text)
-    text = _LABEL_HEADER.sub(" ", text, count=1)
+    text = _skip_headers(RULE_PATTERN.sub(" ", text))
     negated = False
     for match in _WORD.finditer(text):
         word = match[0].casefold().replace("\u2019", "'")
@@ -544,51 +604,185 @@ def find_rules(text: str) -> list[Rule]:
     ]
 
 
+TASK_VERBS: tuple[str, ...] = (
+    "assess",
+    "categorise",
+    "categorize",
+    "choose",
+    "classify",
+    "decide",
+    "detect",
+    "determine",
+    "estimate",
+    "give",
+    "identify",
+    "judge",
+    "label",
+    "name",
+    "predict",
+    "rate",
+    "route",
+    "tag",
+    "triage",
+)
+"""The verbs of a task phrase ``<verb> the <field>`` (see :func:`prompt_field`)."""
+
+NON_FIELD_WORDS: frozenset[str] = frozenset(
+    """above below body comment content conversation customer customers document
+    e-mail email following given incoming input inquiry item mail message messages
+    next post query question request review sentence support text texts this
+    ticket tickets tweet user users""".split()  # noqa: SIM905
+)
+"""Words a task phrase names as the *object* of the task, never its field
+(``Classify the following message``, ``Triage the support ticket``): what the
+text is, not what is asked about it. Generic words, the same for every task."""
+
+_FIELD_WORD = r"(?P<field>[^\W\d_]+(?:-[^\W\d_]+)*)"
 _TASK_VERB = re.compile(
-    r"\b(?:classify|determine|rate|label|assess|identify|predict|detect|name|"
-    r"estimate|judge|decide|give|choose|tag)\s+the\s+"
-    r"(?:[^\W\d_]+(?:'s|\u2019s)\s+)?(?P<field>[^\W\d_]+)",
+    r"\b(?:" + "|".join(TASK_VERBS) + r")\s+the\s+"
+    r"(?:[^\W\d_]+(?:'s|\u2019s)\s+)?" + _FIELD_WORD,
     re.IGNORECASE,
 )
+_FIELD_PHRASES: tuple[re.Pattern[str], ...] = (
+    _TASK_VERB,
+    # "Route the ticket to the right team", "Assign it to the correct queue"
+    re.compile(
+        r"\bto\s+the\s+(?:right|correct|appropriate|proper|relevant)\s+" + _FIELD_WORD,
+        re.IGNORECASE,
+    ),
+    # "Which language is the text in?", "What is the priority of ...?"
+    re.compile(r"\b(?:which|what\s+is\s+the)\s+" + _FIELD_WORD, re.IGNORECASE),
+    # "Is this message spam?", "Is the ticket urgent?"
+    re.compile(
+        r"\bis\s+(?:this|the|it)\s+(?:[^\W\d_]+\s+){0,3}?" + _FIELD_WORD + r"\s*\?",
+        re.IGNORECASE,
+    ),
+)
+_LIST_ITEM = r'(?:"[^"\n]{1,40}"|[\w-]+)'
 _LABEL_LIST = re.compile(
-    r":\s*(?P<list>\"?[\w-]+\"?(?:\s*,\s*\"?[\w-]+\"?)*,?\s+or\s+\"?[\w-]+\"?)"
-    r"\s*(?:[.;\n)]|$)"
+    r":\s*(?P<list>"
+    + _LIST_ITEM
+    + r"(?:\s*,\s*"
+    + _LIST_ITEM
+    + r")*,?\s+or\s+"
+    + _LIST_ITEM
+    + r")\s*(?:[.;\n)]|$)"
+)
+_LABEL_INTRO = re.compile(
+    r"(?:\b(?:categories|labels|classes|options|choices|values|tags)\s*:|"
+    r"\bone\s+of(?:\s+the\s+following)?(?:\s+[\w-]+)?\s*:?|"
+    r"\b(?:answer|respond|reply|output|return)(?:\s+(?:with|only))?"
+    r"(?:\s+(?:either|only|exactly))?(?:\s+one\s+of)?\s*:?)\s*"
+    r"(?P<list>"
+    + _LIST_ITEM
+    + r"(?:\s*,\s*(?:or\s+|and\s+)?"
+    + _LIST_ITEM
+    + r"|\s*,?\s+(?:or|and)\s+"
+    + _LIST_ITEM
+    + r")+)",
+    re.IGNORECASE,
+)
+_BULLET = re.compile(
+    r'^[ \t]*(?:[-*\u2022]|\d+[.)])[ \t]+"?(?P<item>[\w-]+)"?[ \t]*'
+    r"(?:(?:[:(\u2013\u2014]|\s-\s).*)?$",
+    re.MULTILINE,
 )
 
 
 def prompt_field(text: str) -> str | None:
-    """The field a prompt asks for, read from its instructions: the word after
-    ``<verb> the`` (``classify``, ``determine``, ``rate``, ``label``, ``assess``,
-    ``identify``, ``predict``, ``detect``, ``name``, ``estimate``, ``judge``,
-    ``decide``, ``give``, ``choose``, ``tag``; a possessive is skipped), lowercased;
+    """The field a prompt asks for, read from its instructions (rule sentences
+    removed), lowercased: the first word found by these phrases, in order, that is
+    not one of :data:`NON_FIELD_WORDS` (the object of the task, ``message``,
+    ``following``...):
+
+    * ``<verb> the <field>`` with a verb of :data:`TASK_VERBS` (``classify``,
+      ``categorize``, ``route``, ``triage``, ``detect``...; a possessive is skipped);
+    * ``to the right|correct|appropriate|proper|relevant <field>``;
+    * ``which <field>`` and ``what is the <field>``;
+    * ``is this|the|it ... <field>?`` (at most three words in between).
+
     ``None`` when there is none.
 
     >>> prompt_field("Classify the urgency of the ticket."), prompt_field("Hi")
     ('urgency', None)
     >>> prompt_field("Name the customer's feeling in one word.")
     'feeling'
+    >>> prompt_field("Route the ticket to the right team.")
+    'team'
+    >>> prompt_field("Which language is the text in?")
+    'language'
+    >>> prompt_field("Is this message spam?")
+    'spam'
+    >>> prompt_field("Classify the following message.") is None
+    True
     """
-    match = _TASK_VERB.search(RULE_PATTERN.sub(" ", text))
-    return match["field"].lower() if match else None
+    text = RULE_PATTERN.sub(" ", text)
+    found: list[tuple[int, str]] = []
+    for pattern in _FIELD_PHRASES:
+        for match in pattern.finditer(text):
+            word = match["field"].lower()
+            if word not in NON_FIELD_WORDS and word not in STOPWORDS:
+                found.append((match.start("field"), word))
+                break
+        if found:
+            return found[0][1]
+    return None
+
+
+def _list_words(text: str) -> tuple[str, ...]:
+    return tuple(
+        item.strip('"').strip()
+        for item in re.findall(_LIST_ITEM, text)
+        if item.strip('"').casefold() not in ("or", "and")
+    )
 
 
 def listed_labels(text: str) -> tuple[str, ...]:
-    """The labels a prompt lists after a colon, ``: a, b or c`` (words, optionally
-    double-quoted); ``()`` when it lists none.
+    """The labels a prompt lists (rule sentences removed), in the order given; the
+    first form found wins:
+
+    * after a colon, ``: a, b or c`` (``: high or low``);
+    * after ``Categories:``, ``Labels:``, ``Classes:``, ``Options:``, ``Choices:``,
+      ``one of`` (``one of the following:``) or ``Answer``/``Respond``/``Reply``/
+      ``Output``/``Return`` (``with``, ``only``, ``either``), a list of at least two
+      items separated by commas, ``or`` or ``and`` (``a, b, c``, ``yes or no``);
+    * a bullet list (``-``, ``*``, ``•``, ``1.``) of at least two lines, each one
+      label, optionally followed by ``:``, `` - `` or ``(`` and a description.
+
+    Items are words (``-`` kept) or double-quoted texts; ``()`` when the prompt lists
+    none.
 
     >>> listed_labels("Classify the urgency: low, medium or high.")
     ('low', 'medium', 'high')
     >>> listed_labels('Answer with one word: "yes" or "no"'), listed_labels("Hi.")
     (('yes', 'no'), ())
+    >>> listed_labels("Categories: billing, technical, account")
+    ('billing', 'technical', 'account')
+    >>> listed_labels("Is this spam? Answer yes or no.")
+    ('yes', 'no')
+    >>> listed_labels("Pick a team:\\n- billing: payments\\n- technical\\n- account")
+    ('billing', 'technical', 'account')
     """
-    match = _LABEL_LIST.search(RULE_PATTERN.sub(" ", text))
-    if match is None:
-        return ()
-    return tuple(
-        w.strip('"')
-        for w in re.findall(r'"?[\w-]+"?', match["list"])
-        if w.strip('"') != "or"
-    )
+    text = RULE_PATTERN.sub(" ", text)
+    match = _LABEL_LIST.search(text)
+    if match is not None:
+        return _list_words(match["list"])
+    match = _LABEL_INTRO.search(text)
+    if match is not None:
+        words = _list_words(match["list"])
+        if len(words) >= 2:
+            return words
+    lines = text.splitlines()
+    run: list[str] = []
+    for line in lines:
+        bullet = _BULLET.match(line)
+        if bullet is not None:
+            run.append(bullet["item"])
+            continue
+        if len(run) >= 2:
+            break
+        run = []
+    return tuple(run) if len(run) >= 2 else ()
 
 
 def task_default(labels: Sequence[str]) -> str:
@@ -1128,18 +1322,21 @@ class ChatBackwardPrompt:
     messages: tuple[Message, ...]
     feedback: str
     variables: tuple[PromptVariable, ...]
+    output: str = ""
 
     @classmethod
     def parse(cls, text: str) -> ChatBackwardPrompt:
         """Parse the ``<MESSAGE role>`` elements of ``<LM_CONVERSATION>``, the
-        ``<FEEDBACK_ON_OUTPUT>`` after it and the ``<VARIABLE>`` elements of the
-        ``<VARIABLES>`` block after that."""
+        ``<LM_OUTPUT>`` (the prediction the call made) and ``<FEEDBACK_ON_OUTPUT>``
+        after it and the ``<VARIABLE>`` elements of the ``<VARIABLES>`` block after
+        that."""
         conversation = Element.first("LM_CONVERSATION", text)
         messages = tuple(
             Message(el.attr("role"), el.text)
             for el in Element.all("MESSAGE", conversation.text if conversation else "")
         )
         position = conversation.end if conversation else 0
+        output = Element.first("LM_OUTPUT", text, position)
         feedback = Element.first("FEEDBACK_ON_OUTPUT", text, position)
         if feedback is not None:
             position = feedback.end
@@ -1147,7 +1344,61 @@ class ChatBackwardPrompt:
             messages=messages,
             feedback=feedback.text if feedback else "",
             variables=tuple(_variables(text, position)),
+            output=output.text.strip() if output else "",
         )
+
+
+FREE_TEXT_FIELDS: frozenset[str] = frozenset(
+    """analysis comment comments description explanation justification note notes
+    rationale reason reasoning summary thought thoughts""".split()  # noqa: SIM905
+)
+"""JSON properties that hold free text (an explanation, a summary), never the label
+of a task: :func:`output_field` passes over them."""
+
+GENERIC_FIELD = "label"
+"""The field a rule names when the prompt lists labels but names no field (no rule,
+no JSON output field, no task phrase): a neutral name, so that the rules are
+``begins with`` rules, as for any labelled task (see :func:`rule_word`)."""
+
+
+def output_field(output: str) -> str | None:
+    """The field a prediction shown to the backward reveals: when ``output`` is a
+    JSON object (a structured output, ``{"priority": "low"}``), its first property
+    whose value is a string, a number or a boolean and whose name is not one of
+    :data:`FREE_TEXT_FIELDS`; else ``None``.
+
+    >>> output_field('{"summary": "The VPN is down", "priority": "low"}')
+    'priority'
+    >>> output_field("low") is None, output_field('{"reason": "x"}') is None
+    (True, True)
+    """
+    is_json, value = _json_value(output.strip())
+    if not is_json or not isinstance(value, dict):
+        return None
+    for key, item in value.items():
+        if _norm(key) in FREE_TEXT_FIELDS or item is None:
+            continue
+        if isinstance(item, str | bool | int | float):
+            return str(key)
+    return None
+
+
+def shown_enum(text: str, field: str) -> tuple[str, ...]:
+    """The ``enum`` of the property ``field`` in a JSON schema shown in ``text`` (a
+    schema a prompt or a conversation quotes), else ``()``.
+
+    >>> shown_enum('{"properties": {"priority": {"enum": ["low", "high"]}}}',
+    ...     "priority")
+    ('low', 'high')
+    """
+    pattern = r'"' + re.escape(field) + r'"\s*:\s*\{[^{}]*?"enum"\s*:\s*(\[[^\]]*\])'
+    match = re.search(pattern, text)
+    if match is None:
+        return ()
+    is_json, values = _json_value(match[1])
+    if not is_json or not isinstance(values, list):
+        return ()
+    return tuple(str(v) for v in values)
 
 
 def relay_value(rules: Sequence[Rule], field: str, target: str) -> str | None:
@@ -1230,13 +1481,17 @@ def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
     conversation = "\n".join(m.text for m in prompt.messages)
     rules = find_rules(conversation)
     instructions = instructions_text(prompt.messages)
-    named = rules[0].field if rules else prompt_field(instructions)
-    field_name = named or DEFAULT_FIELD
+    from_output = output_field(prompt.output)
+    named = rules[0].field if rules else (from_output or prompt_field(instructions))
     labels = listed_labels(instructions)
+    if not labels and named is not None:
+        labels = shown_enum(conversation, named)
+    field_name = named or (GENERIC_FIELD if labels else DEFAULT_FIELD)
     text = "\n".join(
         RULE_PATTERN.sub("", m.text) for m in prompt.messages if m.role == "user"
     )
     dspy_prompt = DSPyPrompt.parse(prompt.messages)
+    label_field: DSPyField | None = None
     if dspy_prompt is not None:  # the rule names a field this predictor outputs
         label_field = dspy_prompt.label_field()
         named = label_field.name if label_field else None
@@ -1259,14 +1514,26 @@ def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
     notes = []
     if named is None:
         notes.append(
-            f"The prompt names no field (no rule, no JSON schema field, no "
+            f"The prompt names no field (no rule, no JSON object in the output, no "
             f'"classify the <field>" phrase), so the rule names the {field_name}.'
         )
-    if not labels and not is_affect_field(field_name) and not rules:
+    if dspy_prompt is not None and label_field is not None and not labels:
+        if label_field.type in _DSPY_CONSTANTS:
+            notes.append(
+                f"The {field_name} is a {label_field.type} output field, so inputs "
+                f"that no rule matches get {_dspy_default(label_field)!r}."
+            )
+        elif not is_affect_field(field_name) and not rules:
+            notes.append(
+                f"The signature lists no labels for the {field_name} (no Literal "
+                f'type), so inputs that no rule matches get "{DEFAULT_LABEL}".'
+            )
+    elif not labels and not is_affect_field(field_name) and not rules:
         notes.append(
-            f'The prompt lists no labels for the {field_name} (no ": a, b or c" '
-            f"list, no schema enum), so inputs that no rule matches get "
-            f'"{DEFAULT_LABEL}".'
+            f"The prompt lists no labels for the {field_name} (no list in the "
+            f"instructions, no schema enum in the conversation), so inputs that no "
+            f"rule matches get the first value of the response schema's enum for "
+            f'the {field_name} when the request has one, else "{DEFAULT_LABEL}".'
         )
     excerpt = feedback[:FEEDBACK_EXCERPT_CHARS].strip()
     gradients = []
@@ -1685,13 +1952,54 @@ def _dspy_values(user: str, names: Sequence[str]) -> dict[str, str]:
     return values
 
 
-def _dspy_default(field: DSPyField) -> Any:
-    if field.choices and DEFAULT_LABEL not in field.choices:
-        return field.choices[0]
-    return DEFAULT_LABEL
-
-
 _DSPY_CONSTANTS: dict[str, Any] = {"bool": False, "int": 0, "float": 0.0}
+
+
+def _dspy_default(field: DSPyField) -> Any:
+    """The value of ``field`` when no rule gives one: ``neutral`` when it is a
+    choice of a ``Literal``, else its first choice; ``False``/``0``/``0.0`` for a
+    ``bool``/``int``/``float``; ``neutral`` for any other type."""
+    if field.choices:
+        return DEFAULT_LABEL if DEFAULT_LABEL in field.choices else field.choices[0]
+    return _DSPY_CONSTANTS.get(field.type, DEFAULT_LABEL)
+
+
+_TRUE_WORDS = frozenset({"true", "yes", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "0"})
+
+
+def dspy_typed(field: DSPyField, label: str) -> tuple[bool, Any]:
+    """``(True, value)`` when a rule's ``label`` is a value of ``field``'s type (a
+    ``Literal`` choice, any case; ``true``/``yes``/``1`` or ``false``/``no``/``0``
+    for a ``bool``; a number for an ``int``/``float``; any text otherwise), else
+    ``(False, None)``: the simulator never answers a value DSPy would reject.
+
+    >>> bool_field = DSPyField("is_spam", "bool")
+    >>> dspy_typed(bool_field, "True"), dspy_typed(bool_field, "maybe")
+    ((True, True), (False, None))
+    >>> dspy_typed(DSPyField("x", "Literal['a', 'b']", ("a", "b")), "B")
+    (True, 'b')
+    """
+    text = label.strip()
+    if field.choices:
+        hit = next(
+            (c for c in field.choices if str(c).casefold() == text.casefold()), None
+        )
+        return (True, hit) if hit is not None else (False, None)
+    if field.type == "bool":
+        word = text.casefold()
+        if word in _TRUE_WORDS or word in _FALSE_WORDS:
+            return True, word in _TRUE_WORDS
+        return False, None
+    if field.type in ("int", "float"):
+        try:
+            number = float(text)
+        except ValueError:
+            return False, None
+        if field.type == "int":
+            return (True, int(number)) if number.is_integer() else (False, None)
+        return (True, number) if math.isfinite(number) else (False, None)
+    return True, label
 
 
 def dspy_values(prompt: DSPyPrompt) -> dict[str, Any]:
@@ -1716,8 +2024,9 @@ def dspy_values(prompt: DSPyPrompt) -> dict[str, Any]:
     for field in prompt.outputs:
         own = [rule for rule in rules if _norm(rule.field) == _norm(field.name)]
         hit = next((rule for rule in own if rule.matches(text)), None)
-        if hit is not None:
-            values[field.name] = hit.label
+        typed = dspy_typed(field, hit.label) if hit is not None else (False, None)
+        if typed[0]:
+            values[field.name] = typed[1]
         elif own or field.choices or _norm(field.name) == DEFAULT_FIELD:
             values[field.name] = _dspy_default(field)
         elif field.name == "reasoning":

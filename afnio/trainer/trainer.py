@@ -230,23 +230,118 @@ def _loaded_classes(*names: tuple[str, str]) -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+_STATUS_ATTRS = ("status_code", "status", "code")
+
+
+def _as_status(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 100 <= value <= 599 else None
+
+
 def _status_of(error: BaseException) -> int | None:
-    status = getattr(error, "status_code", None)
-    if not isinstance(status, int):
-        status = getattr(getattr(error, "response", None), "status_code", None)
-    return status if isinstance(status, int) else None
+    """The HTTP status an exception carries, whatever its library: its
+    ``status_code``, ``status`` or ``code`` (an int from 100 to 599), else its
+    ``response.status_code`` (``requests``, ``httpx``); ``None`` when none."""
+    for name in _STATUS_ATTRS:
+        try:
+            status = _as_status(getattr(error, name, None))
+        except Exception:  # a property that fails (httpx's .request, ...)
+            status = None
+        if status is not None:
+            return status
+    try:
+        response = getattr(error, "response", None)
+        return _as_status(getattr(response, "status_code", None))
+    except Exception:
+        return None
+
+
+def _retried_status(status: int) -> bool:
+    return status in _RETRIED_STATUS or status >= 500
+
+
+# exceptions of LM libraries that mean "the model's answer could not be parsed"; a
+# class in an exception's MRO is matched by (top-level package, class name), so the
+# libraries need not be imported (or installed)
+_UNUSABLE_ANSWER_CLASSES = frozenset(
+    {
+        ("langchain_core", "OutputParserException"),
+        ("dspy", "AdapterParseError"),
+    }
+)
+_VALIDATION_ERRORS = frozenset(
+    {("pydantic_core", "ValidationError"), ("pydantic", "ValidationError")}
+)
+# a pydantic ValidationError is an unusable answer only when an LM library was
+# validating (its innermost frame outside pydantic is in one of these packages); one
+# raised by the user's own code (a metric, a lambda of the chain) is a bug
+_LM_PACKAGES = frozenset(
+    {
+        "openai",
+        "anthropic",
+        "langchain",
+        "langchain_core",
+        "langchain_openai",
+        "langchain_anthropic",
+        "langchain_community",
+        "dspy",
+        "litellm",
+        "instructor",
+    }
+)
+
+
+def _top_package(module: Any) -> str:
+    return str(module or "").split(".")[0]
+
+
+def _class_is(error: BaseException, names: frozenset[tuple[str, str]]) -> bool:
+    return any(
+        (_top_package(cls.__module__), cls.__name__) in names
+        for cls in type(error).__mro__
+    )
+
+
+def _is_unusable_answer(error: BaseException) -> bool:
+    """Whether ``error`` is an LM library's refusal of a model's answer: LangChain's
+    ``OutputParserException``, DSPy's ``AdapterParseError``, or a pydantic
+    ``ValidationError`` raised while an LM library (the openai SDK's structured
+    output, a LangChain parser...) validated an answer. Matched by class name and
+    module: nothing is imported."""
+    if _class_is(error, _UNUSABLE_ANSWER_CLASSES):
+        return True
+    if not _class_is(error, _VALIDATION_ERRORS):
+        return False
+    innermost = None
+    tb = error.__traceback__
+    while tb is not None:  # the frame nearest to the raise, outside pydantic
+        package = _top_package(tb.tb_frame.f_globals.get("__name__"))
+        if package not in ("pydantic", "pydantic_core"):
+            innermost = package
+        tb = tb.tb_next
+    return innermost in _LM_PACKAGES
 
 
 def _is_service_failure(error: BaseException) -> bool:
     """Whether ``error`` is a *transient* failure, the only kind the Trainer retries:
-    a connection error or timeout (``ConnectionError``, ``TimeoutError``, the
-    openai/anthropic SDKs' connection and timeout errors, httpx transport errors), an
-    HTTP answer worth retrying (408, 409, 429, 5xx; not 400/401/403/404/422, which
-    will not get better), or an LM answer afnio rejected as unusable
-    (``BackwardParseError``, ``JudgeParseError``, an ``OptimizerStepError`` of its
-    own; already dropped from the memo). A wrapper counts as its cause: the chain
-    of ``__cause__`` (and, for other than programming errors, ``__context__``) is
-    followed; an exception group is transient when all its members are."""
+
+    * a connection error or timeout: ``ConnectionError``, ``TimeoutError``, the
+      openai/anthropic SDKs' errors, httpx transport errors, ``requests``'
+      ``ConnectionError``/``Timeout``, aiohttp's ``ClientConnectionError`` (a
+      ``ServerDisconnectedError`` among them) and ``ServerTimeoutError``;
+    * an HTTP answer worth retrying (408, 409, 429, 5xx; not 400/401/403/404/422,
+      which will not get better), read from any exception's ``status_code``,
+      ``status`` or ``code``, or its ``response.status_code``;
+    * an LM answer that could not be used: afnio's ``BackwardParseError``,
+      ``JudgeParseError``, an ``OptimizerStepError`` of its own (already dropped
+      from the memo), or an LM library's parse failure (:func:`_is_unusable_answer`:
+      LangChain's ``OutputParserException``, DSPy's ``AdapterParseError``, pydantic's
+      ``ValidationError`` of a structured output).
+
+    A wrapper counts as its cause: the chain of ``__cause__`` (and, for other than
+    programming errors, ``__context__``) is followed; an exception group is transient
+    when all its members are. Only libraries already imported are looked at."""
     from afnio.errors import BackwardParseError, JudgeParseError
     from afnio.optim.tgd import OptimizerStepError
 
@@ -263,6 +358,10 @@ def _is_service_failure(error: BaseException) -> bool:
             ("openai", "APIError"),  # APIConnectionError, APITimeoutError, ...
             ("anthropic", "APIError"),
             ("httpx", "TransportError"),
+            ("requests.exceptions", "ConnectionError"),
+            ("requests.exceptions", "Timeout"),
+            ("aiohttp", "ClientConnectionError"),  # ServerDisconnectedError, ...
+            ("aiohttp", "ServerTimeoutError"),
         ),
     )
     seen: set[int] = set()
@@ -271,13 +370,16 @@ def _is_service_failure(error: BaseException) -> bool:
         seen.add(id(current))
         if isinstance(current, BaseExceptionGroup):
             return all(_is_service_failure(e) for e in current.exceptions)
-        if isinstance(current, unusable):
+        if isinstance(current, unusable) or _is_unusable_answer(current):
             return True
         if isinstance(current, OptimizerStepError) and current.__cause__ is None:
             return True  # the optimizer's answer was unusable (else: its cause)
         if statuses and isinstance(current, statuses):
             status = _status_of(current)
-            return status is None or status in _RETRIED_STATUS or status >= 500
+            return status is None or _retried_status(status)
+        status = _status_of(current)
+        if status is not None and not isinstance(current, _PROGRAMMING_ERRORS):
+            return _retried_status(status)  # any library's HTTP error
         if isinstance(current, transport):
             return True
         if isinstance(current, _PROGRAMMING_ERRORS):
@@ -289,10 +391,23 @@ def _is_service_failure(error: BaseException) -> bool:
 
 def _keep_or_forget(memo: StepMemo, error: BaseException) -> None:
     """After a failed attempt: keep the paid answers for the retry when the LM
-    service failed; otherwise (a bug, a check on an answer's content) forget them,
-    so that the retry asks the model afresh."""
-    if not _is_service_failure(error):
+    service failed; otherwise (a bug, a check on an answer's content, an answer an
+    LM library could not parse, which afnio's memo may hold) forget them, so that
+    the retry asks the model afresh."""
+    if not _is_service_failure(error) or any(
+        _is_unusable_answer(e) for e in _causes(error)
+    ):
         memo.forget()
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and the exceptions it was raised from."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def _name_client(error: BaseException, stage: str | None, optimizer: Any) -> None:
@@ -563,6 +678,9 @@ class Trainer:
         self.stopped_reason: str | None = None
         self.last_checkpoint: Path | None = None
         self._meter: _CostMeter | None = None
+        # spend made before ``fit`` that its run summary counts (optimize()'s first
+        # validation): the LEDGER snapshot taken before it and its per-client rows
+        self._summary_prior: tuple[Any, list[tuple[Any, float, int, int]]] | None = None
         self._cost_before = 0.0
         self._max_step_cost = 0.0
         self._max_eval_cost = 0.0
@@ -1336,17 +1454,39 @@ class Trainer:
 
         if self._meter is None or not self.enable_run_summary:
             return
-        table = Table(title="Run summary")
+        rows = self._meter.per_client()
+        phases = self.phase_rows()
+        title = "Run summary"
+        if self._summary_prior is not None:  # count the spend made before fit too
+            start, prior = self._summary_prior
+            merged = {id(row[0]): list(row) for row in prior}
+            for client, cost, tokens, calls in rows:
+                row = merged.setdefault(id(client), [client, 0.0, 0, 0])
+                row[1:] = [row[1] + cost, row[2] + tokens, row[3] + calls]
+            rows = [(c, cost, tok, calls) for c, cost, tok, calls in merged.values()]
+            phases = LEDGER.since(start)
+            title = "Run summary (the first validation included)"
+        table = Table(title=title)
         table.add_column("model client")
         table.add_column("LM calls", justify="right")
         table.add_column("tokens", justify="right")
         table.add_column("cost (USD)", justify="right")
-        for client, cost, tokens, calls in self._meter.per_client():
+        for client, cost, tokens, calls in rows:
             table.add_row(repr(client), str(calls), str(tokens), f"{cost:.6f}")
+        if len(rows) > 1:
+            table.add_row(
+                "total",
+                str(sum(r[3] for r in rows)),
+                str(sum(r[2] for r in rows)),
+                f"{sum(r[1] for r in rows):.6f}",
+                style="bold",
+            )
         if self.history:
-            table.caption = _history_text(self.history[-1], self.show_metrics) or None
+            last = dict(self.history[-1])
+            if self._summary_prior is not None and "total_cost" in last:
+                last["total_cost"] += sum(row[1] for row in self._summary_prior[1])
+            table.caption = _history_text(last, self.show_metrics) or None
         self._print(table)
-        phases = self.phase_rows()
         if phases:
             by_phase = Table(title="LM calls by phase")
             for name in ("phase", "model", "LM calls", "prompt tokens"):

@@ -74,7 +74,19 @@ class DSPyLM(AdapterChatModel):
         super().__init__(provider=f"dspy:{lm.model}")
 
     def __repr__(self) -> str:
-        return f"DSPyLM({self.lm.model!r})"
+        """``DSPyLM('openai/gpt-4o-mini', api_base='https://...')``: the LM's model
+        and, when set, its base URL (a password or key in it masked; never the API
+        key), so an error that names this client says where its requests went."""
+        from afnio._secrets import mask_url
+
+        kwargs = getattr(self.lm, "kwargs", None)
+        base = None
+        if isinstance(kwargs, dict):
+            base = kwargs.get("api_base") or kwargs.get("base_url")
+        text = f"DSPyLM({self.lm.model!r}"
+        if isinstance(base, str) and base:
+            text += f", api_base={mask_url(base)!r}"
+        return text + ")"
 
     def _request(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> Any:
         for i, message in enumerate(messages):

@@ -19,14 +19,20 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import math
 import numbers
+import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import dspy
 from dspy.teleprompt import Teleprompter
 
-from afnio._model_client import backward_model_client, get_backward_model_client
+from afnio._model_client import (
+    ModelClientSingleton,
+    backward_model_client,
+    get_backward_model_client,
+)
 from afnio._variable import Variable
 from afnio.autodiff.decorators import evaluator
 from afnio.autodiff.evaluator import (
@@ -115,7 +121,11 @@ def call_metric(
     if isinstance(result, numbers.Real) or (
         hasattr(result, "__float__") and not isinstance(result, str | bytes)
     ):  # numpy scalars included
-        return float(result), str(feedback or "")
+        score = float(result)
+        if math.isnan(score):
+            name = getattr(metric, "__name__", "the metric")
+            raise ValueError(f"{name} returned a NaN score.")
+        return score, str(feedback or "")
     name = getattr(metric, "__name__", "the metric")
     raise TypeError(
         f"{name} must return a score (bool, int or float), a (score, feedback) "
@@ -292,11 +302,22 @@ class _ProgramAgent(SplitAgent):
 LMLike = Any  # a dspy.BaseLM or an afnio ChatCompletionModel
 
 
-def _client(lm: LMLike, name: str) -> ChatCompletionModel:
+def _client(lm: LMLike, name: str) -> tuple[ChatCompletionModel, dict[str, Any]]:
+    """``lm`` as an afnio client, with the completion arguments it brings: those
+    of afnio's backward client (what ``afnio.get_backward_model_client()`` returns,
+    its ``model`` among them), which is unwrapped to the client it holds."""
+    if isinstance(lm, ModelClientSingleton):
+        try:
+            return lm.client, lm._call_args({})
+        except AssertionError:
+            raise ValueError(
+                f"`{name}` is afnio's backward client, but none is set: call "
+                "afnio.set_backward_model_client(...) first, or pass a dspy.LM."
+            ) from None
     if isinstance(lm, ChatCompletionModel):
-        return lm
+        return lm, {}
     if isinstance(lm, dspy.BaseLM):
-        return DSPyLM(lm)
+        return DSPyLM(lm), {}
     raise TypeError(
         f"`{name}` must be a dspy.LM or an afnio ChatCompletionModel, got "
         f"{type(lm).__name__}."
@@ -344,9 +365,76 @@ def _examples(data: Sequence[Any] | None, name: str) -> list[dspy.Example]:
 def _valset(
     valset: Sequence[dspy.Example] | None, train: list[dspy.Example]
 ) -> list[dspy.Example]:
-    if valset is not None and not list(valset):
+    """The validation examples: ``train`` for ``None``; ``valset`` read once (a
+    generator is consumed by its first reading)."""
+    if valset is None:
+        return train
+    val = _examples(valset, "valset")
+    if not val:
         raise ValueError("`valset` is empty: pass examples, or None for trainset.")
-    return _examples(valset, "valset") or train
+    return val
+
+
+def _optional(field: Any) -> bool:
+    """Whether an input field may be left out (its type admits ``None``)."""
+    annotation = getattr(field, "annotation", None)
+    return type(None) in typing.get_args(annotation) or annotation is type(None)
+
+
+def _program_inputs(student: dspy.Module) -> tuple[tuple[str, ...], str] | None:
+    """The input names every example must give ``student``, and what they come
+    from, when they can be known without running it: a ``Predict`` or
+    ``ChainOfThought`` (its signature's input fields, optional ones aside), or a
+    module whose ``forward`` names its parameters (its required ones). ``None``
+    otherwise (``forward(**kwargs)``, or a program DSPy cannot inspect)."""
+    predictor = student
+    if isinstance(student, dspy.ChainOfThought):
+        predictor = getattr(student, "predict", None)
+    if isinstance(predictor, dspy.Predict):
+        fields = predictor.signature.input_fields
+        names = tuple(k for k, f in fields.items() if not _optional(f))
+        return names, "the input fields of its signature"
+    forward = getattr(type(student), "forward", None)  # DSPy warns on .forward
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]  # self
+    except (TypeError, ValueError):
+        return None
+    if not params or any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    names = tuple(
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
+    )
+    return (names, "the parameters of its forward()") if names else None
+
+
+def _check_inputs(
+    student: dspy.Module, rows: Sequence[dspy.Example], name: str
+) -> None:
+    """Refuse, before any LM call, an example that lacks an input the program
+    needs (DSPy would run it on an empty input and score the answer).
+
+    Raises:
+        ValueError: naming the example, its input keys and the program's inputs.
+    """
+    known = _program_inputs(student)
+    if known is None:
+        return
+    needed, source = known
+    for i, ex in enumerate(rows):
+        keys = list(ex.inputs().keys())
+        missing = [k for k in needed if k not in keys]
+        if missing:
+            fields = ", ".join(f"{k}=..." for k in needed)
+            labels = ", ".join(f"{k}=..." for k in ex.labels())
+            build = ", ".join(x for x in (fields, labels) if x)
+            inputs = ", ".join(repr(k) for k in needed)
+            raise ValueError(
+                f"`{name}[{i}]` has the input keys {keys}, but the program takes "
+                f"{list(needed)} ({source}); it lacks {missing[0]!r}. Build it as "
+                f"dspy.Example({build}).with_inputs({inputs}) (no LM call was made)."
+            )
 
 
 def _student_and_trainset(
@@ -447,9 +535,12 @@ class AfnioTGD(Teleprompter):
         before any LM call (see :func:`_training.model_args`)."""
         how = "completion_args={'model': 'gpt-4o-mini'} to AfnioTGD"
         if self.backward_lm is not None:
-            client = _client(self.backward_lm, "backward_lm")
+            client, brought = _client(self.backward_lm, "backward_lm")
             args = model_args(
-                client, self.completion_args, what="AfnioTGD's backward_lm", how=how
+                client,
+                {**brought, **self.completion_args},
+                what="AfnioTGD's backward_lm",
+                how=how,
             )
             return client, args
         try:
@@ -595,15 +686,18 @@ class AfnioTGD(Teleprompter):
             raise ValueError("AfnioTGD does not use a teacher program: pass none.")
         train = _student_and_trainset(student, trainset)
         val = _valset(valset, train)
+        _check_inputs(student, train, "trainset")
+        if val is not train:
+            _check_inputs(student, val, "valset")
         program = student.deepcopy()
         traced = trace(program, descriptions=self.descriptions)
         backward, args = self._backward()
         optimizer_client, optimizer_args = backward, args
         if self.optimizer_lm is not None:
-            optimizer_client = _client(self.optimizer_lm, "optimizer_lm")
+            optimizer_client, brought = _client(self.optimizer_lm, "optimizer_lm")
             optimizer_args = model_args(
                 optimizer_client,
-                self.completion_args,
+                {**brought, **self.completion_args},
                 what="AfnioTGD's optimizer_lm",
                 default=args.get("model") if optimizer_client is backward else None,
                 how="completion_args={'model': 'gpt-4o-mini'} to AfnioTGD",

@@ -132,7 +132,29 @@ class LangChainChatModel(AdapterChatModel):
         super().__init__(provider=f"langchain:{type(model).__name__}")
 
     def __repr__(self) -> str:
-        return f"LangChainChatModel({type(self.model).__name__})"
+        """``LangChainChatModel(ChatOpenAI, model='gpt-4o-mini',
+        base_url='https://api.openai.com/v1')``: the model class, its model name and
+        base URL (a password or key in the URL masked; never the API key), so an
+        error that names this client says where its requests went."""
+        from afnio._secrets import mask_url
+
+        model = self.model
+        parts = [type(model).__name__]
+        name = getattr(model, "model_name", None) or getattr(model, "model", None)
+        if isinstance(name, str) and name:
+            parts.append(f"model={name!r}")
+        url = None
+        for attr in ("openai_api_base", "base_url", "anthropic_api_url", "api_base"):
+            value = getattr(model, attr, None)
+            if isinstance(value, str) and value:
+                url = value
+                break
+        if url is None:  # ChatOpenAI without base_url: its SDK client's default
+            value = getattr(getattr(model, "root_client", None), "base_url", None)
+            url = str(value) if value is not None else None
+        if url:
+            parts.append(f"base_url={mask_url(url)!r}")
+        return f"LangChainChatModel({', '.join(parts)})"
 
     async def achat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
         """Answer ``messages`` with the LangChain model; returns the reply's text."""

@@ -17,6 +17,8 @@ row ends the run at once, naming the row (``trainset[2]``).
 from __future__ import annotations
 
 import builtins
+import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -25,7 +27,7 @@ from afnio._variable import Variable
 from afnio.autodiff.decorators import evaluator
 from afnio.autodiff.evaluator import DeterministicEvaluator
 from afnio.autodiff.function import Function
-from afnio.errors import is_provider_error, note_client, tag_sample
+from afnio.errors import is_provider_error, note_client, request_url, tag_sample
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import TGD
 from afnio_integrations._report import OptimizeReport
@@ -34,6 +36,7 @@ from afnio_integrations._rows import (
     check_inputs,
     entry_variables,
     normalize_rows,
+    short_repr,
 )
 from afnio_integrations._training import (
     SplitAgent,
@@ -80,7 +83,9 @@ class MetricFeedback(Function):
 
 
 def _chain_models(chain: Any) -> list[Any]:
-    """The language models in the chain's graph (what its own LM calls go to)."""
+    """The language models in the chain's graph (what its own LM calls go to),
+    those behind a binding (``bind``, ``with_retry``) or ``with_fallbacks``
+    included."""
     from langchain_core.language_models import BaseLanguageModel
 
     models: list[Any] = []
@@ -88,24 +93,131 @@ def _chain_models(chain: Any) -> list[Any]:
         nodes = chain.get_graph().nodes.values()
     except Exception:  # a chain whose graph cannot be drawn: name no model
         return models
-    for node in nodes:
-        if isinstance(node.data, BaseLanguageModel) and all(
-            node.data is not m for m in models
-        ):
-            models.append(node.data)
+    pending = [node.data for node in nodes]
+    seen: set[int] = set()
+    while pending:
+        data = pending.pop(0)
+        if id(data) in seen:
+            continue
+        seen.add(id(data))
+        if isinstance(data, BaseLanguageModel):
+            models.append(data)
+            continue
+        for attr in ("bound", "runnable"):  # RunnableBinding, RunnableWithFallbacks
+            inner = getattr(data, attr, None)
+            if inner is not None:
+                pending.append(inner)
+        fallbacks = getattr(data, "fallbacks", None)
+        if isinstance(fallbacks, (list, tuple)):
+            pending.extend(fallbacks)
     return models
+
+
+def _base_url(model: Any) -> str | None:
+    """The base URL a LangChain model sends its requests to (unmasked), if known."""
+    for attr in ("openai_api_base", "base_url", "anthropic_api_url", "api_base"):
+        value = getattr(model, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    value = getattr(getattr(model, "root_client", None), "base_url", None)
+    return str(value) if value is not None else None
 
 
 def _describe_model(model: Any) -> str:
     """``ChatOpenAI (model 'gpt-4o-mini', base URL https://...)``, no credentials."""
     name = client_model(model)
-    url = getattr(model, "openai_api_base", None) or getattr(model, "base_url", None)
-    if url is None:
-        url = getattr(getattr(model, "root_client", None), "base_url", None)
+    url = _base_url(model)
     parts = [f"model {name!r}"] if name else []
     if url is not None:
-        parts.append(f"base URL {mask_url(str(url))}")
+        parts.append(f"base URL {mask_url(url)}")
     return type(model).__name__ + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _failed_model(chain: Any, error: BaseException) -> str:
+    """Which of the chain's own models failed, for the note of a provider error.
+
+    The failed request's URL, when the exception tells it (``e.request.url`` of an
+    openai/httpx error), is exact wherever the model sits (a sub-chain in a lambda,
+    a fallback): the model of the chain's graph whose base URL it starts with is
+    named, with the URL. Without a URL, the graph's models are listed."""
+    models = _chain_models(chain)
+    url = request_url(error)
+    if url is not None:
+        found = [
+            m
+            for m in models
+            if (base := _base_url(m)) and url.startswith(base.rstrip("/"))
+        ]
+        names = list(dict.fromkeys(_describe_model(m) for m in found))
+        shown = mask_url(url)
+        if len(names) == 1:
+            return f"the chain's own model {names[0]}, request to {shown}"
+        return f"the chain's own LM request to {shown}"
+    if models:
+        return "the chain's own model " + " or ".join(
+            dict.fromkeys(_describe_model(m) for m in models)
+        )
+    return "the chain's own LM (its URL unknown)"
+
+
+def _failing_row(error: BaseException, inputs: Sequence[Any]) -> int | None:
+    """The index of the input of ``chain.batch(inputs)`` whose run raised ``error``.
+
+    ``chain.batch`` re-raises the first error without saying which input it came
+    from; the error's traceback still holds the frames of that input's run
+    (``Runnable.invoke(self, input, ...)`` in the worker thread), whose ``input`` is
+    the very object that was passed in. ``None`` when no frame holds exactly one of
+    ``inputs`` (an input shared by several rows, a chain that copied it)."""
+    tb = error.__traceback__
+    while tb is not None:
+        value = tb.tb_frame.f_locals.get("input", _NOTHING)
+        if value is not _NOTHING:
+            matches = [i for i, item in enumerate(inputs) if item is value]
+            if len(matches) == 1:
+                return matches[0]
+            if matches:  # the same object for several rows: cannot tell
+                return None
+        tb = tb.tb_next
+    return None
+
+
+_NOTHING = object()
+
+
+def _check_result(result: Any, where: str, name: str) -> tuple[float, str] | float:
+    """A metric result as a score, or ``(score, feedback)`` (``None`` feedback is
+    no feedback).
+
+    Raises:
+        TypeError: the result is neither a number nor ``(number, str | None)``.
+        ValueError: the score is NaN.
+    """
+    expected = (
+        f"{name} must return a score (bool, int or float) or (score, feedback text)"
+    )
+    feedback: Any = None
+    pair = isinstance(result, tuple)
+    if pair:
+        if len(result) != 2:
+            raise TypeError(
+                f"{expected}; on {where} it returned a tuple of {len(result)} items "
+                f"({short_repr(result)})."
+            )
+        result, feedback = result
+        if feedback is not None and not isinstance(feedback, str):
+            raise TypeError(
+                f"{expected}; on {where} its feedback is {short_repr(feedback)}, "
+                "not a str (or None for no feedback)."
+            )
+    if isinstance(result, (str, bytes)) or not (
+        isinstance(result, numbers.Real) or hasattr(result, "__float__")
+    ):  # numpy scalars included
+        raise TypeError(f"{expected}; on {where} it returned {short_repr(result)}.")
+    if math.isnan(float(result)):
+        raise ValueError(f"{name} returned a NaN score on {where}.")
+    if pair:
+        return result, feedback or ""
+    return result
 
 
 class _ChainAgent(SplitAgent):
@@ -131,18 +243,18 @@ class _ChainAgent(SplitAgent):
         return self.traced.batch(inputs)
 
     def _run_chain(self, inputs: list[Any], split: str, indices: list[int]) -> Variable:
-        """The chain on the batch; an error names the rows (and, for a provider
-        error, the chain's own model that failed)."""
+        """The chain on the batch; an error names the row (the batch's rows when it
+        cannot be told) and, for a provider error, the chain's own model that
+        failed."""
         try:
             return self(inputs)
         except Exception as e:
             if is_provider_error(e):  # the service failed, not one row
-                models = _chain_models(self.traced.chain)
-                if models:
-                    names = " or ".join(_describe_model(m) for m in models)
-                    note_client(e, f"the chain's own model {names}")
-            else:  # chain.batch does not say which row failed: name the batch
-                tag_sample(e, dataset=self._names[split], index=indices)
+                note_client(e, _failed_model(self.traced.chain, e))
+            else:
+                row = _failing_row(e, inputs)
+                rows = indices if row is None else indices[row]
+                tag_sample(e, dataset=self._names[split], index=rows)
             raise
 
     def _step(self, batch: Any, split: str) -> dict[str, Any]:
@@ -153,9 +265,12 @@ class _ChainAgent(SplitAgent):
         targets = [str(target) for _, target in rows]
         results = []
         if not self._is_evaluator:
+            name = getattr(self._metric, "__name__", "the metric")
             for i, p, t in zip(indices, prediction.data, targets, strict=True):
                 try:
-                    results.append(self._metric(str(p), t))
+                    results.append(
+                        _check_result(self._metric(str(p), t), f"{dataset}[{i}]", name)
+                    )
                 except Exception as e:  # a bug in the metric: name the row
                     tag_sample(e, dataset=dataset, index=i, stage="metric")
                     raise
@@ -190,7 +305,7 @@ def _clients(
 ) -> tuple[ChatCompletionModel, dict[str, Any]]:
     """The optimizer's client and completion arguments, ``model`` settled (see
     :func:`optimize`); the backward client is checked to have a model too."""
-    from afnio._model_client import get_backward_model_client
+    from afnio._model_client import ModelClientSingleton, get_backward_model_client
 
     try:
         backward = get_backward_model_client()
@@ -200,6 +315,14 @@ def _clients(
             "feedback: call afnio.set_backward_model_client(client, "
             "completion_args={'model': ...}) first (no LM call was made)."
         ) from None
+    if isinstance(model_client, ModelClientSingleton):
+        # afnio.get_backward_model_client(): the client it wraps, with its model
+        # and completion arguments (those given here win)
+        if model_client is backward:
+            model_client = None
+        else:
+            completion_args = {**model_client._call_args({}), **completion_args}
+            model_client = model_client.client
     backward_model = client_model(backward)
     if backward_model is None and needs_model(backward.client):
         raise ValueError(
@@ -256,11 +379,14 @@ def optimize(
               ``label_key=`` (and ``input_keys=``).
 
             Anything else raises ``TypeError``/``ValueError`` naming the row, before
-            any LM call; so do inputs that lack a variable of the chain's first
-            prompt.
+            any LM call (see :mod:`afnio_integrations._rows`: e.g. a ``set`` of rows,
+            inputs that are neither a dict nor a str, a dict or list target); so do
+            inputs that lack a variable of the chain's first prompt.
         metric: ``metric(prediction: str, target: str) -> score`` (e.g. 1/0), or
             ``-> (score, feedback)`` whose text is then used as the feedback itself
-            (no LM call writes it), or an afnio evaluator function such as
+            (no LM call writes it; ``None`` is no feedback); anything else (``None``,
+            a str, a NaN score) ends the run naming the row; or an afnio evaluator
+            function such as
             ``afnio.functional.exact_match_evaluator``.
         valset: rows scored before and after (and per epoch), read as
             ``trainset``; default ``trainset``.
@@ -270,7 +396,9 @@ def optimize(
             the target.
         model_client: the LM that writes new prompts (TGD's optimizer client); by
             default the backward client set with ``afnio.set_backward_model_client``
-            (which writes the feedback in either case).
+            (which writes the feedback in either case). The wrapper
+            ``afnio.get_backward_model_client()`` returns stands for the client it
+            holds, with its ``model``.
         epochs, batch_size, seed: the training loop (shuffled with ``seed``).
         select: which prompt messages to optimize (see :func:`trace`).
         best_score: a sample's best metric value (no feedback is asked for it).

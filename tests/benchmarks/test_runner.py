@@ -83,3 +83,12 @@ def test_targets_are_checked_on_the_runs_rows() -> None:
     report = markdown(afnio, textgrad, {}, [estimate])
     assert "## Targets" in report and "| **no** |" in report
     assert "## Dry-run estimate and pilot projection" in report
+
+
+def test_the_overhead_measurements_run_and_report_each_kind() -> None:
+    from benchmarks.__main__ import overheads
+
+    out = overheads(nodes=50, invokes=5)
+    engine = {k: v for k, v in out.items() if k.startswith("engine_")}
+    assert engine and all(value > 0 for value in engine.values())
+    assert "tracing_ms_per_lm_call" in out  # the langchain extra is a test extra

@@ -495,8 +495,8 @@ def test_chat_backward_wins_over_a_dspy_shaped_system_message() -> None:
 
 
 NO_LABELS = (
-    ' The prompt lists no labels for the label (no ": a, b or c" list, no schema '
-    'enum), so inputs that no rule matches get "neutral".'
+    " The signature lists no labels for the label (no Literal type), so inputs that "
+    'no rule matches get "neutral".'
 )
 
 

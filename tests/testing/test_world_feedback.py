@@ -194,8 +194,8 @@ def test_trainable_system_prompt_gets_a_rule() -> None:
 
 
 NO_FIELD = (
-    ' The prompt names no field (no rule, no JSON schema field, no "classify the '
-    '<field>" phrase), so the rule names the sentiment.'
+    " The prompt names no field (no rule, no JSON object in the output, no "
+    '"classify the <field>" phrase), so the rule names the sentiment.'
 )
 
 

@@ -332,8 +332,8 @@ class TestTextGradBackward:
         reply = world.respond(_llm_backward(long_prompt, "Awful.", "x", feedback))
         # the prompt names no field: the rule names the sentiment, and says so
         assert reply == AWFUL + (
-            ' The prompt names no field (no rule, no JSON schema field, no "classify '
-            'the <field>" phrase), so the rule names the sentiment.'
+            " The prompt names no field (no rule, no JSON object in the output, no "
+            '"classify the <field>" phrase), so the rule names the sentiment.'
         )
 
     def test_base_template_reads_the_evaluation(self) -> None:

@@ -6,19 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from benchmarks import estimate_accuracy
-from benchmarks.estimate_accuracy import DATASET, FitRun, fit
+from benchmarks.estimate_accuracy import FitRun, fit
+from tests._shared_data import SHARED_DATASET, needs_shared_dataset
 
 __all__ = ["FitRun", "data_root", "fit", "needs_dataset"]
 
-needs_dataset = pytest.mark.skipif(
-    not DATASET.exists(),
-    reason="../shared/data is not available (a fresh clone): the check needs the "
-    "Facility Support dataset",
-)
+needs_dataset = needs_shared_dataset("the check")
 
 
 def data_root(tmp: Path) -> Path:
-    return estimate_accuracy.data_root(tmp)
+    return estimate_accuracy.data_root(tmp, SHARED_DATASET)

@@ -24,6 +24,7 @@ from afnio.trainer.estimate import (
 from afnio.utils.data import DataLoader
 from benchmarks import estimate_accuracy
 from examples.facility_support import START_PROMPT, SentimentClassifier
+from tests._shared_data import SHARED_DATASET
 from tests.trainer._facility import needs_dataset
 
 
@@ -243,7 +244,7 @@ def test_assumptions_tuned_on_a_pilot_estimate_other_runs_within_20_percent() ->
     # benchmarks/estimate_accuracy.py: a batch-16, 1-epoch pilot tunes the
     # assumptions; each other run is estimated by trainer.estimate (which must make
     # no request) before it runs, then measured
-    for row in estimate_accuracy.measure([(8, 3), (4, 2)]):
+    for row in estimate_accuracy.measure([(8, 3), (4, 2)], SHARED_DATASET):
         report = (
             f"batch {row['batch']} x {row['epochs']} epochs: estimated "
             f"{row['estimated_calls']} calls / {row['estimated_tokens']} tokens / "

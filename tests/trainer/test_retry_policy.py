@@ -4,16 +4,25 @@ with a StepError naming its type, the phase and the stage (issue 18, item 3)."""
 from __future__ import annotations
 
 import socket
+import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 import afnio
-from afnio.errors import BackwardParseError, StepError, error_text, tag_sample
+from afnio.errors import (
+    BackwardParseError,
+    StepError,
+    error_text,
+    is_provider_error,
+    tag_sample,
+)
 from afnio.models.openai import OpenAI
 from afnio.models.phases import lm_phase
 from afnio.optim.tgd import OptimizerStepError
@@ -218,7 +227,7 @@ def test_a_transient_failure_is_still_retried(client: OpenAI, tmp_path: Path) ->
     history = _trainer(tmp_path).fit(_Flaky(client, SIMULATOR_MODEL), _train())
     assert _Flaky.runs == 3 and len(history) == 1
     _Flaky.failures, _Flaky.runs = 100, 0
-    with pytest.raises(StepError, match="failed after 3 retries") as info:
+    with pytest.raises(StepError, match="failed after 3 attempts") as info:
         _trainer(tmp_path).fit(_Flaky(client, SIMULATOR_MODEL), _train())
     assert _Flaky.runs == 3  # 3 attempts of the forward pass, not 3 x 3
     assert info.value.transient and info.value.attempts == 3
@@ -301,3 +310,180 @@ def test_afnio_clients_name_themselves_on_a_connection_error() -> None:
         f"LM client: afnio's optimizer client OpenAI(base_url='{url}/', "
         "api_key='<redacted>')"
     ]
+
+
+# -- unusable answers of LM libraries, and other libraries' HTTP errors ---------------
+
+
+class _Answer(pydantic.BaseModel):
+    sentiment: str
+
+
+def _validation_error_in(module: str) -> pydantic.ValidationError:
+    """A pydantic ValidationError of a malformed answer, raised by code of
+    ``module`` (as the openai SDK's structured output raises it)."""
+    scope: dict[str, Any] = {"__name__": module, "Answer": _Answer}
+    code = "def parse(text):\n    return Answer.model_validate_json(text)\n"
+    exec(compile(code, f"<{module}>", "exec"), scope)
+    try:
+        scope["parse"]('{"sentiment"')
+    except pydantic.ValidationError as e:
+        return e
+    raise AssertionError("the answer parsed")
+
+
+def _foreign(
+    module: str, name: str, base: type[BaseException] = Exception, **attrs: Any
+) -> BaseException:
+    """An exception of class ``module.name`` (a library that need not be
+    installed), with ``attrs``."""
+    cls = type(name, (base,), {"__module__": module})
+    error = cls("failed")
+    for key, value in attrs.items():
+        setattr(error, key, value)
+    return error
+
+
+class _Response:
+    def __init__(self, status_code: int) -> None:
+        self.status_code = status_code
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        _foreign("langchain_core.exceptions", "OutputParserException", ValueError),
+        _foreign("dspy.utils.exceptions", "AdapterParseError", ValueError),
+        _validation_error_in("openai.lib._parsing._completions"),
+        _validation_error_in("langchain_core.output_parsers.pydantic"),
+        _raised_from(
+            _foreign("langchain_core.exceptions", "OutputParserException", ValueError),
+            _validation_error_in("x"),
+        ),
+        _foreign("somesdk.errors", "ServiceError", status_code=503),
+        _foreign("somesdk.errors", "Throttled", code=429),
+        _foreign("somesdk.errors", "Conflict", status=409),
+        _foreign("somesdk.errors", "HTTPFailure", response=_Response(502)),
+        _foreign("requests.exceptions", "HTTPError", OSError, response=_Response(503)),
+    ],
+    ids=[
+        "OutputParserException",
+        "AdapterParseError",
+        "ValidationError in openai",
+        "ValidationError in a langchain parser",
+        "a parser error raised from a ValidationError",
+        "status_code 503",
+        "code 429",
+        "status 409",
+        "response.status_code 502",
+        "requests HTTPError 503",
+    ],
+)
+def test_unusable_answers_and_other_libraries_transient_errors_are_retried(
+    error: BaseException,
+) -> None:
+    assert _is_service_failure(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        _validation_error_in(__name__),  # the user's own model, in a metric
+        _validation_error_in("myapp.metrics"),
+        _foreign("somesdk.errors", "NotFound", status_code=404),
+        _foreign("somesdk.errors", "Denied", code=401),
+        _foreign("requests.exceptions", "HTTPError", OSError, response=_Response(400)),
+        ValueError("bad row"),  # a programming error with no status
+        _foreign("builtins", "Weird", ValueError, code=503),  # a bug, whatever attrs
+    ],
+    ids=[
+        "ValidationError of the user's code",
+        "ValidationError of an app module",
+        "status_code 404",
+        "code 401",
+        "requests HTTPError 400",
+        "ValueError",
+        "a ValueError with a code",
+    ],
+)
+def test_client_errors_and_the_users_validation_errors_are_not_retried(
+    error: BaseException,
+) -> None:
+    assert not _is_service_failure(error)
+
+
+def _module(name: str, **classes: type[BaseException]) -> types.ModuleType:
+    module = types.ModuleType(name)
+    for key, cls in classes.items():
+        cls.__module__ = name
+        setattr(module, key, cls)
+    return module
+
+
+def test_requests_and_aiohttp_connection_errors_are_retried_without_importing_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the libraries as the Trainer finds them, in sys.modules (their hierarchies:
+    # neither subclasses the builtin ConnectionError)
+    class RequestException(OSError): ...
+
+    class RequestsConnectionError(RequestException): ...
+
+    class Timeout(RequestException): ...
+
+    class ReadTimeout(Timeout): ...
+
+    class ClientError(Exception): ...
+
+    class ClientConnectionError(ClientError): ...
+
+    class ServerDisconnectedError(ClientConnectionError): ...
+
+    class ServerTimeoutError(ClientError): ...  # (simplified)
+
+    errors = [
+        RequestsConnectionError("reset"),
+        ReadTimeout("slow"),
+        ServerDisconnectedError("closed"),
+        ClientConnectionError("refused"),
+        ServerTimeoutError("slow"),
+    ]
+    assert not any(_is_service_failure(e) for e in errors)  # libraries not loaded
+    monkeypatch.setitem(
+        sys.modules,
+        "requests.exceptions",
+        _module(
+            "requests.exceptions",
+            RequestException=RequestException,
+            ConnectionError=RequestsConnectionError,
+            Timeout=Timeout,
+        ),
+    )
+    monkeypatch.setitem(
+        sys.modules,
+        "aiohttp",
+        _module(
+            "aiohttp",
+            ClientError=ClientError,
+            ClientConnectionError=ClientConnectionError,
+            ServerDisconnectedError=ServerDisconnectedError,
+            ServerTimeoutError=ServerTimeoutError,
+        ),
+    )
+    assert all(_is_service_failure(e) for e in errors)
+    assert all(is_provider_error(e) for e in errors)  # the client gets named
+    assert not _is_service_failure(RequestException("invalid URL"))
+
+
+def test_a_step_error_says_attempts_and_shortens_a_long_list_of_rows() -> None:
+    cause = tag_sample(KeyError("k"), dataset="trainset", index=range(24))
+    error = StepError(cause, phase="validation", stage="forward", batch_index=0)
+    assert "on one of trainset[0, 1, 2, 3, 4, ... (24 rows)] (batch 0)" in str(error)
+    assert error.samples == tuple(range(24))  # the attribute keeps them all
+    few = StepError(
+        tag_sample(KeyError("k"), dataset="trainset", index=[3, 4]),
+        phase="validation",
+    )
+    assert "on one of trainset[3, 4]" in str(few)
+    transient = StepError(TimeoutError(), phase="test", attempts=3, transient=True)
+    assert str(transient).startswith("The test failed after 3 attempts: TimeoutError")

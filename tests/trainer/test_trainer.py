@@ -182,7 +182,7 @@ def test_training_steps_are_retried(
     Flaky.failures = 2
     _trainer(tmp_path, 1).fit(Flaky(client, SIMULATOR_MODEL), train)
     Flaky.failures = 100
-    with pytest.raises(RuntimeError, match="failed after 3 retries"):
+    with pytest.raises(RuntimeError, match="failed after 3 attempts"):
         _trainer(tmp_path, 1).fit(Flaky(client, SIMULATOR_MODEL), train)
 
 

@@ -28,12 +28,9 @@ from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader
 from benchmarks import two_stage
 from benchmarks.two_stage import Outcome, PairDataset, TwoStageSentiment
+from tests._shared_data import SHARED_DATASET, needs_shared_dataset
 
-pytestmark = pytest.mark.skipif(
-    not two_stage.DATASET.exists(),
-    reason="../shared/data is not available (a fresh clone): the two-stage learning "
-    "experiment needs the Facility Support dataset",
-)
+pytestmark = needs_shared_dataset("the two-stage learning experiment")
 
 SEEDS = (0, 1, 2)
 EPOCHS = 1
@@ -41,7 +38,7 @@ EPOCHS = 1
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return two_stage.data_root(tmp_path_factory.mktemp("two-stage"))
+    return two_stage.data_root(tmp_path_factory.mktemp("two-stage"), SHARED_DATASET)
 
 
 def heldout_accuracy_before(root: Path, tmp: Path) -> float:

@@ -13,17 +13,14 @@ from pathlib import Path
 import pytest
 
 from benchmarks import urgency
+from tests._shared_data import SHARED_DATASET, needs_shared_dataset
 
 pytest.importorskip("langchain_openai", reason="needs the langchain extra")
-pytestmark = pytest.mark.skipif(
-    not urgency.DATASET.exists(),
-    reason="../shared/data is not available (a fresh clone): the urgency check needs "
-    "the Facility Support dataset",
-)
+pytestmark = needs_shared_dataset("the urgency check")
 
 
 def test_urgency_is_learned_and_shuffled_labels_are_not(tmp_path: Path) -> None:
-    root = urgency.data_root(tmp_path)
+    root = urgency.data_root(tmp_path, SHARED_DATASET)
     real = urgency.measure(root, [0])
     control = urgency.measure(root, [0], shuffled=True)
     problems = urgency.learning_problems(real, control)

@@ -21,18 +21,15 @@ pytestmark = [
 ]
 
 from benchmarks import two_stage  # noqa: E402
+from tests._shared_data import SHARED_DATASET, needs_shared_dataset  # noqa: E402
 
-needs_data = pytest.mark.skipif(
-    not two_stage.DATASET.exists(),
-    reason="../shared/data is not available (a fresh clone): the two-stage learning "
-    "experiment needs the Facility Support dataset",
-)
+needs_data = needs_shared_dataset("the two-stage learning experiment")
 
 
 @needs_data
 def test_a_two_stage_dspy_program_learns_its_first_instructions(
     tmp_path: Path,
 ) -> None:
-    root = two_stage.data_root(tmp_path)
+    root = two_stage.data_root(tmp_path, SHARED_DATASET)
     runs = [two_stage.run("dspy", "real", seed, root, tmp_path) for seed in (0, 1, 2)]
     assert two_stage.learning_problems(runs, min_gain=0.15) == []

@@ -61,4 +61,6 @@ def test_adapter_errors() -> None:
     client = LangChainChatModel(chat)
     with pytest.raises(ValueError, match="role 'tool'"):
         client.chat([{"role": "tool", "content": "x"}])
-    assert repr(client) == "LangChainChatModel(ChatOpenAI)"
+    assert repr(client) == (
+        "LangChainChatModel(ChatOpenAI, model='m', base_url='http://127.0.0.1:9/v1')"
+    )

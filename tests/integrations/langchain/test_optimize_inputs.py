@@ -18,6 +18,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 from langchain_openai import ChatOpenAI
+from pydantic import BaseModel
 
 import afnio
 from afnio.errors import StepError
@@ -37,6 +38,10 @@ CLASSIFY = "Classify the sentiment of the message."
 
 def exact(prediction: str, target: str) -> int:
     return int(prediction.strip() == target)
+
+
+class _Series(dict):  # what DataFrame.iterrows() yields beside the index
+    __module__ = "pandas.core.series"
 
 
 def _closed_port() -> int:
@@ -189,6 +194,59 @@ BAD_TRAINSETS = [
         ValueError,
         r"The inputs of `trainset\[0\]`.* lack 'message': the chain's prompt takes",
     ),
+    (
+        [[ROWS[0], ROWS[1]], [ROWS[2], ROWS[3]]],
+        {},
+        TypeError,
+        r"`trainset\[0\]` holds rows instead of being one .*pass a flat list of "
+        r"\(inputs, target\) rows",
+    ),
+    (
+        [(1, "negative"), (2, "positive")],
+        {},
+        TypeError,
+        r"`trainset\[0\]` has inputs of type int \(tuple \(1, 'negative'\)\): the "
+        r"inputs are what chain.invoke takes",
+    ),
+    (
+        [(("Awful.", "now"), "negative")],
+        {},
+        TypeError,
+        r"`trainset\[0\]` has inputs of type tuple",
+    ),
+    (
+        [(0, _Series({"message": "Awful.", "label": "negative"}))],
+        {},
+        TypeError,
+        r"`trainset\[0\]` is a pandas row .*DataFrame.iterrows\(\).* pass "
+        r"df.to_dict\('records'\) with label_key=",
+    ),
+    (
+        [(t, {"message": m}) for m, t in ROWS],
+        {},
+        TypeError,
+        r"`trainset\[0\]` looks reversed: its target is a dict and its inputs a str "
+        r".*A row is \(inputs, target\), the inputs first",
+    ),
+    (
+        [({"message": m}, {"label": t}) for m, t in ROWS],
+        {},
+        TypeError,
+        r"`trainset\[0\]` has a dict target .*\{'inputs': inputs, 'outputs': "
+        r"target\} with label_key='label'",
+    ),
+    (
+        [({"message": "Awful."}, ["negative"])],
+        {},
+        TypeError,
+        r"`trainset\[0\]` has a list target",
+    ),
+    (
+        set(ROWS),
+        {},
+        TypeError,
+        r"`trainset` is a set of rows, which has no order.*Pass a list",
+    ),
 ]
 
 
@@ -207,6 +265,14 @@ BAD_TRAINSETS = [
         "input_keys as a str",
         "inputs lack a prompt variable",
         "dict row lacks a prompt variable",
+        "rows nested in rows",
+        "int inputs",
+        "tuple inputs",
+        "a DataFrame.iterrows() row",
+        "reversed pairs",
+        "a dict target",
+        "a list target",
+        "a set of rows",
     ],
 )
 def test_bad_rows_are_refused_before_any_lm_call(
@@ -328,3 +394,139 @@ def test_a_connection_error_of_the_chains_model_names_it_and_its_url(
         f"LM client: the chain's own model ChatOpenAI (model '{SIMULATOR_MODEL}', "
         f"base URL {url})" in str(error)
     )
+
+
+# -- review fixes ----------------------------------------------------------------------
+
+
+class _Sentiment(BaseModel):
+    sentiment: str
+
+
+def test_a_malformed_structured_answer_is_retried(setup: Setup) -> None:
+    prompt = ChatPromptTemplate.from_messages(
+        [("system", CLASSIFY), ("human", "{message}")]
+    )
+    llm = ChatOpenAI(
+        model=SIMULATOR_MODEL, base_url=setup.sim.base_url, api_key="k", max_retries=0
+    )
+    structured = llm.with_structured_output(_Sentiment, method="json_schema")
+    chain = prompt | structured | RunnableLambda(lambda o: o.sentiment)
+    setup.sim.inject("malformed_json", times=1)  # one cut JSON answer
+    report = _run(chain, ROWS)  # was: StepError (ValidationError) at attempt 1
+    assert report.score_after == 1.0
+
+
+def test_a_connection_error_names_the_failing_url_wherever_the_model_is(
+    setup: Setup,
+) -> None:
+    port = _closed_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    prompt = ChatPromptTemplate.from_messages(
+        [("system", CLASSIFY), ("human", "{message}")]
+    )
+
+    def down() -> ChatOpenAI:
+        return ChatOpenAI(
+            model=SIMULATOR_MODEL, base_url=url, api_key="sk-secret", max_retries=0
+        )
+
+    inner = prompt | down() | StrOutputParser()
+    up = ChatOpenAI(model=SIMULATOR_MODEL, base_url=setup.sim.base_url, api_key="k")
+    chains = {
+        "a sub-chain in a lambda": prompt
+        | RunnableLambda(lambda v: inner.invoke({"message": v.to_string()})),
+        "behind with_fallbacks": prompt
+        | down().with_fallbacks([down()])
+        | StrOutputParser(),
+        "the second of two models": prompt
+        | up
+        | StrOutputParser()
+        | RunnableLambda(lambda s: {"message": s})
+        | prompt
+        | down()
+        | StrOutputParser(),
+    }
+    for name, chain in chains.items():
+        with pytest.raises(StepError) as info:
+            optimize(chain, ROWS[:2], exact, progress=False)
+        notes = [
+            line for line in str(info.value).splitlines() if line.startswith("LM ")
+        ]
+        assert len(notes) == 1, name
+        assert f"request to {url}/chat/completions" in notes[0], name
+        assert setup.sim.base_url not in notes[0], name  # not the model that works
+        assert " or " not in notes[0] and "sk-secret" not in str(info.value), name
+
+
+def test_langchain_chat_model_repr_names_its_model_and_masked_url() -> None:
+    chat = ChatOpenAI(
+        model="gpt-4o-mini",
+        base_url="http://me:pw@127.0.0.1:9/v1?api-key=k1",
+        api_key="sk-secret",
+    )
+    assert repr(LangChainChatModel(chat)) == (
+        "LangChainChatModel(ChatOpenAI, model='gpt-4o-mini', "
+        "base_url='http://me:<redacted>@127.0.0.1:9/v1?api-key=<redacted>')"
+    )
+
+
+def test_the_backward_client_wrapper_is_accepted_as_the_optimizer_client(
+    setup: Setup,
+) -> None:
+    wrapper = afnio.get_backward_model_client()
+    report = _run(setup.chain(), ROWS, model_client=wrapper)  # was: TGD refused it
+    assert report.score_after == 1.0
+    assert {r.model for r in report.phases if r.phase == "optimizer"} == {
+        SIMULATOR_MODEL
+    }
+
+
+@pytest.mark.parametrize(
+    ("returned", "kind", "match"),
+    [
+        (None, TypeError, r"on trainset\[0\] it returned NoneType None"),
+        ("1", TypeError, r"on trainset\[0\] it returned str '1'"),
+        ({"score": 1}, TypeError, r"on trainset\[0\] it returned dict"),
+        (float("nan"), ValueError, r"returned a NaN score on trainset\[0\]"),
+        ((1, 2), TypeError, r"on trainset\[0\] its feedback is int 2"),
+    ],
+    ids=["None", "a str", "a dict", "NaN", "a non-str feedback"],
+)
+def test_a_bad_metric_result_names_the_row_and_what_it_returned(
+    setup: Setup, returned: Any, kind: type, match: str
+) -> None:
+    def metric(prediction: str, target: str) -> Any:
+        return returned
+
+    with pytest.raises(StepError, match=match) as info:
+        _run(setup.chain(), ROWS, metric=metric)
+    error = info.value
+    assert isinstance(error.__cause__, kind) and error.attempts == 1
+    assert (error.dataset, error.sample_index, error.stage) == ("trainset", 0, "metric")
+
+
+def test_a_none_feedback_is_no_feedback(setup: Setup) -> None:
+    def metric(prediction: str, target: str) -> tuple[int, str | None]:
+        return int(prediction.strip() == target), None
+
+    report = _run(setup.chain(), ROWS, metric=metric)
+    sent = "\n".join(str(body) for body in setup.sim.requests)
+    assert "None" not in sent  # "None" was sent as the feedback of every sample
+    assert report.score_before == 0.25
+
+
+def test_a_chain_error_names_the_exact_row_of_a_batch(setup: Setup) -> None:
+    def check(inputs: dict[str, Any]) -> dict[str, Any]:
+        if inputs["message"] == "BOOM":
+            raise KeyError("no sentiment for BOOM")
+        return inputs
+
+    rows = [({"message": m}, t) for m, t in ROWS * 6]  # 24 rows, one batch
+    rows[13] = ({"message": "BOOM"}, "negative")
+    chain = RunnableLambda(check) | setup.chain()
+    with pytest.raises(StepError) as info:
+        optimize(chain, rows, exact, batch_size=24, progress=False)
+    error = info.value
+    assert (error.dataset, error.sample_index) == ("trainset", 13)
+    assert "on trainset[13]" in str(error)

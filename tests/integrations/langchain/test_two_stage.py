@@ -14,15 +14,12 @@ import pytest
 pytest.importorskip("langchain_openai", reason="needs the langchain test extra")
 
 from benchmarks import two_stage
+from tests._shared_data import SHARED_DATASET, needs_shared_dataset
 
-pytestmark = pytest.mark.skipif(
-    not two_stage.DATASET.exists(),
-    reason="../shared/data is not available (a fresh clone): the two-stage learning "
-    "experiment needs the Facility Support dataset",
-)
+pytestmark = needs_shared_dataset("the two-stage learning experiment")
 
 
 def test_a_traced_two_stage_chain_learns_its_first_prompt(tmp_path: Path) -> None:
-    root = two_stage.data_root(tmp_path)
+    root = two_stage.data_root(tmp_path, SHARED_DATASET)
     runs = [two_stage.run("chain", "real", seed, root, tmp_path) for seed in (0, 1, 2)]
     assert two_stage.learning_problems(runs, min_gain=0.15) == []
