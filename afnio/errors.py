@@ -240,9 +240,9 @@ CLIENT_NOTE = "LM client: "
 :func:`note_client`)."""
 
 
-def _chain(error: BaseException) -> Iterator[BaseException]:
+def error_chain(error: BaseException) -> Iterator[BaseException]:
     """``error`` and the exceptions it was raised from (``__cause__``, else
-    ``__context__``)."""
+    ``__context__``), each once (internal; also used by the Trainer)."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
@@ -268,7 +268,7 @@ def is_provider_error(error: BaseException) -> bool:
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and issubclass(cls, BaseException):
             kinds.append(cls)
-    return any(isinstance(e, tuple(kinds)) for e in _chain(error))
+    return any(isinstance(e, tuple(kinds)) for e in error_chain(error))
 
 
 def request_url(error: BaseException) -> str | None:
@@ -276,7 +276,7 @@ def request_url(error: BaseException) -> str | None:
     raised from) tells it: the ``request.url`` of an openai/anthropic/httpx error,
     else a ``requests`` error's. ``None`` when no exception says. The URL is as
     sent: mask it (``afnio._secrets.mask_url``) before showing it."""
-    for e in _chain(error):
+    for e in error_chain(error):
         try:  # httpx's .request raises RuntimeError when it was never set
             request = getattr(e, "request", None)
             url = getattr(request, "url", None)
@@ -293,7 +293,7 @@ def note_client(error: BaseException, description: str) -> None:
     or an exception it was raised from names its client already (the innermost
     note, nearest to the request, wins). :func:`error_text` and
     :class:`StepError` show it."""
-    for e in _chain(error):
+    for e in error_chain(error):
         notes = getattr(e, "__notes__", ())
         if any(isinstance(n, str) and n.startswith(CLIENT_NOTE) for n in notes):
             return

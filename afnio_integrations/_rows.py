@@ -33,6 +33,7 @@ from typing import Any
 
 __all__ = [
     "Row",
+    "chain_rows",
     "check_inputs",
     "entry_variables",
     "normalize_rows",
@@ -434,3 +435,42 @@ def check_inputs(
                 f"chain's prompt takes {len(needed)} variables {needed}: pass a "
                 f"dict, e.g. {_example_pair(needed)}."
             )
+
+
+def chain_rows(
+    chain: Any,
+    trainset: Iterable[Any],
+    valset: Iterable[Any] | None,
+    *,
+    input_keys: Sequence[str] | None = None,
+    label_key: str | None = None,
+) -> tuple[list[Row], list[Row]]:
+    """The ``trainset`` and ``valset`` of ``chain`` (LangChain ``optimize`` and
+    ``estimate``) as ``(inputs, target)`` pairs, each set checked by
+    :func:`normalize_rows` and then against the chain's entry prompt
+    (:func:`check_inputs`), the trainset first. Without a ``valset`` the trainset
+    serves as both.
+
+    Raises:
+        TypeError, ValueError: as :func:`normalize_rows` and :func:`check_inputs`.
+    """
+    variables = entry_variables(chain)
+    train = normalize_rows(
+        trainset,
+        "trainset",
+        input_keys=input_keys,
+        label_key=label_key,
+        variables=variables,
+    )
+    check_inputs(train, "trainset", variables, input_keys=input_keys)
+    if valset is None:
+        return train, train
+    val = normalize_rows(
+        valset,
+        "valset",
+        input_keys=input_keys,
+        label_key=label_key,
+        variables=variables,
+    )
+    check_inputs(val, "valset", variables)
+    return train, val

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -29,46 +28,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(REPO_ROOT))
 
-import afnio  # noqa: E402
-from afnio.models.openai import OpenAI  # noqa: E402
 from afnio.models.phases import LEDGER, PhaseRow  # noqa: E402
-from afnio.testing import SIMULATOR_MODEL, Simulator  # noqa: E402
+from afnio.testing import SIMULATOR_MODEL  # noqa: E402
 from afnio.trainer import Trainer  # noqa: E402
 from afnio.trainer.estimate import Assumptions, GraphShape  # noqa: E402
 from afnio.trainer.projection import RunProfile, project  # noqa: E402
 from afnio.utils.data import DataLoader  # noqa: E402
 from afnio.utils.datasets import FacilitySupport  # noqa: E402
-from afnio.utils.datasets.utils import default_data_root  # noqa: E402
+from benchmarks.common import DATASET, data_root, parse_dataset_args, simulated  # noqa: E402
 from examples.facility_support import START_PROMPT, SentimentClassifier  # noqa: E402
-
-DATASET = Path(default_data_root()) / "FacilitySupport" / "raw" / "dataset.json"
-"""Where :class:`FacilitySupport` keeps its file (``$AFNIO_DATA_DIR``, else
-``~/.cache/afnio/data``): the default of ``--dataset``."""
 
 
 def words(text: str) -> int:
     """The simulator's token count (words)."""
     return len(text.split())
-
-
-def data_root(folder: Path, dataset: Path = DATASET) -> Path:
-    """A root laid out as :class:`FacilitySupport` expects, holding a copy."""
-    root = folder / "data"
-    raw = root / "FacilitySupport" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    shutil.copy(dataset, raw / "dataset.json")
-    return root
-
-
-def dataset_missing(path: Path) -> str:
-    """The message for a missing Facility Support file: where it was looked for and
-    the ``--dataset`` option."""
-    return (
-        f"no Facility Support dataset at {path}: pass --dataset path/to/dataset.json, "
-        'or download it first with: python -c "from afnio.utils.datasets import '
-        "FacilitySupport; FacilitySupport('train')\" (into $AFNIO_DATA_DIR, else "
-        "~/.cache/afnio/data)"
-    )
 
 
 @dataclass
@@ -103,13 +76,7 @@ def fit(
     with ``estimate_kwargs``, ``trainer.estimate`` first (it must make no request)."""
     train = FacilitySupport("train", root=root, download=False)
     val = FacilitySupport("val", root=root, download=False)
-    with (
-        Simulator() as sim,
-        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
-    ):
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
+    with simulated() as (sim, client):
         agent = SentimentClassifier(client, SIMULATOR_MODEL, START_PROMPT)
         trainer = Trainer(
             max_epochs=epochs,
@@ -219,15 +186,8 @@ def errors(row: dict[str, Any]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=float, default=0.2, help="max |error|")
-    parser.add_argument(
-        "--dataset",
-        type=Path,
-        default=DATASET,
-        help="Facility Support's dataset.json (default: %(default)s)",
-    )
-    args = parser.parse_args(argv)
-    if not args.dataset.is_file():
-        print(dataset_missing(args.dataset), file=sys.stderr)
+    args = parse_dataset_args(parser, argv)
+    if args is None:
         return 2
     worst = 0.0
     for row in measure([(8, 3), (4, 2)], args.dataset):

@@ -36,12 +36,11 @@ import contextlib
 import io
 import os
 import random
-import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,17 +52,12 @@ if str(REPO_ROOT) not in sys.path:  # run as a script
 import afnio  # noqa: E402
 from afnio import cognitive as cog  # noqa: E402
 from afnio.models.model import ChatCompletionModel  # noqa: E402
-from afnio.models.openai import OpenAI  # noqa: E402
 from afnio.optim import TGD  # noqa: E402
-from afnio.testing import SIMULATOR_MODEL, Simulator  # noqa: E402
+from afnio.testing import SIMULATOR_MODEL  # noqa: E402
 from afnio.trainer import Trainer  # noqa: E402
 from afnio.utils.data import DataLoader, Dataset  # noqa: E402
 from afnio.utils.datasets import FacilitySupport  # noqa: E402
-from afnio.utils.datasets.utils import default_data_root  # noqa: E402
-
-DATASET = Path(default_data_root()) / "FacilitySupport" / "raw" / "dataset.json"
-"""Where :class:`FacilitySupport` keeps its file (``$AFNIO_DATA_DIR``, else
-``~/.cache/afnio/data``): the default of ``--dataset``."""
+from benchmarks.common import data_root, parse_dataset_args, simulated  # noqa: E402
 
 FIRST_PROMPT = (
     "Name the customer's feeling in one word: happy, unhappy or neutral. "
@@ -94,27 +88,6 @@ Pair = tuple[str, str]  # (message, sentiment)
 
 
 # -- data ------------------------------------------------------------------------------
-
-
-def data_root(folder: Path, dataset: Path = DATASET) -> Path:
-    """A root laid out as :class:`FacilitySupport` expects, holding a copy of
-    ``dataset``."""
-    root = folder / "data"
-    raw = root / "FacilitySupport" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    shutil.copy(dataset, raw / "dataset.json")
-    return root
-
-
-def dataset_missing(path: Path) -> str:
-    """The message for a missing Facility Support file: where it was looked for and
-    the ``--dataset`` option."""
-    return (
-        f"no Facility Support dataset at {path}: pass --dataset path/to/dataset.json, "
-        'or download it first with: python -c "from afnio.utils.datasets import '
-        "FacilitySupport; FacilitySupport('train')\" (into $AFNIO_DATA_DIR, else "
-        "~/.cache/afnio/data)"
-    )
 
 
 def _pairs(split: FacilitySupport) -> list[Pair]:
@@ -276,19 +249,6 @@ class TwoStageSentiment(cog.Module):
             p for p in (self.first_prompt, self.second_prompt) if p.requires_grad
         ]
         return TGD(trained, model_client=self.client, **self.completion_args)
-
-
-@contextlib.contextmanager
-def simulated() -> Iterator[tuple[Simulator, OpenAI]]:
-    """A latency-free simulator, an afnio client on it set as the backward client."""
-    with (
-        Simulator() as sim,
-        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
-    ):
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
-        yield sim, client
 
 
 def run_module(
@@ -582,15 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument(
-        "--dataset",
-        type=Path,
-        default=DATASET,
-        help="Facility Support's dataset.json (default: %(default)s)",
-    )
-    args = parser.parse_args(argv)
-    if not args.dataset.is_file():
-        print(dataset_missing(args.dataset), file=sys.stderr)
+    args = parse_dataset_args(parser, argv)
+    if args is None:
         return 2
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory() as folder:

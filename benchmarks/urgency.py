@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import io
 import random
-import shutil
 import statistics
 import sys
 import tempfile
@@ -42,15 +41,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(REPO_ROOT))
 
-import afnio  # noqa: E402
-from afnio.models.openai import OpenAI  # noqa: E402
-from afnio.testing import SIMULATOR_MODEL, Simulator  # noqa: E402
+from afnio.testing import SIMULATOR_MODEL  # noqa: E402
 from afnio.utils.datasets import FacilitySupport  # noqa: E402
-from afnio.utils.datasets.utils import default_data_root  # noqa: E402
-from benchmarks.two_stage import dataset_missing  # noqa: E402
-
-DATASET = Path(default_data_root()) / "FacilitySupport" / "raw" / "dataset.json"
-"""Where :class:`FacilitySupport` keeps its file: the default of ``--dataset``."""
+from benchmarks.common import data_root, parse_dataset_args, simulated  # noqa: E402
 
 START_PROMPT = "Classify the urgency of the message: low, medium or high."
 """The chain's starting system prompt: it names the field and the label set."""
@@ -59,16 +52,6 @@ HELDOUT_SPLIT = "test"
 """The fixed held-out set: the 68 emails of Facility Support's test split."""
 
 Pair = tuple[str, str]  # (message, urgency)
-
-
-def data_root(folder: Path, dataset: Path = DATASET) -> Path:
-    """A root laid out as :class:`FacilitySupport` expects, holding a copy of
-    ``dataset``."""
-    root = folder / "data"
-    raw = root / "FacilitySupport" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    shutil.copy(dataset, raw / "dataset.json")
-    return root
 
 
 def urgency_pairs(root: Path, split: str) -> list[Pair]:
@@ -132,13 +115,7 @@ def run(
     start = time.perf_counter()
     if shuffled:
         train = shuffle_labels(train, seed)
-    with (
-        Simulator() as sim,
-        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
-    ):
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
+    with simulated() as (sim, _):
         llm = ChatOpenAI(
             model=SIMULATOR_MODEL,
             base_url=sim.base_url,
@@ -214,15 +191,8 @@ def learning_problems(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument(
-        "--dataset",
-        type=Path,
-        default=DATASET,
-        help="Facility Support's dataset.json (default: %(default)s)",
-    )
-    args = parser.parse_args(argv)
-    if not args.dataset.is_file():
-        print(dataset_missing(args.dataset), file=sys.stderr)
+    args = parse_dataset_args(parser, argv)
+    if args is None:
         return 2
     with tempfile.TemporaryDirectory() as folder:
         root = data_root(Path(folder), args.dataset)

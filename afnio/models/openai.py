@@ -140,6 +140,23 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
             self._aclient.completions,
             self._aclient.embeddings,
         )
+        # What :attr:`OpenAI._client` (a synchronous SDK client, built on first
+        # access) is built from: this client's resolved settings (key and base URL
+        # from the env), without ``http_client`` (which is async).
+        sdk = self._aclient
+        self._sync_args: dict[str, Any] = {
+            "api_key": sdk.api_key,
+            "organization": sdk.organization,
+            "project": sdk.project,
+            "base_url": sdk.base_url,
+            "websocket_base_url": websocket_base_url,
+            "timeout": sdk.timeout,
+            "max_retries": max_retries,
+            "default_headers": dict(headers),
+            "default_query": default_query,
+        }
+        self._sync_client: openai.OpenAI | None = None
+        self._sync_lock = threading.Lock()
 
     @property
     def client(self) -> openai.AsyncOpenAI:
@@ -155,14 +172,23 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
 
     # -- lifecycle -------------------------------------------------------------------
 
+    def _close_sync_client(self) -> None:
+        """Close the synchronous SDK client, if :attr:`OpenAI._client` built one."""
+        with self._sync_lock:
+            sync, self._sync_client = self._sync_client, None
+        if sync is not None:
+            sync.close()
+
     async def aclose(self) -> None:
         """Close the HTTP connections (the client can't be used afterwards)."""
+        self._close_sync_client()
         await run_async(self._aclient.close())
 
     def close(self) -> None:
         """Synchronous :meth:`aclose`."""
         from afnio._runtime import run_sync
 
+        self._close_sync_client()
         run_sync(self._aclient.close())
 
     def __enter__(self) -> _OpenAIClient:
@@ -363,49 +389,6 @@ class OpenAI(_OpenAIClient):
     :func:`afnio.set_max_concurrency` and share the cache and usage accounting.
     """
 
-    def __init__(
-        self,
-        api_key: str | None = None,
-        organization: str | None = None,
-        project: str | None = None,
-        base_url: str | httpx.URL | None = None,
-        websocket_base_url: str | httpx.URL | None = None,
-        timeout: float | httpx.Timeout | NotGiven | None = NOT_GIVEN,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        default_headers: Mapping[str, str] | None = None,
-        default_query: Mapping[str, object] | None = None,
-        http_client: httpx.AsyncClient | None = None,
-    ) -> None:
-        super().__init__(
-            api_key=api_key,
-            organization=organization,
-            project=project,
-            base_url=base_url,
-            websocket_base_url=websocket_base_url,
-            timeout=timeout,
-            max_retries=max_retries,
-            default_headers=default_headers,
-            default_query=default_query,
-            http_client=http_client,
-        )
-        sdk = self._aclient  # the resolved settings (key and base URL from the env)
-        self._sync_args: dict[str, Any] = {
-            "api_key": sdk.api_key,
-            "organization": sdk.organization,
-            "project": sdk.project,
-            "base_url": sdk.base_url,
-            "websocket_base_url": websocket_base_url,
-            "timeout": sdk.timeout,
-            "max_retries": max_retries,
-            "default_headers": {
-                "Accept-Encoding": "gzip, deflate",
-                **(default_headers or {}),
-            },
-            "default_query": default_query,
-        }
-        self._sync_client: openai.OpenAI | None = None
-        self._sync_lock = threading.Lock()
-
     @property
     def _client(self) -> openai.OpenAI:
         """The synchronous ``openai.OpenAI`` SDK client (upstream's ``_client``),
@@ -416,22 +399,6 @@ class OpenAI(_OpenAIClient):
 
                 self._sync_client = openai.OpenAI(**self._sync_args)
             return self._sync_client
-
-    def close(self) -> None:
-        """Close the HTTP connections of both SDK clients."""
-        with self._sync_lock:
-            sync, self._sync_client = self._sync_client, None
-        if sync is not None:
-            sync.close()
-        super().close()
-
-    async def aclose(self) -> None:
-        """Async :meth:`close`."""
-        with self._sync_lock:
-            sync, self._sync_client = self._sync_client, None
-        if sync is not None:
-            sync.close()
-        await super().aclose()
 
 
 @register_model_class

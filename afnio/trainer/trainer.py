@@ -42,6 +42,7 @@ from afnio.cognitive.modules.module import Module
 from afnio.errors import (
     SerializationError,
     StepError,
+    error_chain,
     error_text,
     is_provider_error,
     note_client,
@@ -395,19 +396,9 @@ def _keep_or_forget(memo: StepMemo, error: BaseException) -> None:
     LM library could not parse, which afnio's memo may hold) forget them, so that
     the retry asks the model afresh."""
     if not _is_service_failure(error) or any(
-        _is_unusable_answer(e) for e in _causes(error)
+        _is_unusable_answer(e) for e in error_chain(error)
     ):
         memo.forget()
-
-
-def _causes(error: BaseException) -> Iterator[BaseException]:
-    """``error`` and the exceptions it was raised from."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
 
 
 def _name_client(error: BaseException, stage: str | None, optimizer: Any) -> None:
@@ -723,6 +714,13 @@ class Trainer:
             pass
         return clients
 
+    def _shown_cost(self) -> float:
+        """The cost a progress bar shows: the run's so far, plus what was spent
+        before ``fit`` that its summary counts too (``_summary_prior``)."""
+        prior = self._summary_prior
+        before = sum(row[1] for row in prior[1]) if prior is not None else 0.0
+        return self._cost() + before
+
     def _cost(self) -> float:
         assert self._meter is not None
         return self._cost_before + self._meter.cost()
@@ -904,7 +902,7 @@ class Trainer:
                         task,
                         advance=1,
                         metrics=_progress_text(
-                            collected, self.show_metrics, self._cost()
+                            collected, self.show_metrics, self._shown_cost()
                         ),
                     )
         finally:

@@ -21,7 +21,7 @@ from afnio.trainer.estimate import (
     approx_tokens,
 )
 from afnio.trainer.estimate import estimate as _estimate
-from afnio_integrations._rows import check_inputs, entry_variables, normalize_rows
+from afnio_integrations._rows import chain_rows
 from afnio_integrations.langchain._discovery import (
     Selector,
     _prompts,
@@ -106,25 +106,9 @@ def estimate(
                                                  "backward": "gpt-5"})
         print(run)  # estimated: ... LM calls, ... tokens, $...
     """
-    variables = entry_variables(chain)
-    train = normalize_rows(
-        trainset,
-        "trainset",
-        input_keys=input_keys,
-        label_key=label_key,
-        variables=variables,
+    train, val = chain_rows(
+        chain, trainset, valset, input_keys=input_keys, label_key=label_key
     )
-    check_inputs(train, "trainset", variables, input_keys=input_keys)
-    val = train
-    if valset is not None:
-        val = normalize_rows(
-            valset,
-            "valset",
-            input_keys=input_keys,
-            label_key=label_key,
-            variables=variables,
-        )
-        check_inputs(val, "valset", variables)
     prompts: dict[int, Any] = {}
     for runnable in (chain, *include):
         for prompt in _prompts(runnable):

@@ -33,9 +33,7 @@ from afnio.optim import TGD
 from afnio_integrations._report import OptimizeReport
 from afnio_integrations._rows import (
     Row,
-    check_inputs,
-    entry_variables,
-    normalize_rows,
+    chain_rows,
     short_repr,
 )
 from afnio_integrations._training import (
@@ -46,7 +44,11 @@ from afnio_integrations._training import (
     train_agent,
 )
 from afnio_integrations.langchain._discovery import Selector
-from afnio_integrations.langchain._traced import TracedChain, trace
+from afnio_integrations.langchain._traced import (
+    BATCH_INDEX_ATTRIBUTE,
+    TracedChain,
+    trace,
+)
 
 __all__ = ["OptimizeReport", "optimize"]
 
@@ -161,27 +163,12 @@ def _failed_model(chain: Any, error: BaseException) -> str:
 
 
 def _failing_row(error: BaseException, inputs: Sequence[Any]) -> int | None:
-    """The index of the input of ``chain.batch(inputs)`` whose run raised ``error``.
-
-    ``chain.batch`` re-raises the first error without saying which input it came
-    from; the error's traceback still holds the frames of that input's run
-    (``Runnable.invoke(self, input, ...)`` in the worker thread), whose ``input`` is
-    the very object that was passed in. ``None`` when no frame holds exactly one of
-    ``inputs`` (an input shared by several rows, a chain that copied it)."""
-    tb = error.__traceback__
-    while tb is not None:
-        value = tb.tb_frame.f_locals.get("input", _NOTHING)
-        if value is not _NOTHING:
-            matches = [i for i, item in enumerate(inputs) if item is value]
-            if len(matches) == 1:
-                return matches[0]
-            if matches:  # the same object for several rows: cannot tell
-                return None
-        tb = tb.tb_next
+    """The index of the input of ``traced.batch(inputs)`` whose run raised
+    ``error`` (:meth:`TracedChain.batch` marks it), ``None`` when unknown."""
+    index = getattr(error, BATCH_INDEX_ATTRIBUTE, None)
+    if isinstance(index, int) and 0 <= index < len(inputs):
+        return index
     return None
-
-
-_NOTHING = object()
 
 
 def _check_result(result: Any, where: str, name: str) -> tuple[float, str] | float:
@@ -430,28 +417,9 @@ def optimize(
         rows = [{"message": "The heater broke again.", "label": "negative"}, ...]
         chain, report = optimize(chain, rows, metric, label_key="label")
     """
-    variables = entry_variables(chain)
-    train = normalize_rows(
-        trainset,
-        "trainset",
-        input_keys=input_keys,
-        label_key=label_key,
-        variables=variables,
+    train, val = chain_rows(
+        chain, trainset, valset, input_keys=input_keys, label_key=label_key
     )
-    val = (
-        train
-        if valset is None
-        else normalize_rows(
-            valset,
-            "valset",
-            input_keys=input_keys,
-            label_key=label_key,
-            variables=variables,
-        )
-    )
-    check_inputs(train, "trainset", variables, input_keys=input_keys)
-    if valset is not None:
-        check_inputs(val, "valset", variables)
     model_client, completion_args = _clients(model_client, completion_args)
     traced = trace(chain, select)
     pairs = {"train": train, "val": val}

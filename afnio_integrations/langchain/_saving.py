@@ -335,13 +335,22 @@ def _declared_secrets(cls: type) -> dict[str, str]:
 # -- saving --------------------------------------------------------------------------
 
 
-def _check_save_path(path: Any) -> Path:
+def _file_path(path: Any) -> Path:
+    """``path`` (the ``path`` argument of save_chain/load_chain) as a ``Path``.
+
+    Raises:
+        TypeError: ``path`` is neither a ``str`` nor an ``os.PathLike``.
+    """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(
             "`path` must be a file path (str or os.PathLike), got "
             f"{type(path).__name__}."
         )
-    target = Path(path)
+    return Path(path)
+
+
+def _check_save_path(path: Any) -> Path:
+    target = _file_path(path)
     if target.is_dir():
         raise IsADirectoryError(
             f"`path` {str(target)!r} is a folder: give a file name, e.g. "
@@ -832,12 +841,7 @@ def save_chain(chain: Any, path: str | os.PathLike[str]) -> tuple[type, ...]:
 
 
 def _load_target(path: Any) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(
-            "`path` must be a file path (str or os.PathLike), got "
-            f"{type(path).__name__}."
-        )
-    target = Path(path)
+    target = _file_path(path)
     if target.is_dir():
         raise IsADirectoryError(
             f"`path` {str(target)!r} is a folder: give the file save_chain wrote."

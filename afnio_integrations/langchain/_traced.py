@@ -37,6 +37,7 @@ with ``+`` as LangChain adds them (strings, message chunks, the dict chunks of a
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -173,6 +174,22 @@ def afnio_modules(chain: Any, include: Sequence[Any] = ()) -> list[Module]:
     for runnable in (chain, *include):
         walker.walk(runnable)
     return walker.modules
+
+
+BATCH_INDEX_ATTRIBUTE = "afnio_batch_index"
+"""The attribute :meth:`TracedChain.batch` sets on the error it raises: the index of
+the input whose run raised it."""
+
+
+def _raise_first_failure(results: Sequence[Any]) -> None:
+    """Raise the error of the first input (in input order) whose run failed, marked
+    with that input's index (``error.afnio_batch_index``); LangChain's own ``batch``
+    re-raises an error without saying which input it came from."""
+    for index, result in enumerate(results):
+        if isinstance(result, Exception):
+            with contextlib.suppress(AttributeError):  # an exception with __slots__
+                setattr(result, BATCH_INDEX_ATTRIBUTE, index)
+            raise result
 
 
 class TracedChain(Module):
@@ -365,12 +382,15 @@ class TracedChain(Module):
         """Run the chain on every input (concurrently, as ``chain.batch`` does); one
         batched Variable, aligned with ``inputs``. ``config`` is one config for all
         items or one per item; each item runs with its own root ``run_id`` (an
-        item's own ``run_id`` is kept when the configs are given per item)."""
+        item's own ``run_id`` is kept when the configs are given per item). When
+        runs fail, every item still runs, then the first failed item's error (in
+        input order) is raised with its index as ``error.afnio_batch_index``."""
         inputs = list(inputs)
         self._sync()
         collector = RunCollector()
         configs, ids = self._configs(config, len(inputs), collector)
-        results = self.chain.batch(inputs, config=configs)
+        results = self.chain.batch(inputs, config=configs, return_exceptions=True)
+        _raise_first_failure(results)
         return self._batched(self._finish(collector, ids, results))
 
     async def abatch(
@@ -381,7 +401,10 @@ class TracedChain(Module):
         self._sync()
         collector = RunCollector()
         configs, ids = self._configs(config, len(inputs), collector)
-        results = await self.chain.abatch(inputs, config=configs)
+        results = await self.chain.abatch(
+            inputs, config=configs, return_exceptions=True
+        )
+        _raise_first_failure(results)
         return self._batched(self._finish(collector, ids, results))
 
     @staticmethod

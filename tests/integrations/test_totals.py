@@ -4,7 +4,6 @@ tables used to leave the first validation out). On the live simulator (loopback)
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,14 +11,11 @@ import pytest
 
 pytest.importorskip("langchain_openai", reason="needs the langchain test extra")
 
-from langchain_core.output_parsers import StrOutputParser
-from langchain_core.prompts import ChatPromptTemplate
-from langchain_openai import ChatOpenAI
-
-import afnio
-from afnio.models.openai import OpenAI
-from afnio.testing import SIMULATOR_MODEL, Simulator
+from afnio.testing import SIMULATOR_MODEL
 from afnio_integrations.langchain import optimize
+from benchmarks.common import simulated
+from tests._console import plain_lines, wide_plain_console
+from tests.integrations.langchain._chains import exact, sentiment_chain
 
 TRAINSET = [
     ({"message": "The new cleaning crew is wonderful."}, "positive"),
@@ -29,33 +25,13 @@ TRAINSET = [
     ({"message": "Fantastic work on the garden."}, "positive"),
     ({"message": "Where can I find the invoice?"}, "neutral"),
 ]
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def exact(prediction: str, target: str) -> int:
-    return int(prediction.strip() == target)
 
 
 @pytest.fixture
 def chain() -> Iterator[Any]:
     """A sentiment chain on a live simulator, afnio's backward client set on it."""
-    with (
-        Simulator() as sim,
-        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
-    ):
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
-        prompt = ChatPromptTemplate.from_messages(
-            [
-                ("system", "Classify the sentiment of the message."),
-                ("human", "{message}"),
-            ]
-        )
-        llm = ChatOpenAI(
-            model=SIMULATOR_MODEL, base_url=sim.base_url, api_key="k", max_retries=0
-        )
-        yield prompt | llm | StrOutputParser()
+    with simulated() as (sim, _):
+        yield sentiment_chain(sim)
 
 
 def table_rows(lines: list[str], title: str) -> list[list[str]]:
@@ -78,13 +54,11 @@ def test_the_run_summary_counts_what_the_report_counts(
     capfd: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("COLUMNS", "250")  # no cell is wrapped or cut
-    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
-        monkeypatch.delenv(name, raising=False)
+    wide_plain_console(monkeypatch)  # no cell is wrapped or cut
     _, report = optimize(
         chain, TRAINSET, exact, epochs=2, batch_size=3, model=SIMULATOR_MODEL
     )
-    lines = _ANSI.sub("", capfd.readouterr().out).split("\n")
+    lines = plain_lines(capfd.readouterr().out)
 
     clients = table_rows(lines, "Run summary")
     per_client = [row for row in clients if row[0] != "total"]
@@ -108,3 +82,6 @@ def test_the_run_summary_counts_what_the_report_counts(
     assert "first validation included" in text
     # the caption's running total is the report's too
     assert f"total_cost=${report.cost:.4f}" in text
+    # and so is the last progress bar's running cost (the last validation's bar)
+    bars = [line for line in lines if "cost: $" in line]
+    assert bars and bars[-1].rstrip().endswith(f"cost: ${report.cost:.4f}")

@@ -17,13 +17,16 @@ pytest.importorskip("langchain_openai", reason="needs the langchain test extra")
 import pydantic
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
-from langchain_openai import ChatOpenAI
 
-import afnio
-from afnio.models.openai import OpenAI
 from afnio.testing import SIMULATOR_MODEL, Simulator
 from afnio_integrations._report import OptimizeReport
 from afnio_integrations.langchain import optimize
+from benchmarks.common import simulated
+from tests.integrations.langchain._chains import (
+    exact,
+    sentiment_chain,
+    sim_chat,
+)
 
 TICKETS = [
     ("Outage: the payroll system has been down since 8am", "high"),
@@ -46,18 +49,8 @@ class Ticket(pydantic.BaseModel):
 
 @pytest.fixture
 def sim() -> Iterator[Simulator]:
-    with (
-        Simulator() as simulator,
-        OpenAI(base_url=simulator.base_url, api_key="sk-test", max_retries=0) as c,
-    ):
-        afnio.set_backward_model_client(c, completion_args={"model": SIMULATOR_MODEL})
+    with simulated() as (simulator, _):
         yield simulator
-
-
-def _llm(sim: Simulator) -> ChatOpenAI:
-    return ChatOpenAI(
-        model=SIMULATOR_MODEL, base_url=sim.base_url, api_key="k", max_retries=0
-    )
 
 
 def _run(chain: Any, rows: list[tuple[str, str]], metric: Any) -> OptimizeReport:
@@ -77,7 +70,7 @@ def test_a_structured_output_chain_learns_its_schemas_field(sim: Simulator) -> N
     prompt = ChatPromptTemplate.from_messages(
         [("system", "Triage the support ticket."), ("human", "{message}")]
     )
-    chain = prompt | _llm(sim).with_structured_output(Ticket, method="json_schema")
+    chain = prompt | sim_chat(sim).with_structured_output(Ticket, method="json_schema")
     # optimize's metric sees the model's output as text: the schema's JSON object
     report = _run(chain, TICKETS, lambda p, t: int(json.loads(p)["priority"] == t))
     assert report.score_before == 0.5
@@ -92,8 +85,8 @@ def test_a_spam_chain_learns_from_its_question_and_answer_list(
     prompt = ChatPromptTemplate.from_messages(
         [("system", "Is this message spam? Answer yes or no."), ("human", "{message}")]
     )
-    chain = prompt | _llm(sim) | StrOutputParser()
-    report = _run(chain, SPAM, lambda p, t: int(p.strip() == t))
+    chain = prompt | sim_chat(sim) | StrOutputParser()
+    report = _run(chain, SPAM, exact)
     assert report.score_after == 1.0
     assert "the spam is no." in next(iter(report.prompts_after.values()))
 
@@ -103,15 +96,11 @@ def test_the_report_says_what_the_optimizer_was_told_when_nothing_changed(
 ) -> None:
     # a sentiment task whose messages hold no evaluative word: the simulator cannot
     # write a rule, and the report (not only the feedback calls) says why
-    prompt = ChatPromptTemplate.from_messages(
-        [("system", "Classify the sentiment of the message."), ("human", "{message}")]
-    )
-    chain = prompt | _llm(sim) | StrOutputParser()
     rows = [
         ("The battery lasts two days", "positive"),
         ("It broke in a week", "negative"),
     ]
-    report = _run(chain, rows, lambda p, t: int(p.strip() == t))
+    report = _run(sentiment_chain(sim), rows, exact)
     text = str(report)
     assert report.prompts_after == report.prompts_before
     assert "(no prompt changed) the last feedback the optimizer received:" in text

@@ -24,6 +24,7 @@ from afnio.testing import SIMULATOR_MODEL, Simulator
 from afnio.trainer import Trainer
 from afnio.trainer.trainer import _CostMeter
 from afnio.utils.data import DataLoader
+from benchmarks.common import simulated
 from benchmarks.resume_kills import MESSAGES, Messages
 from examples.facility_support import SentimentClassifier
 
@@ -134,14 +135,8 @@ def test_max_cost_above_the_real_spend_does_not_stop_the_upstream_pattern_early(
 def test_one_client_everywhere_passed_twice_and_wrapped_is_counted_once(
     tmp_path: Path,
 ) -> None:
-    with (
-        Simulator() as sim,
-        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
-    ):
-        # the agent's model is also the optimizer's and the backward client
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
+    # the agent's model is also the optimizer's and the backward client
+    with simulated() as (_, client):
         agent = SentimentClassifier(client, SIMULATOR_MODEL)
         train, val = _loaders()
         trainer = _trainer(tmp_path)

@@ -16,8 +16,8 @@ from afnio.models.openai import OpenAI
 from afnio.testing import SIMULATOR_MODEL, Simulator
 from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader
+from benchmarks.common import simulated
 from benchmarks.resume_kills import MESSAGES, Messages
-from benchmarks.two_stage import simulated
 from examples.facility_support import SentimentClassifier
 
 
@@ -80,13 +80,7 @@ def test_fit_improves_the_prompt_and_writes_metrics_and_checkpoints(
 def _run(
     root: Path, epochs: int, ckpt: Path | None = None
 ) -> tuple[SentimentClassifier, Trainer, int]:
-    with (
-        Simulator() as sim,
-        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
-    ):
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
+    with simulated() as (sim, client):
         agent = SentimentClassifier(client, SIMULATOR_MODEL)
         train, val = _loaders(seed=3)
         trainer = _trainer(root, epochs)
@@ -116,13 +110,7 @@ def test_max_cost_stops_before_the_budget_with_an_intact_checkpoint(
 ) -> None:
     _, full, _ = _run(tmp_path / "full", 3)
     budget = full.total_cost * 0.5
-    with (
-        Simulator() as sim,
-        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
-    ):
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
+    with simulated() as (_, client):
         agent = SentimentClassifier(client, SIMULATOR_MODEL)
         train, val = _loaders(seed=3)
         trainer = _trainer(tmp_path / "budget", 3, max_cost=budget)

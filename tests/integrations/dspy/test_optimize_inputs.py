@@ -5,7 +5,7 @@ simulator."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -124,8 +124,25 @@ def test_an_lm_client_without_a_model_is_refused_before_any_lm_call(
     assert sim.stats.calls == 0
 
 
-def test_the_optimizer_lm_defaults_to_the_backward_clients_model(
-    sim: Simulator,
+def _the_client_as_optimizer_lm(client: OpenAI) -> dict[str, Any]:
+    return {"optimizer_lm": client}  # the backward client: its model serves
+
+
+def _the_wrapper_as_both_lms(client: OpenAI) -> dict[str, Any]:
+    wrapper = afnio.get_backward_model_client()  # the singleton wrapping ``client``
+    return {"backward_lm": wrapper, "optimizer_lm": wrapper}
+
+
+@pytest.mark.parametrize(
+    "lms",
+    [_the_client_as_optimizer_lm, _the_wrapper_as_both_lms],
+    ids=[
+        "the optimizer_lm defaults to the backward client's model",
+        "the backward client wrapper is accepted as an lm",
+    ],
+)
+def test_the_backward_client_serves_as_an_lm_with_its_model(
+    sim: Simulator, lms: Callable[[OpenAI], dict[str, Any]]
 ) -> None:
     with OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client:
         afnio.set_backward_model_client(
@@ -133,10 +150,10 @@ def test_the_optimizer_lm_defaults_to_the_backward_clients_model(
         )
         tgd = AfnioTGD(
             metric=sentiment_match,
-            optimizer_lm=client,  # the backward client: its model serves
             epochs=1,
             batch_size=3,
             progress=False,
+            **lms(client),
         )
         tgd.compile(dspy.Predict("message -> sentiment"), trainset=_examples())
     assert tgd.report is not None
@@ -250,26 +267,6 @@ def test_a_program_taking_any_inputs_is_not_checked(sim: Simulator) -> None:
     tgd = AfnioTGD(metric=sentiment_match, epochs=1, batch_size=3, progress=False)
     tgd.compile(_AnyInputs(), trainset=rows)
     assert tgd.report is not None and sim.stats.calls > 0
-
-
-def test_the_backward_client_wrapper_is_accepted_as_an_lm(sim: Simulator) -> None:
-    with OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client:
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
-        wrapper = afnio.get_backward_model_client()
-        tgd = AfnioTGD(
-            metric=sentiment_match,
-            backward_lm=wrapper,
-            optimizer_lm=wrapper,
-            epochs=1,
-            batch_size=3,
-            progress=False,
-        )
-        tgd.compile(dspy.Predict("message -> sentiment"), trainset=_examples())
-    assert tgd.report is not None
-    optimizer = [r for r in tgd.report.phases if r.phase == "optimizer"]
-    assert optimizer and {r.model for r in optimizer} == {SIMULATOR_MODEL}
 
 
 def test_a_nan_score_is_refused_naming_the_example(sim: Simulator) -> None:

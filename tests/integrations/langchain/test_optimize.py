@@ -13,30 +13,20 @@ pytest.importorskip("langchain_openai", reason="needs the langchain test extra")
 
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
-from langchain_openai import ChatOpenAI
 
-import afnio
 from afnio import functional as F
-from afnio.models.openai import OpenAI
 from afnio.testing import SIMULATOR_MODEL, Simulator
 from afnio.trainer.estimate import Assumptions
 from afnio_integrations.langchain import estimate, optimize
-
-MESSAGES = [
-    ("The new cleaning crew is wonderful.", "positive"),
-    ("The heater broke again, this is awful.", "negative"),
-    ("Please confirm the Tuesday visit.", "neutral"),
-    ("I love how quickly you fixed the lift.", "positive"),
-    ("Terrible response time, I am upset.", "negative"),
-    ("Where can I find the invoice?", "neutral"),
-    ("Fantastic work on the garden.", "positive"),
-    ("The worst service we have had.", "negative"),
-]
-CLASSIFY = "Classify the sentiment of the message."
-
-
-def exact(prediction: str, target: str) -> int:
-    return int(prediction.strip() == target)
+from benchmarks.common import simulated
+from tests.integrations.langchain._chains import (
+    CLASSIFY,
+    TRAINSET,
+    exact,
+    run_without_afnio,
+    sentiment_prompt,
+    sim_chat,
+)
 
 
 @dataclass
@@ -51,21 +41,10 @@ class Classifier:
 
 @pytest.fixture
 def classifier() -> Iterator[Classifier]:
-    with (
-        Simulator() as sim,
-        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
-    ):
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
-        prompt = ChatPromptTemplate.from_messages(
-            [("system", CLASSIFY), ("human", "{message}")]
-        )
-        llm = ChatOpenAI(
-            model=SIMULATOR_MODEL, base_url=sim.base_url, api_key="k", max_retries=0
-        )
-        chain = prompt | llm | StrOutputParser()
-        yield Classifier(sim, prompt, chain, [({"message": m}, t) for m, t in MESSAGES])
+    with simulated() as (sim, _):
+        prompt = sentiment_prompt()
+        chain = prompt | sim_chat(sim) | StrOutputParser()
+        yield Classifier(sim, prompt, chain, list(TRAINSET))
 
 
 @pytest.mark.parametrize("metric", [exact, F.exact_match_evaluator])
@@ -165,23 +144,12 @@ def test_estimate_spends_nothing_and_counts_what_optimize_calls(
 
 
 def test_optimize_rejects_an_empty_trainset() -> None:
-    prompt = ChatPromptTemplate.from_messages(
-        [("system", CLASSIFY), ("human", "{message}")]
-    )
     with pytest.raises(ValueError, match="`trainset` is empty"):
-        optimize(prompt, [], exact)
+        optimize(sentiment_prompt(), [], exact)
 
 
 LOADER = """
-import importlib.abc, json, sys
-
-class NoAfnio(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("afnio", "afnio_integrations"):
-            raise ImportError(f"{name} must not be needed to run the exported chain")
-        return None
-
-sys.meta_path.insert(0, NoAfnio())
+import json, sys
 from langchain_core.load import loads
 
 chain = loads(open(sys.argv[1]).read(), secrets_from_env=True,
@@ -193,11 +161,6 @@ print(json.dumps(chain.invoke({"message": "Awful service again."})))
 def test_the_saved_chain_runs_where_afnio_cannot_be_imported(
     tmp_path: Path, classifier: Classifier
 ) -> None:
-    import json
-    import os
-    import subprocess
-    import sys
-
     sim, prompt, chain = classifier.sim, classifier.prompt, classifier.chain
     trainset = classifier.trainset
     optimize(
@@ -214,20 +177,8 @@ def test_the_saved_chain_runs_where_afnio_cannot_be_imported(
     saved = tmp_path / "chain.json"
     trace(chain).save_chain(saved)
     assert "sk-" not in saved.read_text()  # keys are env references, not values
-    script = tmp_path / "run.py"
-    script.write_text(LOADER)
     sim.reset_stats()
-    env = {**os.environ, "OPENAI_API_KEY": "sk-from-env"}
-    result = subprocess.run(
-        [sys.executable, str(script), str(saved)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == "negative"
+    assert run_without_afnio(LOADER, saved, "sk-from-env") == "negative"
     sent = sim.requests[-1]["messages"][0]["content"]
     assert sent == prompt.messages[0].prompt.template and sent != CLASSIFY
 

@@ -4,6 +4,7 @@ items 1-3). LM calls are counted on a live simulator."""
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ pytest.importorskip("langchain_openai", reason="needs the langchain test extra")
 import openai
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
-from langchain_core.runnables import RunnableLambda
+from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
@@ -376,7 +377,7 @@ def test_a_langchain_error_is_shown_as_plain_text(setup: Setup) -> None:
     assert (
         "KeyError: Input to ChatPromptTemplate is missing variables {'message'}" in text
     )
-    assert "on one of trainset[0, 1]" in text
+    assert "on trainset[0]" in text  # both rows fail: the first one is named
     assert "\\n" not in text and "\\'" not in text
     assert info.value.attempts == 1 and setup.sim.stats.calls == 0
 
@@ -530,3 +531,24 @@ def test_a_chain_error_names_the_exact_row_of_a_batch(setup: Setup) -> None:
     error = info.value
     assert (error.dataset, error.sample_index) == ("trainset", 13)
     assert "on trainset[13]" in str(error)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_error_after_the_model_names_the_row_it_came_from(
+    setup: Setup, seed: int
+) -> None:
+    # the failing step runs after the LM call, on an object the chain built (not the
+    # row's input): the row is still the one whose run failed
+    def after(state: dict[str, Any]) -> str:
+        if state["message"] == "BOOM":
+            raise ValueError(f"cannot post-process {state['answer']!r}")
+        return state["answer"]
+
+    rows = [({"message": m}, t) for m, t in ROWS * 4]
+    bad = random.Random(seed).randrange(len(rows))
+    rows[bad] = ({"message": "BOOM"}, "negative")
+    chain = RunnablePassthrough.assign(answer=setup.chain()) | RunnableLambda(after)
+    with pytest.raises(StepError) as info:
+        optimize(chain, rows, exact, batch_size=len(rows), progress=False)
+    assert (info.value.dataset, info.value.sample_index) == ("trainset", bad)
+    assert f"on trainset[{bad}]" in str(info.value)

@@ -12,53 +12,22 @@ import pytest
 
 pytest.importorskip("langchain_openai", reason="needs the langchain test extra")
 
-from langchain_core.output_parsers import StrOutputParser
-from langchain_core.prompts import ChatPromptTemplate
-from langchain_openai import ChatOpenAI
-
-import afnio
-from afnio.models.openai import OpenAI
-from afnio.testing import SIMULATOR_MODEL, Simulator
+from afnio.testing import SIMULATOR_MODEL
 from afnio_integrations.langchain import optimize
-
-MESSAGES = [
-    ("The new cleaning crew is wonderful.", "positive"),
-    ("The heater broke again, this is awful.", "negative"),
-    ("Please confirm the Tuesday visit.", "neutral"),
-    ("I love how quickly you fixed the lift.", "positive"),
-    ("Terrible response time, I am upset.", "negative"),
-    ("Where can I find the invoice?", "neutral"),
-    ("Fantastic work on the garden.", "positive"),
-    ("The worst service we have had.", "negative"),
-]
-TRAINSET = [({"message": m}, t) for m, t in MESSAGES]
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def exact(prediction: str, target: str) -> int:
-    return int(prediction.strip() == target)
+from benchmarks.common import simulated
+from tests._console import plain_lines, wide_plain_console
+from tests.integrations.langchain._chains import (
+    TRAINSET,
+    exact,
+    sentiment_chain,
+)
 
 
 @pytest.fixture
 def chain() -> Iterator[Any]:
     """A sentiment chain on a live simulator, afnio's backward client set on it."""
-    with (
-        Simulator() as sim,
-        OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
-    ):
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
-        prompt = ChatPromptTemplate.from_messages(
-            [
-                ("system", "Classify the sentiment of the message."),
-                ("human", "{message}"),
-            ]
-        )
-        llm = ChatOpenAI(
-            model=SIMULATOR_MODEL, base_url=sim.base_url, api_key="k", max_retries=0
-        )
-        yield prompt | llm | StrOutputParser()
+    with simulated() as (sim, _):
+        yield sentiment_chain(sim)
 
 
 def test_optimize_without_progress_prints_nothing_on_stdout(
@@ -83,15 +52,11 @@ def test_optimize_progress_shows_accuracy_not_the_summed_score(
     capfd: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("COLUMNS", "250")  # a progress line is never cut
-    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
-        monkeypatch.delenv(name, raising=False)
+    wide_plain_console(monkeypatch)  # a progress line is never cut
     _, report = optimize(
         chain, TRAINSET, exact, epochs=2, batch_size=4, model=SIMULATOR_MODEL
     )
-    lines = [
-        line.rstrip() for line in _ANSI.sub("", capfd.readouterr().out).split("\n")
-    ]
+    lines = plain_lines(capfd.readouterr().out)
     bars = [line for line in lines if line.startswith(("[Training]", "[Validation]"))]
     assert len(bars) == 5  # the first validation, then training and validation x 2
     for line in bars:

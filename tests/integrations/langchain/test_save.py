@@ -7,8 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,26 +38,22 @@ from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
-import afnio
 import afnio_integrations.langchain as lc
-from afnio.models.openai import OpenAI
 from afnio.testing import SIMULATOR_MODEL, Simulator
+from benchmarks.common import backward_client
+from tests.integrations.langchain._chains import (
+    CLASSIFY,
+    TRAINSET,
+    exact,
+    run_without_afnio,
+    sentiment_prompt,
+    sim_chat,
+)
 
 KEY = "sk-test-S4veCha1nK3y9x7Q"  # distinctive: grep the saved file for it
-CLASSIFY = "Classify the sentiment of the message."
 RULE = 'If the message mentions "frustrated", the sentiment is negative.'
 OPTIMIZED = f"{CLASSIFY} {RULE}"
 MESSAGE = {"message": "I am frustrated with the heating."}
-MESSAGES = [
-    ("The new cleaning crew is wonderful.", "positive"),
-    ("The heater broke again, this is awful.", "negative"),
-    ("Please confirm the Tuesday visit.", "neutral"),
-    ("I love how quickly you fixed the lift.", "positive"),
-    ("Terrible response time, I am upset.", "negative"),
-    ("Where can I find the invoice?", "neutral"),
-    ("Fantastic work on the garden.", "positive"),
-    ("The worst service we have had.", "negative"),
-]
 
 
 @pytest.fixture
@@ -70,13 +64,7 @@ def sim() -> Iterator[Simulator]:
 
 def chat(sim: Simulator, **kwargs: Any) -> ChatOpenAI:
     """A ChatOpenAI on the simulator, its key passed explicitly."""
-    return ChatOpenAI(
-        model=SIMULATOR_MODEL,
-        base_url=sim.base_url,
-        api_key=KEY,
-        max_retries=0,
-        **kwargs,
-    )
+    return sim_chat(sim, api_key=KEY, **kwargs)
 
 
 def classify_prompt(*, partial: bool = False) -> ChatPromptTemplate:
@@ -85,9 +73,7 @@ def classify_prompt(*, partial: bool = False) -> ChatPromptTemplate:
             [("system", CLASSIFY + " {style}"), ("human", "{message}")]
         )
         return prompt.partial(style="Answer with one word.")
-    return ChatPromptTemplate.from_messages(
-        [("system", CLASSIFY), ("human", "{message}")]
-    )
+    return sentiment_prompt()
 
 
 @tool
@@ -219,17 +205,13 @@ def test_saved_chain_loads_and_sends_exactly_the_optimized_requests(
 def test_optimize_then_save_chain_directly_then_load_chain(
     sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client:
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
+    with backward_client(sim):
         prompt = classify_prompt()
         chain = prompt | chat(sim) | StrOutputParser()
-        trainset = [({"message": m}, t) for m, t in MESSAGES]
         chain, report = lc.optimize(
             chain,
-            trainset,
-            lambda p, t: int(p.strip() == t),
+            TRAINSET,
+            exact,
             epochs=2,
             batch_size=4,
             progress=False,
@@ -287,16 +269,8 @@ def test_load_chain_takes_the_key_from_the_environment_or_secrets_map(
 
 
 PLAIN_LOADER = """
-import importlib.abc, json, os, sys
+import json, os, sys
 from pathlib import Path
-
-class NoAfnio(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("afnio", "afnio_integrations"):
-            raise ImportError(f"{name} must not be needed to load the saved chain")
-        return None
-
-sys.meta_path.insert(0, NoAfnio())
 
 # the call documented for plain langchain_core (docs: Saving and loading a chain)
 from langchain_core.load import loads
@@ -349,19 +323,8 @@ def test_plain_langchain_loads_the_file_with_the_documented_call(
         ChatOpenAI,
         StrOutputParser,
     }
-    script = tmp_path / "load.py"
-    script.write_text(PLAIN_LOADER)
     sim.reset_stats()
-    result = subprocess.run(
-        [sys.executable, str(script), str(path)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OPENAI_API_KEY": "sk-test-plain"},
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == "negative"
+    assert run_without_afnio(PLAIN_LOADER, path, "sk-test-plain") == "negative"
     assert sim.requests[-1]["messages"][0]["content"] == OPTIMIZED
 
 
@@ -868,33 +831,37 @@ def test_export_gives_each_model_its_own_dict_settings(sim: Simulator) -> None:
     assert exported.invoke(MESSAGE) == "negative"
 
 
-def test_load_chain_refuses_a_jinja2_template(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def jinja2_template(tree: dict[str, Any]) -> None:
+    """The human message's template made a jinja2 one."""
+    message = tree["kwargs"]["first"]["kwargs"]["messages"][1]
+    prompt = message["kwargs"]["prompt"]["kwargs"]
+    prompt["template"] = "{{ message }}"
+    prompt["template_format"] = "jinja2"
+
+
+def nested_deeper_than_langchain_loads(tree: dict[str, Any]) -> None:
+    """The parser's tags nested 250 lists deep."""
+    nested: Any = "bottom"
+    for _ in range(250):
+        nested = [nested]
+    tree["kwargs"]["last"]["kwargs"]["tags"] = nested
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (jinja2_template, "jinja2"),
+        (nested_deeper_than_langchain_loads, "nests deeper than 200 levels"),
+    ],
+    ids=["a jinja2 template", "a file nested deeper than LangChain loads"],
+)
+def test_load_chain_refuses_a_file_langchain_cannot_load_safely(
+    edit: Callable[[dict[str, Any]], None],
+    match: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-env")
     path = saved_chain(tmp_path)
-
-    def jinja(tree: dict[str, Any]) -> None:
-        message = tree["kwargs"]["first"]["kwargs"]["messages"][1]
-        prompt = message["kwargs"]["prompt"]["kwargs"]
-        prompt["template"] = "{{ message }}"
-        prompt["template_format"] = "jinja2"
-
-    with pytest.raises(lc.ChainLoadError, match="jinja2"):
-        lc.load_chain(tampered(path, jinja))
-
-
-def test_load_chain_refuses_a_file_nested_deeper_than_langchain_loads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-env")
-    path = saved_chain(tmp_path)
-
-    def deep(tree: dict[str, Any]) -> None:
-        nested: Any = "bottom"
-        for _ in range(250):
-            nested = [nested]
-        tree["kwargs"]["last"]["kwargs"]["tags"] = nested
-
-    with pytest.raises(lc.ChainLoadError, match="nests deeper than 200 levels"):
-        lc.load_chain(tampered(path, deep))
+    with pytest.raises(lc.ChainLoadError, match=match):
+        lc.load_chain(tampered(path, edit))
