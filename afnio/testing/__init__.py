@@ -23,7 +23,11 @@ is answered ``{"score", "explanation"}`` by comparing its ``<PREDICTION>`` and
 prompt being given the rule that would have produced the expected value, and a computed
 input (the output of an earlier call) the value the call's own rules map to it, so that
 credit reaches an earlier stage's prompt too (the *relay*). Requests can be delayed by
-rules (:meth:`Simulator.delay_when`), and :mod:`afnio.testing.programs` generates
+rules (:meth:`Simulator.delay_when`); requests with OpenAI ``tools`` get ``tool_calls``
+chosen by rules such as ``If the message begins with "<word>", call <tool>.`` (in the
+prompt) or ``Use this tool when the message mentions "<word>".`` (in a tool's
+description), then a final answer after the tool results (see "Tool calling" in
+:mod:`afnio.testing.world`), and :mod:`afnio.testing.programs` generates
 programs with known ground truth to check that tracing links every gradient right.
 
 Example::

@@ -16,6 +16,15 @@ trainable system prompt
 being given a new rule. afnio's tests use it to record reproducible HTTP cassettes
 and to measure concurrency.
 
+Tool calling: a chat request with function ``tools`` (and ``tool_choice``,
+``parallel_tool_calls``) is answered with ``tool_calls`` (``content: null``,
+``finish_reason: "tool_calls"``; streamed as OpenAI's ``tool_calls`` deltas, one
+``index`` per parallel call) when rules route its message to tools
+(``If the message begins with "<word>", call <tool>.`` in the prompt, ``Use this tool
+when the message mentions "<word>".`` in a tool's description), and with a final text
+answer after the tool results; see "Tool calling" in :mod:`afnio.testing.world`.
+Malformed ``tools``/``tool_choice`` get a 400 naming the parameter.
+
 Endpoints: ``POST /v1/chat/completions`` (also ``stream: true`` as server-sent
 events), ``POST /v1/completions``, ``POST /v1/embeddings``, ``GET /v1/models`` and
 ``GET /v1/models/{id}``. Response bodies are reproducible: ids are hashes of the
@@ -389,14 +398,18 @@ def _chat(raw: bytes, body: Mapping[str, Any], malformed: bool) -> _Reply:
         endpoint="chat/completions",
         body=body,
     )
-    result = world.answer(request)
+    tools = _check_tools(body)
+    digest = _digest(raw)
+    calls = world.choose_tool_calls(request, seed=digest) if tools else ()
+    if calls:
+        return _tool_calls_reply(raw, body, request, calls, malformed)
+    result = world.final_answer(request) if tools else world.answer(request)
     content = world.render_content(result, fmt)
     if malformed:
         content = _malform(content, request, result.label)
     prompt_tokens = sum(_words(m.text) + 3 for m in request.messages)
     completion_tokens = _words(content)
     usage = _usage(prompt_tokens, completion_tokens)
-    digest = _digest(raw)
     completion_id = f"chatcmpl-{digest[:29]}"
     headers = (("x-request-id", f"req_{digest[:32]}"),)
 
@@ -464,6 +477,152 @@ def _chat(raw: bytes, body: Mapping[str, Any], malformed: bool) -> _Reply:
                 },
                 "logprobs": None,
                 "finish_reason": "stop",
+            }
+        ],
+        "usage": usage,
+        "service_tier": "default",
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+    return _Reply(
+        200,
+        _dumps(payload),
+        headers=headers,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+    )
+
+
+def _check_tools(body: Mapping[str, Any]) -> tuple[world.ToolSpec, ...]:
+    """The request's function tools, ``tools`` and ``tool_choice`` checked as the
+    API checks them (a 400 naming the parameter otherwise)."""
+    try:
+        tools = world.parse_tools(body)
+        world.parse_tool_choice(body, tools)
+    except world.ToolRequestError as error:
+        raise _RequestError(
+            400, str(error), param=error.param, code="invalid_value"
+        ) from None
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise _RequestError(
+            400,
+            "Invalid 'parallel_tool_calls': expected a boolean.",
+            param="parallel_tool_calls",
+            code="invalid_type",
+        )
+    return tools
+
+
+def _cut_arguments(arguments: str) -> str:
+    """Tool-call arguments cut in the middle (never valid JSON): the
+    ``MALFORMED_JSON`` fault of an answer that calls tools."""
+    cut = arguments[: max(1, len(arguments) // 2)]
+    try:
+        json.loads(cut)
+    except ValueError:
+        return cut
+    return "{" + cut
+
+
+def _tool_calls_reply(
+    raw: bytes,
+    body: Mapping[str, Any],
+    request: world.SimRequest,
+    calls: tuple[world.ToolCall, ...],
+    malformed: bool,
+) -> _Reply:
+    """An assistant answer that calls ``calls`` (``finish_reason: "tool_calls"``,
+    ``content: null``), plain or streamed in OpenAI's chunk format: per call, a delta
+    with its ``index``, ``id``, ``type`` and ``function.name`` (and empty
+    ``arguments``), then deltas carrying pieces of its ``arguments``."""
+    model = str(body.get("model"))
+    if malformed:
+        calls = tuple(
+            dataclasses.replace(c, arguments=_cut_arguments(c.arguments)) for c in calls
+        )
+    prompt_tokens = sum(_words(m.text) + 3 for m in request.messages)
+    completion_tokens = sum(_words(c.name) + _words(c.arguments) for c in calls)
+    usage = _usage(prompt_tokens, completion_tokens)
+    digest = _digest(raw)
+    completion_id = f"chatcmpl-{digest[:29]}"
+    headers = (("x-request-id", f"req_{digest[:32]}"),)
+    if body.get("stream") is True:
+        options = body.get("stream_options")
+        include_usage = isinstance(options, Mapping) and bool(
+            options.get("include_usage")
+        )
+        base = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": CREATED,
+            "model": model,
+            "service_tier": "default",
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None}
+            out: dict[str, Any] = {
+                **base,
+                "choices": [{**choice, "finish_reason": finish}],
+            }
+            if include_usage:
+                out["usage"] = None
+            return _sse(out)
+
+        events = [chunk({"role": "assistant", "content": None, "refusal": None}, None)]
+        for index, call in enumerate(calls):
+            header = {
+                "index": index,
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+            events.append(chunk({"tool_calls": [header]}, None))
+            events += [
+                chunk(
+                    {"tool_calls": [{"index": index, "function": {"arguments": p}}]},
+                    None,
+                )
+                for p in _pieces(call.arguments)
+            ]
+        events.append(chunk({}, "tool_calls"))
+        if include_usage:
+            events.append(_sse({**base, "choices": [], "usage": usage}))
+        events.append(b"data: [DONE]\n\n")
+        return _Reply(
+            200,
+            b"",
+            content_type="text/event-stream; charset=utf-8",
+            headers=headers,
+            events=tuple(events),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+    payload = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": CREATED,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "refusal": None,
+                    "annotations": [],
+                    "tool_calls": [
+                        {
+                            "id": c.id,
+                            "type": "function",
+                            "function": {"name": c.name, "arguments": c.arguments},
+                        }
+                        for c in calls
+                    ],
+                },
+                "logprobs": None,
+                "finish_reason": "tool_calls",
             }
         ],
         "usage": usage,

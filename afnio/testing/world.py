@@ -161,6 +161,56 @@ value it needs, the first answers an uninformative default) is fixed by training
 ``benchmarks/two_stage.py`` measures it with an afnio Module, a traced LangChain chain
 and a DSPy program.
 
+Tool calling
+------------
+A request with OpenAI function ``tools`` is answered with ``tool_calls`` when the
+rules route its *message* to tools (see :func:`choose_tool_calls`). The message is
+the last ``user`` message, rule sentences removed (:func:`tool_message`); the
+assistant tool calls and ``tool`` results after it are this message's *turn*. Rules:
+
+* in the prompt (``system``, ``developer`` or ``user`` messages),
+  ``If the message mentions "<word>", call <tool>.`` or ``If the message begins
+  with "<word>", call <tool>.`` (:data:`TOOL_RULE_PATTERN`; several tools: ``call a,
+  b and c.``; ``call no tool.`` answers without a call);
+* in a tool's own ``description``, ``Use this tool when the message mentions
+  "<word>".`` or ``Use this tool when the message begins with "<word>".``
+  (:data:`TOOL_DESCRIPTION_RULE_PATTERN`).
+
+Words match as for label rules (a whole word; the :func:`lead_word`). The prompt's
+matching rules decide when there are any (all of them: several tools are called in
+parallel, in rule order; the first matching ``call no tool`` means none); else every
+tool whose description has a matching rule is called. Tools already called in this
+turn are never called again, so an agent loop ends. ``tool_choice`` (default
+``auto``): ``auto`` calls the routed tools, or answers in text when none is routed;
+``none`` always answers in text; ``required`` (``any``) calls the routed tools, or
+the first tool (after tool results: the last tool not called yet, LangChain's
+structured-output tool); a named function is always called. ``parallel_tool_calls:
+false`` calls the first routed tool only (the next request calls the next one).
+
+Arguments (:func:`tool_arguments`) fill every property of the tool's ``parameters``
+schema: a property named like the label rules' field gets the label, a top-level
+``default`` its default, a string the message, an ``enum`` its first value, numbers
+``0``, booleans ``false``, arrays ``[]``. A request that calls no tool gets the
+*final answer* (:func:`final_answer`): the label world's answer as without tools,
+except that when only the fallback would answer and the turn has tool results, the
+text of the last tool result.
+
+Backward and optimizer (see :func:`tool_backward_gradients`): when the feedback names
+the tools that should have been called (:func:`expected_tools`: ``expected a call
+to <tool>``, ``expected calls to <a> and <b>``, ``expected tool is <tool>``,
+``expected tool calls: [<a>, <b>]``, ``should have called <tool>``, ``expected no
+tool call``; read before the label target), the chat backward writes, for the
+message's lead word (label-blind, as for a non-affect field), ``If the message
+begins with "<word>", call <tool>.`` for the first trainable system prompt, ``Use
+this tool when the message begins with "<word>".`` for the trainable description of
+an expected tool (a variable whose ``location`` is ``tool:<name>``, or whose role
+names the tool's description), ``Do not use this tool when the message begins with
+"<word>".`` for that of a tool called (the ``<LM_OUTPUT>``'s calls) but not
+expected, and ``The <role> should lead to a call to <tool> for this input.`` for
+any other variable. The optimizer (:func:`improve_value`) replaces the tool rule for
+the same word and kind in place, adds a description rule once, and removes the
+description rule a ``Do not use this tool ...`` sentence names.
+
 Rendering
 ---------
 :func:`render_content` turns an answer into message content the way a real model
@@ -195,6 +245,32 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "TOOL_CHOICES",
+    "TOOL_DESCRIPTION_REMOVAL_PATTERN",
+    "TOOL_DESCRIPTION_RULE_PATTERN",
+    "TOOL_NAME",
+    "TOOL_RULE_PATTERN",
+    "ToolCall",
+    "ToolChoice",
+    "ToolRequestError",
+    "ToolRule",
+    "ToolSpec",
+    "called_tools",
+    "choose_tool_calls",
+    "expected_tools",
+    "final_answer",
+    "find_tool_rules",
+    "parse_tool_choice",
+    "parse_tools",
+    "strip_rules",
+    "tool_arguments",
+    "tool_backward_gradients",
+    "tool_description_sentence",
+    "tool_message",
+    "tool_of_variable",
+    "tool_results",
+    "tool_routing",
+    "tool_rule_sentence",
     "AFFECT_FIELDS",
     "DEFAULT_FIELD",
     "DEFAULT_LABEL",
@@ -386,6 +462,30 @@ class SimRequest:
             ),
             model=model,
             response_format=response_format,
+        )
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> SimRequest:
+        """Build a chat request from a parsed ``/v1/chat/completions`` JSON body, as
+        the simulator does (the body is kept, so ``tools``, ``tool_choice`` and the
+        messages' ``tool_calls`` can be read).
+
+        >>> SimRequest.from_body({"model": "m", "messages": [
+        ...     {"role": "tool", "tool_call_id": "c", "content": "ok"}]}).messages
+        (Message(role='tool', text='ok'),)
+        """
+        messages = body.get("messages")
+        fmt = body.get("response_format")
+        model = body.get("model")
+        return cls(
+            messages=tuple(
+                Message(str(m.get("role", "")), message_text(m.get("content")))
+                for m in (messages if isinstance(messages, list) else [])
+                if isinstance(m, Mapping)
+            ),
+            model=model if isinstance(model, str) else "",
+            response_format=fmt if isinstance(fmt, Mapping) else None,
+            body=body,
         )
 
     @property
@@ -1476,6 +1576,9 @@ def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
     feedback = prompt.feedback.strip()
     if not feedback:
         return ["" for _ in prompt.variables]
+    tools = expected_tools(feedback)
+    if tools is not None:  # tool routing (see the "Tool calling" section)
+        return tool_backward_gradients(prompt, tools)
     found = _TARGET_IN_FEEDBACK.search(feedback)
     target = found[1] if found else None
     conversation = "\n".join(m.text for m in prompt.messages)
@@ -1782,25 +1885,87 @@ def improve_value(current: str, feedback: str, constraints: str = "") -> str:
     place; a new one is appended; a rule never appears twice. Checkable constraints
     are honoured: ``Do not use the character "<c>".`` removes ``<c>``.
 
+    Tool routing (see :func:`choose_tool_calls`) is edited the same way: a prompt's
+    tool rule (``If the message begins with "<w>", call <tool>.``) replaces the tool
+    rule for the same word and kind, a tool description's rule (``Use this tool when
+    the message begins with "<w>".``) is added once, and ``Do not use this tool when
+    the message begins with "<w>".`` removes that description rule. Label rules and
+    tool rules for the same word never replace each other.
+
     >>> improve_value("Classify.", '- If the message mentions "bad", the mood is low.')
     'Classify. If the message mentions "bad", the mood is low.'
+    >>> improve_value('Route. If the message begins with "leak", call cleaning.',
+    ...     'If the message begins with "leak", call repairs.')
+    'Route. If the message begins with "leak", call repairs.'
+    >>> improve_value('Mops floors. Use this tool when the message begins with "leak".',
+    ...     'Do not use this tool when the message begins with "leak".')
+    'Mops floors.'
     """
     value = current
     for line in feedback.splitlines():
         for text in expand_alternatives(line):
-            for rule in find_rules(text):
-                sentence = rule.text()
-                same_word = [
-                    r
-                    for r in find_rules(value)
-                    if r.word.casefold() == rule.word.casefold() and r.kind == rule.kind
-                ]
-                if same_word:
-                    value = value.replace(same_word[0].sentence, sentence, 1)
-                elif sentence not in value:
-                    value = f"{value.rstrip()} {sentence}".strip()
+            for edit in _feedback_edits(text):
+                value = _apply_edit(value, edit)
     for character in _FORBIDDEN_CHARACTER.findall(constraints):
         value = value.replace(character, "")
+    return value
+
+
+def _feedback_edits(text: str) -> list[Rule | ToolRule | tuple[str, str]]:
+    """The edits a feedback text proposes, in text order: label rules
+    (:class:`Rule`), tool rules (:class:`ToolRule`, of a prompt or a description)
+    and removals of a description rule (``(kind, word)``)."""
+    found: list[tuple[int, Rule | ToolRule | tuple[str, str]]] = []
+    found.extend(
+        (m.start(), r)
+        for m, r in zip(RULE_PATTERN.finditer(text), find_rules(text), strict=True)
+    )
+    found.extend(
+        (m.start(), r)
+        for m, r in zip(
+            TOOL_RULE_PATTERN.finditer(text), find_tool_rules(text), strict=True
+        )
+    )
+    found.extend(
+        (m.start(), r)
+        for m, r in zip(
+            TOOL_DESCRIPTION_RULE_PATTERN.finditer(text),
+            ToolSpec("_", text).rules(),
+            strict=True,
+        )
+    )
+    found.extend(
+        (m.start(), (" ".join(m["kind"].split()), m["word"].strip()))
+        for m in TOOL_DESCRIPTION_REMOVAL_PATTERN.finditer(text)
+    )
+    found.sort(key=lambda item: item[0])
+    return [edit for _, edit in found]
+
+
+def _apply_edit(value: str, edit: Rule | ToolRule | tuple[str, str]) -> str:
+    """``value`` with one edit of :func:`_feedback_edits` applied."""
+    if isinstance(edit, tuple):
+        kind, word = edit
+        for rule in ToolSpec("_", value).rules():
+            if rule.kind == kind and rule.word.casefold() == word.casefold():
+                value = re.sub(r"[ \t]*" + re.escape(rule.sentence), "", value, count=1)
+        return value.strip()
+    sentence = edit.text()
+    if isinstance(edit, Rule):
+        existing: list[Rule | ToolRule] = list(find_rules(value))
+    elif edit.source == "description":
+        existing = list(ToolSpec("_", value).rules())
+    else:
+        existing = list(find_tool_rules(value))
+    same_word = [
+        r
+        for r in existing
+        if r.word.casefold() == edit.word.casefold() and r.kind == edit.kind
+    ]
+    if same_word:
+        return value.replace(same_word[0].sentence, sentence, 1)
+    if sentence not in value:
+        return f"{value.rstrip()} {sentence}".strip()
     return value
 
 
@@ -2151,3 +2316,721 @@ def embed(text: str, dimensions: int = 64) -> list[float]:
         vector[value % dimensions] += sign
     norm = math.sqrt(sum(x * x for x in vector))
     return [x / norm for x in vector] if norm else vector
+
+
+# -- tool calling ----------------------------------------------------------------------
+
+TOOL_NAME = r"[A-Za-z0-9_-]{1,64}"
+"""OpenAI's function-name alphabet (``^[a-zA-Z0-9_-]{1,64}$``)."""
+
+_TOOL_LIST = (
+    r"(?P<tools>no\s+tool|" + TOOL_NAME + r"(?:(?:\s*,\s*(?:and\s+)?|\s+and\s+)"
+    r"(?!no\s+tool)" + TOOL_NAME + r")*)"
+)
+TOOL_RULE_PATTERN = re.compile(
+    r"If\s+the\s+message\s+(?P<kind>mentions|begins\s+with)\s+"
+    r'"(?P<word>[^"\n]+)",\s+call\s+' + _TOOL_LIST + r"\s*\."
+)
+"""A tool-routing rule of a prompt: ``If the message mentions "<word>", call
+<tool>.`` or ``If the message begins with "<word>", call <tool>.``; several tools are
+separated by commas or ``and`` (``call a, b and c.``: parallel calls); ``call no
+tool.`` means: answer without calling a tool."""
+
+TOOL_DESCRIPTION_RULE_PATTERN = re.compile(
+    r"(?<!not )(?<!never )Use\s+this\s+tool\s+when\s+the\s+message\s+"
+    r'(?P<kind>mentions|begins\s+with)\s+"(?P<word>[^"\n]+)"\s*\.'
+)
+"""A routing rule inside a tool's own description: ``Use this tool when the message
+mentions "<word>".`` or ``Use this tool when the message begins with "<word>".``"""
+
+TOOL_DESCRIPTION_REMOVAL_PATTERN = re.compile(
+    r"Do\s+not\s+use\s+this\s+tool\s+when\s+the\s+message\s+"
+    r'(?P<kind>mentions|begins\s+with)\s+"(?P<word>[^"\n]+)"\s*\.'
+)
+"""A feedback sentence that removes a description rule: ``Do not use this tool when
+the message begins with "<word>".`` (see :func:`improve_value`)."""
+
+TOOL_CHOICES: tuple[str, ...] = ("auto", "none", "required")
+"""The string values of ``tool_choice`` (LangChain's ``"any"`` is read as
+``"required"``); an object ``{"type": "function", "function": {"name": ...}}`` forces
+one tool."""
+
+_ANY_RULE = re.compile(
+    "|".join(
+        f"(?:{p.pattern})"
+        for p in (RULE_PATTERN, TOOL_RULE_PATTERN, TOOL_DESCRIPTION_RULE_PATTERN)
+    )
+    .replace("?P<kind>", "?:")
+    .replace("?P<word>", "?:")
+    .replace("?P<field>", "?:")
+    .replace("?P<label>", "?:")
+    .replace("?P<tools>", "?:")
+)
+
+
+class ToolRequestError(ValueError):
+    """A request whose ``tools`` or ``tool_choice`` a real API would refuse (HTTP
+    400); ``param`` names the offending parameter."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """One function tool of a request: its name, description and JSON-schema
+    ``parameters``."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def rules(self) -> list[ToolRule]:
+        """The routing rules of the description (see
+        :data:`TOOL_DESCRIPTION_RULE_PATTERN`), each calling this tool."""
+        return [
+            ToolRule(
+                word=m["word"].strip(),
+                kind=" ".join(m["kind"].split()),
+                tools=(self.name,),
+                sentence=m.group(0),
+                source="description",
+            )
+            for m in TOOL_DESCRIPTION_RULE_PATTERN.finditer(self.description)
+        ]
+
+
+@dataclass(frozen=True)
+class ToolRule:
+    """One parsed tool-routing rule: from a prompt (``source="prompt"``) or from a
+    tool's description (``source="description"``). ``tools`` is ``()`` for ``call no
+    tool``.
+
+    >>> rule = find_tool_rules('If the message begins with "leak", call repairs.')[0]
+    >>> rule.word, rule.kind, rule.tools, rule.matches("Leak in room 4")
+    ('leak', 'begins with', ('repairs',), True)
+    """
+
+    word: str
+    kind: str
+    tools: tuple[str, ...]
+    sentence: str
+    source: str = "prompt"
+
+    def matches(self, text: str) -> bool:
+        """Whether the rule applies to ``text`` (as :meth:`Rule.matches`: a whole
+        word for ``mentions``, the :func:`lead_word` for ``begins with``)."""
+        return Rule(self.word, "", "", self.sentence, self.kind).matches(text)
+
+    def text(self) -> str:
+        """The rule as a sentence of its grammar (normalised spacing)."""
+        if self.source == "description":
+            return tool_description_sentence(self.kind, self.word)
+        return tool_rule_sentence(self.kind, self.word, self.tools)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call the simulated model makes: ``arguments`` is a JSON object string."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """A parsed ``tool_choice``: ``mode`` is ``auto``, ``none``, ``required`` or
+    ``function`` (then ``name`` is the forced tool)."""
+
+    mode: str = "auto"
+    name: str | None = None
+
+
+def tool_rule_sentence(kind: str, word: str, tools: Sequence[str]) -> str:
+    """A prompt's tool-routing rule: ``If the message <kind> "<word>", call
+    <tools>.`` (``no tool`` when ``tools`` is empty; ``a, b and c`` for several).
+
+    >>> tool_rule_sentence("begins with", "leak", ["repairs"])
+    'If the message begins with "leak", call repairs.'
+    >>> tool_rule_sentence("mentions", "x", ["a", "b", "c"]), tool_rule_sentence(
+    ...     "mentions", "hi", [])
+    ('If the message mentions "x", call a, b and c.', 'If the message mentions "hi", call no tool.')
+    """  # noqa: E501
+    names = list(tools)
+    if not names:
+        listed = "no tool"
+    elif len(names) == 1:
+        listed = names[0]
+    else:
+        listed = ", ".join(names[:-1]) + " and " + names[-1]
+    return f'If the message {kind} "{word}", call {listed}.'
+
+
+def tool_description_sentence(kind: str, word: str) -> str:
+    """A tool description's routing rule: ``Use this tool when the message <kind>
+    "<word>".``
+
+    >>> tool_description_sentence("begins with", "mop")
+    'Use this tool when the message begins with "mop".'
+    """
+    return f'Use this tool when the message {kind} "{word}".'
+
+
+def _tool_names(listed: str) -> tuple[str, ...]:
+    if re.fullmatch(r"no\s+tool", listed.strip()):
+        return ()
+    return tuple(
+        name
+        for name in re.findall(TOOL_NAME, listed)
+        if name != "and"  # the separator
+    )
+
+
+def find_tool_rules(text: str) -> list[ToolRule]:
+    """The tool-routing rules of a prompt text (see :data:`TOOL_RULE_PATTERN`), in
+    order.
+
+    >>> [r.tools for r in find_tool_rules(
+    ...     'If the message mentions "bill", call billing and refunds. '
+    ...     'If the message mentions "hi", call no tool.')]
+    [('billing', 'refunds'), ()]
+    """
+    return [
+        ToolRule(
+            word=m["word"].strip(),
+            kind=" ".join(m["kind"].split()),
+            tools=_tool_names(m["tools"]),
+            sentence=m.group(0),
+        )
+        for m in TOOL_RULE_PATTERN.finditer(text)
+    ]
+
+
+def strip_rules(text: str) -> str:
+    """``text`` without any rule sentence (label rules, tool rules and tool
+    description rules): the part of a message that rules are matched against.
+
+    >>> strip_rules('If the message mentions "x", call a. Hello')
+    ' Hello'
+    """
+    return _ANY_RULE.sub("", text)
+
+
+def parse_tools(body: Mapping[str, Any]) -> tuple[ToolSpec, ...]:
+    """The function tools of a request body (``tools``), in order; ``()`` without
+    any (an absent, ``null`` or empty list). Raises :class:`ToolRequestError` for a
+    malformed list (not a list, an entry that is not ``{"type": "function",
+    "function": {"name": ...}}``, a name outside ``[A-Za-z0-9_-]{1,64}``, a name
+    given twice).
+
+    >>> parse_tools({"tools": [{"type": "function", "function": {"name": "f",
+    ...     "description": "Does f.", "parameters": {"type": "object"}}}]})
+    (ToolSpec(name='f', description='Does f.', parameters={'type': 'object'}),)
+    """
+    raw = body.get("tools")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ToolRequestError("Invalid 'tools': expected an array of tools.", "tools")
+    specs: list[ToolSpec] = []
+    for i, tool in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(tool, Mapping) or tool.get("type") != "function":
+            raise ToolRequestError(
+                f"Invalid '{where}': expected an object with 'type': 'function' "
+                "(the simulator supports function tools only).",
+                f"{where}.type",
+            )
+        function = tool.get("function")
+        if not isinstance(function, Mapping):
+            raise ToolRequestError(
+                f"Missing required parameter: '{where}.function'.", f"{where}.function"
+            )
+        name = function.get("name")
+        if not isinstance(name, str) or re.fullmatch(TOOL_NAME, name) is None:
+            raise ToolRequestError(
+                f"Invalid '{where}.function.name': expected a string of 1 to 64 "
+                f"letters, digits, underscores or dashes, got {name!r}.",
+                f"{where}.function.name",
+            )
+        if any(spec.name == name for spec in specs):
+            raise ToolRequestError(
+                f"Invalid 'tools': the function name {name!r} is given twice.",
+                f"{where}.function.name",
+            )
+        description = function.get("description")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, Mapping):
+            raise ToolRequestError(
+                f"Invalid '{where}.function.parameters': expected a JSON schema "
+                "object.",
+                f"{where}.function.parameters",
+            )
+        specs.append(
+            ToolSpec(
+                name=name,
+                description=description if isinstance(description, str) else "",
+                parameters=dict(parameters or {}),
+            )
+        )
+    return tuple(specs)
+
+
+def parse_tool_choice(body: Mapping[str, Any], tools: Sequence[ToolSpec]) -> ToolChoice:
+    """The request's ``tool_choice`` (default ``auto``): ``"auto"``, ``"none"``,
+    ``"required"`` (``"any"`` too), or ``{"type": "function", "function": {"name":
+    ...}}`` (``{"type": "function", "name": ...}`` too) naming one of ``tools``.
+    Raises :class:`ToolRequestError` for any other value, and for a ``tool_choice``
+    other than ``"none"``/``"auto"`` without tools.
+
+    >>> spec = ToolSpec("lookup")
+    >>> parse_tool_choice({}, [spec]), parse_tool_choice(
+    ...     {"tool_choice": {"type": "function", "function": {"name": "lookup"}}},
+    ...     [spec])
+    (ToolChoice(mode='auto', name=None), ToolChoice(mode='function', name='lookup'))
+    """
+    raw = body.get("tool_choice")
+    if raw is None:
+        return ToolChoice()
+    if isinstance(raw, str):
+        mode = "required" if raw == "any" else raw
+        if mode not in TOOL_CHOICES:
+            raise ToolRequestError(
+                f"Invalid value for 'tool_choice': {raw!r}. Expected 'none', 'auto', "
+                "'required' or an object naming a function.",
+                "tool_choice",
+            )
+        if mode == "required" and not tools:
+            raise ToolRequestError(
+                "Invalid value for 'tool_choice': 'required' is only allowed when "
+                "'tools' are specified.",
+                "tool_choice",
+            )
+        return ToolChoice(mode)
+    name = None
+    if isinstance(raw, Mapping) and raw.get("type") == "function":
+        function = raw.get("function")
+        name = (
+            function.get("name") if isinstance(function, Mapping) else raw.get("name")
+        )
+    if not isinstance(name, str):
+        raise ToolRequestError(
+            "Invalid 'tool_choice': expected 'none', 'auto', 'required' or "
+            '{"type": "function", "function": {"name": "<tool>"}}.',
+            "tool_choice",
+        )
+    if all(spec.name != name for spec in tools):
+        raise ToolRequestError(
+            f"Invalid 'tool_choice': the function {name!r} is not one of the "
+            f"request's tools ({', '.join(s.name for s in tools) or 'none given'}).",
+            "tool_choice.function.name",
+        )
+    return ToolChoice("function", name)
+
+
+def _raw_messages(request: SimRequest) -> list[Mapping[str, Any]]:
+    raw = request.body.get("messages") if request.body else None
+    if isinstance(raw, list):
+        return [m for m in raw if isinstance(m, Mapping)]
+    return [{"role": m.role, "content": m.text} for m in request.messages]
+
+
+_USER_ROLES = ("user", "human")
+
+
+def tool_message(messages: Sequence[Message]) -> str:
+    """The *message* that tool rules are matched against: the text of the last
+    ``user`` (LangChain: ``human``) message, every rule sentence removed (see
+    :func:`strip_rules`); ``""`` without one. The agent loop's later messages
+    (assistant tool calls, tool results) are not part of it.
+
+    >>> tool_message([Message("user", "old"), Message("assistant", "x"),
+    ...     Message("user", 'Leak! If the message mentions "leak", call fix.')])
+    'Leak! '
+    """
+    last = next((m for m in reversed(messages) if m.role in _USER_ROLES), None)
+    return strip_rules(last.text) if last is not None else ""
+
+
+def _current_turn(raw: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The messages after the last user message (the agent loop of this message)."""
+    last = max(
+        (i for i, m in enumerate(raw) if m.get("role") in _USER_ROLES), default=-1
+    )
+    return list(raw[last + 1 :])
+
+
+def called_tools(request: SimRequest) -> tuple[str, ...]:
+    """The tools already called for the current message: the names in the
+    ``tool_calls`` of the assistant messages after the last user message, in
+    order, without repeats.
+
+    >>> body = {"messages": [{"role": "user", "content": "hi"},
+    ...     {"role": "assistant", "content": None, "tool_calls": [{"id": "c1",
+    ...      "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+    ...     {"role": "tool", "tool_call_id": "c1", "content": "done"}]}
+    >>> called_tools(SimRequest.from_body(body))
+    ('f',)
+    """
+    names: list[str] = []
+    for message in _current_turn(_raw_messages(request)):
+        calls = (
+            message.get("tool_calls") if message.get("role") == "assistant" else None
+        )
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, Mapping) else None
+            name = function.get("name") if isinstance(function, Mapping) else None
+            if isinstance(name, str) and name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def tool_results(request: SimRequest) -> tuple[str, ...]:
+    """The texts of the ``tool`` messages after the last user message, in order."""
+    return tuple(
+        message_text(m.get("content"))
+        for m in _current_turn(_raw_messages(request))
+        if m.get("role") == "tool"
+    )
+
+
+def tool_routing(
+    request: SimRequest, tools: Sequence[ToolSpec]
+) -> tuple[tuple[str, ...], ToolRule | None]:
+    """The tools the rules route the current message to, and the rule that decided
+    (``None`` when none matched).
+
+    The prompt's tool rules (:func:`find_tool_rules` over the ``system``,
+    ``developer`` and ``user`` messages, in message order) come first: when any of
+    them matches :func:`tool_message`, the answer is the tools of *every* matching
+    prompt rule (in order, without repeats); when the first matching one is ``call no
+    tool``, no tool. Only when no prompt rule matches are the tools' own descriptions
+    read (:meth:`ToolSpec.rules`, in tool order): every tool whose description has a
+    matching rule. Names that are not among ``tools`` are ignored.
+    """
+    text = tool_message(request.messages)
+    available = {spec.name for spec in tools}
+    prompt_rules = [
+        rule
+        for m in request.messages
+        if m.role in ("system", "developer", *_USER_ROLES)
+        for rule in find_tool_rules(m.text)
+    ]
+    for candidates in (prompt_rules, [r for s in tools for r in s.rules()]):
+        matched = [rule for rule in candidates if rule.matches(text)]
+        if not matched:
+            continue
+        if not matched[0].tools:
+            return (), matched[0]
+        names: list[str] = []
+        for rule in matched:
+            names.extend(n for n in rule.tools if n in available and n not in names)
+        return tuple(names), matched[0]
+    return (), None
+
+
+def tool_arguments(spec: ToolSpec, request: SimRequest) -> str:
+    """The JSON ``arguments`` of a call of ``spec`` (see :func:`schema_instance`):
+    every property of the ``parameters`` schema, in order (so every required field
+    is present); a property named like the field of the label rules' answer (see
+    :func:`answer`) gets that label; else a top-level property with a ``default``
+    gets its default; else a string gets the current message (:func:`tool_message`,
+    stripped), an ``enum`` its first value (or that label when allowed), numbers
+    ``0``, booleans ``false``, arrays ``[]`` (or ``minItems`` items), objects their
+    properties recursively. A tool without parameters gets ``{}``.
+
+    >>> spec = ToolSpec("lookup", parameters={"type": "object", "properties": {
+    ...     "query": {"type": "string"}, "kind": {"enum": ["order", "refund"]},
+    ...     "limit": {"type": "integer", "default": 10}}, "required": ["query"]})
+    >>> tool_arguments(spec, SimRequest.from_messages(
+    ...     [{"role": "user", "content": " Where is my order? "}]))
+    '{"query": "Where is my order?", "kind": "order", "limit": 10}'
+    """
+    schema = spec.parameters
+    if not isinstance(schema.get("properties"), Mapping):
+        return "{}"
+    values = {
+        str(key): sub["default"]
+        for key, sub in schema["properties"].items()
+        if isinstance(sub, Mapping) and "default" in sub
+    }
+    labelled = answer(request)
+    if labelled.field:
+        values[labelled.field] = labelled.label
+    instance = schema_instance(schema, tool_message(request.messages).strip(), values)
+    return json.dumps(
+        instance if isinstance(instance, dict) else {}, ensure_ascii=False
+    )
+
+
+def _call_id(seed: str, index: int) -> str:
+    digest = hashlib.sha256(f"{seed}\n{index}".encode()).hexdigest()
+    return f"call_{digest[:24]}"
+
+
+def choose_tool_calls(request: SimRequest, seed: str = "") -> tuple[ToolCall, ...]:
+    """The tool calls the simulated model makes for ``request`` (``()``: it answers
+    in text, see :func:`final_answer`). ``seed`` makes the call ids (``call_<hash>``)
+    unique per request (the simulator passes the hash of the request body).
+
+    * No ``tools``, or ``tool_choice`` ``"none"``: no call.
+    * A named function (``tool_choice={"type": "function", ...}``): that tool,
+      always (a forced choice is honoured even when already called).
+    * Otherwise the rules route the message (see :func:`tool_routing`); tools
+      already called for this message (:func:`called_tools`) are left out, so an
+      agent loop ends: after the tool results, the model answers.
+
+      - ``auto`` (the default): the routed tools; none routed: no call.
+      - ``required``: the routed tools; none routed (or all called): the first
+        tool, or, once this message has tool results, the last tool not called yet
+        (LangChain appends its structured-output tool last), else the last tool.
+    * Several tools are called in parallel (one message, several ``tool_calls``)
+      unless ``parallel_tool_calls`` is ``false``: then the first only (the next
+      request calls the next one).
+
+    Each call's arguments come from :func:`tool_arguments`.
+    """
+    tools = parse_tools(request.body)
+    if not tools:
+        return ()
+    choice = parse_tool_choice(request.body, tools)
+    if choice.mode == "none":
+        return ()
+    by_name = {spec.name: spec for spec in tools}
+    if choice.mode == "function":
+        names: tuple[str, ...] = (str(choice.name),)
+    else:
+        done = called_tools(request)
+        routed, _ = tool_routing(request, tools)
+        names = tuple(n for n in routed if n not in done)
+        if not names and choice.mode == "required":
+            if tool_results(request):
+                fresh = [s.name for s in tools if s.name not in done]
+                names = (fresh[-1] if fresh else tools[-1].name,)
+            else:
+                names = (tools[0].name,)
+    if request.body.get("parallel_tool_calls") is False:
+        names = names[:1]
+    return tuple(
+        ToolCall(_call_id(seed, i), name, tool_arguments(by_name[name], request))
+        for i, name in enumerate(names)
+    )
+
+
+def final_answer(request: SimRequest) -> Answer:
+    """The text answer of a request that offers tools but calls none: the answer of
+    the responders (:func:`answer`: the label rules, as without tools); when only
+    the fallback answers (no rule, no label set) and the current message has tool
+    results, the text of the last tool result instead.
+
+    >>> body = {"tools": [{"type": "function", "function": {"name": "f"}}],
+    ...     "messages": [{"role": "user", "content": "hi"},
+    ...     {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+    ...      "function": {"name": "f", "arguments": "{}"}}]},
+    ...     {"role": "tool", "tool_call_id": "c", "content": "Order 7 ships today."}]}
+    >>> final_answer(SimRequest.from_body(body)).label
+    'Order 7 ships today.'
+    """
+    result = answer(request)
+    results = tool_results(request)
+    if result.responder == "fallback" and results:
+        return Answer(results[-1], responder="tool_result")
+    return result
+
+
+_NAME_ITEM = r"[\"'`]?(?:" + TOOL_NAME + r")[\"'`]?"
+_QUOTED_NAME = r"[\"'`](?:" + TOOL_NAME + r")[\"'`]"
+_NAMES = (
+    r"(?P<names>"
+    # a bracketed list: [a, b]
+    + rf"\[\s*{_NAME_ITEM}(?:\s*,\s*{_NAME_ITEM})*\s*\]"
+    # a list that ends with "and": a, b and c
+    + rf"|{_NAME_ITEM}(?:\s*,\s*{_NAME_ITEM})*,?\s+and\s+{_NAME_ITEM}"
+    # quoted names separated by commas: "a", "b"
+    + rf"|{_QUOTED_NAME}(?:\s*,\s*{_QUOTED_NAME})+"
+    # one name
+    + rf"|{_NAME_ITEM})"
+)
+_EXPECTED_NO_TOOL = re.compile(
+    r"\bexpected\s+no\s+(?:tool\s+)?calls?\b|\bexpected\s+no\s+tools?\b", re.IGNORECASE
+)
+_EXPECTED_TOOL_FORMS: tuple[re.Pattern[str], ...] = (
+    # "expected a call to lookup_order", "Expected calls to `a` and `b`"
+    re.compile(
+        r"\bexpected\s+(?:a\s+|the\s+)?(?:tool\s+)?calls?\s+to\s+(?:the\s+)?"
+        r"(?:tools?\s+)?" + _NAMES,
+        re.IGNORECASE,
+    ),
+    # "The expected tool is "a"", "Expected tool calls: [a, b]"
+    re.compile(
+        r"\bexpected\s+tools?(?:\s+calls?)?(?:\s+(?:is|are|was|were)|\s*:)\s*" + _NAMES,
+        re.IGNORECASE,
+    ),
+    # "should have called refunds", "it should call a and b"
+    re.compile(
+        r"\bshould\s+(?:have\s+)?call(?:ed)?\s+(?:the\s+)?(?:tools?\s+)?" + _NAMES,
+        re.IGNORECASE,
+    ),
+)
+
+
+def expected_tools(feedback: str) -> tuple[str, ...] | None:
+    """The tools a feedback says should have been called, or ``None`` when it names
+    no tool call. The forms read (any case; names bare, quoted or in backticks,
+    several separated by commas or ``and``, optionally in ``[...]``):
+
+    * ``expected a call to <tool>`` (also ``expected calls to <a> and <b>``,
+      ``expected a tool call to <tool>``);
+    * ``expected tool is <tool>``, ``expected tool: <tool>``, ``expected tool
+      calls: [<a>, <b>]``;
+    * ``should have called <tool>`` / ``should call <tool>``;
+    * ``expected no tool call`` (``expected no call``, ``expected no tools``): ``()``.
+
+    The first form found in the text wins.
+
+    >>> expected_tools('Wrong tool: expected a call to "repairs", got cleaning.')
+    ('repairs',)
+    >>> expected_tools("Expected tool calls: [lookup, refund]")
+    ('lookup', 'refund')
+    >>> expected_tools("Expected no tool call."), expected_tools("expected value")
+    ((), None)
+    """
+    found: list[tuple[int, tuple[str, ...]]] = []
+    none = _EXPECTED_NO_TOOL.search(feedback)
+    if none is not None:
+        found.append((none.start(), ()))
+    for pattern in _EXPECTED_TOOL_FORMS:
+        match = pattern.search(feedback)
+        if match is not None:
+            names = tuple(
+                n
+                for n in re.findall(TOOL_NAME, match["names"])
+                if n.casefold() != "and"
+            )
+            found.append((match.start(), names))
+    return min(found)[1] if found else None
+
+
+def _called_in_output(output: str) -> tuple[str, ...]:
+    """The tools an ``<LM_OUTPUT>`` shows being called: a JSON list (or an object
+    with ``tool_calls``) of calls in OpenAI's shape (``{"function": {"name"}}``) or
+    LangChain's (``{"name", "args"}``)."""
+    is_json, value = _json_value(output.strip())
+    if not is_json:
+        return ()
+    if isinstance(value, dict):
+        value = value.get("tool_calls", [])
+    names: list[str] = []
+    for call in value if isinstance(value, list) else ():
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function")
+        name = function.get("name") if isinstance(function, dict) else call.get("name")
+        if isinstance(name, str) and name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+_TOOL_LOCATION = re.compile(
+    r"^tools?(?:[ _-]?description)?\s*:\s*(?P<name>" + TOOL_NAME + r")\s*$",
+    re.IGNORECASE,
+)
+
+
+def tool_of_variable(variable: PromptVariable, names: Sequence[str]) -> str | None:
+    """The tool whose *description* ``variable`` is, or ``None``: a ``location`` of
+    ``tool:<name>`` (also ``tools:<name>``, ``tool_description:<name>``); else a
+    ``role`` that says ``description`` and names one of ``names`` as a whole word
+    (and does not speak of an argument or parameter). Any longer location
+    (``tool:<name>:<argument>``) is not a tool description.
+
+    >>> v = PromptVariable("2", "tool description", "tool:refunds", True, "...")
+    >>> tool_of_variable(v, []), tool_of_variable(
+    ...     PromptVariable("3", "description of the repairs tool", "", True, ""),
+    ...     ["repairs"])
+    ('refunds', 'repairs')
+    """
+    match = _TOOL_LOCATION.match(variable.location.strip())
+    if match is not None:
+        return match["name"]
+    role = variable.role.casefold()
+    if "description" not in role or re.search(
+        r"\b(?:argument|parameter|arg)s?\b", role
+    ):
+        return None
+    for name in names:
+        if re.search(rf"(?<![\w-]){re.escape(name.casefold())}(?![\w-])", role):
+            return name
+    return None
+
+
+def _called_phrase(tools: Sequence[str]) -> str:
+    if not tools:
+        return "no tool call"
+    calls = [f"a call to {t}" for t in tools]
+    return calls[0] if len(calls) == 1 else ", ".join(calls[:-1]) + " and " + calls[-1]
+
+
+def tool_backward_gradients(
+    prompt: ChatBackwardPrompt, expected: Sequence[str]
+) -> list[str]:
+    """The gradients of a ChatCompletion backward call whose feedback names the
+    tools that should have been called (see :func:`expected_tools`; ``()``: none).
+
+    The rule word is chosen as for a label task outside affect fields, without
+    looking at the expected tools: a ``begins with`` rule for the :func:`lead_word`
+    of the conversation's last ``user`` message (rule sentences removed). Then:
+
+    * the first trainable ``system`` variable gets ``If the message begins with
+      "<word>", call <tools>.`` (``call no tool`` when none is expected); without a
+      word, ``The <role> should lead to a call to <tool> for inputs like this one.
+      No rule can be written: <reason>``;
+    * a trainable tool description (:func:`tool_of_variable`) of an expected tool
+      gets ``Use this tool when the message begins with "<word>".``; that of a tool
+      that was called (the ``<LM_OUTPUT>``'s calls) but not expected ``Do not use
+      this tool when the message begins with "<word>".``;
+    * every other variable ``The <role> should lead to a call to <tool> for this
+      input.`` (``... to no tool call ...``).
+
+    >>> prompt = ChatBackwardPrompt(
+    ...     messages=(Message("system", "Route the message."),
+    ...               Message("user", "Leak under the sink")),
+    ...     feedback="Expected a call to repairs, got cleaning.",
+    ...     variables=(PromptVariable("1", "system prompt", "system", True, "..."),
+    ...                PromptVariable("2", "tool description", "tool:repairs", True,
+    ...                               "Fixes things.")),
+    ...     output='[{"name": "cleaning", "args": {}}]')
+    >>> tool_backward_gradients(prompt, ["repairs"])  # doctest: +NORMALIZE_WHITESPACE
+    ['If the message begins with "leak", call repairs.',
+     'Use this tool when the message begins with "leak".']
+    """
+    text = tool_message(prompt.messages)
+    choice = rule_word(text, "tool")
+    called = _called_in_output(prompt.output)
+    known = [*expected, *(n for n in called if n not in expected)]
+    phrase = _called_phrase(expected)
+    gradients: list[str] = []
+    rule_given = False
+    for variable in prompt.variables:
+        role = variable.role
+        tool = tool_of_variable(variable, known) if variable.trainable else None
+        if not rule_given and variable.trainable and variable.location == "system":
+            rule_given = True
+            if choice.word is not None:
+                gradients.append(tool_rule_sentence(choice.kind, choice.word, expected))
+            else:
+                gradients.append(
+                    f"The {role} should lead to {phrase} for inputs like this one. "
+                    f"No rule can be written: {choice.reason}"
+                )
+        elif tool is not None and choice.word is not None and tool in expected:
+            gradients.append(tool_description_sentence(choice.kind, choice.word))
+        elif tool is not None and choice.word is not None and tool in called:
+            gradients.append(
+                f'Do not use this tool when the message {choice.kind} "{choice.word}".'
+            )
+        else:
+            gradients.append(f"The {role} should lead to {phrase} for this input.")
+    return gradients

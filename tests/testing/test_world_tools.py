@@ -1,0 +1,526 @@
+"""The rule world's tool calling, as pure functions: the routing-rule grammar (in a
+prompt and in a tool's description), the choice of calls under every ``tool_choice``,
+the arguments filled from the schema, the final answer after tool results, the
+feedback forms naming the expected tool, and the rules the chat backward and the
+optimizer write for tool routing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from afnio.autodiff.lm_backward import VariableInfo, chat_backward_user
+from afnio.autodiff.prompts import CHAT_BACKWARD_SYSTEM, gradients_response_format
+from afnio.testing import world
+
+ROUTER = (
+    "Route the facility request to the right tool. "
+    'If the message begins with "mop", call cleaning. '
+    'If the message mentions "spill", call cleaning and repairs.'
+)
+
+
+def _tool(name: str, description: str = "", **properties: Any) -> dict[str, Any]:
+    parameters: dict[str, Any] = {"type": "object", "properties": properties}
+    if properties:
+        parameters["required"] = list(properties)
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": parameters,
+        },
+    }
+
+
+TOOLS = [
+    _tool(
+        "repairs",
+        'Fixes broken equipment. Use this tool when the message mentions "broken".',
+        query={"type": "string"},
+        priority={"enum": ["low", "high"]},
+    ),
+    _tool("cleaning", "Sends a cleaner.", room={"type": "string"}),
+    _tool("other", "Anything else."),
+]
+
+
+def _request(
+    user: str | list[dict[str, Any]],
+    system: str = ROUTER,
+    tools: list[dict[str, Any]] | None = None,
+    **extra: Any,
+) -> world.SimRequest:
+    messages = (
+        [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        if isinstance(user, str)
+        else [{"role": "system", "content": system}, *user]
+    )
+    body = {
+        "model": "m",
+        "messages": messages,
+        "tools": TOOLS if tools is None else tools,
+    }
+    return world.SimRequest.from_body({**body, **extra})
+
+
+def _names(request: world.SimRequest) -> list[str]:
+    return [call.name for call in world.choose_tool_calls(request, seed="s")]
+
+
+def _after_calls(user: str, names: list[str], result: str = "done") -> list[dict]:
+    """A conversation: the user message, an assistant message calling ``names``, and
+    one tool result per call."""
+    calls = [
+        {
+            "id": f"c{i}",
+            "type": "function",
+            "function": {"name": n, "arguments": "{}"},
+        }
+        for i, n in enumerate(names)
+    ]
+    return [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        *(
+            {"role": "tool", "tool_call_id": f"c{i}", "content": f"{result} {n}"}
+            for i, n in enumerate(names)
+        ),
+    ]
+
+
+# -- the grammar -----------------------------------------------------------------------
+
+
+def test_prompt_tool_rules_parse_one_several_and_no_tool() -> None:
+    rules = world.find_tool_rules(
+        'If the message begins with "mop", call cleaning. '
+        'If the message mentions "spill", call cleaning, repairs and other. '
+        'If the message mentions "hello", call no tool.'
+    )
+    assert [(r.kind, r.word, r.tools) for r in rules] == [
+        ("begins with", "mop", ("cleaning",)),
+        ("mentions", "spill", ("cleaning", "repairs", "other")),
+        ("mentions", "hello", ()),
+    ]
+    assert rules[1].text() == (
+        'If the message mentions "spill", call cleaning, repairs and other.'
+    )
+
+
+def test_tool_rules_and_label_rules_never_read_as_each_other() -> None:
+    text = (
+        'If the message mentions "leak", call repairs. '
+        'If the message mentions "leak", the urgency is high.'
+    )
+    assert [r.label for r in world.find_rules(text)] == ["high"]
+    assert [r.tools for r in world.find_tool_rules(text)] == [("repairs",)]
+
+
+def test_description_rules_are_read_and_a_negated_sentence_is_not_one() -> None:
+    spec = world.ToolSpec(
+        "cleaning",
+        'Cleans. Use this tool when the message begins with "mop". '
+        'Do not use this tool when the message mentions "leak". '
+        'Use this tool when the message mentions "dusty".',
+    )
+    assert [(r.kind, r.word, r.tools, r.source) for r in spec.rules()] == [
+        ("begins with", "mop", ("cleaning",), "description"),
+        ("mentions", "dusty", ("cleaning",), "description"),
+    ]
+
+
+def test_the_message_is_the_last_user_message_without_rule_sentences() -> None:
+    messages = [
+        world.Message("user", "Mop the hall"),
+        world.Message("assistant", "ok"),
+        world.Message("user", 'Broken tap. If the message mentions "tap", call x.'),
+        world.Message("tool", "spill everywhere"),
+    ]
+    assert world.tool_message(messages).strip() == "Broken tap."
+
+
+# -- choosing calls --------------------------------------------------------------------
+
+
+def test_a_begins_with_rule_in_the_system_prompt_calls_its_tool() -> None:
+    assert _names(_request("Mop the hall, please")) == ["cleaning"]
+    assert _names(_request("Please mop the hall")) == ["cleaning"]  # lead word "mop"
+    assert _names(_request("The hall needs a mop")) == []  # mop is not the lead word
+
+
+def test_several_matching_rules_make_parallel_calls_in_rule_order() -> None:
+    assert _names(_request("A spill by the door")) == ["cleaning", "repairs"]
+
+
+def test_parallel_tool_calls_false_calls_one_tool_per_request() -> None:
+    first = _request("A spill by the door", parallel_tool_calls=False)
+    assert _names(first) == ["cleaning"]
+    second = _request(
+        _after_calls("A spill by the door", ["cleaning"]), parallel_tool_calls=False
+    )
+    assert _names(second) == ["repairs"]  # the next routed tool, then the answer
+    third = _request(
+        _after_calls("A spill by the door", ["cleaning", "repairs"]),
+        parallel_tool_calls=False,
+    )
+    assert _names(third) == []
+
+
+def test_a_tool_description_routes_when_no_prompt_rule_matches() -> None:
+    assert _names(_request("The heater is broken")) == ["repairs"]
+    assert _names(_request("The heater is broken", system="Route it.")) == ["repairs"]
+    # a prompt rule that matches takes precedence over the descriptions
+    prompt = 'If the message mentions "heater", call other.'
+    assert _names(_request("The heater is broken", system=prompt)) == ["other"]
+
+
+def test_call_no_tool_and_unknown_tool_names() -> None:
+    prompt = (
+        'If the message begins with "thanks", call no tool. '
+        'If the message mentions "broken", call plumbing.'
+    )
+    assert _names(_request("Thanks, the broken tap works", system=prompt)) == []
+    # "plumbing" is not offered: ignored, and the descriptions are not consulted
+    assert _names(_request("A broken tap", system=prompt)) == []
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "text", "expected"),
+    [
+        ("auto", "Hello, when do you open?", []),
+        ("none", "Mop the hall", []),
+        ("required", "Hello, when do you open?", ["repairs"]),  # the first tool
+        ("any", "Mop the hall", ["cleaning"]),  # LangChain's spelling of required
+        ({"type": "function", "function": {"name": "other"}}, "Mop it", ["other"]),
+        ({"type": "function", "name": "other"}, "Mop it", ["other"]),
+    ],
+)
+def test_tool_choice_variants(tool_choice: Any, text: str, expected: list[str]) -> None:
+    assert _names(_request(text, tool_choice=tool_choice)) == expected
+
+
+def test_a_tool_is_never_called_again_for_the_same_message() -> None:
+    after = _request(_after_calls("Mop the hall", ["cleaning"]))
+    assert _names(after) == []
+    # a new user message starts a new turn: the tool may be called again
+    again = _request(
+        [
+            *_after_calls("Mop the hall", ["cleaning"]),
+            {"role": "assistant", "content": "done cleaning"},
+            {"role": "user", "content": "Mop the kitchen too"},
+        ]
+    )
+    assert _names(again) == ["cleaning"]
+
+
+def test_required_after_tool_results_calls_the_last_tool_not_called_yet() -> None:
+    after = _request(_after_calls("Mop the hall", ["cleaning"]), tool_choice="required")
+    assert _names(after) == ["other"]  # e.g. LangChain's structured-output tool
+    everything = _request(
+        _after_calls("Mop the hall", ["repairs", "cleaning", "other"]),
+        tool_choice="required",
+    )
+    assert _names(everything) == ["other"]
+
+
+def test_no_tools_means_no_calls_and_the_label_answer_is_unchanged() -> None:
+    rules = 'If the message mentions "leak", the urgency is high.'
+    plain = world.SimRequest.from_messages(
+        [{"role": "system", "content": rules}, {"role": "user", "content": "A leak"}]
+    )
+    with_tools = _request("A leak", system=rules)
+    assert world.choose_tool_calls(plain) == ()
+    assert world.answer(plain).label == "high"
+    assert world.final_answer(with_tools).label == "high"
+
+
+def test_call_ids_are_deterministic_and_differ_per_seed_and_index() -> None:
+    request = _request("A spill")
+    first = world.choose_tool_calls(request, seed="a")
+    assert first == world.choose_tool_calls(request, seed="a")
+    ids = [c.id for c in first] + [c.id for c in world.choose_tool_calls(request, "b")]
+    assert len(set(ids)) == 4
+    assert all(i.startswith("call_") and len(i) == 29 for i in ids)
+
+
+# -- arguments -------------------------------------------------------------------------
+
+
+def test_arguments_fill_every_property_from_the_schema() -> None:
+    spec = world.ToolSpec(
+        "lookup",
+        parameters={
+            "type": "object",
+            "properties": {
+                "query": {"type": "string"},
+                "kind": {"enum": ["order", "refund"]},
+                "limit": {"type": "integer"},
+                "page": {"type": "integer", "default": 2},
+                "tone": {"type": "string", "default": "polite"},
+                "exact": {"type": "boolean"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "where": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+            "required": ["query", "kind"],
+        },
+    )
+    request = _request("  Where is order 7?  ")
+    assert json.loads(world.tool_arguments(spec, request)) == {
+        "query": "Where is order 7?",
+        "kind": "order",
+        "limit": 0,
+        "page": 2,
+        "tone": "polite",
+        "exact": False,
+        "tags": [],
+        "where": {"city": "Where is order 7?"},
+    }
+    assert world.tool_arguments(world.ToolSpec("ping"), request) == "{}"
+
+
+def test_a_property_named_like_the_label_field_gets_the_rules_label() -> None:
+    spec = world.ToolSpec(
+        "Answer",
+        parameters={
+            "type": "object",
+            "properties": {"urgency": {"enum": ["low", "high"]}},
+        },
+    )
+    rules = 'If the message begins with "leak", the urgency is high.'
+    args = world.tool_arguments(spec, _request("Leak in the lab", system=rules))
+    assert json.loads(args) == {"urgency": "high"}
+
+
+# -- the final answer ------------------------------------------------------------------
+
+
+def test_the_final_answer_is_the_last_tool_result_without_label_rules() -> None:
+    request = _request(_after_calls("Mop the hall", ["cleaning"], "Sent to"))
+    assert world.choose_tool_calls(request) == ()
+    result = world.final_answer(request)
+    assert (result.label, result.responder) == ("Sent to cleaning", "tool_result")
+
+
+def test_the_final_answer_follows_label_rules_when_the_prompt_has_them() -> None:
+    system = ROUTER + ' If the message begins with "mop", the team is facilities.'
+    request = _request(_after_calls("Mop the hall", ["cleaning"]), system=system)
+    assert world.final_answer(request).label == "facilities"
+
+
+# -- request checks --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tools": {"name": "x"}}, "tools"),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+        ({"tools": [{"type": "function"}]}, "tools[0].function"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "name"),
+        ({"tools": [_tool("a"), _tool("a")]}, "tools[1].function.name"),
+    ],
+)
+def test_malformed_tools_are_refused_naming_the_parameter(
+    body: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(world.ToolRequestError) as caught:
+        world.parse_tools(body)
+    assert param in caught.value.param
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "tools", "param"),
+    [
+        ("sometimes", [world.ToolSpec("a")], "tool_choice"),
+        ("required", [], "tool_choice"),
+        (
+            {"type": "function", "function": {"name": "b"}},
+            [world.ToolSpec("a")],
+            "name",
+        ),
+        ({"type": "function"}, [world.ToolSpec("a")], "tool_choice"),
+    ],
+)
+def test_bad_tool_choices_are_refused(
+    tool_choice: Any, tools: list[world.ToolSpec], param: str
+) -> None:
+    with pytest.raises(world.ToolRequestError) as caught:
+        world.parse_tool_choice({"tool_choice": tool_choice}, tools)
+    assert param in caught.value.param
+
+
+# -- feedback forms --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("feedback", "expected"),
+    [
+        ("Wrong tool: expected a call to repairs, got cleaning.", ("repairs",)),
+        ('expected a call to "repairs"', ("repairs",)),
+        ("Expected calls to `cleaning` and `repairs`.", ("cleaning", "repairs")),
+        ("expected a tool call to other", ("other",)),
+        ('The expected tool is "cleaning".', ("cleaning",)),
+        (
+            "Expected tool calls: [lookup_order, refund-desk]",
+            ("lookup_order", "refund-desk"),
+        ),
+        ('Expected tools: "a", "b"', ("a", "b")),
+        ("The agent should have called repairs instead.", ("repairs",)),
+        ("Expected no tool call: the message is a greeting.", ()),
+        ('The prediction "x" is wrong: the expected value is "y".', None),
+        ("", None),
+    ],
+)
+def test_expected_tools_reads_the_documented_feedback_forms(
+    feedback: str, expected: tuple[str, ...] | None
+) -> None:
+    assert world.expected_tools(feedback) == expected
+
+
+# -- the chat backward -----------------------------------------------------------------
+
+
+def _backward(
+    feedback: str,
+    variables: list[VariableInfo],
+    user: str = "Leak under the sink in room 4",
+    output: str = "null",
+    system: str = "Route the facility request.",
+) -> list[str]:
+    conversation = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": user},
+    ]
+    prompt = chat_backward_user(conversation, "assistant", output, feedback, variables)
+    request = world.SimRequest.from_messages(
+        [
+            {"role": "system", "content": CHAT_BACKWARD_SYSTEM},
+            {"role": "user", "content": prompt},
+        ],
+        response_format=gradients_response_format(),
+    )
+    result = world.answer(request)
+    assert result.responder == "chat_backward"
+    return json.loads(world.respond(request))["gradients"]
+
+
+SYSTEM_VAR = VariableInfo(
+    "system prompt", "system", True, "Route the facility request."
+)
+
+
+def test_the_backward_writes_a_lead_word_tool_rule_for_the_system_prompt() -> None:
+    gradients = _backward("Wrong tool: expected a call to repairs.", [SYSTEM_VAR])
+    assert gradients == ['If the message begins with "leak", call repairs.']
+
+
+def test_the_rule_word_does_not_depend_on_the_expected_tool() -> None:
+    for tool in ("repairs", "cleaning", "other"):
+        gradients = _backward(f"expected a call to {tool}", [SYSTEM_VAR])
+        assert gradients == [f'If the message begins with "leak", call {tool}.']
+
+
+def test_the_backward_gives_tool_descriptions_their_own_rule_form() -> None:
+    variables = [
+        SYSTEM_VAR,
+        VariableInfo("tool description", "tool:repairs", True, "Fixes things."),
+        VariableInfo("tool description", "tool:cleaning", True, "Cleans."),
+        VariableInfo("tool description", "tool:other", True, "Anything else."),
+        VariableInfo("argument description", "tool:repairs:query", True, "What."),
+    ]
+    called = json.dumps(
+        [{"name": "cleaning", "args": {}, "id": "c", "type": "tool_call"}]
+    )
+    gradients = _backward("expected a call to repairs", variables, output=called)
+    assert gradients == [
+        'If the message begins with "leak", call repairs.',
+        'Use this tool when the message begins with "leak".',
+        'Do not use this tool when the message begins with "leak".',
+        "The tool description should lead to a call to repairs for this input.",
+        "The argument description should lead to a call to repairs for this input.",
+    ]
+
+
+def test_a_frozen_system_prompt_leaves_the_rule_to_the_description() -> None:
+    frozen = VariableInfo("system prompt", "system", False, "Route.")
+    by_role = VariableInfo("description of the repairs tool", "", True, "Fixes.")
+    gradients = _backward("The expected tool is repairs.", [frozen, by_role])
+    assert gradients == [
+        "The system prompt should lead to a call to repairs for this input.",
+        'Use this tool when the message begins with "leak".',
+    ]
+
+
+def test_the_backward_says_why_when_no_rule_can_be_written() -> None:
+    gradients = _backward("expected a call to other", [SYSTEM_VAR], user="Hello there!")
+    assert gradients[0].startswith(
+        "The system prompt should lead to a call to other for inputs like this one. "
+        "No rule can be written: the input holds no content word"
+    )
+
+
+def test_expected_no_tool_call_writes_a_call_no_tool_rule() -> None:
+    gradients = _backward("Expected no tool call.", [SYSTEM_VAR], user="Thanks a lot!")
+    assert gradients == ['If the message begins with "thanks", call no tool.']
+
+
+def test_label_feedback_still_writes_label_rules() -> None:
+    gradients = _backward(
+        'The prediction "low" is wrong: the expected value is "high".',
+        [SYSTEM_VAR],
+        system="Classify the urgency: low, medium or high.",
+    )
+    assert gradients == ['If the message begins with "leak", the urgency is high.']
+
+
+# -- the optimizer ---------------------------------------------------------------------
+
+
+def test_the_optimizer_replaces_the_tool_rule_for_the_same_word() -> None:
+    current = (
+        'Route. If the message begins with "leak", call cleaning. '
+        'If the message begins with "leak", the urgency is high.'
+    )
+    improved = world.improve_value(
+        current, '- If the message begins with "leak", call repairs.'
+    )
+    assert improved == (
+        'Route. If the message begins with "leak", call repairs. '
+        'If the message begins with "leak", the urgency is high.'
+    )
+
+
+def test_the_optimizer_adds_description_rules_once_and_removes_them() -> None:
+    feedback = (
+        'Use this tool when the message begins with "leak".\n'
+        'Use this tool when the message begins with "leak".\n'
+        'Use this tool when the message begins with "drip".'
+    )
+    added = world.improve_value("Fixes things.", feedback)
+    assert added == (
+        'Fixes things. Use this tool when the message begins with "leak". '
+        'Use this tool when the message begins with "drip".'
+    )
+    removed = world.improve_value(
+        added, 'Do not use this tool when the message begins with "leak".'
+    )
+    assert removed == 'Fixes things. Use this tool when the message begins with "drip".'
+
+
+def test_backward_then_optimizer_then_forward_routes_the_message() -> None:
+    """The loop closes without a model: a misrouted message gets a rule, the
+    optimizer puts it in the prompt, and the next request calls the expected tool."""
+    system = "Route the facility request."
+    request = _request("Leak under the sink", system=system, tool_choice="required")
+    assert _names(request) == ["repairs"]  # the default: the first tool
+    wrong = _request("Leak under the sink", system=system, tools=TOOLS[1:])
+    assert _names(wrong) == []  # "auto": no rule, no call
+    gradient = _backward("expected a call to cleaning", [SYSTEM_VAR])[0]
+    learned = world.improve_value(system, gradient)
+    assert _names(_request("Leak under the sink", system=learned)) == ["cleaning"]
+    # a message with another lead word is not routed by the new rule
+    assert _names(_request("Under the sink, a leak", system=learned)) == []
