@@ -23,7 +23,9 @@ Tool calling: a chat request with function ``tools`` (and ``tool_choice``,
 (``If the message begins with "<word>", call <tool>.`` in the prompt, ``Use this tool
 when the message mentions "<word>".`` in a tool's description), and with a final text
 answer after the tool results; see "Tool calling" in :mod:`afnio.testing.world`.
-Malformed ``tools``/``tool_choice`` get a 400 naming the parameter.
+Malformed ``tools``/``tool_choice`` get a 400 naming the parameter, as do an empty
+``tools`` list, ``tool_choice`` or ``parallel_tool_calls`` without ``tools``, and the
+deprecated ``functions``/``function_call`` (use ``tools``).
 
 Endpoints: ``POST /v1/chat/completions`` (also ``stream: true`` as server-sent
 events), ``POST /v1/completions``, ``POST /v1/embeddings``, ``GET /v1/models`` and
@@ -509,6 +511,14 @@ def _check_tools(body: Mapping[str, Any]) -> tuple[world.ToolSpec, ...]:
             "Invalid 'parallel_tool_calls': expected a boolean.",
             param="parallel_tool_calls",
             code="invalid_type",
+        )
+    if parallel is not None and not tools:
+        raise _RequestError(
+            400,
+            "Invalid value for 'parallel_tool_calls': 'parallel_tool_calls' is only "
+            "allowed when 'tools' are specified.",
+            param="parallel_tool_calls",
+            code="invalid_value",
         )
     return tools
 

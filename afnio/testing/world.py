@@ -182,10 +182,15 @@ parallel, in rule order; the first matching ``call no tool`` means none); else e
 tool whose description has a matching rule is called. Tools already called in this
 turn are never called again, so an agent loop ends. ``tool_choice`` (default
 ``auto``): ``auto`` calls the routed tools, or answers in text when none is routed;
-``none`` always answers in text; ``required`` (``any``) calls the routed tools, or
-the first tool (after tool results: the last tool not called yet, LangChain's
-structured-output tool); a named function is always called. ``parallel_tool_calls:
-false`` calls the first routed tool only (the next request calls the next one).
+``none`` always answers in text; ``required`` (``any``) calls the routed tools, or,
+when nothing is routed (no rule matches, a matching ``call no tool``, every routed
+tool already called), the *last* tool not called yet in this turn (else the last
+tool): one rule for every client, which lets LangChain's structured-output tool
+(appended last) answer directly; a named function is always called.
+``parallel_tool_calls: false`` calls the first routed tool only (the next request
+calls the next one). An empty ``tools`` list, ``tool_choice`` or
+``parallel_tool_calls`` without ``tools``, and the deprecated ``functions`` /
+``function_call`` are refused (HTTP 400), as the API does.
 
 Arguments (:func:`tool_arguments`) fill every property of the tool's ``parameters``
 schema: a property named like the label rules' field gets the label, a top-level
@@ -197,19 +202,27 @@ text of the last tool result.
 
 Backward and optimizer (see :func:`tool_backward_gradients`): when the feedback names
 the tools that should have been called (:func:`expected_tools`: ``expected a call
-to <tool>``, ``expected calls to <a> and <b>``, ``expected tool is <tool>``,
-``expected tool calls: [<a>, <b>]``, ``should have called <tool>``, ``expected no
-tool call``; read before the label target), the chat backward writes, for the
-message's lead word (label-blind, as for a non-affect field), ``If the message
-begins with "<word>", call <tool>.`` for the first trainable system prompt, ``Use
-this tool when the message begins with "<word>".`` for the trainable description of
-an expected tool (a variable whose ``location`` is ``tool:<name>``, or whose role
-names the tool's description), ``Do not use this tool when the message begins with
-"<word>".`` for that of a tool called (the ``<LM_OUTPUT>``'s calls) but not
-expected, and ``The <role> should lead to a call to <tool> for this input.`` for
-any other variable. The optimizer (:func:`improve_value`) replaces the tool rule for
-the same word and kind in place, adds a description rule once, and removes the
-description rule a ``Do not use this tool ...`` sentence names.
+to <tool>``, ``expected tool calls: [<a>, <b>]``, ``Expected tool calls: [], got
+[<b>]``, ``should have called <tool>``, ``called <b>, expected <a>``, ``Expected:
+[<a>]. Got: [<b>].``, ``expected no tool call``, ``should not have called any
+tool``...) *and* the backward prompt shows tool calling (:func:`shown_tools`: the
+``<LM_OUTPUT>`` holds tool calls, a variable is a ``tool:<name>`` location, or the
+conversation shows tool results, calls or definitions naming the tool; when it lists
+the offered tools, every expected name must be one of them), it is read before the
+label target; otherwise the feedback is label feedback. The chat backward then
+writes a rule for the word and kind of the rule that decided the wrong call
+(:func:`deciding_rule`, so that the optimizer replaces it in place), or, when no rule
+decided, for the message's lead word (label-blind, as for a non-affect field): ``If
+the message <kind> "<word>", call <tool>.`` for the first trainable system prompt,
+``Use this tool when the message <kind> "<word>".`` for the trainable description
+of an expected tool (a variable whose ``location`` is ``tool:<name>``, or whose role
+names the tool's description), ``Do not use this tool when the message <kind>
+"<word>".`` for that of a tool called (the ``<LM_OUTPUT>``'s calls, or routed by its
+description) but not expected, and ``The <role> should lead to a call to <tool> for
+this input.`` for any other variable. The optimizer (:func:`improve_value`) replaces
+the tool rule for the same word and kind in place, adds a description rule once,
+and removes the description rules for the word a ``Do not use this tool ...``
+sentence names, whatever their kind.
 
 Rendering
 ---------
@@ -254,14 +267,17 @@ __all__ = [
     "ToolChoice",
     "ToolRequestError",
     "ToolRule",
+    "ShownTools",
     "ToolSpec",
     "called_tools",
     "choose_tool_calls",
+    "deciding_rule",
     "expected_tools",
     "final_answer",
     "find_tool_rules",
     "parse_tool_choice",
     "parse_tools",
+    "shown_tools",
     "strip_rules",
     "tool_arguments",
     "tool_backward_gradients",
@@ -1578,7 +1594,9 @@ def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
         return ["" for _ in prompt.variables]
     tools = expected_tools(feedback)
     if tools is not None:  # tool routing (see the "Tool calling" section)
-        return tool_backward_gradients(prompt, tools)
+        shown = shown_tools(prompt, tools)
+        if shown.accepts(tools):
+            return tool_backward_gradients(prompt, tools, shown)
     found = _TARGET_IN_FEEDBACK.search(feedback)
     target = found[1] if found else None
     conversation = "\n".join(m.text for m in prompt.messages)
@@ -1889,8 +1907,9 @@ def improve_value(current: str, feedback: str, constraints: str = "") -> str:
     tool rule (``If the message begins with "<w>", call <tool>.``) replaces the tool
     rule for the same word and kind, a tool description's rule (``Use this tool when
     the message begins with "<w>".``) is added once, and ``Do not use this tool when
-    the message begins with "<w>".`` removes that description rule. Label rules and
-    tool rules for the same word never replace each other.
+    the message begins with "<w>".`` removes every description rule for that word,
+    whatever its kind (``mentions`` or ``begins with``). Label rules and tool rules
+    for the same word never replace each other.
 
     >>> improve_value("Classify.", '- If the message mentions "bad", the mood is low.')
     'Classify. If the message mentions "bad", the mood is low.'
@@ -1945,9 +1964,9 @@ def _feedback_edits(text: str) -> list[Rule | ToolRule | tuple[str, str]]:
 def _apply_edit(value: str, edit: Rule | ToolRule | tuple[str, str]) -> str:
     """``value`` with one edit of :func:`_feedback_edits` applied."""
     if isinstance(edit, tuple):
-        kind, word = edit
+        _, word = edit  # a removal names the word; the rule's kind may differ
         for rule in ToolSpec("_", value).rules():
-            if rule.kind == kind and rule.word.casefold() == word.casefold():
+            if rule.word.casefold() == word.casefold():
                 value = re.sub(r"[ \t]*" + re.escape(rule.sentence), "", value, count=1)
         return value.strip()
     sentence = edit.text()
@@ -2520,20 +2539,35 @@ def strip_rules(text: str) -> str:
 
 def parse_tools(body: Mapping[str, Any]) -> tuple[ToolSpec, ...]:
     """The function tools of a request body (``tools``), in order; ``()`` without
-    any (an absent, ``null`` or empty list). Raises :class:`ToolRequestError` for a
-    malformed list (not a list, an entry that is not ``{"type": "function",
-    "function": {"name": ...}}``, a name outside ``[A-Za-z0-9_-]{1,64}``, a name
-    given twice).
+    any (absent or ``null``). Raises :class:`ToolRequestError`, as the API answers
+    400, for a malformed list (not a list, an empty list, an entry that is not
+    ``{"type": "function", "function": {"name": ...}}``, a name outside
+    ``[A-Za-z0-9_-]{1,64}``, a name given twice) and for the deprecated
+    ``functions``/``function_call`` parameters (use ``tools``/``tool_choice``).
 
     >>> parse_tools({"tools": [{"type": "function", "function": {"name": "f",
     ...     "description": "Does f.", "parameters": {"type": "object"}}}]})
     (ToolSpec(name='f', description='Does f.', parameters={'type': 'object'}),)
     """
+    for legacy in ("functions", "function_call"):
+        if body.get(legacy) is not None:
+            raise ToolRequestError(
+                f"Unsupported parameter: '{legacy}' (the deprecated function-calling "
+                'API). Use \'tools\' (a list of {"type": "function", "function": '
+                "{...}}) and 'tool_choice' instead.",
+                legacy,
+            )
     raw = body.get("tools")
     if raw is None:
         return ()
     if not isinstance(raw, list):
         raise ToolRequestError("Invalid 'tools': expected an array of tools.", "tools")
+    if not raw:
+        raise ToolRequestError(
+            "Invalid 'tools': empty array. Expected an array with minimum length 1; "
+            "leave 'tools' out to send no tools.",
+            "tools",
+        )
     specs: list[ToolSpec] = []
     for i, tool in enumerate(raw):
         where = f"tools[{i}]"
@@ -2582,8 +2616,8 @@ def parse_tool_choice(body: Mapping[str, Any], tools: Sequence[ToolSpec]) -> Too
     """The request's ``tool_choice`` (default ``auto``): ``"auto"``, ``"none"``,
     ``"required"`` (``"any"`` too), or ``{"type": "function", "function": {"name":
     ...}}`` (``{"type": "function", "name": ...}`` too) naming one of ``tools``.
-    Raises :class:`ToolRequestError` for any other value, and for a ``tool_choice``
-    other than ``"none"``/``"auto"`` without tools.
+    Raises :class:`ToolRequestError` for any other value, and for any
+    ``tool_choice`` without tools (as the API does).
 
     >>> spec = ToolSpec("lookup")
     >>> parse_tool_choice({}, [spec]), parse_tool_choice(
@@ -2594,18 +2628,18 @@ def parse_tool_choice(body: Mapping[str, Any], tools: Sequence[ToolSpec]) -> Too
     raw = body.get("tool_choice")
     if raw is None:
         return ToolChoice()
+    if not tools:
+        raise ToolRequestError(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+            "'tools' are specified.",
+            "tool_choice",
+        )
     if isinstance(raw, str):
         mode = "required" if raw == "any" else raw
         if mode not in TOOL_CHOICES:
             raise ToolRequestError(
                 f"Invalid value for 'tool_choice': {raw!r}. Expected 'none', 'auto', "
                 "'required' or an object naming a function.",
-                "tool_choice",
-            )
-        if mode == "required" and not tools:
-            raise ToolRequestError(
-                "Invalid value for 'tool_choice': 'required' is only allowed when "
-                "'tools' are specified.",
                 "tool_choice",
             )
         return ToolChoice(mode)
@@ -2698,17 +2732,27 @@ def tool_results(request: SimRequest) -> tuple[str, ...]:
 
 def tool_routing(
     request: SimRequest, tools: Sequence[ToolSpec]
-) -> tuple[tuple[str, ...], ToolRule | None]:
-    """The tools the rules route the current message to, and the rule that decided
-    (``None`` when none matched).
+) -> tuple[tuple[str, ...], tuple[ToolRule, ...]]:
+    """The tools the rules route the current message to, and the rules that decided
+    (``()`` when none matched).
 
     The prompt's tool rules (:func:`find_tool_rules` over the ``system``,
     ``developer`` and ``user`` messages, in message order) come first: when any of
     them matches :func:`tool_message`, the answer is the tools of *every* matching
-    prompt rule (in order, without repeats); when the first matching one is ``call no
-    tool``, no tool. Only when no prompt rule matches are the tools' own descriptions
-    read (:meth:`ToolSpec.rules`, in tool order): every tool whose description has a
-    matching rule. Names that are not among ``tools`` are ignored.
+    prompt rule (in order, without repeats) and those rules decided; when the first
+    matching one is ``call no tool``, no tool, and that rule alone decided. Only when
+    no prompt rule matches are the tools' own descriptions read (:meth:`ToolSpec.rules`,
+    in tool order): every tool whose description has a matching rule. Names that are
+    not among ``tools`` are ignored. The chat backward reuses the word and kind of a
+    deciding rule that routed wrongly (see :func:`tool_backward_gradients`), so that
+    the optimizer replaces that rule in place.
+
+    >>> request = SimRequest.from_messages([{"role": "system", "content":
+    ...     'If the message mentions "leak", call cleaning.'},
+    ...     {"role": "user", "content": "A leak in room 4"}])
+    >>> names, rules = tool_routing(request, [ToolSpec("cleaning"), ToolSpec("fix")])
+    >>> names, [(r.kind, r.word) for r in rules]
+    (('cleaning',), [('mentions', 'leak')])
     """
     text = tool_message(request.messages)
     available = {spec.name for spec in tools}
@@ -2723,12 +2767,12 @@ def tool_routing(
         if not matched:
             continue
         if not matched[0].tools:
-            return (), matched[0]
+            return (), (matched[0],)
         names: list[str] = []
         for rule in matched:
             names.extend(n for n in rule.tools if n in available and n not in names)
-        return tuple(names), matched[0]
-    return (), None
+        return tuple(names), tuple(matched)
+    return (), ()
 
 
 def tool_arguments(spec: ToolSpec, request: SimRequest) -> str:
@@ -2783,9 +2827,12 @@ def choose_tool_calls(request: SimRequest, seed: str = "") -> tuple[ToolCall, ..
       agent loop ends: after the tool results, the model answers.
 
       - ``auto`` (the default): the routed tools; none routed: no call.
-      - ``required``: the routed tools; none routed (or all called): the first
-        tool, or, once this message has tool results, the last tool not called yet
-        (LangChain appends its structured-output tool last), else the last tool.
+      - ``required``: the routed tools; none routed (no rule matches, a matching
+        ``call no tool``, or every routed tool already called): the *last* tool not
+        called yet for this message, else the last tool. One rule for every client:
+        a router that must call a tool calls its last one, and LangChain's
+        structured-output tool (appended last, e.g. by ``create_agent(...,
+        response_format=...)``) answers directly instead of a spurious call first.
     * Several tools are called in parallel (one message, several ``tool_calls``)
       unless ``parallel_tool_calls`` is ``false``: then the first only (the next
       request calls the next one).
@@ -2806,11 +2853,8 @@ def choose_tool_calls(request: SimRequest, seed: str = "") -> tuple[ToolCall, ..
         routed, _ = tool_routing(request, tools)
         names = tuple(n for n in routed if n not in done)
         if not names and choice.mode == "required":
-            if tool_results(request):
-                fresh = [s.name for s in tools if s.name not in done]
-                names = (fresh[-1] if fresh else tools[-1].name,)
-            else:
-                names = (tools[0].name,)
+            fresh = [s.name for s in tools if s.name not in done]
+            names = (fresh[-1] if fresh else tools[-1].name,)
     if request.body.get("parallel_tool_calls") is False:
         names = names[:1]
     return tuple(
@@ -2842,10 +2886,11 @@ def final_answer(request: SimRequest) -> Answer:
 
 _NAME_ITEM = r"[\"'`]?(?:" + TOOL_NAME + r")[\"'`]?"
 _QUOTED_NAME = r"[\"'`](?:" + TOOL_NAME + r")[\"'`]"
+_BRACKETED = rf"\[\s*(?:{_NAME_ITEM}(?:\s*,\s*{_NAME_ITEM})*)?\s*\]"
 _NAMES = (
     r"(?P<names>"
-    # a bracketed list: [a, b]
-    + rf"\[\s*{_NAME_ITEM}(?:\s*,\s*{_NAME_ITEM})*\s*\]"
+    # a bracketed list: [a, b]; [] is no tool
+    + _BRACKETED
     # a list that ends with "and": a, b and c
     + rf"|{_NAME_ITEM}(?:\s*,\s*{_NAME_ITEM})*,?\s+and\s+{_NAME_ITEM}"
     # quoted names separated by commas: "a", "b"
@@ -2853,8 +2898,27 @@ _NAMES = (
     # one name
     + rf"|{_NAME_ITEM})"
 )
+_NOT_A_NAME = (
+    r"(?!(?:it|them|this|that|these|those|out|attention|for|on|up|back|off|in)\b)"
+)
+"""Words after ``call`` that make it the verb of a label sentence (``call it
+billing``, ``call out``, ``call attention to``), not the call of a tool."""
+_NAME_END = (
+    r"(?=\s*(?:tools?\b|instead\b|first\b|here\b|too\b|rather\b|but\b|"
+    r"[.,;:!?)\]]|$))"
+)
+"""What may follow a bare tool name in ``should call <tool>``: the end of the phrase
+(punctuation, ``tool``, ``instead``, ``but``...), never another word of a
+sentence."""
 _EXPECTED_NO_TOOL = re.compile(
-    r"\bexpected\s+no\s+(?:tool\s+)?calls?\b|\bexpected\s+no\s+tools?\b", re.IGNORECASE
+    # "Expected no tool call", "expected no tools", "Expected no calls."
+    r"\bexpected\s+no\s+tools?(?:\s+calls?)?\b"
+    r"|\bexpected\s+no\s+calls?(?=\s*(?:[.,;:!?)]|$|but\b|got\b|were\b|was\b))"
+    # "The agent should not have called any tool", "shouldn't call any tools"
+    r"|\bshould\s*(?:not|n[\u2019']t)\s+(?:have\s+)?call(?:ed)?\s+any\s+tools?\b"
+    # "No tool should have been called", "no tools should be called"
+    r"|\bno\s+tools?\s+should\s+(?:have\s+been|be)\s+called\b",
+    re.IGNORECASE,
 )
 _EXPECTED_TOOL_FORMS: tuple[re.Pattern[str], ...] = (
     # "expected a call to lookup_order", "Expected calls to `a` and `b`"
@@ -2863,32 +2927,60 @@ _EXPECTED_TOOL_FORMS: tuple[re.Pattern[str], ...] = (
         r"(?:tools?\s+)?" + _NAMES,
         re.IGNORECASE,
     ),
-    # "The expected tool is "a"", "Expected tool calls: [a, b]"
+    # "The expected tool is "a"", "Expected tool calls: [a, b]", "Expected tool
+    # calls: [], got [x]", "expected tools ['a'] but got ['b']"
     re.compile(
         r"\bexpected\s+tools?(?:\s+calls?)?(?:\s+(?:is|are|was|were)|\s*:)\s*" + _NAMES,
         re.IGNORECASE,
     ),
-    # "should have called refunds", "it should call a and b"
     re.compile(
-        r"\bshould\s+(?:have\s+)?call(?:ed)?\s+(?:the\s+)?(?:tools?\s+)?" + _NAMES,
+        r"\bexpected\s+tools?(?:\s+calls?)?\s*(?P<names>" + _BRACKETED + ")",
         re.IGNORECASE,
     ),
+    # "should have called refunds", "it should call a and b." (a name, then the end
+    # of the phrase: "should call it billing" is no tool call)
+    re.compile(
+        r"\bshould\s+(?:have\s+)?call(?:ed)?\s+(?:the\s+)?(?:tools?\s+)?"
+        + _NOT_A_NAME
+        + _NAMES
+        + _NAME_END,
+        re.IGNORECASE,
+    ),
+    # "Wrong tool: called cleaning, expected repairs."
+    re.compile(
+        r"\bcalled\s+" + _NAME_ITEM + r"(?:\s*,\s*|\s+(?:and|but)\s+)(?:but\s+)?"
+        r"expected\s+(?:the\s+)?(?:tools?\s+)?" + _NOT_A_NAME + _NAMES + _NAME_END,
+        re.IGNORECASE,
+    ),
+    # "Expected: [repairs]. Got: [cleaning]." (a bracketed list only)
+    re.compile(r"\bexpected\s*:\s*(?P<names>" + _BRACKETED + ")", re.IGNORECASE),
 )
 
 
 def expected_tools(feedback: str) -> tuple[str, ...] | None:
     """The tools a feedback says should have been called, or ``None`` when it names
     no tool call. The forms read (any case; names bare, quoted or in backticks,
-    several separated by commas or ``and``, optionally in ``[...]``):
+    several separated by commas or ``and``, optionally in ``[...]``; ``[]`` is no
+    tool):
 
     * ``expected a call to <tool>`` (also ``expected calls to <a> and <b>``,
       ``expected a tool call to <tool>``);
     * ``expected tool is <tool>``, ``expected tool: <tool>``, ``expected tool
-      calls: [<a>, <b>]``;
-    * ``should have called <tool>`` / ``should call <tool>``;
-    * ``expected no tool call`` (``expected no call``, ``expected no tools``): ``()``.
+      calls: [<a>, <b>]``, ``expected tools [<a>] but got [<b>]``, ``Expected tool
+      calls: [], got [<b>]`` (no tool);
+    * ``should have called <tool>`` / ``should call <tool>``, the name ending the
+      phrase (``should call it billing``, ``should call attention to`` are not
+      tool calls);
+    * ``called <b>, expected <a>`` (``Wrong tool: called cleaning, expected
+      repairs.``);
+    * ``Expected: [<a>]. Got: [<b>].`` (a bracketed list only);
+    * no tool: ``expected no tool call`` (``expected no tools``, ``Expected no
+      calls.`` ending the phrase), ``should not have called any tool``, ``no tool
+      should have been called``.
 
-    The first form found in the text wins.
+    The first form found in the text wins. These forms are generic enough to occur
+    in label feedback, so the chat backward reads them only when its prompt shows
+    tool calling (see :func:`shown_tools`).
 
     >>> expected_tools('Wrong tool: expected a call to "repairs", got cleaning.')
     ('repairs',)
@@ -2896,6 +2988,11 @@ def expected_tools(feedback: str) -> tuple[str, ...] | None:
     ('lookup', 'refund')
     >>> expected_tools("Expected no tool call."), expected_tools("expected value")
     ((), None)
+    >>> expected_tools("Expected tool calls: [], got ['cleaning']")
+    ()
+    >>> expected_tools("You should call it billing."), expected_tools(
+    ...     "Wrong tool: called cleaning, expected repairs.")
+    (None, ('repairs',))
     """
     found: list[tuple[int, tuple[str, ...]]] = []
     none = _EXPECTED_NO_TOOL.search(feedback)
@@ -2973,24 +3070,174 @@ def _called_phrase(tools: Sequence[str]) -> str:
     return calls[0] if len(calls) == 1 else ", ".join(calls[:-1]) + " and " + calls[-1]
 
 
+def _tool_items(value: Any) -> list[Mapping[str, Any]]:
+    """The objects of a JSON value that may be tools or tool calls: a list's items,
+    an object's ``tools``/``tool_calls`` items, or the object itself."""
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, Mapping)]
+    if isinstance(value, Mapping):
+        nested = [
+            v
+            for key in ("tools", "tool_calls")
+            if isinstance(value.get(key), list)
+            for v in value[key]
+            if isinstance(v, Mapping)
+        ]
+        return nested or [value]
+    return []
+
+
+@dataclass(frozen=True)
+class ShownTools:
+    """What a chat-backward prompt shows of tool calling (see :func:`shown_tools`).
+
+    ``called``: the tools its ``<LM_OUTPUT>`` calls; ``offered``: the tools listed in
+    the conversation as tool definitions (the request's ``tools``), with their
+    descriptions; ``named``: every tool name shown (offered, called in the output or
+    in an assistant message, a tool-description variable); ``evidence``: whether
+    the prompt shows tool calling at all."""
+
+    called: tuple[str, ...] = ()
+    offered: tuple[ToolSpec, ...] = ()
+    named: tuple[str, ...] = ()
+    evidence: bool = False
+
+    def accepts(self, expected: Sequence[str]) -> bool:
+        """Whether feedback naming ``expected`` (``()``: no tool) is about this
+        prompt's tool calls: the prompt shows tool calling, and, when it lists the
+        offered tools, every expected name is one of them."""
+        if not self.evidence:
+            return False
+        offered = {spec.name for spec in self.offered}
+        return not offered or all(name in offered for name in expected)
+
+
+def shown_tools(prompt: ChatBackwardPrompt, expected: Sequence[str] = ()) -> ShownTools:
+    """What ``prompt`` shows of tool calling. The prompt shows tool calling when
+
+    * its ``<LM_OUTPUT>`` holds tool calls (a JSON list, or an object with
+      ``tool_calls``, of calls in OpenAI's shape ``{"function": {"name"}}`` or
+      LangChain's ``{"name", "args"}``);
+    * a variable is a tool's description or argument (a ``location`` of
+      ``tool:<name>``, ``tools:<name>``, ``tool_description:<name>``, optionally
+      ``:<argument>``), or a variable's role names one of the ``expected`` tools as
+      the tool it describes (``description of the repairs tool``);
+    * a message of the conversation is a ``tool`` result, or its text is JSON
+      holding tool calls or tool definitions (``[{"type": "function", "function":
+      {"name", "description", "parameters"}}]``, LangChain's ``{"name",
+      "description", "parameters"}``, or an object with a ``tools`` list) that list
+      one of the ``expected`` tools (or any, when no tool is expected).
+
+    >>> prompt = ChatBackwardPrompt(messages=(Message("user", "Leak"),),
+    ...     feedback="", variables=(), output='[{"name": "cleaning", "args": {}}]')
+    >>> shown_tools(prompt).called, shown_tools(prompt).evidence
+    (('cleaning',), True)
+    """
+    called = _called_in_output(prompt.output)
+    named: list[str] = list(called)
+    offered: list[ToolSpec] = []
+    evidence = bool(called)
+    for message in prompt.messages:
+        if message.role == "tool":
+            evidence = True
+        is_json, value = _json_value(message.text.strip())
+        for item in _tool_items(value) if is_json else ():
+            function = item.get("function")
+            spec = function if isinstance(function, Mapping) else item
+            name = spec.get("name")
+            if not isinstance(name, str) or re.fullmatch(TOOL_NAME, name) is None:
+                continue
+            if name not in named:
+                named.append(name)
+            if "args" in spec or "arguments" in spec:  # a call
+                evidence = evidence or not expected or name in expected
+            elif "parameters" in spec or "description" in spec:  # a definition
+                description = spec.get("description")
+                offered.append(
+                    ToolSpec(name, description if isinstance(description, str) else "")
+                )
+    if offered and (not expected or any(s.name in expected for s in offered)):
+        evidence = True
+    for variable in prompt.variables:
+        location = variable.location.strip()
+        located = re.match(
+            r"^tools?(?:[ _-]?description)?\s*:\s*(?P<name>" + TOOL_NAME + r")",
+            location,
+            re.IGNORECASE,
+        )
+        name = located["name"] if located else tool_of_variable(variable, expected)
+        if name is not None:
+            evidence = True
+            if name not in named:
+                named.append(name)
+    return ShownTools(called, tuple(offered), tuple(named), evidence)
+
+
+def _description_specs(
+    prompt: ChatBackwardPrompt, shown: ShownTools
+) -> tuple[ToolSpec, ...]:
+    """The tools of ``prompt`` with the descriptions it shows (a tool-description
+    variable's text over the conversation's definition), for re-running the
+    routing of the call (see :func:`tool_routing`)."""
+    specs = {spec.name: spec for spec in shown.offered}
+    for name in shown.named:
+        specs.setdefault(name, ToolSpec(name))
+    for variable in prompt.variables:
+        name = tool_of_variable(variable, list(specs))
+        if name is not None:
+            specs[name] = ToolSpec(name, variable.text)
+    return tuple(specs.values())
+
+
+def deciding_rule(
+    prompt: ChatBackwardPrompt, expected: Sequence[str], shown: ShownTools
+) -> ToolRule | None:
+    """The rule that decided the wrong call shown in ``prompt``, or ``None``: the
+    routing is re-run on the prompt's conversation and the tools it shows (see
+    :func:`tool_routing`); among the deciding rules, the first whose tools differ
+    from ``expected`` (a ``call no tool`` when a tool is expected, a rule calling a
+    tool that is not expected or missing one that is).
+
+    >>> prompt = ChatBackwardPrompt(
+    ...     messages=(Message("system", 'If the message mentions "leak", call '
+    ...                       'cleaning.'), Message("user", "A leak, again")),
+    ...     feedback="", variables=(), output='[{"name": "cleaning", "args": {}}]')
+    >>> rule = deciding_rule(prompt, ["repairs"], shown_tools(prompt, ["repairs"]))
+    >>> rule.kind, rule.word
+    ('mentions', 'leak')
+    """
+    request = SimRequest.from_messages(
+        [{"role": m.role, "content": m.text} for m in prompt.messages]
+    )
+    _, rules = tool_routing(request, _description_specs(prompt, shown))
+    wanted = set(expected)
+    return next((rule for rule in rules if set(rule.tools) != wanted), None)
+
+
 def tool_backward_gradients(
-    prompt: ChatBackwardPrompt, expected: Sequence[str]
+    prompt: ChatBackwardPrompt,
+    expected: Sequence[str],
+    shown: ShownTools | None = None,
 ) -> list[str]:
     """The gradients of a ChatCompletion backward call whose feedback names the
-    tools that should have been called (see :func:`expected_tools`; ``()``: none).
+    tools that should have been called (see :func:`expected_tools`; ``()``: none)
+    and whose prompt shows tool calling (``shown``, see :func:`shown_tools`).
 
-    The rule word is chosen as for a label task outside affect fields, without
-    looking at the expected tools: a ``begins with`` rule for the :func:`lead_word`
-    of the conversation's last ``user`` message (rule sentences removed). Then:
+    The rule's word and kind: when a rule decided the wrong call
+    (:func:`deciding_rule`: the routing re-run on the prompt), that rule's own word
+    and kind, so that the optimizer replaces it in place (a wrong rule is corrected,
+    never outvoted); else, without looking at the expected tools, a ``begins with``
+    rule for the :func:`lead_word` of the conversation's last ``user`` message (rule
+    sentences removed), as for a label task outside affect fields. Then:
 
-    * the first trainable ``system`` variable gets ``If the message begins with
+    * the first trainable ``system`` variable gets ``If the message <kind>
       "<word>", call <tools>.`` (``call no tool`` when none is expected); without a
       word, ``The <role> should lead to a call to <tool> for inputs like this one.
       No rule can be written: <reason>``;
     * a trainable tool description (:func:`tool_of_variable`) of an expected tool
-      gets ``Use this tool when the message begins with "<word>".``; that of a tool
-      that was called (the ``<LM_OUTPUT>``'s calls) but not expected ``Do not use
-      this tool when the message begins with "<word>".``;
+      gets ``Use this tool when the message <kind> "<word>".``; that of a tool
+      that was called (the ``<LM_OUTPUT>``'s calls) or routed by its description
+      but not expected ``Do not use this tool when the message <kind> "<word>".``;
     * every other variable ``The <role> should lead to a call to <tool> for this
       input.`` (``... to no tool call ...``).
 
@@ -3006,10 +3253,16 @@ def tool_backward_gradients(
     ['If the message begins with "leak", call repairs.',
      'Use this tool when the message begins with "leak".']
     """
-    text = tool_message(prompt.messages)
-    choice = rule_word(text, "tool")
-    called = _called_in_output(prompt.output)
-    known = [*expected, *(n for n in called if n not in expected)]
+    shown = shown_tools(prompt, expected) if shown is None else shown
+    decided = deciding_rule(prompt, expected, shown)
+    if decided is not None:
+        choice = RuleWord(decided.word, decided.kind)
+    else:
+        choice = rule_word(tool_message(prompt.messages), "tool")
+    called = list(shown.called)
+    if decided is not None and decided.source == "description":
+        called.extend(n for n in decided.tools if n not in called)
+    known = [*expected, *(n for n in shown.named if n not in expected)]
     phrase = _called_phrase(expected)
     gradients: list[str] = []
     rule_given = False

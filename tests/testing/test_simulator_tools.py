@@ -153,7 +153,7 @@ def test_a_tool_description_rule_routes_the_message(client: openai.OpenAI) -> No
     [
         ("auto", "When does the gym open?", []),
         ("none", "Mop the lobby", []),
-        ("required", "When does the gym open?", ["repairs"]),
+        ("required", "When does the gym open?", ["cleaning"]),  # the last tool
         ({"type": "function", "function": {"name": "repairs"}}, "Mop it", ["repairs"]),
     ],
 )
@@ -293,6 +293,12 @@ def test_streamed_tool_call_chunks_have_openais_delta_format(
             "tool_choice.function.name",
         ),
         ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+        ({"tools": []}, "tools"),
+        ({"tool_choice": "none"}, "tool_choice"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
     ],
 )
 def test_bad_tool_requests_get_a_400_naming_the_parameter(

@@ -6,6 +6,7 @@ optimizer write for tool routing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -193,7 +194,7 @@ def test_call_no_tool_and_unknown_tool_names() -> None:
     [
         ("auto", "Hello, when do you open?", []),
         ("none", "Mop the hall", []),
-        ("required", "Hello, when do you open?", ["repairs"]),  # the first tool
+        ("required", "Hello, when do you open?", ["other"]),  # the last tool
         ("any", "Mop the hall", ["cleaning"]),  # LangChain's spelling of required
         ({"type": "function", "function": {"name": "other"}}, "Mop it", ["other"]),
         ({"type": "function", "name": "other"}, "Mop it", ["other"]),
@@ -384,11 +385,17 @@ def test_expected_tools_reads_the_documented_feedback_forms(
 # -- the chat backward -----------------------------------------------------------------
 
 
+CALLED_CLEANING = json.dumps(
+    [{"name": "cleaning", "args": {}, "id": "c", "type": "tool_call"}]
+)
+"""An ``<LM_OUTPUT>`` that shows tool calling: LangChain's ``tool_calls``."""
+
+
 def _backward(
     feedback: str,
     variables: list[VariableInfo],
     user: str = "Leak under the sink in room 4",
-    output: str = "null",
+    output: str = CALLED_CLEANING,
     system: str = "Route the facility request.",
 ) -> list[str]:
     conversation = [
@@ -473,6 +480,7 @@ def test_label_feedback_still_writes_label_rules() -> None:
         'The prediction "low" is wrong: the expected value is "high".',
         [SYSTEM_VAR],
         system="Classify the urgency: low, medium or high.",
+        output="low",
     )
     assert gradients == ['If the message begins with "leak", the urgency is high.']
 
@@ -516,7 +524,7 @@ def test_backward_then_optimizer_then_forward_routes_the_message() -> None:
     optimizer puts it in the prompt, and the next request calls the expected tool."""
     system = "Route the facility request."
     request = _request("Leak under the sink", system=system, tool_choice="required")
-    assert _names(request) == ["repairs"]  # the default: the first tool
+    assert _names(request) == ["other"]  # the default: the last tool
     wrong = _request("Leak under the sink", system=system, tools=TOOLS[1:])
     assert _names(wrong) == []  # "auto": no rule, no call
     gradient = _backward("expected a call to cleaning", [SYSTEM_VAR])[0]
@@ -524,3 +532,178 @@ def test_backward_then_optimizer_then_forward_routes_the_message() -> None:
     assert _names(_request("Leak under the sink", system=learned)) == ["cleaning"]
     # a message with another lead word is not routed by the new rule
     assert _names(_request("Under the sink, a leak", system=learned)) == []
+
+
+# -- review fixes: label feedback, required, wrong rules, more forms, legacy params ---
+
+
+@pytest.mark.parametrize(
+    "feedback",
+    [
+        "You answered shipping, but you should call it billing. The expected topic is "
+        '"billing".',
+        "Wrong: you should call attention to the invoice. The expected topic is "
+        '"billing".',
+        'Wrong. Expected no calls for refunds here; the expected topic is "billing".',
+        # a tool form, but the prompt shows no tool calling: label feedback
+        'Expected a call to billing. The expected topic is "billing".',
+    ],
+)
+def test_label_feedback_that_speaks_of_calls_still_writes_label_rules(
+    feedback: str,
+) -> None:
+    gradients = _backward(
+        feedback,
+        [VariableInfo("system prompt", "system", True, "Classify the topic.")],
+        user="Charged twice for my order",
+        output="shipping",
+        system="Classify the topic: billing or shipping.",
+    )
+    assert gradients == ['If the message begins with "charged", the topic is billing.']
+
+
+def test_tool_feedback_naming_a_tool_not_offered_is_not_tool_feedback() -> None:
+    offered = json.dumps([_tool("repairs", "Fixes."), _tool("cleaning", "Cleans.")])
+    prompt = world.ChatBackwardPrompt(
+        messages=(
+            world.Message("system", "Classify the topic: billing or shipping."),
+            world.Message("tools", offered),
+            world.Message("user", "Charged twice"),
+        ),
+        feedback='Expected: [billing]. The expected topic is "billing".',
+        variables=(world.PromptVariable("1", "system prompt", "system", True, "."),),
+        output="shipping",
+    )
+    assert world.shown_tools(prompt, ["billing"]).evidence is False
+    assert world.chat_backward_gradients(prompt) == [
+        'If the message begins with "charged", the topic is billing.'
+    ]
+    tool_feedback = dataclasses.replace(prompt, feedback="Expected: [repairs].")
+    assert world.chat_backward_gradients(tool_feedback) == [
+        'If the message begins with "charged", call repairs.'
+    ]
+
+
+def test_required_with_nothing_routed_calls_the_last_tool_not_called_yet() -> None:
+    # no rule matches: the last tool, before any tool result
+    assert _names(_request("When do you open?", tool_choice="required")) == ["other"]
+    # a matching "call no tool" rule cannot make a required request answer in text
+    no_tool = 'If the message begins with "hello", call no tool.'
+    assert _names(_request("Hello!", system=no_tool, tool_choice="required")) == [
+        "other"
+    ]
+    # the last tool already called: the last one not called yet
+    after = _request(_after_calls("Hello!", ["other"]), system=no_tool)
+    assert _names(world.SimRequest.from_body({**after.body, "tool_choice": "any"})) == [
+        "cleaning"
+    ]
+
+
+def test_the_backward_reuses_the_word_and_kind_of_the_wrong_rule() -> None:
+    system = 'Route. If the message mentions "leak", call cleaning.'
+    gradients = _backward(
+        "Expected tool calls: [repairs], got ['cleaning']",
+        [
+            VariableInfo("system prompt", "system", True, system),
+            VariableInfo("tool description", "tool:cleaning", True, "Cleans."),
+        ],
+        user="There is a leak under the sink",
+        system=system,
+    )
+    assert gradients == [
+        'If the message mentions "leak", call repairs.',
+        'Do not use this tool when the message mentions "leak".',
+    ]
+
+
+def test_a_removal_drops_a_description_rule_of_the_same_word_whatever_its_kind() -> (
+    None
+):
+    removed = world.improve_value(
+        'Cleans. Use this tool when the message mentions "leak".',
+        'Do not use this tool when the message begins with "leak".',
+    )
+    assert removed == "Cleans."
+
+
+def test_a_wrong_routing_rule_is_corrected_until_only_the_expected_tool_is_called() -> (
+    None
+):
+    """Backward -> optimizer -> forward, from a wrong ``mentions`` rule: the rule is
+    replaced in place (not outvoted by a second rule whose tools are added to it)."""
+    system = 'Route the request. If the message mentions "leak", call cleaning.'
+    description = 'Sends a cleaner. Use this tool when the message mentions "leak".'
+    tools = [_tool("cleaning", description), _tool("repairs", "Fixes things.")]
+    user = "There is a leak under the sink"
+    history = []
+    for _ in range(3):
+        tools[0]["function"]["description"] = description
+        called = _names(_request(user, system=system, tools=tools))
+        history.append(called)
+        if called == ["repairs"]:
+            break
+        output = json.dumps([{"name": n, "args": {}} for n in called])
+        system_gradient, description_gradient = _backward(
+            f"Expected tool calls: [repairs], got {called}",
+            [
+                VariableInfo("system prompt", "system", True, system),
+                VariableInfo("tool description", "tool:cleaning", True, description),
+            ],
+            user=user,
+            output=output,
+            system=system,
+        )
+        system = world.improve_value(system, system_gradient)
+        description = world.improve_value(description, description_gradient)
+    assert history[-1] == ["repairs"]
+    assert system == 'Route the request. If the message mentions "leak", call repairs.'
+    assert description == "Sends a cleaner."
+
+
+@pytest.mark.parametrize(
+    ("feedback", "expected"),
+    [
+        ("Expected tool calls: [], got ['cleaning']", ()),
+        ("expected tools ['repairs'] but got ['cleaning']", ("repairs",)),
+        ("Expected: [repairs]. Got: [cleaning].", ("repairs",)),
+        ("The agent should not have called any tool.", ()),
+        ("No tool should have been called.", ()),
+        ("Wrong tool: called cleaning, expected repairs.", ("repairs",)),
+        ("The agent should have called the repairs tool", ("repairs",)),
+        ("it should call a and b.", ("a", "b")),
+        # label feedback
+        ("You should call it billing.", None),
+        ("The assistant should call attention to overdue invoices.", None),
+        ("The agent should call out the urgency.", None),
+        ("Expected no calls for refunds here.", None),
+    ],
+)
+def test_expected_tools_reads_trajectory_metric_phrasings(
+    feedback: str, expected: tuple[str, ...] | None
+) -> None:
+    assert world.expected_tools(feedback) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tools": []}, "tools"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+    ],
+)
+def test_empty_tools_and_legacy_functions_are_refused(
+    body: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(world.ToolRequestError) as caught:
+        world.parse_tools(body)
+    assert caught.value.param == param
+    if param != "tools":
+        assert "tools" in str(caught.value)  # says what to use instead
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "none", "required"])
+def test_any_tool_choice_without_tools_is_refused(tool_choice: str) -> None:
+    with pytest.raises(world.ToolRequestError) as caught:
+        world.parse_tool_choice({"tool_choice": tool_choice}, [])
+    assert caught.value.param == "tool_choice"
