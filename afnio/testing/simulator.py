@@ -410,11 +410,36 @@ def _chat(raw: bytes, body: Mapping[str, Any], malformed: bool) -> _Reply:
     if malformed:
         content = _malform(content, request, result.label)
     prompt_tokens = sum(_words(m.text) + 3 for m in request.messages)
-    completion_tokens = _words(content)
+    deltas = [{"role": "assistant", "content": "", "refusal": None}]
+    deltas += [{"content": piece} for piece in _pieces(content)]
+    return _chat_reply(
+        raw,
+        body,
+        {"role": "assistant", "content": content, "refusal": None, "annotations": []},
+        deltas,
+        "stop",
+        prompt_tokens,
+        _words(content),
+    )
+
+
+def _chat_reply(
+    raw: bytes,
+    body: Mapping[str, Any],
+    message: dict[str, Any],
+    deltas: list[dict[str, Any]],
+    finish: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> _Reply:
+    """A chat completion answering ``message``: the plain JSON answer, or (with
+    ``stream: true``) ``deltas`` as OpenAI's chunks, then a chunk with ``finish``, the
+    usage chunk when ``stream_options.include_usage`` asks for it, and ``[DONE]``."""
+    model = str(body.get("model"))
     usage = _usage(prompt_tokens, completion_tokens)
+    digest = _digest(raw)
     completion_id = f"chatcmpl-{digest[:29]}"
     headers = (("x-request-id", f"req_{digest[:32]}"),)
-
     if body.get("stream") is True:
         options = body.get("stream_options")
         include_usage = isinstance(options, Mapping) and bool(
@@ -429,27 +454,18 @@ def _chat(raw: bytes, body: Mapping[str, Any], malformed: bool) -> _Reply:
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
 
-        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-            out = {
+        def chunk(delta: dict[str, Any], finish_reason: str | None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None}
+            out: dict[str, Any] = {
                 **base,
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": delta,
-                        "logprobs": None,
-                        "finish_reason": finish,
-                    }
-                ],
+                "choices": [{**choice, "finish_reason": finish_reason}],
             }
             if include_usage:
                 out["usage"] = None
-            return out
+            return _sse(out)
 
-        events = [
-            _sse(chunk({"role": "assistant", "content": "", "refusal": None}, None))
-        ]
-        events += [_sse(chunk({"content": piece}, None)) for piece in _pieces(content)]
-        events.append(_sse(chunk({}, "stop")))
+        events = [chunk(delta, None) for delta in deltas]
+        events.append(chunk({}, finish))
         if include_usage:
             events.append(_sse({**base, "choices": [], "usage": usage}))
         events.append(b"data: [DONE]\n\n")
@@ -462,7 +478,6 @@ def _chat(raw: bytes, body: Mapping[str, Any], malformed: bool) -> _Reply:
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
         )
-
     payload = {
         "id": completion_id,
         "object": "chat.completion",
@@ -471,14 +486,9 @@ def _chat(raw: bytes, body: Mapping[str, Any], malformed: bool) -> _Reply:
         "choices": [
             {
                 "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": content,
-                    "refusal": None,
-                    "annotations": [],
-                },
+                "message": message,
                 "logprobs": None,
-                "finish_reason": "stop",
+                "finish_reason": finish,
             }
         ],
         "usage": usage,
@@ -545,106 +555,48 @@ def _tool_calls_reply(
     ``content: null``), plain or streamed in OpenAI's chunk format: per call, a delta
     with its ``index``, ``id``, ``type`` and ``function.name`` (and empty
     ``arguments``), then deltas carrying pieces of its ``arguments``."""
-    model = str(body.get("model"))
     if malformed:
         calls = tuple(
             dataclasses.replace(c, arguments=_cut_arguments(c.arguments)) for c in calls
         )
     prompt_tokens = sum(_words(m.text) + 3 for m in request.messages)
-    completion_tokens = sum(_words(c.name) + _words(c.arguments) for c in calls)
-    usage = _usage(prompt_tokens, completion_tokens)
-    digest = _digest(raw)
-    completion_id = f"chatcmpl-{digest[:29]}"
-    headers = (("x-request-id", f"req_{digest[:32]}"),)
-    if body.get("stream") is True:
-        options = body.get("stream_options")
-        include_usage = isinstance(options, Mapping) and bool(
-            options.get("include_usage")
-        )
-        base = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": CREATED,
-            "model": model,
-            "service_tier": "default",
-            "system_fingerprint": SYSTEM_FINGERPRINT,
+    deltas: list[dict[str, Any]] = [
+        {"role": "assistant", "content": None, "refusal": None}
+    ]
+    for index, call in enumerate(calls):
+        header = {
+            "index": index,
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": ""},
         }
-
-        def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": None}
-            out: dict[str, Any] = {
-                **base,
-                "choices": [{**choice, "finish_reason": finish}],
-            }
-            if include_usage:
-                out["usage"] = None
-            return _sse(out)
-
-        events = [chunk({"role": "assistant", "content": None, "refusal": None}, None)]
-        for index, call in enumerate(calls):
-            header = {
-                "index": index,
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.name, "arguments": ""},
-            }
-            events.append(chunk({"tool_calls": [header]}, None))
-            events += [
-                chunk(
-                    {"tool_calls": [{"index": index, "function": {"arguments": p}}]},
-                    None,
-                )
-                for p in _pieces(call.arguments)
-            ]
-        events.append(chunk({}, "tool_calls"))
-        if include_usage:
-            events.append(_sse({**base, "choices": [], "usage": usage}))
-        events.append(b"data: [DONE]\n\n")
-        return _Reply(
-            200,
-            b"",
-            content_type="text/event-stream; charset=utf-8",
-            headers=headers,
-            events=tuple(events),
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-        )
-    payload = {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": CREATED,
-        "model": model,
-        "choices": [
+        deltas.append({"tool_calls": [header]})
+        deltas += [
+            {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
+            for piece in _pieces(call.arguments)
+        ]
+    message = {
+        "role": "assistant",
+        "content": None,
+        "refusal": None,
+        "annotations": [],
+        "tool_calls": [
             {
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": None,
-                    "refusal": None,
-                    "annotations": [],
-                    "tool_calls": [
-                        {
-                            "id": c.id,
-                            "type": "function",
-                            "function": {"name": c.name, "arguments": c.arguments},
-                        }
-                        for c in calls
-                    ],
-                },
-                "logprobs": None,
-                "finish_reason": "tool_calls",
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
             }
+            for c in calls
         ],
-        "usage": usage,
-        "service_tier": "default",
-        "system_fingerprint": SYSTEM_FINGERPRINT,
     }
-    return _Reply(
-        200,
-        _dumps(payload),
-        headers=headers,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
+    return _chat_reply(
+        raw,
+        body,
+        message,
+        deltas,
+        "tool_calls",
+        prompt_tokens,
+        sum(_words(c.name) + _words(c.arguments) for c in calls),
     )
 
 
