@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -51,39 +50,6 @@ TOOLS: list[dict[str, Any]] = [
         },
     },
 ]
-
-
-@pytest.fixture(scope="module")
-def _shared() -> Iterator[tuple[Simulator, openai.OpenAI, httpx.Client]]:
-    with (
-        Simulator() as simulator,
-        openai.OpenAI(base_url=simulator.base_url, api_key="test", max_retries=0) as c,
-        httpx.Client(base_url=simulator.base_url, timeout=10) as h,
-    ):
-        yield simulator, c, h
-
-
-@pytest.fixture
-def sim(_shared: tuple[Simulator, openai.OpenAI, httpx.Client]) -> Iterator[Simulator]:
-    simulator = _shared[0]
-    simulator.clear_faults()
-    simulator.reset_stats()
-    yield simulator
-    assert simulator.stats.in_flight == 0
-
-
-@pytest.fixture
-def client(
-    sim: Simulator, _shared: tuple[Simulator, openai.OpenAI, httpx.Client]
-) -> openai.OpenAI:
-    return _shared[1]
-
-
-@pytest.fixture
-def http(
-    sim: Simulator, _shared: tuple[Simulator, openai.OpenAI, httpx.Client]
-) -> httpx.Client:
-    return _shared[2]
 
 
 def _messages(user: str) -> list[dict[str, Any]]:

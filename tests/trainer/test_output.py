@@ -20,8 +20,7 @@ from afnio.utils.data import DataLoader
 from benchmarks.resume_kills import MESSAGES, Messages
 from benchmarks.two_stage import simulated
 from examples.facility_support import SentimentClassifier
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+from tests import _console
 
 
 @pytest.fixture
@@ -32,11 +31,7 @@ def sim_client() -> Iterator[tuple[Simulator, OpenAI]]:
 
 @pytest.fixture
 def wide_plain_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rich renders for a wide, plain console (no colours forced by the
-    environment), so a progress line is never cut at 80 columns."""
-    monkeypatch.setenv("COLUMNS", "250")
-    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
-        monkeypatch.delenv(name, raising=False)
+    _console.wide_plain_console(monkeypatch)
 
 
 def _loaders() -> tuple[DataLoader, DataLoader]:
@@ -46,7 +41,7 @@ def _loaders() -> tuple[DataLoader, DataLoader]:
 
 
 def _lines(text: str) -> list[str]:
-    return [line.rstrip() for line in _ANSI.sub("", text).splitlines()]
+    return _console.plain_lines(text)
 
 
 def _bar_lines(text: str, label: str) -> list[str]:
