@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from afnio.models.openai import OpenAI
-from afnio.testing import SIMULATOR_MODEL, Simulator
+from afnio.testing import SIMULATOR_MODEL
 from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader
 from benchmarks.resume_kills import MESSAGES, Messages
@@ -24,9 +23,10 @@ from tests import _console
 
 
 @pytest.fixture
-def sim_client() -> Iterator[tuple[Simulator, OpenAI]]:
-    with simulated() as (sim, client):
-        yield sim, client
+def agent() -> Iterator[SentimentClassifier]:
+    """The example classifier on a live simulator."""
+    with simulated() as (_, client):
+        yield SentimentClassifier(client, SIMULATOR_MODEL)
 
 
 @pytest.fixture
@@ -52,12 +52,10 @@ def _bar_lines(text: str, label: str) -> list[str]:
 
 
 def test_a_quiet_trainer_prints_nothing_on_stdout_in_fit_validate_and_test(
-    sim_client: tuple[Simulator, OpenAI],
+    agent: SentimentClassifier,
     tmp_path: Path,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    _, client = sim_client
-    agent = SentimentClassifier(client, SIMULATOR_MODEL)
     train, val = _loaders()
     trainer = Trainer(
         max_epochs=2,
@@ -81,13 +79,11 @@ def test_a_quiet_trainer_prints_nothing_on_stdout_in_fit_validate_and_test(
 
 
 def test_a_quiet_trainer_logs_a_budget_stop_instead_of_printing_it(
-    sim_client: tuple[Simulator, OpenAI],
+    agent: SentimentClassifier,
     tmp_path: Path,
     capfd: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    _, client = sim_client
-    agent = SentimentClassifier(client, SIMULATOR_MODEL)
     train, val = _loaders()
     trainer = Trainer(
         max_epochs=3,
@@ -105,13 +101,11 @@ def test_a_quiet_trainer_logs_a_budget_stop_instead_of_printing_it(
 
 
 def test_without_the_progress_bar_no_epoch_lines_but_the_run_summary_by_default(
-    sim_client: tuple[Simulator, OpenAI],
+    agent: SentimentClassifier,
     tmp_path: Path,
     capfd: pytest.CaptureFixture[str],
     wide_plain_console: None,
 ) -> None:
-    _, client = sim_client
-    agent = SentimentClassifier(client, SIMULATOR_MODEL)
     train, val = _loaders()
     trainer = Trainer(
         max_epochs=2,
@@ -132,13 +126,11 @@ def test_without_the_progress_bar_no_epoch_lines_but_the_run_summary_by_default(
 
 
 def test_the_progress_bar_and_summary_show_scores_named_as_such(
-    sim_client: tuple[Simulator, OpenAI],
+    agent: SentimentClassifier,
     tmp_path: Path,
     capfd: pytest.CaptureFixture[str],
     wide_plain_console: None,
 ) -> None:
-    _, client = sim_client
-    agent = SentimentClassifier(client, SIMULATOR_MODEL)
     train, val = _loaders()
     trainer = Trainer(
         max_epochs=2, default_root_dir=tmp_path, enable_agent_summary=False
@@ -169,13 +161,11 @@ def test_the_progress_bar_and_summary_show_scores_named_as_such(
 
 
 def test_show_metrics_chooses_what_the_bar_shows_and_keeps_the_history(
-    sim_client: tuple[Simulator, OpenAI],
+    agent: SentimentClassifier,
     tmp_path: Path,
     capfd: pytest.CaptureFixture[str],
     wide_plain_console: None,
 ) -> None:
-    _, client = sim_client
-    agent = SentimentClassifier(client, SIMULATOR_MODEL)
     train, val = _loaders()
     trainer = Trainer(
         max_epochs=1,
