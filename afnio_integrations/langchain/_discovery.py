@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.language_models import BaseLanguageModel
+from langchain_core.messages import BaseMessage
 from langchain_core.prompts import (
     BasePromptTemplate,
     ChatPromptTemplate,
@@ -67,6 +68,13 @@ from langchain_core.runnables.configurable import (
 )
 from langchain_core.runnables.passthrough import RunnableAssign, RunnablePassthrough
 from langchain_core.runnables.router import RouterRunnable
+from langchain_core.tools import BaseTool
+
+from afnio_integrations.langchain._langgraph import (
+    agent_system_message,
+    is_graph,
+    marked_name,
+)
 
 __all__ = ["Discovery", "PromptSlot", "discover", "find_prompt_slots"]
 
@@ -112,6 +120,16 @@ class Discovery:
 
     prompts: list[BasePromptTemplate] = field(default_factory=list)
     fallback_names: set[str] = field(default_factory=set)
+    messages: list[tuple[BaseMessage, str, str]] = field(default_factory=list)
+    """Trainable system messages outside templates, in discovery order: (message,
+    kind, name), kind ``"agent"`` (a ``create_agent`` system prompt) or
+    ``"marked"`` (:func:`~afnio_integrations.langchain.trainable`)."""
+    tools: list[BaseTool] = field(default_factory=list)
+    """The tools the graph's nodes hold (``ToolNode``, an agent's tools)."""
+    conditions: set[str] = field(default_factory=set)
+    """Run names of the graphs' conditional-edge functions."""
+    graphs: int = 0
+    """How many compiled LangGraph graphs were walked."""
 
     @property
     def editable(self) -> list[ChatPromptTemplate | PromptTemplate]:
@@ -140,9 +158,9 @@ def _code_names(code: types.CodeType) -> Iterator[str]:
             yield from _code_names(const)
 
 
-def _function_references(func: Any) -> list[Any]:
-    """What a function uses: its closure cells and the globals it names (runnables,
-    and functions that may call runnables)."""
+def _closure_and_globals(func: Any) -> list[Any]:
+    """Every value a function uses: its closure cells' contents and the globals it
+    names."""
     found: list[Any] = []
     func = getattr(func, "__func__", func)  # a bound method
     if isinstance(func, types.BuiltinFunctionType) or not callable(func):
@@ -158,10 +176,17 @@ def _function_references(func: Any) -> list[Any]:
         found.extend(
             names[name] for name in dict.fromkeys(_code_names(code)) if name in names
         )
+    return found
+
+
+def _function_references(func: Any) -> list[Any]:
+    """What a function uses: its closure cells and the globals it names (runnables,
+    and functions that may call runnables)."""
     return [
         value
-        for value in found
+        for value in _closure_and_globals(func)
         if isinstance(value, (Runnable, types.FunctionType, types.MethodType))
+        or is_graph(value)
     ]
 
 
@@ -170,12 +195,57 @@ class _Walker:
         self.found = Discovery()
         self._seen_prompts: set[int] = set()
         self._visited: set[int] = set()
+        self._seen_messages: set[int] = set()
+
+    def _message(self, message: BaseMessage, kind: str, name: str = "") -> None:
+        if id(message) not in self._seen_messages:
+            self._seen_messages.add(id(message))
+            self.found.messages.append((message, kind, name))
+
+    def _marked_in(self, value: Any, depth: int = 0) -> None:
+        """Marked messages (:func:`trainable`) and tools in a value a function uses
+        (directly, or in a list, tuple or dict)."""
+        if isinstance(value, BaseMessage):
+            name = marked_name(value)
+            if name is not None:
+                self._message(value, "marked", name)
+        elif isinstance(value, BaseTool):
+            self.walk(value)
+        elif depth < 2 and isinstance(value, (list, tuple)):
+            for item in value:
+                self._marked_in(item, depth + 1)
+        elif depth < 2 and isinstance(value, dict):
+            for item in value.values():
+                self._marked_in(item, depth + 1)
+
+    def _graph(self, graph: Any) -> None:
+        """A compiled LangGraph graph: its nodes' runnables (node functions,
+        subgraphs, ``ToolNode``s) and its conditional edges' functions."""
+        self.found.graphs += 1
+        for name, node in dict(getattr(graph, "nodes", {}) or {}).items():
+            if name.startswith("__"):
+                continue
+            bound = getattr(node, "bound", None)
+            if bound is not None:
+                self.walk(bound)
+        builder = getattr(graph, "builder", None)
+        for branches in dict(getattr(builder, "branches", {}) or {}).values():
+            for name, spec in dict(branches).items():
+                self.found.conditions.add(str(name))
+                path = getattr(spec, "path", None)
+                if path is not None:
+                    self.walk(path)
 
     def walk(self, obj: Any, depth: int = 0) -> None:
         if isinstance(obj, BasePromptTemplate):
             if id(obj) not in self._seen_prompts:
                 self._seen_prompts.add(id(obj))
                 self.found.prompts.append(obj)
+                for message in getattr(obj, "messages", None) or ():
+                    self._marked_in(message)
+            return
+        if isinstance(obj, BaseMessage):
+            self._marked_in(obj)
             return
         if id(obj) in self._visited:
             return
@@ -183,10 +253,20 @@ class _Walker:
         if isinstance(obj, (types.FunctionType, types.MethodType)):
             if isinstance(obj, types.MethodType) and isinstance(obj.__self__, Runnable):
                 self.walk(obj.__self__)
+            system = agent_system_message(obj)
+            if system is not None and isinstance(system[1], BaseMessage):
+                self._message(system[1], "agent")
+            for value in _closure_and_globals(obj):
+                self._marked_in(value)
             if depth < _FUNCTION_DEPTH:
                 for ref in _function_references(obj):
                     self.walk(ref, depth + 1)
             return
+        if is_graph(obj):
+            self._graph(obj)
+            return
+        if isinstance(obj, BaseTool) and all(t is not obj for t in self.found.tools):
+            self.found.tools.append(obj)
         if not isinstance(obj, Runnable) or isinstance(obj, BaseLanguageModel):
             return  # a model holds no prompt (its fields are clients and settings)
         if isinstance(obj, RunnableWithFallbacks):
@@ -240,7 +320,12 @@ def _held(obj: Runnable) -> Iterator[Any]:
             func = getattr(obj, name, None)
             if func is not None:
                 yield func
-    else:  # another runnable: the runnables its fields hold
+    else:  # another runnable: its functions (a LangGraph node), the runnables
+        # its fields hold
+        for name in ("func", "afunc"):
+            func = getattr(obj, name, None)
+            if isinstance(func, (types.FunctionType, types.MethodType)):
+                yield func
         for value in dict(getattr(obj, "__dict__", {})).values():
             yield from _runnables_in(value)
 

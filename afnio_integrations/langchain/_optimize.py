@@ -44,6 +44,11 @@ from afnio_integrations._training import (
     train_agent,
 )
 from afnio_integrations.langchain._discovery import Selector
+from afnio_integrations.langchain._langgraph import (
+    AgentOutput,
+    graph_input,
+    is_graph,
+)
 from afnio_integrations.langchain._traced import (
     BATCH_INDEX_ATTRIBUTE,
     TracedChain,
@@ -244,6 +249,17 @@ class _ChainAgent(SplitAgent):
                 tag_sample(e, dataset=self._names[split], index=rows)
             raise
 
+    def _outputs(self, texts: list[str]) -> list[str]:
+        """What the metric sees of each output: its text; for an agent or graph an
+        :class:`~afnio_integrations.langchain.AgentOutput` (the text, with the final
+        state and its messages, the trajectory)."""
+        if not self.traced.is_graph:
+            return texts
+        states = self.traced.last_results
+        if len(states) != len(texts):  # never expected: the batch's own results
+            states = [None] * len(texts)
+        return [AgentOutput(t, s) for t, s in zip(texts, states, strict=True)]
+
     def _step(self, batch: Any, split: str) -> dict[str, Any]:
         indices = [int(i) for i in batch[0]]
         dataset = self._names[split]
@@ -253,10 +269,11 @@ class _ChainAgent(SplitAgent):
         results = []
         if not self._is_evaluator:
             name = getattr(self._metric, "__name__", "the metric")
-            for i, p, t in zip(indices, prediction.data, targets, strict=True):
+            outputs = self._outputs([str(p) for p in prediction.data])
+            for i, p, t in zip(indices, outputs, targets, strict=True):
                 try:
                     results.append(
-                        _check_result(self._metric(str(p), t), f"{dataset}[{i}]", name)
+                        _check_result(self._metric(p, t), f"{dataset}[{i}]", name)
                     )
                 except Exception as e:  # a bug in the metric: name the row
                     tag_sample(e, dataset=dataset, index=i, stage="metric")
@@ -341,7 +358,8 @@ def optimize(
     epochs: int = 3,
     batch_size: int = 16,
     seed: int = 0,
-    select: Selector = "system",
+    select: Selector | None = None,
+    output_key: str | None = None,
     best_score: Any = 1,
     max_cost: float | None = None,
     revert_on_regression: bool = False,
@@ -352,7 +370,9 @@ def optimize(
     """Improve the prompts of ``chain`` on ``trainset``; returns ``(chain, report)``.
 
     Args:
-        chain: the user's LangChain chain (its prompts are updated in place).
+        chain: the user's LangChain chain, ``create_agent`` agent or compiled
+            LangGraph graph (its texts are updated in place: the same object sends
+            the new texts afterwards).
         trainset: the rows to train on, each one of (every row of a set is read the
             same way):
 
@@ -374,7 +394,12 @@ def optimize(
             (no LM call writes it; ``None`` is no feedback); anything else (``None``,
             a str, a NaN score) ends the run naming the row; or an afnio evaluator
             function such as
-            ``afnio.functional.exact_match_evaluator``.
+            ``afnio.functional.exact_match_evaluator``. For an agent or graph the
+            prediction is an :class:`~afnio_integrations.langchain.AgentOutput`:
+            the final answer's text, with ``.state`` (the final state) and
+            ``.messages`` (the trajectory), e.g. for
+            :func:`~afnio_integrations.langchain.trajectory_match`; a ``str`` row
+            input is the user's message (``{"messages": [...]}``).
         valset: rows scored before and after (and per epoch), read as
             ``trainset``; default ``trainset``.
         input_keys: for dict rows, the keys given to the chain (default: every key
@@ -387,7 +412,11 @@ def optimize(
             ``afnio.get_backward_model_client()`` returns stands for the client it
             holds, with its ``model``.
         epochs, batch_size, seed: the training loop (shuffled with ``seed``).
-        select: which prompt messages to optimize (see :func:`trace`).
+        select: which texts to optimize (see :func:`trace`; by default the system
+            prompts of a chain, and the system prompts and tool descriptions of an
+            agent or graph).
+        output_key: for a graph, the final state's key that is its output (see
+            :func:`trace`).
         best_score: a sample's best metric value (no feedback is asked for it).
         max_cost, revert_on_regression: as for :class:`~afnio.trainer.Trainer`.
         root_dir: where metrics and checkpoints go (default: a new temporary folder,
@@ -420,8 +449,11 @@ def optimize(
     train, val = chain_rows(
         chain, trainset, valset, input_keys=input_keys, label_key=label_key
     )
+    if is_graph(chain):  # a str row is the user's message to an agent
+        train = [(graph_input(chain, i), t) for i, t in train]
+        val = [(graph_input(chain, i), t) for i, t in val]
     model_client, completion_args = _clients(model_client, completion_args)
-    traced = trace(chain, select)
+    traced = trace(chain, select, output_key=output_key)
     pairs = {"train": train, "val": val}
     names = {"train": "trainset", "val": "trainset" if valset is None else "valset"}
 

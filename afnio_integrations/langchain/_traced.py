@@ -61,11 +61,22 @@ from afnio_integrations._usage import ProgramUsage
 from afnio_integrations._warnings import AfnioTracingWarning
 from afnio_integrations.langchain._discovery import (
     METADATA_KEY,
+    Discovery,
     PromptSlot,
     Selector,
+    _keeper,
     _Walker,
     discover,
     slots_of,
+)
+from afnio_integrations.langchain._langgraph import (
+    AgentSystemSlot,
+    MessageSlot,
+    TextSlot,
+    ToolArgumentSlot,
+    ToolDescriptionSlot,
+    is_graph,
+    tool_arguments,
 )
 from afnio_integrations.langchain._runnable import AfnioRunnable
 from afnio_integrations.langchain._tracing import (
@@ -181,6 +192,43 @@ BATCH_INDEX_ATTRIBUTE = "afnio_batch_index"
 the input whose run raised it."""
 
 
+GRAPH_SELECT: tuple[str, ...] = ("system", "tool")
+"""The default ``select=`` for an agent or graph: system prompts and tool
+descriptions."""
+
+
+def _text_slots(found: Discovery) -> list[TextSlot]:
+    """The trainable texts of an agent or graph that are not prompt templates (see
+    :mod:`afnio_integrations.langchain._langgraph`), in discovery order, each with a
+    unique key."""
+    slots: list[TextSlot] = []
+    agents = 0
+    unnamed = 0
+    for message, kind, name in found.messages:
+        if kind == "agent":
+            key = "agent.system" if agents == 0 else f"agent{agents}.system"
+            agents += 1
+            slots.append(AgentSystemSlot(key, message))
+        else:
+            if not name:
+                name = str(unnamed)
+                unnamed += 1
+            slots.append(MessageSlot(f"message.{name}", message, "marked system text"))
+    for tool in found.tools:
+        slots.append(ToolDescriptionSlot(f"tool.{tool.name}", tool))
+        slots.extend(
+            ToolArgumentSlot(f"tool.{tool.name}.{arg}", tool, arg)
+            for arg in tool_arguments(tool)
+        )
+    seen: dict[str, int] = {}
+    for slot in slots:  # two tools (or marked texts) of the same name
+        n = seen.get(slot.key, 0)
+        seen[slot.key] = n + 1
+        if n:
+            slot.key = f"{slot.key}#{n}"
+    return slots
+
+
 def _raise_first_failure(results: Sequence[Any]) -> None:
     """Raise the error of the first input (in input order) whose run failed, marked
     with that input's index (``error.afnio_batch_index``); LangChain's own ``batch``
@@ -201,13 +249,36 @@ class TracedChain(Module):
     """
 
     def __init__(
-        self, chain: Any, select: Selector = "system", include: Sequence[Any] = ()
+        self,
+        chain: Any,
+        select: Selector | None = None,
+        include: Sequence[Any] = (),
+        output_key: str | None = None,
     ) -> None:
         super().__init__()
         object.__setattr__(self, "chain", chain)
+        graph = is_graph(chain)
+        if select is None:
+            select = GRAPH_SELECT if graph else "system"
+        if output_key is not None and not graph:
+            raise ValueError(
+                "`output_key` names a state key of a LangGraph graph or agent; "
+                f"{type(chain).__name__} is not one. Leave it out for a chain."
+            )
         found = discover(chain, include)
-        slots = slots_of(found.editable, select)
+        prompt_slots = slots_of(found.editable, select)
+        keep = _keeper(select)
+        text_slots = [slot for slot in _text_slots(found) if keep(slot)]  # type: ignore[arg-type]
+        slots: list[PromptSlot | TextSlot] = [*prompt_slots, *text_slots]
         if not slots:
+            if graph or found.graphs:
+                raise ValueError(
+                    f"No trainable text was found with select={select!r}: the "
+                    "graph's nodes hold no agent system prompt, tool, prompt "
+                    "template or marked message with such a role. Mark a text with "
+                    "afnio_integrations.langchain.trainable(...), or pass what "
+                    "holds it with include=[...]."
+                )
             raise ValueError(
                 "No prompt template text was found to optimize with select="
                 f"{select!r}: the chain needs a ChatPromptTemplate with such messages."
@@ -220,22 +291,44 @@ class TracedChain(Module):
             token = _token_of(prompt)
             prompts[token] = prompt
             token_of[id(prompt)] = token
-        self._slot_list: list[tuple[PromptSlot, Parameter]] = []
+        self._slot_list: list[tuple[PromptSlot | TextSlot, Parameter]] = []
         parameters: dict[str, list[tuple[str, Parameter]]] = {}
+        messages: dict[str, list[tuple[str, Parameter]]] = {}
+        tools: dict[str, list[tuple[str, Parameter]]] = {}
+        texts: list[tuple[str, Parameter]] = []
         for k, slot in enumerate(slots):
-            param = Parameter(
-                slot.text, role=f"{slot.role} prompt of the chain ({slot.key})"
-            )
+            if isinstance(slot, PromptSlot):
+                role = f"{slot.role} prompt of the chain ({slot.key})"
+            else:
+                role = slot.describe()
+            param = Parameter(slot.text, role=role)
             self.register_parameter(f"prompt_{k}", param)
             self._slot_list.append((slot, param))
-            parameters.setdefault(token_of[id(slot.prompt)], []).append(
-                (slot.role, param)
-            )
+            if isinstance(slot, PromptSlot):
+                parameters.setdefault(token_of[id(slot.prompt)], []).append(
+                    (slot.role, param)
+                )
+            elif isinstance(slot, MessageSlot):
+                messages.setdefault(slot.message_id, []).append((slot.location, param))
+                texts.append((slot.location, param))
+            elif isinstance(slot, (ToolDescriptionSlot, ToolArgumentSlot)):
+                tools.setdefault(slot.tool.name, []).append((slot.location, param))
+        object.__setattr__(self, "is_graph", graph)
         object.__setattr__(
             self,
             "_index",
-            PromptIndex(parameters, prompts, frozenset(found.fallback_names)),
+            PromptIndex(
+                parameters,
+                prompts,
+                frozenset(found.fallback_names),
+                messages=messages,
+                tools=tools,
+                texts=texts,
+                conditions=frozenset(found.conditions),
+                output_key=output_key,
+            ),
         )
+        object.__setattr__(self, "last_results", [])
         object.__setattr__(self, "_warned", set())
         object.__setattr__(self, "_warn_lock", threading.Lock())
         object.__setattr__(self, "usage", ProgramUsage("LangChain chain LMs"))
@@ -310,6 +403,9 @@ class TracedChain(Module):
     def _finish(
         self, collector: RunCollector, ids: list[UUID], results: list[Any]
     ) -> list[Variable]:
+        # what the program returned, in input order (a metric of an agent or graph
+        # sees the final state, see optimize)
+        object.__setattr__(self, "last_results", list(results))
         calls = [
             self._graph(collector, run_id, result)
             for run_id, result in zip(ids, results, strict=True)
@@ -338,6 +434,20 @@ class TracedChain(Module):
                     "It has no Parameter, so it gets no feedback and is never "
                     "optimized. Pass the sub-chain that holds this prompt with "
                     "trace(chain, include=[sub_chain]).",
+                    AfnioTracingWarning,
+                    stacklevel=_user_stacklevel(),
+                )
+            for unset in call.untrained:
+                if not self._warn_once(f"untrained: {unset.site}"):
+                    continue
+                warnings.warn(
+                    f"An LM call of the traced graph, at {unset.site}, sent a "
+                    f"{unset.prompt} that holds no trainable text: it was built on "
+                    "the call (e.g. by a dynamic_prompt middleware) from texts afnio "
+                    "did not discover, so it gets no feedback and is never "
+                    "optimized. Mark the static text it is built from with "
+                    "afnio_integrations.langchain.trainable(...) and build the "
+                    "prompt from that message's content.",
                     AfnioTracingWarning,
                     stacklevel=_user_stacklevel(),
                 )
@@ -481,12 +591,20 @@ class TracedChain(Module):
         """Put every Parameter's text into the user's own template objects. All texts
         are checked first (a text that drops or adds a placeholder raises
         ``PlaceholderMismatchError``); nothing changes unless all are valid."""
-        staged = [
-            (slot, checked_template(slot, str(param.data)))
+        staged: list[tuple[PromptSlot | TextSlot, Any]] = [
+            (
+                slot,
+                checked_template(slot, str(param.data))
+                if isinstance(slot, PromptSlot)
+                else slot.check(param.data),
+            )
             for slot, param in self._slot_list
         ]
-        for slot, template in staged:
-            apply_template(slot, template)
+        for slot, checked in staged:
+            if isinstance(slot, PromptSlot):
+                apply_template(slot, checked)
+            else:
+                slot.apply(checked)
 
     def prompts(self) -> dict[str, str]:
         """The current texts by slot key (e.g. ``"prompt0.system0"``)."""
@@ -526,7 +644,17 @@ class TracedChain(Module):
         :func:`~afnio_integrations.langchain.load_chain`)."""
         from afnio_integrations.langchain._saving import save_chain
 
+        self._not_for_graphs("save_chain")
         return save_chain(self, path)
+
+    def _not_for_graphs(self, what: str) -> None:
+        if self.is_graph:
+            raise TypeError(
+                f"{what}() saves an LCEL chain as LangChain JSON; an agent or "
+                "LangGraph graph is code and cannot be serialized that way. Keep "
+                "its texts with save_prompts(path) and apply them to a freshly "
+                "built graph with trace(graph).load_prompts(path)."
+            )
 
     def export(self) -> Any:
         """A copy of the user's chain with the current texts written in and no afnio
@@ -538,6 +666,7 @@ class TracedChain(Module):
         :meth:`save_chain`."""
         from afnio_integrations.langchain._saving import copy_chain
 
+        self._not_for_graphs("export")
         self.write_back()
         exported = copy_chain(self.chain)
         originals = {id(p) for p in self._index.prompts.values()}
@@ -552,16 +681,28 @@ class TracedChain(Module):
 
 
 def trace(
-    chain: Any, select: Selector = "system", include: Sequence[Any] = ()
+    chain: Any,
+    select: Selector | None = None,
+    include: Sequence[Any] = (),
+    output_key: str | None = None,
 ) -> TracedChain:
-    """Trace a LangChain chain: an afnio Module whose Parameters are the chain's
-    prompt texts chosen by ``select`` (``"system"`` by default; a role, roles,
-    ``"all"``, or a predicate on a :class:`PromptSlot`). Prompts held by LangChain's
-    composites and by the functions of ``RunnableLambda``/``@chain`` steps are found
-    (see :func:`find_prompt_slots`); ``include`` lists sub-chains reached any other
-    way (e.g. looked up in a dict at run time). Their calls are traced like the rest;
-    an LM call on a prompt that was not found emits an
+    """Trace a LangChain chain, agent or LangGraph graph: an afnio Module whose
+    Parameters are the program's texts chosen by ``select`` (a role, roles,
+    ``"all"``, or a predicate on a slot; by default ``"system"`` for a chain, and
+    ``("system", "tool")`` for an agent or graph: system prompts and tool
+    descriptions; ``"tool_arg"`` adds tools' argument descriptions). Prompts held by
+    LangChain's composites and by the functions of ``RunnableLambda``/``@chain``
+    steps are found (see :func:`find_prompt_slots`), and in a graph those of its node
+    functions, subgraphs and conditional edges, an agent's system prompt and its
+    tools (see :mod:`afnio_integrations.langchain._langgraph`); ``include`` lists
+    sub-chains (or :func:`trainable` messages) reached any other way (e.g. looked up
+    in a dict at run time). Their calls are traced like the rest; an LM call on a
+    prompt that was not found emits an
     :class:`~afnio_integrations.langchain.AfnioTracingWarning` naming it.
+
+    For a graph, the traced output is the final state's ``output_key``: by default
+    ``structured_response`` when the state has one, else the last of its
+    ``messages`` (an agent's final answer), else the whole state.
 
     Example::
 
@@ -572,4 +713,4 @@ def trace(
         TGD(traced.parameters(), model_client=client).step()
         traced.write_back()          # the user's chain now sends the improved prompt
     """
-    return TracedChain(chain, select, include)
+    return TracedChain(chain, select, include, output_key)

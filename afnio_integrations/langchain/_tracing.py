@@ -207,17 +207,32 @@ def _message_role(message: Any) -> str:
             "SystemMessage": "system",
             "HumanMessage": "human",
             "AIMessage": "ai",
+            "AIMessageChunk": "ai",
+            "ToolMessage": "tool",
         }.get(ident, "chat")
         return {"human": "user", "ai": "assistant"}.get(kind, kind)
     return {"human": "user", "ai": "assistant"}.get(str(kind), str(kind))
 
 
-def _message_text(message: Any) -> str:
+def _message_field(message: Any, name: str) -> Any:
+    """A field of a message, recorded (``dumpd``: under ``kwargs``) or live."""
     if isinstance(message, dict):
-        content = message.get("kwargs", {}).get("content", "")
-    else:
-        content = getattr(message, "content", "")
-    return _content_text(content)
+        return (message.get("kwargs") or {}).get(name)
+    return getattr(message, name, None)
+
+
+def _message_text(message: Any) -> str:
+    """A message's text; an assistant message's tool calls (JSON) follow its text."""
+    text = _content_text(_message_field(message, "content") or "")
+    calls = _message_field(message, "tool_calls")
+    if calls:
+        shown = json.dumps(
+            [{"name": c.get("name"), "args": c.get("args")} for c in calls],
+            default=str,
+            ensure_ascii=False,
+        )
+        return f"{text}\n{shown}" if text else shown
+    return text
 
 
 def conversation_of(model_run: Run) -> list[dict[str, str]]:
@@ -228,6 +243,44 @@ def conversation_of(model_run: Run) -> list[dict[str, str]]:
         return [{"role": "user", "content": str(inputs["prompts"][0])}]
     batches = inputs.get("messages") or [[]]
     return [{"role": _message_role(m), "content": _message_text(m)} for m in batches[0]]
+
+
+def recorded_messages(model_run: Run) -> list[Any]:
+    """The messages a chat-model run received, as recorded."""
+    batches = (model_run.inputs or {}).get("messages") or [[]]
+    return list(batches[0]) if batches else []
+
+
+def offered_tools(model_run: Run) -> list[dict[str, Any]]:
+    """The tools a chat-model run offered the model (OpenAI's shape)."""
+    params = (model_run.extra or {}).get("invocation_params") or {}
+    tools = params.get("tools")
+    return [t for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
+
+
+def _tool_name(tool: Mapping[str, Any]) -> str | None:
+    function = tool.get("function")
+    name = function.get("name") if isinstance(function, dict) else tool.get("name")
+    return name if isinstance(name, str) else None
+
+
+def backward_conversation(model_run: Run) -> list[dict[str, str]]:
+    """What the backward model is shown of a chat call: its messages, and, when the
+    call offered tools, their definitions (JSON) first."""
+    conversation = conversation_of(model_run)
+    tools = offered_tools(model_run)
+    if tools:
+        shown = json.dumps(tools, default=str, ensure_ascii=False)
+        conversation = [{"role": "tools", "content": shown}, *conversation]
+    return conversation
+
+
+def _made_tool_calls(model_run: Run) -> list[dict[str, Any]]:
+    generations = (model_run.outputs or {}).get("generations") or [[{}]]
+    first = generations[0][0] if generations and generations[0] else {}
+    message = first.get("message", {}) if isinstance(first, dict) else {}
+    calls = _message_field(message, "tool_calls") if message else None
+    return [c for c in calls or () if isinstance(c, dict)]
 
 
 def output_of(model_run: Run) -> str:
@@ -401,6 +454,19 @@ class PromptIndex:
     """Every discovered prompt template."""
     fallback_names: frozenset[str] = frozenset()
     """Run names of the chain's ``RunnableWithFallbacks``."""
+    messages: Mapping[str, Sequence[tuple[str, Variable]]] = field(default_factory=dict)
+    """The Parameters of trainable system messages (an agent's system prompt, a
+    marked message), by message id."""
+    tools: Mapping[str, Sequence[tuple[str, Variable]]] = field(default_factory=dict)
+    """The Parameters of each tool (its description and arguments), by tool name."""
+    texts: Sequence[tuple[str, Variable]] = ()
+    """Message Parameters linked to a system message that *contains* their text
+    (one built anew on each call, e.g. by a ``dynamic_prompt``)."""
+    conditions: frozenset[str] = frozenset()
+    """Run names of the graphs' conditional-edge functions."""
+    output_key: str | None = None
+    """For a graph: the state key whose value is the traced output (see
+    :meth:`_Graph.output`)."""
 
 
 @dataclass(frozen=True)
@@ -429,6 +495,9 @@ class TracedCall:
     model_runs: list[Run] = field(default_factory=list)
     undiscovered: list[UndiscoveredCall] = field(default_factory=list)
     ambiguous: list[AmbiguousRun] = field(default_factory=list)
+    untrained: list[UndiscoveredCall] = field(default_factory=list)
+    """Model calls of a graph whose system message is linked to no Parameter (e.g. a
+    ``dynamic_prompt`` built from texts that are neither discovered nor marked)."""
 
 
 def _in_text(run: Run) -> str:
@@ -499,6 +568,55 @@ def _same_input(holder: Run, run: Run) -> bool:
     )
 
 
+_GRAPH_STEP = re.compile(r"^graph:step:(\d+)$")
+_AI_ID = re.compile(r"^lc_run--(?P<run>[0-9a-fA-F-]{36})(?:-\d+)?$")
+
+
+def _graph_step(run: Run) -> int | None:
+    """The superstep of a LangGraph node run (its ``graph:step:<n>`` tag)."""
+    for tag in run.tags or ():
+        match = _GRAPH_STEP.match(tag)
+        if match:
+            return int(match[1])
+    return None
+
+
+def _in_graph(run: Run) -> bool:
+    return "langgraph_node" in _metadata(run)
+
+
+def _updates_of(payload: Any) -> dict[str, Any]:
+    """What a LangGraph node wrote: its returned dict, or the ``update`` of the
+    ``Command``(s) it returned (a list of them, or of dicts, merged in order)."""
+    items = payload if isinstance(payload, (list, tuple)) else [payload]
+    writes: dict[str, Any] = {}
+    for item in items:
+        update = getattr(item, "update", item) if not isinstance(item, dict) else item
+        if isinstance(update, dict):
+            writes.update({str(k): v for k, v in update.items()})
+        elif isinstance(update, (list, tuple)):
+            writes.update(
+                {
+                    str(p[0]): p[1]
+                    for p in update
+                    if isinstance(p, tuple) and len(p) == 2
+                }
+            )
+    return writes
+
+
+def _chosen(payload: Any) -> set[str]:
+    """The node names a conditional edge's function returned (a name, a list of
+    names, ``Send`` objects)."""
+    items = payload if isinstance(payload, (list, tuple)) else [payload]
+    names = set()
+    for item in items:
+        node = getattr(item, "node", item)
+        if isinstance(node, str):
+            names.add(node)
+    return names
+
+
 def _is_condition(run: Run) -> bool:
     return any(tag.startswith("condition:") for tag in run.tags or ())
 
@@ -513,6 +631,7 @@ class _Graph:
         self.index = index
         self.kids: dict[UUID, list[Run]] = {}
         self.parent: dict[UUID, Run | None] = {root.id: None}
+        self.by_id: dict[UUID, Run] = {}
         self._built = False
         self.ambiguous: list[AmbiguousRun] = []
         self._add(root)
@@ -546,6 +665,10 @@ class _Graph:
         self._built = True  # the tree is final: its tables can be kept
         self.model_runs: list[Run] = []
         self._undiscovered: list[tuple[str, UndiscoveredCall]] = []
+        self.untrained: list[tuple[str, UndiscoveredCall]] = []
+        self._writes_of: dict[UUID, dict[str, _Value]] = {}
+        self._tool_messages: dict[str, Run] | None = None
+        self._call_owners: dict[str, Run] | None = None
 
     # -- the tree --------------------------------------------------------------------
 
@@ -553,6 +676,7 @@ class _Graph:
         stack = [run]
         while stack:
             current = stack.pop()
+            self.by_id[current.id] = current
             self.kids[current.id] = list(current.child_runs)
             for child in current.child_runs:
                 self.parent[child.id] = current
@@ -580,6 +704,9 @@ class _Graph:
         one whose recorded neighbouring values match it; they are interchangeable
         otherwise); failing that, when it repeats the tag of a sibling that spans
         its time, to the innermost chain run of that sibling spanning it."""
+        holder_run = self.by_id.get(parent_id)
+        if holder_run is not None and _graph_step(holder_run) is not None:
+            return  # a LangGraph node: its sub-calls are where they ran
         for run in list(self.kids[parent_id]):
             if run.id in self._rehomed or run.end_time is None:
                 continue
@@ -774,7 +901,13 @@ class _Graph:
             return "model"
         if run.run_type in ("prompt", "parser"):
             return run.run_type
+        if run.run_type == "tool":
+            return "tool"
+        if _graph_step(run) is not None:
+            return "node"
         children = self.kids[run.id]
+        if any(_graph_step(c) is not None for c in children):
+            return "graph"
         if self._is_fallbacks(run):
             return "wrapper"
         if any(_step_of(c) is not None for c in children):
@@ -969,22 +1102,10 @@ class _Graph:
         parent = self.parent.get(run.id)
         if parent is None:
             value = _const(payload)
+        elif self._kind(parent) == "graph":
+            value = self._node_input(parent, run)
         else:
-            kind = self._kind(parent)
-            step = _step_of(run)
-            previous = self._steps(parent).get(step - 1) if step else None
-            texts: tuple[set[str], ...] | None = None
-            if kind == "sequence" and previous is not None:
-                candidates = [self.out(previous)]
-            elif kind == "each":
-                candidates = [self._element(parent, run)]
-            elif kind in ("sequence", "parallel", "wrapper"):
-                candidates = [self.inp(parent)]
-            else:  # an opaque step computed its sub-call's input
-                candidates = self._earlier_values(parent, run)
-                candidates.append(self.inp(parent))
-                texts = (self._done_texts[parent.id], self._input_texts(parent))
-            opaque = kind == "step"
+            candidates, opaque, texts = self._candidates(run, parent)
             value = self._derive(
                 payload, candidates, parent.name, opaque=opaque, texts=texts
             )
@@ -994,6 +1115,219 @@ class _Graph:
                     self._feed_keys[run.id] = key
         self._in[run.id] = value
         return value
+
+    def _candidates(
+        self, run: Run, parent: Run
+    ) -> tuple[list[_Value], bool, tuple[set[str], ...] | None]:
+        """What ``run``'s input was made from (see the module docstring): the
+        values, whether they are what an opaque function had at hand, and the texts
+        they hold (when known)."""
+        kind = self._kind(parent)
+        step = _step_of(run)
+        previous = self._steps(parent).get(step - 1) if step else None
+        if kind == "sequence" and previous is not None:
+            return [self.out(previous)], False, None
+        if kind == "each":
+            return [self._element(parent, run)], False, None
+        if kind in ("sequence", "parallel", "wrapper"):
+            return [self.inp(parent)], False, None
+        # an opaque step (a function, a graph node) computed its sub-call's input
+        candidates = self._earlier_values(parent, run)
+        candidates.append(self.inp(parent))
+        texts = (self._done_texts[parent.id], self._input_texts(parent))
+        return candidates, kind in ("step", "node"), texts
+
+    # -- LangGraph -------------------------------------------------------------------
+
+    def _nodes(self, graph: Run) -> list[Run]:
+        """A graph run's node runs, by superstep (then start)."""
+        nodes = [c for c in self.kids[graph.id] if _graph_step(c) is not None]
+        return sorted(nodes, key=lambda n: (_graph_step(n) or 0, n.start_time))
+
+    def _message_value(self, message: Any) -> _Value | None:
+        """The value a message of a graph's state is, by its id: an assistant
+        message is the output of the chat-model run that made it (LangChain names it
+        ``lc_run--<run id>``), a tool message the output of the tool run that
+        returned it."""
+        mid = _message_field(message, "id")
+        if not isinstance(mid, str):
+            return None
+        match = _AI_ID.match(mid)
+        if match is not None:
+            try:
+                made_by = self.by_id.get(UUID(match["run"]))
+            except ValueError:
+                made_by = None
+            if made_by is not None and made_by.run_type in _MODEL_TYPES:
+                return self.out(made_by)
+        if self._tool_messages is None:
+            self._tool_messages = {}
+            for run in self.runs():
+                output = (
+                    _bare(run.outputs, "output") if run.run_type == "tool" else None
+                )
+                tool_mid = _message_field(output, "id") if output is not None else None
+                if isinstance(tool_mid, str):
+                    self._tool_messages[tool_mid] = run
+        tool_run = self._tool_messages.get(mid)
+        return self.out(tool_run) if tool_run is not None else None
+
+    def _state_element(self, element: Any, pool: Sequence[_Value]) -> _Value:
+        """A state list's element: the message it is (by id), else the latest value
+        in ``pool`` with its text, else a constant."""
+        found = self._message_value(element)
+        if found is not None:
+            return found
+        text = text_of(element)
+        for value in reversed(pool):
+            if value.matches(text):
+                return value
+        return _const(element)
+
+    def _state_value(self, graph: Run, step: int | None, key: str, read: Any) -> _Value:
+        """What a node of ``graph`` at superstep ``step`` (``None``: the final
+        state) read as ``key``: by LangGraph's channel writes, the value the last
+        node before that step wrote to it; for a list (a reducer such as
+        ``add_messages`` or ``operator.add``), element by element, each element the
+        value its writer wrote (messages by id); for another reduced value, computed
+        from every write (the rule for non-LM steps)."""
+        initial = (self.inp(graph).parts or {}).get(key)
+        writers = [
+            written[key]
+            for node in self._nodes(graph)
+            if (step is None or (_graph_step(node) or 0) < step)
+            and _succeeded(node)
+            and key in (written := self._writes(node))
+        ]
+        text = text_of(read)
+        if isinstance(read, (list, tuple)) and read:
+            pool: list[_Value] = []
+            for value in [*([initial] if initial is not None else []), *writers]:
+                pool.extend(value.parts.values() if value.parts else [value])
+            return _Value(
+                text,
+                parts={
+                    str(i): self._state_element(e, pool) for i, e in enumerate(read)
+                },
+            )
+        if writers:
+            if writers[-1].matches(text):
+                return writers[-1]
+            sources = [*([initial] if initial is not None else []), *writers]
+            return self._computed(read, [(key, v) for v in sources], f"state {key}")
+        if initial is not None and initial.matches(text):
+            return initial
+        return _const(read)
+
+    def _node_input(self, graph: Run, node: Run) -> _Value:
+        """A node's input: the state it read (key by key, see :meth:`_state_value`),
+        or what a ``Send`` gave it (e.g. a ``ToolNode``'s tool calls: linked to the
+        model call that made them)."""
+        payload = _bare(node.inputs, "input")
+        step = _graph_step(node)
+        if isinstance(payload, dict):
+            parts = {
+                str(k): self._state_value(graph, step, str(k), v)
+                for k, v in payload.items()
+            }
+            return _Value(text_of(payload), parts=parts)
+        owners = [
+            self.out(owner)
+            for call in (payload if isinstance(payload, list) else [payload])
+            if isinstance(call, dict)
+            and (owner := self._call_owner(call.get("id"))) is not None
+        ]
+        return self._derive(payload, [*owners, self.inp(graph)], node.name)
+
+    def _call_owner(self, call_id: Any) -> Run | None:
+        """The chat-model run whose answer made the tool call ``call_id``."""
+        if not isinstance(call_id, str):
+            return None
+        if self._call_owners is None:
+            self._call_owners = {
+                str(call["id"]): run
+                for run in self.runs()
+                if run.run_type in _MODEL_TYPES
+                for call in _made_tool_calls(run)
+                if call.get("id")
+            }
+        return self._call_owners.get(call_id)
+
+    def _deciders(self, node: Run) -> list[Variable]:
+        """The Variables that decided, through a conditional edge, that ``node``
+        runs: what the node that the edge leaves from wrote, and the LM calls the
+        edge's function made."""
+        graph = self.parent.get(node.id)
+        step = _graph_step(node)
+        if graph is None or step is None:
+            return []
+        found: list[Variable] = []
+        for source in self._nodes(graph):
+            if _graph_step(source) != step - 1 or not _succeeded(source):
+                continue
+            for condition in self.kids[source.id]:
+                if condition.name not in self.index.conditions or not _succeeded(
+                    condition
+                ):
+                    continue
+                if node.name not in _chosen(_bare(condition.outputs, "output")):
+                    continue
+                for value in self._writes(source).values():
+                    found.extend(self.variables(value))
+                found.extend(
+                    var
+                    for model in self._descendants(condition.id, exclude=condition)
+                    if model.run_type in _MODEL_TYPES
+                    and (var := self.out(model).var) is not None
+                )
+        return _unique(found)
+
+    def _writes(self, node: Run) -> dict[str, _Value]:
+        """What a node wrote, key by key: messages by id, other values derived from
+        what the node computed (its sub-calls' outputs, its input); when a
+        conditional edge chose the node, linked to what decided it too."""
+        if node.id in self._writes_of:
+            return self._writes_of[node.id]
+        updates = _updates_of(_bare(node.outputs, "output"))
+        results = [
+            c for c in self._results(node) if c.name not in self.index.conditions
+        ]
+        candidates = [*(self.out(c) for c in results), self.inp(node)]
+        writes: dict[str, _Value] = {}
+        for key, value in updates.items():
+            if isinstance(value, (list, tuple)) and value:
+                parts = {}
+                for i, element in enumerate(value):
+                    found = self._message_value(element)
+                    parts[str(i)] = found or self._derive(
+                        element, candidates, node.name, opaque=True
+                    )
+                writes[key] = _Value(text_of(value), parts=parts)
+            else:
+                writes[key] = self._derive(
+                    value, candidates, node.name, key=key, opaque=True
+                )
+        deciding = self._deciders(node)
+        if deciding:
+            writes = {
+                k: self._linked(v, deciding, node.name) for k, v in writes.items()
+            }
+        self._writes_of[node.id] = writes
+        return writes
+
+    def _tool(self, run: Run) -> _Value:
+        """A tool's result: computed from the model call that asked for it (by the
+        tool call's id), so feedback on it reaches that call."""
+        payload = _bare(run.outputs, "output")
+        text = text_of(payload)
+        owner = self._call_owner(_message_field(payload, "tool_call_id"))
+        source = self.out(owner).var if owner is not None else None
+        if source is None:
+            return self._computed(payload, _inputs(self.inp(run)), run.name)
+        var = StepOutput.apply(
+            source, text, f"{run.name} tool", f"result of the {run.name} tool"
+        )
+        return _Value(text, var=var)
 
     def _each_positions(self, run: Run) -> dict[UUID, int]:
         """``.map()``: which element each child run processed (by the element's and
@@ -1077,6 +1411,21 @@ class _Graph:
             return _Value("")
         if kind == "prompt":
             return self._prompt(run)
+        if kind == "tool":
+            return self._tool(run)
+        if kind == "node":
+            writes = self._writes(run)
+            return _Value(
+                text_of(_updates_of(_bare(run.outputs, "output"))), parts=writes
+            )
+        if kind == "graph":
+            final = _bare(run.outputs, "output")
+            if isinstance(final, dict):
+                parts = {
+                    str(k): self._state_value(run, None, str(k), v)
+                    for k, v in final.items()
+                }
+                return _Value(text_of(final), parts=parts)
         payload = _bare(run.outputs, "output")
         text = text_of(payload)
         if kind == "sequence":
@@ -1206,7 +1555,14 @@ class _Graph:
                     self._site(run), f'{feed.prompt.run.name} ("{excerpt}")'
                 )
                 self._undiscovered.append((run.dotted_order or "", found))
-        else:  # messages made without a prompt: located by the key they came from
+        graph_messages = feed.prompt is None and _in_graph(run)
+        for location, var in self._message_links(run, graph_messages):
+            link(var, location)
+        for tool in offered_tools(run):  # the descriptions that offered each tool
+            for location, param in self.index.tools.get(_tool_name(tool) or "", ()):
+                link(param, location)
+        if feed.prompt is None and not graph_messages:
+            # messages made without a prompt: located by the key they came from
             key = self._feed_keys.get(run.id)
             for k, value in _inputs(feed):
                 name = k or key
@@ -1215,9 +1571,69 @@ class _Graph:
         if not _succeeded(run):
             return _Value("")
         var = RecordedChatCall.apply(
-            conversation_of(run), output_of(run), variables, locations, OUTPUT_ROLE
+            backward_conversation(run),
+            output_of(run),
+            variables,
+            locations,
+            OUTPUT_ROLE,
         )
         return _Value(str(var.data), var=var)
+
+    def _message_links(self, run: Run, graph: bool) -> list[tuple[str, Variable]]:
+        """The Variables behind a chat call's messages, by message: a trainable
+        system message by its id (else the message Parameters whose text it
+        contains); in a LangGraph node called on messages (no prompt), also an
+        assistant message (the model call that made it) and a tool result (the tool
+        run that returned it) by id, and every other message derived from what the
+        node had at hand (its state, its earlier sub-calls)."""
+        links: list[tuple[str, Variable]] = []
+        system_seen = system_linked = False
+        system_text = ""
+        candidates: tuple[list[_Value], bool, tuple[set[str], ...] | None] | None = None
+        for message in recorded_messages(run):
+            role = _message_role(message)
+            mid = _message_field(message, "id")
+            text = _message_text(message)
+            if role == "system":
+                system_seen = True
+                system_text = system_text or text
+                params = list(self.index.messages.get(mid or "", ()))
+                if not params:
+                    params = [
+                        (f"{location} (in a system message built from it)", param)
+                        for location, param in self.index.texts
+                        if str(param.data).strip() and str(param.data) in text
+                    ]
+                system_linked = system_linked or bool(params)
+                links.extend(params)
+                if params or not graph:
+                    continue
+            if not graph:
+                continue
+            found = self._message_value(message)
+            if found is None:
+                parent = self.parent.get(run.id)
+                if parent is None:
+                    continue
+                if candidates is None:
+                    candidates = self._candidates(run, parent)
+                values, opaque, _ = candidates
+                found = self._derive(text, values, parent.name, opaque=opaque)
+            where = {
+                "assistant": "earlier answer of the model (its tool calls)",
+                "tool": f"result of the {_message_field(message, 'name')} tool",
+            }.get(role, f"{role} message")
+            links.extend((where, var) for var in self.variables(found))
+        if graph and system_seen and not system_linked:
+            first = system_text.strip().splitlines()[0] if system_text.strip() else ""
+            excerpt = first if len(first) <= 60 else first[:57] + "..."
+            self.untrained.append(
+                (
+                    run.dotted_order or "",
+                    UndiscoveredCall(self._site(run), f'system message ("{excerpt}")'),
+                )
+            )
+        return links
 
     def _finish_order(self) -> list[Run]:
         """Every run, children before their parent, in the order they finished."""
@@ -1245,6 +1661,8 @@ class _Graph:
             self.out(run)
         value = self.out(self.root)
         final = text_of(result)
+        if self._kind(self.root) == "graph" and isinstance(result, dict):
+            value, final = self._graph_answer(value, result)
         if value.prompt is None and value.var is not None and value.matches(final):
             return value.var
         variables = self.variables(value)
@@ -1256,6 +1674,32 @@ class _Graph:
             variables if len(variables) > 1 else variables[0], final, "chain output"
         )
 
+    def _graph_answer(
+        self, state: _Value, result: dict[str, Any]
+    ) -> tuple[_Value, str]:
+        """The output of a graph call: the state key :attr:`PromptIndex.output_key`
+        names; by default ``structured_response`` when the state has it (an agent
+        with a ``response_format``), else the last of its ``messages`` (an agent's
+        final answer), else the whole state."""
+        key = self.index.output_key
+        if key is None:
+            key = next(
+                (k for k in ("structured_response", "messages") if k in result), None
+            )
+        if key is None:
+            return state, text_of(result)
+        if key not in result:
+            raise KeyError(
+                f"output_key={key!r} is not a key of the graph's final state (its "
+                f"keys: {sorted(map(str, result))}); pass one of them to trace()."
+            )
+        part = (state.parts or {}).get(key) or _const(result[key])
+        value = result[key]
+        if key == "messages" and isinstance(value, list) and value:
+            last = str(len(value) - 1)
+            return (part.parts or {}).get(last) or _const(value[-1]), text_of(value[-1])
+        return part, text_of(value)
+
 
 def build_graph(
     root: Run, strays: Sequence[Run], result: Any, index: PromptIndex
@@ -1266,7 +1710,8 @@ def build_graph(
     output = graph.output(result)
     model_runs = sorted(graph.model_runs, key=lambda r: r.dotted_order or "")
     undiscovered = [found for _, found in sorted(graph._undiscovered, key=_first)]
-    return TracedCall(output, model_runs, undiscovered, graph.ambiguous)
+    untrained = [found for _, found in sorted(graph.untrained, key=_first)]
+    return TracedCall(output, model_runs, undiscovered, graph.ambiguous, untrained)
 
 
 def _first(pair: tuple[str, Any]) -> str:

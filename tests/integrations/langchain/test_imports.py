@@ -9,6 +9,7 @@ pytest.importorskip("langchain_core", reason="needs the langchain extra")
 EXPECTED_ALL = [
     "AfnioRunnable",
     "AfnioTracingWarning",
+    "AgentOutput",
     "ChainLoadError",
     "ChainSaveError",
     "LangChainChatModel",
@@ -16,13 +17,20 @@ EXPECTED_ALL = [
     "PlaceholderMismatchError",
     "PromptSlot",
     "TracedChain",
+    "TrajectoryMode",
+    "answer_match",
     "estimate",
+    "expected_tools",
+    "final_answer_of",
     "find_prompt_slots",
     "heal_braces",
     "load_chain",
     "optimize",
     "save_chain",
+    "tool_calls_of",
     "trace",
+    "trainable",
+    "trajectory_match",
 ]
 
 
