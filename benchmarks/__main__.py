@@ -9,9 +9,10 @@ LM rounds x latency). With ``--peers`` the same step is done by TextGrad 0.1.8 a
 Trace (trace-opt 0.1.3.8), each installed from PyPI into its own venv under
 ``benchmarks/.venvs/`` (made once) and pointed at a simulator with the same latency
 (``benchmarks/peers/*_step.py``); their calls, tokens and peak come from the
-simulator's counters. Engine overhead per node and LangChain tracing overhead are
-measured too. Writes ``report.md``, ``results.json`` and, with matplotlib (the
-``plot`` extra), ``chart.png`` into ``--out`` (default ``benchmarks/results``).
+simulator's counters. Engine overhead per node and LangChain tracing overhead
+(chains; ``create_agent`` agents and LangGraph graphs) are measured too. Writes
+``report.md``, ``results.json`` and, with matplotlib (the ``plot`` extra),
+``chart.png`` into ``--out`` (default ``benchmarks/results``).
 
 Example: ``python -m benchmarks run --batches 4 8 32 --latencies 0.5 0.05 --peers``
 """
@@ -166,7 +167,9 @@ def peer_steps(
 def overheads(nodes: int = 5000, invokes: int = 200) -> dict[str, float]:
     """The engine's overhead per node (chains of ``nodes`` custom Functions) and the
     LangChain tracer's per LM call (``invokes`` invokes of a 3-step chain), best of
-    three each."""
+    three each; with the agents extra, the worst case of ``agent_tracing_overhead.py``
+    (about ``invokes`` model calls a case; shorter graph cycles when ``invokes`` is
+    under 100)."""
     engine = _load("engine_overhead")
     out: dict[str, float] = {}
     for kind, fn in engine.KINDS.items():
@@ -181,6 +184,13 @@ def overheads(nodes: int = 5000, invokes: int = 200) -> dict[str, float]:
     tracing.measure(tracing._chain, 20, 1)  # warm up imports and caches
     runs = [tracing.measure(tracing._chain, invokes, 1) for _ in range(3)]
     out["tracing_ms_per_lm_call"] = min((t - p) / 1000 for p, t in runs)
+    try:  # create_agent agents and LangGraph graphs (agent_tracing_overhead.py)
+        agent = _load("agent_tracing_overhead")
+    except ImportError:  # the agents extra (langchain, langgraph) is not installed
+        return out
+    loops = agent.GRAPH_CALLS if invokes >= 100 else agent.QUICK_GRAPH_CALLS
+    cases = agent.run_all(invokes, 3, loops, agent.TARGET_MS)
+    out["agent_tracing_ms_per_model_call"] = max(c.added_us for c in cases) / 1000
     return out
 
 

@@ -176,17 +176,22 @@ assistant tool calls and ``tool`` results after it are this message's *turn*. Ru
   "<word>".`` or ``Use this tool when the message begins with "<word>".``
   (:data:`TOOL_DESCRIPTION_RULE_PATTERN`).
 
-Words match as for label rules (a whole word; the :func:`lead_word`). The prompt's
-matching rules decide when there are any (all of them: several tools are called in
-parallel, in rule order; the first matching ``call no tool`` means none); else every
-tool whose description has a matching rule is called. Tools already called in this
-turn are never called again, so an agent loop ends. ``tool_choice`` (default
-``auto``): ``auto`` calls the routed tools, or answers in text when none is routed;
-``none`` always answers in text; ``required`` (``any``) calls the routed tools, or,
-when nothing is routed (no rule matches, a matching ``call no tool``, every routed
-tool already called), the *last* tool not called yet in this turn (else the last
-tool): one rule for every client, which lets LangChain's structured-output tool
-(appended last) answer directly; a named function is always called.
+Words match as for label rules (a whole word; the :func:`lead_word`), except that a
+``mentions`` rule ignores a *negated* occurrence (the first content word after a
+:data:`NEGATORS` word or ``...n't``: ``no leak`` does not mention a leak). The
+prompt's matching rules decide when there are any, else the descriptions' rules.
+Among them, the rule whose word occurs *earliest* in the message decides
+(:func:`rule_position`; a ``begins with`` rule counts at its lead word's place, so
+that it and a ``mentions`` rule for the same word decide together, as do all rules
+at the same place): its tools are called, in parallel when it lists several (``call
+a and b.``), in rule order; a deciding ``call no tool`` means none. Tools already
+called in this turn are never called again, so an agent loop ends. ``tool_choice``
+(default ``auto``): ``auto`` calls the routed tools, or answers in text when none is
+routed; ``none`` always answers in text; ``required`` (``any``) calls the routed
+tools, or, when nothing is routed (no rule matches, a matching ``call no tool``,
+every routed tool already called), the *last* tool not called yet in this turn (else
+the last tool): one rule for every client, which lets LangChain's structured-output
+tool (appended last) answer directly; a named function is always called.
 ``parallel_tool_calls: false`` calls the first routed tool only (the next request
 calls the next one). An empty ``tools`` list, ``tool_choice`` or
 ``parallel_tool_calls`` without ``tools``, and the deprecated ``functions`` /
@@ -200,29 +205,42 @@ schema: a property named like the label rules' field gets the label, a top-level
 except that when only the fallback would answer and the turn has tool results, the
 text of the last tool result.
 
-Backward and optimizer (see :func:`tool_backward_gradients`): when the feedback names
-the tools that should have been called (:func:`expected_tools`: ``expected a call
-to <tool>``, ``expected tool calls: [<a>, <b>]``, ``Expected tool calls: [], got
-[<b>]``, ``should have called <tool>``, ``called <b>, expected <a>``, ``Expected:
-[<a>]. Got: [<b>].``, ``expected no tool call``, ``should not have called any
-tool``...) *and* the backward prompt shows tool calling (:func:`shown_tools`: the
-``<LM_OUTPUT>`` holds tool calls, a variable is a ``tool:<name>`` location, or the
-conversation shows tool results, calls or definitions naming the tool; when it lists
-the offered tools, every expected name must be one of them), it is read before the
-label target; otherwise the feedback is label feedback. The chat backward then
-writes a rule for the word and kind of the rule that decided the wrong call
-(:func:`deciding_rule`, so that the optimizer replaces it in place), or, when no rule
-decided, for the message's lead word (label-blind, as for a non-affect field): ``If
-the message <kind> "<word>", call <tool>.`` for the first trainable system prompt,
-``Use this tool when the message <kind> "<word>".`` for the trainable description
-of an expected tool (a variable whose ``location`` is ``tool:<name>``, or whose role
-names the tool's description), ``Do not use this tool when the message <kind>
-"<word>".`` for that of a tool called (the ``<LM_OUTPUT>``'s calls, or routed by its
+Backward and optimizer (see :func:`tool_backward_gradients`): when the feedback
+names the tools that should have been called (:func:`expected_tools`: ``expected a
+call to <tool>``, ``expected tool calls: [<a>, <b>]``, ``Expected tool calls: [],
+got [<b>]``, ``should have called <tool>``, ``called <b>, expected <a>``,
+``Expected: [<a>]. Got: [<b>].``, ``expected no tool call``, ``should not have
+called any tool``...) *and* the backward prompt shows tool calling
+(:func:`shown_tools`: the ``<LM_OUTPUT>`` holds tool calls, a variable is a
+``tool:<name>`` location, or the conversation shows tool results, calls or
+definitions naming the tool; when it lists the offered tools, every expected name
+must be one of them), it is read before the label target; otherwise the feedback is
+label feedback. The chat backward then writes a rule for the word and kind of the
+rule that decided the wrong call (:func:`deciding_rule`, so that the optimizer
+replaces it in place), or, when no rule decided, a ``mentions`` rule for the
+message's first word tied to the expected tool and to no other offered tool
+(:func:`tool_topic_word`: a word naming it or occurring in its description, and
+naming or describing none of the other tools; words compared by
+:data:`STEM_LETTERS`, hyphenated and camelCase words split, a possessive ``'s``
+dropped), else a ``begins with`` rule for its lead word (as for a non-affect
+field): ``If the message <kind> "<word>", call <tool>.`` for the first trainable
+system prompt, ``Use this tool when the message <kind> "<word>".`` for the trainable
+description of an expected tool (a variable whose ``location`` is ``tool:<name>``,
+or whose role names the tool's description; when a deciding rule is corrected in
+place, the description gets a ``mentions`` rule for the topic word only, or no
+rule: the reused word may be any tool's), ``Do not use this tool when the message
+<kind> "<word>".``
+for that of a tool called (the ``<LM_OUTPUT>``'s calls, or routed by its
 description) but not expected, and ``The <role> should lead to a call to <tool> for
 this input.`` for any other variable. The optimizer (:func:`improve_value`) replaces
-the tool rule for the same word and kind in place, adds a description rule once,
-and removes the description rules for the word a ``Do not use this tool ...``
-sentence names, whatever their kind.
+the tool rule for the same word and kind in place, adds a description rule once, and
+removes the description rules for the word a ``Do not use this tool ...`` sentence
+names, whatever their kind. Conflicting tool edits in one feedback (rules for the
+same word and kind calling different tools; adding and removing a description rule
+for the same word) are settled by a vote: only the one proposed most often is
+applied (``(xN)`` counts; a condensed line's alternatives take their own
+``"a" (xN)`` counts when given, else share its count evenly; counted exactly; ties:
+the first).
 
 Rendering
 ---------
@@ -255,6 +273,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 __all__ = [
@@ -286,6 +305,10 @@ __all__ = [
     "tool_of_variable",
     "tool_results",
     "tool_routing",
+    "rule_position",
+    "tool_topic_word",
+    "tool_vocabulary",
+    "STEM_LETTERS",
     "tool_rule_sentence",
     "AFFECT_FIELDS",
     "DEFAULT_FIELD",
@@ -1876,7 +1899,10 @@ def evaluator_backward_responder(request: SimRequest) -> Answer | None:
 IMPROVED_VARIABLE_SCHEMA_NAME = "afnio_improved_variable"
 """The JSON schema name of afnio's TGD optimizer answers (``afnio.optim.prompts``)."""
 
-_ALTERNATIVES = re.compile(r'\{\s*("[^"\n]*"(?:\s*\|\s*"[^"\n]*")+)\s*\}')
+_ALTERNATIVE = r'"[^"\n]*"(?:\s*\(x\d+\))?'
+_ALTERNATIVES = re.compile(
+    r"\{\s*(" + _ALTERNATIVE + r"(?:\s*\|\s*" + _ALTERNATIVE + r")+)\s*\}"
+)
 _FORBIDDEN_CHARACTER = re.compile(r'Do not use the character "(.)"')
 
 
@@ -1887,14 +1913,60 @@ def expand_alternatives(line: str) -> list[str]:
     >>> expand_alternatives('If the message mentions {"a" | "b"}, the x is y.')
     ['If the message mentions "a", the x is y.', 'If the message mentions "b", the x is y.']
     """  # noqa: E501
+    return [text for text, _ in _weighted_alternatives(line, Fraction(1))]
+
+
+def _weighted_alternatives(line: str, total: Fraction) -> list[tuple[str, Fraction]]:
+    """The texts of :func:`expand_alternatives` with their share of ``total``
+    proposals: an alternative with its own count (``{"a" (x3) | "b"}``) gets that
+    count (within ``total``), the others share the rest evenly, exactly
+    (:class:`~fractions.Fraction`); several groups multiply the shares."""
     match = _ALTERNATIVES.search(line)
     if match is None:
-        return [line]
-    options = re.findall(r'"[^"\n]*"', match[1])
+        return [(line, total)]
+    options = re.findall(r'("[^"\n]*")(?:\s*\(x(\d+)\))?', match[1])
+    own = {i: Fraction(int(n)) for i, (_, n) in enumerate(options) if n}
+    rest = [i for i in range(len(options)) if i not in own]
+    left = max(Fraction(0), total - sum(own.values()))
     head, tail = line[: match.start()], line[match.end() :]
-    return [
-        text for option in options for text in expand_alternatives(head + option + tail)
-    ]
+    weighted: list[tuple[str, Fraction]] = []
+    for i, (option, _) in enumerate(options):
+        share = own[i] if i in own else left / len(rest)
+        weighted.extend(_weighted_alternatives(head + option + tail, share))
+    return weighted
+
+
+_COUNT_SUFFIX = re.compile(r"\(x(?P<n>\d+)\)\s*$")
+
+
+def _line_count(line: str) -> int:
+    """How many samples proposed a feedback line: its ``(xN)`` suffix (TGD's
+    rendering of repeated feedback, see :func:`afnio.optim.tgd.render_feedback`),
+    else 1."""
+    match = _COUNT_SUFFIX.search(line)
+    return max(1, int(match["n"])) if match is not None else 1
+
+
+def _conflict_key(edit: Rule | ToolRule | tuple[str, str]) -> tuple[str, ...] | None:
+    """The edits that conflict share a key: a prompt's tool rules for the same word
+    and kind (whatever tools they call), and a description rule and a removal for
+    the same word. Label rules have no key (the last one proposed wins, in place)."""
+    if isinstance(edit, tuple):
+        return ("description", edit[1].casefold())
+    if isinstance(edit, ToolRule):
+        if edit.source == "description":
+            return ("description", edit.word.casefold())
+        return ("prompt", edit.kind, edit.word.casefold())
+    return None
+
+
+def _edit_choice(edit: Rule | ToolRule | tuple[str, str]) -> str:
+    """What an edit asks for, within its conflict key (see :func:`_conflict_key`)."""
+    if isinstance(edit, tuple):
+        return "remove"
+    if isinstance(edit, ToolRule) and edit.source == "description":
+        return "add"
+    return edit.text()
 
 
 def improve_value(current: str, feedback: str, constraints: str = "") -> str:
@@ -1911,6 +1983,19 @@ def improve_value(current: str, feedback: str, constraints: str = "") -> str:
     whatever its kind (``mentions`` or ``begins with``). Label rules and tool rules
     for the same word never replace each other.
 
+    *Conflicting* tool edits (prompt rules for the same word and kind that call
+    different tools; adding and removing a description rule for the same word) are
+    settled by a vote, as a model reading a batch's feedback follows what most
+    samples ask for: only the edit proposed most often is applied, at its first
+    place (ties, counted exactly with :class:`~fractions.Fraction`: the first
+    proposed). A feedback line counts as many proposals as its ``(xN)`` suffix says
+    (TGD's rendering of repeated feedback), a line without a suffix 1. Among the
+    alternatives of a condensed line, one with its own count (``{"a" (x3) | "b"}
+    ... (x4)``) gets that count, the others share the rest evenly (``{"a" | "b"}
+    ... (x4)``: 2 each; a condensed line without per-alternative counts does not
+    say how often each was proposed, so the even share is an estimate). Label
+    rules are applied in order, the last one for a word winning, as before.
+
     >>> improve_value("Classify.", '- If the message mentions "bad", the mood is low.')
     'Classify. If the message mentions "bad", the mood is low.'
     >>> improve_value('Route. If the message begins with "leak", call cleaning.',
@@ -1919,12 +2004,31 @@ def improve_value(current: str, feedback: str, constraints: str = "") -> str:
     >>> improve_value('Mops floors. Use this tool when the message begins with "leak".',
     ...     'Do not use this tool when the message begins with "leak".')
     'Mops floors.'
+    >>> votes = ('- If the message mentions "hvac", call repairs. (x3)\\n'
+    ...     '- If the message mentions "hvac", call cleaning. (x2)')
+    >>> improve_value("Route.", votes)
+    'Route. If the message mentions "hvac", call repairs.'
     """
-    value = current
+    proposals: list[tuple[Rule | ToolRule | tuple[str, str], Fraction]] = []
     for line in feedback.splitlines():
-        for text in expand_alternatives(line):
-            for edit in _feedback_edits(text):
-                value = _apply_edit(value, edit)
+        for text, weight in _weighted_alternatives(line, Fraction(_line_count(line))):
+            proposals.extend((edit, weight) for edit in _feedback_edits(text))
+    votes: dict[tuple[str, ...], dict[str, Fraction]] = {}
+    for edit, weight in proposals:
+        key = _conflict_key(edit)
+        if key is not None:
+            tally = votes.setdefault(key, {})
+            choice = _edit_choice(edit)
+            tally[choice] = tally.get(choice, Fraction(0)) + weight
+    winners = {
+        key: max(tally, key=lambda c: (tally[c], -list(tally).index(c)))
+        for key, tally in votes.items()
+    }
+    value = current
+    for edit, _ in proposals:
+        key = _conflict_key(edit)
+        if key is None or _edit_choice(edit) == winners[key]:
+            value = _apply_edit(value, edit)
     for character in _FORBIDDEN_CHARACTER.findall(constraints):
         value = value.replace(character, "")
     return value
@@ -2730,6 +2834,52 @@ def tool_results(request: SimRequest) -> tuple[str, ...]:
     )
 
 
+def _lead_offset(text: str) -> int | None:
+    """The offset in ``text`` of its :func:`lead_word` (rule sentences blanked, so
+    that offsets stay those of ``text``), ``None`` without one."""
+    blanked = _ANY_RULE.sub(lambda m: " " * len(m[0]), text)
+    body = _skip_headers(blanked)
+    skipped = len(blanked) - len(body)
+    lead = lead_word(text)
+    if lead is None:
+        return None
+    for match in _WORD.finditer(body):
+        if match[0].casefold().replace("\u2019", "'") == lead:
+            negated = _negated_offsets(body)
+            if match.start() not in negated:
+                return skipped + match.start()
+    return None
+
+
+def rule_position(rule: ToolRule | Rule, text: str) -> int | None:
+    """Where ``rule`` occurs in the message ``text``, for tool routing: ``None`` when
+    it does not match; for a ``begins with`` rule that matches (see
+    :meth:`ToolRule.matches`), the offset of the :func:`lead_word` (so that it decides
+    together with a ``mentions`` rule for the same word); for a ``mentions`` rule, the
+    offset of the first whole-word occurrence of its word (any case) that is not
+    *negated* (the first content word after a :data:`NEGATORS` word or a ``...n't``,
+    as :func:`lead_word` reads it: ``no leak`` does not mention a leak), ``None`` when
+    every occurrence is negated.
+
+    >>> rule = find_tool_rules('If the message mentions "leak", call repairs.')[0]
+    >>> rule_position(rule, "Cleaning after a leak"), rule_position(rule, "Dry")
+    (17, None)
+    >>> rule_position(rule, "No leak, just dust") is None
+    True
+    >>> lead = find_tool_rules('If the message begins with "urgent", call fix.')[0]
+    >>> rule_position(lead, "Subject: Urgent - dust")
+    9
+    """
+    if rule.kind == "begins with":
+        return _lead_offset(text) if rule.matches(text) else None
+    pattern = rf"(?<!\w){re.escape(rule.word.strip())}(?!\w)"
+    negated = _negated_offsets(text)
+    for found in re.finditer(pattern, text, re.IGNORECASE):
+        if found.start() not in negated:
+            return found.start()
+    return None
+
+
 def tool_routing(
     request: SimRequest, tools: Sequence[ToolSpec]
 ) -> tuple[tuple[str, ...], tuple[ToolRule, ...]]:
@@ -2737,22 +2887,27 @@ def tool_routing(
     (``()`` when none matched).
 
     The prompt's tool rules (:func:`find_tool_rules` over the ``system``,
-    ``developer`` and ``user`` messages, in message order) come first: when any of
-    them matches :func:`tool_message`, the answer is the tools of *every* matching
-    prompt rule (in order, without repeats) and those rules decided; when the first
-    matching one is ``call no tool``, no tool, and that rule alone decided. Only when
-    no prompt rule matches are the tools' own descriptions read (:meth:`ToolSpec.rules`,
-    in tool order): every tool whose description has a matching rule. Names that are
-    not among ``tools`` are ignored. The chat backward reuses the word and kind of a
-    deciding rule that routed wrongly (see :func:`tool_backward_gradients`), so that
-    the optimizer replaces that rule in place.
+    ``developer`` and ``user`` messages, in message order) come first; only when
+    none of them matches :func:`tool_message` are the tools' own descriptions read
+    (:meth:`ToolSpec.rules`, in tool order). Among the matching rules of that
+    source, the rule whose word occurs *earliest* in the message decides (see
+    :func:`rule_position`: a ``begins with`` rule counts as the message's start; a
+    message is routed by what it speaks of first, its main topic); rules that
+    occur at the same place (the same word) decide together, in rule order. The
+    answer is the tools of the deciding rules (in order, without repeats: a rule
+    listing several tools, ``call a and b.``, makes parallel calls); when the first
+    deciding rule is ``call no tool``, no tool, and that rule alone decided. Names
+    that are not among ``tools`` are ignored. The chat backward reuses the word and
+    kind of a deciding rule that routed wrongly (see :func:`tool_backward_gradients`),
+    so that the optimizer replaces that rule in place.
 
     >>> request = SimRequest.from_messages([{"role": "system", "content":
-    ...     'If the message mentions "leak", call cleaning.'},
-    ...     {"role": "user", "content": "A leak in room 4"}])
+    ...     'If the message mentions "dust", call cleaning. '
+    ...     'If the message mentions "leak", call fix.'},
+    ...     {"role": "user", "content": "A leak in room 4, and dust"}])
     >>> names, rules = tool_routing(request, [ToolSpec("cleaning"), ToolSpec("fix")])
     >>> names, [(r.kind, r.word) for r in rules]
-    (('cleaning',), [('mentions', 'leak')])
+    (('fix',), [('mentions', 'leak')])
     """
     text = tool_message(request.messages)
     available = {spec.name for spec in tools}
@@ -2763,15 +2918,18 @@ def tool_routing(
         for rule in find_tool_rules(m.text)
     ]
     for candidates in (prompt_rules, [r for s in tools for r in s.rules()]):
-        matched = [rule for rule in candidates if rule.matches(text)]
+        placed = [(rule_position(rule, text), rule) for rule in candidates]
+        matched = [(at, rule) for at, rule in placed if at is not None]
         if not matched:
             continue
-        if not matched[0].tools:
-            return (), (matched[0],)
+        first = min(at for at, _ in matched)
+        deciding = [rule for at, rule in matched if at == first]
+        if not deciding[0].tools:
+            return (), (deciding[0],)
         names: list[str] = []
-        for rule in matched:
+        for rule in deciding:
             names.extend(n for n in rule.tools if n in available and n not in names)
-        return tuple(names), tuple(matched)
+        return tuple(names), tuple(deciding)
     return (), ()
 
 
@@ -3214,6 +3372,155 @@ def deciding_rule(
     return next((rule for rule in rules if set(rule.tools) != wanted), None)
 
 
+STEM_LETTERS = 5
+"""Words are compared by their first ``STEM_LETTERS`` letters (casefolded, a plural
+``s`` dropped; a shorter word whole), a crude stemmer that is the same for every
+task: ``repair``/``repairs``/``repairing``, ``clean``/``cleaning``,
+``maintain``/``maintenance``, ``leak``/``leaks`` meet (see :func:`tool_vocabulary`)."""
+
+
+def _stem(word: str) -> str:
+    """``word``'s stem: casefolded, a possessive ``'s`` dropped, a plural ``s``
+    dropped (not ``ss``), then its first :data:`STEM_LETTERS` letters.
+
+    >>> _stem("HVAC's"), _stem("Repairs"), _stem("glass")
+    ('hvac', 'repai', 'glass')
+    """
+    word = word.casefold().replace("\u2019", "'")
+    if word.endswith("'s"):
+        word = word[:-2]
+    word = word.rstrip("'")
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        word = word[:-1]
+    return word[:STEM_LETTERS]
+
+
+_WORD_PART = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)*")
+_CAMEL = re.compile(r"(?<=[^\W\d_])(?=[A-Z][a-z])|(?<=[a-z])(?=[A-Z])")
+
+
+def _word_parts(word: str) -> list[tuple[str, int]]:
+    """The parts of one word of :data:`_WORD` with their offsets in it: split at
+    hyphens (``HVAC-related``: ``HVAC``, ``related``) and at camelCase humps
+    (``lookupOrder``: ``lookup``, ``Order``), a possessive ``'s`` dropped (``HVAC's``:
+    ``HVAC``)."""
+    parts: list[tuple[str, int]] = []
+    for match in _WORD_PART.finditer(word):
+        at = match.start()
+        for piece in _CAMEL.split(match[0]):
+            text = re.sub(r"['\u2019]s$", "", piece, flags=re.IGNORECASE)
+            if text:
+                parts.append((text, at))
+            at += len(piece)
+    return parts
+
+
+def _negated_offsets(text: str) -> frozenset[int]:
+    """The offsets (in ``text``) of the words that a negator negates, as
+    :func:`lead_word` reads them: the first content word after a :data:`NEGATORS`
+    word or a ``...n't`` (stopwords in between do not end the negation)."""
+    negated_at: set[int] = set()
+    negated = False
+    for match in _WORD.finditer(text):
+        word = match[0].casefold().replace("\u2019", "'")
+        if word in NEGATORS or word.endswith("n't"):
+            negated = True
+            continue
+        if word in STOPWORDS or len(word) < 2:
+            continue
+        if negated:
+            negated = False
+            negated_at.update(match.start() + at for _, at in _word_parts(match[0]))
+    return frozenset(negated_at)
+
+
+def _content_words(text: str) -> list[tuple[str, int]]:
+    """The content words of ``text`` with their offsets, as :func:`lead_word` reads
+    them (headers skipped, :data:`STOPWORDS` and one-letter words left out, a word
+    right after a negator left out), in order; a hyphenated or camelCase word gives
+    its parts, a possessive ``'s`` dropped (see :func:`_word_parts`), casefolded.
+
+    >>> _content_words("Subject: our HVAC-related issue, not urgent")
+    [('hvac', 13), ('related', 18), ('issue', 26)]
+    """
+    body = _skip_headers(text)
+    skipped = len(text) - len(body)
+    words: list[tuple[str, int]] = []
+    negated = False
+    for match in _WORD.finditer(body):
+        word = match[0].casefold().replace("\u2019", "'")
+        if word in NEGATORS or word.endswith("n't"):
+            negated = True
+            continue
+        if word in STOPWORDS or len(word) < 2:
+            continue
+        if negated:
+            negated = False
+            continue
+        words.extend(
+            (part.casefold(), skipped + match.start() + at)
+            for part, at in _word_parts(match[0])
+            if part.casefold() not in STOPWORDS and len(part) >= 2
+        )
+    return words
+
+
+def tool_vocabulary(specs: Sequence[ToolSpec]) -> frozenset[str]:
+    """The stems (:data:`STEM_LETTERS`) of the words that name or describe the tools
+    ``specs``: each tool's name (split at ``_``, ``-`` and camelCase humps) and its
+    description without rule sentences (:func:`strip_rules`), hyphenated words split
+    and possessives dropped (see :func:`_word_parts`); words of at least three
+    letters that are not :data:`STOPWORDS`.
+
+    >>> sorted(tool_vocabulary([ToolSpec("book_repair", "Fixes HVAC and leaks. "
+    ...     'Use this tool when the message mentions "urgent".')]))
+    ['book', 'fixe', 'hvac', 'leak', 'repai']
+    >>> sorted(tool_vocabulary([ToolSpec("lookupOrder", "The shop's order-history.")]))
+    ['histo', 'looku', 'order', 'shop']
+    """
+    stems: set[str] = set()
+    for spec in specs:
+        text = re.sub(r"[_-]+", " ", spec.name) + " " + strip_rules(spec.description)
+        for match in _WORD.finditer(text):
+            for part, _ in _word_parts(match[0]):
+                word = part.casefold()
+                if len(word) >= 3 and word not in STOPWORDS:
+                    stems.add(_stem(word))
+    return frozenset(stems)
+
+
+def tool_topic_word(
+    text: str, specs: Sequence[ToolSpec], others: Sequence[ToolSpec] = ()
+) -> str | None:
+    """The first content word of the message ``text`` (rule sentences removed, read
+    as :func:`lead_word` reads it, hyphenated words split, see :func:`_content_words`)
+    that names one of the tools ``specs`` or occurs in its description (see
+    :func:`tool_vocabulary`) and does *not* name or describe any of the ``others``
+    (the other offered tools), casefolded; ``None`` when no word does. A model asked
+    to route a message to a tool names the message's word that ties it to that tool
+    and to no other (``HVAC`` for a tool that repairs HVAC), not whatever word the
+    message begins with, nor a word every tool shares (``order`` when lookup, refund
+    and escalation tools all speak of orders).
+
+    >>> repairs = ToolSpec("repairs", "Book a technician: HVAC, plumbing, leaks.")
+    >>> tool_topic_word("Subject: Urgent - our HVAC failed", [repairs])
+    'hvac'
+    >>> tool_topic_word("Please repair the door", [repairs])
+    'repair'
+    >>> tool_topic_word("Thanks for the visit", [repairs]) is None
+    True
+    >>> refund = ToolSpec("refund", "Refund an order.")
+    >>> lookup = ToolSpec("lookup_order", "Look up an order.")
+    >>> tool_topic_word("My order: I want a refund", [refund], [lookup])
+    'refund'
+    """
+    vocabulary = tool_vocabulary(specs) - tool_vocabulary(others)
+    for word, _ in _content_words(strip_rules(text)):
+        if len(word) >= 3 and _stem(word) in vocabulary:
+            return word
+    return None
+
+
 def tool_backward_gradients(
     prompt: ChatBackwardPrompt,
     expected: Sequence[str],
@@ -3226,16 +3533,25 @@ def tool_backward_gradients(
     The rule's word and kind: when a rule decided the wrong call
     (:func:`deciding_rule`: the routing re-run on the prompt), that rule's own word
     and kind, so that the optimizer replaces it in place (a wrong rule is corrected,
-    never outvoted); else, without looking at the expected tools, a ``begins with``
-    rule for the :func:`lead_word` of the conversation's last ``user`` message (rule
-    sentences removed), as for a label task outside affect fields. Then:
+    never outvoted); else a ``mentions`` rule for the message's *topic word* for the
+    expected tools (:func:`tool_topic_word`: its first word that names an expected
+    tool or occurs in that tool's description, as the prompt shows it: a
+    description variable's text, else the offered definition, and names or
+    describes none of the other tools shown); else (no such word, or no tool
+    expected) a ``begins with`` rule for the :func:`lead_word` of the
+    conversation's last ``user`` message (rule sentences removed), as for a label
+    task outside affect fields. An expected tool's description is given the same
+    rule, except when a deciding rule is corrected in place: then only the topic
+    word (a ``mentions`` rule), and no rule when there is none, since the reused
+    word may belong to any tool. Then:
 
     * the first trainable ``system`` variable gets ``If the message <kind>
       "<word>", call <tools>.`` (``call no tool`` when none is expected); without a
       word, ``The <role> should lead to a call to <tool> for inputs like this one.
       No rule can be written: <reason>``;
     * a trainable tool description (:func:`tool_of_variable`) of an expected tool
-      gets ``Use this tool when the message <kind> "<word>".``; that of a tool
+      gets ``Use this tool when the message <kind> "<word>".`` (the description's
+      word above; without one, the sentence of any other variable); that of a tool
       that was called (the ``<LM_OUTPUT>``'s calls) or routed by its description
       but not expected ``Do not use this tool when the message <kind> "<word>".``;
     * every other variable ``The <role> should lead to a call to <tool> for this
@@ -3255,10 +3571,29 @@ def tool_backward_gradients(
     """
     shown = shown_tools(prompt, expected) if shown is None else shown
     decided = deciding_rule(prompt, expected, shown)
+    message = tool_message(prompt.messages)
+    specs = _description_specs(prompt, shown)
+    wanted = [
+        next((s for s in specs if s.name == name), ToolSpec(name)) for name in expected
+    ]
+    others = [s for s in specs if s.name not in expected]
+    topic = tool_topic_word(message, wanted, others) if wanted else None
     if decided is not None:
         choice = RuleWord(decided.word, decided.kind)
+    elif topic is not None:
+        choice = RuleWord(topic, "mentions")
     else:
-        choice = rule_word(tool_message(prompt.messages), "tool")
+        choice = rule_word(message, "tool")
+    # a description names only a word of its own: the topic word, or (when no rule
+    # decided) the prompt rule's word; never a reused deciding rule's word, which
+    # may be any tool's (a prompt rule corrected in place settles it there)
+    described = (
+        choice
+        if decided is None
+        else RuleWord(topic, "mentions")
+        if topic is not None
+        else RuleWord(None, "mentions")
+    )
     called = list(shown.called)
     if decided is not None and decided.source == "description":
         called.extend(n for n in decided.tools if n not in called)
@@ -3278,8 +3613,8 @@ def tool_backward_gradients(
                     f"The {role} should lead to {phrase} for inputs like this one. "
                     f"No rule can be written: {choice.reason}"
                 )
-        elif tool is not None and choice.word is not None and tool in expected:
-            gradients.append(tool_description_sentence(choice.kind, choice.word))
+        elif tool is not None and described.word is not None and tool in expected:
+            gradients.append(tool_description_sentence(described.kind, described.word))
         elif tool is not None and choice.word is not None and tool in called:
             gradients.append(
                 f'Do not use this tool when the message {choice.kind} "{choice.word}".'

@@ -128,6 +128,9 @@ class Discovery:
     """The tools the graph's nodes hold (``ToolNode``, an agent's tools)."""
     conditions: set[str] = field(default_factory=set)
     """Run names of the graphs' conditional-edge functions."""
+    bound_tools: list[dict[str, Any]] = field(default_factory=list)
+    """Tool definitions a model binding holds (``llm.bind_tools(tools)`` copies
+    each tool's definition when it is called): write-back updates them too."""
     graphs: int = 0
     """How many compiled LangGraph graphs were walked."""
 
@@ -159,8 +162,9 @@ def _code_names(code: types.CodeType) -> Iterator[str]:
 
 
 def _closure_and_globals(func: Any) -> list[Any]:
-    """Every value a function uses: its closure cells' contents and the globals it
-    names."""
+    """Every value a function uses: its closure cells' contents, its default
+    argument values (``def node(state, prompt=prompt)``, the way a function made in a
+    loop keeps its own value) and the globals it names."""
     found: list[Any] = []
     func = getattr(func, "__func__", func)  # a bound method
     if isinstance(func, types.BuiltinFunctionType) or not callable(func):
@@ -170,6 +174,9 @@ def _closure_and_globals(func: Any) -> list[Any]:
             found.append(cell.cell_contents)
         except ValueError:  # an empty cell
             continue
+    if isinstance(func, types.FunctionType):
+        found.extend(func.__defaults__ or ())
+        found.extend((func.__kwdefaults__ or {}).values())
     code = getattr(func, "__code__", None)
     names = getattr(func, "__globals__", None)
     if isinstance(code, types.CodeType) and isinstance(names, dict):
@@ -271,6 +278,13 @@ class _Walker:
             return  # a model holds no prompt (its fields are clients and settings)
         if isinstance(obj, RunnableWithFallbacks):
             self.found.fallback_names.add(obj.get_name())
+        if isinstance(obj, RunnableBindingBase):
+            bound_tools = (obj.kwargs or {}).get("tools")
+            for definition in bound_tools if isinstance(bound_tools, list) else ():
+                if isinstance(definition, dict) and all(
+                    d is not definition for d in self.found.bound_tools
+                ):
+                    self.found.bound_tools.append(definition)
         if isinstance(obj, RunnableBindingBase) and isinstance(
             obj.bound, RunnableWithFallbacks
         ):
@@ -358,14 +372,47 @@ def _prompts(chain: Any) -> list[ChatPromptTemplate | PromptTemplate]:
 Selector = str | Iterable[str] | Callable[[PromptSlot], bool]
 
 
+ROLES = ("system", "human", "ai", "tool", "tool_arg")
+"""The roles ``select=`` names: prompt messages (``system``, ``human``, ``ai``; a
+``ChatMessagePromptTemplate``'s own role too) and, in an agent or graph, tool
+descriptions (``tool``) and tool argument descriptions (``tool_arg``)."""
+
+
 def _keeper(select: Selector) -> Callable[[PromptSlot], bool]:
-    if isinstance(select, str):
-        roles = None if select == "all" else {select}
-        return lambda s: roles is None or s.role in roles
-    if callable(select):
+    """The predicate ``select`` stands for. A predicate receives every slot: a
+    :class:`PromptSlot`, or in an agent or graph a
+    :class:`~afnio_integrations.langchain._langgraph.TextSlot` (both have ``key``
+    and ``role``)."""
+    if callable(select) and not isinstance(select, str):
         return select
-    wanted = set(select)
+    wanted = {select} if isinstance(select, str) else set(select)
+    if not all(isinstance(role, str) for role in wanted):
+        raise TypeError(
+            f"`select` must be a role, roles, 'all' or a predicate, got {select!r}."
+        )
+    if "all" in wanted:
+        return lambda s: True
     return lambda s: s.role in wanted
+
+
+def check_roles(select: Selector, present: Iterable[str]) -> None:
+    """Refuse a ``select`` naming a role that is neither one of :data:`ROLES` nor
+    the role of a discovered message (a ``ChatMessagePromptTemplate``'s own role):
+    a typo would otherwise select nothing of that kind, silently.
+
+    Raises:
+        ValueError: naming the unknown roles and the known ones.
+    """
+    if callable(select) and not isinstance(select, str):
+        return
+    wanted = {select} if isinstance(select, str) else set(select)
+    known = {*ROLES, *present, "all"}
+    unknown = sorted(str(r) for r in wanted - known)
+    if unknown:
+        raise ValueError(
+            f"`select` names unknown roles {unknown}: use {', '.join(ROLES)}, "
+            "'all', or a predicate on a slot."
+        )
 
 
 def slots_of(

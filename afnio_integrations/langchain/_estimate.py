@@ -24,9 +24,13 @@ from afnio.trainer.estimate import estimate as _estimate
 from afnio_integrations._rows import chain_rows
 from afnio_integrations.langchain._discovery import (
     Selector,
+    _closure_and_globals,
     _prompts,
+    discover,
     find_prompt_slots,
 )
+from afnio_integrations.langchain._langgraph import graph_input, is_graph
+from afnio_integrations.langchain._traced import TracedChain, _text_slots
 
 __all__ = ["estimate"]
 
@@ -45,6 +49,20 @@ def _model_name(chain: Any) -> str | None:
                 name = getattr(node.data, attr, None)
                 if isinstance(name, str) and name:
                     return name
+    return None
+
+
+def _graph_model_name(graph: Any) -> str | None:
+    """The model name of the first chat model a graph's node functions use (an
+    agent's model), if any."""
+    for node in dict(getattr(graph, "nodes", {}) or {}).values():
+        func = getattr(getattr(node, "bound", None), "func", None)
+        for value in _closure_and_globals(func) if func is not None else ():
+            if isinstance(value, BaseLanguageModel):
+                for attr in ("model_name", "model"):
+                    name = getattr(value, attr, None)
+                    if isinstance(name, str) and name:
+                        return name
     return None
 
 
@@ -73,7 +91,7 @@ def estimate(
     label_key: str | None = None,
     epochs: int = 3,
     batch_size: int = 16,
-    select: Selector = "system",
+    select: Selector | None = None,
     include: Iterable[Any] = (),
     metric_feedback: bool = False,
     revert_on_regression: bool = False,
@@ -93,7 +111,9 @@ def estimate(
             text is the gradient: no evaluator-backward call).
         revert_on_regression: as for ``optimize`` (a validation after every step).
         forward_calls: LM calls the chain makes per input (default: one per prompt
-            template found; set it for a chain that calls a prompt in a loop).
+            template found, plus two per ``create_agent`` agent: one tool turn and
+            the answer; set it for a chain that calls a prompt in a loop, or an
+            agent that makes more tool turns).
         assumptions: see :class:`afnio.trainer.estimate.Assumptions` (failure rate,
             text lengths); e.g. ``failure_rate=1 - score`` of a first evaluation.
         models: one model for every phase or ``{phase: model}``; by default the
@@ -109,26 +129,44 @@ def estimate(
     train, val = chain_rows(
         chain, trainset, valset, input_keys=input_keys, label_key=label_key
     )
+    if is_graph(chain):  # a str row is the user's message to an agent
+        train = [(graph_input(chain, i), t) for i, t in train]
+    include = tuple(include)
     prompts: dict[int, Any] = {}
     for runnable in (chain, *include):
         for prompt in _prompts(runnable):
             prompts.setdefault(id(prompt), prompt)
-    slots = find_prompt_slots(chain, select, include)
-    if not slots:
-        raise ValueError(
-            f"no prompt message of the chain matches select={select!r}: there is "
-            "nothing to optimize (try select='all')."
+    prompt_texts = [t for p in prompts.values() for t in _prompt_texts(p)]
+    if is_graph(chain):
+        # an agent or graph: its trainable texts as trace() finds them (no LM call);
+        # an agent sends its system prompt and tool descriptions on each model call
+        found = discover(chain, include)
+        traced = TracedChain(chain, select, include)
+        texts = [str(param.data) for param in traced.parameters()]
+        prompt_texts += [slot.text for slot in _text_slots(found) if slot.text]
+        agents = sum(1 for _, kind, _ in found.messages if kind == "agent")
+        default_calls = max(1, len(prompts) + 2 * agents)
+    else:
+        slots = find_prompt_slots(
+            chain, "system" if select is None else select, include
         )
-    calls = forward_calls if forward_calls is not None else max(1, len(prompts))
+        if not slots:
+            raise ValueError(
+                f"no prompt message of the chain matches select={select!r}: there "
+                "is nothing to optimize (try select='all')."
+            )
+        texts = [slot.text for slot in slots]
+        default_calls = max(1, len(prompts))
+    calls = forward_calls if forward_calls is not None else default_calls
     shape = GraphShape(
         forward_calls=calls,
-        prompt_texts=tuple(t for p in prompts.values() for t in _prompt_texts(p)),
-        parameters=tuple(slot.text for slot in slots),
+        prompt_texts=tuple(prompt_texts),
+        parameters=tuple(texts),
         inputs=tuple(_input_text(inputs) for inputs, _ in train),
         evaluator_feedback=not metric_feedback,
     )
     if models is None:
-        name = _model_name(chain)
+        name = _graph_model_name(chain) if is_graph(chain) else _model_name(chain)
         models = {"forward": name} if name else None
     return _estimate(
         shape,

@@ -58,6 +58,7 @@ from langchain_core.tools import BaseTool
 
 __all__ = [
     "AgentOutput",
+    "bound_copies",
     "AgentSystemSlot",
     "MessageSlot",
     "TextSlot",
@@ -198,14 +199,28 @@ class AgentSystemSlot(MessageSlot):
         super().__init__(key, message, "system prompt of the agent")
 
 
+def _function_of(definition: dict[str, Any]) -> dict[str, Any]:
+    """The part of a bound tool definition holding its ``name``/``description``/
+    ``parameters`` (OpenAI's ``{"type": "function", "function": {...}}`` or flat)."""
+    function = definition.get("function")
+    return function if isinstance(function, dict) else definition
+
+
+def bound_copies(tool: BaseTool, definitions: list[dict[str, Any]]) -> list[Any]:
+    """The definitions of ``tool`` a model binding holds (by name)."""
+    return [d for d in definitions if _function_of(d).get("name") == tool.name]
+
+
 class ToolDescriptionSlot(TextSlot):
     """A tool's ``description`` (reassigned on write-back, which also clears
-    LangChain's cached tool schema)."""
+    LangChain's cached tool schema), and the copies of it that models bound with
+    ``bind_tools`` hold."""
 
-    def __init__(self, key: str, tool: BaseTool) -> None:
+    def __init__(self, key: str, tool: BaseTool, copies: list[Any] = ()) -> None:  # type: ignore[assignment]
         self.key = key
         self.role = "tool"
         self.tool = tool
+        self.copies = list(copies)
         self.location = f"tool:{tool.name}"
 
     @property
@@ -214,6 +229,8 @@ class ToolDescriptionSlot(TextSlot):
 
     def apply(self, text: str) -> None:
         self.tool.description = text
+        for definition in self.copies:
+            _function_of(definition)["description"] = text
 
     def describe(self) -> str:
         return f"description of the {self.tool.name} tool ({self.key})"
@@ -238,13 +255,23 @@ def tool_arguments(tool: BaseTool) -> list[str]:
 
 
 class ToolArgumentSlot(TextSlot):
-    """The description of one argument of a tool, in its ``args_schema``."""
+    """The description of one argument of a tool, in its ``args_schema`` (one slot
+    for every tool sharing that schema: :attr:`tools`), and in the copies of the
+    tool's definition that models bound with ``bind_tools`` hold."""
 
-    def __init__(self, key: str, tool: BaseTool, argument: str) -> None:
+    def __init__(
+        self,
+        key: str,
+        tool: BaseTool,
+        argument: str,
+        copies: list[Any] = (),  # type: ignore[assignment]
+    ) -> None:
         self.key = key
         self.role = "tool_arg"
         self.tool = tool
+        self.tools = [tool]
         self.argument = argument
+        self.copies = list(copies)
         self.location = f"tool:{tool.name}:{argument}"
 
     @property
@@ -261,12 +288,17 @@ class ToolArgumentSlot(TextSlot):
         props = _schema_properties(schema)
         if props is not None:
             props.setdefault(self.argument, {})["description"] = text
-            self.tool.args_schema = schema
-            return
-        schema.model_fields[self.argument].description = text  # type: ignore[union-attr]
-        schema.model_rebuild(force=True)  # type: ignore[union-attr]
-        # reassigning clears the tool's memoized call schema (BaseTool.__setattr__)
-        self.tool.args_schema = schema
+        else:
+            schema.model_fields[self.argument].description = text  # type: ignore[union-attr]
+            schema.model_rebuild(force=True)  # type: ignore[union-attr]
+        # reassigning clears each tool's memoized call schema (BaseTool.__setattr__)
+        for tool in self.tools:
+            tool.args_schema = schema
+        for definition in self.copies:
+            params = _function_of(definition).get("parameters")
+            props = _schema_properties(params)
+            if props is not None and isinstance(props.get(self.argument), dict):
+                props[self.argument]["description"] = text
 
     def describe(self) -> str:
         return (
@@ -320,6 +352,11 @@ def trainable(text: str | SystemMessage, name: str | None = None) -> SystemMessa
         raise ValueError(
             "`text` must hold one text (a string content, or one text block), not "
             f"{message.content!r}."
+        )
+    if not (_message_text(message) or "").strip():
+        raise ValueError(
+            "`text` is empty: mark the system text the node sends (an empty text "
+            "gives the optimizer nothing to improve)."
         )
     if name is not None and not _NAME.match(name):
         raise ValueError(

@@ -66,6 +66,7 @@ from afnio_integrations.langchain._discovery import (
     Selector,
     _keeper,
     _Walker,
+    check_roles,
     discover,
     slots_of,
 )
@@ -75,9 +76,11 @@ from afnio_integrations.langchain._langgraph import (
     TextSlot,
     ToolArgumentSlot,
     ToolDescriptionSlot,
+    bound_copies,
     is_graph,
     tool_arguments,
 )
+from afnio_integrations.langchain._langgraph import _message_text as message_text
 from afnio_integrations.langchain._runnable import AfnioRunnable
 from afnio_integrations.langchain._tracing import (
     CALL_KEY,
@@ -197,14 +200,22 @@ GRAPH_SELECT: tuple[str, ...] = ("system", "tool")
 descriptions."""
 
 
-def _text_slots(found: Discovery) -> list[TextSlot]:
+def _text_slots(found: Discovery, skipped: list[str] | None = None) -> list[TextSlot]:
     """The trainable texts of an agent or graph that are not prompt templates (see
     :mod:`afnio_integrations.langchain._langgraph`), in discovery order, each with a
-    unique key."""
+    unique key. A system message whose content is not one text (several content
+    blocks) is left out (its description goes to ``skipped``); so is a tool
+    argument without a description (nothing to improve: describe it to train it).
+    Tools sharing one ``args_schema`` share one Parameter per argument."""
     slots: list[TextSlot] = []
     agents = 0
     unnamed = 0
     for message, kind, name in found.messages:
+        if message_text(message) is None:
+            if skipped is not None:
+                what = "the agent's system prompt" if kind == "agent" else "a message"
+                skipped.append(f"{what} ({len(message.content)} content blocks)")
+            continue
         if kind == "agent":
             key = "agent.system" if agents == 0 else f"agent{agents}.system"
             agents += 1
@@ -214,12 +225,20 @@ def _text_slots(found: Discovery) -> list[TextSlot]:
                 name = str(unnamed)
                 unnamed += 1
             slots.append(MessageSlot(f"message.{name}", message, "marked system text"))
+    shared: dict[tuple[int, str], ToolArgumentSlot] = {}
     for tool in found.tools:
-        slots.append(ToolDescriptionSlot(f"tool.{tool.name}", tool))
-        slots.extend(
-            ToolArgumentSlot(f"tool.{tool.name}.{arg}", tool, arg)
-            for arg in tool_arguments(tool)
-        )
+        copies = bound_copies(tool, found.bound_tools)
+        slots.append(ToolDescriptionSlot(f"tool.{tool.name}", tool, copies))
+        for arg in tool_arguments(tool):
+            same = shared.get((id(tool.args_schema), arg))
+            if same is not None:  # the schema another tool uses too
+                same.tools.append(tool)
+                same.copies.extend(copies)
+                continue
+            slot = ToolArgumentSlot(f"tool.{tool.name}.{arg}", tool, arg, copies)
+            if slot.text.strip():
+                shared[(id(tool.args_schema), arg)] = slot
+                slots.append(slot)
     seen: dict[str, int] = {}
     for slot in slots:  # two tools (or marked texts) of the same name
         n = seen.get(slot.key, 0)
@@ -265,10 +284,35 @@ class TracedChain(Module):
                 "`output_key` names a state key of a LangGraph graph or agent; "
                 f"{type(chain).__name__} is not one. Leave it out for a chain."
             )
+        if output_key is not None:
+            channels = dict(getattr(chain, "channels", {}) or {})
+            if channels and output_key not in channels:
+                keys = sorted(
+                    k for k in channels if ":" not in k and not k.startswith("__")
+                )
+                raise ValueError(
+                    f"output_key={output_key!r} is not a key of the graph's state "
+                    f"(its keys: {keys})."
+                )
         found = discover(chain, include)
+        skipped: list[str] = []
+        every_text = _text_slots(found, skipped)
+        check_roles(
+            select,
+            [slot.role for slot in slots_of(found.editable, "all")]
+            + [slot.role for slot in every_text],
+        )
         prompt_slots = slots_of(found.editable, select)
         keep = _keeper(select)
-        text_slots = [slot for slot in _text_slots(found) if keep(slot)]  # type: ignore[arg-type]
+        text_slots = [slot for slot in every_text if keep(slot)]  # type: ignore[arg-type]
+        for what in skipped:
+            warnings.warn(
+                f"The traced graph's {what} is not one text, so it is not trainable "
+                "(afnio trains a system message holding one text or one text "
+                "block). Join its blocks into one to train it.",
+                AfnioTracingWarning,
+                stacklevel=_user_stacklevel(),
+            )
         slots: list[PromptSlot | TextSlot] = [*prompt_slots, *text_slots]
         if not slots:
             if graph or found.graphs:
@@ -294,7 +338,9 @@ class TracedChain(Module):
         self._slot_list: list[tuple[PromptSlot | TextSlot, Parameter]] = []
         parameters: dict[str, list[tuple[str, Parameter]]] = {}
         messages: dict[str, list[tuple[str, Parameter]]] = {}
-        tools: dict[str, list[tuple[str, Parameter]]] = {}
+        # per tool name, one group of (location, Parameter) per tool object (two
+        # tools may share a name; the description the call offered tells them apart)
+        tools: dict[str, dict[int, list[tuple[str, Parameter]]]] = {}
         texts: list[tuple[str, Parameter]] = []
         for k, slot in enumerate(slots):
             if isinstance(slot, PromptSlot):
@@ -311,8 +357,15 @@ class TracedChain(Module):
             elif isinstance(slot, MessageSlot):
                 messages.setdefault(slot.message_id, []).append((slot.location, param))
                 texts.append((slot.location, param))
-            elif isinstance(slot, (ToolDescriptionSlot, ToolArgumentSlot)):
-                tools.setdefault(slot.tool.name, []).append((slot.location, param))
+            elif isinstance(slot, ToolDescriptionSlot):
+                tools.setdefault(slot.tool.name, {}).setdefault(
+                    id(slot.tool), []
+                ).insert(0, (slot.location, param))
+            elif isinstance(slot, ToolArgumentSlot):
+                for tool in slot.tools:
+                    tools.setdefault(tool.name, {}).setdefault(id(tool), []).append(
+                        (f"tool:{tool.name}:{slot.argument}", param)
+                    )
         object.__setattr__(self, "is_graph", graph)
         object.__setattr__(
             self,
@@ -322,13 +375,19 @@ class TracedChain(Module):
                 prompts,
                 frozenset(found.fallback_names),
                 messages=messages,
-                tools=tools,
+                tools={name: list(groups.values()) for name, groups in tools.items()},
                 texts=texts,
                 conditions=frozenset(found.conditions),
+                known_messages=frozenset(
+                    s.message_id for s in every_text if isinstance(s, MessageSlot)
+                ),
+                known_texts=tuple(
+                    s.text for s in every_text if isinstance(s, MessageSlot)
+                ),
                 output_key=output_key,
             ),
         )
-        object.__setattr__(self, "last_results", [])
+        object.__setattr__(self, "_local", threading.local())
         object.__setattr__(self, "_warned", set())
         object.__setattr__(self, "_warn_lock", threading.Lock())
         object.__setattr__(self, "usage", ProgramUsage("LangChain chain LMs"))
@@ -336,6 +395,14 @@ class TracedChain(Module):
         # not traced as the chain's own (LangChainChatModel keeps them out of the
         # tracer), so they are metered as clients (llm_clients)
         object.__setattr__(self, "_afnio_modules", afnio_modules(chain, include))
+
+    @property
+    def last_results(self) -> list[Any]:
+        """What the program returned on this thread's last call (``invoke``: one
+        item; ``batch``: one per input, in input order): e.g. an agent's final
+        state, which :func:`~afnio_integrations.langchain.optimize` gives the
+        metric."""
+        return list(getattr(self._local, "results", []))
 
     def extra_repr(self) -> str:
         return ", ".join(slot.key for slot, _ in self._slot_list)
@@ -404,8 +471,8 @@ class TracedChain(Module):
         self, collector: RunCollector, ids: list[UUID], results: list[Any]
     ) -> list[Variable]:
         # what the program returned, in input order (a metric of an agent or graph
-        # sees the final state, see optimize)
-        object.__setattr__(self, "last_results", list(results))
+        # sees the final state, see optimize), for the calling thread
+        self._local.results = list(results)
         calls = [
             self._graph(collector, run_id, result)
             for run_id, result in zip(ids, results, strict=True)
@@ -517,11 +584,14 @@ class TracedChain(Module):
         _raise_first_failure(results)
         return self._batched(self._finish(collector, ids, results))
 
-    @staticmethod
-    def _streamed(collector: RunCollector, run_id: UUID, chunks: list[Any]) -> Any:
+    def _streamed(
+        self, collector: RunCollector, run_id: UUID, chunks: list[Any]
+    ) -> Any:
         """The whole output of a streamed call: its chunks added up (see
-        :func:`_joined`), else what its root run recorded as its output."""
-        result = _joined(chunks)
+        :func:`_joined`), else what its root run recorded as its output. A graph
+        streams updates (or values, or messages) whatever ``stream_mode``; its
+        output is always its final state, as its root run recorded it."""
+        result = _UNJOINED if self.is_graph else _joined(chunks)
         if result is _UNJOINED:
             root, _ = collector.call(run_id)
             recorded = dict(root.outputs or {})
@@ -590,7 +660,10 @@ class TracedChain(Module):
     def write_back(self) -> None:
         """Put every Parameter's text into the user's own template objects. All texts
         are checked first (a text that drops or adds a placeholder raises
-        ``PlaceholderMismatchError``); nothing changes unless all are valid."""
+        ``PlaceholderMismatchError``, an empty system prompt or tool description a
+        ``ValueError``); nothing changes unless all are valid. A text of an agent or
+        graph (system message, tool or argument description) that did not change is
+        left as it is (an argument without a description keeps having none)."""
         staged: list[tuple[PromptSlot | TextSlot, Any]] = [
             (
                 slot,
@@ -599,6 +672,7 @@ class TracedChain(Module):
                 else slot.check(param.data),
             )
             for slot, param in self._slot_list
+            if isinstance(slot, PromptSlot) or param.data != slot.text
         ]
         for slot, checked in staged:
             if isinstance(slot, PromptSlot):

@@ -82,6 +82,8 @@ many sub-calls needs no recursion along the loop.
 
 from __future__ import annotations
 
+import bisect
+import copy
 import heapq
 import json
 import re
@@ -154,6 +156,24 @@ class RunCollector(BaseTracer):
         with self._roots_lock:
             self._roots.append(run)
 
+    def _create_chat_model_run(
+        self,
+        serialized: dict[str, Any],
+        messages: list[list[BaseMessage]],
+        run_id: UUID,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Run:
+        """A chat run recording its messages as (shallow) copies of the message
+        objects, not serialized: LangChain's ``dumpd`` of every message of every
+        call made tracing an agent cost time in proportion to its conversation on
+        each call (quadratic over a long tool loop)."""
+        run = super()._create_chat_model_run(
+            serialized, [[] for _ in messages], run_id, *args, **kwargs
+        )
+        run.inputs = {"messages": [[_snapshot(m) for m in batch] for batch in messages]}
+        return run
+
     @property
     def roots(self) -> list[Run]:
         """The root runs recorded so far, in the order they finished."""
@@ -181,6 +201,18 @@ class RunCollector(BaseTracer):
             r for r in roots if r is not root and _metadata(r).get(CALL_KEY) == key
         ]
         return root, strays
+
+
+def _snapshot(message: BaseMessage) -> BaseMessage:
+    """A copy of ``message`` that later in-place edits of its content or tool calls
+    (a list) do not reach."""
+    update: dict[str, Any] = {}
+    if isinstance(message.content, list):
+        update["content"] = copy.deepcopy(message.content)
+    calls = getattr(message, "tool_calls", None)
+    if calls:
+        update["tool_calls"] = copy.deepcopy(calls)
+    return message.model_copy(update=update)
 
 
 # -- texts -----------------------------------------------------------------------------
@@ -211,7 +243,8 @@ def _message_role(message: Any) -> str:
             "ToolMessage": "tool",
         }.get(ident, "chat")
         return {"human": "user", "ai": "assistant"}.get(kind, kind)
-    return {"human": "user", "ai": "assistant"}.get(str(kind), str(kind))
+    kind = str(kind).removesuffix("MessageChunk").lower()  # a chunk's type
+    return {"human": "user", "ai": "assistant"}.get(kind, kind)
 
 
 def _message_field(message: Any, name: str) -> Any:
@@ -328,13 +361,23 @@ def text_of(value: Any) -> str:
     if _is_messages(value):
         return "\n".join(_content_text(m.content) for m in value)
     if isinstance(value, BaseModel):
-        return json.dumps(value.model_dump(), default=str, ensure_ascii=False)
+        return json.dumps(value.model_dump(), default=_json_default, ensure_ascii=False)
     try:
-        return json.dumps(value, default=str, ensure_ascii=False, sort_keys=True)
+        return json.dumps(
+            value, default=_json_default, ensure_ascii=False, sort_keys=True
+        )
     except TypeError:  # keys that do not sort
-        return json.dumps(value, default=str, ensure_ascii=False)
+        return json.dumps(value, default=_json_default, ensure_ascii=False)
     except ValueError:  # a circular structure
         return str(value)
+
+
+def _json_default(value: Any) -> str:
+    """How :func:`text_of` shows a value JSON cannot: a message (e.g. in a graph's
+    state) as its text, anything else as ``str``."""
+    if isinstance(value, (BaseMessage, PromptValue)):
+        return text_of(value)
+    return str(value)
 
 
 def _parts_of(payload: Any) -> dict[str, Any] | None:
@@ -457,13 +500,21 @@ class PromptIndex:
     messages: Mapping[str, Sequence[tuple[str, Variable]]] = field(default_factory=dict)
     """The Parameters of trainable system messages (an agent's system prompt, a
     marked message), by message id."""
-    tools: Mapping[str, Sequence[tuple[str, Variable]]] = field(default_factory=dict)
-    """The Parameters of each tool (its description and arguments), by tool name."""
+    tools: Mapping[str, Sequence[Sequence[tuple[str, Variable]]]] = field(
+        default_factory=dict
+    )
+    """The Parameters of each tool (its description first, then its arguments), by
+    tool name: one group per tool object of that name."""
     texts: Sequence[tuple[str, Variable]] = ()
     """Message Parameters linked to a system message that *contains* their text
     (one built anew on each call, e.g. by a ``dynamic_prompt``)."""
     conditions: frozenset[str] = frozenset()
     """Run names of the graphs' conditional-edge functions."""
+    known_messages: frozenset[str] = frozenset()
+    """Ids of every discovered system message, selected or not."""
+    known_texts: tuple[str, ...] = ()
+    """Texts of every discovered system message, selected or not (a system message
+    built on the call from one of them was discovered, not overlooked)."""
     output_key: str | None = None
     """For a graph: the state key whose value is the traced output (see
     :meth:`_Graph.output`)."""
@@ -667,8 +718,17 @@ class _Graph:
         self._undiscovered: list[tuple[str, UndiscoveredCall]] = []
         self.untrained: list[tuple[str, UndiscoveredCall]] = []
         self._writes_of: dict[UUID, dict[str, _Value]] = {}
+        self._node_lists: dict[UUID, list[Run]] = {}
+        # per graph run and key: how many of its nodes were scanned, and the steps
+        # and values of those that wrote the key
+        self._writers: dict[
+            tuple[UUID, str], tuple[list[int], list[int], list[_Value]]
+        ] = {}
+        self._node_steps: dict[UUID, dict[int, list[Run]]] = {}
         self._tool_messages: dict[str, Run] | None = None
-        self._call_owners: dict[str, Run] | None = None
+        self._call_owners: dict[str, list[Run]] | None = None
+        # messages a node wrote, by the id LangGraph's reducer gave them
+        self._written_ids: dict[str, _Value] = {}
 
     # -- the tree --------------------------------------------------------------------
 
@@ -1140,11 +1200,47 @@ class _Graph:
     # -- LangGraph -------------------------------------------------------------------
 
     def _nodes(self, graph: Run) -> list[Run]:
-        """A graph run's node runs, by superstep (then start)."""
-        nodes = [c for c in self.kids[graph.id] if _graph_step(c) is not None]
-        return sorted(nodes, key=lambda n: (_graph_step(n) or 0, n.start_time))
+        """A graph run's node runs, by superstep (then start; kept)."""
+        nodes = self._node_lists.get(graph.id)
+        if nodes is None:
+            steps = {c.id: _graph_step(c) for c in self.kids[graph.id]}
+            nodes = sorted(
+                (c for c in self.kids[graph.id] if steps[c.id] is not None),
+                key=lambda n: (steps[n.id] or 0, n.start_time),
+            )
+            self._node_lists[graph.id] = nodes
+        return nodes
 
-    def _message_value(self, message: Any) -> _Value | None:
+    def _written(self, graph: Run, key: str, step: int | None) -> list[_Value]:
+        """What the nodes of ``graph`` before superstep ``step`` (``None``: all)
+        wrote to ``key``, in order. An index per key, extended as later steps are
+        asked for: only nodes of earlier steps (which finished before) are read."""
+        index = self._writers.get((graph.id, key))
+        if index is None:
+            index = self._writers[(graph.id, key)] = ([0], [], [])
+        scanned, steps, values = index
+        nodes = self._nodes(graph)
+        while scanned[0] < len(nodes):
+            node = nodes[scanned[0]]
+            at = _graph_step(node) or 0
+            if step is not None and at >= step:
+                break
+            scanned[0] += 1
+            if _succeeded(node) and key in (written := self._writes(node)):
+                steps.append(at)
+                values.append(written[key])
+        return values if step is None else values[: bisect.bisect_left(steps, step)]
+
+    def _at_step(self, graph: Run, step: int) -> list[Run]:
+        """The node runs of ``graph`` at superstep ``step``."""
+        table = self._node_steps.get(graph.id)
+        if table is None:
+            table = self._node_steps[graph.id] = {}
+            for node in self._nodes(graph):
+                table.setdefault(_graph_step(node) or 0, []).append(node)
+        return table.get(step, [])
+
+    def _message_value(self, message: Any, written: bool = True) -> _Value | None:
         """The value a message of a graph's state is, by its id: an assistant
         message is the output of the chat-model run that made it (LangChain names it
         ``lc_run--<run id>``), a tool message the output of the tool run that
@@ -1159,7 +1255,12 @@ class _Graph:
             except ValueError:
                 made_by = None
             if made_by is not None and made_by.run_type in _MODEL_TYPES:
-                return self.out(made_by)
+                made = self.out(made_by)
+                # a node may replace a message by its id (add_messages) with
+                # another text: then it is not that call's answer any more
+                if made.matches(text_of(message)) or not _succeeded(made_by):
+                    return made
+                return self._written_ids.get(mid) if written else None
         if self._tool_messages is None:
             self._tool_messages = {}
             for run in self.runs():
@@ -1170,18 +1271,23 @@ class _Graph:
                 if isinstance(tool_mid, str):
                     self._tool_messages[tool_mid] = run
         tool_run = self._tool_messages.get(mid)
-        return self.out(tool_run) if tool_run is not None else None
+        if tool_run is not None:
+            result = self.out(tool_run)
+            if result.matches(text_of(message)):
+                return result
+        return self._written_ids.get(mid) if written else None
 
-    def _state_element(self, element: Any, pool: Sequence[_Value]) -> _Value:
+    def _state_element(self, element: Any, pool: list[_Value]) -> _Value:
         """A state list's element: the message it is (by id), else the latest value
-        in ``pool`` with its text, else a constant."""
+        in ``pool`` with its text (each taken once: ``pool`` loses it), else a
+        constant."""
         found = self._message_value(element)
         if found is not None:
             return found
         text = text_of(element)
-        for value in reversed(pool):
-            if value.matches(text):
-                return value
+        for i in range(len(pool) - 1, -1, -1):
+            if pool[i].matches(text):
+                return pool.pop(i)
         return _const(element)
 
     def _state_value(self, graph: Run, step: int | None, key: str, read: Any) -> _Value:
@@ -1192,18 +1298,16 @@ class _Graph:
         value its writer wrote (messages by id); for another reduced value, computed
         from every write (the rule for non-LM steps)."""
         initial = (self.inp(graph).parts or {}).get(key)
-        writers = [
-            written[key]
-            for node in self._nodes(graph)
-            if (step is None or (_graph_step(node) or 0) < step)
-            and _succeeded(node)
-            and key in (written := self._writes(node))
-        ]
+        writers = self._written(graph, key, step)
         text = text_of(read)
         if isinstance(read, (list, tuple)) and read:
             pool: list[_Value] = []
             for value in [*([initial] if initial is not None else []), *writers]:
                 pool.extend(value.parts.values() if value.parts else [value])
+            if len(pool) == len(read) and all(
+                v.matches(text_of(e)) for v, e in zip(pool, read, strict=True)
+            ):  # a list reducer (operator.add): the writes, in order
+                return _Value(text, parts={str(i): v for i, v in enumerate(pool)})
             return _Value(
                 text,
                 parts={
@@ -1225,6 +1329,18 @@ class _Graph:
         model call that made them)."""
         payload = _bare(node.inputs, "input")
         step = _graph_step(node)
+        pushed = "__pregel_push" in (_metadata(node).get("langgraph_triggers") or ())
+        if isinstance(payload, dict) and pushed and step is not None:
+            # a Send's argument: made by a conditional edge from what the nodes of
+            # the step before wrote (LangGraph records no more than the value)
+            sources = [
+                self.out(source)
+                for source in self._at_step(graph, step - 1)
+                if _succeeded(source)
+            ]
+            return self._derive(
+                payload, [*sources, self.inp(graph)], node.name, opaque=True
+            )
         if isinstance(payload, dict):
             parts = {
                 str(k): self._state_value(graph, step, str(k), v)
@@ -1235,23 +1351,30 @@ class _Graph:
             self.out(owner)
             for call in (payload if isinstance(payload, list) else [payload])
             if isinstance(call, dict)
-            and (owner := self._call_owner(call.get("id"))) is not None
+            and (owner := self._call_owner(call.get("id"), node)) is not None
         ]
         return self._derive(payload, [*owners, self.inp(graph)], node.name)
 
-    def _call_owner(self, call_id: Any) -> Run | None:
-        """The chat-model run whose answer made the tool call ``call_id``."""
+    def _call_owner(self, call_id: Any, before: Run) -> Run | None:
+        """The chat-model run whose answer made the tool call ``call_id`` that
+        ``before`` ran: of the runs that made a call with that id (a server may
+        reuse ids across turns), the latest to end before ``before`` started."""
         if not isinstance(call_id, str):
             return None
         if self._call_owners is None:
-            self._call_owners = {
-                str(call["id"]): run
-                for run in self.runs()
-                if run.run_type in _MODEL_TYPES
-                for call in _made_tool_calls(run)
-                if call.get("id")
-            }
-        return self._call_owners.get(call_id)
+            owners: dict[str, list[Run]] = {}
+            for run in self.runs():
+                if run.run_type in _MODEL_TYPES:
+                    for call in _made_tool_calls(run):
+                        if call.get("id"):
+                            owners.setdefault(str(call["id"]), []).append(run)
+            self._call_owners = owners
+        ended = [
+            run
+            for run in self._call_owners.get(call_id, ())
+            if run.end_time is not None and run.end_time <= before.start_time
+        ]
+        return max(ended, key=lambda r: r.end_time) if ended else None
 
     def _deciders(self, node: Run) -> list[Variable]:
         """The Variables that decided, through a conditional edge, that ``node``
@@ -1262,8 +1385,8 @@ class _Graph:
         if graph is None or step is None:
             return []
         found: list[Variable] = []
-        for source in self._nodes(graph):
-            if _graph_step(source) != step - 1 or not _succeeded(source):
+        for source in self._at_step(graph, step - 1):
+            if not _succeeded(source):
                 continue
             for condition in self.kids[source.id]:
                 if condition.name not in self.index.conditions or not _succeeded(
@@ -1298,14 +1421,28 @@ class _Graph:
             if isinstance(value, (list, tuple)) and value:
                 parts = {}
                 for i, element in enumerate(value):
-                    found = self._message_value(element)
+                    found = self._message_value(element, written=False)
                     parts[str(i)] = found or self._derive(
                         element, candidates, node.name, opaque=True
                     )
+                    mid = _message_field(element, "id")
+                    if isinstance(mid, str) and not isinstance(element, dict):
+                        # add_messages gives the written message its id in place
+                        self._written_ids[mid] = parts[str(i)]
                 writes[key] = _Value(text_of(value), parts=parts)
             else:
+                # what the node computed comes before what it read: a node in a
+                # cycle that rewrites its key with the same text wrote its new value
+                text = text_of(value)
+                own = [
+                    c for c in candidates[:-1] if any(v.matches(text) for v in c.walk())
+                ]
                 writes[key] = self._derive(
-                    value, candidates, node.name, key=key, opaque=True
+                    value,
+                    own or candidates,
+                    node.name,
+                    key=None if own else key,
+                    opaque=True,
                 )
         deciding = self._deciders(node)
         if deciding:
@@ -1320,14 +1457,27 @@ class _Graph:
         tool call's id), so feedback on it reaches that call."""
         payload = _bare(run.outputs, "output")
         text = text_of(payload)
-        owner = self._call_owner(_message_field(payload, "tool_call_id"))
+        owner = self._call_owner(_message_field(payload, "tool_call_id"), run)
         source = self.out(owner).var if owner is not None else None
-        if source is None:
+        # a tool that runs its own chain: its result is also computed from those
+        # sub-calls (the rule for non-LM steps: those whose text occurs in it)
+        results = [self.out(c) for c in self._results(run)]
+        inner = [v for v in results if v.text and v.text in text] or results
+        sources = _unique(
+            [*([source] if source is not None else []), *self._vars_of(inner)]
+        )
+        if not sources:
             return self._computed(payload, _inputs(self.inp(run)), run.name)
         var = StepOutput.apply(
-            source, text, f"{run.name} tool", f"result of the {run.name} tool"
+            sources if len(sources) > 1 else sources[0],
+            text,
+            f"{run.name} tool",
+            f"result of the {run.name} tool",
         )
         return _Value(text, var=var)
+
+    def _vars_of(self, values: Iterable[_Value]) -> list[Variable]:
+        return [var for value in values for var in self.variables(value)]
 
     def _each_positions(self, run: Run) -> dict[UUID, int]:
         """``.map()``: which element each child run processed (by the element's and
@@ -1559,7 +1709,7 @@ class _Graph:
         for location, var in self._message_links(run, graph_messages):
             link(var, location)
         for tool in offered_tools(run):  # the descriptions that offered each tool
-            for location, param in self.index.tools.get(_tool_name(tool) or "", ()):
+            for location, param in self._tool_parameters(tool):
                 link(param, location)
         if feed.prompt is None and not graph_messages:
             # messages made without a prompt: located by the key they came from
@@ -1578,6 +1728,27 @@ class _Graph:
             OUTPUT_ROLE,
         )
         return _Value(str(var.data), var=var)
+
+    def _tool_parameters(self, tool: Mapping[str, Any]) -> list[tuple[str, Variable]]:
+        """The Parameters of an offered tool: of the tool objects with its name, the
+        one whose description (its Parameter's current text) is the one offered
+        (all of them when that does not tell them apart)."""
+        name = _tool_name(tool) or ""
+        groups = list(self.index.tools.get(name, ()))
+        if len(groups) > 1:
+            function = tool.get("function")
+            offered = (function if isinstance(function, dict) else tool).get(
+                "description"
+            )
+            same = [
+                group
+                for group in groups
+                if group
+                and group[0][0] == f"tool:{name}"
+                and str(group[0][1].data) == offered
+            ]
+            groups = same if len(same) == 1 else groups
+        return [pair for group in groups for pair in group]
 
     def _message_links(self, run: Run, graph: bool) -> list[tuple[str, Variable]]:
         """The Variables behind a chat call's messages, by message: a trainable
@@ -1598,13 +1769,18 @@ class _Graph:
                 system_seen = True
                 system_text = system_text or text
                 params = list(self.index.messages.get(mid or "", ()))
-                if not params:
+                if not params:  # a message built on the call from their texts
                     params = [
-                        (f"{location} (in a system message built from it)", param)
+                        (location, param)
                         for location, param in self.index.texts
                         if str(param.data).strip() and str(param.data) in text
                     ]
-                system_linked = system_linked or bool(params)
+                system_linked = (
+                    system_linked
+                    or bool(params)
+                    or mid in self.index.known_messages
+                    or any(t.strip() and t in text for t in self.index.known_texts)
+                )
                 links.extend(params)
                 if params or not graph:
                     continue

@@ -153,8 +153,36 @@ def test_a_begins_with_rule_in_the_system_prompt_calls_its_tool() -> None:
     assert _names(_request("The hall needs a mop")) == []  # mop is not the lead word
 
 
-def test_several_matching_rules_make_parallel_calls_in_rule_order() -> None:
+def test_a_rule_listing_several_tools_makes_parallel_calls_in_rule_order() -> None:
     assert _names(_request("A spill by the door")) == ["cleaning", "repairs"]
+
+
+def test_the_matching_rule_whose_word_comes_first_in_the_message_decides() -> None:
+    prompt = (
+        'If the message mentions "dust", call cleaning. '
+        'If the message mentions "leak", call repairs. '
+        'If the message begins with "invoice", call other.'
+    )
+    assert _names(_request("A leak, then dust everywhere", system=prompt)) == [
+        "repairs"
+    ]
+    assert _names(_request("Dust after the leak", system=prompt)) == ["cleaning"]
+    # a begins-with rule speaks of the message's start: it comes first
+    assert _names(_request("Invoice for the leak and dust", system=prompt)) == ["other"]
+    _, rules = world.tool_routing(
+        _request("A leak, then dust", system=prompt), [world.ToolSpec("repairs")]
+    )
+    assert [r.word for r in rules] == ["leak"]
+
+
+def test_description_rules_also_decide_by_the_earliest_word() -> None:
+    tools = [
+        _tool("repairs", 'Use this tool when the message mentions "leak".'),
+        _tool("cleaning", 'Use this tool when the message mentions "dust".'),
+    ]
+    assert _names(_request("Dust, then a leak", system="Route.", tools=tools)) == [
+        "cleaning"
+    ]
 
 
 def test_parallel_tool_calls_false_calls_one_tool_per_request() -> None:
@@ -425,10 +453,151 @@ def test_the_backward_writes_a_lead_word_tool_rule_for_the_system_prompt() -> No
     assert gradients == ['If the message begins with "leak", call repairs.']
 
 
-def test_the_rule_word_does_not_depend_on_the_expected_tool() -> None:
+def test_without_a_topic_word_the_rule_word_is_the_lead_word_for_every_tool() -> None:
+    # the message names no expected tool and no word of its (unshown) description
     for tool in ("repairs", "cleaning", "other"):
         gradients = _backward(f"expected a call to {tool}", [SYSTEM_VAR])
         assert gradients == [f'If the message begins with "leak", call {tool}.']
+
+
+def test_the_rule_word_is_the_first_message_word_tied_to_the_expected_tool() -> None:
+    """A model names the word that ties the message to the tool: the first word
+    that names the expected tool or occurs in its description (a ``mentions``
+    rule), not the lead word."""
+    variables = [
+        SYSTEM_VAR,
+        VariableInfo("tool description", "tool:repairs", True, "Fix HVAC, plumbing."),
+        VariableInfo("tool description", "tool:cleaning", True, "Deep cleaning."),
+    ]
+    user = "Urgent: the plumbing leaks and the hvac is down; repairs needed"
+    gradients = _backward("expected a call to repairs", variables, user=user)
+    assert gradients[:2] == [
+        'If the message mentions "plumbing", call repairs.',
+        'Use this tool when the message mentions "plumbing".',
+    ]
+    # the tool's name counts too, any inflection (the stem's first letters)
+    cleaning = _backward(
+        "expected a call to cleaning", variables, user="Leak fixed; please clean up"
+    )
+    assert cleaning[0] == 'If the message mentions "clean", call cleaning.'
+
+
+def test_tool_vocabulary_and_topic_word_ignore_rules_stopwords_and_negation() -> None:
+    spec = world.ToolSpec(
+        "cleaning", 'Deep cleaning. Use this tool when the message mentions "urgent".'
+    )
+    assert "urgen" not in world.tool_vocabulary([spec])  # a rule is no description
+    assert world.tool_topic_word("Not cleaning: a deep leak", [spec]) == "deep"
+    assert world.tool_topic_word("Urgent: a leak", [spec]) is None
+
+
+def test_the_topic_word_is_one_no_other_offered_tool_shares() -> None:
+    """A word that several offered tools name or describe (``order``) ties the
+    message to none of them: the backward names a word of the expected tool's
+    own vocabulary."""
+    variables = [
+        SYSTEM_VAR,
+        VariableInfo("tool description", "tool:refund", True, "Refund an order."),
+        VariableInfo("tool description", "tool:lookup_order", True, "Find an order."),
+    ]
+    user = "My order 42 arrived broken, I want a refund"
+    gradients = _backward(
+        "expected a call to refund", variables, user=user, output="[]"
+    )
+    assert gradients[0] == 'If the message mentions "refund", call refund.'
+    assert gradients[1] == 'Use this tool when the message mentions "refund".'
+    spec = world.ToolSpec("refund", "Refund an order.")
+    other = world.ToolSpec("lookup_order", "Find an order.")
+    assert world.tool_topic_word(user, [spec]) == "order"  # nothing to tell apart
+    assert world.tool_topic_word("My order is late", [spec], [other]) is None
+
+
+def test_a_rule_corrected_in_place_gives_descriptions_only_their_own_word() -> None:
+    """When the prompt's deciding rule is corrected in place (its word reused), the
+    expected tool's description gets its own topic word, or no rule: never the
+    reused word, which may be any tool's (``dust`` here)."""
+    system = 'Route. If the message mentions "dust", call cleaning.'
+    variables = [
+        VariableInfo("system prompt", "system", True, system),
+        VariableInfo("tool description", "tool:repairs", True, "Fix a leak."),
+    ]
+    with_topic = _backward(
+        "expected a call to repairs",
+        variables,
+        user="Dust from the leak repair",
+        system=system,
+    )
+    assert with_topic[:2] == [
+        'If the message mentions "dust", call repairs.',
+        'Use this tool when the message mentions "leak".',
+    ]
+    without = _backward(
+        "expected a call to repairs", variables, user="Dust again", system=system
+    )
+    assert without[0] == 'If the message mentions "dust", call repairs.'
+    assert "dust" not in without[1] and without[1].startswith("The ")
+
+
+def test_possessives_hyphens_and_camel_case_words_are_split_for_the_topic() -> None:
+    spec = world.ToolSpec("hvacService", "Fix heating.")
+    assert world.tool_vocabulary([spec]) >= {"hvac", "servi", "heati"}
+    assert world.tool_topic_word("Our HVAC's fan", [spec]) == "hvac"
+    assert world.tool_topic_word("An HVAC-related noise", [spec]) == "hvac"
+    assert world.tool_topic_word("The heating-system failed", [spec]) == "heating"
+
+
+def test_a_negated_word_does_not_trigger_a_mentions_tool_rule() -> None:
+    prompt = (
+        'If the message mentions "leak", call repairs. '
+        'If the message mentions "dust", call cleaning.'
+    )
+    assert _names(_request("No leak, but dust everywhere", system=prompt)) == [
+        "cleaning"
+    ]
+    assert _names(_request("There isn't any leak", system=prompt)) == []
+    assert _names(_request("A leak, not dust", system=prompt)) == ["repairs"]
+
+
+def test_a_begins_with_rule_decides_at_its_lead_words_place() -> None:
+    """``begins with "urgent"`` and ``mentions "urgent"`` speak of the same word:
+    they decide together, and a ``mentions`` rule for a word before the lead word
+    (in a skipped header) comes first."""
+    prompt = (
+        'If the message begins with "urgent", call repairs. '
+        'If the message mentions "urgent", call cleaning.'
+    )
+    assert _names(_request("Subject: Urgent - dust", system=prompt)) == [
+        "repairs",
+        "cleaning",
+    ]
+    header = (
+        'If the message mentions "subject", call other. '
+        'If the message begins with "urgent", call repairs.'
+    )
+    assert _names(_request("Subject: Urgent - dust", system=header)) == ["other"]
+
+
+def test_the_vote_counts_exactly_and_reads_per_alternative_counts() -> None:
+    alternatives = " | ".join(f'"{w}"' for w in "abcdefghi") + ' | "x"'
+    feedback = "\n".join(
+        [f"- If the message mentions {{{alternatives}}}, call p."] * 10
+        + ['- If the message mentions "x", call q.']
+    )
+    # p: 10 shares of 1/10 = exactly 1, a tie with q: the first proposed wins
+    out = world.improve_value("R.", feedback)
+    assert 'If the message mentions "x", call p.' in out
+    assert "call q." not in out
+    counted = (
+        '- If the message mentions {"hvac" (x10) | "leak" | "fan"}, '
+        "call repairs. (x12)\n"
+        '- If the message mentions "hvac", call cleaning. (x2)'
+    )
+    assert world.expand_alternatives(counted.splitlines()[0])[0] == (
+        '- If the message mentions "hvac", call repairs. (x12)'
+    )
+    out = world.improve_value("R.", counted)
+    assert 'If the message mentions "hvac", call repairs.' in out
+    assert "call cleaning." not in out
 
 
 def test_the_backward_gives_tool_descriptions_their_own_rule_form() -> None:
@@ -517,6 +686,46 @@ def test_the_optimizer_adds_description_rules_once_and_removes_them() -> None:
         added, 'Do not use this tool when the message begins with "leak".'
     )
     assert removed == 'Fixes things. Use this tool when the message begins with "drip".'
+
+
+def test_the_optimizer_keeps_the_tool_rule_most_samples_propose_for_a_word() -> None:
+    feedback = (
+        '- If the message mentions "hvac", call cleaning.\n'
+        '- If the message mentions "hvac", call repairs. (x3)\n'
+        '- If the message mentions {"hvac" | "dust"}, call other. (x4)'
+    )
+    # repairs: 3 votes; cleaning: 1; other: 4 shared by two words, 2 for "hvac"
+    assert world.improve_value("Route.", feedback) == (
+        'Route. If the message mentions "hvac", call repairs. '
+        'If the message mentions "dust", call other.'
+    )
+    # a tie keeps the first proposed; label rules are not voted (the last wins)
+    tie = (
+        '- If the message mentions "x", call a.\n- If the message mentions "x", call b.'
+    )
+    assert world.improve_value("R.", tie) == 'R. If the message mentions "x", call a.'
+    labels = (
+        '- If the message mentions "x", the mood is low. (x3)\n'
+        '- If the message mentions "x", the mood is high.'
+    )
+    assert (
+        world.improve_value("C.", labels)
+        == 'C. If the message mentions "x", the mood is high.'
+    )
+
+
+def test_the_optimizer_votes_between_adding_and_removing_a_description_rule() -> None:
+    current = 'Cleans. Use this tool when the message mentions "leak".'
+    keep = (
+        '- Use this tool when the message mentions "leak". (x2)\n'
+        '- Do not use this tool when the message mentions "leak".'
+    )
+    assert world.improve_value(current, keep) == current
+    drop = (
+        '- Use this tool when the message mentions "leak".\n'
+        '- Do not use this tool when the message mentions "leak". (x2)'
+    )
+    assert world.improve_value(current, drop) == "Cleans."
 
 
 def test_backward_then_optimizer_then_forward_routes_the_message() -> None:

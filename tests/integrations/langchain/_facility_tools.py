@@ -228,22 +228,35 @@ def tool_choice_correct(called: Sequence[str], row: FacilityRow) -> bool:
 def make_tools() -> list[BaseTool]:
     """Fresh ``repairs``, ``cleaning`` and ``general`` tools (new objects per call:
     write-back after optimization changes the objects' descriptions, so each run
-    needs its own). Their docstrings, the tools' descriptions, are plain English
-    without routing rules."""
+    needs its own). Their descriptions (the docstrings' first paragraphs, see
+    :data:`TOOL_DESCRIPTIONS`) say what each tool does, in plain English without
+    routing rules; each has a ``request`` argument with its own description."""
 
-    @tool
+    @tool(parse_docstring=True)
     def repairs(request: str) -> str:
-        """Book a technician for the customer's request."""
+        """Send a technician to fix or maintain equipment.
+
+        Args:
+            request: the customer's request, in their words.
+        """
         return "A technician has been booked for your request."
 
-    @tool
+    @tool(parse_docstring=True)
     def cleaning(request: str) -> str:
-        """Book a visit of our team for the customer's request."""
-        return "A visit of our team has been booked for your request."
+        """Schedule a cleaning.
 
-    @tool
+        Args:
+            request: the customer's request, in their words.
+        """
+        return "A cleaning visit has been scheduled for your request."
+
+    @tool(parse_docstring=True)
     def general(request: str) -> str:
-        """Answer the customer's request."""
-        return "Our support team will answer your request."
+        """Answer any other request.
+
+        Args:
+            request: the customer's request, in their words.
+        """
+        return "Our support team will answer your question."
 
     return [repairs, cleaning, general]
