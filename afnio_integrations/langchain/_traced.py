@@ -195,6 +195,19 @@ BATCH_INDEX_ATTRIBUTE = "afnio_batch_index"
 the input whose run raised it."""
 
 
+def _wrapped(chain: Any) -> Any:
+    """What ``chain`` wraps through bindings (``.with_retry()``,
+    ``.with_config()``...) and as the last step of a sequence (``step | graph``)."""
+    seen: set[int] = set()
+    while id(chain) not in seen:
+        seen.add(id(chain))
+        inner = getattr(chain, "bound", None) or getattr(chain, "last", None)
+        if inner is None:
+            break
+        chain = inner
+    return chain
+
+
 GRAPH_SELECT: tuple[str, ...] = ("system", "tool")
 """The default ``select=`` for an agent or graph: system prompts and tool
 descriptions."""
@@ -276,7 +289,7 @@ class TracedChain(Module):
     ) -> None:
         super().__init__()
         object.__setattr__(self, "chain", chain)
-        graph = is_graph(chain)
+        graph = is_graph(chain) or is_graph(_wrapped(chain))
         if select is None:
             select = GRAPH_SELECT if graph else "system"
         if output_key is not None and not graph:
@@ -285,7 +298,7 @@ class TracedChain(Module):
                 f"{type(chain).__name__} is not one. Leave it out for a chain."
             )
         if output_key is not None:
-            channels = dict(getattr(chain, "channels", {}) or {})
+            channels = dict(getattr(_wrapped(chain), "channels", {}) or {})
             if channels and output_key not in channels:
                 keys = sorted(
                     k for k in channels if ":" not in k and not k.startswith("__")
@@ -378,6 +391,7 @@ class TracedChain(Module):
                 tools={name: list(groups.values()) for name, groups in tools.items()},
                 texts=texts,
                 conditions=frozenset(found.conditions),
+                graph=graph,
                 known_messages=frozenset(
                     s.message_id for s in every_text if isinstance(s, MessageSlot)
                 ),

@@ -518,6 +518,9 @@ class PromptIndex:
     output_key: str | None = None
     """For a graph: the state key whose value is the traced output (see
     :meth:`_Graph.output`)."""
+    graph: bool = False
+    """The program is a LangGraph graph (or wraps one, e.g. ``.with_retry()``): its
+    output is read from its final state (see :meth:`_Graph._graph_answer`)."""
 
 
 @dataclass(frozen=True)
@@ -1837,7 +1840,8 @@ class _Graph:
             self.out(run)
         value = self.out(self.root)
         final = text_of(result)
-        if self._kind(self.root) == "graph" and isinstance(result, dict):
+        graph = self.index.graph or self._kind(self.root) == "graph"
+        if graph and isinstance(result, dict) and value.parts is not None:
             value, final = self._graph_answer(value, result)
         if value.prompt is None and value.var is not None and value.matches(final):
             return value.var

@@ -308,7 +308,9 @@ def trained() -> list[Outcome]:
 
 @pytest.fixture(scope="module")
 def shuffled() -> list[Outcome]:
-    return _runs("shuffled", lambda url, s: run_agent(url, s, "shuffled"), SEEDS)
+    # unmet on every seed (0.358 / 0.313 / 0.388 measured, see SHUFFLED_MARKS): one
+    # seed keeps the gap visible at a third of the cost
+    return _runs("shuffled", lambda url, s: run_agent(url, s, "shuffled"), (0,))
 
 
 @pytest.fixture(scope="module")
