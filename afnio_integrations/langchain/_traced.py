@@ -524,11 +524,12 @@ class TracedChain(Module):
                 warnings.warn(
                     f"An LM call of the traced graph, at {unset.site}, sent a "
                     f"{unset.prompt} that holds no trainable text: it was built on "
-                    "the call (e.g. by a dynamic_prompt middleware) from texts afnio "
-                    "did not discover, so it gets no feedback and is never "
-                    "optimized. Mark the static text it is built from with "
+                    "the call (e.g. by a dynamic_prompt or another middleware) from "
+                    "texts afnio did not discover, so it gets no feedback and is "
+                    "never optimized. Mark the static text it is built from with "
                     "afnio_integrations.langchain.trainable(...) and build the "
-                    "prompt from that message's content.",
+                    "prompt from that message's content (or send that message as "
+                    "the call's system message).",
                     AfnioTracingWarning,
                     stacklevel=_user_stacklevel(),
                 )

@@ -1721,6 +1721,23 @@ class _Graph:
                 name = k or key
                 for var in self.variables(value):
                     link(var, f"input:{name}" if name else "input")
+        if (
+            graph_messages
+            and not offered_tools(run)
+            and all(_message_role(m) != "system" for m in recorded_messages(run))
+            and not any(v.is_leaf and v.requires_grad for v in variables)
+        ):  # e.g. a middleware's own call (a summarizer) sending a plain prompt
+            first = next(iter(conversation_of(run)), {}).get("content", "")
+            head = first.strip().splitlines()[0] if first.strip() else ""
+            excerpt = head if len(head) <= 60 else head[:57] + "..."
+            self.untrained.append(
+                (
+                    run.dotted_order or "",
+                    UndiscoveredCall(
+                        self._site(run), f'prompt with no system message ("{excerpt}")'
+                    ),
+                )
+            )
         if not _succeeded(run):
             return _Value("")
         var = RecordedChatCall.apply(

@@ -42,7 +42,6 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, TypedDict
@@ -62,7 +61,6 @@ from langgraph.prebuilt import tools_condition
 
 from afnio.testing import SIMULATOR_MODEL
 from afnio_integrations.langchain import (
-    AfnioTracingWarning,
     answer_match,
     final_answer_of,
     optimize,
@@ -175,17 +173,15 @@ def run_agent(base_url: str, seed: int, control: str | None = None) -> Outcome:
         system_prompt=facility.INITIAL_SYSTEM_PROMPT,
     )
     before = _tool_choice_accuracy(agent, heldout)
-    with warnings.catch_warnings():
-        # frozen: the agent's system prompt is not selected, so its model calls
-        # warn that they send a system message without a trainable text
-        warnings.simplefilter("ignore", AfnioTracingWarning)
-        report = _optimize(
-            agent,
-            train,
-            trajectory_match("strict"),
-            seed,
-            select="tool_arg" if control == "frozen" else None,
-        )
+    # frozen: only the argument descriptions are trainable (a discovered system
+    # prompt left out by select= is not warned about)
+    report = _optimize(
+        agent,
+        train,
+        trajectory_match("strict"),
+        seed,
+        select="tool_arg" if control == "frozen" else None,
+    )
     after = _tool_choice_accuracy(agent, heldout)  # the same object, written back
     return Outcome(
         f"agent {control or 'trained'}",

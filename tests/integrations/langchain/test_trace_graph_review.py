@@ -77,6 +77,12 @@ def _has_tool_result(messages: list[BaseMessage]) -> bool:
 # -- Send, replaced messages, equal texts ---------------------------------------
 
 
+class SummaryState(TypedDict, total=False):
+    q: str
+    a: str
+    s: str
+
+
 class SendState(TypedDict, total=False):
     """A planner's topics sent to workers; ``topic`` is written by another node."""
 
@@ -544,3 +550,33 @@ def test_a_recorded_call_keeps_the_message_content_it_was_sent() -> None:
         "answer 1": ["hello"],
         "answer 2": ["hello\nADDED AFTER THE FIRST CALL"],
     }
+
+
+def test_a_graph_call_without_anything_trainable_is_warned_about() -> None:
+    # a node sending a plain prompt (as a summarizing middleware does) has no text
+    # afnio can train: the user is told once, naming the call; the marked call is not
+    system = trainable("Classify the urgency: low or high.", name="urgency")
+    llm = ScriptedChatModel(answer=lambda m, t: "low")
+
+    def classify(state: SummaryState) -> dict[str, str]:
+        return {"a": str(llm.invoke([system, HumanMessage(state["q"])]).content)}
+
+    def summarize(state: SummaryState) -> dict[str, str]:
+        return {"s": str(llm.invoke(f"Summarize: {state['q']}").content)}
+
+    graph = StateGraph(SummaryState)
+    graph.add_node("classify", classify)
+    graph.add_node("summarize", summarize)
+    graph.add_edge(START, "classify")
+    graph.add_edge("classify", "summarize")
+    graph.add_edge("summarize", END)
+    traced = trace(graph.compile(), output_key="a")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = traced.invoke({"q": "A leak"})
+        traced.invoke({"q": "A spill"})
+    found = [w for w in caught if issubclass(w.category, AfnioTracingWarning)]
+    assert len(found) == 1, [str(w.message) for w in found]
+    assert "summarize" in str(found[0].message)
+    assert "no system message" in str(found[0].message)
+    assert reached_parameters(out, traced) == {"message.urgency"}
