@@ -156,6 +156,23 @@ class RunCollector(BaseTracer):
         with self._roots_lock:
             self._roots.append(run)
 
+    def on_chain_error(
+        self,
+        error: BaseException,
+        *,
+        inputs: dict[str, Any] | None = None,
+        run_id: UUID,
+        **kwargs: Any,
+    ) -> Run:
+        """A chain run's error; a LangGraph handoff to the parent graph
+        (``ParentCommand``) keeps its ``Command``, whose ``update`` the parent applies
+        as that node's writes."""
+        command = error.args[0] if type(error).__name__ == "ParentCommand" else None
+        run = self.run_map.get(str(run_id))
+        if command is not None and run is not None:
+            run.extra = {**(run.extra or {}), HANDOFF_KEY: command}
+        return super().on_chain_error(error, inputs=inputs, run_id=run_id, **kwargs)
+
     def _create_chat_model_run(
         self,
         serialized: dict[str, Any],
@@ -657,6 +674,16 @@ def _updates_of(payload: Any) -> dict[str, Any]:
                 }
             )
     return writes
+
+
+HANDOFF_KEY = "afnio_handoff"
+"""Run ``extra`` key holding the ``Command`` a LangGraph node handed to its parent
+graph (``Command(graph=Command.PARENT, ...)``, raised as ``ParentCommand``)."""
+
+
+def _handoff(run: Run) -> Any:
+    """The ``Command`` a node run handed off to its parent graph, if it did."""
+    return (run.extra or {}).get(HANDOFF_KEY)
 
 
 def _chosen(payload: Any) -> set[str]:
@@ -1229,7 +1256,8 @@ class _Graph:
             if step is not None and at >= step:
                 break
             scanned[0] += 1
-            if _succeeded(node) and key in (written := self._writes(node)):
+            wrote = _succeeded(node) or _handoff(node) is not None
+            if wrote and key in (written := self._writes(node)):
                 steps.append(at)
                 values.append(written[key])
         return values if step is None else values[: bisect.bisect_left(steps, step)]
@@ -1414,11 +1442,24 @@ class _Graph:
         conditional edge chose the node, linked to what decided it too."""
         if node.id in self._writes_of:
             return self._writes_of[node.id]
-        updates = _updates_of(_bare(node.outputs, "output"))
-        results = [
-            c for c in self._results(node) if c.name not in self.index.conditions
-        ]
-        candidates = [*(self.out(c) for c in results), self.inp(node)]
+        command = _handoff(node)
+        if command is not None:
+            # a handoff (Command(graph=PARENT, update=...)) from a subgraph: the node
+            # failed with it, and what it wrote is computed from what ran inside
+            updates = _updates_of(command)
+            inside = [
+                r
+                for r in self._descendants(node.id, exclude=node)
+                if _succeeded(r) and r.name not in self.index.conditions
+            ]
+            inside.sort(key=lambda r: r.end_time or r.start_time, reverse=True)
+            candidates = [*(self.out(r) for r in inside), self.inp(node)]
+        else:
+            updates = _updates_of(_bare(node.outputs, "output"))
+            results = [
+                c for c in self._results(node) if c.name not in self.index.conditions
+            ]
+            candidates = [*(self.out(c) for c in results), self.inp(node)]
         writes: dict[str, _Value] = {}
         for key, value in updates.items():
             if isinstance(value, (list, tuple)) and value:

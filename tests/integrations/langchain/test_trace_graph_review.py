@@ -580,3 +580,45 @@ def test_a_graph_call_without_anything_trainable_is_warned_about() -> None:
     assert "summarize" in str(found[0].message)
     assert "no system message" in str(found[0].message)
     assert reached_parameters(out, traced) == {"message.urgency"}
+
+
+class HandoffState(TypedDict, total=False):
+    q: str
+    answer: str
+    out: str
+
+
+def test_a_handoff_from_a_subgraph_links_the_parent_to_the_inner_call() -> None:
+    # the multi-agent handoff: a subgraph node returns Command(graph=PARENT, ...);
+    # the parent applies its update, so node b reads what the inner LM call wrote
+    from langgraph.types import Command
+
+    def answer(messages: list[BaseMessage], tools: list[Any]) -> str:
+        system = str(messages[0].content)
+        return "inner text" if system.startswith("INNER") else "final"
+
+    llm = ScriptedChatModel(answer=answer)
+    inner_chain = _chain(llm, "INNER prompt", "q")
+    b_chain = _chain(llm, "B prompt", "answer")
+
+    def inner(s: HandoffState) -> Command:
+        text = inner_chain.invoke({"q": s["q"]})
+        return Command(graph=Command.PARENT, goto="b", update={"answer": text})
+
+    def b(s: HandoffState) -> dict[str, str]:
+        return {"out": b_chain.invoke({"answer": s["answer"]})}
+
+    sub = StateGraph(HandoffState)
+    sub.add_node("inner", inner)
+    sub.add_edge(START, "inner")
+    parent = StateGraph(HandoffState)
+    parent.add_node("agent", sub.compile(), destinations=("b",))
+    parent.add_node("b", b)
+    parent.add_edge(START, "agent")
+    parent.add_edge("b", END)
+    traced = trace(parent.compile(), output_key="out")
+    out = traced.invoke({"q": "x"})
+
+    (b_call,) = call_with(linked_calls(out, traced), "B prompt")
+    assert b_call.calls == {CallRef("INNER prompt", "inner text")}
+    assert len(reached_parameters(out, traced)) == 2  # both prompts
