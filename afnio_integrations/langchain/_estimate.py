@@ -30,7 +30,7 @@ from afnio_integrations.langchain._discovery import (
     find_prompt_slots,
 )
 from afnio_integrations.langchain._langgraph import graph_input, is_graph
-from afnio_integrations.langchain._traced import TracedChain, _text_slots
+from afnio_integrations.langchain._traced import TracedChain, _text_slots, _wrapped
 
 __all__ = ["estimate"]
 
@@ -129,15 +129,19 @@ def estimate(
     train, val = chain_rows(
         chain, trainset, valset, input_keys=input_keys, label_key=label_key
     )
-    if is_graph(chain):  # a str row is the user's message to an agent
-        train = [(graph_input(chain, i), t) for i, t in train]
+    # a str row is the user's message to an agent (or to a binding around it)
+    if is_graph(_wrapped(chain, sequences=False)):
+        train = [
+            (graph_input(_wrapped(chain, sequences=False), i), t) for i, t in train
+        ]
     include = tuple(include)
     prompts: dict[int, Any] = {}
     for runnable in (chain, *include):
         for prompt in _prompts(runnable):
             prompts.setdefault(id(prompt), prompt)
     prompt_texts = [t for p in prompts.values() for t in _prompt_texts(p)]
-    if is_graph(chain):
+    graph = is_graph(_wrapped(chain))
+    if graph:
         # an agent or graph: its trainable texts as trace() finds them (no LM call);
         # an agent sends its system prompt and tool descriptions on each model call
         found = discover(chain, include)
@@ -166,7 +170,7 @@ def estimate(
         evaluator_feedback=not metric_feedback,
     )
     if models is None:
-        name = _graph_model_name(chain) if is_graph(chain) else _model_name(chain)
+        name = _graph_model_name(_wrapped(chain)) if graph else _model_name(chain)
         models = {"forward": name} if name else None
     return _estimate(
         shape,

@@ -52,6 +52,7 @@ from afnio_integrations.langchain._langgraph import (
 from afnio_integrations.langchain._traced import (
     BATCH_INDEX_ATTRIBUTE,
     TracedChain,
+    _wrapped,
     trace,
 )
 
@@ -449,9 +450,12 @@ def optimize(
     train, val = chain_rows(
         chain, trainset, valset, input_keys=input_keys, label_key=label_key
     )
-    if is_graph(chain):  # a str row is the user's message to an agent
-        train = [(graph_input(chain, i), t) for i, t in train]
-        val = [(graph_input(chain, i), t) for i, t in val]
+    # a str row is the user's message to an agent (or to a binding around it)
+    if is_graph(_wrapped(chain, sequences=False)):
+        train = [
+            (graph_input(_wrapped(chain, sequences=False), i), t) for i, t in train
+        ]
+        val = [(graph_input(_wrapped(chain, sequences=False), i), t) for i, t in val]
     model_client, completion_args = _clients(model_client, completion_args)
     traced = trace(chain, select, output_key=output_key)
     pairs = {"train": train, "val": val}

@@ -195,13 +195,16 @@ BATCH_INDEX_ATTRIBUTE = "afnio_batch_index"
 the input whose run raised it."""
 
 
-def _wrapped(chain: Any) -> Any:
+def _wrapped(chain: Any, sequences: bool = True) -> Any:
     """What ``chain`` wraps through bindings (``.with_retry()``,
-    ``.with_config()``...) and as the last step of a sequence (``step | graph``)."""
+    ``.with_config()``...) and, with ``sequences``, as the last step of a sequence
+    (``step | graph``)."""
     seen: set[int] = set()
     while id(chain) not in seen:
         seen.add(id(chain))
-        inner = getattr(chain, "bound", None) or getattr(chain, "last", None)
+        inner = getattr(chain, "bound", None) or (
+            getattr(chain, "last", None) if sequences else None
+        )
         if inner is None:
             break
         chain = inner

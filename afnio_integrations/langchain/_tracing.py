@@ -1291,7 +1291,7 @@ class _Graph:
                 # another text: then it is not that call's answer any more
                 if made.matches(text_of(message)) or not _succeeded(made_by):
                     return made
-                return self._written_ids.get(mid) if written else None
+                return self._written_id(mid, message) if written else None
         if self._tool_messages is None:
             self._tool_messages = {}
             for run in self.runs():
@@ -1306,7 +1306,13 @@ class _Graph:
             result = self.out(tool_run)
             if result.matches(text_of(message)):
                 return result
-        return self._written_ids.get(mid) if written else None
+        return self._written_id(mid, message) if written else None
+
+    def _written_id(self, mid: str, message: Any) -> _Value | None:
+        """The value a node wrote as the message ``mid`` (when its text is the
+        message's)."""
+        value = self._written_ids.get(mid)
+        return value if value is not None and value.matches(text_of(message)) else None
 
     def _state_element(self, element: Any, pool: list[_Value]) -> _Value:
         """A state list's element: the message it is (by id), else the latest value
@@ -1475,19 +1481,7 @@ class _Graph:
                         self._written_ids[mid] = parts[str(i)]
                 writes[key] = _Value(text_of(value), parts=parts)
             else:
-                # what the node computed comes before what it read: a node in a
-                # cycle that rewrites its key with the same text wrote its new value
-                text = text_of(value)
-                own = [
-                    c for c in candidates[:-1] if any(v.matches(text) for v in c.walk())
-                ]
-                writes[key] = self._derive(
-                    value,
-                    own or candidates,
-                    node.name,
-                    key=None if own else key,
-                    opaque=True,
-                )
+                writes[key] = self._written_value(node, key, value, candidates)
         deciding = self._deciders(node)
         if deciding:
             writes = {
@@ -1495,6 +1489,39 @@ class _Graph:
             }
         self._writes_of[node.id] = writes
         return writes
+
+    def _written_value(
+        self, node: Run, key: str, value: Any, candidates: list[_Value]
+    ) -> _Value:
+        """What ``node`` wrote to ``key`` (not a list). When one of its sub-calls
+        produced that text: that output if the node did not read the same text
+        under ``key``, or read it from an earlier visit of its own (a node in a
+        cycle rewriting its key with the same text wrote its new value); when it
+        also read that text from another node, both (the rule for non-LM steps: it
+        may have passed the value through). Otherwise, the same key of what it read
+        first (see :meth:`_derive`)."""
+        text = text_of(value)
+        own = [c for c in candidates[:-1] if any(v.matches(text) for v in c.walk())]
+        if not own:
+            return self._derive(value, candidates, node.name, key=key, opaque=True)
+        read = (self.inp(node).parts or {}).get(key)
+        if read is None or not read.matches(text) or self._own_write(node, key, read):
+            return self._derive(value, own, node.name, opaque=True)
+        return self._derive(value, [*own, read], node.name, opaque=True)
+
+    def _own_write(self, node: Run, key: str, value: _Value) -> bool:
+        """``value`` is what an earlier visit of ``node`` (a run of the same node
+        in the same graph) wrote to ``key``."""
+        graph = self.parent.get(node.id)
+        if graph is None:
+            return False
+        return any(
+            earlier is not node
+            and earlier.name == node.name
+            and (_graph_step(earlier) or 0) < (_graph_step(node) or 0)
+            and self._writes_of.get(earlier.id, {}).get(key) is value
+            for earlier in self._nodes(graph)
+        )
 
     def _tool(self, run: Run) -> _Value:
         """A tool's result: computed from the model call that asked for it (by the

@@ -622,3 +622,47 @@ def test_a_handoff_from_a_subgraph_links_the_parent_to_the_inner_call() -> None:
     (b_call,) = call_with(linked_calls(out, traced), "B prompt")
     assert b_call.calls == {CallRef("INNER prompt", "inner text")}
     assert len(reached_parameters(out, traced)) == 2  # both prompts
+
+
+class PassState(TypedDict, total=False):
+    q: str
+    first: str
+    second: str
+    out: str
+
+
+def test_a_key_passed_through_with_the_text_of_the_nodes_own_answer_keeps_its_writer():
+    # n2 returns the whole state plus its own key ({**state, ...}); its own answer has
+    # the same text as the `first` it passes through: n3, reading `first`, must still
+    # reach n1's call (n2's may be linked too: it could have written that text)
+    p1 = trainable("P1 classify urgency", name="p1")
+    p2 = trainable("P2 classify impact", name="p2")
+    p3 = trainable("P3 report", name="p3")
+
+    def answer(messages: list[BaseMessage], tools: list[Any]) -> str:
+        return "report" if str(messages[0].content).startswith("P3") else "high"
+
+    llm = ScriptedChatModel(answer=answer)
+
+    def n1(s: PassState) -> dict[str, str]:
+        return {"first": str(llm.invoke([p1, HumanMessage(s["q"])]).content)}
+
+    def n2(s: PassState) -> dict[str, str]:
+        return {**s, "second": str(llm.invoke([p2, HumanMessage(s["q"])]).content)}
+
+    def n3(s: PassState) -> dict[str, str]:
+        text = "urgency=" + s["first"]
+        return {"out": str(llm.invoke([p3, HumanMessage(text)]).content)}
+
+    graph = StateGraph(PassState)
+    for name, node in (("n1", n1), ("n2", n2), ("n3", n3)):
+        graph.add_node(name, node)
+    graph.add_edge(START, "n1")
+    graph.add_edge("n1", "n2")
+    graph.add_edge("n2", "n3")
+    graph.add_edge("n3", END)
+    traced = trace(graph.compile(), output_key="out")
+    out = traced.invoke({"q": "A leak"})
+    (report,) = call_with(linked_calls(out, traced), "P3")
+    assert CallRef("P1 classify urgency", "high") in report.calls
+    assert "message.p1" in reached_parameters(out, traced)
