@@ -76,6 +76,7 @@ import time
 import traceback
 import types
 import warnings
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -284,7 +285,10 @@ def _message_text(message: Any) -> str:
 
 
 @dataclass
-class _Program:
+class _Program(ABC):
+    """What a generated graph or agent program shares (abstract: see
+    :class:`GraphProgram` and :class:`AgentProgram`)."""
+
     seed: int
     kind: str
     shape: str
@@ -296,8 +300,9 @@ class _Program:
     output_key: str | None = None
     select: Any = None
 
+    @abstractmethod
     def inputs(self) -> list[Any]:
-        raise NotImplementedError
+        """The program's inputs, one per sample."""
 
     def describe(self) -> str:
         return (
