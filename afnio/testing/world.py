@@ -271,7 +271,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -653,6 +653,17 @@ def lead_word(text: str) -> str | None:
     True
     """
     text = _skip_headers(RULE_PATTERN.sub(" ", text))
+    for _, word, negated in _scan_words(text):
+        if not negated:
+            return word
+    return None
+
+
+def _scan_words(text: str) -> Iterator[tuple[re.Match[str], str, bool]]:
+    """The content words of ``text`` (:data:`STOPWORDS` and one-letter words left
+    out), each with its casefolded form and whether a negator negates it: it is the
+    first content word after a :data:`NEGATORS` word or a ``...n't`` (stopwords in
+    between do not end the negation)."""
     negated = False
     for match in _WORD.finditer(text):
         word = match[0].casefold().replace("\u2019", "'")
@@ -661,11 +672,8 @@ def lead_word(text: str) -> str | None:
             continue
         if word in STOPWORDS or len(word) < 2:
             continue
-        if negated:
-            negated = False
-            continue
-        return word
-    return None
+        yield match, word, negated
+        negated = False
 
 
 def is_affect_field(field: str | None) -> bool:
@@ -3419,19 +3427,12 @@ def _negated_offsets(text: str) -> frozenset[int]:
     """The offsets (in ``text``) of the words that a negator negates, as
     :func:`lead_word` reads them: the first content word after a :data:`NEGATORS`
     word or a ``...n't`` (stopwords in between do not end the negation)."""
-    negated_at: set[int] = set()
-    negated = False
-    for match in _WORD.finditer(text):
-        word = match[0].casefold().replace("\u2019", "'")
-        if word in NEGATORS or word.endswith("n't"):
-            negated = True
-            continue
-        if word in STOPWORDS or len(word) < 2:
-            continue
-        if negated:
-            negated = False
-            negated_at.update(match.start() + at for _, at in _word_parts(match[0]))
-    return frozenset(negated_at)
+    return frozenset(
+        match.start() + at
+        for match, _, negated in _scan_words(text)
+        if negated
+        for _, at in _word_parts(match[0])
+    )
 
 
 def _content_words(text: str) -> list[tuple[str, int]]:
@@ -3446,16 +3447,8 @@ def _content_words(text: str) -> list[tuple[str, int]]:
     body = _skip_headers(text)
     skipped = len(text) - len(body)
     words: list[tuple[str, int]] = []
-    negated = False
-    for match in _WORD.finditer(body):
-        word = match[0].casefold().replace("\u2019", "'")
-        if word in NEGATORS or word.endswith("n't"):
-            negated = True
-            continue
-        if word in STOPWORDS or len(word) < 2:
-            continue
+    for match, _, negated in _scan_words(body):
         if negated:
-            negated = False
             continue
         words.extend(
             (part.casefold(), skipped + match.start() + at)
