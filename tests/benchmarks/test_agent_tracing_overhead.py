@@ -5,15 +5,15 @@ against the benchmark's own 3 ms target): no tight timing on a shared machine.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("langgraph", reason="needs the agents extra")
 pytest.importorskip("langchain.agents", reason="needs the agents extra")
+
+from tests._helpers import load_script
 
 SCRIPT = (
     Path(__file__).resolve().parents[2] / "benchmarks" / "agent_tracing_overhead.py"
@@ -23,14 +23,7 @@ GENEROUS_US = 50_000  # 50 ms per model call: catches a blow-up, not jitter
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("agent_tracing_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_script(SCRIPT, "agent_tracing_bench")
 
 
 @pytest.mark.parametrize("clock", ["wall", "cpu"])

@@ -4,29 +4,21 @@ structure is checked)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 from afnio.autodiff.config import EVALUATOR_SAMPLES_PER_CALL
+from tests._helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "step_latency.py"
 
 
 @pytest.fixture(scope="module")
 def step_latency():
-    spec = importlib.util.spec_from_file_location("step_latency_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_script(SCRIPT, "step_latency_bench")
 
 
 def test_main_prints_a_report_and_writes_json(step_latency, tmp_path, capsys):

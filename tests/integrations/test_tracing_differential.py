@@ -19,7 +19,6 @@ or missing gradient; ``python -m afnio.testing.programs --seed <seed> -v`` repla
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 
@@ -29,22 +28,13 @@ pytest.importorskip("langchain_openai", reason="needs the langchain test extra")
 pytest.importorskip("dspy", reason="needs the dspy extra")
 
 from afnio.testing.programs import Outcome, TracingBench, generate
+from tests._helpers import env_int
 
 DEFAULT_PROGRAMS = 200
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise pytest.UsageError(f"{name} must be an integer, got {value!r}") from None
-
-
-FIRST_SEED = _env_int("AFNIO_TRACING_SEED", 0)
-PROGRAMS = _env_int("AFNIO_TRACING_PROGRAMS", DEFAULT_PROGRAMS)
+FIRST_SEED = env_int("AFNIO_TRACING_SEED", 0)
+PROGRAMS = env_int("AFNIO_TRACING_PROGRAMS", DEFAULT_PROGRAMS)
 SEEDS = range(FIRST_SEED, FIRST_SEED + PROGRAMS)
 
 

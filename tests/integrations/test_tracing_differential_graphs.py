@@ -22,8 +22,6 @@ Outside the default seeds, a failing seed fails (no known-bug allowance);
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 pytest.importorskip("langgraph", reason="needs the agents extra")
@@ -36,6 +34,7 @@ from afnio.testing.graph_programs import (
     generate_graph,
     run_program,
 )
+from tests._helpers import env_int
 
 DEFAULT_PROGRAMS = 150
 
@@ -46,18 +45,8 @@ DEFAULT_PROGRAMS = 150
 KNOWN_BUGS: dict[int, str] = {}
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise pytest.UsageError(f"{name} must be an integer, got {value!r}") from None
-
-
-FIRST_SEED = _env_int("AFNIO_GRAPH_SEED", 0)
-PROGRAMS = _env_int("AFNIO_GRAPH_PROGRAMS", DEFAULT_PROGRAMS)
+FIRST_SEED = env_int("AFNIO_GRAPH_SEED", 0)
+PROGRAMS = env_int("AFNIO_GRAPH_PROGRAMS", DEFAULT_PROGRAMS)
 
 
 def _seed_param(seed: int) -> object:
