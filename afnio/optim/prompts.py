@@ -10,8 +10,10 @@ Feedback rendering (see :func:`afnio.optim.tgd.render_feedback`): every distinct
 feedback text appears once, with ``(xN)`` when N samples gave it. Above
 ``FEEDBACK_CONDENSE_CHARS`` characters the texts are condensed deterministically: texts
 that differ only in their double-quoted parts are written once, with the varying parts
-as alternatives ``{"a" | "b" | "c"}``, so the prompt grows with the number of distinct
-values, not with the batch, and every distinct value still reaches the optimizer.
+as alternatives ``{"a" (x3) | "b" | "c"}`` (a value given by more than one of them
+carries its count, so the line's ``(xN)`` total is split exactly), so the prompt grows
+with the number of distinct values, not with the batch, and every distinct value and
+how often it was asked for still reach the optimizer.
 """
 
 from __future__ import annotations

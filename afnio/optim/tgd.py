@@ -250,7 +250,8 @@ def render_feedback(grads: Iterable[Variable]) -> tuple[str, int]:
     Returns ``(text, count)`` where ``count`` is the number of non-empty feedback texts.
     Distinct texts appear once (``(xN)`` for repeats). Above
     ``prompts.FEEDBACK_CONDENSE_CHARS`` characters, texts differing only in their
-    double-quoted parts are condensed into one line with ``{"a" | "b"}`` alternatives.
+    double-quoted parts are condensed into one line with ``{"a" (x2) | "b"}``
+    alternatives, each value with how many feedbacks gave it (``(xN)`` above one).
 
     Example::
 
@@ -285,14 +286,23 @@ def render_feedback(grads: Iterable[Variable]) -> tuple[str, int]:
         else:
             text = shape
             for slot in range(len(members[0][0])):
-                values = list(dict.fromkeys(m[0][slot] for m in members))
-                text = text.replace(
-                    '"…"',
-                    values[0] if len(values) == 1 else "{" + " | ".join(values) + "}",
-                    1,
-                )
+                tally: dict[str, int] = {}
+                for values_of, n in members:
+                    tally[values_of[slot]] = tally.get(values_of[slot], 0) + n
+                text = text.replace('"…"', _alternatives(tally), 1)
         out.append(f"- {text} (x{total})" if total > 1 else f"- {text}")
     return "\n".join(out), len(texts)
+
+
+def _alternatives(tally: dict[str, int]) -> str:
+    """One condensed slot: the value alone when all members share it, else
+    ``{"a" (x3) | "b"}``, each value with how many feedbacks gave it (``(xN)`` when
+    more than one), in first-seen order."""
+    if len(tally) == 1:
+        return next(iter(tally))
+    return (
+        "{" + " | ".join(f"{v} (x{n})" if n > 1 else v for v, n in tally.items()) + "}"
+    )
 
 
 def _render_past(buffer: list[tuple[Variable, list[Variable]]]) -> str:

@@ -1628,6 +1628,11 @@ def chat_backward_gradients(prompt: ChatBackwardPrompt) -> list[str]:
         shown = shown_tools(prompt, tools)
         if shown.accepts(tools):
             return tool_backward_gradients(prompt, tools, shown)
+    confirmed = confirmed_tools(feedback)
+    if confirmed is not None:  # a right tool call: confirm the rule that made it
+        shown = shown_tools(prompt, confirmed)
+        if shown.accepts(confirmed):
+            return tool_confirmation_gradients(prompt, confirmed, shown)
     found = _TARGET_IN_FEEDBACK.search(feedback)
     target = found[1] if found else None
     conversation = "\n".join(m.text for m in prompt.messages)
@@ -1991,18 +1996,26 @@ def improve_value(current: str, feedback: str, constraints: str = "") -> str:
     whatever its kind (``mentions`` or ``begins with``). Label rules and tool rules
     for the same word never replace each other.
 
-    *Conflicting* tool edits (prompt rules for the same word and kind that call
-    different tools; adding and removing a description rule for the same word) are
-    settled by a vote, as a model reading a batch's feedback follows what most
-    samples ask for: only the edit proposed most often is applied, at its first
-    place (ties, counted exactly with :class:`~fractions.Fraction`: the first
-    proposed). A feedback line counts as many proposals as its ``(xN)`` suffix says
-    (TGD's rendering of repeated feedback), a line without a suffix 1. Among the
-    alternatives of a condensed line, one with its own count (``{"a" (x3) | "b"}
-    ... (x4)``) gets that count, the others share the rest evenly (``{"a" | "b"}
-    ... (x4)``: 2 each; a condensed line without per-alternative counts does not
-    say how often each was proposed, so the even share is an estimate). Label
-    rules are applied in order, the last one for a word winning, as before.
+    Prompt tool rules are *voted* over the batch, as a model reading a batch's
+    feedback writes the rules that many samples ask for and that tell the tools
+    apart: the proposals for the same word and kind (whatever tools they call,
+    the confirmations of :func:`tool_confirmation_gradients` included) are tallied,
+    and the most proposed tools (ties: the first proposed) are written, at their
+    first place, only when they hold a clear majority, at least
+    :data:`RULE_MAJORITY` (3/4) of those proposals; otherwise the word does not tell
+    the tools apart and an existing rule for it is removed. In a feedback on at
+    least :data:`RULE_SUPPORT_FEEDBACKS` (10) samples, a rule also needs
+    :data:`RULE_SUPPORT` (2) samples asking for it (one sample among many is an
+    anecdote; an existing rule then stays as it is). Adding and removing a
+    description rule for the same word are voted too (the more proposed wins; ties:
+    the first). A feedback line counts as many proposals as its ``(xN)`` suffix
+    says (TGD's rendering of repeated feedback), a line without a suffix 1; a line
+    is read sentence by sentence, each sentence weighed with the line's count.
+    Among the alternatives of a condensed sentence, one with its own count
+    (``{"a" (x3) | "b"} ... (x4)``) gets that count, the others share the rest
+    evenly (``{"a" | "b"} ... (x4)``: 2 each, an estimate). Counts are exact
+    (:class:`~fractions.Fraction`). Label rules are applied in order, the last one
+    for a word winning, as before.
 
     >>> improve_value("Classify.", '- If the message mentions "bad", the mood is low.')
     'Classify. If the message mentions "bad", the mood is low.'
@@ -2013,14 +2026,21 @@ def improve_value(current: str, feedback: str, constraints: str = "") -> str:
     ...     'Do not use this tool when the message begins with "leak".')
     'Mops floors.'
     >>> votes = ('- If the message mentions "hvac", call repairs. (x3)\\n'
-    ...     '- If the message mentions "hvac", call cleaning. (x2)')
+    ...     '- If the message mentions "hvac", call cleaning.')
     >>> improve_value("Route.", votes)
     'Route. If the message mentions "hvac", call repairs.'
+    >>> improve_value("Route.", votes.replace("cleaning.", "cleaning. (x2)"))
+    'Route.'
     """
     proposals: list[tuple[Rule | ToolRule | tuple[str, str], Fraction]] = []
+    samples = Fraction(0)
     for line in feedback.splitlines():
-        for text, weight in _weighted_alternatives(line, Fraction(_line_count(line))):
-            proposals.extend((edit, weight) for edit in _feedback_edits(text))
+        count = Fraction(_line_count(line))
+        if line.strip():
+            samples += count
+        for sentence in _sentences(_COUNT_SUFFIX.sub("", line)):
+            for text, weight in _weighted_alternatives(sentence, count):
+                proposals.extend((edit, weight) for edit in _feedback_edits(text))
     votes: dict[tuple[str, ...], dict[str, Fraction]] = {}
     for edit, weight in proposals:
         key = _conflict_key(edit)
@@ -2032,14 +2052,57 @@ def improve_value(current: str, feedback: str, constraints: str = "") -> str:
         key: max(tally, key=lambda c: (tally[c], -list(tally).index(c)))
         for key, tally in votes.items()
     }
+    support = RULE_SUPPORT if samples >= RULE_SUPPORT_FEEDBACKS else 1
     value = current
     for edit, _ in proposals:
         key = _conflict_key(edit)
+        if key is not None and key[0] == "prompt":
+            tally = votes[key]
+            weight = tally[winners[key]]
+            if weight < RULE_MAJORITY * sum(tally.values()):
+                value = _remove_tool_rule(value, edit)  # no clear majority
+                continue
+            if weight < support:
+                continue  # one sample among many: an anecdote, not a pattern
         if key is None or _edit_choice(edit) == winners[key]:
             value = _apply_edit(value, edit)
     for character in _FORBIDDEN_CHARACTER.findall(constraints):
         value = value.replace(character, "")
     return value
+
+
+RULE_MAJORITY = Fraction(3, 4)
+"""A prompt's tool rule for a word is written (or kept) only when at least this share
+of the feedback proposing a rule for that word (and kind) asks for the same tools,
+confirmations of the rule included (see :func:`tool_confirmation_gradients`); below
+it the word does not tell the tools apart and its rule is removed."""
+
+RULE_SUPPORT = 2
+"""In a feedback on at least :data:`RULE_SUPPORT_FEEDBACKS` samples, a prompt's tool
+rule needs at least this many samples asking for it."""
+
+RULE_SUPPORT_FEEDBACKS = 10
+"""See :data:`RULE_SUPPORT`: smaller feedbacks write a rule one sample asks for."""
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\-])")
+
+
+def _sentences(line: str) -> list[str]:
+    """The sentences of a feedback line (split after ``.``/``!``/``?`` before a
+    capital), so that each rule sentence is weighed on its own (see
+    :func:`_weighted_alternatives`: a line of several condensed sentences would
+    otherwise stand for every combination of their alternatives)."""
+    return [part for part in _SENTENCE_END.split(line) if part.strip()]
+
+
+def _remove_tool_rule(value: str, edit: Rule | ToolRule | tuple[str, str]) -> str:
+    """``value`` without the prompt's tool rule for the word and kind of ``edit``."""
+    if not isinstance(edit, ToolRule):
+        return value
+    for rule in find_tool_rules(value):
+        if rule.word.casefold() == edit.word.casefold() and rule.kind == edit.kind:
+            value = re.sub(r"[ \t]*" + re.escape(rule.sentence), "", value, count=1)
+    return value.strip()
 
 
 def _feedback_edits(text: str) -> list[Rule | ToolRule | tuple[str, str]]:
@@ -3176,6 +3239,39 @@ def expected_tools(feedback: str) -> tuple[str, ...] | None:
     return min(found)[1] if found else None
 
 
+_CONFIRMED_TOOLS = re.compile(
+    r"\b(?:tool\s+)?calls?\s+match(?:es)?\s+the\s+(?:reference|expected(?:\s+tool)?"
+    r"\s+calls?)\s*:?\s*(?P<names>\[[^\]\n]*\])",
+    re.IGNORECASE,
+)
+
+
+def confirmed_tools(feedback: str) -> tuple[str, ...] | None:
+    """The tools a feedback says were rightly called, or ``None`` when it says no
+    such thing. The form read (any case, names in ``[...]``, ``[]`` for no call):
+    ``The tool calls match the reference: [<a>, <b>]`` (also ``... match the
+    expected calls: [...]``), the agreement of
+    :func:`~afnio_integrations.langchain.trajectory_match` in ``"strict"`` and
+    ``"unordered"`` mode. A feedback that names an expected call
+    (:func:`expected_tools`) is not a confirmation.
+
+    >>> confirmed_tools("The tool calls match the reference: [repairs].")
+    ('repairs',)
+    >>> confirmed_tools("The tool calls match the reference: [].")
+    ()
+    >>> confirmed_tools("Correct.") is None
+    True
+    """
+    if expected_tools(feedback) is not None:
+        return None
+    match = _CONFIRMED_TOOLS.search(feedback)
+    if match is None:
+        return None
+    return tuple(
+        n for n in re.findall(TOOL_NAME, match["names"]) if n.casefold() != "and"
+    )
+
+
 def _called_in_output(output: str) -> tuple[str, ...]:
     """The tools an ``<LM_OUTPUT>`` shows being called: a JSON list (or an object
     with ``tool_calls``) of calls in OpenAI's shape (``{"function": {"name"}}``) or
@@ -3380,6 +3476,72 @@ def deciding_rule(
     return next((rule for rule in rules if set(rule.tools) != wanted), None)
 
 
+def tool_confirmation_gradients(
+    prompt: ChatBackwardPrompt, confirmed: Sequence[str], shown: ShownTools
+) -> list[str]:
+    """The gradients of a ChatCompletion backward call whose feedback says its tool
+    calls were right (:func:`confirmed_tools`): each rule that decided the call is
+    *confirmed*, written again as it stands, so that the optimizer weighs the
+    samples a rule routes rightly against those asking to correct it (see
+    :func:`improve_value`: a vote, the rule text unchanged when the confirmations
+    win). The routing is re-run on the prompt's conversation and the tools it shows
+    (:func:`tool_routing`).
+
+    * the first trainable ``system`` variable gets the deciding prompt rule
+      (``If the message <kind> "<word>", call <tools>.``);
+    * the trainable description of a confirmed tool whose own rule decided gets
+      that rule (``Use this tool when the message <kind> "<word>".``);
+    * every other variable (and one whose rule did not decide) ``The <role> led to
+      <the call> for this input.`` (no edit).
+
+    >>> prompt = ChatBackwardPrompt(
+    ...     messages=(Message("system", 'If the message mentions "leak", call '
+    ...                       'repairs.'), Message("user", "A leak, again")),
+    ...     feedback="The tool calls match the reference: [repairs].",
+    ...     variables=(PromptVariable("1", "system prompt", "system", True, "..."),),
+    ...     output='[{"name": "repairs", "args": {}}]')
+    >>> tool_confirmation_gradients(prompt, ["repairs"], shown_tools(prompt))
+    ['If the message mentions "leak", call repairs.']
+    """
+    request = SimRequest.from_messages(
+        [{"role": m.role, "content": m.text} for m in prompt.messages]
+    )
+    _, rules = tool_routing(request, _description_specs(prompt, shown))
+    if _answered_after_tools(prompt, shown):  # the call that chose carries it
+        return [
+            f"The {variable.role} should lead to "
+            f"{_called_phrase(confirmed)} for this input."
+            for variable in prompt.variables
+        ]
+    wanted = set(confirmed)
+    deciding = [rule for rule in rules if set(rule.tools) <= wanted]
+    known = [*confirmed, *(n for n in shown.named if n not in confirmed)]
+    phrase = _called_phrase(confirmed).replace("a call", "the call", 1)
+    gradients: list[str] = []
+    rule_given = False
+    for variable in prompt.variables:
+        tool = tool_of_variable(variable, known) if variable.trainable else None
+        own = next(
+            (
+                r
+                for r in deciding
+                if r.source == "description" and tool is not None and tool in r.tools
+            ),
+            None,
+        )
+        prompt_rule = next((r for r in deciding if r.source == "prompt"), None)
+        if not rule_given and variable.trainable and variable.location == "system":
+            rule_given = True
+            if prompt_rule is not None:
+                gradients.append(prompt_rule.text())
+                continue
+        elif own is not None and tool in wanted:
+            gradients.append(own.text())
+            continue
+        gradients.append(f"The {variable.role} led to {phrase} for this input.")
+    return gradients
+
+
 STEM_LETTERS = 5
 """Words are compared by their first ``STEM_LETTERS`` letters (casefolded, a plural
 ``s`` dropped; a shorter word whole), a crude stemmer that is the same for every
@@ -3514,6 +3676,72 @@ def tool_topic_word(
     return None
 
 
+LEAD_LINE_WORDS = 8
+"""At most this many words of a message's lead line are proposed as routing words
+(see :func:`lead_line_words`)."""
+
+
+def lead_line_words(text: str) -> list[str]:
+    """The words of the *lead line* of ``text`` that a rule may name: its first line
+    holding a content word, rule sentences removed and headers skipped as
+    :func:`lead_word` reads them (an e-mail's subject, a ticket's title, a one-line
+    message: the line that says what the text is about); its content words (see
+    :func:`_content_words`) of at least three letters, one per stem
+    (:func:`_stem`), in order, at most :data:`LEAD_LINE_WORDS`. Casefolded.
+
+    >>> lead_line_words("Subject: Urgent HVAC Repair Needed\\n\\nDear team, ...")
+    ['urgent', 'hvac', 'repair', 'needed']
+    >>> lead_line_words("Hello!\\nThe sink leaks, not the pipes.")
+    ['sink', 'leaks']
+    """
+    body = _skip_headers(strip_rules(text))
+    for line in body.splitlines():
+        words: list[str] = []
+        stems: set[str] = set()
+        for word, _ in _content_words(line):
+            if len(word) >= 3 and _stem(word) not in stems:
+                stems.add(_stem(word))
+                words.append(word)
+        if words:
+            return words[:LEAD_LINE_WORDS]
+    return []
+
+
+def _answered_after_tools(prompt: ChatBackwardPrompt, shown: ShownTools) -> bool:
+    """Whether the call of ``prompt`` answered in text after this turn's tool
+    results *as its rules say*: its output calls no tool, the conversation holds a
+    ``tool`` message after the last user message, and the rules route no tool that
+    was not called yet. Such a call did not choose the tools: the call that did
+    carries the routing feedback (one vote per sample, see :func:`improve_value`)."""
+    if shown.called:
+        return False
+    last_user = max(
+        (i for i, m in enumerate(prompt.messages) if m.role in _USER_ROLES),
+        default=-1,
+    )
+    if not any(m.role == "tool" for m in prompt.messages[last_user + 1 :]):
+        return False
+    raw = [{"role": m.role, "content": m.text} for m in prompt.messages]
+    routed, _ = tool_routing(
+        SimRequest.from_messages(raw), _description_specs(prompt, shown)
+    )
+    done = set(_called_in_conversation(prompt.messages[last_user + 1 :]))
+    return all(name in done for name in routed)
+
+
+def _called_in_conversation(messages: Sequence[Message]) -> list[str]:
+    """The tools the assistant messages of ``messages`` call (as the backward prompt
+    shows them: JSON tool calls), and those a ``tool`` message answers by name."""
+    names: list[str] = []
+    for message in messages:
+        if message.role not in ("assistant", "ai"):
+            continue
+        for name in _called_in_output(message.text):
+            if name not in names:
+                names.append(name)
+    return names
+
+
 def tool_backward_gradients(
     prompt: ChatBackwardPrompt,
     expected: Sequence[str],
@@ -3523,32 +3751,40 @@ def tool_backward_gradients(
     tools that should have been called (see :func:`expected_tools`; ``()``: none)
     and whose prompt shows tool calling (``shown``, see :func:`shown_tools`).
 
-    The rule's word and kind: when a rule decided the wrong call
-    (:func:`deciding_rule`: the routing re-run on the prompt), that rule's own word
-    and kind, so that the optimizer replaces it in place (a wrong rule is corrected,
-    never outvoted); else a ``mentions`` rule for the message's *topic word* for the
-    expected tools (:func:`tool_topic_word`: its first word that names an expected
-    tool or occurs in that tool's description, as the prompt shows it: a
-    description variable's text, else the offered definition, and names or
-    describes none of the other tools shown); else (no such word, or no tool
-    expected) a ``begins with`` rule for the :func:`lead_word` of the
-    conversation's last ``user`` message (rule sentences removed), as for a label
-    task outside affect fields. An expected tool's description is given the same
-    rule, except when a deciding rule is corrected in place: then only the topic
-    word (a ``mentions`` rule), and no rule when there is none, since the reused
-    word may belong to any tool. Then:
+    A call that answered in text after this turn's tool results, as its rules say
+    (:func:`_answered_after_tools`), did not choose the tools: every variable gets
+    ``The <role> should lead to <the calls> for this input.`` (no rule); the call
+    that chose them carries the feedback.
 
-    * the first trainable ``system`` variable gets ``If the message <kind>
-      "<word>", call <tools>.`` (``call no tool`` when none is expected); without a
-      word, ``The <role> should lead to a call to <tool> for inputs like this one.
-      No rule can be written: <reason>``;
-    * a trainable tool description (:func:`tool_of_variable`) of an expected tool
-      gets ``Use this tool when the message <kind> "<word>".`` (the description's
-      word above; without one, the sentence of any other variable); that of a tool
-      that was called (the ``<LM_OUTPUT>``'s calls) or routed by its description
-      but not expected ``Do not use this tool when the message <kind> "<word>".``;
-    * every other variable ``The <role> should lead to a call to <tool> for this
-      input.`` (``... to no tool call ...``).
+    Otherwise the rules proposed, all for the expected tools (``call no tool`` when
+    none is expected):
+
+    * when a rule decided the wrong call (:func:`deciding_rule`: the routing re-run
+      on the prompt), that rule's own word and kind, to correct it in place (the
+      optimizer weighs the correction against the samples that confirm the rule,
+      see :func:`tool_confirmation_gradients` and :func:`improve_value`);
+    * a ``mentions`` rule for the message's *topic word* for the expected tools
+      (:func:`tool_topic_word`: its first word that names an expected tool or occurs
+      in that tool's description, as the prompt shows it, and names or describes
+      none of the other tools shown);
+    * a ``mentions`` rule for each word of the message's lead line
+      (:func:`lead_line_words`: what the message says it is about), one per stem,
+      the words above left out. A model asked why a message should go to a tool
+      names the words that say what the message is about; which of them matter is
+      for the optimizer to weigh over the batch (only words that many samples tie
+      to the same tools become rules).
+
+    The first trainable ``system`` variable gets these rules, in that order, as
+    sentences ``If the message <kind> "<word>", call <tools>.``; without any,
+    ``The <role> should lead to <the calls> for inputs like this one. No rule can be
+    written: <reason>``. A trainable tool description (:func:`tool_of_variable`) of
+    an expected tool gets ``Use this tool when the message mentions "<word>".`` for
+    the topic word, else (no rule decided) the first lead-line word; that of a tool
+    that was called (the ``<LM_OUTPUT>``'s calls) or routed by its description but
+    not expected ``Do not use this tool when the message <kind> "<word>".`` (the
+    deciding rule's word, else the first proposed word); every other variable
+    ``The <role> should lead to a call to <tool> for this input.`` (``... to no
+    tool call ...``).
 
     >>> prompt = ChatBackwardPrompt(
     ...     messages=(Message("system", "Route the message."),
@@ -3559,10 +3795,17 @@ def tool_backward_gradients(
     ...                               "Fixes things.")),
     ...     output='[{"name": "cleaning", "args": {}}]')
     >>> tool_backward_gradients(prompt, ["repairs"])  # doctest: +NORMALIZE_WHITESPACE
-    ['If the message begins with "leak", call repairs.',
-     'Use this tool when the message begins with "leak".']
+    ['If the message mentions "leak", call repairs. If the message mentions "sink",
+      call repairs.',
+     'Use this tool when the message mentions "leak".']
     """
     shown = shown_tools(prompt, expected) if shown is None else shown
+    phrase = _called_phrase(expected)
+    if _answered_after_tools(prompt, shown):
+        return [
+            f"The {variable.role} should lead to {phrase} for this input."
+            for variable in prompt.variables
+        ]
     decided = deciding_rule(prompt, expected, shown)
     message = tool_message(prompt.messages)
     specs = _description_specs(prompt, shown)
@@ -3571,27 +3814,35 @@ def tool_backward_gradients(
     ]
     others = [s for s in specs if s.name not in expected]
     topic = tool_topic_word(message, wanted, others) if wanted else None
-    if decided is not None:
-        choice = RuleWord(decided.word, decided.kind)
-    elif topic is not None:
-        choice = RuleWord(topic, "mentions")
-    else:
-        choice = rule_word(message, "tool")
+    words: list[str] = []
+    stems = {_stem(decided.word)} if decided is not None else set()
+    for word in [*([topic] if topic else []), *lead_line_words(message)]:
+        if _stem(word) not in stems:
+            stems.add(_stem(word))
+            words.append(word)
+    rules = (
+        [tool_rule_sentence(decided.kind, decided.word, expected)] if decided else []
+    )
+    rules.extend(tool_rule_sentence("mentions", word, expected) for word in words)
     # a description names only a word of its own: the topic word, or (when no rule
-    # decided) the prompt rule's word; never a reused deciding rule's word, which
+    # decided) the first word proposed; never a reused deciding rule's word, which
     # may be any tool's (a prompt rule corrected in place settles it there)
-    described = (
-        choice
-        if decided is None
-        else RuleWord(topic, "mentions")
+    own = (
+        topic
         if topic is not None
+        else (words[0] if words and decided is None else None)
+    )
+    removal = (
+        RuleWord(decided.word, decided.kind)
+        if decided is not None
+        else RuleWord(words[0], "mentions")
+        if words
         else RuleWord(None, "mentions")
     )
     called = list(shown.called)
     if decided is not None and decided.source == "description":
         called.extend(n for n in decided.tools if n not in called)
     known = [*expected, *(n for n in shown.named if n not in expected)]
-    phrase = _called_phrase(expected)
     gradients: list[str] = []
     rule_given = False
     for variable in prompt.variables:
@@ -3599,18 +3850,20 @@ def tool_backward_gradients(
         tool = tool_of_variable(variable, known) if variable.trainable else None
         if not rule_given and variable.trainable and variable.location == "system":
             rule_given = True
-            if choice.word is not None:
-                gradients.append(tool_rule_sentence(choice.kind, choice.word, expected))
+            if rules:
+                gradients.append(" ".join(rules))
             else:
                 gradients.append(
                     f"The {role} should lead to {phrase} for inputs like this one. "
-                    f"No rule can be written: {choice.reason}"
+                    "No rule can be written: the input holds no content word of "
+                    "three letters or more (not a stopword, not negated)."
                 )
-        elif tool is not None and described.word is not None and tool in expected:
-            gradients.append(tool_description_sentence(described.kind, described.word))
-        elif tool is not None and choice.word is not None and tool in called:
+        elif tool is not None and own is not None and tool in expected:
+            gradients.append(tool_description_sentence("mentions", own))
+        elif tool is not None and removal.word is not None and tool in called:
             gradients.append(
-                f'Do not use this tool when the message {choice.kind} "{choice.word}".'
+                f"Do not use this tool when the message {removal.kind} "
+                f'"{removal.word}".'
             )
         else:
             gradients.append(f"The {role} should lead to {phrase} for this input.")

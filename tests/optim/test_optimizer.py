@@ -137,6 +137,26 @@ def test_feedback_is_deduplicated_with_counts() -> None:
     assert count == 4
 
 
+def test_condensed_alternatives_carry_their_own_counts() -> None:
+    """A condensed line says how often each alternative was given (``(xN)`` above
+    one), so the line's total is split exactly, not evenly."""
+    words = [f"w{i:02d}" for i in range(40)]
+    texts = [f'Route "{w}" to the repairs team, please.' for w in words]
+    texts += ['Route "w00" to the repairs team, please.'] * 4
+    text, count = render_feedback([Variable(texts, role="feedback")])
+    assert count == 44
+    (line,) = text.splitlines()
+    assert line.startswith('- Route {"w00" (x5) | "w01" | "w02" | ')
+    assert line.endswith("} to the repairs team, please. (x44)")
+    from afnio.testing import world
+
+    shares = dict(
+        (text.split('"')[1], weight)
+        for text, weight in world._weighted_alternatives(line, 44)
+    )
+    assert shares["w00"] == 5 and shares["w39"] == 1
+
+
 WORDS = [
     "angry", "annoyed", "awful", "complaint", "delighted", "disappointed",
     "disappointing", "dissatisfied", "excellent", "exceptional", "fantastic",

@@ -448,16 +448,52 @@ SYSTEM_VAR = VariableInfo(
 )
 
 
-def test_the_backward_writes_a_lead_word_tool_rule_for_the_system_prompt() -> None:
+def _lead_line_rules(
+    tool: str, words: tuple[str, ...] = ("leak", "sink", "room")
+) -> str:
+    return " ".join(f'If the message mentions "{w}", call {tool}.' for w in words)
+
+
+def test_the_backward_proposes_a_rule_for_each_lead_line_word() -> None:
+    """The words of the message's lead line (what it says it is about) are proposed,
+    one ``mentions`` rule each, in order; the optimizer weighs them over the batch."""
     gradients = _backward("Wrong tool: expected a call to repairs.", [SYSTEM_VAR])
-    assert gradients == ['If the message begins with "leak", call repairs.']
+    assert gradients == [_lead_line_rules("repairs")]
 
 
-def test_without_a_topic_word_the_rule_word_is_the_lead_word_for_every_tool() -> None:
+def test_without_a_topic_word_the_rules_name_the_lead_line_for_every_tool() -> None:
     # the message names no expected tool and no word of its (unshown) description
     for tool in ("repairs", "cleaning", "other"):
         gradients = _backward(f"expected a call to {tool}", [SYSTEM_VAR])
-        assert gradients == [f'If the message begins with "leak", call {tool}.']
+        assert gradients == [_lead_line_rules(tool)]
+
+
+def test_only_the_lead_line_is_proposed_and_the_answer_after_tools_is_neutral() -> None:
+    user = "Subject: Burst pipe\n\nDear team, the kitchen floods."
+    gradients = _backward("expected a call to repairs", [SYSTEM_VAR], user=user)
+    assert gradients == [_lead_line_rules("repairs", ("burst", "pipe"))]
+    # the final-answer call of an agent loop (after the tool results, answering as
+    # its rules say) did not choose the tools: the routing call carries the feedback
+    system = 'Route. If the message mentions "pipe", call cleaning.'
+    conversation = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": CALLED_CLEANING},
+        {"role": "tool", "content": "A cleaner is on the way."},
+    ]
+    variables = [VariableInfo("system prompt", "system", True, system)]
+    prompt = world.ChatBackwardPrompt.parse(
+        chat_backward_user(
+            conversation,
+            "assistant",
+            "A cleaner is on the way.",
+            "Expected tool calls: [repairs], got [cleaning].",
+            variables,
+        )
+    )
+    assert world.chat_backward_gradients(prompt) == [
+        "The system prompt should lead to a call to repairs for this input."
+    ]
 
 
 def test_the_rule_word_is_the_first_message_word_tied_to_the_expected_tool() -> None:
@@ -471,15 +507,18 @@ def test_the_rule_word_is_the_first_message_word_tied_to_the_expected_tool() -> 
     ]
     user = "Urgent: the plumbing leaks and the hvac is down; repairs needed"
     gradients = _backward("expected a call to repairs", variables, user=user)
+    # the topic word first, then the lead line's other words
     assert gradients[:2] == [
-        'If the message mentions "plumbing", call repairs.',
+        _lead_line_rules(
+            "repairs", ("plumbing", "urgent", "leaks", "hvac", "repairs", "needed")
+        ),
         'Use this tool when the message mentions "plumbing".',
     ]
     # the tool's name counts too, any inflection (the stem's first letters)
     cleaning = _backward(
         "expected a call to cleaning", variables, user="Leak fixed; please clean up"
     )
-    assert cleaning[0] == 'If the message mentions "clean", call cleaning.'
+    assert cleaning[0].startswith('If the message mentions "clean", call cleaning.')
 
 
 def test_tool_vocabulary_and_topic_word_ignore_rules_stopwords_and_negation() -> None:
@@ -504,7 +543,9 @@ def test_the_topic_word_is_one_no_other_offered_tool_shares() -> None:
     gradients = _backward(
         "expected a call to refund", variables, user=user, output="[]"
     )
-    assert gradients[0] == 'If the message mentions "refund", call refund.'
+    assert gradients[0] == _lead_line_rules(
+        "refund", ("refund", "order", "arrived", "broken", "want")
+    )
     assert gradients[1] == 'Use this tool when the message mentions "refund".'
     spec = world.ToolSpec("refund", "Refund an order.")
     other = world.ToolSpec("lookup_order", "Find an order.")
@@ -528,7 +569,9 @@ def test_a_rule_corrected_in_place_gives_descriptions_only_their_own_word() -> N
         system=system,
     )
     assert with_topic[:2] == [
-        'If the message mentions "dust", call repairs.',
+        'If the message mentions "dust", call repairs. '
+        'If the message mentions "leak", call repairs. '
+        'If the message mentions "repair", call repairs.',
         'Use this tool when the message mentions "leak".',
     ]
     without = _backward(
@@ -580,12 +623,14 @@ def test_a_begins_with_rule_decides_at_its_lead_words_place() -> None:
 def test_the_vote_counts_exactly_and_reads_per_alternative_counts() -> None:
     alternatives = " | ".join(f'"{w}"' for w in "abcdefghi") + ' | "x"'
     feedback = "\n".join(
-        [f"- If the message mentions {{{alternatives}}}, call p."] * 10
+        [f"- If the message mentions {{{alternatives}}}, call p."] * 30
         + ['- If the message mentions "x", call q.']
     )
-    # p: 10 shares of 1/10 = exactly 1, a tie with q: the first proposed wins
+    # p: 30 shares of 1/10 = exactly 3 of the 4 proposals for "x": a clear majority
+    # (RULE_MAJORITY, 3/4, reached exactly); a..i: 3 each, unopposed
     out = world.improve_value("R.", feedback)
     assert 'If the message mentions "x", call p.' in out
+    assert 'If the message mentions "a", call p.' in out
     assert "call q." not in out
     counted = (
         '- If the message mentions {"hvac" (x10) | "leak" | "fan"}, '
@@ -596,8 +641,66 @@ def test_the_vote_counts_exactly_and_reads_per_alternative_counts() -> None:
         '- If the message mentions "hvac", call repairs. (x12)'
     )
     out = world.improve_value("R.", counted)
-    assert 'If the message mentions "hvac", call repairs.' in out
+    assert 'If the message mentions "hvac", call repairs.' in out  # 10 of 12
     assert "call cleaning." not in out
+    # 14 samples: "leak" and "fan" (one each) are anecdotes, below RULE_SUPPORT
+    assert '"leak"' not in out and '"fan"' not in out
+
+
+def test_several_condensed_sentences_on_one_line_are_weighed_one_by_one() -> None:
+    """TGD condenses multi-rule feedback into one line with a group per sentence; each
+    sentence's alternatives are weighed on their own (not every combination)."""
+    line = (
+        '- If the message mentions {"hvac" (x3) | "fan"}, call repairs. '
+        'If the message mentions {"boiler" (x2) | "pipe" (x2)}, call repairs. (x4)'
+    )
+    out = world.improve_value("R.", line + "\n" + "- Unrelated feedback. (x6)")
+    assert out == (
+        'R. If the message mentions "hvac", call repairs. '
+        'If the message mentions "boiler", call repairs. '
+        'If the message mentions "pipe", call repairs.'
+    )
+
+
+def test_a_rule_without_a_clear_majority_is_removed_a_small_batch_needs_one() -> None:
+    current = 'Route. If the message mentions "urgent", call general.'
+    split = (
+        '- If the message mentions "urgent", call general. (x3)\n'
+        '- If the message mentions "urgent", call repairs. (x2)'
+    )
+    # 3 of 5 is no clear majority: "urgent" does not tell the tools apart
+    assert world.improve_value(current, split) == "Route."
+    confirmed = (
+        '- If the message mentions "urgent", call general. (x6)\n'
+        '- If the message mentions "urgent", call repairs. (x2)'
+    )
+    assert world.improve_value(current, confirmed) == current  # 6 of 8 keep it
+    # a feedback on fewer than RULE_SUPPORT_FEEDBACKS samples writes what one asks
+    assert world.improve_value("R.", '- If the message mentions "mop", call c.') == (
+        'R. If the message mentions "mop", call c.'
+    )
+    many = '- If the message mentions "mop", call c.\n- Something else. (x9)'
+    assert world.improve_value("R.", many) == "R."
+
+
+def test_a_confirmed_call_restates_the_rule_that_made_it() -> None:
+    system = 'Route. If the message mentions "leak", call repairs.'
+    variables = [
+        VariableInfo("system prompt", "system", True, system),
+        VariableInfo("tool description", "tool:repairs", True, "Fixes."),
+    ]
+    called = json.dumps([{"name": "repairs", "args": {}, "id": "c"}])
+    gradients = _backward(
+        "The tool calls match the reference: [repairs].",
+        variables,
+        system=system,
+        output=called,
+    )
+    assert gradients == [
+        'If the message mentions "leak", call repairs.',
+        "The tool description led to the call to repairs for this input.",
+    ]
+    assert world.confirmed_tools("Expected tool calls: [a], got [b].") is None
 
 
 def test_the_backward_gives_tool_descriptions_their_own_rule_form() -> None:
@@ -613,9 +716,9 @@ def test_the_backward_gives_tool_descriptions_their_own_rule_form() -> None:
     )
     gradients = _backward("expected a call to repairs", variables, output=called)
     assert gradients == [
-        'If the message begins with "leak", call repairs.',
-        'Use this tool when the message begins with "leak".',
-        'Do not use this tool when the message begins with "leak".',
+        _lead_line_rules("repairs"),
+        'Use this tool when the message mentions "leak".',
+        'Do not use this tool when the message mentions "leak".',
         "The tool description should lead to a call to repairs for this input.",
         "The argument description should lead to a call to repairs for this input.",
     ]
@@ -627,7 +730,7 @@ def test_a_frozen_system_prompt_leaves_the_rule_to_the_description() -> None:
     gradients = _backward("The expected tool is repairs.", [frozen, by_role])
     assert gradients == [
         "The system prompt should lead to a call to repairs for this input.",
-        'Use this tool when the message begins with "leak".',
+        'Use this tool when the message mentions "leak".',
     ]
 
 
@@ -641,7 +744,7 @@ def test_the_backward_says_why_when_no_rule_can_be_written() -> None:
 
 def test_expected_no_tool_call_writes_a_call_no_tool_rule() -> None:
     gradients = _backward("Expected no tool call.", [SYSTEM_VAR], user="Thanks a lot!")
-    assert gradients == ['If the message begins with "thanks", call no tool.']
+    assert gradients == [_lead_line_rules("no tool", ("thanks", "lot"))]
 
 
 def test_label_feedback_still_writes_label_rules() -> None:
@@ -688,22 +791,27 @@ def test_the_optimizer_adds_description_rules_once_and_removes_them() -> None:
     assert removed == 'Fixes things. Use this tool when the message begins with "drip".'
 
 
-def test_the_optimizer_keeps_the_tool_rule_most_samples_propose_for_a_word() -> None:
+def test_the_optimizer_writes_a_tool_rule_only_for_a_clear_majority() -> None:
     feedback = (
         '- If the message mentions "hvac", call cleaning.\n'
         '- If the message mentions "hvac", call repairs. (x3)\n'
         '- If the message mentions {"hvac" | "dust"}, call other. (x4)'
     )
-    # repairs: 3 votes; cleaning: 1; other: 4 shared by two words, 2 for "hvac"
+    # "hvac": repairs 3, cleaning 1, other 2 (4 shared by two words): 3 of 6 is no
+    # clear majority (RULE_MAJORITY); "dust": other 2, unopposed
+    assert world.improve_value("Route.", feedback) == (
+        'Route. If the message mentions "dust", call other.'
+    )
+    feedback = feedback.replace("(x3)", "(x9)")  # 9 of 12: a clear majority
     assert world.improve_value("Route.", feedback) == (
         'Route. If the message mentions "hvac", call repairs. '
         'If the message mentions "dust", call other.'
     )
-    # a tie keeps the first proposed; label rules are not voted (the last wins)
+    # a tie is no majority; label rules are not voted (the last wins)
     tie = (
         '- If the message mentions "x", call a.\n- If the message mentions "x", call b.'
     )
-    assert world.improve_value("R.", tie) == 'R. If the message mentions "x", call a.'
+    assert world.improve_value("R.", tie) == "R."
     labels = (
         '- If the message mentions "x", the mood is low. (x3)\n'
         '- If the message mentions "x", the mood is high.'
@@ -739,8 +847,8 @@ def test_backward_then_optimizer_then_forward_routes_the_message() -> None:
     gradient = _backward("expected a call to cleaning", [SYSTEM_VAR])[0]
     learned = world.improve_value(system, gradient)
     assert _names(_request("Leak under the sink", system=learned)) == ["cleaning"]
-    # a message with another lead word is not routed by the new rule
-    assert _names(_request("Under the sink, a leak", system=learned)) == []
+    # a message sharing no word with the rules is not routed by them
+    assert _names(_request("The window is stuck", system=learned)) == []
 
 
 # -- review fixes: label feedback, required, wrong rules, more forms, legacy params ---
@@ -789,7 +897,7 @@ def test_tool_feedback_naming_a_tool_not_offered_is_not_tool_feedback() -> None:
     ]
     tool_feedback = dataclasses.replace(prompt, feedback="Expected: [repairs].")
     assert world.chat_backward_gradients(tool_feedback) == [
-        'If the message begins with "charged", call repairs.'
+        _lead_line_rules("repairs", ("charged", "twice"))
     ]
 
 
@@ -820,7 +928,8 @@ def test_the_backward_reuses_the_word_and_kind_of_the_wrong_rule() -> None:
         system=system,
     )
     assert gradients == [
-        'If the message mentions "leak", call repairs.',
+        'If the message mentions "leak", call repairs. '
+        'If the message mentions "sink", call repairs.',
         'Do not use this tool when the message mentions "leak".',
     ]
 
@@ -865,7 +974,10 @@ def test_a_wrong_routing_rule_is_corrected_until_only_the_expected_tool_is_calle
         system = world.improve_value(system, system_gradient)
         description = world.improve_value(description, description_gradient)
     assert history[-1] == ["repairs"]
-    assert system == 'Route the request. If the message mentions "leak", call repairs.'
+    assert system == (
+        'Route the request. If the message mentions "leak", call repairs. '
+        'If the message mentions "sink", call repairs.'
+    )
     assert description == "Sends a cleaner."
 
 
