@@ -1,0 +1,57 @@
+"""Run pytest on a throwaway project in a subprocess, in a clean environment (no
+provider variables, no inherited pytest options), as a user's CI would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+PYTEST_INI = "[pytest]\naddopts = -p no:cacheprovider\n"
+
+_DROPPED_PREFIXES = ("OPENAI_", "LANGSMITH_", "LANGCHAIN_", "PYTEST_", "AFNIO_")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """``os.environ`` without provider, tracing and pytest variables, with
+    ``LITELLM_LOCAL_MODEL_COST_MAP`` and ``PYTHONDONTWRITEBYTECODE`` set."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(_DROPPED_PREFIXES) and not name.endswith("_API_KEY")
+    }
+    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", PYTHONDONTWRITEBYTECODE="1")
+    env.update(extra)
+    return env
+
+
+def write_project(root: Path, files: dict[str, str]) -> Path:
+    """A project folder: ``pytest.ini`` plus ``files`` (path: dedented text)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pytest.ini").write_text(PYTEST_INI, encoding="utf-8")
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+    return root
+
+
+def run_pytest(
+    project: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess[str]:
+    """``python -m pytest *args`` in ``project``; stdout and stderr captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", *args],
+        cwd=project,
+        env=env if env is not None else clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def output(run: subprocess.CompletedProcess[str]) -> str:
+    """Everything a run printed."""
+    return run.stdout + run.stderr
