@@ -2033,14 +2033,18 @@ def improve_value(current: str, feedback: str, constraints: str = "") -> str:
     'Route.'
     """
     proposals: list[tuple[Rule | ToolRule | tuple[str, str], Fraction]] = []
-    samples = Fraction(0)
+    samples = Fraction(0)  # feedbacks proposing a prompt tool rule
     for line in feedback.splitlines():
         count = Fraction(_line_count(line))
-        if line.strip():
-            samples += count
-        for sentence in _sentences(_COUNT_SUFFIX.sub("", line)):
-            for text, weight in _weighted_alternatives(sentence, count):
-                proposals.extend((edit, weight) for edit in _feedback_edits(text))
+        edits = [
+            (edit, weight)
+            for sentence in _sentences(_COUNT_SUFFIX.sub("", line))
+            for text, weight in _weighted_alternatives(sentence, count)
+            for edit in _feedback_edits(text)
+        ]
+        if any(_conflict_key(edit) is not None for edit, _ in edits):
+            samples += count  # a feedback that proposes a tool edit
+        proposals.extend(edits)
     votes: dict[tuple[str, ...], dict[str, Fraction]] = {}
     for edit, weight in proposals:
         key = _conflict_key(edit)
@@ -2056,11 +2060,24 @@ def improve_value(current: str, feedback: str, constraints: str = "") -> str:
     value = current
     for edit, _ in proposals:
         key = _conflict_key(edit)
+        if (
+            key is not None
+            and key[0] == "description"
+            and _edit_choice(edit) == "add"
+            and votes[key]["add"] < support
+        ):
+            continue  # one sample among many: an anecdote, not a pattern
         if key is not None and key[0] == "prompt":
             tally = votes[key]
             weight = tally[winners[key]]
             if weight < RULE_MAJORITY * sum(tally.values()):
-                value = _remove_tool_rule(value, edit)  # no clear majority
+                # no clear majority: the word does not tell the tools apart; an
+                # existing rule goes when enough samples speak against it
+                against = sum(
+                    w for c, w in tally.items() if c != _existing_choice(value, edit)
+                )
+                if against >= support:
+                    value = _remove_tool_rule(value, edit)
                 continue
             if weight < support:
                 continue  # one sample among many: an anecdote, not a pattern
@@ -2085,14 +2102,40 @@ RULE_SUPPORT_FEEDBACKS = 10
 """See :data:`RULE_SUPPORT`: smaller feedbacks write a rule one sample asks for."""
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\-])")
+_QUOTED_OR_GROUP = re.compile(r'"[^"\n]*"|\{[^}\n]*\}')
 
 
 def _sentences(line: str) -> list[str]:
     """The sentences of a feedback line (split after ``.``/``!``/``?`` before a
-    capital), so that each rule sentence is weighed on its own (see
-    :func:`_weighted_alternatives`: a line of several condensed sentences would
-    otherwise stand for every combination of their alternatives)."""
-    return [part for part in _SENTENCE_END.split(line) if part.strip()]
+    capital, never inside a quoted word or a ``{...}`` group), so that each rule
+    sentence is weighed on its own (see :func:`_weighted_alternatives`: a line of
+    several condensed sentences would otherwise stand for every combination of
+    their alternatives).
+
+    >>> _sentences('If the message mentions "St. Louis", call a. Use B.')
+    ['If the message mentions "St. Louis", call a.', 'Use B.']
+    """
+    protected = [(m.start(), m.end()) for m in _QUOTED_OR_GROUP.finditer(line)]
+    parts: list[str] = []
+    start = 0
+    for match in _SENTENCE_END.finditer(line):
+        if any(a <= match.start() < b for a, b in protected):
+            continue
+        parts.append(line[start : match.start()])
+        start = match.end()
+    parts.append(line[start:])
+    return [part for part in parts if part.strip()]
+
+
+def _existing_choice(value: str, edit: Rule | ToolRule | tuple[str, str]) -> str | None:
+    """The text of ``value``'s prompt tool rule for the word and kind of ``edit``
+    (its vote choice, see :func:`_edit_choice`), or ``None``."""
+    if not isinstance(edit, ToolRule):
+        return None
+    for rule in find_tool_rules(value):
+        if rule.word.casefold() == edit.word.casefold() and rule.kind == edit.kind:
+            return rule.text()
+    return None
 
 
 def _remove_tool_rule(value: str, edit: Rule | ToolRule | tuple[str, str]) -> str:
@@ -3476,6 +3519,30 @@ def deciding_rule(
     return next((rule for rule in rules if set(rule.tools) != wanted), None)
 
 
+def _proposed_words(
+    prompt: ChatBackwardPrompt,
+    shown: ShownTools,
+    tools: Sequence[str],
+    decided: ToolRule | None,
+) -> tuple[str | None, list[str]]:
+    """The topic word of the prompt's message for ``tools`` (:func:`tool_topic_word`,
+    ``None`` without one) and the words a backward proposes rules for: that topic
+    word, then the :func:`lead_line_words`, one per stem, the ``decided`` rule's word
+    left out."""
+    message = tool_message(prompt.messages)
+    specs = _description_specs(prompt, shown)
+    wanted = [next((s for s in specs if s.name == n), ToolSpec(n)) for n in tools]
+    others = [s for s in specs if s.name not in tools]
+    topic = tool_topic_word(message, wanted, others) if wanted else None
+    words: list[str] = []
+    stems = {_stem(decided.word)} if decided is not None else set()
+    for word in [*([topic] if topic else []), *lead_line_words(message)]:
+        if _stem(word) not in stems:
+            stems.add(_stem(word))
+            words.append(word)
+    return topic, words
+
+
 def tool_confirmation_gradients(
     prompt: ChatBackwardPrompt, confirmed: Sequence[str], shown: ShownTools
 ) -> list[str]:
@@ -3484,15 +3551,24 @@ def tool_confirmation_gradients(
     *confirmed*, written again as it stands, so that the optimizer weighs the
     samples a rule routes rightly against those asking to correct it (see
     :func:`improve_value`: a vote, the rule text unchanged when the confirmations
-    win). The routing is re-run on the prompt's conversation and the tools it shows
-    (:func:`tool_routing`).
+    win); and, like a wrong call's backward, the words the message is about are
+    proposed for the confirmed tools, so that every sample, right or wrong, votes on
+    the words of its lead line. The routing is re-run on the prompt's conversation
+    and the tools it shows (:func:`tool_routing`). A call that answered in text
+    after the tool results (:func:`_answered_after_tools`) relays the confirmation
+    to its non-trainable inputs (``The tool calls match the reference: [...]``), so
+    that it reaches the call that chose the tools.
 
-    * the first trainable ``system`` variable gets the deciding prompt rule
-      (``If the message <kind> "<word>", call <tools>.``);
-    * the trainable description of a confirmed tool whose own rule decided gets
-      that rule (``Use this tool when the message <kind> "<word>".``);
-    * every other variable (and one whose rule did not decide) ``The <role> led to
-      <the call> for this input.`` (no edit).
+    * when a rule decided the call, the first trainable ``system`` variable gets the
+      deciding prompt rule (``If the message <kind> "<word>", call <tools>.``), then
+      ``mentions`` rules for the topic word and the lead-line words (as
+      :func:`tool_backward_gradients` proposes them);
+    * the trainable description of a confirmed tool gets the rule of its own that
+      decided, else ``Use this tool when the message mentions "<topic word>".``
+      when the message has a topic word for the confirmed tools (a vote to keep or
+      add it, weighed against removals);
+    * every other variable ``The <role> led to <the call> for this input.`` (no
+      edit).
 
     >>> prompt = ChatBackwardPrompt(
     ...     messages=(Message("system", 'If the message mentions "leak", call '
@@ -3508,9 +3584,11 @@ def tool_confirmation_gradients(
     )
     _, rules = tool_routing(request, _description_specs(prompt, shown))
     if _answered_after_tools(prompt, shown):  # the call that chose carries it
+        relay = f"The tool calls match the reference: {_listed_tools(confirmed)}."
         return [
-            f"The {variable.role} should lead to "
-            f"{_called_phrase(confirmed)} for this input."
+            f"The {variable.role} led to {_called_phrase(confirmed)} for this input."
+            if variable.trainable
+            else relay
             for variable in prompt.variables
         ]
     wanted = set(confirmed)
@@ -3532,12 +3610,22 @@ def tool_confirmation_gradients(
         prompt_rule = next((r for r in deciding if r.source == "prompt"), None)
         if not rule_given and variable.trainable and variable.location == "system":
             rule_given = True
-            if prompt_rule is not None:
-                gradients.append(prompt_rule.text())
+            if deciding:
+                _, words = _proposed_words(prompt, shown, confirmed, prompt_rule)
+                rules = [prompt_rule.text()] if prompt_rule is not None else []
+                rules.extend(
+                    tool_rule_sentence("mentions", w, confirmed) for w in words
+                )
+                gradients.append(" ".join(rules))
                 continue
         elif own is not None and tool in wanted:
             gradients.append(own.text())
             continue
+        elif tool is not None and tool in wanted and deciding:
+            topic, _ = _proposed_words(prompt, shown, confirmed, None)
+            if topic is not None:  # a vote for the description's own word
+                gradients.append(tool_description_sentence("mentions", topic))
+                continue
         gradients.append(f"The {variable.role} led to {phrase} for this input.")
     return gradients
 
@@ -3707,6 +3795,20 @@ def lead_line_words(text: str) -> list[str]:
     return []
 
 
+def _listed_tools(names: Sequence[str]) -> str:
+    """``[a, b]``: tool names as :func:`expected_tools` and :func:`confirmed_tools`
+    read them."""
+    return "[" + ", ".join(names) + "]"
+
+
+def _current_turn_messages(messages: Sequence[Message]) -> Sequence[Message]:
+    """The messages after the last ``user`` (``human``) message."""
+    last_user = max(
+        (i for i, m in enumerate(messages) if m.role in _USER_ROLES), default=-1
+    )
+    return messages[last_user + 1 :]
+
+
 def _answered_after_tools(prompt: ChatBackwardPrompt, shown: ShownTools) -> bool:
     """Whether the call of ``prompt`` answered in text after this turn's tool
     results *as its rules say*: its output calls no tool, the conversation holds a
@@ -3715,30 +3817,33 @@ def _answered_after_tools(prompt: ChatBackwardPrompt, shown: ShownTools) -> bool
     carries the routing feedback (one vote per sample, see :func:`improve_value`)."""
     if shown.called:
         return False
-    last_user = max(
-        (i for i, m in enumerate(prompt.messages) if m.role in _USER_ROLES),
-        default=-1,
-    )
-    if not any(m.role == "tool" for m in prompt.messages[last_user + 1 :]):
+    turn = _current_turn_messages(prompt.messages)
+    if not any(m.role == "tool" for m in turn):
         return False
     raw = [{"role": m.role, "content": m.text} for m in prompt.messages]
     routed, _ = tool_routing(
         SimRequest.from_messages(raw), _description_specs(prompt, shown)
     )
-    done = set(_called_in_conversation(prompt.messages[last_user + 1 :]))
+    done = set(_called_in_conversation(turn))
     return all(name in done for name in routed)
 
 
 def _called_in_conversation(messages: Sequence[Message]) -> list[str]:
-    """The tools the assistant messages of ``messages`` call (as the backward prompt
-    shows them: JSON tool calls), and those a ``tool`` message answers by name."""
+    """The tools the assistant messages of ``messages`` call, as the backward prompt
+    shows them: the message's text is JSON tool calls, or ends with them after some
+    text (``Let me check.\\n[{"name": ...}]``, LangChain's rendering of a message
+    with both)."""
     names: list[str] = []
     for message in messages:
         if message.role not in ("assistant", "ai"):
             continue
-        for name in _called_in_output(message.text):
-            if name not in names:
-                names.append(name)
+        text = message.text.strip()
+        found = _called_in_output(text)
+        for at in (m.start() for m in re.finditer(r"\n\s*[\[{]", text)):
+            if found:
+                break
+            found = _called_in_output(text[at:])
+        names.extend(name for name in found if name not in names)
     return names
 
 
@@ -3802,24 +3907,19 @@ def tool_backward_gradients(
     shown = shown_tools(prompt, expected) if shown is None else shown
     phrase = _called_phrase(expected)
     if _answered_after_tools(prompt, shown):
+        turn = _current_turn_messages(prompt.messages)
+        relay = (
+            f"Expected tool calls: {_listed_tools(expected)}, got "
+            f"{_listed_tools(_called_in_conversation(turn))}."
+        )
         return [
             f"The {variable.role} should lead to {phrase} for this input."
+            if variable.trainable
+            else relay
             for variable in prompt.variables
         ]
     decided = deciding_rule(prompt, expected, shown)
-    message = tool_message(prompt.messages)
-    specs = _description_specs(prompt, shown)
-    wanted = [
-        next((s for s in specs if s.name == name), ToolSpec(name)) for name in expected
-    ]
-    others = [s for s in specs if s.name not in expected]
-    topic = tool_topic_word(message, wanted, others) if wanted else None
-    words: list[str] = []
-    stems = {_stem(decided.word)} if decided is not None else set()
-    for word in [*([topic] if topic else []), *lead_line_words(message)]:
-        if _stem(word) not in stems:
-            stems.add(_stem(word))
-            words.append(word)
+    topic, words = _proposed_words(prompt, shown, expected, decided)
     rules = (
         [tool_rule_sentence(decided.kind, decided.word, expected)] if decided else []
     )

@@ -654,11 +654,14 @@ def test_several_condensed_sentences_on_one_line_are_weighed_one_by_one() -> Non
         '- If the message mentions {"hvac" (x3) | "fan"}, call repairs. '
         'If the message mentions {"boiler" (x2) | "pipe" (x2)}, call repairs. (x4)'
     )
-    out = world.improve_value("R.", line + "\n" + "- Unrelated feedback. (x6)")
+    other = '- If the message mentions "door", call locks. (x6)'
+    out = world.improve_value("R.", line + "\n" + other)
+    # 10 feedbacks propose rules: "fan" (1 of them) is below RULE_SUPPORT
     assert out == (
         'R. If the message mentions "hvac", call repairs. '
         'If the message mentions "boiler", call repairs. '
-        'If the message mentions "pipe", call repairs.'
+        'If the message mentions "pipe", call repairs. '
+        'If the message mentions "door", call locks.'
     )
 
 
@@ -679,8 +682,21 @@ def test_a_rule_without_a_clear_majority_is_removed_a_small_batch_needs_one() ->
     assert world.improve_value("R.", '- If the message mentions "mop", call c.') == (
         'R. If the message mentions "mop", call c.'
     )
-    many = '- If the message mentions "mop", call c.\n- Something else. (x9)'
-    assert world.improve_value("R.", many) == "R."
+    many = (
+        '- If the message mentions "mop", call c.\n'
+        '- If the message mentions "broom", call c. (x9)\n'
+        "- Feedback that proposes no rule is no sample of the vote. (x30)"
+    )
+    assert world.improve_value("R.", many) == (
+        'R. If the message mentions "broom", call c.'
+    )
+    # one contrary vote among many does not remove a rule without a clear majority
+    lone = (
+        '- If the message mentions "urgent", call repairs.\n'
+        '- If the message mentions "urgent", call general.\n'
+        '- If the message mentions "broom", call c. (x9)'
+    )
+    assert world.improve_value(current, lone).startswith(current)
 
 
 def test_a_confirmed_call_restates_the_rule_that_made_it() -> None:
@@ -696,8 +712,11 @@ def test_a_confirmed_call_restates_the_rule_that_made_it() -> None:
         system=system,
         output=called,
     )
+    # the deciding rule restated, then the words of the lead line (a vote on them)
     assert gradients == [
-        'If the message mentions "leak", call repairs.',
+        'If the message mentions "leak", call repairs. '
+        'If the message mentions "sink", call repairs. '
+        'If the message mentions "room", call repairs.',
         "The tool description led to the call to repairs for this input.",
     ]
     assert world.confirmed_tools("Expected tool calls: [a], got [b].") is None

@@ -27,10 +27,13 @@ stemmer); what it reaches, the initial texts' vocabulary gives without learning,
 the trained agent must gain at least twice as much.
 
 The assertions are the issue's thresholds, all met (held-out tool choice 0.000 ->
-0.791 / 0.806 / 0.821 on seeds 0-2; shuffled labels 0.313 / 0.209 / 0.403; frozen
-0.000). The label-free router (an extra control, not the issue's) reaches 0.493, more
-than half the trained gain: that assertion is ``xfail(strict=True)`` with the
-figures in its reason.
+0.791 / 0.806 / 0.821 on seeds 0-2; shuffled labels 0.358 / 0.269 / 0.403; frozen
+0.000). A fourth run starts from a wrong routing rule (:data:`WRONG_RULE`, 0.358
+held out) and must reach 75% too: there the agent calls tools from the start, so
+the confirmations and corrections of every epoch do the learning, not only the
+first step's proposals. The label-free router (an extra control, not the issue's)
+reaches 0.493, more than half the trained gain: that assertion is
+``xfail(strict=True)`` with the figures in its reason.
 
 (b) A two-node LangGraph app on the same rows: ``route`` (a prompt and a model with
 the three tools bound) picks the tool, ``answer`` runs it and a model answers the
@@ -154,10 +157,16 @@ def _optimize(program: Any, rows: Any, metric: Callable, seed: int, **kw: Any) -
     return report
 
 
+WRONG_RULE = ' If the message mentions "team", call general.'
+"""A routing rule the ``"wrong start"`` agent begins with: nearly every e-mail
+greets the "Team", so it sends nearly everything to ``general``."""
+
+
 def run_agent(base_url: str, seed: int, control: str | None = None) -> Outcome:
     """Optimize a fresh support agent on the seed's training rows (``control``:
-    ``"shuffled"`` labels or ``"frozen"`` routing texts) and score it on the
-    held-out rows before and after."""
+    ``"shuffled"`` labels, ``"frozen"`` routing texts, or a ``"wrong start"``: the
+    system prompt begins with :data:`WRONG_RULE`) and score it on the held-out rows
+    before and after."""
     start = time.perf_counter()
     rows = facility.load_rows()
     heldout = facility.heldout(rows)
@@ -167,7 +176,8 @@ def run_agent(base_url: str, seed: int, control: str | None = None) -> Outcome:
     agent = create_agent(
         _client(base_url),
         tools=facility.make_tools(),
-        system_prompt=facility.INITIAL_SYSTEM_PROMPT,
+        system_prompt=facility.INITIAL_SYSTEM_PROMPT
+        + (WRONG_RULE if control == "wrong start" else ""),
     )
     before = _tool_choice_accuracy(agent, heldout)
     # frozen: only the argument descriptions are trainable (a discovered system
@@ -312,6 +322,13 @@ def frozen() -> list[Outcome]:
 
 
 @pytest.fixture(scope="module")
+def wrong_start() -> list[Outcome]:
+    # the agent already calls tools, so later epochs' confirmations and corrections
+    # (not only the first step's proposals) must do the learning
+    return _runs("wrong start", lambda url, s: run_agent(url, s, "wrong start"), (0,))
+
+
+@pytest.fixture(scope="module")
 def app() -> Outcome:
     return _runs("app", run_app, (0,))[0]
 
@@ -393,6 +410,15 @@ def test_the_label_free_router_gains_at_most_half_as_much(
         assert accuracy - outcome.before <= outcome.gain / 2, (
             f"label-free router: {accuracy:.3f}; trained: {_figures(trained)}"
         )
+
+
+def test_an_agent_that_already_routes_wrongly_corrects_its_routing(
+    wrong_start: list[Outcome],
+) -> None:
+    for outcome in wrong_start:
+        assert outcome.before <= 0.40, _figures(wrong_start)
+        assert outcome.after >= 0.75, _figures(wrong_start)
+        assert '"team", call general' not in outcome.texts["agent.system"]
 
 
 def test_the_written_back_descriptions_do_not_contradict_each_other(
