@@ -120,6 +120,32 @@ def pytest_configure(config: pytest.Config) -> None:
 # -- collection ------------------------------------------------------------------------
 
 
+def _recording_missing(config: pytest.Config) -> str:
+    """Why pytest-recording is not loaded, and the fix: install the extra when it is
+    not installed; add ``-p recording`` when plugin autoload is disabled; drop
+    ``-p no:recording`` when it was disabled."""
+    from importlib.util import find_spec
+
+    needs = "@pytest.mark.afnio_replay needs vcrpy and pytest-recording"
+    if find_spec("pytest_recording") is None or find_spec("vcr") is None:
+        return f"{needs}: pip install 'afnio-local[pytest]'"
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        return (
+            f"{needs}; both are installed, but PYTEST_DISABLE_PLUGIN_AUTOLOAD is set, "
+            "so pytest-recording is not loaded: add -p recording (next to -p afnio)"
+        )
+    if config.pluginmanager.is_blocked("recording"):
+        return (
+            f"{needs}; both are installed, but pytest-recording was disabled with "
+            "-p no:recording: remove that option, or deselect these tests with "
+            "-m 'not afnio_replay'"
+        )
+    return (
+        f"{needs}; both are installed, but pytest-recording is not loaded: load it "
+        "with -p recording"
+    )
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
@@ -128,10 +154,7 @@ def pytest_collection_modifyitems(
     if not marked:
         return
     if not config.pluginmanager.has_plugin("recording"):
-        raise pytest.UsageError(
-            "@pytest.mark.afnio_replay needs vcrpy and pytest-recording: "
-            "pip install 'afnio-local[pytest]'"
-        )
+        raise pytest.UsageError(_recording_missing(config))
     if config.getoption("--disable-recording", False):
         raise pytest.UsageError(
             "--disable-recording turns off the cassettes that tests marked "

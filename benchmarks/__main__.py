@@ -10,7 +10,9 @@ Trace (trace-opt 0.1.3.8), each installed from PyPI into its own venv under
 ``benchmarks/.venvs/`` (made once) and pointed at a simulator with the same latency
 (``benchmarks/peers/*_step.py``); their calls, tokens and peak come from the
 simulator's counters. Engine overhead per node and LangChain tracing overhead
-(chains; ``create_agent`` agents and LangGraph graphs) are measured too. Writes
+(chains; ``create_agent`` agents and LangGraph graphs) are measured too, and so is
+the offline replay of a recorded 1,000-call ``Trainer.fit``
+(``benchmarks/replay_speed.py``; skipped with ``--no-overheads``). Writes
 ``report.md``, ``results.json`` and, with matplotlib (the ``plot`` extra),
 ``chart.png`` into ``--out`` (default ``benchmarks/results``).
 
@@ -192,6 +194,23 @@ def overheads(nodes: int = 5000, invokes: int = 200) -> dict[str, float]:
     cases = agent.run_all(invokes, 3, loops, agent.TARGET_MS)
     out["agent_tracing_ms_per_model_call"] = max(c.added_us for c in cases) / 1000
     return out
+
+
+def replay_figures() -> dict[str, float]:
+    """A user project's recorded ``Trainer.fit`` (at least 1,000 LM calls) replayed
+    offline through the ``afnio_pytest`` plugin (``benchmarks/replay_speed.py``):
+    the calls and the replayed fit's wall time; none without the pytest extra."""
+    if importlib.util.find_spec("pytest_recording") is None:
+        print("replay check skipped: needs the pytest extra (pytest-recording)")
+        return {}
+    replay = _load("replay_speed")
+    with tempfile.TemporaryDirectory(prefix="afnio-replay-") as tmp:
+        result = replay.measure(Path(tmp))
+    print(replay.summary(result), flush=True)
+    return {
+        "replayed_fit_lm_calls": float(result.interactions),
+        "replayed_fit_s": result.replay_fit_s,
+    }
 
 
 def estimate_rows() -> list[dict[str, Any]]:
@@ -440,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.peers
         else []
     )
-    extra = {} if args.no_overheads else overheads()
+    extra = {} if args.no_overheads else {**overheads(), **replay_figures()}
     estimates = [] if args.no_estimate else estimate_rows()
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {

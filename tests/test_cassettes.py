@@ -1,13 +1,12 @@
 """The recorded cassettes: no secrets, a declared server, the compare tool, and the
-cassette machinery of ``tests/conftest.py`` (credential scrubbing, cassette misses)."""
+scrubbing of ``afnio_pytest`` that wrote them (the plugin's own tests, with the miss
+report and the missing-cassette report, are in ``tests/pytest_plugin/``)."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,8 @@ from vcr.request import Request
 
 from afnio._secrets import SECRET_SCAN_PATTERNS
 from afnio.testing.cassettes import compare_cassette_dirs, main
-from tests.conftest import _scrub_request
+from afnio_pytest._scrub import scrub_request
+from tests.pytest_plugin._runner import clean_env, output, run_pytest, write_project
 
 TESTS = Path(__file__).resolve().parent
 CASSETTES = TESTS.parent / "cassettes"
@@ -85,7 +85,7 @@ def test_secret_scan_catches_a_leaked_credential(leaked: str) -> None:
         "uri: https://x.invalid/v1/chat/completions?api-version=2024-06-01",
         '{"max_tokens": 5, "prompt_cache_key": "c1", "model": "gpt-4o-mini"}',
         "a task-list and a desk-top; asks: be brief",
-        "OPENAI_API_KEY=... .venv/bin/python -m pytest --real-provider",
+        "OPENAI_API_KEY=... .venv/bin/python -m pytest --afnio-real-provider",
     ],
 )
 def test_secret_scan_passes_ordinary_text(clean: str) -> None:
@@ -105,7 +105,7 @@ def test_recorded_requests_lose_query_and_header_credentials() -> None:
             "Content-Type": "application/json",
         },
     )
-    scrubbed = _scrub_request(request)
+    scrubbed = scrub_request(request)
     assert scrubbed.uri == (
         "http://simulator.invalid/v1/chat/completions?api-version=1"
     )
@@ -115,7 +115,7 @@ def test_recorded_requests_lose_query_and_header_credentials() -> None:
 
 def test_a_credential_in_a_recorded_body_is_masked() -> None:
     body = json.dumps({"model": "m", "api_key": "SECRET1", "user": "sk-SECRET2"})
-    scrubbed = _scrub_request(
+    scrubbed = scrub_request(
         Request("POST", "http://127.0.0.1:5123/v1/chat/completions", body, {})
     )
     assert json.loads(scrubbed.body) == {
@@ -125,86 +125,54 @@ def test_a_credential_in_a_recorded_body_is_masked() -> None:
     }
 
 
-# -- the cassette machinery, end to end (a pytest run in a subprocess) -----------------
+# -- afnio's client recorded through the plugin, end to end (a pytest subprocess) -----
 
 PROBE_TEST = """
 import pytest
+
+from afnio.models.openai import AsyncOpenAI
 from afnio.testing import SIMULATOR_MODEL
 
 
-@pytest.mark.vcr
-def test_probe(lm):
-    client = lm.client(
+@pytest.mark.afnio_replay
+def test_probe(afnio_endpoint):
+    client = AsyncOpenAI(
+        base_url=afnio_endpoint.base_url,
+        api_key=afnio_endpoint.api_key,
+        max_retries=0,
         default_query={"key": "sk-leak-query1", "api-version": "1"},
         default_headers={"api-key": "azure-leak-header2"},
     )
-    reply = client.chat(
-        [{"role": "user", "content": "Say hi."}],
-        model=SIMULATOR_MODEL,
-        extra_query={"access_token": "leak-token3"},
-    )
+    try:
+        reply = client.chat(
+            [{"role": "user", "content": "Say hi."}],
+            model=SIMULATOR_MODEL,
+            extra_query={"access_token": "leak-token3"},
+        )
+    finally:
+        client.close()
     assert isinstance(reply, str)
 """
 
 
-def _probe_project(root: Path) -> Path:
-    """A pytest project with the suite's conftest and one cassette test."""
-    (root / "tests").mkdir(parents=True)
-    (root / "pytest.ini").write_text(
-        "[pytest]\naddopts = -p no:cacheprovider --import-mode=importlib\n"
-    )
-    shutil.copy(TESTS / "conftest.py", root / "tests" / "conftest.py")
-    (root / "tests" / "test_probe.py").write_text(PROBE_TEST)
-    return root / "cassettes" / "test_probe" / "test_probe.yaml"
-
-
-def _pytest(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/test_probe.py", *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def test_a_missing_cassette_fails_with_its_path_and_the_record_command(
+def test_recording_afnios_client_keeps_credentials_out_of_the_cassette(
     tmp_path: Path,
 ) -> None:
-    cassette = _probe_project(tmp_path)
-    run = _pytest(tmp_path)
-    out = run.stdout + run.stderr
-    assert run.returncode == 1, out
-    assert "Cassette miss" in out, out
-    assert str(cassette) in out, out
-    assert (
-        "python -m pytest 'tests/test_probe.py::test_probe' --record-mode=once" in out
-    ), out
-    assert "MissingMetadataError" not in out and "deleting it" not in out, out
-    assert not cassette.exists()
-
-
-def test_recording_keeps_credentials_out_of_the_cassette(tmp_path: Path) -> None:
-    cassette = _probe_project(tmp_path)
-    run = _pytest(tmp_path, "--record-mode=once")
-    assert run.returncode == 0, run.stdout + run.stderr
+    """A user project marks one test ``afnio_replay`` (no copy of this suite's
+    conftest): recording afnio's own client with credential query parameters, a
+    credential header and a key in the environment writes none of them, keeps the
+    ordinary query parameter, and the cassette replays."""
+    project = write_project(tmp_path / "probe", {"tests/test_probe.py": PROBE_TEST})
+    cassette = project / "tests" / "cassettes" / "test_probe" / "test_probe.yaml"
+    env = clean_env(OPENAI_API_KEY="sk-leak-environment4-abcdef")
+    record = run_pytest(project, "-q", "--afnio-record=new", env=env, timeout=120)
+    assert record.returncode == 0, output(record)
     text = cassette.read_text(encoding="utf-8")
     assert "leak" not in text and not _leaks(text), text
     assert "api-version=1" in text  # ordinary query parameters are kept
-    replay = _pytest(tmp_path)
-    assert replay.returncode == 0, replay.stdout + replay.stderr
-    # a request the cassette lacks: an existing cassette is re-recorded with rewrite
-    probe = tmp_path / "tests" / "test_probe.py"
-    probe.write_text(probe.read_text().replace("Say hi.", "Say bye."))
-    miss = _pytest(tmp_path)
-    out = miss.stdout + miss.stderr
-    assert miss.returncode == 1, out
-    assert "Cassette miss: the request POST /v1/chat/completions is not recorded" in out
-    assert f"cassette: {cassette}" in out, out
-    assert (
-        "python -m pytest 'tests/test_probe.py::test_probe' --record-mode=rewrite"
-        in out
-    ), out
+    assert "simulator.invalid" in text
+    replay = run_pytest(project, "-q", env=env, timeout=120)
+    assert replay.returncode == 0, output(replay)
 
 
 def test_compare_ignores_order_host_and_port_but_not_bodies(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ compared as a *multiset* of ``(method, path, request JSON, status, response JSON
 Usage::
 
     cp -r cassettes /tmp/cassettes-before
-    python -m pytest -m vcr --record-mode=rewrite
+    python -m pytest -m afnio_replay --afnio-record=all
     python -m afnio.testing.cassettes compare /tmp/cassettes-before cassettes
 
 The command prints every difference and exits 1 if there is any, 0 otherwise.

@@ -47,7 +47,7 @@ def _classifier(message: Any) -> tuple[Variable, Variable, list[dict[str, Any]]]
     return system, template, messages
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_scalar_forward_and_backward_reach_every_variable(
     backward_lm: LMEndpoint,
 ) -> None:
@@ -80,7 +80,7 @@ def test_scalar_forward_and_backward_reach_every_variable(
     ]
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_variable_that_is_a_whole_message_is_shown_once(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -103,7 +103,7 @@ def test_a_variable_that_is_a_whole_message_is_shown_once(
     assert len(system.grad) == 1 and len(template.grad) == 1
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_batched_gradients_follow_difference_13(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -143,7 +143,7 @@ def test_batched_gradients_follow_difference_13(
     ]
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_list_of_variables_gives_each_sample_its_own_gradient(
     backward_lm: LMEndpoint,
 ) -> None:
@@ -168,7 +168,7 @@ def test_a_list_of_variables_gives_each_sample_its_own_gradient(
     assert second.grad == []
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_braces_in_inputs_reach_the_lm_exactly_as_written(
     lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -182,7 +182,7 @@ def test_braces_in_inputs_reach_the_lm_exactly_as_written(
     assert body["messages"][1]["content"] == f"Customer message: {text}"
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_exact_match_backward_skips_correct_samples(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -207,7 +207,7 @@ def test_exact_match_backward_skips_correct_samples(
     ]
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_per_sample_skip_can_be_switched_off(backward_lm: LMEndpoint, vcr: Any) -> None:
     prediction = Variable(["negative", "neutral"], role="sentiment", requires_grad=True)
     _, explanation = ExactMatchEvaluator.apply(
@@ -221,7 +221,7 @@ def test_per_sample_skip_can_be_switched_off(backward_lm: LMEndpoint, vcr: Any) 
     assert prediction.grad[0].data[1].startswith('The prediction "neutral" is wrong')
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_deterministic_evaluator_backward_gives_feedback_to_the_prediction(
     backward_lm: LMEndpoint,
 ) -> None:
@@ -245,7 +245,7 @@ JUDGE_TASK = "Evaluate if the translation is accurate."
 JUDGE_USER = "<PREDICTION>{prediction}</PREDICTION><TARGET>{target}</TARGET>"
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_lm_judge_scores_and_sends_feedback_to_the_prediction(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -283,7 +283,7 @@ def test_lm_judge_scores_and_sends_feedback_to_the_prediction(
     assert backward_user.count("<SAMPLE index=") == 1
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_lm_judge_eval_mode_false_optimizes_the_judge(backward_lm: LMEndpoint) -> None:
     client = backward_lm.client()
     task = Variable(JUDGE_TASK, role="evaluation task", requires_grad=True)
@@ -314,7 +314,7 @@ def test_lm_judge_eval_mode_false_optimizes_the_judge(backward_lm: LMEndpoint) -
     assert prediction.grad == []
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_malformed_backward_answer_is_retried(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -339,7 +339,7 @@ def test_a_malformed_backward_answer_is_retried(
     ]
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_backward_gives_up_after_the_retries_and_changes_nothing(
     backward_lm: LMEndpoint,
 ) -> None:
@@ -362,7 +362,7 @@ def test_backward_gives_up_after_the_retries_and_changes_nothing(
     assert system.grad == []
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_feedback_reaches_the_first_step_of_a_two_step_pipeline(
     backward_lm: LMEndpoint,
 ) -> None:
@@ -394,7 +394,7 @@ def test_feedback_reaches_the_first_step_of_a_two_step_pipeline(
     assert "positive" in summarize.grad[0].data
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_module_and_functional_forms(backward_lm: LMEndpoint) -> None:
     client = backward_lm.client()
     _, _, messages = _classifier(None)

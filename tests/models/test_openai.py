@@ -56,7 +56,7 @@ def _assert_usage_priced(usage: dict[str, Any], model: str) -> None:
     assert usage["cost"]["amount"] > 0
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 @pytest.mark.parametrize("cls", [OpenAI, AsyncOpenAI])
 def test_chat_answers_and_accounts_usage_and_cost(lm: LMEndpoint, cls: type) -> None:
     client = lm.client(cls)
@@ -65,7 +65,7 @@ def test_chat_answers_and_accounts_usage_and_cost(lm: LMEndpoint, cls: type) -> 
     _assert_usage_priced(client.get_usage(), SIMULATOR_MODEL)
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_achat_from_a_running_event_loop(lm: LMEndpoint) -> None:
     client = lm.client(AsyncOpenAI)
 
@@ -76,7 +76,7 @@ def test_achat_from_a_running_event_loop(lm: LMEndpoint) -> None:
     assert client.get_usage()["total_tokens"] > 0
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 @pytest.mark.parametrize("cls", [OpenAI, AsyncOpenAI])
 def test_complete_returns_text(lm: LMEndpoint, cls: type) -> None:
     client = lm.client(cls)
@@ -88,7 +88,7 @@ def test_complete_returns_text(lm: LMEndpoint, cls: type) -> None:
     _assert_usage_priced(client.get_usage(), SIMULATOR_MODEL)
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 @pytest.mark.parametrize("cls", [OpenAI, AsyncOpenAI])
 def test_embed_returns_one_vector_per_text(lm: LMEndpoint, cls: type) -> None:
     client = lm.client(cls)
@@ -100,7 +100,7 @@ def test_embed_returns_one_vector_per_text(lm: LMEndpoint, cls: type) -> None:
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] == 0
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_unpriced_model_costs_zero_and_warns_once(
     lm: LMEndpoint, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -117,7 +117,7 @@ def test_unpriced_model_costs_zero_and_warns_once(
     assert "openai/sim-unpriced-model" in unpriced_models()
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_rate_limit_then_success_is_retried(lm: LMEndpoint, vcr: Any) -> None:
     if lm.simulator is not None:
         from afnio.testing import Fault
@@ -131,7 +131,7 @@ def test_rate_limit_then_success_is_retried(lm: LMEndpoint, vcr: Any) -> None:
     assert client.get_usage()["total_tokens"] > 0
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_cache_makes_the_second_identical_call_free(lm: LMEndpoint, vcr: Any) -> None:
     cache = enable_cache()
     client = lm.client(OpenAI)
@@ -147,7 +147,7 @@ def test_cache_makes_the_second_identical_call_free(lm: LMEndpoint, vcr: Any) ->
     assert other == "negative" and cache.stats().misses == 2  # any parameter counts
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_persistent_cache_survives_a_new_cache_object(
     lm: LMEndpoint, tmp_path: Any
 ) -> None:
@@ -160,7 +160,7 @@ def test_persistent_cache_survives_a_new_cache_object(
     assert (fresh.stats().hits, fresh.stats().misses) == (1, 0)
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_backward_client_with_base_url(lm: LMEndpoint) -> None:
     afnio.set_backward_model_client(
         f"openai/{SIMULATOR_MODEL}",

@@ -32,7 +32,7 @@ def _feedback(*texts: str) -> Variable:
     return Variable(list(texts), role="feedback to system prompt")
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_step_turns_feedback_into_the_value_with_one_call_per_parameter(
     lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -56,7 +56,7 @@ def test_a_step_turns_feedback_into_the_value_with_one_call_per_parameter(
     assert f"- {RULE_AWFUL} (x2)" in body["messages"][1]["content"]
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_new_rule_for_an_already_ruled_word_replaces_it(lm: LMEndpoint) -> None:
     prompt = Parameter(
         f'{BASE} If the message mentions "awful", the sentiment is neutral. Be brief.',
@@ -68,7 +68,7 @@ def test_a_new_rule_for_an_already_ruled_word_replaces_it(lm: LMEndpoint) -> Non
     assert prompt.data.count('"awful"') == 1
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_momentum_keeps_a_window_of_past_values_and_shows_it(
     lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -96,7 +96,7 @@ def test_momentum_keeps_a_window_of_past_values_and_shows_it(
     assert values[2].endswith(RULE_LOVE)
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_constraints_reach_the_prompt_and_are_honoured(
     lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -114,7 +114,7 @@ def test_constraints_reach_the_prompt_and_are_honoured(
     assert "!" not in prompt.data and RULE_AWFUL in prompt.data
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_malformed_optimizer_answer_is_retried(lm: LMEndpoint, vcr: Any) -> None:
     if lm.simulator is not None:
         from afnio.testing import Fault
@@ -129,7 +129,7 @@ def test_a_malformed_optimizer_answer_is_retried(lm: LMEndpoint, vcr: Any) -> No
     assert prompt.data == f"{BASE} {RULE_AWFUL}"
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_functional_tgd_mutates_values_and_buffers_in_place(lm: LMEndpoint) -> None:
     prompt = Parameter(BASE, role="system prompt")
     grads = [

@@ -90,7 +90,7 @@ def test_tgd_messages_is_upstreams_placeholder_list() -> None:
 # -- placeholders give the default prompt (simulator, replayed from cassettes) -------
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_upstream_functional_tgd_call_sends_the_default_prompt_and_updates_sensibly(
     lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -125,7 +125,7 @@ def test_upstream_functional_tgd_call_sends_the_default_prompt_and_updates_sensi
     assert snapshot.data == BASE and saved == [grad_1, grad_2]
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_tgd_class_with_tgd_messages_sends_the_default_prompt(
     lm: LMEndpoint, vcr: Any
 ) -> None:

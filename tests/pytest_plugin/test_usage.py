@@ -121,3 +121,23 @@ def test_real_provider_needs_a_recording_mode_and_a_key(project: Path) -> None:
     run = run_pytest(project, "tests", "--afnio-real-provider", "--afnio-record=new")
     assert run.returncode == 4
     assert "--afnio-real-provider needs OPENAI_API_KEY" in output(run)
+
+
+def test_without_autoload_the_usage_error_says_to_add_p_recording(
+    project: Path,
+) -> None:
+    """Both plugins installed, autoload off, only ``-p afnio``: the error names the
+    missing ``-p recording`` (not the extra, which is installed), and adding it
+    works."""
+    no_autoload = clean_env(PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    run = run_pytest(project, "tests", "--co", "-q", "-p", "afnio", env=no_autoload)
+    out = output(run)
+    assert run.returncode == 4, out
+    assert "PYTEST_DISABLE_PLUGIN_AUTOLOAD is set" in out, out
+    assert "add -p recording" in out and "pip install" not in out, out
+    plugins = ("-p", "afnio", "-p", "recording")
+    both = run_pytest(project, "tests", "--co", "-q", *plugins, env=no_autoload)
+    assert both.returncode == 0, output(both)
+    disabled = run_pytest(project, "tests", "--co", "-q", "-p", "no:recording")
+    assert disabled.returncode == 4
+    assert "was disabled with -p no:recording" in output(disabled), output(disabled)

@@ -1,9 +1,12 @@
 """Fixtures of the DSPy integration tests: a DSPy LM on the cassette endpoint.
 
-DSPy 3.4's default LM engine talks to raw sockets that cassettes cannot see, so every
-test LM uses ``engine="litellm"`` (HTTP through the openai SDK), ``cache=False`` (a
-cache hit would skip a recorded request) and ``num_retries=0`` (a cassette miss fails
-at once).
+Every test LM is pinned to what its cassette recorded: ``engine="litellm"`` (HTTP
+through the openai SDK, which the ``afnio_replay`` cassettes see; DSPy 3.4 picks its
+native engine on raw sockets, which the plugin refuses, whenever ``OPENAI_BASE_URL``
+is unset, as in the live-simulator tests), ``cache=False`` (a cache hit would skip a
+recorded request; the plugin also gives each ``afnio_replay`` test a fresh in-memory
+DSPy cache) and ``num_retries=0`` (a cassette miss fails at once). ``make_lm`` also
+builds LMs on a live simulator for unmarked tests.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ FRUSTRATED = "I am frustrated: the heating has been broken for a week."
 RULE = 'If the message mentions "frustrated", the sentiment is negative.'
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_dspy_lm_as_backward_and_optimizer_client_counts_usage_and_cost(
     lm: LMEndpoint, dspy_lm: Any
 ) -> None:
@@ -93,7 +93,7 @@ def test_an_afnio_module_runs_as_a_dspy_module() -> None:
         AfnioModule(Shout(), outputs="text")
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_an_afnio_module_inside_a_traced_program_gets_feedback_and_trains(
     backward_lm: LMEndpoint, dspy_lm: Any
 ) -> None:

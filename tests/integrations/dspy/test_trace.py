@@ -82,7 +82,7 @@ def _step(traced: TracedProgram, lm: LMEndpoint) -> None:
     traced.write_back()
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_predict_program_learns_and_the_next_request_carries_the_new_instructions(
     backward_lm: LMEndpoint, dspy_lm: Any, vcr: Any
 ) -> None:
@@ -103,7 +103,7 @@ def test_predict_program_learns_and_the_next_request_carries_the_new_instruction
     assert program(message=FRUSTRATED).sentiment == "negative"
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_chain_of_thought_program_gets_feedback_through_the_parsed_field(
     backward_lm: LMEndpoint, dspy_lm: Any
 ) -> None:
@@ -122,7 +122,7 @@ def test_chain_of_thought_program_gets_feedback_through_the_parsed_field(
     assert after.sentiment == "negative" and "frustrated" in after.reasoning
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_two_predictor_program_sends_feedback_to_both_predictors(
     backward_lm: LMEndpoint, dspy_lm: Any, vcr: Any
 ) -> None:
@@ -143,7 +143,7 @@ def test_two_predictor_program_sends_feedback_to_both_predictors(
     assert RULE in _system_prompts(bodies)[1]
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_predictor_called_in_a_loop_gets_feedback_from_every_call(
     backward_lm: LMEndpoint, dspy_lm: Any
 ) -> None:
@@ -159,7 +159,7 @@ def test_a_predictor_called_in_a_loop_gets_feedback_from_every_call(
     assert len(_feedback(param)) == 2
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_json_adapter_programs_are_traced_too(
     backward_lm: LMEndpoint, dspy_lm: Any
 ) -> None:
@@ -173,7 +173,7 @@ def test_json_adapter_programs_are_traced_too(
     assert next(iter(traced.parameters())).grad
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_batch_gives_aligned_batched_fields_and_per_sample_feedback(
     backward_lm: LMEndpoint, dspy_lm: Any
 ) -> None:
@@ -193,7 +193,7 @@ def test_batch_gives_aligned_batched_fields_and_per_sample_feedback(
     assert _feedback(param) == [RULE]  # only the failed sample asked for feedback
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_output_field_descriptions_are_optional_parameters(
     backward_lm: LMEndpoint, dspy_lm: Any, vcr: Any
 ) -> None:
@@ -292,7 +292,7 @@ class AsyncSummarizeThenClassify(SummarizeThenClassify):
         return await self.classify.acall(summary=summary)
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_an_async_call_is_traced_like_a_sync_one(
     backward_lm: LMEndpoint, dspy_lm: Any
 ) -> None:

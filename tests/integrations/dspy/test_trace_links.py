@@ -205,7 +205,7 @@ def sim_backward(fast: Simulator) -> Iterator[LMEndpoint]:
 # -- a predictor called in a loop --------------------------------------------------
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_majority_vote_sends_feedback_to_every_prediction_equal_to_it(
     backward_lm: LMEndpoint, dspy_lm: Any
 ) -> None:
@@ -225,7 +225,7 @@ def test_a_majority_vote_sends_feedback_to_every_prediction_equal_to_it(
     assert 'should lead to "negative"' in feedback[2]  # "Please fix them."
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_predictor_input_equal_to_several_predictions_is_linked_to_all(
     backward_lm: LMEndpoint, dspy_lm: Any
 ) -> None:
@@ -241,7 +241,7 @@ def test_a_predictor_input_equal_to_several_predictions_is_linked_to_all(
     assert len(_feedback(classify)) == 3  # through the second call, to every vote
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_predictor_input_composed_of_several_predictions_is_linked_to_each(
     backward_lm: LMEndpoint, dspy_lm: Any
 ) -> None:
@@ -297,7 +297,7 @@ class FeelThenClassify(dspy.Module):
         return self.classify(feeling=self.feel(message=message).feeling)
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_an_equal_prediction_upstream_of_another_is_left_out(dspy_lm: Any) -> None:
     traced = trace(FeelThenClassify())
     prediction = traced(message="The lift is slow.")
@@ -332,7 +332,7 @@ class MajorityThenPrefix(MajorityLabel):
         return self.prefix(label=super().forward(message=message).sentiment)
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_an_afnio_module_input_equal_to_several_predictions_is_linked_to_all(
     backward_lm: LMEndpoint, dspy_lm: Any
 ) -> None:

@@ -25,7 +25,7 @@ CLASSIFY = "Classify the sentiment of the message."
 RULE = 'If the message mentions "frustrated", the sentiment is negative.'
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_langchain_model_as_backward_and_optimizer_client(lm: LMEndpoint) -> None:
     chat = ChatOpenAI(
         model=SIMULATOR_MODEL, base_url=lm.base_url, api_key=lm.api_key, max_retries=0

@@ -40,7 +40,7 @@ class Classifier(cog.Module):
         )
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_an_afnio_module_inside_an_lcel_chain(lm: LMEndpoint) -> None:
     runnable = AfnioRunnable(Classifier(lm.client()))
     chain = RunnableLambda(lambda d: d["text"]) | runnable | RunnableLambda(str.upper)

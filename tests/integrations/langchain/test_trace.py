@@ -68,7 +68,7 @@ def _assert_user_chain_sends(vcr: Any, chain: Any, inputs: Any, text: str) -> No
     assert text in [b["messages"][0]["content"] for b in bodies if "messages" in b]
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_one_call_chain_learns_and_writes_back(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -87,7 +87,7 @@ def test_one_call_chain_learns_and_writes_back(
     assert _last_system_prompt(vcr) == f"{CLASSIFY} {RULE}"
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_two_call_chain_sends_feedback_to_both_system_prompts(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -120,7 +120,7 @@ def test_two_call_chain_sends_feedback_to_both_system_prompts(
     _assert_user_chain_sends(vcr, chain, {"message": "I am thrilled again."}, new)
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_parallel_branches_each_get_feedback(backward_lm: LMEndpoint, vcr: Any) -> None:
     polite = ChatPromptTemplate.from_messages(
         [("system", "Rewrite the message politely."), ("human", "{message}")]
@@ -148,7 +148,7 @@ def test_parallel_branches_each_get_feedback(backward_lm: LMEndpoint, vcr: Any) 
     _assert_user_chain_sends(vcr, chain, {"message": "Awful again."}, new)
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_batch_and_abatch_are_traced_per_sample(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -173,7 +173,7 @@ def test_batch_and_abatch_are_traced_per_sample(
     _assert_user_chain_sends(vcr, chain, {"message": "Love it."}, new)
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_streamed_call_is_traced(backward_lm: LMEndpoint, vcr: Any) -> None:
     _, chain = _classifier(backward_lm)
     traced = trace(chain)
@@ -257,7 +257,7 @@ def test_discovery_selects_roles_and_skips_placeholders() -> None:
     afnio.set_max_concurrency(16)
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_sub_chain_called_inside_a_lambda_is_traced(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -280,7 +280,7 @@ def test_a_sub_chain_called_inside_a_lambda_is_traced(
     )
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_structured_output_with_a_pydantic_schema(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -311,7 +311,7 @@ def test_structured_output_with_a_pydantic_schema(
     assert _last_system_prompt(vcr) == f"{CLASSIFY} {RULE}"
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_an_async_stream_is_traced(backward_lm: LMEndpoint) -> None:
     import asyncio
 
@@ -332,7 +332,7 @@ def test_include_adds_prompts_reached_another_way() -> None:
     ]
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_feedback_passes_through_a_lambda_between_two_calls(
     backward_lm: LMEndpoint,
 ) -> None:

@@ -143,7 +143,7 @@ def _sends_current_texts(traced: TracedChain, body: dict[str, Any]) -> None:
 # -- one, several and no tool calls ----------------------------------------------------
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_wrong_tool_call_sends_feedback_to_the_prompt_and_offered_tools(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -177,7 +177,7 @@ def test_a_wrong_tool_call_sends_feedback_to_the_prompt_and_offered_tools(
     assert tools[0].description == traced.prompts()["tool.repairs"]
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_parallel_tool_calls_each_reach_the_final_answer(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -198,7 +198,7 @@ def test_parallel_tool_calls_each_reach_the_final_answer(
         _sends_current_texts(traced, body)
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_no_tool_call_feedback_teaches_the_agent_to_call_one(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -222,7 +222,7 @@ def test_no_tool_call_feedback_teaches_the_agent_to_call_one(
 # -- middleware and response_format ----------------------------------------------------
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_tool_hidden_by_wrap_model_call_gets_no_feedback(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -254,7 +254,7 @@ class Routing(BaseModel):
     team: str
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_response_format_structured_response_is_the_traced_output(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -277,7 +277,7 @@ def test_response_format_structured_response_is_the_traced_output(
 # -- streaming and async ---------------------------------------------------------------
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_streaming_agent_is_traced_and_streams_the_new_texts(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -303,7 +303,7 @@ def test_a_streaming_agent_is_traced_and_streams_the_new_texts(
     assert [next(iter(u)) for u in updates] == ["model", "tools", "model"]
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_an_async_agent_is_traced_with_ainvoke_and_astream(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -354,7 +354,7 @@ async def _async_run(
 # -- tool argument descriptions --------------------------------------------------------
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_tool_argument_descriptions_are_selectable_and_written_back(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -390,7 +390,7 @@ def test_tool_argument_descriptions_are_selectable_and_written_back(
 # -- dynamic_prompt --------------------------------------------------------------------
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_dynamic_prompt_built_on_a_marked_text_trains_that_text(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -426,7 +426,7 @@ def test_a_dynamic_prompt_built_on_a_marked_text_trains_that_text(
     assert bodies and all(_system_of(b) == f"{new} Today is Monday." for b in bodies)
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_dynamic_prompt_extending_the_system_prompt_trains_it(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -455,7 +455,7 @@ def test_a_dynamic_prompt_extending_the_system_prompt_trains_it(
     )
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_an_unmarked_dynamic_prompt_is_warned_about_once(lm: LMEndpoint) -> None:
     @dynamic_prompt
     def fixed(request: ModelRequest) -> str:

@@ -160,7 +160,7 @@ def _support_graph(lm: LMEndpoint) -> tuple[Any, dict[str, ChatPromptTemplate]]:
     return builder.compile(), teams
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_feedback_reaches_the_router_and_the_chosen_node_not_the_other(
     backward_lm: LMEndpoint, vcr: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -256,7 +256,7 @@ def _ask(text: str) -> dict[str, Any]:
     return {"messages": [HumanMessage(text)]}
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_cycle_is_traced_and_its_marked_message_learns(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -285,7 +285,7 @@ def test_a_cycle_is_traced_and_its_marked_message_learns(
     assert calls == ["repairs"]
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_the_recursion_limit_of_the_config_bounds_a_traced_cycle(
     lm: LMEndpoint,
 ) -> None:
@@ -299,7 +299,7 @@ def test_the_recursion_limit_of_the_config_bounds_a_traced_cycle(
     assert answer.data == "A cleaner is on the way."
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_thread_id_with_a_checkpointer_passes_through_the_trace(
     lm: LMEndpoint, vcr: Any
 ) -> None:

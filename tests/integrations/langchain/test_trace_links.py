@@ -98,7 +98,7 @@ def _rule(word: str, label: str) -> str:
 # -- defect 1: batch samples are matched to their own runs ----------------------------
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_batch_of_a_chain_function_keeps_each_sample_with_its_own_run(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -128,7 +128,7 @@ def test_batch_of_a_chain_function_keeps_each_sample_with_its_own_run(
     assert classify.batch(messages) == ["positive", "negative"]
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_abatch_of_an_async_chain_function_keeps_each_sample_with_its_own_run(
     backward_lm: LMEndpoint,
 ) -> None:
@@ -154,7 +154,7 @@ def test_abatch_of_an_async_chain_function_keeps_each_sample_with_its_own_run(
     ]
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_calls_from_several_threads_do_not_cross(backward_lm: LMEndpoint) -> None:
     prompt = _prompt(CLASSIFY)
     llm = _llm(backward_lm)
@@ -181,7 +181,7 @@ def test_calls_from_several_threads_do_not_cross(backward_lm: LMEndpoint) -> Non
 # -- defect 2: feedback goes only where the output came from ---------------------------
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_merge_prompt_links_only_the_branches_its_template_uses(
     backward_lm: LMEndpoint,
 ) -> None:
@@ -210,7 +210,7 @@ def test_a_merge_prompt_links_only_the_branches_its_template_uses(
     assert _grads(_param(traced, translate)) == []
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_branches_that_render_the_same_messages_are_told_apart(
     backward_lm: LMEndpoint,
 ) -> None:
@@ -238,7 +238,7 @@ def test_branches_that_render_the_same_messages_are_told_apart(
     assert _grads(used_param) and _grads(unused_param) == []
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_inputs_the_template_does_not_use_are_not_linked(
     backward_lm: LMEndpoint,
 ) -> None:
@@ -380,7 +380,7 @@ COMPOSITES = [
 ]
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 @pytest.mark.parametrize("composite", COMPOSITES)
 def test_a_sub_chain_inside_a_composite_is_traced(
     composite: str, backward_lm: LMEndpoint
@@ -405,7 +405,7 @@ def test_a_sub_chain_inside_a_composite_is_traced(
     assert all(_grads(p) == [] for p in others)  # not on the output's path
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_a_runnable_branch_routes_feedback_to_the_branch_that_ran(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
@@ -435,7 +435,7 @@ def test_a_runnable_branch_routes_feedback_to_the_branch_that_ran(
     assert full_chain.invoke({"message": "So frustrated."}) == "negative"
 
 
-@pytest.mark.vcr
+@pytest.mark.afnio_replay
 def test_an_lm_call_on_an_undiscovered_prompt_warns_once(
     backward_lm: LMEndpoint,
 ) -> None:
