@@ -3,28 +3,15 @@ provider variables, no inherited pytest options), as a user's CI would."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+# one definition of the clean environment, shared with the benchmark
+from benchmarks.replay_speed import clean_env
+
 PYTEST_INI = "[pytest]\naddopts = -p no:cacheprovider\n"
-
-_DROPPED_PREFIXES = ("OPENAI_", "LANGSMITH_", "LANGCHAIN_", "PYTEST_", "AFNIO_")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """``os.environ`` without provider, tracing and pytest variables, with
-    ``LITELLM_LOCAL_MODEL_COST_MAP`` and ``PYTHONDONTWRITEBYTECODE`` set."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(_DROPPED_PREFIXES) and not name.endswith("_API_KEY")
-    }
-    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", PYTHONDONTWRITEBYTECODE="1")
-    env.update(extra)
-    return env
 
 
 def write_project(root: Path, files: dict[str, str]) -> Path:
