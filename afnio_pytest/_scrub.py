@@ -138,10 +138,27 @@ def _scrub_json_body(body: Any) -> Any:
         data = json.loads(body)
     except ValueError:
         return body
-    from afnio._secrets import mask_secrets
-
-    masked = mask_secrets(data)
+    masked = mask_body(data)
     return body if masked == data else json.dumps(masked)
+
+
+def mask_body(data: Any) -> Any:
+    """A parsed JSON body with its credentials masked: a provider key inside a text
+    is replaced where it stands (``"my key <redacted> fails"``: the rest of a prompt
+    is kept, for matching and for the reader), a value under a credential name or a
+    whole HTTP auth value entirely (:func:`afnio._secrets.mask_secrets`)."""
+    from afnio._secrets import REDACTED, SECRET_VALUE_RE, mask_secrets
+
+    def in_place(obj: Any) -> Any:
+        if isinstance(obj, str):
+            return SECRET_VALUE_RE.sub(REDACTED, obj)
+        if isinstance(obj, dict):
+            return {key: in_place(value) for key, value in obj.items()}
+        if isinstance(obj, list):
+            return [in_place(item) for item in obj]
+        return obj
+
+    return mask_secrets(in_place(data))
 
 
 def _auth_token(value: str) -> str:
@@ -365,11 +382,8 @@ def normalized_json(raw: bytes, ignored: Iterable[tuple[str | int, ...]]) -> Any
     stripped = raw.lstrip()
     if not stripped or stripped[:1] not in b'{["':
         raise ValueError("not a JSON object or array")
-    data = json.loads(raw)
-    from afnio._secrets import mask_secrets
-
-    # our own fresh parse: mask_secrets copies only what it masks, so editing is safe
-    data = mask_secrets(data)
+    # our own fresh parse, copied by mask_body: editing it below is safe
+    data = mask_body(json.loads(raw))
     for parts in ignored:
         _drop(data, parts)
     return data

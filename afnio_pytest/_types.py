@@ -299,6 +299,7 @@ class ReplayState:
         self.mode = "replay"
         self.secrets: set[str] = set()
         self.problems: list[Problem] = []
+        self.reported = 0  # problems already reported by the call check
         self._miss_index: dict[Any, Miss] = {}
         self.endpoint: ReplayEndpoint | None = None
         self.endpoint_netloc: str | None = None

@@ -291,11 +291,13 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     except BaseException as exc:
         _check_after_call(state)
         problems = state.snapshot_problems()
+        state.reported = len(problems)
         if problems:
             raise ReplayFailure(_report_text(item, state, problems), also=exc) from exc
         raise
     _check_after_call(state)
     problems = state.snapshot_problems()
+    state.reported = len(problems)
     if problems:
         raise ReplayFailure(_report_text(item, state, problems))
     return result
@@ -476,6 +478,11 @@ def _afnio_replay(
         )
         state.phase, state.active = "live", True
         yield state.endpoint
+        # the other fixtures' teardowns ran (this one was set up first): a miss
+        # there fails the test too, even when that teardown caught it
+        late = state.snapshot_problems()[state.reported :]
+        if late:
+            pytest.fail(_report_text(item, state, late), pytrace=False)
     finally:
         state.active = False
         for guard in reversed(guards):
