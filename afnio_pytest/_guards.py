@@ -64,6 +64,21 @@ class NetworkGuard:
 
         self._network = network
         network.block(allowed_hosts=self._allow)
+        self._wrap()
+        self._resolve = socket.getaddrinfo
+        socket.getaddrinfo = self._getaddrinfo  # type: ignore[assignment]
+
+    def ensure(self) -> None:
+        """Wrap the socket guard again when another one replaced it since
+        :meth:`start` (pytest-recording's ``block_network`` fixture, set up after
+        afnio's, installs its own under ``--block-network``): a blocked connection
+        is recorded as a problem whoever blocks it."""
+        if self._network is not None and not getattr(
+            socket.socket.connect, "_afnio_guard", False
+        ):
+            self._wrap()
+
+    def _wrap(self) -> None:
         state = self._state
         for name in ("connect", "connect_ex"):
             guard = getattr(socket.socket, name)
@@ -85,9 +100,8 @@ class NetworkGuard:
                         "host with afnio_replay(allow_hosts=[...])"
                     ) from None
 
+            wrapped._afnio_guard = True  # type: ignore[attr-defined]
             setattr(socket.socket, name, wrapped)
-        self._resolve = socket.getaddrinfo
-        socket.getaddrinfo = self._getaddrinfo  # type: ignore[assignment]
 
     def _getaddrinfo(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
         """A name lookup is network access too (a DNS query leaves the machine, and

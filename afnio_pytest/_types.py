@@ -300,6 +300,7 @@ class ReplayState:
         self.secrets: set[str] = set()
         self.problems: list[Problem] = []
         self.reported = 0  # problems already reported by the call check
+        self.network_guard: Any | None = None  # replay's NetworkGuard
         self._miss_index: dict[Any, Miss] = {}
         self.endpoint: ReplayEndpoint | None = None
         self.endpoint_netloc: str | None = None

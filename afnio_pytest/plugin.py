@@ -284,6 +284,9 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
             "afnio_replay set it; let that fixture skip tests marked afnio_replay "
             "(request.node.get_closest_marker('afnio_replay'))"
         )
+    guard = getattr(state, "network_guard", None)
+    if guard is not None:
+        guard.ensure()  # --block-network's fixture may have replaced it
     try:
         result = yield
     except (pytest.skip.Exception, pytest.xfail.Exception, KeyboardInterrupt):
@@ -459,7 +462,8 @@ def _afnio_replay(
             }
         )
         if replay:
-            guards.append(NetworkGuard(state, state.options.allow_hosts))
+            state.network_guard = NetworkGuard(state, state.options.allow_hosts)
+            guards.append(state.network_guard)
         guards += [DspyGuard(state), AfnioGuard()]
         for guard in guards:
             try:

@@ -68,3 +68,38 @@ def test_a_miss_in_a_fixture_teardown_fails_the_test(tmp_path: Path) -> None:
     assert edited.returncode == 1, text
     assert "caught in teardown" in text
     assert "afnio_replay" in text and "--afnio-record=all" in text
+
+
+NETWORK_APP = """
+import socket
+
+import openai
+import pytest
+
+
+@pytest.mark.afnio_replay
+def test_net():
+    client = openai.OpenAI(max_retries=0)
+    client.chat.completions.create(
+        model="afnio-sim-1", messages=[{"role": "user", "content": "x"}]
+    )
+    try:
+        socket.create_connection(("10.255.255.1", 80), timeout=0.5)
+    except BaseException as exc:  # the code under test swallows the error
+        print("caught:", type(exc).__name__)
+"""
+
+
+def test_a_caught_blocked_connection_fails_under_block_network_too(
+    tmp_path: Path,
+) -> None:
+    """pytest-recording's ``--block-network`` installs its own socket guard after
+    afnio's; afnio's report of a blocked connection must survive it."""
+    project = write_project(tmp_path / "net", {"tests/test_net.py": NETWORK_APP})
+    recorded = run_pytest(project, "-q", "--afnio-record=new")
+    assert recorded.returncode == 0, output(recorded)
+    for extra in ((), ("--block-network",)):
+        replayed = run_pytest(project, "-q", "-s", *extra)
+        text = output(replayed)
+        assert replayed.returncode == 1, (extra, text)
+        assert "caught:" in text and "10.255.255.1" in text, (extra, text)
