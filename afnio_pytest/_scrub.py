@@ -329,6 +329,20 @@ def parse_field_path(path: str) -> tuple[str | int, ...]:
     return tuple(parts)
 
 
+_DROPPED = object()
+"""A list item removed by :func:`_drop`, until :func:`_compact` takes it out."""
+
+
+def _compact(obj: Any) -> Any:
+    """``obj`` without the list items :func:`_drop` marked (in place)."""
+    if isinstance(obj, dict):
+        for value in obj.values():
+            _compact(value)
+    elif isinstance(obj, list):
+        obj[:] = [_compact(item) for item in obj if item is not _DROPPED]
+    return obj
+
+
 def _drop(obj: Any, parts: tuple[str | int, ...]) -> None:
     """Remove the field at ``parts`` from parsed JSON (in place); absent is fine."""
     head, rest = parts[0], parts[1:]
@@ -346,9 +360,9 @@ def _drop(obj: Any, parts: tuple[str | int, ...]) -> None:
             indices = range(head, head + 1)
         else:
             return
-        if not rest:
-            for i in sorted(indices, reverse=True):
-                del obj[i]
+        if not rest:  # marked, removed by _compact: later indices keep their items
+            for i in indices:
+                obj[i] = _DROPPED
             return
         for i in indices:
             _drop(obj[i], rest)
@@ -386,6 +400,7 @@ def normalized_json(raw: bytes, ignored: Iterable[tuple[str | int, ...]]) -> Any
     data = mask_body(json.loads(raw))
     for parts in ignored:
         _drop(data, parts)
+    _compact(data)  # list items are removed after all fields: indices do not shift
     return data
 
 

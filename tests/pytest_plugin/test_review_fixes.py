@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from afnio_pytest._scrub import body_digest, mask_body
+from afnio_pytest._scrub import body_digest, mask_body, normalized_json
 from tests.pytest_plugin._runner import clean_env, output, run_pytest, write_project
 
 
@@ -103,3 +103,9 @@ def test_a_caught_blocked_connection_fails_under_block_network_too(
         text = output(replayed)
         assert replayed.returncode == 1, (extra, text)
         assert "caught:" in text and "10.255.255.1" in text, (extra, text)
+
+
+def test_two_ignored_indices_of_one_list_name_the_items_they_say() -> None:
+    raw = json.dumps({"messages": ["a", "b", "c", "d"]}).encode()
+    ignored = [("messages", 0), ("messages", 1)]
+    assert normalized_json(raw, ignored) == {"messages": ["c", "d"]}
