@@ -89,9 +89,14 @@ def save_atomically(
         )
     path = Path(cassette_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
+    # a name of its own per writer: two processes (xdist workers) saving the same
+    # cassette never write into one temporary file; the last replace wins whole
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class AtomicPersister:
