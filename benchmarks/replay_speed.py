@@ -270,13 +270,20 @@ def clean_env(**extra: str) -> dict[str, str]:
 def write_project(root: Path) -> Path:
     """The user project: ``app/agent.py``, ``tests/test_fit.py``, a ``pytest.ini``
     and an empty root ``conftest.py`` (so ``app`` is importable)."""
-    files = {
-        "pytest.ini": "[pytest]\naddopts = -p no:cacheprovider\n",
-        "conftest.py": "",
-        "app/__init__.py": "",
-        "app/agent.py": AGENT,
-        "tests/test_fit.py": TEST,
-    }
+    return write_files(
+        root,
+        {
+            "pytest.ini": "[pytest]\naddopts = -p no:cacheprovider\n",
+            "conftest.py": "",
+            "app/__init__.py": "",
+            "app/agent.py": AGENT,
+            "tests/test_fit.py": TEST,
+        },
+    )
+
+
+def write_files(root: Path, files: dict[str, str]) -> Path:
+    """Write ``files`` (path under ``root``: dedented text) into ``root``."""
     for name, text in files.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 # one definition of the clean environment, shared with the benchmark
-from benchmarks.replay_speed import clean_env
+from benchmarks.replay_speed import clean_env, write_files
 
 PYTEST_INI = "[pytest]\naddopts = -p no:cacheprovider\n"
 
@@ -17,12 +16,7 @@ PYTEST_INI = "[pytest]\naddopts = -p no:cacheprovider\n"
 def write_project(root: Path, files: dict[str, str]) -> Path:
     """A project folder: ``pytest.ini`` plus ``files`` (path: dedented text)."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "pytest.ini").write_text(PYTEST_INI, encoding="utf-8")
-    for name, text in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
-    return root
+    return write_files(root, {"pytest.ini": PYTEST_INI, **files})
 
 
 def run_pytest(
