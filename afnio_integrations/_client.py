@@ -72,7 +72,7 @@ class AdapterChatModel(ChatCompletionModel):
             cost = self._usage.setdefault("cost", {"amount": 0.0, "currency": "USD"})
             if model_name is not None:
                 added = cost_of(data, model_name)
-                cost["amount"] += added
+                cost["amount"] = self._cost_total.add(added, cost["amount"])
             elif isinstance(data.get("cost"), dict) and "amount" in data["cost"]:
                 cost["amount"] = float(data["cost"]["amount"])
         if model_name is not None:

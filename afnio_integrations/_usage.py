@@ -9,7 +9,7 @@ from typing import Any
 
 from afnio.models.phases import LEDGER
 from afnio.models.pricing import cost_of
-from afnio.models.usage import add_usage, default_usage
+from afnio.models.usage import ExactSum, add_usage, default_usage
 
 __all__ = ["ProgramUsage", "model_name"]
 
@@ -33,6 +33,7 @@ class ProgramUsage:
         self.label = label
         self.calls = 0
         self._usage: dict[str, Any] = default_usage()
+        self._cost_total = ExactSum()  # exact whatever order the calls answer in
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -51,7 +52,8 @@ class ProgramUsage:
             cost = cost_of(data, model_name(model))
             with self._lock:
                 add_usage(self._usage, data)
-                self._usage["cost"]["amount"] += cost
+                amount = self._usage["cost"]["amount"]
+                self._usage["cost"]["amount"] = self._cost_total.add(cost, amount)
             LEDGER.record(model_name(model), data, cost, calls=0, phase="forward")
 
     def record(self, model: str, usage: Mapping[str, Any] | None) -> None:

@@ -6,7 +6,7 @@ import copy
 from abc import ABC, abstractmethod
 from typing import Any
 
-from afnio.models.usage import clear_usage_values, default_usage
+from afnio.models.usage import ExactSum, clear_usage_values, default_usage
 
 __all__ = [
     "BaseModel",
@@ -42,6 +42,8 @@ class BaseModel(ABC):
             copy.deepcopy(usage) if usage is not None else default_usage()
         )
         self._usage.setdefault("cost", {"amount": 0.0, "currency": "USD"})
+        # the cost total, exact whatever order concurrent calls answer in
+        self._cost_total = ExactSum()
         self.model_id = id(self)
         self.calls = 0
         """LM requests this client sent (cache hits excluded); not part of usage."""

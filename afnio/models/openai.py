@@ -216,7 +216,7 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
             cost = self._usage.setdefault("cost", {"amount": 0.0, "currency": "USD"})
             if model_name is not None:
                 added = cost_of(data, model_name, self.provider or "openai")
-                cost["amount"] += added
+                cost["amount"] = self._cost_total.add(added, cost["amount"])
             elif isinstance(data.get("cost"), Mapping) and "amount" in data["cost"]:
                 cost["amount"] = float(data["cost"]["amount"])
         return added

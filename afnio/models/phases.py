@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 __all__ = [
@@ -84,11 +86,14 @@ def _tokens(usage: Mapping[str, Any] | None, key: str) -> int:
 
 
 class PhaseLedger:
-    """Totals by (phase, model); thread-safe."""
+    """Totals by (phase, model); thread-safe. Costs are summed exactly (as
+    fractions), so the totals do not depend on the order concurrent calls answer
+    in: a replayed run reports the recorded run's figures bit for bit."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._totals: dict[tuple[str, str], list[float]] = {}
+        # calls, prompt tokens, completion tokens (ints) and cost (an exact Fraction)
+        self._totals: dict[tuple[str, str], list[Any]] = {}
         self._listeners: list[Callable[[PhaseRow], None]] = []
 
     def subscribe(self, listener: Callable[[PhaseRow], None]) -> Callable[[], None]:
@@ -122,10 +127,13 @@ class PhaseLedger:
             _tokens(usage, "completion_tokens"),
             float(cost or 0.0),
         )
+        exact = Fraction(delta[3]) if math.isfinite(delta[3]) else Fraction(0)
         with self._lock:
-            row = self._totals.setdefault(key, [0, 0, 0, 0.0])
-            for i, value in enumerate(delta):
-                row[i] += value
+            row = self._totals.setdefault(key, [0, 0, 0, Fraction(0)])
+            row[0] += delta[0]
+            row[1] += delta[1]
+            row[2] += delta[2]
+            row[3] += exact
             listeners = list(self._listeners)
         for listener in listeners:
             try:
@@ -136,7 +144,7 @@ class PhaseLedger:
     def snapshot(self) -> dict[tuple[str, str], tuple[float, ...]]:
         """The totals now (to subtract later with :meth:`since`)."""
         with self._lock:
-            return {k: tuple(v) for k, v in self._totals.items()}
+            return {k: (*v[:3], float(v[3])) for k, v in self._totals.items()}
 
     def since(
         self, snapshot: Mapping[tuple[str, str], tuple[float, ...]] | None = None
@@ -144,10 +152,14 @@ class PhaseLedger:
         """The rows added since ``snapshot`` (everything without one), in phase
         order, without empty rows."""
         base = snapshot or {}
+        with self._lock:
+            totals = {k: list(v) for k, v in self._totals.items()}
         rows = []
-        for (phase, model), now in self.snapshot().items():
+        for (phase, model), now in totals.items():
             before = base.get((phase, model), (0, 0, 0, 0.0))
-            delta = [a - b for a, b in zip(now, before, strict=True)]
+            delta = [a - b for a, b in zip(now[:3], before[:3], strict=True)]
+            # the snapshot's cost is the exact total rounded: subtract exactly
+            delta.append(now[3] - Fraction(before[3]))
             if any(delta):
                 rows.append(
                     PhaseRow(

@@ -496,15 +496,15 @@ class _SpendLog:
             f.seek(max(0, offset))
             blob = f.read(cls.MAX_READ)
         lines = blob.decode("utf-8", "replace").splitlines()
-        total = 0.0
+        values = []
         for line in lines:
             try:
                 value = float(line)
             except ValueError:
                 continue
             if math.isfinite(value) and value > 0:
-                total += value
-        return total
+                values.append(value)
+        return math.fsum(values)  # exact: whatever order the calls answered in
 
     def close(self) -> None:
         self._unsubscribe()

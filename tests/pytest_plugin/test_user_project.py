@@ -95,20 +95,8 @@ FAKE = {
 CHAT = [{"role": "user", "content": "Is the gym open on Sunday?"}]
 
 
-def rounded(value):
-    """Floats to 12 significant digits: afnio sums costs in the order concurrent
-    calls answer, so the last bits of a sum vary from run to run."""
-    if isinstance(value, float):
-        return float(f"{value:.12g}")
-    if isinstance(value, dict):
-        return {k: rounded(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [rounded(v) for v in value]
-    return value
-
-
 def dump(name, data):
-    text = json.dumps(rounded(data), indent=1, sort_keys=True, default=str)
+    text = json.dumps(data, indent=1, sort_keys=True, default=str)
     (OUT / f"{name}.json").write_text(text, encoding="utf-8")
 
 
