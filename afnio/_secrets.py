@@ -163,7 +163,8 @@ SECRET_SCAN_PATTERNS: tuple[re.Pattern[str], ...] = (
     # a credential field of a JSON body: "api_key": "...", "Authorization": "..."
     re.compile(
         r"[\"'](?:[A-Za-z0-9_-]*api[_-]?key|authorization|access[_-]?token"
-        r"|client[_-]?secret|password)[\"']\s*:\s*[\"'][^\"']+[\"']",
+        r"|client[_-]?secret|password)[\"']\s*:\s*[\"']"
+        r"(?!<redacted>[\"'])[^\"']+[\"']",  # a masked value is no credential
         re.IGNORECASE,
     ),
 )

@@ -4,9 +4,11 @@
   (pytest-recording's socket guard), is recorded as a problem and raises
   :class:`ReplayNetworkBlocked` naming the fix; LM requests never reach a socket
   (vcrpy answers them).
-* :class:`DspyGuard` (when DSPy is imported): DSPy's response cache is replaced by a
-  fresh in-memory one (nothing leaks across tests or from ``~/.dspy_cache``), and
-  DSPy's native lm15 transports, which vcrpy cannot see, refuse to run.
+* :class:`DspyGuard`: DSPy's response cache is replaced by a fresh in-memory one
+  (nothing leaks across tests or from ``~/.dspy_cache``; a cache DSPy builds lazily
+  during the test is dropped at teardown), and, for a replay test, DSPy's native lm15
+  transports, which vcrpy cannot see, refuse to run (a live simulator serves them, so
+  the ``afnio_simulator`` fixture keeps them).
 * :class:`AfnioGuard` (when afnio is imported): afnio's global concurrency, backward
   model client and response cache are restored; an active response cache is replaced
   by a fresh in-memory one for the test.
@@ -141,17 +143,30 @@ def _local_name(name: str) -> bool:
 
 
 class DspyGuard:
-    """Isolates DSPy's response cache and refuses its lm15 engine (see the module
-    docstring); a no-op when DSPy is not imported."""
+    """Isolates DSPy's response cache and, given a replay state, refuses its lm15
+    engine (see the module docstring).
 
-    def __init__(self, state: ReplayState) -> None:
+    Args:
+        state: the replay test's state: lm15 transports then record an
+            :class:`~afnio_pytest._types.Unrecordable` problem and raise. ``None``
+            (a live simulator, which lm15's raw sockets reach like any client) only
+            isolates the cache.
+
+    When DSPy is not imported at :meth:`start`, its cache is built lazily during
+    the test (from ``DSPY_CACHEDIR``, which the fixtures point at a temporary
+    folder); :meth:`stop` drops that cache so later tests build their own.
+    """
+
+    def __init__(self, state: ReplayState | None) -> None:
         self._state = state
         self._dspy: Any = None
         self._old_cache: Any = _MISSING
+        self._imported_before = False
         self._patched: list[tuple[type, Any]] = []
 
     def start(self) -> None:
         dspy = sys.modules.get("dspy")
+        self._imported_before = dspy is not None
         if dspy is None:
             return
         try:
@@ -162,8 +177,8 @@ class DspyGuard:
             )
         except Exception as exc:
             raise ReplayUsageError(
-                "afnio_replay cannot isolate DSPy's response cache in this DSPy "
-                "version: create your dspy.LM with cache=False"
+                "cannot isolate DSPy's response cache in this DSPy version: create "
+                "your dspy.LM with cache=False"
             ) from exc
         lock = getattr(dspy, "_cache_lock", None)
         if lock is not None:
@@ -174,10 +189,10 @@ class DspyGuard:
             self._old_cache = dspy.__dict__.get("cache", _MISSING)
             dspy.cache = fresh
         self._dspy = dspy
-        self._patch_lm15()
+        if self._state is not None:
+            self._patch_lm15(self._state)
 
-    def _patch_lm15(self) -> None:
-        state = self._state
+    def _patch_lm15(self, state: ReplayState) -> None:
 
         def refuse(*args: Any, **kwargs: Any) -> Any:
             state.add_problem(
@@ -210,6 +225,14 @@ class DspyGuard:
         self._patched.clear()
         dspy, self._dspy = self._dspy, None
         if dspy is None:
+            imported = sys.modules.get("dspy")
+            lock = getattr(imported, "_cache_lock", None)
+            if lock is not None and not self._imported_before:
+                # imported during the test: the cache it built lazily lives in the
+                # test's DSPY_CACHEDIR; drop it (DSPy builds its default again on
+                # the next read). A DSPy that builds its cache at import keeps it.
+                with lock:
+                    imported.__dict__.pop("cache", None)
             return
         if self._old_cache is _MISSING:
             dspy.__dict__.pop("cache", None)  # DSPy builds its default lazily again

@@ -6,8 +6,11 @@
   ``simulator.invalid`` (what cassettes show for the simulator) or a host the marker
   names in ``lm_hosts``.
 * **Requests**: every header but ``content-type`` is dropped, URL user info and
-  credential query parameters too; a credential in a JSON body is masked; any value of
-  a credential the test holds is replaced by ``<redacted>`` wherever it appears.
+  credential query parameters too; a URL path segment that looks like a key is
+  replaced by ``<redacted>`` (the rest of the path is kept); a credential in a JSON
+  body is masked; any value of a credential the test holds is replaced by
+  ``<redacted>`` wherever it appears (body, URL path and query). A ``Basic``
+  authorization also holds its decoded ``user:password`` and password.
 * **Responses**: only ``content-type``, ``retry-after``, ``retry-after-ms``,
   ``x-should-retry`` and ``x-afnio-simulator`` are kept; held credentials are redacted
   in the body.
@@ -20,12 +23,14 @@ anything under ``afnio`` costs a quarter of a second).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, unquote_plus, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit, urlunsplit
 
 from afnio_pytest._types import (
     DEFAULT_IGNORED_FIELDS,
@@ -45,6 +50,7 @@ __all__ = [
     "is_lm_netloc",
     "parse_field_path",
     "redact_literals",
+    "redact_url_literals",
     "request_key",
     "scrub_live_request",
     "scrub_request",
@@ -168,6 +174,97 @@ def _auth_token(value: str) -> str:
     return value
 
 
+def _basic_credentials(value: str) -> list[str]:
+    """The secrets a ``Basic`` authorization value carries besides its base64 token:
+    the decoded ``user:password`` and the password (the user name alone is not a
+    secret). Decoded tolerantly (missing padding, URL-safe alphabet); an empty list
+    for any other scheme or for a token that is not base64 of UTF-8 text."""
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "basic" or not token:
+        return []
+    padded = token + "=" * (-len(token) % 4)
+    try:
+        raw = base64.b64decode(padded.replace("-", "+").replace("_", "/"))
+        text = raw.decode("utf-8")
+    except (binascii.Error, ValueError):
+        return []
+    _user, sep, password = text.partition(":")
+    if not sep or not password:
+        return [text] if text else []
+    return [text, password]
+
+
+def _credential_values(value: str) -> list[str]:
+    """What a credential header value holds: the value, its token without the auth
+    scheme, and for ``Basic`` the decoded ``user:password`` and password."""
+    return [value, _auth_token(value), *_basic_credentials(value)]
+
+
+def _url_forms(secret: str) -> list[str]:
+    """The forms a held credential takes in a URL: as is and percent-encoded."""
+    forms = {secret, quote(secret, safe=""), quote(secret)}
+    return sorted(forms, key=len, reverse=True)
+
+
+def _redact_url_part(text: str, held: Sequence[str], sep: str, plus: bool) -> str:
+    """A URL path (``sep="/"``) or query (``sep="&"``) with every held credential
+    replaced by ``<redacted>``: literally (as is or percent-encoded), then any piece
+    (a segment, a ``name=value`` pair's value) that holds one once decoded, whatever
+    its encoding, is redacted whole."""
+    from afnio._secrets import REDACTED
+
+    for secret in held:
+        for form in _url_forms(secret):
+            if form in text:
+                text = text.replace(form, REDACTED)
+    decode = unquote_plus if plus else unquote
+    pieces = text.split(sep)
+    for i, piece in enumerate(pieces):
+        name, eq, value = piece.partition("=") if plus else ("", "", piece)
+        if any(secret in decode(value) for secret in held):
+            pieces[i] = f"{name}{eq}{REDACTED}"
+        elif plus and any(secret in decode(name) for secret in held):
+            pieces[i] = f"{REDACTED}{eq}{value}"
+    return sep.join(pieces)
+
+
+def redact_url_literals(uri: str, held: Sequence[str]) -> str:
+    """``uri`` with every held credential in its path and query replaced by
+    ``<redacted>`` (see :func:`_redact_url_part`); scheme, host, the rest of the path
+    and the other query parameters are kept. ``held`` should be longest first."""
+    if not held or not isinstance(uri, str):
+        return uri
+    parts = urlsplit(uri)
+    path = _redact_url_part(parts.path, held, "/", plus=False)
+    query = _redact_url_part(parts.query, held, "&", plus=True)
+    if (path, query) == (parts.path, parts.query):
+        return uri
+    return urlunsplit(parts._replace(path=path, query=query))
+
+
+def _redact_path_segments(path: str, collect: set[str] | None) -> str:
+    """``path`` with each segment that looks like a credential (a provider key, an
+    auth value) replaced by ``<redacted>``; the value is added to ``collect`` (when
+    given) so that it is redacted from the body too."""
+    from afnio._secrets import REDACTED, looks_like_credential
+
+    if not path:
+        return path
+    segments = path.split("/")
+    changed = False
+    for i, segment in enumerate(segments):
+        if not segment or segment == REDACTED:
+            continue
+        value = unquote(segment)
+        if looks_like_credential(value):
+            if collect is not None:
+                collect.add(value)
+            segments[i] = REDACTED
+            changed = True
+    return "/".join(segments) if changed else path
+
+
 def scrub_request(
     request: Any,
     *,
@@ -177,17 +274,20 @@ def scrub_request(
 ) -> Any:
     """What a cassette records of a vcr ``Request`` (changed in place and returned):
     no header but ``content-type``, no user info or credential query parameter in the
-    URL, no credential in a JSON body, no held credential anywhere in the body, and the
-    simulator under one stable host (``simulator.invalid``).
+    URL, no key-like path segment, no credential in a JSON body, no held credential
+    anywhere in the body, the URL path or the query, and the simulator under one stable
+    host (``simulator.invalid``).
 
     Args:
         request: a vcr request (vcr hands filters a deep copy).
         simulator_netloc: the simulator's ``127.0.0.1:<port>``; ``None`` maps any
             loopback host to ``simulator.invalid`` (how afnio's own cassettes were
             recorded).
-        held: credentials to redact literally from the body (longest first).
-        collect: when given, credential values found in headers, user info and the
-            query string are added to it before they are dropped.
+        held: credentials to redact literally from the body, the URL path and the
+            query (longest first).
+        collect: when given, credential values found in headers (for ``Basic``
+            auth also the decoded ``user:password`` and password), user info, the
+            query string and the URL path are added to it before they are dropped.
     """
     from afnio._secrets import is_credential_name, looks_like_credential
 
@@ -199,8 +299,7 @@ def scrub_request(
                 or is_credential_name(name, header=True)
                 or looks_like_credential(value)
             ):
-                collect.add(value)
-                collect.add(_auth_token(value))
+                collect.update(_credential_values(value))
     request.headers = {
         k: v for k, v in request.headers.items() if k.lower() == "content-type"
     }
@@ -223,7 +322,9 @@ def scrub_request(
                 collect.add(unquote_plus(value))
             continue
         kept.append(part)
-    request.uri = urlunsplit(parts._replace(netloc=netloc, query="&".join(kept)))
+    path = _redact_path_segments(parts.path, collect)
+    uri = urlunsplit(parts._replace(netloc=netloc, path=path, query="&".join(kept)))
+    request.uri = redact_url_literals(uri, held) if held else uri
     body = request.body
     if isinstance(body, (str, bytes)):  # never a file or an iterator
         body = _scrub_json_body(body)
@@ -236,7 +337,9 @@ def scrub_request(
 def scrub_live_request(request: Any, state: ReplayState) -> Any:
     """:func:`scrub_request` for a request a marked test sends: ``None`` when it is not
     an LM request (vcr then neither records nor replays it), else scrubbed with the
-    test's held credentials (the ones found in it are added to them first)."""
+    test's held credentials (the ones found in it are added to them first), in the
+    body and in the URL path and query. The request key is computed from what this
+    returns, so recording and replay compute it from the same redacted URL."""
     if not is_lm_netloc(request.uri, state):
         return None
     found: set[str] = set()
@@ -246,8 +349,10 @@ def scrub_live_request(request: Any, state: ReplayState) -> Any:
     for value in found:
         state.add_secret(value)
     held = state.held_secrets()
-    if held and isinstance(request.body, (str, bytes)):
-        request.body = redact_literals(request.body, held)
+    if held:
+        request.uri = redact_url_literals(request.uri, held)
+        if isinstance(request.body, (str, bytes)):
+            request.body = redact_literals(request.body, held)
     return request
 
 

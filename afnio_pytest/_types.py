@@ -311,6 +311,9 @@ class ReplayState:
         self.expected_env: dict[str, str] = {}
         self.user_before_record_request: list[Callable[[Any], Any]] = []
         self.user_before_record_response: list[Callable[[Any], Any]] = []
+        # (name, scope) of the non-function-scoped fixture being set up inside this
+        # test, if any (set by the plugin's pytest_fixture_setup hook)
+        self.shared_fixture: tuple[str, str] | None = None
 
     # -- problems --------------------------------------------------------------------
 
@@ -330,6 +333,24 @@ class ReplayState:
             self._miss_index[miss.key] = miss
             self.problems.append(miss)
             return miss
+
+    def refuse_shared_fixture(self) -> None:
+        """An LM request sent while a non-function-scoped fixture is set up inside
+        this test: record the problem and raise :class:`ReplayUsageError` naming the
+        fixture and the fix (the request is neither sent nor replayed)."""
+        if self.shared_fixture is None:
+            return
+        name, scope = self.shared_fixture
+        what = f"the {scope}-scoped fixture {name!r} sent an LM request"
+        fix = (
+            f"make {name!r} function-scoped (@pytest.fixture without scope=), or move "
+            f"its LM call into the test: a {scope}-scoped fixture runs once, inside "
+            "whichever test requests it first, so its LM calls would be recorded in "
+            "that test's cassette only and missed when another selection or order "
+            "of tests runs"
+        )
+        self.add_problem(Unrecordable(what, fix))
+        raise ReplayUsageError(f"afnio_replay: {what}: {fix}")
 
     def snapshot_problems(self) -> list[Problem]:
         """A copy of the problems so far."""
@@ -367,7 +388,10 @@ class ReplayState:
             return request
         from afnio_pytest._scrub import scrub_live_request
 
-        return scrub_live_request(request, self)
+        scrubbed = scrub_live_request(request, self)
+        if scrubbed is not None and self.shared_fixture is not None:
+            self.refuse_shared_fixture()
+        return scrubbed
 
     def before_record_response(self, response: Any) -> Any:
         """vcr's response filter: the user's hook, then afnio's scrub."""

@@ -61,6 +61,11 @@ _SIMULATOR_HELP = (
 # pytest_recording_configure, which registers the afnio_body matcher for it only)
 _OPENING: ReplayState | None = None
 
+# the state of the marked test that is live now (from the end of _afnio_replay's setup
+# to the start of its teardown): pytest_fixture_setup flags the shared fixtures set up
+# inside it
+_LIVE: ReplayState | None = None
+
 
 # -- options, markers ------------------------------------------------------------------
 
@@ -210,6 +215,26 @@ def pytest_recording_configure(config: pytest.Config, vcr: Any) -> None:
 # -- running ---------------------------------------------------------------------------
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(
+    fixturedef: Any, request: pytest.FixtureRequest
+) -> Iterator[Any]:
+    """While a marked test is live, a module-, class-, package- or session-scoped
+    fixture set up inside it is marked on its state: an LM request sent during that
+    setup is refused (:meth:`ReplayState.refuse_shared_fixture`). Such a fixture runs
+    once, inside whichever test needs it first, so its LM calls would land in that
+    test's cassette only, and another selection or order would miss them."""
+    state = _LIVE
+    if state is None or not state.active or fixturedef.scope == "function":
+        return (yield)
+    outer = state.shared_fixture
+    state.shared_fixture = (str(fixturedef.argname), str(fixturedef.scope))
+    try:
+        return (yield)
+    finally:
+        state.shared_fixture = outer
+
+
 def _report_text(item: pytest.Item, state: ReplayState, problems: list[Problem]) -> str:
     from afnio_pytest._report import ReportContext, render_report
     from afnio_pytest._scrub import ignored_paths
@@ -326,7 +351,9 @@ def pytest_runtest_makereport(
             text += f"\n\nthe test also failed with: {_summary(exc.also)}"
         report.longrepr = text
     elif call.when == "setup" and state.problems:  # a fixture's LM call missed
-        text = _report_text(item, state, state.snapshot_problems())
+        problems = state.snapshot_problems()
+        state.reported = len(problems)  # the teardown check must not repeat them
+        text = _report_text(item, state, problems)
         if not _caused_by_replay(exc):
             text += f"\n\nthe setup also failed with: {_summary(exc)}"
         report.longrepr = text
@@ -367,7 +394,7 @@ def _afnio_replay(
 ) -> Iterator[ReplayEndpoint | None]:
     """Opens the test's cassette through pytest-recording and runs the test replaying
     it (or recording it); set up before every other fixture of a marked test."""
-    global _OPENING
+    global _OPENING, _LIVE
     item = request.node
     state = item.stash.get(STATE_KEY, None)
     if state is None:  # a parametrized sibling without the marker
@@ -481,7 +508,9 @@ def _afnio_replay(
             simulator=simulator,
         )
         state.phase, state.active = "live", True
+        _LIVE = state
         yield state.endpoint
+        _LIVE = None
         # the other fixtures' teardowns ran (this one was set up first): a miss
         # there fails the test too, even when that teardown caught it
         late = state.snapshot_problems()[state.reported :]
@@ -489,6 +518,8 @@ def _afnio_replay(
             pytest.fail(_report_text(item, state, late), pytrace=False)
     finally:
         state.active = False
+        if _LIVE is state:
+            _LIVE = None
         for guard in reversed(guards):
             guard.stop()
         env.restore()
@@ -518,7 +549,10 @@ def afnio_simulator(request: pytest.FixtureRequest) -> Iterator[Any]:
     recording against a real provider). In any other test: a live simulator
     (``@pytest.mark.afnio_simulator(latency=, faults=)``), with ``OPENAI_BASE_URL`` and
     ``OPENAI_API_KEY`` pointing at it and provider variables dropped until the test
-    ends.
+    ends. DSPy's response cache is isolated for the test (a fresh in-memory cache,
+    ``DSPY_CACHEDIR`` in a temporary folder of the test), so every DSPy call reaches
+    the simulator and ``stats.calls`` counts the same on every run; all is restored
+    after the test.
     """
     if request.node.stash.get(STATE_KEY, None) is not None:
         endpoint = request.getfixturevalue("_afnio_replay")
@@ -526,12 +560,16 @@ def afnio_simulator(request: pytest.FixtureRequest) -> Iterator[Any]:
         return
     from afnio.testing import Simulator
     from afnio_pytest._env import EnvPatch, names_to_drop
+    from afnio_pytest._guards import DspyGuard
 
     options = _simulator_options(request.node)
+    factory: pytest.TempPathFactory = request.getfixturevalue("tmp_path_factory")
+    dspy_dir = factory.mktemp("afnio-simulator-dspy-cache")
     simulator = Simulator(
         latency=options.get("latency", 0.0), faults=options.get("faults")
     ).start()
     env = EnvPatch()
+    guard = DspyGuard(None)  # lm15's raw sockets reach a live simulator: only the cache
     try:
         env.drop(names_to_drop(os.environ))
         env.set(
@@ -539,9 +577,15 @@ def afnio_simulator(request: pytest.FixtureRequest) -> Iterator[Any]:
                 "OPENAI_BASE_URL": simulator.base_url,
                 "OPENAI_API_KEY": DUMMY_KEY,
                 "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                "DSPY_CACHEDIR": str(dspy_dir),
             }
         )
+        try:
+            guard.start()
+        except ReplayUsageError as exc:
+            pytest.fail(f"afnio_simulator: {exc}", pytrace=False)
         yield simulator
     finally:
+        guard.stop()
         env.restore()
         simulator.stop()

@@ -130,3 +130,9 @@ def test_find_secrets_reports_each_leak() -> None:
     found = find_secrets(text)
     assert "&key=abc" in found and "sk-1234" in found and "Bearer sk-1234" in found
     assert find_secrets("headers:\n  content-type:\n  - application/json\n") == []
+
+
+def test_find_secrets_takes_a_masked_field_for_no_credential() -> None:
+    assert find_secrets('{"api_key": "<redacted>", "password": "<redacted>"}') == []
+    assert find_secrets('{"api_key": "abc-123-def"}') == ['"api_key": "abc-123-def"']
+    assert find_secrets('{"api_key": "<redacted>x"}') != []
