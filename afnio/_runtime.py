@@ -136,6 +136,27 @@ class _Limiter:
         self.total = 0
 
 
+class _SyncCalls:
+    """Counts the synchronous afnio calls (:func:`run_sync`) made from threads other
+    than the loop's. A thread that sets ``local.record`` (an object with a
+    ``sync_calls`` int) has its calls counted there; the others' are ``unattributed``.
+    The backward engine reads these to learn whether a plain ``backward`` waits on
+    afnio (directly, or through threads it waits on)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.unattributed = 0
+        self.local = threading.local()
+
+    def note(self) -> None:
+        record = getattr(self.local, "record", None)
+        if record is not None:
+            record.sync_calls += 1  # only this thread writes its record
+            return
+        with self._lock:
+            self.unattributed += 1
+
+
 class _Runtime:
     """The background thread and loop; created lazily, recreated after ``fork``."""
 
@@ -145,6 +166,11 @@ class _Runtime:
         self._thread: threading.Thread | None = None
         self.nodes = _Limiter(DEFAULT_MAX_CONCURRENCY)
         self.requests = _Limiter(DEFAULT_MAX_CONCURRENCY)
+        # set by the backward engine while a plain backward runs inline on the loop:
+        # called (it raises) by a synchronous afnio call made there, so the engine
+        # re-runs that backward in a worker thread instead of deadlocking
+        self.inline_guard: Callable[[str], None] | None = None
+        self.sync_calls = _SyncCalls()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -184,6 +210,8 @@ class _Runtime:
         self._thread = None
         self.nodes = _Limiter(self.nodes.limit)
         self.requests = _Limiter(self.requests.limit)
+        self.inline_guard = None
+        self.sync_calls = _SyncCalls()
 
 
 _runtime = _Runtime()
@@ -216,11 +244,15 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """
     if _runtime.in_thread():
         coro.close()
+        guard = _runtime.inline_guard
+        if guard is not None:
+            guard("run_sync")  # raises: the engine re-runs that backward in a thread
         raise RuntimeError(
             "A synchronous afnio call was made from afnio's own event loop (for "
             "example inside an `async def backward`). Blocking there would deadlock: "
             "await the async form of the call instead."
         )
+    _runtime.sync_calls.note()
     fut = _submit(coro)
     try:
         return fut.result()
@@ -292,6 +324,9 @@ def acquire_request_slot() -> Callable[[], None]:
         RuntimeError: on afnio's loop thread (use ``async with request_slot()``).
     """
     if _runtime.in_thread():
+        guard = _runtime.inline_guard
+        if guard is not None:
+            guard("acquire_request_slot")  # raises, as in run_sync
         raise RuntimeError(
             "acquire_request_slot() blocks: on afnio's loop use `async with "
             "request_slot()` instead."

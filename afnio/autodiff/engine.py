@@ -17,6 +17,15 @@ and frees nothing: it can simply be retried.
 
 Nodes with no incoming gradient at all are skipped (no LM call is made for them),
 and with ``inputs=`` only nodes that lead to one of the inputs run.
+
+How a node's ``backward`` is called: ``async def`` ones as tasks on afnio's loop; plain
+ones directly on the loop (a few microseconds a node), unless the Function declares
+``blocking = True`` (then in a worker thread). A plain ``backward`` of a Function that
+declares nothing runs in a worker thread on its first call, which tells whether it
+makes synchronous afnio calls (``model.chat()``), itself or from threads it waits on;
+if so the Function is treated as blocking. A synchronous afnio call made inside a
+backward running on the loop raises :class:`_InlineBlocked` before anything is sent;
+the engine then re-runs that backward in a worker thread (see ``Function.blocking``).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import asyncio
 import collections
 import contextvars
 import inspect
+import logging
 import os
 import weakref
 from collections.abc import Sequence
@@ -40,6 +50,8 @@ from afnio.autodiff.graph import AccumulateGrad, GradientEdge, Node
 from afnio.models.phases import lm_phase
 
 __all__ = ["abackward", "backward"]
+
+logger = logging.getLogger("afnio.autodiff")
 
 _executor: ThreadPoolExecutor | None = None
 
@@ -305,8 +317,24 @@ def _check_result(node: BackwardFunction, result: Any) -> tuple[Variable | None,
     return tuple(result[:expected])
 
 
-_INLINE, _ASYNC, _THREAD = "inline", "async", "thread"
+_INLINE, _ASYNC, _THREAD, _PROBE = "inline", "async", "thread", "probe"
 _KINDS: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
+
+# how many backward calls ran each way (``rerun``: inline calls that made a
+# synchronous afnio call and were run again in a worker thread); for tests and
+# benchmarks, never reset by the engine
+_counts: dict[str, int] = {_INLINE: 0, _ASYNC: 0, _THREAD: 0, _PROBE: 0, "rerun": 0}
+
+
+def _declared_blocking(cls: type) -> bool | None:
+    """``Function.blocking`` (or the deprecated ``run_backward_inline``)."""
+    blocking = cls.blocking  # type: ignore[attr-defined]
+    if blocking is None:
+        inline = cls.run_backward_inline  # type: ignore[attr-defined]
+        if inline is not None:
+            return not inline
+        return None
+    return bool(blocking)
 
 
 def _backward_kind(cls: type) -> str:
@@ -315,12 +343,85 @@ def _backward_kind(cls: type) -> str:
     if kind is None:
         if inspect.iscoroutinefunction(cls.backward):  # type: ignore[attr-defined]
             kind = _ASYNC
-        elif cls.run_backward_inline:  # type: ignore[attr-defined]
-            kind = _INLINE
+        elif (declared := _declared_blocking(cls)) is None:
+            kind = _PROBE  # its first call tells (see _call_node)
         else:
-            kind = _THREAD
+            kind = _THREAD if declared else _INLINE
         _KINDS[cls] = kind
     return kind
+
+
+def _classify(cls: type, blocking: bool) -> None:
+    """Record what a probe call saw: blocking is final; inline only if no other call
+    of the Function was found blocking meanwhile."""
+    if blocking:
+        _KINDS[cls] = _THREAD
+    elif _KINDS.get(cls) == _PROBE:
+        _KINDS[cls] = _INLINE
+
+
+class _InlineBlocked(BaseException):
+    """Raised by a synchronous afnio call (``run_sync``) made inside a plain backward
+    that runs on afnio's loop, where waiting would deadlock. The engine catches it
+    and re-runs that backward in a worker thread. A ``BaseException`` so that the
+    user's ``except Exception`` does not swallow it (the engine re-runs the node even
+    if it is swallowed)."""
+
+
+class _InlineGuard:
+    """Installed as ``_runtime.inline_guard`` while one inline backward runs."""
+
+    __slots__ = ("blocked",)
+
+    def __init__(self) -> None:
+        self.blocked: str | None = None
+
+    def __call__(self, what: str) -> None:
+        self.blocked = what
+        raise _InlineBlocked(
+            f"{what}() was called inside a backward running on afnio's event loop; "
+            "afnio re-runs that backward in a worker thread."
+        )
+
+
+_GUARD = _InlineGuard()
+
+
+def _offload(cls: type, node: Node, what: str) -> None:
+    _KINDS[cls] = _THREAD
+    _counts["rerun"] += 1
+    name = cls.__qualname__
+    logger.warning(
+        "%s.backward (node %s) made a synchronous afnio call (%s) while running on "
+        "afnio's event loop, where it would deadlock: afnio stopped that call before "
+        "it was sent, re-ran this backward in a worker thread, and runs %s.backward "
+        "in worker threads from now on. Set `blocking = True` on %s to declare it "
+        "(then it never starts on the loop and code before the call does not run "
+        "twice).",
+        name,
+        node.name(),
+        what,
+        name,
+        name,
+    )
+
+
+class _Record:
+    """Counts the synchronous afnio calls of one backward call in a worker thread."""
+
+    __slots__ = ("sync_calls",)
+
+    def __init__(self) -> None:
+        self.sync_calls = 0
+
+
+def _apply_in_thread(node: BackwardFunction, grads: list[Any], record: _Record) -> Any:
+    local = _runtime.sync_calls.local
+    local.record = record  # this thread's synchronous afnio calls count there
+    try:
+        return node.apply(*grads)
+    finally:
+        local.record = None
 
 
 async def _call_node(
@@ -341,9 +442,60 @@ async def _call_node(
             return await node.apply(*grads)
         ctx = contextvars.copy_context()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_thread_pool(), ctx.run, node.apply, *grads)
+        record = _Record()
+        calls = _runtime.sync_calls
+        before = calls.unattributed
+        finished = False
+        try:
+            result = await loop.run_in_executor(
+                _thread_pool(), ctx.run, _apply_in_thread, node, grads, record
+            )
+            finished = True
+            return result
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            finished = True
+            raise
+        finally:
+            if kind == _PROBE and finished:
+                # its own synchronous afnio calls, or any from threads afnio did not
+                # start (a pool it waits on): those would deadlock on the loop
+                _classify(
+                    node._forward_cls,
+                    record.sync_calls > 0 or calls.unattributed != before,
+                )
     finally:
         limiter.release()
+
+
+def _run_inline(
+    node: BackwardFunction,
+    grads: list[Variable | None],
+    create_graph: bool,
+    needs: tuple[bool, ...] | None,
+) -> tuple[bool, Any]:
+    """Call a plain backward on the loop: ``(True, result)``, or ``(False, None)``
+    when it made a synchronous afnio call and must run in a worker thread."""
+    token = _grad_enabled.set(create_graph)
+    ntoken = _needs_override.set(None if needs is None else (node, needs))
+    guard = _GUARD
+    guard.blocked = None
+    _runtime.inline_guard = guard
+    try:
+        result = node.apply(*grads)
+    except BaseException as e:
+        if guard.blocked is None:
+            _annotate(e, node)
+            raise
+    finally:
+        _runtime.inline_guard = None
+        _needs_override.reset(ntoken)
+        _grad_enabled.reset(token)
+    if guard.blocked is not None:  # even if its backward swallowed _InlineBlocked
+        _offload(node._forward_cls, node, guard.blocked)
+        return False, None
+    return True, result
 
 
 def _claim(p: _Pass) -> list[BackwardFunction]:
@@ -409,26 +561,18 @@ async def _run_pass(p: _Pass) -> None:
                     continue
                 needs = p.needs_for(node) if p.needed is not None else None
                 kind = _backward_kind(node._forward_cls)
+                _counts[kind] += 1
                 if kind == _INLINE:
-                    token = _grad_enabled.set(p.create_graph)
-                    ntoken = _needs_override.set(
-                        None if needs is None else (node, needs)
-                    )
-                    try:
-                        result = node.apply(*grads)
-                    except BaseException as e:
-                        _annotate(e, node)
-                        raise
-                    finally:
-                        _needs_override.reset(ntoken)
-                        _grad_enabled.reset(token)
-                    route(node, result)
-                else:
-                    task = loop.create_task(
-                        _call_node(node, grads, p.create_graph, kind, needs)
-                    )
-                    task.add_done_callback(on_done)
-                    running[task] = node
+                    ran, result = _run_inline(node, grads, p.create_graph, needs)
+                    if ran:
+                        route(node, result)
+                        continue
+                    kind = _THREAD  # it made a synchronous afnio call: re-run it
+                task = loop.create_task(
+                    _call_node(node, grads, p.create_graph, kind, needs)
+                )
+                task.add_done_callback(on_done)
+                running[task] = node
             if running and not completed:
                 wakeup[:] = [loop.create_future()]
                 await wakeup[0]
@@ -551,7 +695,9 @@ def backward(
             gradients, and only nodes that lead to them run.
 
     Ready nodes run concurrently on afnio's event loop, at most
-    :func:`afnio.get_max_concurrency` at a time. The call blocks until the pass is
+    :func:`afnio.get_max_concurrency` at a time (a plain ``backward`` is called
+    directly on the loop unless its Function sets ``blocking = True``, see
+    :class:`~afnio.autodiff.Function`). The call blocks until the pass is
     done; it also works inside a running event loop (use :func:`abackward` to
     ``await`` it instead). If any node fails, no ``.grad`` changes and the graph is
     kept, so the call can be retried.

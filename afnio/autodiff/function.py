@@ -211,16 +211,52 @@ class Function:
     are never instantiated.
 
     Class attributes:
-        run_backward_inline: set True when ``backward`` is a cheap, non-blocking
-            plain function (string work only). The engine then calls it directly on
-            its event loop instead of in a worker thread. Leave False for a plain
-            ``backward`` that blocks (e.g. calls an LM synchronously); ``async def``
-            backwards always run on the loop.
+        blocking: whether a plain (non-``async``) ``backward`` blocks: waits on
+            I/O (a synchronous LM, HTTP or database call), sleeps, or waits on other
+            threads. ``True``: every call runs in a worker thread, so it may block
+            without stalling anything, and such nodes still run concurrently (up to
+            :func:`afnio.set_max_concurrency`). ``None`` (the default) and
+            ``False``: ``backward`` is called directly on afnio's event loop, which
+            costs a few microseconds per node instead of a thread hop; so it must not
+            block. With ``None``, the first call of each Function runs in a worker
+            thread, and if it makes a synchronous afnio call (``model.chat()``, a
+            nested ``.backward()``), itself or from threads it waits on, the
+            Function is treated as ``blocking = True`` from then on. On the loop, a
+            synchronous afnio call never deadlocks: afnio stops that call before it
+            is sent, re-runs the whole ``backward`` of that node in a worker thread
+            (code before the call runs twice), treats the Function as blocking from
+            then on and logs a warning on the ``afnio.autodiff`` logger; set
+            ``blocking = True`` to avoid it. Blocking code that does not go through
+            afnio (``time.sleep``, a raw HTTP client) is not detected: declare it.
+            ``async def backward`` always runs on the loop and ignores it. A plain
+            ``forward`` always runs in the caller's thread.
+        run_backward_inline: deprecated, use ``blocking``. ``True`` is the same as
+            ``blocking = False``; ``False`` the same as ``blocking = True``.
+
+    Example (a ``backward`` that calls an LM synchronously)::
+
+        >>> import time
+        >>> import afnio
+        >>> class Review(Function):
+        ...     blocking = True  # backward waits on I/O: run it in a worker thread
+        ...     @staticmethod
+        ...     def forward(ctx, x):
+        ...         return afnio.Variable(x.data, role=f"reviewed {x.role}")
+        ...     @staticmethod
+        ...     def backward(ctx, grad_output):
+        ...         time.sleep(0.01)  # stands for model.chat([...]), a blocking call
+        ...         return afnio.Variable(f"review: {grad_output.data}",
+        ...                               role="feedback")
+        >>> x = afnio.Variable("draft", role="text", requires_grad=True)
+        >>> Review.apply(x).backward(afnio.Variable("too long"))
+        >>> x.grad[0].data
+        'review: too long'
     """
 
     _is_evaluator: ClassVar[bool] = False
     _backward_cls: ClassVar[type[BackwardFunction]]
-    run_backward_inline: ClassVar[bool] = False
+    blocking: ClassVar[bool | None] = None
+    run_backward_inline: ClassVar[bool | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
