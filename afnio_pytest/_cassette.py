@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [  # and AfnioCassette, built on first access
     "AtomicPersister",
+    "canonical_order",
     "make_body_matcher",
     "upgrade",
 ]
@@ -99,6 +100,34 @@ def save_atomically(
         tmp.unlink(missing_ok=True)
 
 
+def canonical_order(
+    cassette_dict: dict[str, Any], state: ReplayState
+) -> dict[str, Any]:
+    """The interactions sorted by request key (method, path, query, body digest),
+    identical requests kept in the order they were sent: concurrent requests arrive
+    in a different order on every run, and the order of different requests means
+    nothing to the replay (each request finds its own; identical ones, such as polls,
+    replay in order). So recording the same program twice writes the same file."""
+    from afnio_pytest._scrub import ignored_paths, request_key
+
+    requests = list(cassette_dict.get("requests", []))
+    responses = list(cassette_dict.get("responses", []))
+    if len(requests) != len(responses) or len(requests) < 2:
+        return cassette_dict
+    ignored = ignored_paths(state.options.ignore_fields)
+
+    def key(i: int) -> Any:
+        method, path, query, digest = request_key(requests[i], ignored)
+        return (path, method, query, digest)
+
+    order = sorted(range(len(requests)), key=key)  # stable: polls keep their order
+    return {
+        **cassette_dict,
+        "requests": [requests[i] for i in order],
+        "responses": [responses[i] for i in order],
+    }
+
+
 class AtomicPersister:
     """A vcrpy persister: loads like vcrpy's filesystem persister (cassette metadata
     included, which pytest-recording's ``CombinedPersister`` cannot load) and saves
@@ -137,7 +166,10 @@ class _BoundPersister:
         self, cassette_path: Any, cassette_dict: dict[str, Any], serializer: Any
     ) -> None:
         save_atomically(
-            cassette_path, cassette_dict, serializer, self._state.held_secrets()
+            cassette_path,
+            canonical_order(cassette_dict, self._state),
+            serializer,
+            self._state.held_secrets(),
         )
 
 

@@ -300,8 +300,10 @@ def scrub_request(
                 or looks_like_credential(value)
             ):
                 collect.update(_credential_values(value))
+    # names in lower case: httpx and aiohttp spell them differently, and a cassette
+    # must not depend on the transport that recorded it
     request.headers = {
-        k: v for k, v in request.headers.items() if k.lower() == "content-type"
+        k.lower(): v for k, v in request.headers.items() if k.lower() == "content-type"
     }
     parts = urlsplit(request.uri)
     userinfo, _, netloc = parts.netloc.rpartition("@")
@@ -395,7 +397,7 @@ def scrub_response(response: dict[str, Any], state: ReplayState | None = None) -
     the allowed headers only, and no held credential in the body."""
     _decode_zstd(response, state)
     response["headers"] = {
-        k: v
+        k.lower(): v  # as for requests: the same file whatever the transport
         for k, v in (response.get("headers") or {}).items()
         if k.lower() in KEPT_RESPONSE_HEADERS
     }

@@ -92,7 +92,7 @@ def open_cassette(
     state.phase = "loading"
     context = recorder.use_cassette(
         str(path),
-        persister=AtomicPersister,
+        persister=AtomicPersister.bound(state),
         before_record_request=state.before_record_request,
         before_record_response=state.before_record_response,
         decode_compressed_response=True,

@@ -282,3 +282,46 @@ def test_stored_requests_are_keyed_once_not_reparsed_per_lookup(
     assert calls == 200  # one per live request
     assert state.problems == []
     assert json.loads(json.dumps([p.reason for p in _misses(state)])) == []
+
+
+def test_recording_the_same_requests_in_another_order_writes_the_same_file(
+    tmp_path: Path,
+) -> None:
+    """Concurrent requests arrive in a different order on every run: the cassette
+    stores them sorted by request, identical ones (a retried request, a poll) in the
+    order they were sent, so a re-recording differs from the recording only where
+    the program does."""
+    import random
+
+    import httpx
+
+    from afnio.testing import Simulator
+
+    contents = [f"message number {i}" for i in range(12)]
+    files = []
+    for seed in (0, 1):
+        order = random.Random(seed).sample(contents, len(contents))
+        path = tmp_path / f"c{seed}.yaml"
+        with Simulator() as sim:
+            netloc = f"127.0.0.1:{sim.port}"
+            with (
+                open_cassette(path, new_state(), "once", simulator_netloc=netloc),
+                httpx.Client(base_url=f"http://{netloc}") as client,
+            ):
+                for i, content in enumerate(order):
+                    if i == seed + 3:  # the same request twice: a 429, then a 200
+                        sim.inject("rate_limit")
+                        first = client.post(CHAT, json=chat_body("poll me"))
+                        second = client.post(CHAT, json=chat_body("poll me"))
+                        assert (first.status_code, second.status_code) == (429, 200)
+                    client.post(CHAT, json=chat_body(content))
+        files.append(path.read_bytes())
+    assert files[0] == files[1]
+    state = new_state()
+    with (
+        open_cassette(tmp_path / "c1.yaml", state, "none"),
+        httpx.Client(base_url="http://127.0.0.1:9") as client,
+    ):
+        replies = [client.post(CHAT, json=chat_body("poll me")) for _ in range(2)]
+    assert [r.status_code for r in replies] == [429, 200]
+    assert state.snapshot_problems() == []
