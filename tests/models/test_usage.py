@@ -83,9 +83,7 @@ def test_ledger_totals_are_bit_identical_in_any_order(seed: int) -> None:
     assert snapshots[0][("forward", "gpt-4o")][3] == float(sum(map(Fraction, costs)))
 
 
-def test_ledger_since_a_snapshot_is_the_same_whatever_the_order_within_a_step() -> (
-    None
-):
+def test_ledger_since_a_snapshot_is_the_same_in_any_order_within_a_step() -> None:
     first, second = _costs(1, 50), _costs(2, 50)
     rng = random.Random(0)
     deltas = set()
