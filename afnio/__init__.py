@@ -35,6 +35,7 @@ from afnio._variable import Variable
 from afnio.autodiff.grad_mode import is_grad_enabled, no_grad, set_grad_enabled
 from afnio.autodiff.graph import GradientEdge, Node
 from afnio.cognitive import functional
+from afnio.models.rate_limit import get_rate_limit_stats, set_rate_limit
 from afnio.serialization import load, save
 
 # ``import afnio.functional as F`` works like ``import torch.nn.functional as F``
@@ -54,6 +55,7 @@ __all__ = [
     "get_backward_model_client",
     "get_concurrency_stats",
     "get_max_concurrency",
+    "get_rate_limit_stats",
     "is_grad_enabled",
     "load",
     "no_grad",
@@ -62,6 +64,7 @@ __all__ = [
     "set_backward_model_client",
     "set_grad_enabled",
     "set_max_concurrency",
+    "set_rate_limit",
     "utils",
 ]
 

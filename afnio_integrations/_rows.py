@@ -27,7 +27,7 @@ variables too (:func:`check_inputs`).
 from __future__ import annotations
 
 import reprlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -37,6 +37,7 @@ __all__ = [
     "check_inputs",
     "entry_variables",
     "normalize_rows",
+    "row_checker",
     "short_repr",
 ]
 
@@ -399,6 +400,7 @@ def check_inputs(
     variables: Sequence[str] | None,
     *,
     input_keys: Sequence[str] | None = None,
+    first: int = 0,
 ) -> None:
     """Check that every row's inputs fit the chain's entry prompt (``variables``,
     from :func:`entry_variables`; nothing is checked when ``None``): a dict holds
@@ -419,7 +421,7 @@ def check_inputs(
                 f"`input_keys`={list(input_keys)} lacks {missing[0]!r}, an input "
                 f"variable of the chain's prompt (it takes {needed}): add it."
             )
-    for i, (inputs, _) in enumerate(rows):
+    for i, (inputs, _) in enumerate(rows, first):  # `first`: the index of rows[0]
         where = f"{name}[{i}]"
         if isinstance(inputs, Mapping):
             missing = [v for v in needed if v not in inputs]
@@ -435,6 +437,53 @@ def check_inputs(
                 f"chain's prompt takes {len(needed)} variables {needed}: pass a "
                 f"dict, e.g. {_example_pair(needed)}."
             )
+
+
+def _holds_variables(row: Any) -> bool:
+    from afnio._variable import Variable
+
+    if isinstance(row, Variable):
+        return True
+    return isinstance(row, tuple) and any(_holds_variables(x) for x in row)
+
+
+def row_checker(
+    name: str,
+    *,
+    input_keys: Sequence[str] | None = None,
+    label_key: str | None = None,
+    variables: Sequence[str] | None = None,
+) -> Callable[[Any, int], Row]:
+    """``check(row, index) -> (inputs, target)`` for the rows of a set read as a
+    stream (a ``trainset`` that is an :class:`~afnio.utils.data.IterableDataset`,
+    e.g. a ``JsonlDataset`` without ``input=``, whose rows are dicts): each row is
+    read as :func:`normalize_rows` reads it and checked as :func:`check_inputs`
+    checks it, when it is read, the errors naming ``name[index]``. ``input_keys``
+    are checked against ``variables`` at once.
+
+    Raises:
+        TypeError, ValueError: as :func:`normalize_rows` and :func:`check_inputs`;
+            ``check`` raises ``TypeError`` for a row of afnio Variables (a
+            ``JsonlDataset`` built with ``input=``/``target=``).
+    """
+    keys = _check_keys(input_keys, label_key)
+    check_inputs([], name, variables, input_keys=input_keys)
+
+    def check(row: Any, index: int) -> Row:
+        where = f"{name}[{index}]"
+        if _holds_variables(row):
+            raise TypeError(
+                f"`{where}` is made of afnio Variables ({short_repr(row)}): a "
+                "dataset built to feed an afnio Module (JsonlDataset(..., input=, "
+                "target=)). Rows are read here as the chain takes them: build the "
+                "JsonlDataset without input=/target= (its rows are dicts) and pass "
+                "label_key= (and input_keys=)."
+            )
+        pair = _row(row, where, keys, label_key, variables)
+        check_inputs([pair], name, variables, first=index)
+        return pair
+
+    return check
 
 
 def chain_rows(

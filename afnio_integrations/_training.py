@@ -1,26 +1,29 @@
 """Pieces shared by the integrations' optimization loops (LangChain ``optimize``, DSPy
-``AfnioTGD``): a dataset of indices, an agent that runs one step per split, and the
-``model=`` a client needs (:func:`model_args`), settled before any LM call."""
+``AfnioTGD``): a dataset of indices (or of a streamed trainset's rows), an agent that
+runs one step per split, and the ``model=`` a client needs (:func:`model_args`),
+settled before any LM call."""
 
 from __future__ import annotations
 
 import inspect
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from afnio.cognitive.modules.module import Module
 from afnio.models.phases import LEDGER, PhaseRow
 from afnio.trainer import Trainer
-from afnio.utils.data import DataLoader, Dataset
+from afnio.utils.data import DataLoader, Dataset, IterableDataset
 from afnio_integrations._report import OptimizeReport
 
 __all__ = [
     "IndexDataset",
     "LoopOutcome",
     "SplitAgent",
+    "StreamRows",
+    "stream_rows",
     "client_model",
     "model_args",
     "needs_model",
@@ -41,6 +44,72 @@ class IndexDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, int]:
         return index, index
+
+
+class StreamRows(IterableDataset):
+    """A trainset read as a stream (``source``, an IterableDataset such as a
+    ``JsonlDataset`` of dict rows), as the loops read a trainset: items
+    ``(index, index)`` like :class:`IndexDataset`, ``index`` counting the rows of
+    the epoch from 0; each row is checked when it is read (``check(row, index)``
+    returns what the agent looks up, raising on a bad row) and kept in :attr:`rows`
+    (by index) only until ``keep`` more rows were read, so memory holds about one
+    batch whatever the trainset's size. Each epoch reads ``source`` again, in its
+    own order (the DataLoader cannot shuffle a stream).
+
+    When ``source`` has ``state_dict``/``load_state_dict`` (``JsonlDataset``) so
+    does this dataset, and a Trainer checkpoint resumes it exactly (see
+    :func:`stream_rows`).
+    """
+
+    def __init__(
+        self, source: IterableDataset, check: Callable[[Any, int], Any], keep: int
+    ) -> None:
+        self.source = source
+        self.check = check
+        self.keep = max(1, keep)
+        self.rows: dict[int, Any] = {}
+        self.epoch_rows: list[int] = []  # rows read by each epoch (this process)
+        self._index = 0  # the next row's index in this epoch
+        self._resume_index = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        samples = iter(self.source)  # a new epoch (or a restored one) of the source
+        self._index, self._resume_index = self._resume_index, 0
+        self.rows.clear()
+        self.epoch_rows.append(0)
+        return self._read(samples)
+
+    def _read(self, samples: Iterator[Any]) -> Iterator[tuple[int, int]]:
+        for sample in samples:
+            index = self._index
+            self.rows[index] = self.check(sample, index)
+            self.rows.pop(index - self.keep, None)
+            self._index = index + 1
+            self.epoch_rows[-1] += 1
+            yield index, index
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+class _ResumableStreamRows(StreamRows):
+    """A :class:`StreamRows` whose position is the source's and the row index."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"source": self.source.state_dict(), "index": self._index}  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state["source"])  # type: ignore[attr-defined]
+        self._resume_index = int(state["index"])
+
+
+def stream_rows(
+    source: IterableDataset, check: Callable[[Any, int], Any], keep: int
+) -> StreamRows:
+    """A :class:`StreamRows` over ``source``, resumable when ``source`` is."""
+    if hasattr(source, "state_dict") and hasattr(source, "load_state_dict"):
+        return _ResumableStreamRows(source, check, keep)
+    return StreamRows(source, check, keep)
 
 
 class SplitAgent(Module):
@@ -169,8 +238,13 @@ def train_agent(
     revert_on_regression: bool,
     progress: bool,
     root_dir: str | None,
+    train_stream: StreamRows | None = None,
 ) -> LoopOutcome:
     """Score the validation split, train with the Trainer, and measure the run.
+
+    ``train_stream``: a trainset read as a stream (``n_train`` is then unused): its
+    batches come in the stream's own order (``seed`` does not apply), and the
+    samples and steps reported are those read.
 
     ``clients`` are metered besides the agent's own (a traced program's LM usage), so
     ``max_cost`` and the totals cover every LM call; the first validation counts in
@@ -193,9 +267,12 @@ def train_agent(
         revert_on_regression=revert_on_regression,
     )
     val_loader = DataLoader(IndexDataset(n_val), batch_size=max(1, n_val))
-    train_loader = DataLoader(
-        IndexDataset(n_train), batch_size=batch_size, shuffle=True, seed=seed
-    )
+    if train_stream is not None:
+        train_loader = DataLoader(train_stream, batch_size=batch_size)
+    else:
+        train_loader = DataLoader(
+            IndexDataset(n_train), batch_size=batch_size, shuffle=True, seed=seed
+        )
     before = trainer.validate(agent, val_loader, llm_clients=clients).get(score_key)
     spent = trainer.total_cost
     calls_before, tokens_before = _calls_and_tokens(trainer)
@@ -209,10 +286,16 @@ def train_agent(
     if trainer.stopped_reason is None:
         after = history[-1].get(score_key) if history else before
     epochs_run = len(history)
+    if train_stream is not None:  # what was read
+        train_samples = sum(train_stream.epoch_rows)
+        steps = sum(math.ceil(n / batch_size) for n in train_stream.epoch_rows)
+    else:
+        train_samples = n_train * epochs_run
+        steps = math.ceil(n_train / batch_size) * epochs_run
     return LoopOutcome(
-        train_samples=n_train * epochs_run,
+        train_samples=train_samples,
         val_samples=n_val * (epochs_run + 1),
-        steps=math.ceil(n_train / batch_size) * epochs_run,
+        steps=steps,
         score_before=before,
         score_after=after,
         history=history,

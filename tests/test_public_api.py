@@ -19,6 +19,7 @@ EXPECTED_AFNIO_ALL = [
     "get_backward_model_client",
     "get_concurrency_stats",
     "get_max_concurrency",
+    "get_rate_limit_stats",
     "is_grad_enabled",
     "load",
     "no_grad",
@@ -27,6 +28,7 @@ EXPECTED_AFNIO_ALL = [
     "set_backward_model_client",
     "set_grad_enabled",
     "set_max_concurrency",
+    "set_rate_limit",
     "utils",
 ]
 

@@ -4,10 +4,13 @@
 ``complete``/``acomplete`` and ``embed``/``aembed``. Every request runs on afnio's
 event loop, holding one of the process-wide LM-request slots
 (:func:`afnio.set_max_concurrency`), goes through the optional response cache, and
-adds its token usage and cost to the client's usage dict. Retries with exponential
-backoff on 429, 5xx, timeouts and connection errors are the SDK's (``max_retries``,
-default 2); ``timeout`` is the SDK's too. Any ``base_url`` works (or the SDK's
-``OPENAI_BASE_URL``), e.g. the bundled simulator (``afnio.testing``).
+adds its token usage and cost to the client's usage dict. Provider rate limits are
+afnio's (:mod:`afnio.models.rate_limit`): per (base URL, model), 429s are retried
+after the server's delay, concurrency adapts, ``x-ratelimit-*`` headers pace the
+requests, and :func:`afnio.set_rate_limit` sets explicit budgets. Retries with
+exponential backoff on 5xx, timeouts and connection errors are the SDK's
+(``max_retries``, default 2); ``timeout`` is the SDK's too. Any ``base_url`` works
+(or the SDK's ``OPENAI_BASE_URL``), e.g. the bundled simulator (``afnio.testing``).
 
 Example::
 
@@ -22,18 +25,27 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from afnio._runtime import request_slot, run_async
+from afnio._runtime import run_async
 from afnio._secrets import REDACTED, mask_secrets, mask_url
 from afnio.errors import note_client
+from afnio.models._transport import (
+    Transport,
+    discard_http_client,
+    pooled_http_client,
+    resolve_transport,
+)
+from afnio.models.batch import active_collector
 from afnio.models.cache import account_fingerprint, cache_key, get_cache
 from afnio.models.model import ChatCompletionModel, EmbeddingModel, TextCompletionModel
 from afnio.models.model_registry import register_model_class
 from afnio.models.phases import LEDGER, current_phase
 from afnio.models.pricing import cost_of
+from afnio.models.rate_limit import sdk_client_class, send_limited
 from afnio.models.step_memo import memoized
 from afnio.models.usage import add_usage
 
@@ -59,6 +71,14 @@ class _NotGivenType:
 NOT_GIVEN: Any = _NotGivenType()
 
 
+def _sdk_base_url(base_url: str | httpx.URL | None) -> str:
+    """The base URL the SDK will use: ``base_url``, else ``$OPENAI_BASE_URL``, else
+    OpenAI's (as ``openai.AsyncOpenAI`` resolves it)."""
+    if base_url is None:
+        base_url = os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+    return str(base_url)
+
+
 def _usage_dict(usage: Any) -> dict[str, Any]:
     if usage is None:
         return {}
@@ -82,6 +102,7 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
         default_headers: Mapping[str, str] | None = None,
         default_query: Mapping[str, object] | None = None,
         http_client: httpx.AsyncClient | None = None,
+        transport: Transport | None = None,
     ) -> None:
         # imported here, on the caller's thread (import afnio stays light)
         import httpx
@@ -92,6 +113,15 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
                 "`http_client` must be an httpx.AsyncClient: afnio runs every request "
                 "on its own event loop (the sync API waits for it)."
             )
+        if http_client is not None and transport is not None:
+            raise ValueError(
+                "Pass `http_client` or `transport`, not both: `transport` picks the "
+                "HTTP client afnio builds when none is given."
+            )
+        # the transport afnio builds (None: the caller's http_client)
+        self._transport: str | None = (
+            None if http_client is not None else resolve_transport(transport)
+        )
         if (
             isinstance(max_retries, bool)
             or not isinstance(max_retries, int)
@@ -100,18 +130,28 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
             raise ValueError(f"`max_retries` must be an int >= 0, got {max_retries!r}.")
         # Readable cassettes: never ask for zstd, which recorders cannot decode.
         headers = {"Accept-Encoding": "gzip, deflate", **(default_headers or {})}
-        self._aclient = openai.AsyncOpenAI(
-            api_key=api_key,
-            organization=organization,
-            project=project,
-            base_url=base_url,
-            websocket_base_url=websocket_base_url,
-            timeout=openai.NOT_GIVEN if timeout is NOT_GIVEN else timeout,
-            max_retries=max_retries,
-            default_headers=headers,
-            default_query=default_query,
-            http_client=http_client,
-        )
+        if self._transport == "aiohttp":
+            # the SDK's DefaultAioHttpClient on the endpoint's shared aiohttp pool
+            # (afnio.models._transport), leased by this client until it is closed
+            http_client = pooled_http_client(_sdk_base_url(base_url), self)
+        try:
+            # openai.AsyncOpenAI, whose 429s afnio's limiter retries (rate_limit)
+            self._aclient = sdk_client_class()(
+                api_key=api_key,
+                organization=organization,
+                project=project,
+                base_url=base_url,
+                websocket_base_url=websocket_base_url,
+                timeout=openai.NOT_GIVEN if timeout is NOT_GIVEN else timeout,
+                max_retries=max_retries,
+                default_headers=headers,
+                default_query=default_query,
+                http_client=http_client,
+            )
+        except BaseException:
+            if self._transport == "aiohttp" and http_client is not None:
+                discard_http_client(http_client)  # give the pool lease back
+            raise
         config: dict[str, Any] = {
             "organization": organization,
             "project": project,
@@ -121,6 +161,7 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
             else None,
             "timeout": timeout if isinstance(timeout, (int, float)) else None,
             "max_retries": max_retries,
+            "transport": transport,
             # credentials (Authorization, api-key, ?key=, sk-...) are masked
             "default_headers": mask_secrets(dict(default_headers), header=True)
             if default_headers
@@ -162,6 +203,14 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
     def client(self) -> openai.AsyncOpenAI:
         """The underlying ``openai.AsyncOpenAI`` SDK client."""
         return self._aclient
+
+    @property
+    def transport(self) -> str:
+        """The HTTP transport of this client's requests: ``"aiohttp"`` (the SDK's
+        ``DefaultAioHttpClient`` on the endpoint's shared pool, the default),
+        ``"httpx"`` (the SDK's default httpx client), or ``"custom"`` (the
+        ``http_client`` passed in). See :mod:`afnio.models._transport`."""
+        return self._transport or "custom"
 
     def __repr__(self) -> str:
         """Class and endpoint; no part of the API key (nor of a URL password or a
@@ -240,17 +289,19 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
         does; a request that failed after the SDK's retries counts in neither."""
 
         async def call() -> Any:
-            async with request_slot():
-                try:
-                    value, usage = await send(payload)
-                except Exception as e:  # say which client failed, and where to
-                    note_client(e, f"afnio's {current_phase()} client {self!r}")
-                    raise
-                self.calls += 1
+            # the (base URL, model) rate limiter, then a request slot; 429s are
+            # retried there and never billed (afnio.models.rate_limit)
+            try:
+                value, usage = await send_limited(self._aclient.base_url, payload, send)
+            except Exception as e:  # say which client failed, and where to
+                note_client(e, f"afnio's {current_phase()} client {self!r}")
+                raise
+            self.calls += 1
+            data = _usage_dict(usage)  # dumped once, for the usage and the ledger
             cost = None
             if usage is not None:
-                cost = self.update_usage(usage, payload.get("model"))
-            LEDGER.record(payload.get("model"), _usage_dict(usage), cost or 0.0)
+                cost = self.update_usage(data, payload.get("model"))
+            LEDGER.record(payload.get("model"), data, cost or 0.0)
             return value
 
         async def cached() -> Any:
@@ -302,6 +353,9 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
                 ``response_format``, ``max_completion_tokens``, ``reasoning_effort``,
                 ``timeout``, ``extra_body``, ...).
 
+        While a pass runs through the Batch API (:mod:`afnio.models.batch`), the
+        call is answered from the batch results, or collected for the next batch.
+
         Raises:
             ValueError: for ``n > 1`` or ``stream=True``.
         """
@@ -312,6 +366,9 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
                 "stream=True is not supported: chat() returns the whole reply."
             )
         payload = {"messages": messages, "model": self._check_model(model), **kwargs}
+        collector = active_collector()
+        if collector is not None:  # a pass through the Batch API (afnio.models.batch)
+            return collector.answer(self, payload)
 
         async def send(body: dict[str, Any]) -> tuple[str, Any]:
             response = await self._aclient.chat.completions.create(**body)
@@ -380,6 +437,12 @@ class OpenAI(_OpenAIClient):
         timeout, max_retries, default_headers, default_query, organization,
             project, websocket_base_url: as for the SDK.
         http_client: an ``httpx.AsyncClient`` (requests run on afnio's loop).
+        transport: without ``http_client``, the HTTP client afnio builds:
+            ``"aiohttp"`` (the SDK's ``DefaultAioHttpClient`` on one connection pool
+            shared by every afnio client of this base URL; the default) or
+            ``"httpx"`` (the SDK's default httpx client, one per afnio client); by
+            default ``$AFNIO_HTTP_TRANSPORT``, else ``"aiohttp"``. See
+            :mod:`afnio.models._transport`.
 
     As upstream's, it exposes a synchronous SDK client, ``openai.OpenAI``, as
     ``_client`` (built on first access, with the same key, base URL, timeout,

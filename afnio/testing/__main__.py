@@ -1,9 +1,16 @@
-"""Command line: ``python -m afnio.testing serve [--host H] [--port P] [--latency S]``.
+"""Command line: ``python -m afnio.testing serve [--host H] [--port P] [--latency S]
+[--rpm N] [--tpm N] [--rate-window S] [--batch-polls N]``.
 
 Starts the simulator (a deterministic stand-in, not a model), prints exactly one line,
 ``afnio simulator serving at http://127.0.0.1:<port>/v1``, and serves until SIGINT or
-SIGTERM, then exits 0. ``--port 0`` picks a free port (read it from that line). Point
-any OpenAI program at it with ``OPENAI_BASE_URL=http://127.0.0.1:<port>/v1``.
+SIGTERM, then exits 0. ``--rpm``/``--tpm`` enforce OpenAI-style requests- and
+tokens-per-minute limits per model (429s with ``retry-after``, ``x-ratelimit-*``
+headers; see :mod:`afnio.testing.rate_limits`), refilled over ``--rate-window``
+seconds (default 60). ``--batch-polls N``: a Batch API batch finishes at its N-th
+poll (``GET /v1/batches/{id}``; default 1), the earlier polls answer ``in_progress``
+(:attr:`~afnio.testing.Simulator.batch_polls`). ``--port 0`` picks a free port (read
+it from that line). Point any OpenAI program at it with
+``OPENAI_BASE_URL=http://127.0.0.1:<port>/v1``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,25 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--latency", type=float, default=0.0, help="seconds slept per request"
     )
+    serve.add_argument(
+        "--rpm", type=int, default=None, help="requests per minute, per model"
+    )
+    serve.add_argument(
+        "--tpm", type=int, default=None, help="tokens per minute, per model"
+    )
+    serve.add_argument(
+        "--rate-window",
+        type=float,
+        default=60.0,
+        help="seconds in which an RPM/TPM bucket refills (default 60)",
+    )
+    serve.add_argument(
+        "--batch-polls",
+        type=int,
+        default=1,
+        metavar="N",
+        help="a Batch API batch completes at its N-th poll (default 1)",
+    )
     return parser
 
 
@@ -38,7 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        sim = Simulator(host=args.host, port=args.port, latency=args.latency)
+        sim = Simulator(
+            host=args.host,
+            port=args.port,
+            latency=args.latency,
+            requests_per_minute=args.rpm,
+            tokens_per_minute=args.tpm,
+            rate_limit_window=args.rate_window,
+        )
+        sim.batch_polls = args.batch_polls
         sim.start()
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

@@ -34,6 +34,49 @@ request body, ``created`` is the constant :data:`CREATED`, token counts are word
 counts (``prompt_tokens``: the words of every message plus 3 per message;
 ``completion_tokens``: the words of the answer).
 
+The Batch API: ``POST /v1/files`` (multipart ``file`` and ``purpose``, parsed with
+:mod:`email`), ``GET /v1/files/{id}`` and ``GET /v1/files/{id}/content`` (the stored
+bytes), ``POST /v1/batches`` (``input_file_id``, ``endpoint`` one of
+:data:`BATCH_ENDPOINTS`, ``completion_window: "24h"``), ``GET /v1/batches``,
+``GET /v1/batches/{id}`` and ``POST /v1/batches/{id}/cancel``. Rules:
+
+* a new batch is ``validating``; each ``GET /v1/batches/{id}`` is one *poll*, and the
+  poll number :attr:`Simulator.batch_polls` (default 1) finishes it; the polls before
+  answer ``in_progress`` with ``request_counts.completed`` rising in equal steps;
+* finishing runs every input line through the normal rules of its endpoint (the same
+  answer as the synchronous call, token counts included, added to the counters), and
+  completes the batch with ``output_file_id`` (lines answered 200) and
+  ``error_file_id`` (the others: ``{"custom_id", "response": {"status_code",
+  "request_id", "body": {"error": ...}}, "error": null}``), each line keeping its
+  ``custom_id``; a malformed input file (bad JSON, a missing or repeated
+  ``custom_id``, another ``url``) fails the batch with ``errors.data``;
+* failures on request: :meth:`Simulator.fail_batch_lines` fails the next matching
+  lines (HTTP 500 in the error file), :meth:`Simulator.fail_next_batch` makes the
+  next batches end ``failed`` or ``expired`` with no output;
+* ``cancel`` makes a running batch ``cancelling`` and the next poll ``cancelled``;
+* ids are hashes (a file's of its content; a batch's of its input file and creation
+  number) and timestamps are offsets of :data:`CREATED`, so recordings are
+  reproducible. :attr:`Simulator.batches_created` counts the batches created, and
+  :attr:`Simulator.latency` applies to these requests too (injected faults do not).
+
+Rate limits: ``Simulator(requests_per_minute=..., tokens_per_minute=...,
+rate_limit_window=60.0)`` (or :meth:`Simulator.set_rate_limits`; ``serve --rpm
+--tpm --rate-window``) enforces RPM/TPM limits per model as OpenAI does. Each model
+has a request bucket and a token bucket, each holding at most its limit, starting
+full and refilling continuously over ``rate_limit_window`` seconds; a chat,
+completions or embeddings request needs 1 request and its token count (the words of
+its prompt, plus 3 per chat message, plus ``max_completion_tokens``/``max_tokens``
+when set), checked on arrival. When both buckets hold enough it is charged and
+answered; otherwise it gets an immediate 429 that charges nothing, with OpenAI's body
+(``{"error": {"message", "type": "requests"|"tokens", "param": null, "code":
+"rate_limit_exceeded"}}``) and ``retry-after``/``retry-after-ms`` (the time until the
+bucket holds enough). Every answer to a limited request carries
+``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` (resets as durations:
+``1s``, ``6m0s``, ``12ms``). A request larger than the TPM gets a 429 with
+``x-should-retry: false``. :attr:`SimulatorStats.rate_limited` counts these 429s
+and :attr:`SimulatorStats.served` the 200 answers. Details:
+:mod:`afnio.testing.rate_limits`.
+
 Counters (:attr:`Simulator.stats`), the received bodies (:attr:`Simulator.requests`),
 a settable per-request ``latency``, per-request delays and fault injection
 (:meth:`Simulator.inject`, :class:`Fault`) let tests observe and disturb a run.
@@ -106,6 +149,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from afnio.testing import world
+from afnio.testing.rate_limits import Admission, ServerRateLimits, request_tokens
 
 __all__ = [
     "CREATED",
@@ -119,6 +163,8 @@ __all__ = [
     "Simulator",
     "SimulatorStats",
     "request_text",
+    "BATCH_ENDPOINTS",
+    "BATCH_OUTCOMES",
 ]
 
 SIMULATOR_MODEL = "afnio-sim-1"
@@ -140,6 +186,7 @@ ENDPOINTS: tuple[str, ...] = ("chat/completions", "completions", "embeddings", "
 """The endpoint names used by counters and by ``inject(endpoint=...)``."""
 
 _GENERATION_ENDPOINTS = frozenset({"chat/completions", "completions"})
+_LIMITED_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings"})
 
 
 class Fault(StrEnum):
@@ -176,6 +223,10 @@ class SimulatorStats:
         in_flight: requests received and not answered yet.
         peak_in_flight: the most requests in flight at once.
         faults_served: injected faults consumed.
+        rate_limited: 429s sent by the RPM/TPM limits (``requests_per_minute``,
+            ``tokens_per_minute``; injected ``RATE_LIMIT`` faults count in
+            ``faults_served`` only).
+        served: requests answered with status 200.
     """
 
     calls: int = 0
@@ -185,6 +236,8 @@ class SimulatorStats:
     in_flight: int = 0
     peak_in_flight: int = 0
     faults_served: int = 0
+    rate_limited: int = 0
+    served: int = 0
 
 
 @dataclass
@@ -247,6 +300,9 @@ def _route(method: str, path: str) -> str | None:
         return path.removeprefix("/v1/")
     if method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")):
         return "models"
+    for name in _BATCH_API_ENDPOINTS:  # files and batches (the Batch API)
+        if path == f"/v1/{name}" or path.startswith(f"/v1/{name}/"):
+            return name
     return None
 
 
@@ -788,6 +844,85 @@ def _error_reply(error: _RequestError) -> _Reply:
     return _Reply(error.status, _dumps(error.body), headers=headers)
 
 
+# -- files and batches (the Batch API) -----------------------------------------------
+
+BATCH_ENDPOINTS: tuple[str, ...] = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+)
+"""The ``endpoint`` values a simulated batch accepts (each line's ``url`` too)."""
+
+BATCH_OUTCOMES = ("failed", "expired")
+"""The whole-batch outcomes :meth:`Simulator.fail_next_batch` can force."""
+
+_BATCH_API_ENDPOINTS = frozenset({"files", "batches"})
+
+
+def _multipart(raw: bytes) -> dict[str, Any]:
+    """The fields of a ``multipart/form-data`` body (the boundary is its first line),
+    parsed with :mod:`email`: ``{"file": (filename, bytes), "purpose": str, ...}``."""
+    import email.parser
+    import email.policy
+
+    first = raw.split(b"\r\n", 1)[0]
+    if not first.startswith(b"--") or len(first) < 3:
+        raise _RequestError(
+            400,
+            "Invalid request: expected a multipart/form-data body with 'file' and "
+            "'purpose'.",
+        )
+    boundary = first[2:].decode("latin-1")
+    head = f'content-type: multipart/form-data; boundary="{boundary}"\r\n\r\n'
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        head.encode("latin-1") + raw
+    )
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name == "file":
+            fields["file"] = (part.get_filename(), part.get_payload(decode=True) or b"")
+        elif isinstance(name, str):
+            fields[name] = part.get_content().strip()
+    return fields
+
+
+def _batch_line_reply(
+    line: Mapping[str, Any], endpoint: str
+) -> tuple[int, dict[str, Any], int, int]:
+    """Answer one batch input line by the simulator's normal rules: ``(status, body,
+    prompt_tokens, completion_tokens)``."""
+    body = line.get("body")
+    if not isinstance(body, Mapping):
+        raise _RequestError(
+            400, "Invalid 'body': expected a JSON object.", param="body"
+        )
+    if body.get("stream"):
+        raise _RequestError(
+            400, "Streaming is not supported in the Batch API.", param="stream"
+        )
+    raw = _dumps(body)
+    key = endpoint.removeprefix("/v1/")
+    if key == "chat/completions":
+        reply = _chat(raw, body, False)
+    elif key == "completions":
+        reply = _completions(raw, body, False)
+    else:
+        reply = _embeddings(raw, body)
+    return (
+        reply.status,
+        json.loads(reply.body),
+        reply.prompt_tokens,
+        reply.completion_tokens,
+    )
+
+
+@dataclass
+class _LineFailure:
+    match: str | RequestPredicate
+    remaining: int
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
@@ -980,6 +1115,13 @@ class Simulator:
         delay: a function of the parsed JSON body of a request that returns extra
             seconds to wait before answering it (see :attr:`delay`); with
             :meth:`delay_when` rules, it gives chosen requests their own latency.
+        requests_per_minute, tokens_per_minute: RPM and TPM limits enforced per
+            model, as OpenAI does (token buckets; ``x-ratelimit-*`` headers on every
+            answer, 429s with ``retry-after``); ``None`` (the default) for none.
+            The rules are in :mod:`afnio.testing.rate_limits`; change them at any
+            time with :meth:`set_rate_limits`.
+        rate_limit_window: the seconds in which an empty bucket refills (60: per
+            minute; tests shrink it to see limits act within seconds).
 
     Use it as a context manager or call :meth:`start`/:meth:`stop` (both idempotent;
     a stopped simulator can be started again, keeping its counters and faults).
@@ -998,6 +1140,9 @@ class Simulator:
         latency: float = 0.0,
         faults: Iterable[FaultSpec] | None = None,
         delay: DelayFunction | None = None,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+        rate_limit_window: float = 60.0,
     ) -> None:
         if host == "localhost":
             host = "127.0.0.1"
@@ -1023,6 +1168,10 @@ class Simulator:
         self._stopping = threading.Event()
         self._faults: list[_PendingFault] = []
         self._requests: list[Any] = []
+        self._init_batch_api()
+        self._rate_limits = ServerRateLimits(
+            requests_per_minute, tokens_per_minute, rate_limit_window
+        )
         self._reset_counters()
         self._in_flight = 0
         self._peak_in_flight = 0
@@ -1288,6 +1437,371 @@ class Simulator:
                 return _PendingFault(fault.kind, 1, endpoint, fault.seconds)
         return None
 
+    # -- files and batches (the Batch API) -------------------------------------------
+
+    def _init_batch_api(self) -> None:
+        self._batch_lock = threading.RLock()
+        self._files: dict[str, tuple[dict[str, Any], bytes]] = {}
+        self._batches: dict[str, dict[str, Any]] = {}
+        self._batch_polls_left: dict[str, int] = {}
+        self._batch_outcomes: list[str] = []
+        self._line_failures: list[_LineFailure] = []
+        self._batches_created = 0
+        self.batch_polls = 1
+
+    @property
+    def batch_polls(self) -> int:
+        """How many ``GET /v1/batches/{id}`` a batch answers before it is done
+        (settable; default 1: the first poll runs its lines and completes it). The
+        polls before that answer ``in_progress``; the count is per batch, so
+        recordings stay deterministic."""
+        return self._batch_polls
+
+    @batch_polls.setter
+    def batch_polls(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"batch_polls must be an int >= 1, got {value!r}")
+        self._batch_polls = value
+
+    @property
+    def batches_created(self) -> int:
+        """How many ``POST /v1/batches`` created a batch (since the start; not reset
+        by :meth:`reset_stats`)."""
+        with self._batch_lock:
+            return self._batches_created
+
+    @property
+    def batches(self) -> dict[str, dict[str, Any]]:
+        """The batch objects by id (copies), as the last ``GET`` would answer them."""
+        with self._batch_lock:
+            return {k: json.loads(_dumps(v)) for k, v in self._batches.items()}
+
+    def fail_next_batch(self, outcome: str = "failed", times: int = 1) -> None:
+        """Make the next ``times`` batches to finish end ``"failed"`` (an
+        ``errors.data`` entry, no output) or ``"expired"`` (no line run)."""
+        if outcome not in BATCH_OUTCOMES:
+            raise ValueError(
+                f"outcome must be one of {BATCH_OUTCOMES}, got {outcome!r}"
+            )
+        if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+            raise ValueError(f"times must be a positive int, got {times!r}")
+        with self._batch_lock:
+            self._batch_outcomes.extend([outcome] * times)
+
+    def fail_batch_lines(self, match: str | RequestPredicate, times: int = 1) -> None:
+        """Fail the next ``times`` batch lines that match: a string in the line's
+        request text (:func:`request_text`) or a predicate on its ``body``. A failed
+        line goes to the batch's error file as ``{"custom_id", "response":
+        {"status_code": 500, "body": {"error": ...}}, "error": null}``."""
+        if not isinstance(match, str) and not callable(match):
+            raise TypeError(f"match must be a string or a predicate, got {match!r}")
+        if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+            raise ValueError(f"times must be a positive int, got {times!r}")
+        with self._batch_lock:
+            self._line_failures.append(_LineFailure(match, times))
+
+    def _take_line_failure(self, body: Mapping[str, Any]) -> bool:
+        for failure in self._line_failures:
+            hit = (
+                failure.match in request_text(body)
+                if isinstance(failure.match, str)
+                else bool(failure.match(body))
+            )
+            if hit:
+                failure.remaining -= 1
+                if failure.remaining == 0:
+                    self._line_failures.remove(failure)
+                return True
+        return False
+
+    def _store_file(
+        self, content: bytes, filename: str, purpose: str, seed: str
+    ) -> dict[str, Any]:
+        file_id = f"file-{_digest(seed.encode() + content)[:24]}"
+        obj = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(content),
+            "created_at": CREATED,
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "expires_at": None,
+            "status_details": None,
+        }
+        self._files[file_id] = (obj, content)
+        return obj
+
+    def _batch_api(self, method: str, path: str, raw: bytes) -> _Reply:
+        """``/v1/files`` and ``/v1/batches`` (see the module docstring)."""
+        parts = path.strip("/").split("/")[1:]  # without "v1"
+        with self._batch_lock:
+            if parts == ["files"] and method == "POST":
+                fields = _multipart(raw)
+                if "file" not in fields or not fields.get("purpose"):
+                    raise _RequestError(
+                        400,
+                        "Missing required parameter: 'file' and 'purpose'.",
+                        param="file" if "file" not in fields else "purpose",
+                    )
+                filename, content = fields["file"]
+                obj = self._store_file(
+                    content, filename or "upload", fields["purpose"], "upload"
+                )
+                return _Reply(200, _dumps(obj))
+            if parts[:1] == ["files"] and len(parts) in (2, 3) and method == "GET":
+                if parts[1] not in self._files:
+                    raise _RequestError(
+                        404, f"No such File object: {parts[1]}", param="id"
+                    )
+                obj, content = self._files[parts[1]]
+                if len(parts) == 2:
+                    return _Reply(200, _dumps(obj))
+                if parts[2] == "content":
+                    return _Reply(200, content, content_type="application/octet-stream")
+            if parts == ["batches"] and method == "POST":
+                return _Reply(200, _dumps(self._create_batch(raw)))
+            if parts == ["batches"] and method == "GET":
+                data = list(self._batches.values())
+                listing = {
+                    "object": "list",
+                    "data": data,
+                    "first_id": data[0]["id"] if data else None,
+                    "last_id": data[-1]["id"] if data else None,
+                    "has_more": False,
+                }
+                return _Reply(200, _dumps(listing))
+            if parts[:1] == ["batches"] and len(parts) in (2, 3):
+                batch = self._batches.get(parts[1])
+                if batch is None:
+                    raise _RequestError(
+                        404, f"No batch found with id '{parts[1]}'.", param="batch_id"
+                    )
+                if len(parts) == 2 and method == "GET":
+                    return self._poll_batch(batch)
+                if parts[2:] == ["cancel"] and method == "POST":
+                    if batch["status"] in ("validating", "in_progress", "finalizing"):
+                        batch["status"] = "cancelling"
+                        batch["cancelling_at"] = CREATED + 1
+                    return _Reply(200, _dumps(batch))
+        raise _RequestError(404, f"Invalid URL ({method} {path})", code="unknown_url")
+
+    def _create_batch(self, raw: bytes) -> dict[str, Any]:
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise _RequestError(
+                400, "We could not parse the JSON body of your request."
+            ) from None
+        if not isinstance(body, Mapping):
+            raise _RequestError(400, "Invalid request body: expected a JSON object.")
+        file_id = body.get("input_file_id")
+        if file_id not in self._files:
+            raise _RequestError(
+                400, f"Invalid 'input_file_id': {file_id!r}.", param="input_file_id"
+            )
+        endpoint = body.get("endpoint")
+        if endpoint not in BATCH_ENDPOINTS:
+            raise _RequestError(
+                400,
+                f"Invalid 'endpoint': {endpoint!r}; the simulator batches "
+                f"{list(BATCH_ENDPOINTS)}.",
+                param="endpoint",
+            )
+        if body.get("completion_window") != "24h":
+            raise _RequestError(
+                400,
+                "Invalid 'completion_window': only '24h' is supported.",
+                param="completion_window",
+            )
+        self._batches_created += 1
+        seed = f"{file_id}:{self._batches_created}".encode()
+        batch_id = f"batch_{_digest(seed)[:24]}"
+        batch = {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": endpoint,
+            "errors": None,
+            "input_file_id": file_id,
+            "completion_window": "24h",
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": CREATED,
+            "in_progress_at": None,
+            "expires_at": CREATED + 86_400,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": body.get("metadata"),
+        }
+        self._batches[batch_id] = batch
+        self._batch_polls_left[batch_id] = self._batch_polls
+        return batch
+
+    def _input_lines(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """The batch's input lines, or raise ValueError naming the first bad one."""
+        _, content = self._files[batch["input_file_id"]]
+        lines: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for number, text in enumerate(content.decode("utf-8").splitlines(), 1):
+            if not text.strip():
+                continue
+            try:
+                line = json.loads(text)
+            except ValueError:
+                raise ValueError(f"line {number}: not valid JSON") from None
+            custom_id = line.get("custom_id") if isinstance(line, dict) else None
+            if not isinstance(custom_id, str) or custom_id in seen:
+                raise ValueError(f"line {number}: a missing or repeated 'custom_id'")
+            if line.get("method") != "POST" or line.get("url") != batch["endpoint"]:
+                raise ValueError(
+                    f"line {number}: 'method' must be POST and 'url' the batch's "
+                    f"endpoint {batch['endpoint']!r}"
+                )
+            seen.add(custom_id)
+            lines.append(line)
+        if not lines:
+            raise ValueError("the input file holds no request")
+        return lines
+
+    def _poll_batch(self, batch: dict[str, Any]) -> _Reply:
+        """One ``GET /v1/batches/{id}``: advance the batch by one poll."""
+        status = batch["status"]
+        prompt_tokens = completion_tokens = 0
+        if status == "cancelling":
+            batch.update(status="cancelled", cancelled_at=CREATED + 2)
+        elif status in ("validating", "in_progress"):
+            try:
+                lines = self._input_lines(batch)
+            except ValueError as error:
+                batch.update(
+                    status="failed",
+                    failed_at=CREATED + 1,
+                    errors={
+                        "object": "list",
+                        "data": [
+                            {
+                                "code": "invalid_request",
+                                "line": None,
+                                "message": f"Invalid input file: {error}.",
+                                "param": None,
+                            }
+                        ],
+                    },
+                )
+                return _Reply(200, _dumps(batch))
+            total = len(lines)
+            left = self._batch_polls_left[batch["id"]] - 1
+            self._batch_polls_left[batch["id"]] = left
+            if left > 0:
+                done = total * (self._batch_polls - left) // self._batch_polls
+                batch.update(
+                    status="in_progress",
+                    in_progress_at=CREATED + 1,
+                    request_counts={"total": total, "completed": done, "failed": 0},
+                )
+            elif self._batch_outcomes:
+                outcome = self._batch_outcomes.pop(0)
+                batch["request_counts"] = {"total": total, "completed": 0, "failed": 0}
+                if outcome == "expired":
+                    batch.update(status="expired", expired_at=CREATED + 86_400)
+                else:
+                    batch.update(
+                        status="failed",
+                        failed_at=CREATED + 2,
+                        errors={
+                            "object": "list",
+                            "data": [
+                                {
+                                    "code": "server_error",
+                                    "line": None,
+                                    "message": "The batch failed (simulated by "
+                                    "afnio.testing).",
+                                    "param": None,
+                                }
+                            ],
+                        },
+                    )
+            else:
+                prompt_tokens, completion_tokens = self._run_batch(batch, lines)
+        return _Reply(
+            200,
+            _dumps(batch),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+
+    def _run_batch(
+        self, batch: dict[str, Any], lines: list[dict[str, Any]]
+    ) -> tuple[int, int]:
+        """Answer every line, store the output and error files, complete the batch."""
+        outputs: list[bytes] = []
+        errors: list[bytes] = []
+        prompt_tokens = completion_tokens = 0
+        for line in lines:
+            custom_id = line["custom_id"]
+            body = line.get("body")
+            digest = _digest(_dumps([batch["id"], custom_id]))
+            try:
+                if isinstance(body, Mapping) and self._take_line_failure(body):
+                    raise _RequestError(
+                        500,
+                        "The server had an error while processing this request "
+                        "(simulated by afnio.testing).",
+                        type="server_error",
+                    )
+                status, answer, p_tokens, c_tokens = _batch_line_reply(
+                    line, batch["endpoint"]
+                )
+            except _RequestError as error:
+                status, answer, p_tokens, c_tokens = error.status, error.body, 0, 0
+            record = {
+                "id": f"batch_req_{digest[:24]}",
+                "custom_id": custom_id,
+                "response": {
+                    "status_code": status,
+                    "request_id": f"req_{digest[:32]}",
+                    "body": answer,
+                },
+                "error": None,
+            }
+            if status == 200:
+                outputs.append(_dumps(record))
+                prompt_tokens += p_tokens
+                completion_tokens += c_tokens
+            else:
+                errors.append(_dumps(record))
+        counts = {"total": len(lines), "completed": len(outputs), "failed": len(errors)}
+        batch.update(
+            status="completed",
+            in_progress_at=CREATED + 1,
+            finalizing_at=CREATED + 2,
+            completed_at=CREATED + 3,
+            request_counts=counts,
+        )
+        if outputs:
+            out = self._store_file(
+                b"\n".join(outputs) + b"\n",
+                "batch_output.jsonl",
+                "batch_output",
+                f"{batch['id']}:output",
+            )
+            batch["output_file_id"] = out["id"]
+        if errors:
+            err = self._store_file(
+                b"\n".join(errors) + b"\n",
+                "batch_errors.jsonl",
+                "batch_output",
+                f"{batch['id']}:errors",
+            )
+            batch["error_file_id"] = err["id"]
+        return prompt_tokens, completion_tokens
+
     # -- counters ------------------------------------------------------------------
 
     def _reset_counters(self) -> None:
@@ -1296,6 +1810,8 @@ class Simulator:
         self._prompt_tokens = 0
         self._completion_tokens = 0
         self._faults_served = 0
+        self._rate_limited = 0
+        self._served = 0
 
     @property
     def stats(self) -> SimulatorStats:
@@ -1309,6 +1825,8 @@ class Simulator:
                 in_flight=self._in_flight,
                 peak_in_flight=self._peak_in_flight,
                 faults_served=self._faults_served,
+                rate_limited=self._rate_limited,
+                served=self._served,
             )
 
     def reset_stats(self) -> None:
@@ -1340,7 +1858,17 @@ class Simulator:
             self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
         reply: _Reply | None = None
         try:
+            admission = self._admit(endpoint, raw)
+            if admission is not None and admission.status == 429:
+                reply = _Reply(429, _dumps(admission.error), headers=admission.headers)
+                with self._lock:
+                    self._rate_limited += 1
+                return reply
             reply = self._answer(endpoint, method, path, raw)
+            if admission is not None:
+                reply = dataclasses.replace(
+                    reply, headers=reply.headers + admission.headers
+                )
             return reply
         finally:
             with self._idle:
@@ -1350,8 +1878,49 @@ class Simulator:
                 key = endpoint or "unknown"
                 self._calls_by_endpoint[key] = self._calls_by_endpoint.get(key, 0) + 1
                 if reply is not None and reply.status == 200:
+                    self._served += 1
                     self._prompt_tokens += reply.prompt_tokens
                     self._completion_tokens += reply.completion_tokens
+
+    # -- rate limits -----------------------------------------------------------------
+
+    def set_rate_limits(
+        self,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+        rate_limit_window: float = 60.0,
+    ) -> None:
+        """Set (or, with ``None``, remove) the per-model RPM and TPM limits; every
+        bucket starts full again. The rules are in :mod:`afnio.testing.rate_limits`.
+
+        Raises:
+            ValueError: for a limit that is not a positive int, or a window that is
+                not a positive number of seconds.
+        """
+        limits = ServerRateLimits(
+            requests_per_minute, tokens_per_minute, rate_limit_window
+        )
+        with self._lock:
+            self._rate_limits = limits
+
+    @property
+    def rate_limits(self) -> ServerRateLimits:
+        """The RPM/TPM limits in force (see :meth:`set_rate_limits`)."""
+        return self._rate_limits
+
+    def _admit(self, endpoint: str | None, raw: bytes) -> Admission | None:
+        """Charge a request to its model's RPM/TPM buckets: ``None`` when it is not
+        limited (no limits set, another endpoint, no parsable ``model``)."""
+        limits = self._rate_limits
+        if not limits.enabled or endpoint not in _LIMITED_ENDPOINTS:
+            return None
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None  # answered 400 by the normal path
+        if not isinstance(body, Mapping) or not isinstance(body.get("model"), str):
+            return None
+        return limits.admit(body["model"], request_tokens(body))
 
     def _answer(
         self, endpoint: str | None, method: str, path: str, raw: bytes
@@ -1365,6 +1934,9 @@ class Simulator:
                     param=None,
                     code="unknown_url",
                 )
+            if endpoint in _BATCH_API_ENDPOINTS:  # multipart uploads: not JSON
+                self._sleep(self._latency)
+                return self._batch_api(method, path, raw)
             body: Any = None
             if method == "POST":
                 try:

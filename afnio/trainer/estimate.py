@@ -61,7 +61,12 @@ from afnio.autodiff.prompts import (
     PREDICTION_PLACEHOLDER,
 )
 from afnio.models.phases import PHASES, PhaseRow
-from afnio.models.pricing import ModelPrice, calculate_cost, get_model_price
+from afnio.models.pricing import (
+    ModelPrice,
+    calculate_cost,
+    get_batch_price,
+    get_model_price,
+)
 from afnio.optim.prompts import TGD_SYSTEM, TGD_USER
 from afnio.trainer.projection import PhaseProjection, RunProjection
 
@@ -72,6 +77,7 @@ __all__ = [
     "Tokenizer",
     "approx_tokens",
     "estimate",
+    "estimate_pass",
 ]
 
 Tokenizer = Callable[[str], int]
@@ -493,7 +499,9 @@ class _Prompts:
 
 def _prices(
     models: str | Mapping[str, str] | None,
+    batch: bool = False,
 ) -> tuple[dict[str, ModelPrice | None], list[str]]:
+    """The price of each phase's model (its Batch API price with ``batch``)."""
     if models is None:
         return dict.fromkeys(PHASES), [f"{p} (no model)" for p in PHASES]
     if isinstance(models, str):
@@ -506,7 +514,8 @@ def _prices(
             )
         default = models.get("backward")
         names = {p: models.get(p, default) for p in PHASES}
-    prices = {p: (get_model_price(m) if m else None) for p, m in names.items()}
+    lookup = get_batch_price if batch else get_model_price
+    prices = {p: (lookup(m) if m else None) for p, m in names.items()}
     unpriced = [
         f"{p} ({names[p] or 'no model'})" for p, v in prices.items() if v is None
     ]
@@ -527,6 +536,7 @@ def estimate(
     assumptions: Assumptions | None = None,
     models: str | Mapping[str, str] | None = None,
     tokenizer: Tokenizer = approx_tokens,
+    batch_api: bool = False,
 ) -> RunEstimate:
     """Estimate ``epochs`` of training on ``n_train`` samples in batches of
     ``batch_size`` (one optimizer step per batch), with a validation pass over
@@ -545,6 +555,9 @@ def estimate(
         momentum, constraints: TGD's (past iterations and constraints are shown in
             every optimizer prompt).
         tokenizer: counts the tokens of a text (default :func:`approx_tokens`).
+        batch_api: the validation passes go through the provider's Batch API: their
+            calls are priced at the batch rate of the pricing table
+            (:func:`afnio.models.pricing.get_batch_price`).
     """
     if not isinstance(shape, GraphShape):
         raise TypeError(f"`shape` must be a GraphShape, got {type(shape).__name__}.")
@@ -560,11 +573,14 @@ def estimate(
     a = assumptions or Assumptions()
     samples_per_call = a.samples_per_call or config.EVALUATOR_SAMPLES_PER_CALL
     p = _Prompts(shape, a, tokenizer, constraints)
-    # calls, prompt tokens, completion tokens per phase
+    # calls, prompt tokens, completion tokens per phase (synchronous, batch API)
     totals = {phase: [0.0, 0.0, 0.0] for phase in PHASES}
+    batched = {phase: [0.0, 0.0, 0.0] for phase in PHASES}
 
-    def add(phase: str, calls: float, prompt: float, completion: float) -> None:
-        t = totals[phase]
+    def add(
+        phase: str, calls: float, prompt: float, completion: float, batch: bool = False
+    ) -> None:
+        t = (batched if batch else totals)[phase]
         t[0] += calls
         t[1] += calls * prompt
         t[2] += calls * completion
@@ -578,12 +594,19 @@ def estimate(
     def validation() -> None:
         if n_val:
             prompt = p.forward() + grown * per_call
-            add("forward", n_val * shape.forward_calls, prompt, a.answer_tokens)
+            add(
+                "forward",
+                n_val * shape.forward_calls,
+                prompt,
+                a.answer_tokens,
+                batch_api,
+            )
             add(
                 "evaluator",
                 n_val * shape.judge_calls,
                 p.judge_call(),
                 a.feedback_tokens,
+                batch_api,
             )
 
     binomial = functools.cache(lambda n: _binomial(n, a.failure_rate))
@@ -637,21 +660,75 @@ def estimate(
             if validate_every_step:
                 validation()
         validation()
+    return _priced(totals, batched, models, a)
+
+
+def _priced(
+    totals: Mapping[str, list[float]],
+    batched: Mapping[str, list[float]],
+    models: str | Mapping[str, str] | None,
+    a: Assumptions,
+) -> RunEstimate:
+    """The estimate of synchronous (``totals``) and Batch API (``batched``) calls,
+    each priced at its own rate."""
     prices, unpriced = _prices(models)
+    batch_prices, _ = _prices(models, batch=True)
     by_phase = {}
-    for phase, (calls, prompt, completion) in totals.items():
+    for phase in PHASES:
+        sync, batch = totals[phase], batched[phase]
+        calls, prompt, completion = (x + y for x, y in zip(sync, batch, strict=True))
         if not calls:
             continue
-        price = prices[phase]
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion}
+        cost = 0.0
+        for part, price in ((sync, prices[phase]), (batch, batch_prices[phase])):
+            if price and part[0]:
+                usage = {"prompt_tokens": part[1], "completion_tokens": part[2]}
+                cost += calculate_cost(usage, price)
         by_phase[phase] = PhaseProjection(
-            round(calls),
-            round(prompt),
-            round(completion),
-            calculate_cost(usage, price) if price else 0.0,
+            round(calls), round(prompt), round(completion), cost
         )
     return RunEstimate.of_phases(
         by_phase,
         assumptions=a,
         unpriced=tuple(u for u in unpriced if u.split(" ")[0] in by_phase),
     )
+
+
+def estimate_pass(
+    shape: GraphShape,
+    n: int,
+    *,
+    assumptions: Assumptions | None = None,
+    models: str | Mapping[str, str] | None = None,
+    tokenizer: Tokenizer = approx_tokens,
+    batch_api: bool = False,
+) -> RunEstimate:
+    """Estimate one ``validate``/``test``/``predict`` pass over ``n`` samples: the
+    forward calls and the LM judge's (``predict``: pass a shape without a judge),
+    priced at the Batch API rate with ``batch_api`` (as
+    ``Trainer.validate(..., batch_api=True)`` pays), else at the synchronous one.
+
+    Example::
+
+        >>> shape = GraphShape(forward_calls=1, prompt_texts=("Classify it.",),
+        ...                    parameters=("Classify it.",), inputs=("Hi there",))
+        >>> sync = estimate_pass(shape, 2000, models="gpt-4o-mini")
+        >>> batch = estimate_pass(shape, 2000, models="gpt-4o-mini", batch_api=True)
+        >>> round(batch.cost / sync.cost, 6)
+        0.5
+    """
+    if not isinstance(shape, GraphShape):
+        raise TypeError(f"`shape` must be a GraphShape, got {type(shape).__name__}.")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"`n` must be an int >= 1, got {n!r}.")
+    a = assumptions or Assumptions()
+    p = _Prompts(shape, a, tokenizer)
+    totals = {phase: [0.0, 0.0, 0.0] for phase in PHASES}
+    batched = {phase: [0.0, 0.0, 0.0] for phase in PHASES}
+    target = batched if batch_api else totals
+    for phase, calls, prompt, completion in (
+        ("forward", n * shape.forward_calls, p.forward(), a.answer_tokens),
+        ("evaluator", n * shape.judge_calls, p.judge_call(), a.feedback_tokens),
+    ):
+        target[phase][:] = [calls, calls * prompt, calls * completion]
+    return _priced(totals, batched, models, a)

@@ -47,6 +47,16 @@ from afnio.errors import (
     is_provider_error,
     note_client,
 )
+from afnio.models.batch import (
+    BATCH_STATE_FILE,
+    BatchDeferred,
+    BatchOptions,
+    BatchRun,
+    BatchStore,
+    MemoryStore,
+    ReplayLoader,
+    active_collector,
+)
 from afnio.models.model import BaseModel
 from afnio.models.phases import LEDGER, PhaseRow
 from afnio.models.step_memo import StepMemo, active_memo, step_memo
@@ -195,10 +205,58 @@ def _check_checkpoint(checkpoint: Any, path: Path) -> None:
         and all(isinstance(k, str) and isinstance(v, list) for k, v in metrics.items())
     ):
         raise bad("epoch_metrics is not a dict of lists")
-    for key in ("optimizer_state_dict", "sampler_state", "spend_log"):
+    for key in (
+        "optimizer_state_dict",
+        "sampler_state",
+        "spend_log",
+        "data_state",
+        "val_data_state",
+        "batch_api_state",
+    ):
         value = checkpoint.get(key)
         if value is not None and not isinstance(value, dict):
             raise bad(f"{key} is a {type(value).__name__}")
+
+
+def _first_samples(dataset: Any, n: int) -> list[Any]:
+    """Up to ``n`` samples from the start of ``dataset`` (an IterableDataset is read
+    in a pass of its own, its position restored after, so the next epoch is the one
+    it would have been)."""
+    from afnio.utils.data import IterableDataset
+
+    if not isinstance(dataset, IterableDataset):
+        return [dataset[i] for i in range(min(len(dataset), n))]
+    state = dataset.state_dict() if hasattr(dataset, "state_dict") else None
+    try:
+        samples = []
+        for sample in dataset:
+            if len(samples) == n:
+                break
+            samples.append(sample)
+        return samples
+    finally:
+        if state is not None:
+            dataset.load_state_dict(state)
+
+
+def _stream_of(loader: Any) -> Any:
+    """``loader`` when it is a DataLoader over an IterableDataset whose position can
+    be saved (``state_dict``/``load_state_dict``, e.g. ``JsonlDataset``): its
+    position after each batch goes in the checkpoints (``data_state``) and a resume
+    continues from it, without reading the stream again. None otherwise (a
+    map-style loader resumes through its sampler's state and skips the batches
+    done)."""
+    from afnio.utils.data import DataLoader, IterableDataset
+
+    dataset = getattr(loader, "dataset", None)
+    if (
+        isinstance(loader, DataLoader)
+        and isinstance(dataset, IterableDataset)
+        and hasattr(dataset, "state_dict")
+        and hasattr(dataset, "load_state_dict")
+    ):
+        return loader
+    return None
 
 
 _RETRIED_STATUS = frozenset({408, 409, 429})
@@ -678,6 +736,14 @@ class Trainer:
         self._best_val: float | None = None
         self._epoch_metrics: dict[str, list[Any]] = {}
         self._spend_log: _SpendLog | None = None
+        self.last_batch_run: BatchRun | None = None
+        """The Batch API run of the last ``batch_api`` pass (its ``stats``)."""
+        # fit(batch_api=...): the options, the state of the last checkpoint written
+        # or resumed from (where a Batch API state is checkpointed), and the Batch
+        # API state a resumed checkpoint held (taken by the next validation)
+        self._fit_batch: BatchOptions | None = None
+        self._position: dict[str, Any] | None = None
+        self._batch_resume: dict[str, Any] | None = None
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -724,6 +790,26 @@ class Trainer:
     def _cost(self) -> float:
         assert self._meter is not None
         return self._cost_before + self._meter.cost()
+
+    def _check_batch_budget(
+        self, projected: float, requests: int, prior: float = 0.0
+    ) -> None:
+        """Refuse a Batch API round whose new batches, at their projected cost
+        (batch prices), might not fit in ``max_cost``: nothing is submitted.
+        ``prior``: what an earlier, interrupted call of the same standalone pass
+        paid (not in this call's meter)."""
+        if self.max_cost is None:
+            return
+        spent = self._cost() + prior
+        if spent + projected > self.max_cost:
+            raise BudgetExceeded(
+                f"Stopped before exceeding max_cost=${self.max_cost:.4f}: spent "
+                f"${spent:.4f}, and the next Batch API batch ({requests} requests) "
+                f"is projected to cost ${projected:.4f} at batch prices; nothing was "
+                "submitted. Raise max_cost, or lower BatchOptions(answer_tokens=...) "
+                "if the answers are shorter; the Batch API state keeps the answers "
+                "paid so far."
+            )
 
     def _check_budget(self, estimate: float | None = None) -> None:
         """Stop if the next unit of work (a step, or a validation batch) might not
@@ -796,6 +882,8 @@ class Trainer:
     ) -> Path | None:
         if not self.enable_checkpointing:
             return None
+        # where the run stands: what a Batch API state is checkpointed with
+        self._position = {k: v for k, v in state.items() if k != "batch_api_state"}
         folder = self.default_root_dir / "checkpoints"
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -865,13 +953,18 @@ class Trainer:
         skip_until: int = -1,
         collected: dict[str, list[Any]] | None = None,
         after_batch: Any = None,
+        start: int = 0,
     ) -> dict[str, Any]:
         """Run ``on_batch(idx, batch)`` over ``loader`` with a progress bar; returns the
         per-batch metric means. ``collected`` holds the per-batch metrics so far (a
         resumed epoch's, restored from its checkpoint) and is extended in place;
-        ``after_batch(idx)`` runs once a batch's metrics are collected."""
+        ``after_batch(idx)`` runs once a batch's metrics are collected. ``start``:
+        the index of the loader's first batch (a stream restored mid-epoch)."""
         collected = {} if collected is None else collected
-        total = len(loader) if hasattr(loader, "__len__") else None
+        try:
+            total = len(loader) if hasattr(loader, "__len__") else None
+        except TypeError:  # a stream of unknown length (an IterableDataset)
+            total = None
         progress = None
         task = None
         if self.enable_progress_bar:
@@ -887,9 +980,9 @@ class Trainer:
                 console=Console(),  # today's stdout and terminal width
             )
             progress.start()
-            task = progress.add_task(label, total=total, metrics="")
+            task = progress.add_task(label, total=total, metrics="", completed=start)
         try:
-            for idx, batch in enumerate(loader):
+            for idx, batch in enumerate(loader, start):
                 if idx <= skip_until:
                     continue  # resumed: this batch was done before the checkpoint
                 metrics = on_batch(idx, batch)
@@ -924,6 +1017,7 @@ class Trainer:
         momentum: int = 0,
         constraints: Sequence[str] = (),
         tokenizer: Tokenizer | None = None,
+        batch_api: bool = False,
     ) -> RunEstimate:
         """Estimate what :meth:`fit` with these loaders would spend, **before any LM
         call** (a dry run): LM calls, tokens and cost by phase, from the dataset
@@ -932,7 +1026,9 @@ class Trainer:
         prices of ``models``, with a validation after every step when
         ``revert_on_regression`` is set; ``momentum`` and ``constraints``: those of
         the agent's TGD. See :mod:`afnio.trainer.estimate` for the model and its
-        ``assumptions``.
+        ``assumptions``. ``batch_api``: price the validation passes at the Batch API
+        rate of the pricing table (as ``validate(..., batch_api=True)`` pays); for
+        a standalone pass see :func:`afnio.trainer.estimate.estimate_pass`.
 
         Example::
 
@@ -955,7 +1051,13 @@ class Trainer:
                 raise TypeError(
                     f"`{name}` must be a DataLoader (with a dataset and a batch_size)."
                 )
-            n = len(dataset)
+            try:
+                n = len(dataset)
+            except TypeError as e:  # an IterableDataset of unknown length
+                raise TypeError(
+                    f"`{name}`'s dataset has no length, and estimate() needs the "
+                    f"number of samples: {e}"
+                ) from e
             if getattr(loader, "drop_last", False):
                 n = n // batch * batch
             return n, batch, dataset
@@ -963,9 +1065,7 @@ class Trainer:
         n_train, batch_size, train = size(train_dataloader, "train_dataloader")
         n_val = size(val_dataloader, "val_dataloader")[0] if val_dataloader else 0
         if shape is None:
-            shape = GraphShape.of_module(
-                agent, (train[i] for i in range(min(len(train), 500)))
-            )
+            shape = GraphShape.of_module(agent, _first_samples(train, 500))
         return estimate(
             shape,
             n_train=n_train,
@@ -978,6 +1078,7 @@ class Trainer:
             assumptions=assumptions,
             models=models,
             tokenizer=tokenizer or approx_tokens,
+            batch_api=batch_api,
         )
 
     def fit(
@@ -990,6 +1091,7 @@ class Trainer:
         *,
         allow_functions: bool | Iterable[str] = False,
         load_limits: LoadLimits | None = None,
+        batch_api: bool | BatchOptions = False,
     ) -> list[dict[str, Any]]:
         """Train ``agent``; returns the metric history (one dict per epoch).
 
@@ -1012,6 +1114,16 @@ class Trainer:
                 trust.
             load_limits: the size limits of :func:`afnio.load` for the checkpoint
                 (defaults admit every checkpoint afnio writes).
+            batch_api: run the validation passes of the run (after each epoch, and
+                the ``revert_on_regression`` checks) through the provider's Batch
+                API, as :meth:`validate` does (``True``, or a
+                :class:`~afnio.models.batch.BatchOptions`); training steps stay
+                synchronous. The Batch API state (batch ids, answers) is kept in a
+                checkpoint (``checkpoints/epoch_<n>/checkpoint_batch_api.hf``,
+                written at the position of the last checkpoint, before the first
+                poll), so a run interrupted while a batch is polled resumes polling
+                it with ``fit(ckpt_path="last", batch_api=...)`` instead of paying
+                again. ``max_cost`` is checked before each batch is submitted.
 
         Raises:
             TypeError: ``agent`` is not a Module, or a wrong argument type.
@@ -1059,8 +1171,12 @@ class Trainer:
         self.history = []
         self.stopped_reason = None
         self.total_cost = 0.0
+        self._fit_batch = BatchOptions.of(batch_api)
+        self._position = self._batch_resume = None
         start_epoch, skip_until = 1, -1
         sampler = getattr(train_dataloader, "sampler", None)
+        stream = _stream_of(train_dataloader)
+        val_stream = _stream_of(val_dataloader)
         try:
             if ckpt_path is not None:
                 start_epoch, skip_until = self._resume(
@@ -1070,6 +1186,8 @@ class Trainer:
                     sampler,
                     allow_functions=allow_functions,
                     load_limits=load_limits,
+                    stream=stream,
+                    val_stream=val_stream,
                 )
             if self.enable_checkpointing:
                 folder = self.default_root_dir / "checkpoints"
@@ -1085,6 +1203,8 @@ class Trainer:
                 sampler,
                 start_epoch,
                 skip_until,
+                stream=stream,
+                val_stream=val_stream,
             )
         except BudgetExceeded as e:
             self.stopped_reason = str(e)
@@ -1113,7 +1233,23 @@ class Trainer:
         sampler: Any,
         start_epoch: int,
         skip_until: int,
+        *,
+        stream: Any = None,
+        val_stream: Any = None,
     ) -> None:
+        def data_state() -> dict[str, Any]:
+            # a stream's position after the batch just done (see _stream_of), and
+            # a streaming validation loader's (between two passes), so that a
+            # resumed run validates on the epochs an uninterrupted one would
+            if not self.enable_checkpointing:
+                return {}
+            state = {}
+            if stream is not None:
+                state["data_state"] = stream.state_dict()
+            if val_stream is not None:
+                state["val_data_state"] = val_stream.state_dict()
+            return state
+
         for epoch in range(start_epoch, self.max_epochs + 1):
             self._status(f"Epoch {epoch}/{self.max_epochs}")
             sampler_state = (
@@ -1123,7 +1259,7 @@ class Trainer:
                 self._epoch_metrics = {}  # a resumed epoch keeps its batches' metrics
             agent.train()
 
-            def train_batch(idx: int, batch: Any) -> dict[str, Any]:
+            def train_batch(idx: int, batch: Any, epoch: int = epoch) -> dict[str, Any]:
                 self._check_budget()
                 before = self._cost()
                 snapshot = (
@@ -1133,8 +1269,8 @@ class Trainer:
                 )
                 metrics = self._train_step(agent, optimizer, batch, idx)
                 if snapshot is not None:
-                    val = self._evaluate(
-                        agent, val_dataloader, "validation_step", "[Revert check]"
+                    val = self._fit_validation(
+                        agent, optimizer, val_dataloader, "[Revert check]", epoch
                     )
                     score = val.get("loss")
                     best = self._best_val
@@ -1155,24 +1291,33 @@ class Trainer:
                     f"epoch_{epoch}/checkpoint_batch{idx}.hf",
                     agent,
                     optimizer,
-                    {"epoch": epoch, "batch": idx, "sampler_state": sampler_state},
+                    {
+                        "epoch": epoch,
+                        "batch": idx,
+                        "sampler_state": sampler_state,
+                        **data_state(),
+                    },
                 )
 
+            skip = skip_until if epoch == start_epoch else -1
+            # a stream restored mid-epoch continues at batch skip + 1: nothing to skip
+            start = skip + 1 if stream is not None and skip >= 0 else 0
             train = self._loop(
                 agent,
                 train_dataloader,
                 "training_step",
                 "[Training]",
                 train_batch,
-                skip_until if epoch == start_epoch else -1,
+                -1 if start else skip,
                 collected=self._epoch_metrics,
                 after_batch=after_batch,
+                start=start,
             )
             row: dict[str, Any] = {"epoch": epoch}
             row.update({f"train_{k}": v for k, v in train.items()})
             if val_dataloader is not None:
-                val = self._evaluate(
-                    agent, val_dataloader, "validation_step", "[Validation]"
+                val = self._fit_validation(
+                    agent, optimizer, val_dataloader, "[Validation]", epoch
                 )
                 row.update({f"val_{k}": v for k, v in val.items()})
             row["total_cost"] = self._cost()
@@ -1189,8 +1334,76 @@ class Trainer:
                     "sampler_state": sampler.state_dict()
                     if hasattr(sampler, "state_dict")
                     else None,
+                    **data_state(),
                 },
             )
+
+    def _fit_validation(
+        self, agent: Module, optimizer: Any, loader: Any, label: str, epoch: int
+    ) -> dict[str, Any]:
+        """A validation pass of ``fit``: synchronous, or through the Batch API with
+        ``fit(batch_api=...)``.
+
+        The state of the validation after an epoch is written into a checkpoint at
+        the run's position (the last checkpoint's state: nothing changed since)
+        after every change, so that a resume from it polls the batches already
+        submitted. A revert check runs mid-step (the parameters already moved), so
+        no checkpoint can hold it: its state is the ``"fit_revert_check"`` entry of
+        :data:`BATCH_STATE_FILE`; a run resumed after an interruption redoes the
+        step, and its check polls the same batch when the step made the same
+        requests (else that batch is cancelled)."""
+        if self._fit_batch is None:
+            entry, self._batch_resume = self._batch_resume, None
+            running = [
+                b["id"]
+                for b in (entry or {}).get("batches", [])
+                if isinstance(b, dict) and b.get("status") == "submitted"
+            ]
+            if running:
+                logger.warning(
+                    "The checkpoint holds Batch API batches of this validation (%s) "
+                    "and the run resumed without batch_api: the validation runs "
+                    "synchronously and they are not polled (resume with "
+                    "fit(..., batch_api=True) to use them).",
+                    ", ".join(running),
+                )
+            return self._evaluate(agent, loader, "validation_step", label)
+        store: BatchStore
+        if "revert" in label.lower():
+            store = BatchStore(
+                self.default_root_dir / BATCH_STATE_FILE, "fit_revert_check"
+            )
+        else:
+            entry, self._batch_resume = self._batch_resume, None  # taken once
+            name = f"epoch_{epoch}/checkpoint_batch_api.hf"
+
+            def keep(state: dict[str, Any]) -> None:
+                if self._position is not None:  # else no checkpoint to resume from
+                    self._checkpoint(
+                        name,
+                        agent,
+                        optimizer,
+                        {**self._position, "batch_api_state": state},
+                    )
+
+            store = MemoryStore(
+                "fit",
+                entry=entry,
+                on_save=keep,
+                path=self.default_root_dir / "checkpoints" / name,
+            )
+        run = BatchRun(
+            store,
+            self._fit_batch,
+            progress=self.enable_progress_bar,
+            label=label.strip("[]"),
+            budget=self._check_batch_budget,
+        )
+        self.last_batch_run = run
+        # what a resumed state accounted is in the checkpoint's total_cost (or in
+        # the spend log after it): run.prior_cost is not added again
+        replay = ReplayLoader(loader)  # the same batches in every round
+        return run.run(lambda: self._evaluate(agent, replay, "validation_step", label))
 
     def last_checkpoint_path(self) -> Path:
         """The newest checkpoint written under ``default_root_dir`` (what
@@ -1265,15 +1478,20 @@ class Trainer:
             with no_grad():
 
                 def one(idx: int, batch: Any) -> dict[str, Any]:
-                    if self._meter is not None:
+                    # through the Batch API the budget is checked before a batch is
+                    # submitted (a round's batch costs nothing here)
+                    if self._meter is not None and active_collector() is None:
                         self._check_budget(self._max_eval_cost or self._max_step_cost)
                     before = self._cost() if self._meter is not None else 0.0
-                    output = self._retry(
-                        lambda: getattr(agent, method)(batch, idx),
-                        f"{method}()",
-                        phase=phase,
-                        batch_idx=idx,
-                    )
+                    try:
+                        output = self._retry(
+                            lambda: getattr(agent, method)(batch, idx),
+                            f"{method}()",
+                            phase=phase,
+                            batch_idx=idx,
+                        )
+                    except BatchDeferred:
+                        return {}  # a Batch API round: its calls were collected
                     loss, extra = _parse_step_output(output, method)
                     if self._meter is not None:
                         self._max_eval_cost = max(
@@ -1321,6 +1539,8 @@ class Trainer:
         *,
         allow_functions: bool | Iterable[str] = False,
         load_limits: LoadLimits | None = None,
+        stream: Any = None,
+        val_stream: Any = None,
     ) -> tuple[int, int]:
         # by default functions come back as references: they load only into slots
         # that already hold the same functions, and nothing named in the file is
@@ -1359,7 +1579,49 @@ class Trainer:
         state = checkpoint.get("sampler_state")
         if state is not None and hasattr(sampler, "load_state_dict"):
             sampler.load_state_dict(state)
+        data_state = checkpoint.get("data_state")
+        if data_state is not None and stream is None:
+            raise ValueError(
+                f"{path} holds the position of a streaming train_dataloader (over an "
+                "IterableDataset with state_dict, e.g. JsonlDataset), and this "
+                "train_dataloader is not one: resume with the loader the run began "
+                "with."
+            )
+        if data_state is None and stream is not None:
+            raise ValueError(
+                f"{path} holds no stream position (it was written by a fit over "
+                "another kind of train_dataloader), so this streaming one cannot "
+                "resume exactly: resume with the loader the run began with."
+            )
+        if stream is not None:
+            stream.load_state_dict(data_state)  # the next batch continues from it
+        # a streaming validation loader: its next pass reads the epoch it would
+        # have read without the interruption (a checkpoint of a fit without one,
+        # or an older one, holds none: its passes start from its first epoch)
+        val_data_state = checkpoint.get("val_data_state")
+        if val_data_state is not None and val_stream is not None:
+            val_stream.load_state_dict(val_data_state)
+        elif val_data_state is not None:
+            logger.warning(
+                "%s holds the position of a streaming val_dataloader, and this "
+                "val_dataloader is not one: its validations are not those of the "
+                "interrupted run's loader.",
+                path,
+            )
         epoch, batch = int(checkpoint["epoch"]), checkpoint.get("batch")
+        # a checkpoint written while a validation polled a batch: the next one polls
+        # it again (fit(batch_api=...)); the position is where further Batch API
+        # states are checkpointed
+        self._batch_resume = checkpoint.get("batch_api_state")
+        self._position = {
+            "epoch": epoch,
+            "batch": batch,
+            "sampler_state": checkpoint.get("sampler_state"),
+        }
+        if data_state is not None:
+            self._position["data_state"] = data_state
+        if val_data_state is not None:
+            self._position["val_data_state"] = val_data_state
         self._status(f"Resumed from {path} (epoch {epoch}, batch {batch}).")
         if batch is None:
             return epoch + 1, -1
@@ -1370,11 +1632,31 @@ class Trainer:
         agent: Module,
         val_dataloader: Any = None,
         llm_clients: Sequence[Any] | None = None,
+        *,
+        batch_api: bool | BatchOptions = False,
     ) -> dict[str, Any]:
         """Run ``validation_step`` over the loader under ``no_grad``; returns the mean
-        metrics (``val_<name>``)."""
+        metrics (``val_<name>``).
+
+        Args:
+            batch_api: send the pass's chat calls (afnio OpenAI clients) through the
+                provider's Batch API, at the batch price, in one batch per round of
+                dependent calls (``True``, or a
+                :class:`~afnio.models.batch.BatchOptions` for the poll interval and
+                retries); see :mod:`afnio.models.batch`. The batch ids are kept in
+                ``<default_root_dir>/batch_api_state.json``
+                (:data:`~afnio.models.batch.BATCH_STATE_FILE`), so calling
+                ``validate`` again after an interruption polls the same batches
+                instead of paying again; the entry is removed when the pass ends.
+        """
         return self._run_eval(
-            agent, val_dataloader, llm_clients, "validation_step", "val", "Validation"
+            agent,
+            val_dataloader,
+            llm_clients,
+            "validation_step",
+            "val",
+            "Validation",
+            batch_api=batch_api,
         )
 
     def test(
@@ -1382,12 +1664,40 @@ class Trainer:
         agent: Module,
         test_dataloader: Any = None,
         llm_clients: Sequence[Any] | None = None,
+        *,
+        batch_api: bool | BatchOptions = False,
     ) -> dict[str, Any]:
         """Run ``test_step`` over the loader under ``no_grad``; returns the mean metrics
-        (``test_<name>``)."""
+        (``test_<name>``). ``batch_api``: as for :meth:`validate` (its state entry is
+        ``"test"``)."""
         return self._run_eval(
-            agent, test_dataloader, llm_clients, "test_step", "test", "Test"
+            agent,
+            test_dataloader,
+            llm_clients,
+            "test_step",
+            "test",
+            "Test",
+            batch_api=batch_api,
         )
+
+    def _batch_run(self, name: str, batch_api: Any, label: str) -> BatchRun | None:
+        """The Batch API run of a standalone pass (``None`` without ``batch_api``);
+        its state is the ``name`` entry of :data:`BATCH_STATE_FILE` in the root.
+        ``max_cost`` is checked before each batch is submitted, counting what this
+        call spent (the Trainer's meter) and what an earlier, interrupted call of
+        the pass accounted (the state's cost)."""
+        options = BatchOptions.of(batch_api)
+        if options is None:
+            return None
+        store = BatchStore(self.default_root_dir / BATCH_STATE_FILE, name)
+        run = BatchRun(store, options, progress=self.enable_progress_bar, label=label)
+
+        def budget(projected: float, requests: int) -> None:
+            self._check_batch_budget(projected, requests, run.prior_cost)
+
+        run.budget = budget
+        self.last_batch_run = run
+        return run
 
     def _run_eval(
         self,
@@ -1397,6 +1707,8 @@ class Trainer:
         method: str,
         prefix: str,
         title: str,
+        *,
+        batch_api: bool | BatchOptions = False,
     ) -> dict[str, Any]:
         if not isinstance(agent, Module):
             raise TypeError(
@@ -1410,33 +1722,68 @@ class Trainer:
         )
         self._cost_before = 0.0
         self._status("Validation" if prefix == "val" else "Testing")
-        metrics = self._evaluate(agent, loader, method, f"[{title}]")
+        run = self._batch_run(
+            "validate" if prefix == "val" else "test", batch_api, title
+        )
+        if run is None:
+            metrics = self._evaluate(agent, loader, method, f"[{title}]")
+        else:
+            # every round sees the batches of the first, in its order (a stream
+            # or a shuffling sampler is rewound to the start of the pass's epoch)
+            replay = ReplayLoader(loader)
+            metrics = run.run(
+                lambda: self._evaluate(agent, replay, method, f"[{title}]")
+            )
+            # what an interrupted earlier call accounted for this pass's batches
+            self._cost_before = run.prior_cost
         result = {f"{prefix}_{k}": v for k, v in metrics.items()}
         result["total_cost"] = self._cost()
         self.total_cost = self._cost()
         return result
 
-    def predict(self, agent: Module, dataloader: Any) -> list[Any]:
+    def predict(
+        self,
+        agent: Module,
+        dataloader: Any,
+        *,
+        batch_api: bool | BatchOptions = False,
+    ) -> list[Any]:
         """Run the forward pass over ``dataloader`` under ``no_grad`` and return the
         outputs, one per batch. Uses ``agent.predict_step(batch, idx)`` when defined,
         else ``agent(inputs)`` with the batch's first element when the batch is a
-        tuple or list (``(inputs, targets)``), or the batch itself."""
+        tuple or list (``(inputs, targets)``), or the batch itself. ``batch_api``:
+        as for :meth:`validate` (its state entry is ``"predict"``)."""
         if not isinstance(agent, Module):
             raise TypeError(
                 f"`agent` must be an afnio Module, got {type(agent).__name__}."
             )
+        run = self._batch_run("predict", batch_api, "Predict")
+        if run is None:
+            return self._predict(agent, dataloader)
+        # the meter max_cost is checked against before each batch is submitted
+        self._meter = _CostMeter(
+            self._clients(agent, getattr(agent, "_optimizers", None), None)
+        )
+        self._cost_before = 0.0
+        replay = ReplayLoader(dataloader)  # the same batches in every round
+        return run.run(lambda: self._predict(agent, replay))
+
+    def _predict(self, agent: Module, dataloader: Any) -> list[Any]:
         was_training = agent.training
         agent.eval()
         outputs = []
         try:
             with no_grad():
                 for idx, batch in enumerate(dataloader):
-                    if hasattr(agent, "predict_step"):
-                        outputs.append(agent.predict_step(batch, idx))
-                    elif isinstance(batch, (tuple, list)) and batch:
-                        outputs.append(agent(batch[0]))
-                    else:
-                        outputs.append(agent(batch))
+                    try:
+                        if hasattr(agent, "predict_step"):
+                            outputs.append(agent.predict_step(batch, idx))
+                        elif isinstance(batch, (tuple, list)) and batch:
+                            outputs.append(agent(batch[0]))
+                        else:
+                            outputs.append(agent(batch))
+                    except BatchDeferred:
+                        outputs.append(None)  # a Batch API round: calls collected
         finally:
             agent.train(was_training)
         return outputs

@@ -55,13 +55,16 @@ from afnio.trainer.estimate import (
     approx_tokens,
 )
 from afnio.trainer.estimate import estimate as _estimate
+from afnio.utils.data import IterableDataset, JsonlDataset
 from afnio_integrations._recorded import JoinFields
 from afnio_integrations._report import OptimizeReport
 from afnio_integrations._rows import short_repr
 from afnio_integrations._training import (
     SplitAgent,
+    StreamRows,
     client_model,
     model_args,
+    stream_rows,
     train_agent,
 )
 from afnio_integrations.dspy._model import DSPyLM
@@ -327,8 +330,11 @@ def _client(lm: LMLike, name: str) -> tuple[ChatCompletionModel, dict[str, Any]]
 _EXAMPLE = 'dspy.Example(question=..., answer=...).with_inputs("question")'
 
 
-def _examples(data: Sequence[Any] | None, name: str) -> list[dspy.Example]:
-    """``data`` as a list of ``dspy.Example`` with input keys (``[]`` for None).
+def _examples(
+    data: Sequence[Any] | None, name: str, first: int = 0
+) -> list[dspy.Example]:
+    """``data`` as a list of ``dspy.Example`` with input keys (``[]`` for None);
+    ``first``: the index of ``data[0]`` in the set (in the messages).
 
     Raises:
         TypeError: ``data`` is not a list, or holds something else than examples.
@@ -342,11 +348,18 @@ def _examples(data: Sequence[Any] | None, name: str) -> list[dspy.Example]:
             f"Build each as {_EXAMPLE}."
         )
     rows = list(data)
-    for i, ex in enumerate(rows):
+    for i, ex in enumerate(rows, first):
         if not isinstance(ex, dspy.Example):
             hint = ""
             if isinstance(ex, Mapping):
                 hint = " (for a dict row: dspy.Example(**row).with_inputs(...))"
+            elif isinstance(ex, Variable) or (
+                isinstance(ex, tuple) and any(isinstance(x, Variable) for x in ex)
+            ):  # a dataset built to feed an afnio Module
+                hint = (
+                    " (for a JsonlDataset: JsonlDataset(path, transform=lambda row: "
+                    "dspy.Example(**row).with_inputs(...)), without input=/target=)"
+                )
             raise TypeError(
                 f"`{name}[{i}]` must be a dspy.Example, got {short_repr(ex)}. "
                 f"Build it as {_EXAMPLE}{hint}."
@@ -410,10 +423,11 @@ def _program_inputs(student: dspy.Module) -> tuple[tuple[str, ...], str] | None:
 
 
 def _check_inputs(
-    student: dspy.Module, rows: Sequence[dspy.Example], name: str
+    student: dspy.Module, rows: Sequence[dspy.Example], name: str, first: int = 0
 ) -> None:
     """Refuse, before any LM call, an example that lacks an input the program
-    needs (DSPy would run it on an empty input and score the answer).
+    needs (DSPy would run it on an empty input and score the answer). ``first``:
+    the index of ``rows[0]`` in the set (in the messages).
 
     Raises:
         ValueError: naming the example, its input keys and the program's inputs.
@@ -422,7 +436,7 @@ def _check_inputs(
     if known is None:
         return
     needed, source = known
-    for i, ex in enumerate(rows):
+    for i, ex in enumerate(rows, first):
         keys = list(ex.inputs().keys())
         missing = [k for k in needed if k not in keys]
         if missing:
@@ -529,6 +543,36 @@ class AfnioTGD(Teleprompter):
         self.progress = progress
         self.root_dir = root_dir
         self.report: OptimizeReport | None = None
+
+    def _streamed(
+        self, student: Any, trainset: IterableDataset, valset: Any
+    ) -> tuple[StreamRows, list[dspy.Example]]:
+        """A streamed ``trainset`` (each example checked as it is read) and the
+        ``valset`` (checked by the caller, before any LM call)."""
+        if not isinstance(student, dspy.Module):
+            raise TypeError(
+                f"`student` must be a dspy.Module, got {type(student).__name__}."
+            )
+        if valset is None:
+            raise ValueError(
+                "`trainset` is a stream (an IterableDataset), so it cannot also "
+                "serve as the valset, which is scored as one batch, in memory: pass "
+                "valset=[...] (dspy.Example items, e.g. a held-out sample)."
+            )
+        if isinstance(trainset, JsonlDataset) and trainset.transform is None:
+            raise TypeError(
+                f"`trainset` is {trainset!r}, whose samples are not dspy.Example: "
+                "build it with transform=lambda row: dspy.Example(**row)"
+                ".with_inputs(...) (and without input=/target=)."
+            )
+        val = _valset(valset, [])
+
+        def check(example: Any, index: int) -> dspy.Example:
+            _examples([example], "trainset", first=index)
+            _check_inputs(student, [example], "trainset", first=index)
+            return example
+
+        return stream_rows(trainset, check, keep=2 * self.batch_size), val
 
     def _backward(self) -> tuple[ChatCompletionModel, dict[str, Any]]:
         """The backward client and its completion arguments, ``model`` settled
@@ -679,14 +723,30 @@ class AfnioTGD(Teleprompter):
     ) -> dspy.Module:
         """Optimize a copy of ``student`` on ``trainset``; returns the copy (with
         ``_compiled = True``). ``valset`` (default: ``trainset``) is scored before
-        training and after each epoch. ``teacher`` is not used."""
+        training and after each epoch. ``teacher`` is not used.
+
+        A ``trainset`` larger than memory: an
+        :class:`~afnio.utils.data.IterableDataset` of examples, e.g.
+        ``JsonlDataset(path, transform=lambda row:
+        dspy.Example(**row).with_inputs("question"))``. It is read as the training
+        goes (one batch in memory), each example checked when it is read (a bad one
+        ends the run naming it, ``trainset[i]`` counting the epoch's examples; a
+        ``JsonlDataset`` names the file's line), every epoch again and in its own
+        order (``JsonlDataset(buffer_size=..., seed=...)`` shuffles; ``seed``
+        does not apply). It needs a ``valset`` (a list: it is scored as one
+        batch, in memory)."""
         if kwargs:
             raise TypeError(f"compile() got unexpected arguments {sorted(kwargs)}.")
         if teacher is not None:
             raise ValueError("AfnioTGD does not use a teacher program: pass none.")
-        train = _student_and_trainset(student, trainset)
-        val = _valset(valset, train)
-        _check_inputs(student, train, "trainset")
+        stream: StreamRows | None = None
+        if isinstance(trainset, IterableDataset):
+            stream, val = self._streamed(student, trainset, valset)
+            train: list[dspy.Example] = []
+        else:
+            train = _student_and_trainset(student, trainset)
+            val = _valset(valset, train)
+            _check_inputs(student, train, "trainset")
         if val is not train:
             _check_inputs(student, val, "valset")
         program = student.deepcopy()
@@ -712,7 +772,10 @@ class AfnioTGD(Teleprompter):
                 **optimizer_args,
             )
 
-        examples = {"train": train, "val": val}
+        examples: dict[str, Any] = {
+            "train": stream.rows if stream is not None else train,
+            "val": val,
+        }
         names = {"train": "trainset", "val": "trainset" if val is train else "valset"}
         agent = _ProgramAgent(
             traced, self.metric, examples, names, make_optimizer, self.best_score
@@ -732,6 +795,7 @@ class AfnioTGD(Teleprompter):
                 revert_on_regression=self.revert_on_regression,
                 progress=self.progress,
                 root_dir=self.root_dir,
+                train_stream=stream,
             )
         traced.write_back()
         program._compiled = True

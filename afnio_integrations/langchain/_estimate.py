@@ -21,7 +21,8 @@ from afnio.trainer.estimate import (
     approx_tokens,
 )
 from afnio.trainer.estimate import estimate as _estimate
-from afnio_integrations._rows import chain_rows
+from afnio.utils.data import IterableDataset
+from afnio_integrations._rows import Row, chain_rows
 from afnio_integrations.langchain._discovery import (
     Selector,
     _closure_and_globals,
@@ -33,6 +34,44 @@ from afnio_integrations.langchain._langgraph import graph_input, is_graph
 from afnio_integrations.langchain._traced import TracedChain, _text_slots, _wrapped
 
 __all__ = ["estimate"]
+
+SAMPLED_ROWS = 500
+"""Rows of a streamed trainset read for the input sizes (its length is ``len()``)."""
+
+
+def _streamed_sample(
+    chain: Any,
+    trainset: IterableDataset,
+    valset: Iterable[Any] | None,
+    batch_size: int,
+    input_keys: Sequence[str] | None,
+    label_key: str | None,
+) -> tuple[int, list[Row], list[Row]]:
+    """A streamed trainset's length, its first rows (checked as :func:`optimize`
+    checks them; the stream's position restored after) and the valset's rows."""
+    from afnio_integrations.langchain._optimize import _streamed_rows
+
+    stream, val = _streamed_rows(
+        chain, trainset, valset, batch_size, input_keys, label_key
+    )
+    try:
+        n_train = len(trainset)
+    except TypeError as e:
+        raise TypeError(
+            f"`trainset` is a stream without a length, and estimate() needs the "
+            f"number of rows: {e}"
+        ) from e
+    state = trainset.state_dict() if hasattr(trainset, "state_dict") else None
+    rows: list[Row] = []
+    try:
+        for index, _ in stream:
+            rows.append(stream.rows[index])
+            if len(rows) == SAMPLED_ROWS:
+                break
+    finally:
+        if state is not None:
+            trainset.load_state_dict(state)  # type: ignore[attr-defined]
+    return n_train, rows, val
 
 
 def _input_text(inputs: Any) -> str:
@@ -106,7 +145,10 @@ def estimate(
 
     Args:
         trainset, valset, input_keys, label_key: as for :func:`optimize` (the same
-            row shapes, checked the same way).
+            row shapes, checked the same way). For a streamed trainset (an
+            IterableDataset with a length, e.g. a ``JsonlDataset``) the number of
+            rows is its ``len()`` (a ``JsonlDataset`` counts its lines) and the
+            input sizes come from its first ``SAMPLED_ROWS`` (500) rows.
         metric_feedback: ``True`` if the metric returns ``(score, feedback)`` (its
             text is the gradient: no evaluator-backward call).
         revert_on_regression: as for ``optimize`` (a validation after every step).
@@ -126,14 +168,20 @@ def estimate(
                                                  "backward": "gpt-5"})
         print(run)  # estimated: ... LM calls, ... tokens, $...
     """
-    train, val = chain_rows(
-        chain, trainset, valset, input_keys=input_keys, label_key=label_key
-    )
-    # a str row is the user's message to an agent (or to a binding around it)
-    if is_graph(_wrapped(chain, sequences=False)):
-        train = [
-            (graph_input(_wrapped(chain, sequences=False), i), t) for i, t in train
-        ]
+    if isinstance(trainset, IterableDataset):  # graph inputs mapped as they are read
+        n_train, train, val = _streamed_sample(
+            chain, trainset, valset, batch_size, input_keys, label_key
+        )
+    else:
+        train, val = chain_rows(
+            chain, trainset, valset, input_keys=input_keys, label_key=label_key
+        )
+        n_train = len(train)
+        # a str row is the user's message to an agent (or to a binding around it)
+        if is_graph(_wrapped(chain, sequences=False)):
+            train = [
+                (graph_input(_wrapped(chain, sequences=False), i), t) for i, t in train
+            ]
     include = tuple(include)
     prompts: dict[int, Any] = {}
     for runnable in (chain, *include):
@@ -174,7 +222,7 @@ def estimate(
         models = {"forward": name} if name else None
     return _estimate(
         shape,
-        n_train=len(train),
+        n_train=n_train,
         n_val=len(val),
         epochs=epochs,
         batch_size=batch_size,

@@ -30,17 +30,24 @@ from afnio.autodiff.function import Function
 from afnio.errors import is_provider_error, note_client, request_url, tag_sample
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import TGD
+from afnio.utils.data import IterableDataset, JsonlDataset
 from afnio_integrations._report import OptimizeReport
 from afnio_integrations._rows import (
     Row,
     chain_rows,
+    check_inputs,
+    entry_variables,
+    normalize_rows,
+    row_checker,
     short_repr,
 )
 from afnio_integrations._training import (
     SplitAgent,
+    StreamRows,
     client_model,
     model_args,
     needs_model,
+    stream_rows,
     train_agent,
 )
 from afnio_integrations.langchain._discovery import Selector
@@ -218,7 +225,7 @@ class _ChainAgent(SplitAgent):
         self,
         traced: TracedChain,
         metric: Callable[..., Any],
-        pairs: dict[str, list[Row]],
+        pairs: dict[str, Any],  # split -> rows by index (a list, or a stream's dict)
         names: dict[str, str],
         optimizer: Callable[[], Any],
         best_score: Any,
@@ -374,8 +381,9 @@ def optimize(
         chain: the user's LangChain chain, ``create_agent`` agent or compiled
             LangGraph graph (its texts are updated in place: the same object sends
             the new texts afterwards).
-        trainset: the rows to train on, each one of (every row of a set is read the
-            same way):
+        trainset: the rows to train on (a list, or an
+            :class:`~afnio.utils.data.IterableDataset` read as a stream, see below),
+            each one of (every row of a set is read the same way):
 
             * ``(inputs, target)``: ``inputs`` is what ``chain.invoke`` takes (a
               dict, or a str for a chain whose prompt has one input variable);
@@ -390,6 +398,16 @@ def optimize(
             any LM call (see :mod:`afnio_integrations._rows`: e.g. a ``set`` of rows,
             inputs that are neither a dict nor a str, a dict or list target); so do
             inputs that lack a variable of the chain's first prompt.
+
+            A trainset larger than memory: ``JsonlDataset(path)`` (no ``input=``:
+            its rows are dicts, read with ``label_key=``), or any IterableDataset of
+            rows. It is read as the training goes, one batch in memory, each row
+            checked when it is read (a bad row ends the run naming it,
+            ``trainset[i]`` counting the epoch's rows, and a ``JsonlDataset`` names
+            the file's line); every epoch reads it again, in its own order
+            (``JsonlDataset(buffer_size=..., seed=...)`` shuffles; ``seed=`` here
+            does not apply). It needs a ``valset``, which is a list: the valset is
+            scored as one batch, in memory.
         metric: ``metric(prediction: str, target: str) -> score`` (e.g. 1/0), or
             ``-> (score, feedback)`` whose text is then used as the feedback itself
             (no LM call writes it; ``None`` is no feedback); anything else (``None``,
@@ -402,7 +420,8 @@ def optimize(
             :func:`~afnio_integrations.langchain.trajectory_match`; a ``str`` row
             input is the user's message (``{"messages": [...]}``).
         valset: rows scored before and after (and per epoch), read as
-            ``trainset``; default ``trainset``.
+            ``trainset``; default ``trainset`` (required when ``trainset`` is a
+            stream).
         input_keys: for dict rows, the keys given to the chain (default: every key
             but ``label_key``); for examples, the inputs kept (default: all).
         label_key: the key (of a dict row, or of an example's ``outputs``) holding
@@ -447,9 +466,16 @@ def optimize(
         rows = [{"message": "The heater broke again.", "label": "negative"}, ...]
         chain, report = optimize(chain, rows, metric, label_key="label")
     """
-    train, val = chain_rows(
-        chain, trainset, valset, input_keys=input_keys, label_key=label_key
-    )
+    stream: StreamRows | None = None
+    if isinstance(trainset, IterableDataset):
+        stream, val = _streamed_rows(
+            chain, trainset, valset, batch_size, input_keys, label_key
+        )
+        train: list[Row] = []
+    else:
+        train, val = chain_rows(
+            chain, trainset, valset, input_keys=input_keys, label_key=label_key
+        )
     # a str row is the user's message to an agent (or to a binding around it)
     if is_graph(_wrapped(chain, sequences=False)):
         train = [
@@ -458,7 +484,10 @@ def optimize(
         val = [(graph_input(_wrapped(chain, sequences=False), i), t) for i, t in val]
     model_client, completion_args = _clients(model_client, completion_args)
     traced = trace(chain, select, output_key=output_key)
-    pairs = {"train": train, "val": val}
+    pairs: dict[str, Any] = {
+        "train": stream.rows if stream is not None else train,
+        "val": val,
+    }
     names = {"train": "trainset", "val": "trainset" if valset is None else "valset"}
 
     def make_optimizer() -> TGD:
@@ -472,8 +501,8 @@ def optimize(
     before_prompts = traced.prompts()
     outcome = train_agent(
         agent,
-        n_train=len(pairs["train"]),
-        n_val=len(pairs["val"]),
+        n_train=len(train),
+        n_val=len(val),
         score_key="val_accuracy",
         # the chain's own LM calls, and those of afnio modules inside it, count in
         # budgets and in the report
@@ -485,7 +514,55 @@ def optimize(
         revert_on_regression=revert_on_regression,
         progress=progress,
         root_dir=root_dir,
+        train_stream=stream,
     )
     traced.write_back()
     report = outcome.report(before_prompts, traced.prompts())
     return chain, report
+
+
+def _streamed_rows(
+    chain: Any,
+    trainset: IterableDataset,
+    valset: Iterable[Any] | None,
+    batch_size: int,
+    input_keys: Sequence[str] | None,
+    label_key: str | None,
+) -> tuple[StreamRows, list[Row]]:
+    """A streamed ``trainset`` (its rows checked as they are read) and the
+    ``valset``'s rows (checked now, before any LM call)."""
+    if valset is None:
+        raise ValueError(
+            "`trainset` is a stream (an IterableDataset), so it cannot also serve as "
+            "the valset, which is scored as one batch, in memory: pass "
+            "valset=[...] (rows as for trainset, e.g. a held-out sample of the "
+            "file)."
+        )
+    if isinstance(trainset, JsonlDataset) and trainset.input:
+        raise TypeError(
+            f"`trainset` is {trainset!r}, built with input=/target=, so its samples "
+            "are afnio Variables (to feed an afnio Module). optimize() reads rows as "
+            "the chain takes them: build it without input=/target= (its rows are "
+            "dicts) and pass label_key= (and input_keys=)."
+        )
+    variables = entry_variables(chain)
+    val = normalize_rows(
+        valset,
+        "valset",
+        input_keys=input_keys,
+        label_key=label_key,
+        variables=variables,
+    )
+    check_inputs(val, "valset", variables, input_keys=input_keys)
+    check = row_checker(
+        "trainset", input_keys=input_keys, label_key=label_key, variables=variables
+    )
+    graph = _wrapped(chain, sequences=False)
+    if is_graph(graph):  # a str row is the user's message to the agent
+        plain = check
+
+        def check(row: Any, index: int) -> Row:
+            inputs, target = plain(row, index)
+            return graph_input(graph, inputs), target
+
+    return stream_rows(trainset, check, keep=2 * batch_size), val

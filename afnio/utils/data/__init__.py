@@ -1,6 +1,10 @@
 """Datasets, data loaders and samplers, modelled on ``torch.utils.data``.
 
 * :class:`Dataset`: the base class of map-style datasets;
+* :class:`IterableDataset`: the base class of iterable (streaming) datasets, and
+  :class:`JsonlDataset`, one over a JSON Lines file larger than memory (validated
+  rows, shuffling by buffer, sharding, an exact resume); :class:`JsonlRowError` is
+  what a bad line raises;
 * :class:`DataLoader`: batches a dataset, collating samples into batched Variables;
 * :class:`SequentialSampler`, :class:`RandomSampler`, :class:`WeightedRandomSampler`:
   the order of the indices. Random samplers own a private ``random.Random(seed)``:
@@ -22,7 +26,8 @@ Example::
 """
 
 from afnio.utils.data.dataloader import DataLoader
-from afnio.utils.data.dataset import Dataset
+from afnio.utils.data.dataset import Dataset, IterableDataset
+from afnio.utils.data.jsonl import JsonlDataset, JsonlRowError
 from afnio.utils.data.sampler import (
     RandomSampler,
     Sampler,
@@ -34,6 +39,9 @@ from afnio.utils.data.utils import get_batch_size as get_batch_size
 __all__ = [
     "DataLoader",
     "Dataset",
+    "IterableDataset",
+    "JsonlDataset",
+    "JsonlRowError",
     "RandomSampler",
     "Sampler",
     "SequentialSampler",

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 from afnio._variable import Variable
-from afnio.utils.data.dataset import Dataset
+from afnio.utils.data.dataset import Dataset, IterableDataset
 from afnio.utils.data.sampler import RandomSampler, Sampler, SequentialSampler
 
 __all__ = ["DataLoader", "collate", "collate_tuple"]
@@ -124,13 +124,18 @@ class DataLoader(Generic[T_co]):
 
     Args:
         dataset: a map-style dataset (``dataset[i]`` and ``len(dataset)``), e.g. a
-            :class:`~afnio.utils.data.Dataset` or a list.
+            :class:`~afnio.utils.data.Dataset` or a list; or an
+            :class:`~afnio.utils.data.IterableDataset` (a stream, e.g.
+            :class:`~afnio.utils.data.JsonlDataset`), whose samples are batched as
+            they come, in the dataset's own order.
         batch_size: samples per batch (a positive int).
         shuffle: a new random order every epoch if ``True`` (a
-            :class:`~afnio.utils.data.RandomSampler`).
+            :class:`~afnio.utils.data.RandomSampler`). Not for an IterableDataset,
+            which orders its samples itself (e.g. ``JsonlDataset(buffer_size=...)``).
         sampler: the order of the indices (any iterable of indices, e.g. a
             :class:`~afnio.utils.data.Sampler`); mutually exclusive with
-            ``shuffle=True``. Defaults to sequential order.
+            ``shuffle=True``. Defaults to sequential order. Not for an
+            IterableDataset (``loader.sampler`` is then ``None``).
         drop_last: drop the last batch if it is smaller than ``batch_size``.
         seed: the seed of the RandomSampler created when ``shuffle=True`` (ignored
             otherwise). The same seed gives the same sequence of epochs, each epoch in
@@ -139,11 +144,19 @@ class DataLoader(Generic[T_co]):
     Iterating gives batches collated as described in :mod:`afnio.utils.data.dataloader`.
     ``iter(loader)`` starts a new epoch and returns the loader itself.
     ``len(loader)`` is ``ceil(len(dataset) / batch_size)`` (floor with ``drop_last``);
-    like upstream, it does not account for a sampler's ``num_samples``.
+    like upstream, it does not account for a sampler's ``num_samples``. Over an
+    IterableDataset without ``__len__``, ``len(loader)`` raises ``TypeError``.
+
+    Over an IterableDataset that has ``state_dict``/``load_state_dict`` (such as
+    ``JsonlDataset``), :meth:`state_dict` is the stream's position after the last
+    batch yielded; the :class:`~afnio.trainer.Trainer` saves it in its checkpoints
+    and restores it with :meth:`load_state_dict`, so a resumed ``fit`` continues
+    with exactly the next batch.
 
     Raises:
         ValueError: if ``shuffle`` is not a bool, ``sampler`` is given with
-            ``shuffle=True``, or ``batch_size`` is not positive.
+            ``shuffle=True``, ``shuffle=True`` or a ``sampler`` is given with an
+            IterableDataset, or ``batch_size`` is not positive.
         TypeError: if ``batch_size`` is not an int, ``drop_last`` is not a bool, or
             ``sampler`` is not iterable.
 
@@ -184,12 +197,21 @@ class DataLoader(Generic[T_co]):
                 "`sampler` must be an iterable of indices (e.g. a Sampler), got "
                 f"{type(sampler).__name__}."
             )
+        self.iterable = isinstance(dataset, IterableDataset)
+        if self.iterable and (shuffle or sampler is not None):
+            option = "shuffle=True" if shuffle else "a sampler"
+            raise ValueError(
+                f"DataLoader: {option} cannot apply to {type(dataset).__name__}, an "
+                "IterableDataset (its samples have no indices): let the dataset "
+                "order them, e.g. JsonlDataset(path, ..., buffer_size=1000, seed=0) "
+                "shuffles by buffer."
+            )
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = bool(shuffle)
         self.drop_last = drop_last
         self.seed = seed
-        if sampler is None:
+        if sampler is None and not self.iterable:
             sampler = (
                 RandomSampler(dataset, seed=seed)
                 if shuffle
@@ -198,14 +220,31 @@ class DataLoader(Generic[T_co]):
         self.sampler = sampler
         self.index_sampler = sampler  # upstream's name
         self._sampler_iter: Iterator[Any] | None = None
+        self._batches = 0  # batches yielded in this epoch (an IterableDataset's)
+        self._restored_batches = 0  # the count of a restored state, for its epoch
+        # the stream ran out while the last (short) batch was built: the epoch is
+        # over although the loader has not yet said so (its next batch is the end)
+        self._exhausted = False
+        self._restored_exhausted = False
 
     def __iter__(self) -> DataLoader[T_co]:
-        self._sampler_iter = iter(self.sampler)  # a new epoch
+        self._batches, self._restored_batches = self._restored_batches, 0
+        self._exhausted, self._restored_exhausted = self._restored_exhausted, False
+        if self.iterable and self._exhausted:
+            # restored after the epoch's last, short batch: nothing is left of it
+            # (the dataset already stands before its next epoch)
+            self._sampler_iter = iter(())
+        elif self.iterable:  # a new epoch, or the rest of a restored one
+            self._sampler_iter = iter(self.dataset)  # type: ignore[call-overload]
+        else:
+            self._sampler_iter = iter(self.sampler)  # a new epoch
         return self
 
     def __next__(self) -> Any:
         if self._sampler_iter is None:  # next() without iter(): start an epoch
-            self._sampler_iter = iter(self.sampler)
+            self.__iter__()
+        if self.iterable:
+            return self._next_streamed()
         batch: list[Any] = []
         for _ in range(self.batch_size):
             try:
@@ -216,6 +255,78 @@ class DataLoader(Generic[T_co]):
                 break
             batch.append(self.dataset[index])
         return collate(batch)
+
+    def _next_streamed(self) -> Any:
+        """The next batch of an IterableDataset: ``batch_size`` samples as they
+        come (fewer at the end of the epoch unless ``drop_last``)."""
+        assert self._sampler_iter is not None
+        batch: list[Any] = []
+        for _ in range(self.batch_size):
+            try:
+                batch.append(next(self._sampler_iter))
+            except StopIteration:
+                if not batch or self.drop_last:
+                    # the epoch is over: the next one (what state_dict() now
+                    # describes) starts with no batch done
+                    self._batches = 0
+                    self._exhausted = False
+                    raise
+                # the last batch, short: the stream is done (its state now says
+                # "before the next epoch") but this epoch ends at the next call
+                self._exhausted = True
+                break
+        self._batches += 1
+        return collate(batch)
+
+    def _check_resumable(self) -> Any:
+        dataset = self.dataset
+        if not self.iterable:
+            raise TypeError(
+                "DataLoader.state_dict() is for an IterableDataset's position; a "
+                "map-style loader resumes through its sampler's state_dict()."
+            )
+        if not (hasattr(dataset, "state_dict") and hasattr(dataset, "load_state_dict")):
+            raise TypeError(
+                f"{type(dataset).__name__} has no state_dict()/load_state_dict(): its "
+                "position in an epoch cannot be saved (define both to resume exactly)."
+            )
+        return dataset
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position of the stream after the last batch yielded (an
+        IterableDataset with ``state_dict``, e.g. ``JsonlDataset``):
+        ``{"dataset": <the dataset's state>, "batches": <batches of this epoch>,
+        "exhausted": <the stream ran out building the last batch>}`` (after the
+        epoch's last batch, when it was short, the dataset already stands before
+        its next epoch: ``exhausted`` makes the restored loader end the saved epoch
+        first, as the original one would).
+
+        Raises:
+            TypeError: a map-style dataset, or a dataset without ``state_dict``.
+        """
+        dataset = self._check_resumable()
+        return {
+            "dataset": dataset.state_dict(),
+            "batches": self._batches,
+            "exhausted": self._exhausted,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`: the next ``iter(loader)`` continues from the
+        saved position (the rest of that epoch, or the next epoch).
+
+        Raises:
+            TypeError: as :meth:`state_dict`.
+            ValueError: ``state`` is not a loader state (or the dataset refuses it).
+        """
+        dataset = self._check_resumable()
+        if not isinstance(state, dict) or "dataset" not in state:
+            raise ValueError(f"Not a DataLoader state: {state!r:.120}.")
+        dataset.load_state_dict(state["dataset"])
+        batches = state.get("batches", 0)
+        self._restored_batches = batches if isinstance(batches, int) else 0
+        self._restored_exhausted = state.get("exhausted") is True
+        self._sampler_iter = None
 
     def __len__(self) -> int:
         n = len(self.dataset)
