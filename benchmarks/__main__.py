@@ -12,7 +12,11 @@ Trace (trace-opt 0.1.3.8), each installed from PyPI into its own venv under
 simulator's counters. Engine overhead per node and LangChain tracing overhead
 (chains; ``create_agent`` agents and LangGraph graphs) are measured too, and so is
 the offline replay of a recorded 1,000-call ``Trainer.fit``
-(``benchmarks/replay_speed.py``; skipped with ``--no-overheads``). Writes
+(``benchmarks/replay_speed.py``; skipped with ``--no-overheads``). The scale
+benchmarks (skipped with ``--no-scale``) measure client CPU per LM call and the step
+at batches 32, 128 and 512 against its critical path, a 2,000-sample validation
+under a simulated 600 RPM limit, a validation pass through the Batch API against the
+synchronous one, and resident memory over a 100-step ``fit``. Writes
 ``report.md``, ``results.json`` and, with matplotlib (the ``plot`` extra),
 ``chart.png`` into ``--out`` (default ``benchmarks/results``).
 
@@ -232,6 +236,192 @@ def estimate_rows() -> list[dict[str, Any]]:
     return rows
 
 
+# -- scale -----------------------------------------------------------------------------
+
+
+def scale_rows(
+    batches: list[int], rate_limit_scale: float, batch_api_samples: int
+) -> dict[str, list[dict[str, Any]]]:
+    """The scale benchmarks, each against a simulator in its own process: client CPU
+    per LM call and the step against its critical path at large batches
+    (``client_cpu.py``), a validation under a simulated 600 RPM limit
+    (``rate_limits.py``), a validation pass through the Batch API against the
+    synchronous one (``batch_api.py``) and resident memory over a 100-step ``fit``
+    (``memory_growth.py``)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    out["client_cpu"] = _load("client_cpu").run(batches=tuple(batches), latency=0.5)
+    for r in out["client_cpu"]:
+        print(
+            f"client    batch {r['batch']:3d}: {r['cpu_ms_per_call']:.2f} ms CPU per "
+            f"LM call, {r['wall_s']:.2f} s, critical path x{r['ratio']:.2f}",
+            flush=True,
+        )
+    out["rate_limits"] = _load("rate_limits").run(scale=rate_limit_scale)
+    for r in out["rate_limits"]:
+        print(
+            f"rate-limited validation: {r['samples']} samples at {r['rpm_limit']} "
+            f"RPM: {r['failed']} failed, {r['efficiency']:.1%} of the limit, 429s on "
+            f"{r['rate_limited_share']:.1%} of requests ({r['elapsed_s']:.0f} s)",
+            flush=True,
+        )
+    out["batch_api"] = _load("batch_api").run(samples=batch_api_samples, latency=0.5)
+    for r in out["batch_api"]:
+        print(
+            f"validation {r['mode']:9s}: {r['lm_calls']} LM calls, "
+            f"${r['cost_usd']:.6f}, accuracy {r['val_accuracy']:.3f}",
+            flush=True,
+        )
+    out["memory_growth"] = _load("memory_growth").run()
+    for r in out["memory_growth"]:
+        print(
+            f"memory over a {r['steps']}-step fit: {r['rss_start_mb']:.1f} -> "
+            f"{r['rss_end_mb']:.1f} MB (growth {r['growth_mb']:.1f} MB)",
+            flush=True,
+        )
+    return out
+
+
+def scale_targets(
+    scale: dict[str, list[dict[str, Any]]], extra: dict[str, float]
+) -> list[tuple[str, str, bool]]:
+    """The scale targets, checked on this run's rows."""
+    out = []
+    cpu = {r["batch"]: r for r in scale.get("client_cpu", [])}
+    if 512 in cpu:
+        r = cpu[512]
+        out.append(
+            (
+                "client CPU per LM call at batch 512: at most 5 ms",
+                f"{r['cpu_ms_per_call']:.2f} ms",
+                r["cpu_ms_per_call"] <= 5.0,
+            )
+        )
+    for batch, bound in ((128, 1.5), (512, 3.0)):
+        if batch in cpu:
+            r = cpu[batch]
+            out.append(
+                (
+                    f"batch {batch} @ 500 ms (simulator in its own process): wall "
+                    f"within {bound}x of the critical path",
+                    f"{r['ratio']:.2f}x ({r['wall_s']:.2f} s vs "
+                    f"{r['critical_path_s']:.1f} s)",
+                    r["ratio"] <= bound,
+                )
+            )
+    if "engine_default_us_per_node" in extra:
+        value = extra["engine_default_us_per_node"]
+        out.append(
+            (
+                "a plain custom backward (declares nothing): at most 50 us per node",
+                f"{value:.1f} us",
+                value <= 50,
+            )
+        )
+    for r in scale.get("rate_limits", []):
+        where = f"{r['samples']}-sample validation at {r['rpm_limit']} RPM"
+        out += [
+            (f"{where}: 0 failed samples", str(r["failed"]), r["failed"] == 0),
+            (
+                f"{where}: at least 90% of the limit's throughput",
+                f"{r['efficiency']:.1%}",
+                r["efficiency"] >= 0.9,
+            ),
+            (
+                f"{where}: 429s on at most 5% of requests",
+                f"{r['rate_limited_share']:.1%}",
+                r["rate_limited_share"] <= 0.05,
+            ),
+        ]
+    rows = {r["mode"]: r for r in scale.get("batch_api", [])}
+    if {"sync", "batch_api"} <= rows.keys():
+        sync, batch = rows["sync"], rows["batch_api"]
+        out.append(
+            (
+                "Batch API validation pass: half the synchronous cost (the table's "
+                "batch discount), same accuracy and LM calls",
+                f"{batch['cost_ratio']:.4f}x (${batch['cost_usd']:.6f} vs "
+                f"${sync['cost_usd']:.6f})",
+                abs(batch["cost_ratio"] - 0.5) < 1e-9
+                and batch["same_accuracy"]
+                and batch["lm_calls"] == sync["lm_calls"],
+            )
+        )
+    for r in scale.get("memory_growth", []):
+        out.append(
+            (
+                f"resident memory growth over a {r['steps']}-step fit: under 50 MB",
+                f"{r['growth_mb']:.1f} MB",
+                r["growth_mb"] < 50,
+            )
+        )
+    return out
+
+
+def scale_markdown(scale: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The report's scale section."""
+    lines = []
+    if scale.get("client_cpu"):
+        lines += [
+            "",
+            "## Scale: one step at large batches (simulator in its own process)",
+            "",
+            "The README step with `set_max_concurrency(256)`; client CPU is the "
+            "benchmark process's `RUSAGE_SELF` over the step, after a warm-up call.",
+            "",
+            "| batch | transport | LM calls | rounds | CPU / LM call (ms) | wall (s) "
+            "| critical path (s) | ratio |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['batch']} | {r['transport']} | {r['calls']} | {r['rounds']} | "
+            f"{r['cpu_ms_per_call']:.2f} | {r['wall_s']:.2f} | "
+            f"{r['critical_path_s']:.1f} | {r['ratio']:.2f} |"
+            for r in scale["client_cpu"]
+        ]
+    for r in scale.get("rate_limits", []):
+        lines += [
+            "",
+            "## Scale: validation under a provider rate limit",
+            "",
+            f"{r['samples']} samples through `Trainer.validate` against a simulated "
+            f"{r['rpm_limit']} RPM limit (afnio is told nothing; it reads the "
+            f"headers): {r['failed']} failed, {r['answered']} answered in "
+            f"{r['elapsed_s']:.1f} s, {r['efficiency']:.1%} of the limit's "
+            f"throughput, {r['rate_limited']} 429s of {r['received']} requests "
+            f"({r['rate_limited_share']:.1%}); billed prompt tokens "
+            f"{r['billed_prompt_tokens']} = served {r['served_prompt_tokens']}.",
+        ]
+    if scale.get("batch_api"):
+        lines += [
+            "",
+            "## Scale: a validation pass through the Batch API",
+            "",
+            "| pass | samples | LM calls | batches | cost (USD) | accuracy "
+            "| wall (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['mode']} | {r['samples']} | {r['lm_calls']} | {r['batches']} | "
+            f"{r['cost_usd']:.6f} | {r['val_accuracy']:.3f} | {r['wall_s']:.2f} |"
+            for r in scale["batch_api"]
+        ]
+        lines.append(
+            "\nThe simulator completes a batch at its first poll; a provider takes "
+            "minutes to hours. The cost and the calls are the point."
+        )
+    for r in scale.get("memory_growth", []):
+        lines += [
+            "",
+            "## Scale: memory over a long fit",
+            "",
+            f"{r['steps']} steps at batch {r['batch']} ({r['calls']} LM calls): "
+            f"resident memory {r['rss_start_mb']:.1f} -> {r['rss_end_mb']:.1f} MB "
+            f"(growth {r['growth_mb']:.1f} MB); step graphs alive at most "
+            f"{r['graphs_alive_max']}, {r['graphs_alive_after']} after the fit.",
+        ]
+    return lines
+
+
 # -- the report ------------------------------------------------------------------------
 
 
@@ -318,6 +508,7 @@ def markdown(
     peers: list[dict[str, Any]],
     extra: dict[str, float],
     estimates: list[dict[str, Any]] | None = None,
+    scale: dict[str, list[dict[str, Any]]] | None = None,
 ) -> str:
     lines = [
         "# afnio benchmark report",
@@ -398,7 +589,8 @@ def markdown(
                 f"{e['projected_tokens']} ({err['projected_calls']:+.1%} / "
                 f"{err['projected_tokens']:+.1%}) |"
             )
-    checks = targets(ours, peers, estimates or [])
+    lines += scale_markdown(scale or {})
+    checks = targets(ours, peers, estimates or []) + scale_targets(scale or {}, extra)
     if checks:
         lines += ["", "## Targets", "", "| target | this run | met |", "|---|---|---|"]
         lines += [
@@ -451,6 +643,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--no-estimate", action="store_true", help="skip the dry-run estimate check"
     )
+    run.add_argument(
+        "--no-scale", action="store_true", help="skip the scale benchmarks"
+    )
+    run.add_argument("--scale-batches", type=int, nargs="+", default=[32, 128, 512])
+    run.add_argument(
+        "--rate-limit-scale",
+        type=float,
+        default=1.0,
+        help="1.0: 2,000 samples at 600 RPM (about 140 s); 0.1: 200 at 60 per 6 s",
+    )
+    run.add_argument("--batch-api-samples", type=int, default=2000)
     run.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     ours = afnio_steps(args.batches, args.latencies)
@@ -461,22 +664,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     extra = {} if args.no_overheads else {**overheads(), **replay_figures()}
     estimates = [] if args.no_estimate else estimate_rows()
+    scale = (
+        {}
+        if args.no_scale
+        else scale_rows(
+            args.scale_batches, args.rate_limit_scale, args.batch_api_samples
+        )
+    )
     args.out.mkdir(parents=True, exist_ok=True)
+    checks = targets(ours, peers, estimates) + scale_targets(scale, extra)
     payload = {
         "afnio": ours,
         "peers": peers,
         "overheads": extra,
         "estimates": estimates,
-        "targets": [
-            {"target": t, "measured": v, "met": m}
-            for t, v, m in targets(ours, peers, estimates)
-        ],
+        "scale": scale,
+        "targets": [{"target": t, "measured": v, "met": m} for t, v, m in checks],
     }
     (args.out / "results.json").write_text(
         json.dumps(payload, indent=2), encoding="utf-8"
     )
     (args.out / "report.md").write_text(
-        markdown(ours, peers, extra, estimates), encoding="utf-8"
+        markdown(ours, peers, extra, estimates, scale), encoding="utf-8"
     )
     drew = chart(ours, peers, args.out / "chart.png")
     print(f"wrote {args.out / 'report.md'}" + (" and chart.png" if drew else ""))

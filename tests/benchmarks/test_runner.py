@@ -92,3 +92,89 @@ def test_the_overhead_measurements_run_and_report_each_kind() -> None:
     engine = {k: v for k, v in out.items() if k.startswith("engine_")}
     assert engine and all(value > 0 for value in engine.values())
     assert "tracing_ms_per_lm_call" in out  # the langchain extra is a test extra
+
+
+def _scale(cpu_512: float, ratio_512: float, failed: int, share: float) -> dict:
+    cpu = [
+        {
+            "batch": batch,
+            "transport": "aiohttp",
+            "calls": calls,
+            "rounds": 4,
+            "cpu_ms_per_call": cpu_ms,
+            "wall_s": 2.0 * ratio,
+            "critical_path_s": 2.0,
+            "ratio": ratio,
+        }
+        for batch, calls, cpu_ms, ratio in (
+            (128, 198, 1.5, 1.2),
+            (512, 772, cpu_512, ratio_512),
+        )
+    ]
+    rate = {
+        "samples": 2000,
+        "rpm_limit": 600,
+        "failed": failed,
+        "answered": 2000 - failed,
+        "elapsed_s": 141.0,
+        "efficiency": 0.99,
+        "rate_limited": int(share * 2000),
+        "received": 2000,
+        "rate_limited_share": share,
+        "billed_prompt_tokens": 10,
+        "served_prompt_tokens": 10,
+    }
+    batch = {
+        "samples": 2000,
+        "lm_calls": 2000,
+        "batches": 1,
+        "val_accuracy": 0.7,
+        "wall_s": 3.0,
+    }
+    memory = {
+        "steps": 100,
+        "batch": 8,
+        "calls": 1272,
+        "rss_start_mb": 89.0,
+        "rss_end_mb": 91.0,
+        "growth_mb": 2.0,
+        "graphs_alive_max": 1,
+        "graphs_alive_after": 0,
+    }
+    return {
+        "client_cpu": cpu,
+        "rate_limits": [rate],
+        "batch_api": [
+            {**batch, "mode": "sync", "cost_usd": 0.02},
+            {
+                **batch,
+                "mode": "batch_api",
+                "cost_usd": 0.01,
+                "cost_ratio": 0.5,
+                "same_accuracy": True,
+            },
+        ],
+        "memory_growth": [memory],
+    }
+
+
+def test_the_scale_targets_are_checked_on_the_run_s_own_rows() -> None:
+    from benchmarks.__main__ import markdown, scale_targets
+
+    extra = {"engine_default_us_per_node": 8.0}
+    good = scale_targets(_scale(2.0, 2.5, 0, 0.02), extra)
+    assert len(good) == 9 and all(met for *_, met in good)
+    bad = {
+        name: met for name, _, met in scale_targets(_scale(6.0, 3.5, 3, 0.08), extra)
+    }
+    assert [name for name, met in bad.items() if not met] == [
+        "client CPU per LM call at batch 512: at most 5 ms",
+        "batch 512 @ 500 ms (simulator in its own process): wall within 3.0x of "
+        "the critical path",
+        "2000-sample validation at 600 RPM: 0 failed samples",
+        "2000-sample validation at 600 RPM: 429s on at most 5% of requests",
+    ]
+    report = markdown([], [], extra, [], _scale(2.0, 2.5, 0, 0.02))
+    for section in ("large batches", "rate limit", "Batch API", "memory"):
+        assert "## Scale: " in report and section in report
+    assert "| 512 | aiohttp | 772 | 4 | 2.00 |" in report
