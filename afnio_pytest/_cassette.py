@@ -227,6 +227,8 @@ def _build_class() -> type:
             self._afnio_ignored = ignored_paths(state.options.ignore_fields)
             self._index: dict[Any, deque[int]] = defaultdict(deque)
             self._positions: dict[Any, list[int]] = defaultdict(list)
+            # what this test sent, in the order answered (recorded or replayed)
+            self.sent_requests: list[Any] = []
             for i, (stored, _) in enumerate(self.data):
                 key = self._stored_key(stored)
                 self._positions[key].append(i)
@@ -338,6 +340,7 @@ def _build_class() -> type:
                     if self.play_counts[index] == 0 and index < self._loaded_count:
                         self._played_interactions.append(self.data[index])
                     self.play_counts[index] += 1
+                    self.sent_requests.append(self.data[index][0])
             if index is None:  # lost a race, or one more than recorded
                 self._note_miss(request, key)
                 raise CannotOverwriteExistingCassetteException(
@@ -351,6 +354,7 @@ def _build_class() -> type:
             if len(self.data) > before:
                 key = self._stored_key(self.data[-1][0])
                 with self._afnio_lock:
+                    self.sent_requests.append(self.data[-1][0])
                     self._positions[key].append(before)
                     if self.rewound:  # vcr plays new interactions only then
                         self._index[key].append(before)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +215,7 @@ class ReplayEndpoint:
         cassette_path: the cassette file.
         simulator: the live :class:`afnio.testing.Simulator` while recording against
             it, else ``None``.
+        requests: the LM requests the test has sent so far (see :attr:`requests`).
     """
 
     mode: str
@@ -223,6 +224,22 @@ class ReplayEndpoint:
     recorded_with: str
     cassette_path: Path
     simulator: Any | None = None
+    cassette: Any | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def requests(self) -> list[Any]:
+        """The LM requests this test has sent so far, in the order they were
+        answered, as the cassette stores them (vcrpy ``Request`` objects: ``method``,
+        ``uri``, ``body``; credentials scrubbed), whether they were recorded now or
+        replayed. Use this rather than the cassette's own list: the file keeps its
+        interactions sorted by request, so that re-recording an unchanged program
+        writes the same file.
+
+        Example::
+
+            body = json.loads(afnio_endpoint.requests[-1].body)
+        """
+        return list(getattr(self.cassette, "sent_requests", ()))
 
     @property
     def recording(self) -> bool:

@@ -506,6 +506,7 @@ def _afnio_replay(
             recorded_with=state.recorded_with or "",
             cassette_path=Path(str(cassette._path)),
             simulator=simulator,
+            cassette=cassette,
         )
         state.phase, state.active = "live", True
         _LIVE = state

@@ -91,7 +91,7 @@ def test_a_variable_that_is_a_whole_message_is_shown_once(
         client, messages, inputs={"message": "It broke."}, model=SIMULATOR_MODEL
     )
     reply.backward(Variable(EXPECTED_NEGATIVE, role="feedback"))
-    user = json.loads(vcr.requests[-1].body)["messages"][1]["content"]
+    user = json.loads(vcr.sent_requests[-1].body)["messages"][1]["content"]
     assert user.count(SYSTEM) == 1  # in the conversation, not again as the variable
     assert (
         '<VARIABLE index="1" role="system prompt" location="system" trainable="true">'
@@ -178,7 +178,7 @@ def test_braces_in_inputs_reach_the_lm_exactly_as_written(
     ChatCompletion.apply(
         client, messages, inputs={"message": text}, model=SIMULATOR_MODEL
     )
-    body = json.loads(vcr.requests[0].body)
+    body = json.loads(vcr.sent_requests[0].body)
     assert body["messages"][1]["content"] == f"Customer message: {text}"
 
 
@@ -215,7 +215,7 @@ def test_per_sample_skip_can_be_switched_off(backward_lm: LMEndpoint, vcr: Any) 
     )
     explanation.backward()
     assert http_exchanges(vcr) == 1  # both samples asked, in one group
-    body = json.loads(vcr.requests[0].body)
+    body = json.loads(vcr.sent_requests[0].body)
     assert body["messages"][1]["content"].count("<SAMPLE index=") == 2
     assert prediction.grad[0].data[0].startswith('The prediction "negative" is wrong')
     assert prediction.grad[0].data[1].startswith('The prediction "neutral" is wrong')
@@ -278,7 +278,7 @@ def test_lm_judge_scores_and_sends_feedback_to_the_prediction(
     assert prediction.grad[0].data[1] == ""
     assert task.grad == []  # eval_mode=True: the judge is not optimized
     # the backward call shows the judge's own explanation of the failed sample
-    backward_user = json.loads(vcr.requests[-1].body)["messages"][1]["content"]
+    backward_user = json.loads(vcr.sent_requests[-1].body)["messages"][1]["content"]
     assert '<EXPLANATION>The prediction "Hola Mundo" does not match' in backward_user
     assert backward_user.count("<SAMPLE index=") == 1
 
@@ -332,7 +332,7 @@ def test_a_malformed_backward_answer_is_retried(
         backward_lm.simulator.inject(Fault.MALFORMED_JSON, times=1)
     reply.backward(Variable(EXPECTED_NEGATIVE))
     assert http_exchanges(vcr) == 1 + 2  # forward, a bad answer, then a good one
-    retry = json.loads(vcr.requests[2].body)
+    retry = json.loads(vcr.sent_requests[2].body)
     assert retry["messages"][-1]["content"].startswith("Your answer could not be used")
     assert [g.data for g in system.grad] == [
         'If the message mentions "awful", the sentiment is negative.'

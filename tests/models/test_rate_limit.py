@@ -286,3 +286,18 @@ def test_the_sdk_client_is_still_an_openai_async_client() -> None:
         assert run_sync(direct()).choices[0].message.content == "neutral"
         assert sim.stats.calls == 2
         client.close()
+
+
+def test_the_sdk_methods_the_limiter_hooks_into_still_exist() -> None:
+    """The limiter overrides two private methods of the openai SDK (verified on
+    openai 2.x): an SDK that renames them would silently take back 429 retries and
+    hide the rate-limit headers, so this fails first."""
+    import inspect
+
+    import openai
+
+    should_retry = inspect.signature(openai.AsyncOpenAI._should_retry)
+    assert list(should_retry.parameters) == ["self", "response"]
+    process = inspect.signature(openai.AsyncOpenAI._process_response)
+    assert "response" in process.parameters
+    assert inspect.iscoroutinefunction(openai.AsyncOpenAI._process_response)

@@ -50,7 +50,7 @@ def test_a_step_turns_feedback_into_the_value_with_one_call_per_parameter(
     assert other.data == f"Answer with one word. {RULE_LOVE}"
     assert idle.data == "Never changes."
     assert len(prompt.grad) == 1  # step does not clear the gradients
-    bodies = [json.loads(r.body) for r in vcr.requests]
+    bodies = [json.loads(r.body) for r in vcr.sent_requests]
     (body,) = [b for b in bodies if "system prompt" in b["messages"][1]["content"]]
     assert body["response_format"]["json_schema"]["name"] == "afnio_improved_variable"
     assert f"- {RULE_AWFUL} (x2)" in body["messages"][1]["content"]
@@ -90,7 +90,7 @@ def test_momentum_keeps_a_window_of_past_values_and_shows_it(
     window = optimizer.state[prompt]["momentum_buffer"]
     assert [snap.data for snap, _ in window] == values[1:3]  # the last two past values
     assert [grads[0].data for _, grads in window] == [[rules[1]], [rules[2]]]
-    third = json.loads(vcr.requests[2].body)["messages"][1]["content"]
+    third = json.loads(vcr.sent_requests[2].body)["messages"][1]["content"]
     assert "<PAST_ITERATIONS>" in third
     assert values[0] in third and values[1] in third
     assert values[2].endswith(RULE_LOVE)
@@ -109,7 +109,7 @@ def test_constraints_reach_the_prompt_and_are_honoured(
         constraints=[constraint],
         model=SIMULATOR_MODEL,
     ).step()
-    content = json.loads(vcr.requests[0].body)["messages"][1]["content"]
+    content = json.loads(vcr.sent_requests[0].body)["messages"][1]["content"]
     assert f"<CONSTRAINTS>\n- {constraint}\n</CONSTRAINTS>" in content
     assert "!" not in prompt.data and RULE_AWFUL in prompt.data
 
@@ -124,7 +124,7 @@ def test_a_malformed_optimizer_answer_is_retried(lm: LMEndpoint, vcr: Any) -> No
     prompt.append_grad(_feedback(RULE_AWFUL))
     TGD([prompt], model_client=lm.client(), model=SIMULATOR_MODEL).step()
     assert http_exchanges(vcr) == 2
-    retry = json.loads(vcr.requests[1].body)["messages"]
+    retry = json.loads(vcr.sent_requests[1].body)["messages"]
     assert retry[-1]["content"].startswith("Your answer could not be used")
     assert prompt.data == f"{BASE} {RULE_AWFUL}"
 

@@ -111,7 +111,7 @@ def test_upstream_functional_tgd_call_sends_the_default_prompt_and_updates_sensi
             momentum=2,
             model=SIMULATOR_MODEL,
         )
-    (request,) = vcr.requests
+    (request,) = vcr.sent_requests
     sent = json.loads(request.body)["messages"]
     assert [m["role"] for m in sent] == ["system", "user"]
     assert sent[0]["content"] == prompts.TGD_SYSTEM
@@ -139,7 +139,7 @@ def test_tgd_class_with_tgd_messages_sends_the_default_prompt(
     ]
     assert group_texts == [prompts.TGD_SYSTEM, prompts.TGD_USER]
     optimizer.step()
-    sent = json.loads(vcr.requests[0].body)["messages"]
+    sent = json.loads(vcr.sent_requests[0].body)["messages"]
     assert sent[0]["content"] == prompts.TGD_SYSTEM
     assert f"<CURRENT_VALUE>{BASE}</CURRENT_VALUE>" in sent[1]["content"]
     assert prompt.data == f"{BASE} {RULE_AWFUL}"

@@ -15,7 +15,7 @@ import pytest
 from vcr.cassette import Cassette
 from vcr.errors import CannotOverwriteExistingCassetteException
 
-from afnio_pytest._types import Miss
+from afnio_pytest._types import Miss, ReplayEndpoint
 from tests.pytest_plugin._cassettes import (
     BASE_URL,
     CHAT,
@@ -289,9 +289,10 @@ def test_recording_the_same_requests_in_another_order_writes_the_same_file(
 ) -> None:
     """Concurrent requests arrive in a different order on every run: the cassette
     stores them sorted by request, identical ones (a retried request, a poll) in the
-    order they were sent, so a re-recording differs from the recording only where
-    the program does."""
+    order they were answered, so a re-recording differs from the recording only
+    where the program does."""
     import random
+    from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
@@ -302,26 +303,36 @@ def test_recording_the_same_requests_in_another_order_writes_the_same_file(
     for seed in (0, 1):
         order = random.Random(seed).sample(contents, len(contents))
         path = tmp_path / f"c{seed}.yaml"
-        with Simulator() as sim:
+        with Simulator(latency=0.2) as sim:
             netloc = f"127.0.0.1:{sim.port}"
             with (
                 open_cassette(path, new_state(), "once", simulator_netloc=netloc),
                 httpx.Client(base_url=f"http://{netloc}") as client,
             ):
-                for i, content in enumerate(order):
-                    if i == seed + 3:  # the same request twice: a 429, then a 200
-                        sim.inject("rate_limit")
-                        first = client.post(CHAT, json=chat_body("poll me"))
-                        second = client.post(CHAT, json=chat_body("poll me"))
-                        assert (first.status_code, second.status_code) == (429, 200)
-                    client.post(CHAT, json=chat_body(content))
+                client.post(CHAT, json=chat_body("first, alone"))
+                with ThreadPoolExecutor(len(order)) as pool:  # one concurrent round
+                    list(
+                        pool.map(lambda c: client.post(CHAT, json=chat_body(c)), order)
+                    )
+                sim.inject("rate_limit")  # then the same request twice: 429, 200
+                first = client.post(CHAT, json=chat_body("poll me"))
+                second = client.post(CHAT, json=chat_body("poll me"))
+                assert (first.status_code, second.status_code) == (429, 200)
         files.append(path.read_bytes())
     assert files[0] == files[1]
     state = new_state()
     with (
-        open_cassette(tmp_path / "c1.yaml", state, "none"),
+        open_cassette(tmp_path / "c1.yaml", state, "none") as cassette,
         httpx.Client(base_url="http://127.0.0.1:9") as client,
     ):
-        replies = [client.post(CHAT, json=chat_body("poll me")) for _ in range(2)]
-    assert [r.status_code for r in replies] == [429, 200]
+        endpoint = ReplayEndpoint(
+            "replay", BASE_URL, "k", "sim", tmp_path / "c1.yaml", cassette=cassette
+        )
+        sent = ["message number 7", "poll me", "poll me", "first, alone"]
+        replies = [client.post(CHAT, json=chat_body(c)) for c in sent]
+        # what the test sent, in its order (the file holds them sorted)
+        assert [
+            json.loads(r.body)["messages"][0]["content"] for r in endpoint.requests
+        ] == sent
+    assert [r.status_code for r in replies] == [200, 429, 200, 200]
     assert state.snapshot_problems() == []

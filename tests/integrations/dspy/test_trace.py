@@ -57,11 +57,9 @@ class ClassifyEach(dspy.Module):
 def _bodies_of(vcr: Any, action: Any) -> list[dict[str, Any]]:
     """The JSON bodies of the requests ``action`` made (recorded now, or replayed
     from the cassette)."""
-    recorded, played = len(vcr.requests), dict(vcr.play_counts)
+    before = len(vcr.sent_requests)  # sent by the test, recorded or replayed
     action()
-    new = set(range(recorded, len(vcr.requests)))  # recording
-    new |= {i for i, n in vcr.play_counts.items() if n > played.get(i, 0)}  # replaying
-    return [json.loads(vcr.requests[i].body) for i in sorted(new)]
+    return [json.loads(r.body) for r in vcr.sent_requests[before:]]
 
 
 def _system_prompts(bodies: list[dict[str, Any]]) -> list[str]:

@@ -106,11 +106,9 @@ def _step(traced: TracedChain, lm: LMEndpoint) -> None:
 def _bodies(vcr: Any, run: Callable[[], Any]) -> list[dict[str, Any]]:
     """The JSON bodies of the chat requests ``run()`` made (recorded now, or
     replayed from the cassette), in order."""
-    recorded, played = len(vcr.requests), dict(vcr.play_counts)
+    before = len(vcr.sent_requests)  # sent by the test, recorded or replayed
     run()
-    new = set(range(recorded, len(vcr.requests)))  # recording
-    new |= {i for i, n in vcr.play_counts.items() if n > played.get(i, 0)}  # replaying
-    bodies = [json.loads(vcr.requests[i].body) for i in sorted(new)]
+    bodies = [json.loads(r.body) for r in vcr.sent_requests[before:]]
     return [b for b in bodies if "messages" in b]
 
 
@@ -343,11 +341,9 @@ async def _async_run(
     second = await traced.astream(_ask("Mop the lobby floor please."))
     first.backward(_feedback("Expected tool calls: [repairs], got [cleaning]."))
     await asyncio.to_thread(_step, traced, backward_lm)
-    recorded, played = len(vcr.requests), dict(vcr.play_counts)
+    before = len(vcr.sent_requests)  # sent by the test, recorded or replayed
     await agent.ainvoke(_ask("A leak under the kitchen sink."))
-    new = set(range(recorded, len(vcr.requests)))
-    new |= {i for i, n in vcr.play_counts.items() if n > played.get(i, 0)}
-    bodies.extend(json.loads(vcr.requests[i].body) for i in sorted(new))
+    bodies.extend(json.loads(r.body) for r in vcr.sent_requests[before:])
     return first, second
 
 

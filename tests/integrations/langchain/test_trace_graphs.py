@@ -91,11 +91,9 @@ def _with_grad(traced: TracedChain) -> set[str]:
 def _bodies(vcr: Any, run: Callable[[], Any]) -> list[dict[str, Any]]:
     """The JSON bodies of the chat requests ``run()`` made (recorded now, or
     replayed from the cassette), in order."""
-    recorded, played = len(vcr.requests), dict(vcr.play_counts)
+    before = len(vcr.sent_requests)  # sent by the test, recorded or replayed
     run()
-    new = set(range(recorded, len(vcr.requests)))
-    new |= {i for i, n in vcr.play_counts.items() if n > played.get(i, 0)}
-    bodies = [json.loads(vcr.requests[i].body) for i in sorted(new)]
+    bodies = [json.loads(r.body) for r in vcr.sent_requests[before:]]
     return [b for b in bodies if "messages" in b]
 
 
