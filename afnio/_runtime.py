@@ -57,6 +57,11 @@ __all__ = [
 T = TypeVar("T")
 
 DEFAULT_MAX_CONCURRENCY = 16
+
+STALL_WARNING_S = 10.0
+"""How long a synchronous afnio call waits, while afnio's loop is busy running a plain
+backward inline, before the engine warns that the two may wait on each other (see
+``Function.blocking``)."""
 """The default bound on concurrent backward nodes and on LM requests in flight."""
 
 
@@ -255,10 +260,26 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     _runtime.sync_calls.note()
     fut = _submit(coro)
     try:
-        return fut.result()
+        return _wait(fut)
     except BaseException:
         fut.cancel()
         raise
+
+
+def _wait(fut: ConcurrentFuture[T]) -> T:
+    """``fut.result()``; when the loop spends :data:`STALL_WARNING_S` inside an inline
+    backward meanwhile, that backward may be waiting on this very call (a deadlock
+    afnio cannot break from here): the guard says so, naming the Function, once."""
+    warned = False
+    while True:
+        try:
+            return fut.result(timeout=None if warned else STALL_WARNING_S)
+        except TimeoutError:
+            guard = _runtime.inline_guard
+            warn = getattr(guard, "warn_stalled", None)
+            if warn is not None:
+                warn(STALL_WARNING_S)
+                warned = True
 
 
 async def run_async(coro: Coroutine[Any, Any, T]) -> T:

@@ -371,10 +371,32 @@ class _InlineBlocked(BaseException):
 class _InlineGuard:
     """Installed as ``_runtime.inline_guard`` while one inline backward runs."""
 
-    __slots__ = ("blocked",)
+    __slots__ = ("blocked", "node", "warned")
 
     def __init__(self) -> None:
         self.blocked: str | None = None
+        self.node: BackwardFunction | None = None
+        self.warned = False
+
+    def warn_stalled(self, seconds: float) -> None:
+        """Called by a synchronous afnio call of another thread that has waited
+        ``seconds`` while this backward held the loop: if the backward waits for
+        that thread, neither can go on."""
+        node = self.node
+        if node is None or self.warned:
+            return
+        self.warned = True
+        name = node._forward_cls.__qualname__
+        logger.warning(
+            "%s.backward (node %s) has been running on afnio's event loop for over "
+            "%.0f s while a synchronous afnio call from another thread waits for "
+            "that loop. If the backward waits for that thread, they are deadlocked: "
+            "set `blocking = True` on %s so that its backward runs in a worker thread.",
+            name,
+            node.name(),
+            seconds,
+            name,
+        )
 
     def __call__(self, what: str) -> None:
         self.blocked = what
@@ -480,7 +502,7 @@ def _run_inline(
     token = _grad_enabled.set(create_graph)
     ntoken = _needs_override.set(None if needs is None else (node, needs))
     guard = _GUARD
-    guard.blocked = None
+    guard.blocked, guard.node, guard.warned = None, node, False
     _runtime.inline_guard = guard
     try:
         result = node.apply(*grads)
@@ -490,6 +512,7 @@ def _run_inline(
             raise
     finally:
         _runtime.inline_guard = None
+        guard.node = None
         _needs_override.reset(ntoken)
         _grad_enabled.reset(token)
     if guard.blocked is not None:  # even if its backward swallowed _InlineBlocked

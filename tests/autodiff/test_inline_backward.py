@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -390,3 +391,45 @@ def test_async_lm_backward_nodes_keep_running_concurrently() -> None:
         _within_deadline(lambda: total.backward(Variable("g")))
         assert sim.stats.calls == 8 and sim.stats.peak_in_flight == 8
         assert all(len(leaf.grad) == 1 for leaf in leaves)
+
+
+def test_a_backward_on_the_loop_waiting_on_a_thread_s_sync_call_is_named_in_a_warning(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The case the first call cannot find: a Function whose first backward makes no
+    afnio call and a later one waits for another thread's synchronous afnio call.
+    Both wait on each other; afnio cannot break that from the waiting thread, so it
+    names the Function and the fix. (This backward gives up waiting after 3 s, so the
+    test ends.)"""
+    from afnio import _runtime
+
+    monkeypatch.setattr(_runtime, "STALL_WARNING_S", 0.3)
+    calls: list[int] = []
+    answers: list[str] = []
+
+    class Waiter(Function):
+        @staticmethod
+        def forward(ctx: Any, x: Variable) -> Variable:
+            return Variable(x.data, role=x.role)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Variable) -> Variable:
+            calls.append(1)
+            if len(calls) > 1:  # not on the first call: the check cannot see it
+                helper = threading.Thread(
+                    target=lambda: answers.append(_echo(grad.data)), daemon=True
+                )
+                helper.start()
+                helper.join(3.0)  # a real program would wait for ever
+            return grad
+
+    for data in ("a", "b"):
+        _leaf, out = _chain(Waiter, 1)
+        with caplog.at_level(logging.WARNING, logger="afnio.autodiff"):
+            _within_deadline(lambda out=out, data=data: out.backward(Variable(data)))
+    messages = [r.getMessage() for r in caplog.records if r.name == "afnio.autodiff"]
+    assert len(messages) == 1, messages
+    assert "Waiter.backward" in messages[0] and "blocking = True" in messages[0]
+    # once the backward gave up, the loop was free and the thread's call finished
+    _within_deadline(lambda: [time.sleep(0.05) for _ in range(100) if not answers])
+    assert answers == ["B"]
