@@ -240,7 +240,10 @@ def estimate_rows() -> list[dict[str, Any]]:
 
 
 def scale_rows(
-    batches: list[int], rate_limit_scale: float, batch_api_samples: int
+    batches: list[int],
+    rate_limit_scale: float,
+    batch_api_samples: int,
+    memory_steps: int = 100,
 ) -> dict[str, list[dict[str, Any]]]:
     """The scale benchmarks, each against a simulator in its own process: client CPU
     per LM call and the step against its critical path at large batches
@@ -249,11 +252,21 @@ def scale_rows(
     synchronous one (``batch_api.py``) and resident memory over a 100-step ``fit``
     (``memory_growth.py``)."""
     out: dict[str, list[dict[str, Any]]] = {}
-    out["client_cpu"] = _load("client_cpu").run(batches=tuple(batches), latency=0.5)
+    client_cpu = _load("client_cpu")
+    out["client_cpu"] = client_cpu.run(batches=tuple(batches), latency=0.5)
+    # the adapters' own HTTP stacks (LangChain's ChatOpenAI, DSPy's LM), largest batch
+    for client in ("langchain", "dspy"):
+        try:
+            out["client_cpu"] += client_cpu.run(
+                batches=(max(batches),), latency=0.5, client=client
+            )
+        except ImportError as e:  # the integration's extra is not installed
+            print(f"client {client}: skipped ({e})", flush=True)
     for r in out["client_cpu"]:
         print(
-            f"client    batch {r['batch']:3d}: {r['cpu_ms_per_call']:.2f} ms CPU per "
-            f"LM call, {r['wall_s']:.2f} s, critical path x{r['ratio']:.2f}",
+            f"client {r['client']:9s} batch {r['batch']:3d}: "
+            f"{r['cpu_ms_per_call']:.2f} ms CPU per LM call, {r['wall_s']:.2f} s, "
+            f"critical path x{r['ratio']:.2f}",
             flush=True,
         )
     out["rate_limits"] = _load("rate_limits").run(scale=rate_limit_scale)
@@ -271,7 +284,7 @@ def scale_rows(
             f"${r['cost_usd']:.6f}, accuracy {r['val_accuracy']:.3f}",
             flush=True,
         )
-    out["memory_growth"] = _load("memory_growth").run()
+    out["memory_growth"] = _load("memory_growth").run(steps=memory_steps)
     for r in out["memory_growth"]:
         print(
             f"memory over a {r['steps']}-step fit: {r['rss_start_mb']:.1f} -> "
@@ -286,7 +299,11 @@ def scale_targets(
 ) -> list[tuple[str, str, bool]]:
     """The scale targets, checked on this run's rows."""
     out = []
-    cpu = {r["batch"]: r for r in scale.get("client_cpu", [])}
+    cpu = {
+        r["batch"]: r
+        for r in scale.get("client_cpu", [])
+        if r.get("client", "openai") == "openai"
+    }
     if 512 in cpu:
         r = cpu[512]
         out.append(
@@ -368,12 +385,13 @@ def scale_markdown(scale: dict[str, list[dict[str, Any]]]) -> list[str]:
             "The README step with `set_max_concurrency(256)`; client CPU is the "
             "benchmark process's `RUSAGE_SELF` over the step, after a warm-up call.",
             "",
-            "| batch | transport | LM calls | rounds | CPU / LM call (ms) | wall (s) "
-            "| critical path (s) | ratio |",
-            "|---|---|---|---|---|---|---|---|",
+            "| client | batch | transport | LM calls | rounds | CPU / LM call (ms) "
+            "| wall (s) | critical path (s) | ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['batch']} | {r['transport']} | {r['calls']} | {r['rounds']} | "
+            f"| {r.get('client', 'openai')} | {r['batch']} | {r['transport']} | "
+            f"{r['calls']} | {r['rounds']} | "
             f"{r['cpu_ms_per_call']:.2f} | {r['wall_s']:.2f} | "
             f"{r['critical_path_s']:.1f} | {r['ratio']:.2f} |"
             for r in scale["client_cpu"]
@@ -654,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         help="1.0: 2,000 samples at 600 RPM (about 140 s); 0.1: 200 at 60 per 6 s",
     )
     run.add_argument("--batch-api-samples", type=int, default=2000)
+    run.add_argument("--memory-steps", type=int, default=100)
     run.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     ours = afnio_steps(args.batches, args.latencies)
@@ -668,7 +687,10 @@ def main(argv: list[str] | None = None) -> int:
         {}
         if args.no_scale
         else scale_rows(
-            args.scale_batches, args.rate_limit_scale, args.batch_api_samples
+            args.scale_batches,
+            args.rate_limit_scale,
+            args.batch_api_samples,
+            args.memory_steps,
         )
     )
     args.out.mkdir(parents=True, exist_ok=True)

@@ -24,12 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +40,7 @@ from afnio.models.openai import OpenAI  # noqa: E402
 from afnio.testing import SIMULATOR_MODEL  # noqa: E402
 from afnio.trainer import Trainer  # noqa: E402
 from afnio.utils.data import DataLoader  # noqa: E402
+from benchmarks.common import served  # noqa: E402
 from benchmarks.resume_kills import MESSAGES, Messages  # noqa: E402
 from examples.facility_support import SentimentClassifier  # noqa: E402
 
@@ -53,35 +51,6 @@ PROMPT = (
     'If the message mentions "love", the sentiment is positive. '
     'If the message mentions "worst", the sentiment is negative.'
 )
-
-
-@contextmanager
-def served(latency: float) -> Iterator[str]:
-    """The simulator in its own process; yields its base URL."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "afnio.testing",
-            "serve",
-            "--port",
-            "0",
-            "--latency",
-            str(latency),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        if "serving at" not in line:
-            raise RuntimeError(f"the simulator did not start: {line!r}")
-        yield line.rsplit(" ", 1)[1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _cpu() -> float:

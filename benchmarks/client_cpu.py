@@ -40,7 +40,6 @@ import importlib.util
 import json
 import pstats
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -48,9 +47,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TextIO
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # run as a script: afnio from this checkout
+    sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.common import PipedProcess, answer_commands  # noqa: E402
+
 SHARED_DATASET = (
     HERE.parents[1] / "shared" / "data" / "facility-support" / "dataset.json"
 )
@@ -77,86 +81,40 @@ def _step_module() -> ModuleType:
 
 def serve(latency: float) -> int:
     """The child: a simulator on a free port; prints its base URL, then answers one
-    command per stdin line: ``phase NAME`` (the requests since the last command,
-    analysed by ``step_latency``, as one JSON line; then the counters restart),
-    ``reset``, ``quit``."""
+    command per stdin line (:func:`benchmarks.common.answer_commands`): ``phase
+    NAME`` (the requests since the last command, analysed by ``step_latency``, as one
+    JSON line; then the counters restart), ``reset``, ``quit``."""
     from afnio.testing import Simulator
 
     step = _step_module()
     with Simulator(latency=latency) as sim:
-        print(sim.base_url, flush=True)
-        for line in sys.stdin:
-            command, _, arg = line.strip().partition(" ")
-            if command == "phase":
-                phase = step._analyse(arg, 0.0, sim.stats, sim.requests, latency)
-                print(json.dumps(asdict(phase)), flush=True)
-            elif command == "reset":
-                print("{}", flush=True)
-            elif command == "quit":
-                break
-            else:
-                print(json.dumps({"error": f"unknown command {line!r}"}), flush=True)
-                continue
+
+        def phase(name: str) -> dict[str, Any]:
+            row = asdict(step._analyse(name, 0.0, sim.stats, sim.requests, latency))
             sim.reset_stats()
+            return row
+
+        def reset(_: str) -> dict[str, Any]:
+            sim.reset_stats()
+            return {}
+
+        answer_commands(sim.base_url, {"phase": phase, "reset": reset})
     return 0
 
 
-class SimulatorProcess:
+class SimulatorProcess(PipedProcess):
     """The simulator in its own process (``serve``), with its counters over a pipe."""
 
     def __init__(self, latency: float) -> None:
-        self._proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "_serve", str(latency)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=str(HERE.parent),
-        )
-        self.base_url = self._readline()
-
-    def _readline(self) -> str:
-        out: TextIO | None = self._proc.stdout
-        assert out is not None
-        line = out.readline()
-        if not line:
-            raise RuntimeError(
-                f"the simulator process exited (status {self._proc.poll()})"
-            )
-        return line.strip()
-
-    def _ask(self, command: str) -> dict[str, Any]:
-        assert self._proc.stdin is not None
-        self._proc.stdin.write(command + "\n")
-        self._proc.stdin.flush()
-        return json.loads(self._readline())
+        super().__init__(str(Path(__file__).resolve()), "_serve", str(latency))
 
     def reset(self) -> None:
         """Zero the counters and forget the requests."""
-        self._ask("reset")
+        self.ask("reset")
 
     def phase(self, name: str) -> dict[str, Any]:
         """The calls, kinds and rounds of the requests since the last command."""
-        return self._ask(f"phase {name}")
-
-    def close(self) -> None:
-        """Stop the process."""
-        if self._proc.poll() is None:
-            try:
-                assert self._proc.stdin is not None
-                self._proc.stdin.write("quit\n")
-                self._proc.stdin.close()
-                self._proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self._proc.kill()
-                self._proc.wait()
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
-
-    def __enter__(self) -> SimulatorProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return self.ask(f"phase {name}")
 
 
 # -- the measured step -----------------------------------------------------------------

@@ -38,7 +38,6 @@ import argparse
 import gc
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +56,7 @@ from afnio.optim import TGD  # noqa: E402
 from afnio.testing import SALIENCE_LEXICON, SIMULATOR_MODEL  # noqa: E402
 from afnio.trainer import Trainer  # noqa: E402
 from afnio.utils.data import DataLoader, JsonlDataset  # noqa: E402
+from benchmarks.common import served  # noqa: E402
 
 TARGET_MB = 50.0
 """The growth allowed over a fit of 100 steps (issue 21)."""
@@ -148,44 +148,6 @@ class Classifier(cog.Module):
         )
 
 
-class _SimulatorProcess:
-    """``python -m afnio.testing serve --port 0`` in its own process."""
-
-    def __init__(self, latency: float) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "afnio.testing",
-                "serve",
-                "--port",
-                "0",
-                "--latency",
-                str(latency),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=str(HERE.parent),
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if "serving at " not in line:
-            self.close()
-            raise RuntimeError(f"the simulator did not start: {line!r}")
-        self.base_url = line.split("serving at ", 1)[1].strip()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
 def measure(
     steps: int = 100,
     batch: int = 8,
@@ -201,48 +163,47 @@ def measure(
     with tempfile.TemporaryDirectory(prefix="afnio-memory-") as folder:
         root = Path(folder)
         path = write_rows(root / "train.jsonl", steps * batch)
-        sim = _SimulatorProcess(latency)
-        try:
-            with OpenAI(base_url=sim.base_url, api_key="sk-test") as client:
-                afnio.set_backward_model_client(
-                    client, completion_args={"model": SIMULATOR_MODEL}
-                )
-                client.chat(  # warm-up: imports, afnio's loop, one connection
-                    [{"role": "user", "content": "hello"}], model=SIMULATOR_MODEL
-                )
-                agent = Classifier(client, min(warmup, steps - 1))
-                dataset = JsonlDataset(
-                    path,
-                    input="email",
-                    target=("urgency", "sentiment", "categories"),
-                    roles={"email": "input email or message"},
-                )
-                trainer = Trainer(
-                    max_epochs=1,
-                    default_root_dir=root / "run",
-                    enable_progress_bar=False,
-                    enable_agent_summary=False,
-                    enable_run_summary=False,
-                )
-                gc.collect()
-                start = rss_mb()
-                cpu = resource.getrusage(resource.RUSAGE_SELF)
-                t0 = time.perf_counter()
-                if gc_off:
-                    gc.disable()
-                try:
-                    trainer.fit(agent, DataLoader(dataset, batch_size=batch))
-                finally:
-                    gc.enable()
-                wall = time.perf_counter() - t0
-                after = resource.getrusage(resource.RUSAGE_SELF)
-                end = rss_mb()
-                # before any collection: what reference counting alone freed
-                alive_after = sum(ref() is not None for ref in agent.losses)
-                cyclic = gc.collect()
-                calls = sum(row.calls for row in trainer.phase_rows())
-        finally:
-            sim.close()
+        with (
+            served(latency) as base_url,
+            OpenAI(base_url=base_url, api_key="sk-test") as client,
+        ):
+            afnio.set_backward_model_client(
+                client, completion_args={"model": SIMULATOR_MODEL}
+            )
+            client.chat(  # warm-up: imports, afnio's loop, one connection
+                [{"role": "user", "content": "hello"}], model=SIMULATOR_MODEL
+            )
+            agent = Classifier(client, min(warmup, steps - 1))
+            dataset = JsonlDataset(
+                path,
+                input="email",
+                target=("urgency", "sentiment", "categories"),
+                roles={"email": "input email or message"},
+            )
+            trainer = Trainer(
+                max_epochs=1,
+                default_root_dir=root / "run",
+                enable_progress_bar=False,
+                enable_agent_summary=False,
+                enable_run_summary=False,
+            )
+            gc.collect()
+            start = rss_mb()
+            cpu = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.perf_counter()
+            if gc_off:
+                gc.disable()
+            try:
+                trainer.fit(agent, DataLoader(dataset, batch_size=batch))
+            finally:
+                gc.enable()
+            wall = time.perf_counter() - t0
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            end = rss_mb()
+            # before any collection: what reference counting alone freed
+            alive_after = sum(ref() is not None for ref in agent.losses)
+            cyclic = gc.collect()
+            calls = sum(row.calls for row in trainer.phase_rows())
     warm = agent.rss_warm if agent.rss_warm is not None else start
     return {
         "benchmark": "memory_growth",

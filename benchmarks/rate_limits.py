@@ -32,16 +32,17 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.common import PipedProcess, answer_commands  # noqa: E402
 
 TARGET_EFFICIENCY = 0.90
 TARGET_429_SHARE = 0.05
@@ -53,7 +54,8 @@ MODEL = "afnio-sim-1"
 
 def serve(latency: float, rpm: int, window: float) -> int:
     """The child: a rate-limited simulator on a free port; prints its base URL,
-    then answers ``stats`` (its counters as one JSON line) and ``quit``."""
+    then answers ``stats`` (its counters as one JSON line) and ``quit``
+    (:func:`benchmarks.common.answer_commands`)."""
     from dataclasses import asdict
 
     from afnio.testing import Simulator
@@ -61,61 +63,23 @@ def serve(latency: float, rpm: int, window: float) -> int:
     with Simulator(
         latency=latency, requests_per_minute=rpm, rate_limit_window=window
     ) as sim:
-        print(sim.base_url, flush=True)
-        for line in sys.stdin:
-            command = line.strip()
-            if command == "stats":
-                print(json.dumps(asdict(sim.stats)), flush=True)
-            elif command == "quit":
-                break
-            else:
-                print(json.dumps({"error": f"unknown command {command!r}"}), flush=True)
+        answer_commands(sim.base_url, {"stats": lambda _: asdict(sim.stats)})
     return 0
 
 
-class SimulatorProcess:
+class SimulatorProcess(PipedProcess):
     """The simulator in its own process (:func:`serve`), its counters over a pipe."""
 
     def __init__(self, latency: float, rpm: int, window: float) -> None:
-        self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "_serve",
-                *(str(latency), str(rpm), str(window)),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=str(HERE.parent),
+        super().__init__(
+            str(Path(__file__).resolve()),
+            "_serve",
+            *(str(latency), str(rpm), str(window)),
         )
-        self.base_url = self._readline()
-
-    def _readline(self) -> str:
-        out: TextIO | None = self._proc.stdout
-        assert out is not None
-        line = out.readline()
-        if not line:
-            raise RuntimeError(f"the simulator exited (status {self._proc.poll()})")
-        return line.strip()
 
     def stats(self) -> dict[str, Any]:
         """The simulator's counters (:class:`afnio.testing.SimulatorStats`)."""
-        assert self._proc.stdin is not None
-        self._proc.stdin.write("stats\n")
-        self._proc.stdin.flush()
-        return json.loads(self._readline())
-
-    def close(self) -> None:
-        if self._proc.poll() is None:
-            try:
-                assert self._proc.stdin is not None
-                self._proc.stdin.write("quit\n")
-                self._proc.stdin.flush()
-                self._proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self._proc.kill()
-                self._proc.wait()
+        return self.ask("stats")
 
 
 # -- the pass --------------------------------------------------------------------------

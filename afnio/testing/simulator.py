@@ -859,6 +859,14 @@ BATCH_OUTCOMES = ("failed", "expired")
 _BATCH_API_ENDPOINTS = frozenset({"files", "batches"})
 
 
+def _batch_errors(code: str, message: str) -> dict[str, Any]:
+    """The ``errors`` of a failed batch object: one whole-batch error (no line)."""
+    return {
+        "object": "list",
+        "data": [{"code": code, "line": None, "message": message, "param": None}],
+    }
+
+
 def _multipart(raw: bytes) -> dict[str, Any]:
     """The fields of a ``multipart/form-data`` body (the boundary is its first line),
     parsed with :mod:`email`: ``{"file": (filename, bytes), "purpose": str, ...}``."""
@@ -1682,17 +1690,9 @@ class Simulator:
                 batch.update(
                     status="failed",
                     failed_at=CREATED + 1,
-                    errors={
-                        "object": "list",
-                        "data": [
-                            {
-                                "code": "invalid_request",
-                                "line": None,
-                                "message": f"Invalid input file: {error}.",
-                                "param": None,
-                            }
-                        ],
-                    },
+                    errors=_batch_errors(
+                        "invalid_request", f"Invalid input file: {error}."
+                    ),
                 )
                 return _Reply(200, _dumps(batch))
             total = len(lines)
@@ -1714,18 +1714,10 @@ class Simulator:
                     batch.update(
                         status="failed",
                         failed_at=CREATED + 2,
-                        errors={
-                            "object": "list",
-                            "data": [
-                                {
-                                    "code": "server_error",
-                                    "line": None,
-                                    "message": "The batch failed (simulated by "
-                                    "afnio.testing).",
-                                    "param": None,
-                                }
-                            ],
-                        },
+                        errors=_batch_errors(
+                            "server_error",
+                            "The batch failed (simulated by afnio.testing).",
+                        ),
                     )
             else:
                 prompt_tokens, completion_tokens = self._run_batch(batch, lines)

@@ -21,6 +21,7 @@ def test_run_writes_a_markdown_report_and_json(tmp_path: Path) -> None:
             "0.01",
             "--no-overheads",
             "--no-estimate",
+            "--no-scale",
             "--out",
             str(out),
         ]
@@ -177,4 +178,4 @@ def test_the_scale_targets_are_checked_on_the_run_s_own_rows() -> None:
     report = markdown([], [], extra, [], _scale(2.0, 2.5, 0, 0.02))
     for section in ("large batches", "rate limit", "Batch API", "memory"):
         assert "## Scale: " in report and section in report
-    assert "| 512 | aiohttp | 772 | 4 | 2.00 |" in report
+    assert "| openai | 512 | aiohttp | 772 | 4 | 2.00 |" in report

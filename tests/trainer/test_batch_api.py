@@ -17,8 +17,6 @@ from typing import Any
 import openai
 import pytest
 
-import afnio
-from afnio import cognitive as cog
 from afnio.models import batch as batch_module
 from afnio.models.batch import (
     BATCH_STATE_FILE,
@@ -34,21 +32,10 @@ from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader
 from benchmarks.resume_kills import MESSAGES, Messages
 from examples.facility_support import SentimentClassifier
+from tests.trainer import _batch_helpers
+from tests.trainer._batch_helpers import FAST, RULES, SecondStage, quiet_trainer
 
-RULES = (
-    "Classify the sentiment of the message. "
-    'If the message mentions "wonderful", the sentiment is positive. '
-    'If the message mentions "awful", the sentiment is negative. '
-    'If the message mentions "love", the sentiment is positive. '
-    'If the message mentions "worst", the sentiment is negative.'
-)
-FAST = BatchOptions(poll_interval=0)
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator() as sim:
-        yield sim
+sim = _batch_helpers.sim  # the fixture
 
 
 @pytest.fixture
@@ -62,43 +49,18 @@ def _loader() -> DataLoader:
 
 
 def _trainer(root: Path) -> Trainer:
-    return Trainer(
-        default_root_dir=root,
-        enable_progress_bar=False,
-        enable_agent_summary=False,
-        enable_run_summary=False,
-        enable_checkpointing=False,
-    )
+    return quiet_trainer(root, enable_checkpointing=False)
 
 
 def _texts(outputs: list[Any]) -> list[Any]:
     return [None if o is None else o.data for o in outputs]
 
 
-class _TwoStage(SentimentClassifier):
+class _TwoStage(SecondStage, SentimentClassifier):
     """A second LM call that depends on the first one's answer (two rounds)."""
 
     def __init__(self, client: OpenAI) -> None:
         super().__init__(client, SIMULATOR_MODEL, RULES)
-        self.register_buffer(
-            "confirm",
-            afnio.Variable(
-                'If the message mentions "negative", the sentiment is negative. '
-                'If the message mentions "positive", the sentiment is positive.',
-                role="second stage prompt",
-            ),
-        )
-        self.second = cog.ChatCompletion()
-
-    def forward(self, emails: afnio.Variable) -> afnio.Variable:
-        first = super().forward(emails)
-        messages = [
-            {"role": "system", "content": [self.confirm]},
-            {"role": "user", "content": [self.user_template]},
-        ]
-        return self.second(
-            self.client, messages, inputs={"message": first}, **self.completion_args
-        )
 
 
 # -- the simulator --------------------------------------------------------------------

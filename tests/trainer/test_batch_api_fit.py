@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,8 @@ from typing import Any
 import openai
 import pytest
 
-import afnio
 from afnio.models import batch as batch_module
-from afnio.models.batch import BATCH_STATE_FILE, BatchOptions, projected_cost
+from afnio.models.batch import BATCH_STATE_FILE, projected_cost
 from afnio.models.openai import OpenAI
 from afnio.serialization import load
 from afnio.testing import SIMULATOR_MODEL, Simulator
@@ -31,25 +29,12 @@ from afnio.trainer.trainer import BudgetExceeded
 from afnio.utils.data import DataLoader
 from benchmarks.resume_kills import MESSAGES, Messages
 from examples.facility_support import SentimentClassifier
+from tests.trainer import _batch_helpers
+from tests.trainer._batch_helpers import FAST, quiet_trainer, without_cost
 
-FAST = BatchOptions(poll_interval=0)
 REPO = Path(__file__).resolve().parents[2]
 POLLS = ("--batch-polls", "3")
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator() as sim:
-        yield sim
-
-
-@pytest.fixture
-def client(sim: Simulator) -> Iterator[OpenAI]:
-    with OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client:
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
-        yield client
+sim, client = _batch_helpers.sim, _batch_helpers.backward_client  # the fixtures
 
 
 def _train() -> DataLoader:
@@ -61,14 +46,7 @@ def _val(rows: list[tuple[str, str]] | None = None) -> DataLoader:
 
 
 def _trainer(root: Path, **kwargs: Any) -> Trainer:
-    return Trainer(
-        max_epochs=1,
-        default_root_dir=root,
-        enable_progress_bar=False,
-        enable_agent_summary=False,
-        enable_run_summary=False,
-        **kwargs,
-    )
+    return quiet_trainer(root, max_epochs=1, **kwargs)
 
 
 @pytest.fixture
@@ -106,9 +84,7 @@ def test_fit_validates_through_the_batch_api_at_the_batch_price(
     chat = sim.stats.calls_by_endpoint["chat/completions"]
     assert chat == sync_chat - len(MESSAGES[4:])
     [row], [sync_row] = history, sync_history
-    assert {k: v for k, v in row.items() if k != "total_cost"} == {
-        k: v for k, v in sync_row.items() if k != "total_cost"
-    }
+    assert without_cost(row) == without_cost(sync_row)
     # the same run, its validation paid at half the price (batch_discount 0.5):
     # the synchronous validation cost twice what the batch's lines cost
     assert stats.cost > 0
@@ -163,9 +139,7 @@ def test_a_fit_interrupted_while_polling_resumes_the_batch_from_its_checkpoint(
     assert (stats.batches_submitted, stats.batches_resumed) == (0, 1)
     assert stats.lines_answered == len(MESSAGES[4:])
     assert sim.batches[record["id"]]["status"] == "completed"
-    assert {k: v for k, v in history[-1].items() if k != "total_cost"} == {
-        k: v for k, v in expected[-1].items() if k != "total_cost"
-    }
+    assert without_cost(history[-1]) == without_cost(expected[-1])
     # the training step paid before the interruption and the batch paid once
     assert history[-1]["total_cost"] == pytest.approx(expected[-1]["total_cost"])
     assert _trainer(root).last_checkpoint_path().name == "checkpoint_epoch1.hf"

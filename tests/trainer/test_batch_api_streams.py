@@ -26,14 +26,12 @@ batches each round saw."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import afnio
-from afnio import cognitive as cog
 from afnio.models import batch as batch_module
 from afnio.models.batch import BatchFailed, BatchOptions, ReplayLoader
 from afnio.models.openai import OpenAI
@@ -43,46 +41,36 @@ from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader, JsonlDataset
 from benchmarks.resume_kills import MESSAGES, Messages
 from examples.facility_support import SentimentClassifier
+from tests.trainer import _batch_helpers
+from tests.trainer._batch_helpers import FAST, SecondStage, quiet_trainer, without_cost
+from tests.trainer._batch_helpers import RULES as BASE_RULES
 
 RULES = (
-    "Classify the sentiment of the message. "
-    'If the message mentions "wonderful", the sentiment is positive. '
-    'If the message mentions "awful", the sentiment is negative. '
-    'If the message mentions "love", the sentiment is positive. '
-    'If the message mentions "worst", the sentiment is negative. '
+    f"{BASE_RULES} "
     'If the message mentions "grateful", the sentiment is positive. '
     'If the message mentions "delays", the sentiment is negative.'
 )
-FAST = BatchOptions(poll_interval=0)
 TARGETS = ("urgency", "sentiment", "categories")
 BATCH = 5  # 12 rows: batches of 5, 5 and 2, so the mean of the batch means
 # depends on which samples share a batch
 
 
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator() as sim:
-        yield sim
+sim, client = _batch_helpers.sim, _batch_helpers.backward_client  # the fixtures
 
 
-@pytest.fixture
-def client(sim: Simulator) -> Iterator[OpenAI]:
-    with OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client:
-        afnio.set_backward_model_client(
-            client, completion_args={"model": SIMULATOR_MODEL}
-        )
-        yield client
+def _write_rows(path: Path, messages: list[tuple[str, str]]) -> Path:
+    """``messages`` as JSONL rows (FacilitySupport's fields) in ``path``."""
+    with open(path, "w", encoding="utf-8") as f:
+        for text, label in messages:
+            row = {"email": text, "urgency": "low", "sentiment": label}
+            f.write(json.dumps({**row, "categories": "{}"}) + "\n")
+    return path
 
 
 @pytest.fixture
 def rows(tmp_path: Path) -> Path:
     """The 12 support messages as JSONL rows (FacilitySupport's fields)."""
-    path = tmp_path / "messages.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for text, label in MESSAGES:
-            row = {"email": text, "urgency": "low", "sentiment": label}
-            f.write(json.dumps({**row, "categories": "{}"}) + "\n")
-    return path
+    return _write_rows(tmp_path / "messages.jsonl", MESSAGES)
 
 
 def _stream(path: Path, seed: int = 3, buffer_size: int = 4) -> DataLoader:
@@ -98,13 +86,7 @@ def _stream(path: Path, seed: int = 3, buffer_size: int = 4) -> DataLoader:
 
 
 def _trainer(root: Path, **kwargs: Any) -> Trainer:
-    return Trainer(
-        default_root_dir=root,
-        enable_progress_bar=False,
-        enable_agent_summary=False,
-        enable_run_summary=False,
-        **{"enable_checkpointing": False, **kwargs},
-    )
+    return quiet_trainer(root, **{"enable_checkpointing": False, **kwargs})
 
 
 def _batches(loader: Any) -> list[list[str]]:
@@ -113,7 +95,7 @@ def _batches(loader: Any) -> list[list[str]]:
 
 
 def _strip(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in row.items() if k != "total_cost"} for row in history]
+    return [without_cost(row) for row in history]
 
 
 class _Recording(SentimentClassifier):
@@ -141,31 +123,9 @@ class _PerBatchPrompt(_Recording):
         return afnio.Variable([answer.data] * len(emails.data), role="answers")
 
 
-class _TwoStage(_Recording):
+class _TwoStage(SecondStage, _Recording):
     """A second LM call that depends on the first one's answer (two rounds), as in
     tests/trainer/test_batch_api.py."""
-
-    def __init__(self, client: OpenAI) -> None:
-        super().__init__(client)
-        self.register_buffer(
-            "confirm",
-            afnio.Variable(
-                'If the message mentions "negative", the sentiment is negative. '
-                'If the message mentions "positive", the sentiment is positive.',
-                role="second stage prompt",
-            ),
-        )
-        self.second = cog.ChatCompletion()
-
-    def forward(self, emails: afnio.Variable) -> afnio.Variable:
-        first = super().forward(emails)
-        messages = [
-            {"role": "system", "content": [self.confirm]},
-            {"role": "user", "content": [self.user_template]},
-        ]
-        return self.second(
-            self.client, messages, inputs={"message": first}, **self.completion_args
-        )
 
 
 def _requests(sim: Simulator, batch_ids: list[str]) -> list[int]:
@@ -229,9 +189,7 @@ def test_validate_over_a_shuffled_stream_equals_the_synchronous_pass_in_one_batc
     assert sim.stats.calls_by_endpoint.get("chat/completions", 0) == 0
     # the collecting round and the final one saw the synchronous batches
     assert _runs(agent.seen, 3) == [sync_agent.seen] * 2
-    assert {k: v for k, v in result.items() if k != "total_cost"} == {
-        k: v for k, v in expected.items() if k != "total_cost"
-    }
+    assert without_cost(result) == without_cost(expected)
     # the next epoch is the synchronous run's next epoch
     assert _batches(loader) == _batches(sync_loader)
 
@@ -308,9 +266,7 @@ def test_a_two_round_program_over_a_shuffled_stream_takes_two_batches(
     # three runs of the pass (two collecting rounds and the final one), each over
     # the synchronous batches
     assert _runs(agent.seen, 3) == [sync_agent.seen] * 3
-    assert {k: v for k, v in result.items() if k != "total_cost"} == {
-        k: v for k, v in expected.items() if k != "total_cost"
-    }
+    assert without_cost(result) == without_cost(expected)
     assert _batches(loader) == _batches(sync_loader)
 
 
@@ -322,13 +278,7 @@ def test_a_two_round_batch_level_program_over_a_shuffled_stream_converges(
             self.seen.append(list(emails.data))
             joined = afnio.Variable("\n".join(emails.data), role="messages")
             first = SentimentClassifier.forward(self, joined)
-            messages = [
-                {"role": "system", "content": [self.confirm]},
-                {"role": "user", "content": [self.user_template]},
-            ]
-            answer = self.second(
-                self.client, messages, inputs={"message": first}, **self.completion_args
-            )
+            answer = self.second_stage(first)
             return afnio.Variable([answer.data] * len(emails.data), role="answers")
 
     sync_agent = TwoStagePerBatch(client)
@@ -356,21 +306,52 @@ def _fit_loaders(train_rows: Path, val_rows: Path) -> tuple[DataLoader, DataLoad
 
 @pytest.fixture
 def train_rows(tmp_path: Path) -> Path:
-    path = tmp_path / "train.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for text, label in MESSAGES[:8]:
-            row = {"email": text, "urgency": "low", "sentiment": label}
-            f.write(json.dumps({**row, "categories": "{}"}) + "\n")
-    return path
+    return _write_rows(tmp_path / "train.jsonl", MESSAGES[:8])
+
+
+def _fit_reference(
+    client: OpenAI, root: Path, train_rows: Path, val_rows: Path
+) -> tuple[_Recording, list[dict[str, Any]]]:
+    """An uninterrupted synchronous fit of 2 epochs: its agent and history."""
+    agent = _Recording(client)
+    history = _trainer(root, max_epochs=2).fit(
+        agent, *_fit_loaders(train_rows, val_rows)
+    )
+    return agent, history
+
+
+class _Crash(Exception):
+    pass
+
+
+def _fit_until_crash(
+    agent: _Recording, root: Path, train_rows: Path, val_rows: Path
+) -> None:
+    """A checkpointed fit of 2 epochs in ``root`` that ``agent`` stops with
+    :class:`_Crash`."""
+    with pytest.raises(Exception) as info:
+        _trainer(root, max_epochs=2, enable_checkpointing=True).fit(
+            agent, *_fit_loaders(train_rows, val_rows)
+        )
+    assert isinstance(info.value.__cause__ or info.value, _Crash)
+
+
+def _resume(
+    client: OpenAI, root: Path, train_rows: Path, val_rows: Path
+) -> tuple[_Recording, list[dict[str, Any]]]:
+    """The fit in ``root`` resumed from its last checkpoint by a new agent: the
+    agent and the history."""
+    agent = _Recording(client)
+    history = _trainer(root, max_epochs=2, enable_checkpointing=True).fit(
+        agent, *_fit_loaders(train_rows, val_rows), ckpt_path="last"
+    )
+    return agent, history
 
 
 def test_fit_over_streams_through_the_batch_api_equals_the_synchronous_fit(
     sim: Simulator, client: OpenAI, rows: Path, train_rows: Path, tmp_path: Path
 ) -> None:
-    sync_agent = _Recording(client)
-    expected = _trainer(tmp_path / "sync", max_epochs=2).fit(
-        sync_agent, *_fit_loaders(train_rows, rows)
-    )
+    sync_agent, expected = _fit_reference(client, tmp_path / "sync", train_rows, rows)
     sync_seen = list(sync_agent.seen)
     sim.reset_stats()
 
@@ -400,10 +381,7 @@ def test_a_fit_interrupted_while_its_second_validation_is_polled_resumes_exactly
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    reference = _Recording(client)
-    expected = _trainer(tmp_path / "sync", max_epochs=2).fit(
-        reference, *_fit_loaders(train_rows, rows)
-    )
+    reference, expected = _fit_reference(client, tmp_path / "sync", train_rows, rows)
     second_validation = reference.seen[7:10]  # epoch 2: 2 training batches, then 3
 
     sleeps: list[float] = []
@@ -459,30 +437,17 @@ def test_a_synchronous_fit_resumed_validates_on_the_uninterrupted_epochs(
 ) -> None:
     """The validation stream's position is in every checkpoint: a run resumed in its
     second epoch validates on the stream's second epoch, not its first."""
-    reference = _Recording(client)
-    expected = _trainer(tmp_path / "ref", max_epochs=2).fit(
-        reference, *_fit_loaders(train_rows, rows)
-    )
-
-    class Crash(Exception):
-        pass
+    reference, expected = _fit_reference(client, tmp_path / "ref", train_rows, rows)
 
     class Crashing(_Recording):
         def training_step(self, batch: Any, batch_idx: int) -> Any:
             if len(self.seen) == 6:  # epoch 2, its second training batch
-                raise Crash
+                raise _Crash
             return super().training_step(batch, batch_idx)
 
     root = tmp_path / "run"
-    with pytest.raises(Exception) as info:
-        _trainer(root, max_epochs=2, enable_checkpointing=True).fit(
-            Crashing(client), *_fit_loaders(train_rows, rows)
-        )
-    assert isinstance(info.value.__cause__ or info.value, Crash)
-    agent = _Recording(client)
-    history = _trainer(root, max_epochs=2, enable_checkpointing=True).fit(
-        agent, *_fit_loaders(train_rows, rows), ckpt_path="last"
-    )
+    _fit_until_crash(Crashing(client), root, train_rows, rows)
+    agent, history = _resume(client, root, train_rows, rows)
     assert agent.seen == reference.seen[6:]  # the last training batch, then val
     assert _strip(history) == _strip(expected)
 
@@ -513,30 +478,17 @@ def test_a_synchronous_fit_that_crashed_validating_resumes_without_training_agai
 ) -> None:
     """The crash comes after the epoch's last (short) training batch was
     checkpointed: the resumed run validates, and does not train that epoch again."""
-    reference = _Recording(client)
-    expected = _trainer(tmp_path / "ref", max_epochs=2).fit(
-        reference, *_fit_loaders(train_rows, rows)
-    )
-
-    class Crash(Exception):
-        pass
+    reference, expected = _fit_reference(client, tmp_path / "ref", train_rows, rows)
 
     class Crashing(_Recording):
         def validation_step(self, batch: Any, batch_idx: int) -> Any:
             if len(self.seen) == 7:  # epoch 2, its validation
-                raise Crash
+                raise _Crash
             return super().validation_step(batch, batch_idx)
 
     root = tmp_path / "run"
-    with pytest.raises(Exception) as info:
-        _trainer(root, max_epochs=2, enable_checkpointing=True).fit(
-            Crashing(client), *_fit_loaders(train_rows, rows)
-        )
-    assert isinstance(info.value.__cause__ or info.value, Crash)
+    _fit_until_crash(Crashing(client), root, train_rows, rows)
     assert _trainer(root).last_checkpoint_path().name == "checkpoint_batch1.hf"
-    agent = _Recording(client)
-    history = _trainer(root, max_epochs=2, enable_checkpointing=True).fit(
-        agent, *_fit_loaders(train_rows, rows), ckpt_path="last"
-    )
+    agent, history = _resume(client, root, train_rows, rows)
     assert agent.seen == reference.seen[7:]  # the validation of epoch 2 only
     assert _strip(history) == _strip(expected)
