@@ -109,7 +109,7 @@ def test_recorded_requests_lose_query_and_header_credentials() -> None:
     assert scrubbed.uri == (
         "http://simulator.invalid/v1/chat/completions?api-version=1"
     )
-    assert dict(scrubbed.headers) == {"Content-Type": "application/json"}
+    assert dict(scrubbed.headers) == {"content-type": "application/json"}
     assert scrubbed.body == body.encode()  # a body without credentials is untouched
 
 

@@ -49,7 +49,9 @@ def test_scrub_request_drops_headers_userinfo_and_credential_query_parameters() 
     found: set[str] = set()
     scrubbed = scrub_request(request, collect=found)
     assert scrubbed.uri == "http://simulator.invalid/v1/chat/completions?api-version=1"
-    assert dict(scrubbed.headers) == {"Content-Type": "application/json"}
+    assert dict(scrubbed.headers) == {
+        "content-type": "application/json"
+    }  # names in lower case
     assert scrubbed.body == body.encode()  # nothing to mask: byte for byte
     assert set(FAKES) <= found
 
@@ -104,7 +106,7 @@ def test_volatile_response_headers_are_dropped() -> None:
         "body": {"string": b"{}"},
     }
     assert set(scrub_response(response)["headers"]) == {
-        "Content-Type",
+        "content-type",  # names in lower case
         "retry-after",
         "x-should-retry",
     }
