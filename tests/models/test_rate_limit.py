@@ -152,18 +152,33 @@ def _many(client: AsyncOpenAI, n: int, **kwargs: Any) -> list[Any]:
     return run_sync(main())
 
 
-def test_an_unknown_limit_is_learned_and_429s_stay_rare() -> None:
-    # 30 requests per 2 s: 30 at once, then 15 per second; afnio is told nothing
-    n, limit, window = 150, 30, 2.0
-    with Simulator(
-        latency=LATENCY, requests_per_minute=limit, rate_limit_window=window
-    ) as sim:
+def _limited_run(
+    n: int, budget: int | None = None, **limits: float
+) -> tuple[list[Any], float, Any, AsyncOpenAI, str]:
+    """``n`` concurrent calls against a simulator with ``limits``
+    (``requests_per_minute=``, ``tokens_per_minute=``, ``rate_limit_window=``), with
+    an explicit afnio ``budget`` in requests per minute if given: the results, the
+    seconds they took, the simulator's counters, the (closed) client and the
+    simulator's base URL."""
+    with Simulator(latency=LATENCY, **limits) as sim:
+        if budget is not None:
+            afnio.set_rate_limit(
+                MODEL, requests_per_minute=budget, base_url=sim.base_url
+            )
         client = AsyncOpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0)
         start = time.monotonic()
         results = _many(client, n)
         elapsed = time.monotonic() - start
         stats = sim.stats
         client.close()
+    return results, elapsed, stats, client, str(sim.base_url)
+
+
+def test_an_unknown_limit_is_learned_and_429s_stay_rare() -> None:
+    # 30 requests per 2 s: 30 at once, then 15 per second; afnio is told nothing
+    n, limit, window = 150, 30, 2.0
+    run = _limited_run(n, requests_per_minute=limit, rate_limit_window=window)
+    results, elapsed, stats, client, base_url = run
     failures = [r for r in results if isinstance(r, BaseException)]
     assert failures == []  # 429s never surface
     assert stats.served == n and client.calls == n
@@ -172,7 +187,7 @@ def test_an_unknown_limit_is_learned_and_429s_stay_rare() -> None:
     # (it starts full; the last answer needs one latency after its send)
     allowed = limit + limit / window * max(0.0, elapsed - LATENCY)
     assert stats.served >= 0.9 * allowed
-    learned = get_rate_limit_stats(MODEL, base_url=sim.base_url)
+    learned = get_rate_limit_stats(MODEL, base_url=base_url)
     assert learned.limit_requests == limit
     assert learned.requests == n and learned.rate_limited == stats.rate_limited
 
@@ -182,16 +197,10 @@ def test_an_explicit_budget_below_the_server_limit_gets_no_429(
 ) -> None:
     monkeypatch.setattr(rate_limit, "MINUTE", 2.0)  # a "minute" of 2 s
     n, limit, budget, window = 80, 30, 20, 2.0
-    with Simulator(
-        latency=LATENCY, requests_per_minute=limit, rate_limit_window=window
-    ) as sim:
-        afnio.set_rate_limit(MODEL, requests_per_minute=budget, base_url=sim.base_url)
-        client = AsyncOpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0)
-        start = time.monotonic()
-        results = _many(client, n)
-        elapsed = time.monotonic() - start
-        stats = sim.stats
-        client.close()
+    run = _limited_run(
+        n, budget=budget, requests_per_minute=limit, rate_limit_window=window
+    )
+    results, elapsed, stats, _client, _url = run
     assert [r for r in results if isinstance(r, BaseException)] == []
     assert stats.rate_limited == 0 and stats.served == n
     # the budget, not the server, set the pace: never more than it allows
@@ -202,21 +211,14 @@ def test_a_token_limit_is_paced_by_the_token_headers() -> None:
     # 100 tokens per 2 s; each request is 5 tokens ("hello i" + 3): 20 at once,
     # then 10 per second
     n, limit, window = 60, 100, 2.0
-    with Simulator(
-        latency=LATENCY, tokens_per_minute=limit, rate_limit_window=window
-    ) as sim:
-        client = AsyncOpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0)
-        start = time.monotonic()
-        results = _many(client, n)
-        elapsed = time.monotonic() - start
-        stats = sim.stats
-        client.close()
+    run = _limited_run(n, tokens_per_minute=limit, rate_limit_window=window)
+    results, elapsed, stats, _client, base_url = run
     assert [r for r in results if isinstance(r, BaseException)] == []
     assert stats.served == n
     assert stats.rate_limited <= max(1, 0.05 * stats.calls)
     allowed_tokens = limit + limit / window * max(0.0, elapsed - LATENCY)
     assert stats.prompt_tokens >= 0.8 * allowed_tokens  # afnio's estimate is higher
-    assert get_rate_limit_stats(MODEL, base_url=sim.base_url).limit_tokens == limit
+    assert get_rate_limit_stats(MODEL, base_url=base_url).limit_tokens == limit
 
 
 def test_429s_are_retried_beyond_max_retries_and_billed_once() -> None:
