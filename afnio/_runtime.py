@@ -33,6 +33,7 @@ import collections
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future as ConcurrentFuture
 from dataclasses import dataclass
@@ -57,12 +58,17 @@ __all__ = [
 T = TypeVar("T")
 
 DEFAULT_MAX_CONCURRENCY = 16
+"""The default bound on concurrent backward nodes and on LM requests in flight."""
 
 STALL_WARNING_S = 10.0
-"""How long a synchronous afnio call waits, while afnio's loop is busy running a plain
-backward inline, before the engine warns that the two may wait on each other (see
-``Function.blocking``)."""
-"""The default bound on concurrent backward nodes and on LM requests in flight."""
+"""The stall threshold, in seconds. An afnio call made from another thread
+(``run_sync``, or ``run_async`` from another event loop) that has waited this long
+for afnio's loop, while one plain ``backward`` running inline on that loop has held
+it this long, is stopped with a ``RuntimeError`` naming the Function and
+``blocking = True``: that backward may be waiting for the calling thread (a thread
+pool running ``model.chat``), and neither could ever go on. The error frees such a
+backward, and the engine re-runs it in a worker thread (see ``Function.blocking``).
+Read at every check, so ``afnio._runtime.STALL_WARNING_S = 2.0`` applies at once."""
 
 
 @dataclass(frozen=True)
@@ -171,10 +177,12 @@ class _Runtime:
         self._thread: threading.Thread | None = None
         self.nodes = _Limiter(DEFAULT_MAX_CONCURRENCY)
         self.requests = _Limiter(DEFAULT_MAX_CONCURRENCY)
-        # set by the backward engine while a plain backward runs inline on the loop:
-        # called (it raises) by a synchronous afnio call made there, so the engine
-        # re-runs that backward in a worker thread instead of deadlocking
-        self.inline_guard: Callable[[str], None] | None = None
+        # set by the backward engine while a plain backward runs inline on the loop
+        # (an ``_InlineGuard``, see afnio.autodiff.engine): called (it raises) by a
+        # synchronous afnio call made there, so the engine re-runs that backward in a
+        # worker thread instead of deadlocking; and asked, through ``held()`` and
+        # ``mark_stalled()``, by calls from other threads kept waiting by that backward
+        self.inline_guard: Any = None
         self.sync_calls = _SyncCalls()
 
     @property
@@ -236,16 +244,97 @@ def _submit(coro: Coroutine[Any, Any, T]) -> ConcurrentFuture[T]:
     return asyncio.run_coroutine_threadsafe(coro, _runtime.loop)
 
 
+async def _start(coro: Coroutine[Any, Any, T], ticket: list[bool]) -> T:
+    """Run ``coro`` unless its caller gave up before afnio's loop reached it.
+
+    ``ticket`` holds one item; whoever pops it first (this task starting, or the
+    caller giving up in :func:`_give_up`) wins, atomically, so a call the caller gave
+    up on never starts and sends nothing."""
+    try:
+        ticket.pop()
+    except IndexError:
+        coro.close()
+        raise asyncio.CancelledError from None
+    return await coro
+
+
+def _give_up(ticket: list[bool]) -> bool:
+    """Stop a call from starting; True if it had not started (nothing was sent)."""
+    try:
+        ticket.pop()
+    except IndexError:
+        return False
+    return True
+
+
+def _stall_threshold() -> float:
+    """:data:`STALL_WARNING_S`, read now (at least 10 ms, so no wait spins)."""
+    return max(float(STALL_WARNING_S), 0.01)
+
+
+def _stall_verdict(ticket: list[bool], submitted: float) -> float | RuntimeError:
+    """Called by a caller in another thread whose call has waited ``STALL_WARNING_S``
+    or more since ``submitted``: the time to wait before asking again, or the error
+    to raise now (the call was given up before it started).
+
+    The error is due only when afnio's loop has not yet started the call and one
+    plain backward running inline on that loop has held it for the whole threshold:
+    such a backward may be waiting for this very thread, and neither could go on.
+    The error frees it; the engine (told by ``guard.mark_stalled``) re-runs that
+    backward in a worker thread. A call that has started is never stopped: it may be
+    the very work that runs that backward (``x.backward()`` itself); past twice the
+    threshold the engine logs a warning naming the Function instead."""
+    threshold = _stall_threshold()
+    guard = _runtime.inline_guard
+    held = guard.held() if guard is not None else None
+    if held is None:
+        return threshold  # not held by an inline backward: the call is just slow
+    token, since = held
+    now = time.monotonic()
+    if not ticket:  # started: keep waiting; name the backward if it never ends
+        left = 2 * threshold - (now - since)
+        if left > 0:
+            return max(left, 0.001)
+        guard.warn_held(token, now - since)
+        return threshold
+    left = threshold - min(now - since, now - submitted)
+    if left > 0:
+        return max(left, 0.001)
+    names = guard.mark_stalled(token)
+    if names is None or not _give_up(ticket):
+        # that backward ended, or the loop started the call, meanwhile: the loop
+        # is turning again
+        return threshold
+    function, node = names
+    return RuntimeError(
+        f"An afnio call from thread {threading.current_thread().name!r} waited "
+        f"{now - submitted:.1f} s for afnio's event loop, held for "
+        f"{now - since:.1f} s by {function}.backward (node {node}), a plain "
+        "backward running on the loop. If that backward waits for this thread (a "
+        "thread pool running model.chat, say), neither could ever go on, so afnio "
+        "stopped this call before anything was sent. Set `blocking = True` on "
+        f"{function} so that its backward runs in a worker thread; afnio re-runs "
+        f"this one in a worker thread and treats {function} as blocking from now "
+        f"on. (The wait is afnio._runtime.STALL_WARNING_S = {threshold:g} s.)"
+    )
+
+
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` on afnio's loop and block the calling thread until it is done.
 
     The caller's context variables (grad mode) travel with the coroutine. Works from
     any thread, including one whose own event loop is running (a notebook cell).
-    ``KeyboardInterrupt`` in the caller cancels the work.
+    ``KeyboardInterrupt`` in the caller cancels the work (before it starts, if the
+    loop has not reached it yet).
 
     Raises:
         RuntimeError: if called from afnio's own loop thread, where blocking would
-            deadlock; there, ``await`` the coroutine instead.
+            deadlock; there, ``await`` the coroutine instead. Also when the call has
+            waited :data:`STALL_WARNING_S` for a loop held all that time by one plain
+            ``backward`` running inline (a Function that should set
+            ``blocking = True``; the message names it): that backward may be
+            waiting for this thread, so the call gives up, and the engine re-runs
+            the backward in a worker thread.
     """
     if _runtime.in_thread():
         coro.close()
@@ -258,36 +347,60 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
             "await the async form of the call instead."
         )
     _runtime.sync_calls.note()
-    fut = _submit(coro)
+    ticket = [True]
+    submitted = time.monotonic()
+    fut = _submit(_start(coro, ticket))
     try:
-        return _wait(fut)
+        return _wait(fut, ticket, submitted)
     except BaseException:
+        _give_up(ticket)
         fut.cancel()
         raise
 
 
-def _wait(fut: ConcurrentFuture[T]) -> T:
-    """``fut.result()``; when the loop spends :data:`STALL_WARNING_S` inside an inline
-    backward meanwhile, that backward may be waiting on this very call (a deadlock
-    afnio cannot break from here): the guard says so, naming the Function, once."""
-    warned = False
+def _wait(fut: ConcurrentFuture[T], ticket: list[bool], submitted: float) -> T:
+    """``fut.result()``, giving up (see :func:`_stall_verdict`) when an inline
+    backward holding afnio's loop keeps the call waiting past the stall threshold."""
+    timeout = _stall_threshold()
     while True:
         try:
-            return fut.result(timeout=None if warned else STALL_WARNING_S)
+            return fut.result(timeout=timeout)
         except TimeoutError:
-            guard = _runtime.inline_guard
-            warn = getattr(guard, "warn_stalled", None)
-            if warn is not None:
-                warn(STALL_WARNING_S)
-                warned = True
+            if fut.done():
+                raise  # the call itself raised a TimeoutError
+            verdict = _stall_verdict(ticket, submitted)
+            if isinstance(verdict, RuntimeError):
+                raise verdict from None
+            timeout = verdict
 
 
 async def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Await ``coro`` on afnio's loop from any event loop, without blocking it.
-    Cancelling the caller cancels the work."""
+    Cancelling the caller cancels the work.
+
+    Raises:
+        RuntimeError: as :func:`run_sync` does, when the call has waited the stall
+            threshold for a loop held by one plain ``backward`` running inline.
+    """
     if _runtime.in_thread():
         return await coro
-    return await asyncio.wrap_future(_submit(coro))
+    ticket = [True]
+    submitted = time.monotonic()
+    waiter = asyncio.wrap_future(_submit(_start(coro, ticket)))
+    timeout = _stall_threshold()
+    try:
+        while True:
+            done, _ = await asyncio.wait((waiter,), timeout=timeout)
+            if done:
+                return waiter.result()
+            verdict = _stall_verdict(ticket, submitted)
+            if isinstance(verdict, RuntimeError):
+                raise verdict
+            timeout = verdict
+    except BaseException:
+        _give_up(ticket)
+        waiter.cancel()  # cancels the work on afnio's loop
+        raise
 
 
 class _Slot:

@@ -26,6 +26,11 @@ makes synchronous afnio calls (``model.chat()``), itself or from threads it wait
 if so the Function is treated as blocking. A synchronous afnio call made inside a
 backward running on the loop raises :class:`_InlineBlocked` before anything is sent;
 the engine then re-runs that backward in a worker thread (see ``Function.blocking``).
+A backward on the loop that waits for *another thread's* afnio call (a thread pool
+running ``model.chat``) holds the loop that call needs: once that call has waited
+``afnio._runtime.STALL_WARNING_S`` for one such backward, it raises a
+``RuntimeError`` naming the Function and ``blocking = True``, which frees the
+backward, and the engine re-runs the backward in a worker thread.
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ import os
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from time import monotonic as _monotonic
 from typing import Any
 
+from afnio import _runtime as _runtime_module
 from afnio._runtime import _runtime, run_async, run_sync
 from afnio._variable import Variable
 from afnio.autodiff.config import IDENTITY_GRADIENT_DATA
@@ -321,9 +328,17 @@ _INLINE, _ASYNC, _THREAD, _PROBE = "inline", "async", "thread", "probe"
 _KINDS: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
 
 # how many backward calls ran each way (``rerun``: inline calls that made a
-# synchronous afnio call and were run again in a worker thread); for tests and
-# benchmarks, never reset by the engine
-_counts: dict[str, int] = {_INLINE: 0, _ASYNC: 0, _THREAD: 0, _PROBE: 0, "rerun": 0}
+# synchronous afnio call, or kept another thread's afnio call waiting past the stall
+# threshold (also counted in ``stalled``), and were run again in a worker thread);
+# for tests and benchmarks, never reset by the engine
+_counts: dict[str, int] = {
+    _INLINE: 0,
+    _ASYNC: 0,
+    _THREAD: 0,
+    _PROBE: 0,
+    "rerun": 0,
+    "stalled": 0,
+}
 
 
 def _declared_blocking(cls: type) -> bool | None:
@@ -369,29 +384,57 @@ class _InlineBlocked(BaseException):
 
 
 class _InlineGuard:
-    """Installed as ``_runtime.inline_guard`` while one inline backward runs."""
+    """Installed as ``_runtime.inline_guard`` while one inline backward runs.
 
-    __slots__ = ("blocked", "node", "warned")
+    ``current`` is ``(node, start time)`` of that backward: one tuple, written in one
+    step by the loop thread, so other threads read a consistent pair, and its
+    identity tells one inline call from the next. ``stalled`` is the ``current`` of
+    the call that kept another thread's afnio call waiting past the stall threshold
+    (set by that thread, through :meth:`mark_stalled`)."""
+
+    __slots__ = ("blocked", "current", "stalled", "warned")
 
     def __init__(self) -> None:
         self.blocked: str | None = None
-        self.node: BackwardFunction | None = None
-        self.warned = False
+        self.current: tuple[BackwardFunction, float] | None = None
+        self.stalled: tuple[BackwardFunction, float] | None = None
+        self.warned: tuple[BackwardFunction, float] | None = None
 
-    def warn_stalled(self, seconds: float) -> None:
-        """Called by a synchronous afnio call of another thread that has waited
-        ``seconds`` while this backward held the loop: if the backward waits for
-        that thread, neither can go on."""
-        node = self.node
-        if node is None or self.warned:
+    def held(self) -> tuple[tuple[BackwardFunction, float], float] | None:
+        """``(token, start time)`` of the inline backward holding the loop, if any
+        (called from other threads)."""
+        current = self.current
+        return None if current is None else (current, current[1])
+
+    def mark_stalled(self, token: Any) -> tuple[str, str] | None:
+        """Called from another thread whose afnio call has waited past the stall
+        threshold while the inline backward ``token`` held the loop all that time:
+        mark that backward for a re-run in a worker thread and return its Function's
+        and node's names, for the error the call raises (None if that backward has
+        already ended)."""
+        if self.current is not token:
+            return None
+        self.stalled = token
+        node = token[0]
+        return node._forward_cls.__qualname__, node.name()
+
+    def warn_held(self, token: Any, seconds: float) -> None:
+        """Called from another thread whose afnio call, already started, has
+        waited while the inline backward ``token`` held the loop for ``seconds``
+        (twice the stall threshold): such a call cannot be stopped (it may be the
+        very work that runs this backward), so if the backward waits for that
+        thread they wait on each other. Say so, naming the fix, once per call."""
+        if self.current is not token or self.warned is token:
             return
-        self.warned = True
+        self.warned = token
+        node = token[0]
         name = node._forward_cls.__qualname__
         logger.warning(
-            "%s.backward (node %s) has been running on afnio's event loop for over "
-            "%.0f s while a synchronous afnio call from another thread waits for "
-            "that loop. If the backward waits for that thread, they are deadlocked: "
-            "set `blocking = True` on %s so that its backward runs in a worker thread.",
+            "%s.backward (node %s) has held afnio's event loop for %.0f s, running "
+            "on the loop, while an afnio call already started in another thread "
+            "waits for that loop. If the backward waits for that thread, neither "
+            "can go on: set `blocking = True` on %s so that its backward runs in a "
+            "worker thread.",
             name,
             node.name(),
             seconds,
@@ -423,6 +466,28 @@ def _offload(cls: type, node: Node, what: str) -> None:
         name,
         node.name(),
         what,
+        name,
+        name,
+    )
+
+
+def _offload_stalled(cls: type, node: Node) -> None:
+    _KINDS[cls] = _THREAD
+    _counts["rerun"] += 1
+    _counts["stalled"] += 1
+    name = cls.__qualname__
+    logger.warning(
+        "%s.backward (node %s) held afnio's event loop for over %g s "
+        "(afnio._runtime.STALL_WARNING_S) while an afnio call from another thread "
+        "waited for that loop; if the backward waited for that thread, neither "
+        "could go on. afnio stopped that call with a RuntimeError, re-ran this "
+        "backward in a worker thread, and runs %s.backward in worker threads from "
+        "now on. Set `blocking = True` on %s to declare it (then it never starts "
+        "on the loop, nothing waits for the stall threshold, and code in the "
+        "backward does not run twice).",
+        name,
+        node.name(),
+        _runtime_module.STALL_WARNING_S,
         name,
         name,
     )
@@ -498,23 +563,34 @@ def _run_inline(
     needs: tuple[bool, ...] | None,
 ) -> tuple[bool, Any]:
     """Call a plain backward on the loop: ``(True, result)``, or ``(False, None)``
-    when it made a synchronous afnio call and must run in a worker thread."""
+    when it made a synchronous afnio call, or kept another thread's afnio call
+    waiting past the stall threshold, and must run in a worker thread."""
     token = _grad_enabled.set(create_graph)
     ntoken = _needs_override.set(None if needs is None else (node, needs))
     guard = _GUARD
-    guard.blocked, guard.node, guard.warned = None, node, False
+    guard.blocked = None
+    current = guard.current = (node, _monotonic())
     _runtime.inline_guard = guard
     try:
         result = node.apply(*grads)
     except BaseException as e:
-        if guard.blocked is None:
+        if guard.blocked is None and guard.stalled is not current:
             _annotate(e, node)
             raise
     finally:
         _runtime.inline_guard = None
-        guard.node = None
+        guard.current = None
+        if guard.warned is not None:
+            guard.warned = None  # holds no node past its call
         _needs_override.reset(ntoken)
         _grad_enabled.reset(token)
+    if guard.stalled is current:
+        # it kept another thread's afnio call waiting past the stall threshold, and
+        # that call raised: re-run it (even if it swallowed the error, its result
+        # may lack what that call would have given)
+        guard.stalled = None
+        _offload_stalled(node._forward_cls, node)
+        return False, None
     if guard.blocked is not None:  # even if its backward swallowed _InlineBlocked
         _offload(node._forward_cls, node, guard.blocked)
         return False, None

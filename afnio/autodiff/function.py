@@ -226,8 +226,14 @@ class Function:
             is sent, re-runs the whole ``backward`` of that node in a worker thread
             (code before the call runs twice), treats the Function as blocking from
             then on and logs a warning on the ``afnio.autodiff`` logger; set
-            ``blocking = True`` to avoid it. Blocking code that does not go through
-            afnio (``time.sleep``, a raw HTTP client) is not detected: declare it.
+            ``blocking = True`` to avoid it. A backward on the loop that waits for
+            another thread's afnio call (a thread pool running ``model.chat``) does
+            not deadlock either: once that call has waited
+            ``afnio._runtime.STALL_WARNING_S`` (10 s) for the loop the backward
+            holds, it raises a ``RuntimeError`` naming ``blocking = True`` before
+            anything is sent, and afnio re-runs the backward in a worker thread.
+            Blocking code that does not go through afnio (``time.sleep``, a raw
+            HTTP client) is not detected: declare it.
             ``async def backward`` always runs on the loop and ignores it. A plain
             ``forward`` always runs in the caller's thread.
         run_backward_inline: deprecated, use ``blocking``. ``True`` is the same as

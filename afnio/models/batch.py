@@ -36,15 +36,33 @@ batches are priced before anything is submitted (:func:`projected_cost`: the pro
 approximate tokens and the answer's bound, at the batch price); the callback raises to
 refuse them, and then nothing is uploaded.
 
-Resuming: the state (batch ids per round, the answers downloaded, the attempts) is
-saved after every change, so an interrupted pass (Ctrl-C while polling, a crash)
-resumes by running again with the same store: a submitted batch whose requests the
-pass still needs is polled again, never paid again. A submitted batch that holds none
-of the requests the pass makes now (the program or the data changed) is *stale*: it is
-cancelled (``batches.cancel``) and logged. The store is cleared when the pass
-completes. ``Trainer.fit(..., batch_api=True)`` keeps the state in its checkpoints
-(:class:`MemoryStore` with ``on_save``); a standalone pass in a JSON file
-(:class:`BatchStore`).
+Resuming: the state (batch ids per round, the answers downloaded, the attempts, the
+lines already accounted) is saved after every change, so an interrupted pass (Ctrl-C
+while polling or downloading, a crash) resumes by running again with the same store:
+
+* a submitted batch whose requests the pass still needs is polled again, never paid
+  again;
+* a batch being created is saved first as a ``"creating"`` record (its uploaded
+  input file and a nonce sent in the batch ``metadata`` under :data:`NONCE_KEY`), so
+  a batch created by an interrupted ``batches.create`` (or whose id was never saved)
+  is found again with ``batches.list`` rather than sent and paid twice;
+* the lines of an output file are accounted once each: the ``custom_id`` of every
+  accounted line is kept in the record (``accounted``), the partial state is saved
+  before an interruption propagates, and a resumed download skips those lines;
+* a submitted batch that holds none of the requests the pass makes now (the program
+  or the data changed) is *stale*: it is cancelled (``batches.cancel``), waited for
+  until it ends (at most ``cancel_timeout``), and what the provider billed for it
+  (its output file's lines, at the batch price) is accounted like any other line;
+  its answers are not used.
+
+Each record keeps its endpoint as ``mask_url(base_url)`` (no password) and a hash of
+the full base URL and the client's account (API key, organization, project and
+credential headers: never the key itself), so a resumed batch is polled by the
+client that submitted it; a record no client of the pass matches raises
+:class:`BatchClientNotFound` (see ``BatchOptions.abandon_unmatched``). The store is
+cleared when the pass completes. ``Trainer.fit(..., batch_api=True)`` keeps the state
+in its checkpoints (:class:`MemoryStore` with ``on_save``); a standalone pass in a
+JSON file (:class:`BatchStore`).
 
 A pass must make the same requests when it runs again (deterministic prompts; no
 random choice between runs), and work other than LM calls is repeated once per round;
@@ -68,15 +86,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import hashlib
 import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from afnio._secrets import mask_url
 from afnio.models.cache import cache_key
 from afnio.models.phases import LEDGER, current_phase
 from afnio.models.pricing import batch_cost_of
@@ -87,13 +108,16 @@ if TYPE_CHECKING:
 __all__ = [
     "BATCH_STATE_FILE",
     "BudgetCheck",
+    "BatchClientNotFound",
     "BatchCollector",
     "BatchDeferred",
     "BatchFailed",
     "BatchOptions",
     "BatchRun",
     "BatchStore",
+    "BatchTimeout",
     "MemoryStore",
+    "NONCE_KEY",
     "ReplayLoader",
     "active_collector",
     "collecting",
@@ -115,6 +139,17 @@ ENDPOINT = "/v1/chat/completions"
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 """Batch statuses that end polling."""
 
+OPEN = frozenset({"creating", "submitted", "cancelling"})
+"""Record statuses a run still has to settle (see :class:`BatchStore`)."""
+
+NONCE_KEY = "afnio_batch"
+"""The batch ``metadata`` key afnio sends a per-batch nonce under: how a batch created
+by an interrupted run is found again (``batches.list``) instead of being sent twice."""
+
+LIST_SCAN_LIMIT = 1000
+"""The most batches ``batches.list`` is read for when looking for a batch whose
+creation was interrupted (OpenAI lists the newest first)."""
+
 # SDK-only arguments of ``chat.completions.create``: not part of a request body
 _SDK_ONLY = ("timeout", "extra_headers", "extra_query", "extra_body")
 
@@ -130,6 +165,17 @@ class BatchFailed(RuntimeError):
     pass that needed more than ``max_rounds`` rounds)."""
 
 
+class BatchTimeout(BatchFailed):
+    """A batch was polled for ``BatchOptions.poll_timeout`` seconds without ending.
+    Its id stays in the state: running the pass again resumes polling it."""
+
+
+class BatchClientNotFound(RuntimeError):
+    """A batch of the saved state was submitted by a client (base URL and account)
+    that no chat call of the pass uses now, so it can be neither polled nor
+    cancelled."""
+
+
 @dataclass(frozen=True)
 class BatchOptions:
     """How a pass uses the Batch API.
@@ -141,10 +187,25 @@ class BatchOptions:
         max_rounds: the most rounds (batches of dependent calls, retries included)
             a pass may take.
         completion_window: the batch window (OpenAI accepts only ``"24h"``).
-        metadata: the batch ``metadata`` (string values).
+        metadata: the batch ``metadata`` (string values; afnio adds its nonce under
+            :data:`NONCE_KEY`, so at most 15 entries of your own).
         answer_tokens: the completion tokens a request is projected to take, for the
             budget check before a batch is submitted (:func:`projected_cost`), when
             its body sets no ``max_completion_tokens``/``max_tokens`` (which win).
+        poll_timeout: the most seconds one call of the pass polls a batch before it
+            raises :class:`BatchTimeout` (``None``: no limit). The default, 25 hours,
+            is the 24-hour completion window plus an hour for ``finalizing``; the
+            batch's id stays in the state, so running the pass again resumes
+            polling it without paying again.
+        cancel_timeout: the most seconds a stale batch (one the pass no longer
+            needs) is polled after ``batches.cancel`` to see it end and account what
+            it was billed (``None``: no limit). OpenAI ends a cancelled batch within
+            about 10 minutes; after the default 20 minutes it is logged as
+            ``"unaccounted"`` (its cost is not counted) and the pass goes on.
+        abandon_unmatched: a saved batch that no client of the pass matches (another
+            base URL, API key, organization or project) raises
+            :class:`BatchClientNotFound` by default; ``True`` stops tracking it with a
+            warning instead (it is neither cancelled nor counted in the cost).
     """
 
     poll_interval: float = 30.0
@@ -153,16 +214,34 @@ class BatchOptions:
     completion_window: str = "24h"
     metadata: Mapping[str, str] | None = None
     answer_tokens: int = 256
+    poll_timeout: float | None = 25 * 3600.0
+    cancel_timeout: float | None = 1200.0
+    abandon_unmatched: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.poll_interval, bool) or not self.poll_interval >= 0:
             raise ValueError(
                 f"`poll_interval` must be seconds >= 0, got {self.poll_interval!r}."
             )
+        for name in ("poll_timeout", "cancel_timeout"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not value >= 0
+            ):
+                raise ValueError(
+                    f"`{name}` must be seconds >= 0 or None (no limit), got {value!r}."
+                )
         for name, low in (("max_attempts", 1), ("max_rounds", 1), ("answer_tokens", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
+        if self.metadata is not None and NONCE_KEY in self.metadata:
+            raise ValueError(
+                f"`metadata` must not set {NONCE_KEY!r}: afnio sends its batch nonce "
+                "under that key."
+            )
 
     @classmethod
     def of(cls, value: bool | BatchOptions | None) -> BatchOptions | None:
@@ -205,6 +284,23 @@ def _request_body(payload: Mapping[str, Any]) -> dict[str, Any]:
     return body
 
 
+def _endpoint(client: _OpenAIClient) -> str:
+    """The client's base URL as it may be stored and logged: its password and
+    credential query parameters masked (:func:`afnio._secrets.mask_url`)."""
+    return mask_url(str(client.client.base_url))
+
+
+def _client_ref(client: _OpenAIClient) -> str:
+    """Which endpoint and account a batch belongs to, as it is stored: a SHA-256 of
+    the full base URL (password included) and the client's account fingerprint
+    (API key, organization, project, credential headers; itself a hash). Two
+    clients with the same ref poll, cancel and pay for the same batches."""
+    material = "\0".join(
+        ("afnio-batch-client", str(client.client.base_url), client._cache_account())
+    )
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+
 class BatchCollector:
     """The answers known so far and the requests collected in this pass (thread-safe;
     used by the chat calls of afnio's OpenAI clients while :func:`collecting`)."""
@@ -214,8 +310,9 @@ class BatchCollector:
         self.answers: dict[str, str] = dict(answers or {})
         self.pending: dict[str, _Pending] = {}
         self.clients: dict[str, _OpenAIClient] = {}
-        """Every client the pass made a chat call with, by base URL (answered calls
-        included): the one that cancels a stale batch of that endpoint."""
+        """Every client the pass made a chat call with (answered calls included), by
+        endpoint and account (:func:`_client_ref`): the one that polls, cancels and
+        pays for a saved batch of that endpoint and account."""
 
     @staticmethod
     def key(client: _OpenAIClient, body: Mapping[str, Any]) -> str:
@@ -235,8 +332,9 @@ class BatchCollector:
         :class:`BatchDeferred`."""
         body = _request_body(payload)
         key = self.key(client, body)
+        ref = _client_ref(client)
         with self._lock:
-            self.clients.setdefault(str(client.client.base_url), client)
+            self.clients.setdefault(ref, client)
             if key in self.answers:
                 return self.answers[key]
             self.pending.setdefault(key, _Pending(client, body, current_phase()))
@@ -379,12 +477,29 @@ class BatchStore:
     """Where a pass keeps its Batch API state: one entry (``name``) of a JSON file,
     written atomically after every change.
 
-    The entry is ``{"version": 1, "batches": [{"id", "base_url", "status",
-    "items": {custom_id: [request key, model, phase]}, "cost"}], "answers":
-    {request key: text}, "attempts": {request key: batches sent}, "cost": USD
-    accounted}``; ``status`` is ``"submitted"`` until the batch's results are
-    downloaded (``"done"``), ``"cancelled"`` when a later run no longer needed it and
-    cancelled it, or ``"stale"`` when that cancel failed (see :meth:`BatchRun.run`)."""
+    The entry is ``{"version": 1, "batches": [{"id", "base_url", "client",
+    "status", "nonce", "input_file_id", "items": {custom_id: [request key, model,
+    phase]}, "accounted": [custom_id], "cost"}], "answers": {request key: text},
+    "attempts": {request key: batches sent}, "errors": {request key: message},
+    "cost": USD accounted}``.
+
+    ``base_url`` is the endpoint with its password masked (``mask_url``) and
+    ``client`` a SHA-256 of the full base URL and the account (see
+    :func:`_client_ref`): no credential is stored. A record of an older afnio with
+    the raw ``base_url`` and no ``client`` still loads: it is matched by that URL
+    alone, and rewritten in the new form once matched.
+
+    ``status`` is ``"creating"`` from the upload of the input file until
+    ``batches.create`` answered (``id`` is ``None``; the batch carries ``nonce`` in
+    its ``metadata``), ``"submitted"`` until the batch's results are downloaded and
+    accounted (``"done"``), ``"cancelling"`` while a stale batch (one a later run no
+    longer needed) is waited for after ``batches.cancel``, ``"cancelled"`` once what
+    it was billed is accounted (``ended``: the provider's final status),
+    ``"unaccounted"`` when it did not end within ``cancel_timeout`` or was not found,
+    and ``"abandoned"`` when no client matched it and ``abandon_unmatched`` was set
+    (see :class:`BatchRun`). ``accounted`` lists the lines (``custom_id``) whose
+    usage and cost were already counted: a download interrupted midway and resumed
+    counts each line once."""
 
     def __init__(self, path: str | Path, name: str) -> None:
         self.path = Path(path)
@@ -548,9 +663,11 @@ class _Stats:
     rounds: int = 0
     batches_submitted: int = 0
     batches_resumed: int = 0
+    batches_recovered: int = 0
     batches_cancelled: int = 0
     lines_answered: int = 0
     lines_failed: int = 0
+    stale_lines: int = 0
     cost: float = 0.0
     batch_ids: list[str] = field(default_factory=list)
 
@@ -568,9 +685,11 @@ class BatchRun:
             submitted (the Trainer's ``max_cost``); ``None``: no check.
 
     After :meth:`run`, :attr:`stats` holds the rounds, the batches submitted,
-    resumed and cancelled (stale), the lines answered and failed, and the cost
-    accounted by this run; :attr:`prior_cost` the cost a resumed run's earlier
-    process accounted.
+    resumed, recovered (created by an interrupted run and found again with
+    ``batches.list``) and cancelled (stale), the lines answered and failed, the
+    lines of stale batches accounted (``stale_lines``), and the cost accounted by
+    this run (stale batches included); :attr:`prior_cost` the cost a resumed run's
+    earlier process accounted.
     """
 
     def __init__(
@@ -599,7 +718,15 @@ class BatchRun:
         others, so that one round collects the calls of every unit; one that escapes
         ``sweep`` just ends that run of it. ``sweep`` must go over the same data in
         the same order every time: iterate a :class:`ReplayLoader` of a loader
-        whose order changes between epochs."""
+        whose order changes between epochs.
+
+        Raises:
+            BatchFailed: a request without an answer after ``max_attempts``
+                batches, or more than ``max_rounds`` rounds.
+            BatchTimeout: a batch polled for ``poll_timeout`` seconds (the state
+                keeps it: run the pass again to resume).
+            BatchClientNotFound: a saved batch no client of the pass matches.
+        """
         state = self.store.load()
         self.prior_cost = float(state.get("cost") or 0.0)
         collector = BatchCollector(state["answers"])
@@ -612,6 +739,10 @@ class BatchRun:
                     if not collector.pending:
                         raise
             if not collector.pending:
+                # batches of an earlier run this pass no longer needs: paid all the
+                # same, so they are settled (cancelled, accounted) before the state
+                # goes
+                self._settle_records(state, collector, {})
                 self.store.clear()
                 return result
             self.stats.rounds += 1
@@ -631,18 +762,7 @@ class BatchRun:
         batches that hold some, submit the rest (one batch per client)."""
         needed = dict(collector.pending)
         clients = {id(p.client): p.client for p in needed.values()}
-        by_url = {str(c.client.base_url): c for c in clients.values()}
-        for record in state["batches"]:
-            if record["status"] != "submitted":
-                continue
-            keys = {item[0] for item in record["items"].values()}
-            client = by_url.get(record["base_url"])
-            if client is None or not keys & needed.keys():
-                # the pass no longer makes these calls (the program or data changed)
-                self._cancel(state, record, collector.clients.get(record["base_url"]))
-                continue
-            self.stats.batches_resumed += 1
-            self._finish(state, record, client, needed)
+        self._settle_records(state, collector, needed)
         remaining = {k: p for k, p in needed.items() if k not in state["answers"]}
         self._check_attempts(state, remaining)
         if self.budget is not None and remaining:
@@ -664,48 +784,99 @@ class BatchRun:
         for record, client in submitted:
             self._finish(state, record, client, needed)
 
-    def _cancel(
+    def _settle_records(
+        self,
+        state: dict[str, Any],
+        collector: BatchCollector,
+        needed: Mapping[str, _Pending],
+    ) -> None:
+        """Settle the saved batches still open: find a batch whose creation was
+        interrupted, poll and account one that holds requests in ``needed``, and
+        cancel, wait for and account one that holds none (stale)."""
+        for record in list(state["batches"]):
+            if record.get("status") not in OPEN:
+                continue
+            client = self._client_for(state, record, collector, needed)
+            if client is None:  # abandoned (abandon_unmatched)
+                continue
+            if record["status"] == "creating" and not self._recover(
+                state, record, client
+            ):
+                continue  # never created: its requests go into a new batch
+            keys = {item[0] for item in record["items"].values()}
+            # a batch whose download was interrupted after every answer was kept
+            # is finished (its last lines accounted), not cancelled
+            stale = not keys & needed.keys() and not keys <= state["answers"].keys()
+            if record["status"] == "cancelling" or stale:
+                # the pass no longer makes these calls (the program or data changed)
+                self._retire(state, record, client)
+                continue
+            self.stats.batches_resumed += 1
+            self._finish(state, record, client, needed)
+
+    def _client_for(
         self,
         state: dict[str, Any],
         record: dict[str, Any],
-        client: _OpenAIClient | None,
-    ) -> None:
-        """Cancel a stale batch (``batches.cancel``) and say so; it is never polled
-        again. Without a client of its endpoint in this pass, or when the provider
-        refuses, it is only logged (cancel it with the provider)."""
-        from afnio._runtime import run_sync
+        collector: BatchCollector,
+        needed: Mapping[str, _Pending],
+    ) -> _OpenAIClient | None:
+        """The client of this pass that submitted ``record``'s batch (same base URL
+        and account); a record of an older afnio (raw ``base_url``, no ``client``)
+        is matched by its URL alone, then stored in the new form. ``None`` when it
+        is abandoned (``abandon_unmatched``).
 
-        record["status"] = "stale"
-        if client is None:
+        Raises:
+            BatchClientNotFound: no client of the pass matches it.
+        """
+        client = None
+        for key, *_ in record["items"].values():
+            if key in needed:  # the request key covers the endpoint and account
+                client = needed[key].client
+                break
+        ref = record.get("client")
+        if client is None and ref is not None:
+            client = collector.clients.get(ref)
+        if client is None and ref is None:  # an older afnio's record
+            for candidate in collector.clients.values():
+                if str(candidate.client.base_url) == record.get("base_url"):
+                    client = candidate
+                    break
+        if client is not None:
+            record["base_url"] = _endpoint(client)  # no password kept once matched
+            record["client"] = _client_ref(client)
+            return client
+        shown = mask_url(str(record.get("base_url")))
+        same_url = any(_endpoint(c) == shown for c in collector.clients.values())
+        what = (
+            "a client of this pass talks to that URL, but with another API key, "
+            "organization or project (or URL password)"
+            if same_url
+            else "no client of this pass talks to that URL"
+        )
+        if self.options.abandon_unmatched:
             logger.warning(
-                "Batch %s holds none of the requests this pass makes now, and no "
-                "client of this pass talks to %s: it is not polled any more; cancel "
-                "it with the provider if it still runs.",
-                record["id"],
-                record["base_url"],
+                "Batch %s (%s) was submitted by a client this pass no longer uses "
+                "(%s): it is not tracked any more (abandon_unmatched), neither "
+                "cancelled nor counted in the cost; check it with the provider.",
+                record.get("id") or f"being created ({record.get('input_file_id')})",
+                shown,
+                what,
             )
-        else:
-            try:
-                batch = run_sync(client.client.batches.cancel(record["id"]))
-            except Exception as e:  # an ended batch, an endpoint without cancel
-                logger.warning(
-                    "Batch %s holds none of the requests this pass makes now; "
-                    "cancelling it failed (%s): it is not polled any more; cancel it "
-                    "with the provider if it still runs.",
-                    record["id"],
-                    e,
-                )
-            else:
-                record["status"] = "cancelled"
-                self.stats.batches_cancelled += 1
-                logger.warning(
-                    "Batch %s holds none of the requests this pass makes now (the "
-                    "program or its data changed since it was submitted): cancelled "
-                    "it (status %s); it is not polled any more.",
-                    record["id"],
-                    batch.status,
-                )
-        self.store.save(state)
+            record["status"] = "abandoned"
+            record["base_url"] = shown
+            self.store.save(state)
+            return None
+        raise BatchClientNotFound(
+            f"Batch {record.get('id') or '(being created)'} of the Batch API state in "
+            f"{self.store.path} was submitted to {shown} by a client that no chat call "
+            f"of this pass uses now ({what}), so it can be neither polled nor "
+            "cancelled. Run the pass with that client again (the same base_url, "
+            "api_key, organization and project), so the batch is polled and paid "
+            "once; or pass BatchOptions(abandon_unmatched=True) to stop tracking it "
+            "(it is then neither cancelled nor counted in the cost: check it with "
+            "the provider)."
+        )
 
     def _check_attempts(
         self, state: dict[str, Any], items: Mapping[str, _Pending]
@@ -728,12 +899,17 @@ class BatchRun:
                 f"{self.store.path} keeps the answers paid so far."
             )
 
+    # -- submitting ------------------------------------------------------------------
+
     def _submit(
         self, state: dict[str, Any], client: _OpenAIClient, items: dict[str, _Pending]
     ) -> dict[str, Any]:
+        """Upload ``items`` and create their batch. A ``"creating"`` record (the
+        uploaded file, the nonce the batch carries in its ``metadata``) is saved
+        before ``batches.create``, so that a batch created by an interrupted call is
+        found again (:meth:`_recover`) instead of being sent twice."""
         from afnio._runtime import run_sync
 
-        attempts = state["attempts"]
         lines = []
         records: dict[str, list[str]] = {}
         for key, pending in items.items():
@@ -752,43 +928,116 @@ class BatchRun:
             )
         data = ("\n".join(lines) + "\n").encode("utf-8")
         sdk = client.client
-
-        async def create() -> Any:
-            upload = await sdk.files.create(
-                file=("afnio_batch.jsonl", data), purpose="batch"
-            )
-            return await sdk.batches.create(
-                input_file_id=upload.id,
-                endpoint=ENDPOINT,
-                completion_window=self.options.completion_window,  # type: ignore[arg-type]
-                metadata=dict(self.options.metadata) if self.options.metadata else None,
-            )
-
-        batch = run_sync(create())
-        for key in items:
-            attempts[key] = attempts.get(key, 0) + 1
-        record = {
-            "id": batch.id,
-            "base_url": str(sdk.base_url),
-            "status": "submitted",
+        # an upload interrupted before it is saved costs nothing (no batch uses it)
+        upload = run_sync(
+            sdk.files.create(file=("afnio_batch.jsonl", data), purpose="batch")
+        )
+        nonce = uuid.uuid4().hex
+        record: dict[str, Any] = {
+            "id": None,
+            "base_url": _endpoint(client),
+            "client": _client_ref(client),
+            "status": "creating",
+            "nonce": nonce,
+            "input_file_id": upload.id,
             "items": records,
+            "accounted": [],
             "cost": 0.0,
         }
         state["batches"].append(record)
-        self.store.save(state)  # the id is safe before the first poll
+        self.store.save(state)  # before the batch can exist
+        metadata = {**(self.options.metadata or {}), NONCE_KEY: nonce}
+        batch = run_sync(
+            sdk.batches.create(
+                input_file_id=upload.id,
+                endpoint=ENDPOINT,
+                completion_window=self.options.completion_window,  # type: ignore[arg-type]
+                metadata=metadata,
+            )
+        )
+        self._mark_submitted(state, record, batch.id)
         self.stats.batches_submitted += 1
         self.stats.batch_ids.append(batch.id)
         logger.info("Submitted batch %s (%d requests).", batch.id, len(items))
         return record
 
-    def _wait(self, client: _OpenAIClient, record: dict[str, Any]) -> Any:
-        """Poll the batch until it ends, with a progress bar."""
+    def _mark_submitted(
+        self, state: dict[str, Any], record: dict[str, Any], batch_id: str
+    ) -> None:
+        """``record``'s batch exists as ``batch_id``: count an attempt for each of
+        its requests and save (the id is safe before the first poll)."""
+        attempts = state["attempts"]
+        for key, *_ in record["items"].values():
+            attempts[key] = attempts.get(key, 0) + 1
+        record["id"] = batch_id
+        record["status"] = "submitted"
+        self.store.save(state)
+
+    def _recover(
+        self, state: dict[str, Any], record: dict[str, Any], client: _OpenAIClient
+    ) -> bool:
+        """A ``"creating"`` record (a run interrupted around ``batches.create``):
+        look for its batch with ``batches.list`` (its nonce in ``metadata``, or its
+        input file), at most :data:`LIST_SCAN_LIMIT` batches, the newest first. When
+        found, the record is ``"submitted"`` (``True``); else the batch was never
+        created and the record is dropped (``False``): its requests go into a new
+        batch."""
+        from afnio._runtime import run_sync
+
+        sdk = client.client
+        nonce, file_id = record.get("nonce"), record.get("input_file_id")
+
+        async def find() -> Any:
+            seen = 0
+            async for batch in sdk.batches.list(limit=100):
+                metadata = batch.metadata or {}
+                if (nonce and metadata.get(NONCE_KEY) == nonce) or (
+                    file_id and batch.input_file_id == file_id
+                ):
+                    return batch
+                seen += 1
+                if seen >= LIST_SCAN_LIMIT:
+                    return None
+            return None
+
+        found = run_sync(find()) if (nonce or file_id) else None
+        if found is None:
+            state["batches"].remove(record)
+            self.store.save(state)
+            logger.info(
+                "A batch of %d requests whose creation was interrupted was never "
+                "created: its requests go into a new batch.",
+                len(record["items"]),
+            )
+            return False
+        self._mark_submitted(state, record, found.id)
+        self.stats.batches_recovered += 1
+        logger.warning(
+            "Found batch %s, created by an interrupted run before its id was saved: "
+            "it is used, not sent again.",
+            found.id,
+        )
+        return True
+
+    # -- polling ---------------------------------------------------------------------
+
+    def _poll(
+        self,
+        client: _OpenAIClient,
+        record: dict[str, Any],
+        limit: float | None,
+        *,
+        show: bool = False,
+    ) -> Any:
+        """Poll the batch until it ends or ``limit`` seconds passed (``None``: no
+        limit); return the last batch object (its ``status`` says which). ``show``:
+        a progress bar (when the run shows progress)."""
         from afnio._runtime import run_sync
 
         sdk = client.client
         total = len(record["items"])
         progress = task = None
-        if self.progress:
+        if show and self.progress:
             from rich.console import Console
             from rich.progress import (
                 BarColumn,
@@ -811,6 +1060,7 @@ class BatchRun:
             task = progress.add_task(
                 f"[{self.label}: batch {record['id']}]", total=total, status=""
             )
+        start = time.monotonic()
         try:
             while True:
                 batch = run_sync(sdk.batches.retrieve(record["id"]))
@@ -820,10 +1070,69 @@ class BatchRun:
                     progress.update(task, completed=done, status=batch.status)
                 if batch.status in TERMINAL:
                     return batch
-                _sleep(self.options.poll_interval)
+                wait = self.options.poll_interval
+                if limit is not None:
+                    left = limit - (time.monotonic() - start)
+                    if left <= 0:
+                        return batch
+                    wait = min(wait, left)
+                _sleep(wait)
         finally:
             if progress is not None:
                 progress.stop()
+
+    def _wait(self, client: _OpenAIClient, record: dict[str, Any]) -> Any:
+        """Poll the batch until it ends, with a progress bar.
+
+        Raises:
+            BatchTimeout: it did not end within ``poll_timeout`` (the state keeps
+                its id: running the pass again resumes polling it).
+        """
+        limit = self.options.poll_timeout
+        batch = self._poll(client, record, limit, show=True)
+        if batch.status not in TERMINAL:
+            raise BatchTimeout(
+                f"Batch {record['id']} is still {batch.status!r} after {limit:g} s of "
+                "polling (BatchOptions(poll_timeout=...)). Its id is kept in "
+                f"{self.store.path}: run the pass again (the same method) to resume "
+                "polling it without paying again, or raise poll_timeout (None: no "
+                "limit)."
+            )
+        return batch
+
+    # -- accounting ------------------------------------------------------------------
+
+    def _lines(self, client: _OpenAIClient, batch: Any) -> Iterator[dict[str, Any]]:
+        """The lines of the batch's output file, then of its error file."""
+        from afnio._runtime import run_sync
+
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if not file_id:
+                continue
+            text = run_sync(client.client.files.content(file_id)).text
+            for raw in text.splitlines():
+                if raw.strip():
+                    yield json.loads(raw)
+
+    def _account_line(
+        self,
+        state: dict[str, Any],
+        record: dict[str, Any],
+        client: _OpenAIClient,
+        custom_id: str,
+        usage: Mapping[str, Any],
+    ) -> None:
+        """Count one answered line once: its usage and batch-price cost go to the
+        client, the phase ledger (so a fit's spend log), the record, the state and
+        the stats, and its ``custom_id`` into the record's ``accounted``."""
+        _key, model, phase = record["items"][custom_id]
+        cost = batch_cost_of(usage, model, client.provider or "openai")
+        _account(client, usage, cost)
+        LEDGER.record(model, usage, cost, phase=phase)
+        record["accounted"].append(custom_id)
+        record["cost"] = float(record.get("cost") or 0.0) + cost
+        state["cost"] = float(state.get("cost") or 0.0) + cost
+        self.stats.cost += cost
 
     def _finish(
         self,
@@ -832,11 +1141,13 @@ class BatchRun:
         client: _OpenAIClient,
         needed: Mapping[str, _Pending],
     ) -> None:
-        """Poll ``record``'s batch to its end, download and account its answers."""
-        from afnio._runtime import run_sync
+        """Poll ``record``'s batch to its end, download and account its answers.
 
+        Each line is accounted once: its ``custom_id`` goes into the record's
+        ``accounted`` list as it is counted, and an interruption (Ctrl-C, an error)
+        while the files are read saves the partial state before it propagates, so
+        a resumed run skips the lines already counted."""
         batch = self._wait(client, record)
-        sdk = client.client
         errors = state.setdefault("errors", {})
         if batch.status != "completed":
             detail = ""
@@ -851,33 +1162,27 @@ class BatchRun:
             )
             for key, *_ in record["items"].values():
                 errors[key] = f"batch {batch.status}{detail}"
-        texts = []
-        for file_id in (batch.output_file_id, batch.error_file_id):
-            if file_id:
-                texts.append(run_sync(sdk.files.content(file_id)).text)
+        accounted = set(record.setdefault("accounted", []))
         answered = failed = 0
-        for text in texts:
-            for raw in text.splitlines():
-                if not raw.strip():
-                    continue
-                line = json.loads(raw)
-                item = record["items"].get(line.get("custom_id"))
+        try:
+            for line in self._lines(client, batch):
+                custom_id = line.get("custom_id")
+                item = record["items"].get(custom_id)
                 if item is None:
                     continue
-                key, model, phase = item
+                key = item[0]
                 response = line.get("response") or {}
                 body = response.get("body") or {}
                 if response.get("status_code") == 200 and body.get("choices"):
                     message = body["choices"][0].get("message") or {}
                     state["answers"][key] = message.get("content") or ""
                     errors.pop(key, None)
-                    usage = body.get("usage") or {}
-                    cost = batch_cost_of(usage, model, client.provider or "openai")
-                    _account(client, usage, cost)
-                    LEDGER.record(model, usage, cost, phase=phase)
-                    record["cost"] += cost
-                    state["cost"] = float(state.get("cost") or 0.0) + cost
-                    self.stats.cost += cost
+                    if custom_id in accounted:  # counted by an interrupted run
+                        continue
+                    self._account_line(
+                        state, record, client, custom_id, body.get("usage") or {}
+                    )
+                    accounted.add(custom_id)
                     answered += 1
                 else:
                     error = (body.get("error") or line.get("error") or {}) or {}
@@ -886,8 +1191,12 @@ class BatchRun:
                         f"{error.get('message', 'no answer')}"
                     )
                     failed += 1
-        self.stats.lines_answered += answered
-        self.stats.lines_failed += failed
+        except BaseException:
+            self.store.save(state)  # the lines counted so far are never counted again
+            raise
+        finally:
+            self.stats.lines_answered += answered
+            self.stats.lines_failed += failed
         if failed:
             logger.warning(
                 "Batch %s: %d of %d requests failed; they go into the next batch.",
@@ -897,3 +1206,95 @@ class BatchRun:
             )
         record["status"] = "done"
         self.store.save(state)
+
+    # -- stale batches ---------------------------------------------------------------
+
+    def _retire(
+        self, state: dict[str, Any], record: dict[str, Any], client: _OpenAIClient
+    ) -> None:
+        """A stale batch (the pass no longer makes its requests): cancel it, wait
+        (at most ``cancel_timeout``) until it ends, and account what the provider
+        billed for it (the answered lines of its output file, at the batch price),
+        without using its answers. A batch that already ended cannot be cancelled:
+        its lines are accounted all the same."""
+        import openai
+
+        from afnio._runtime import run_sync
+
+        if record["status"] != "cancelling":
+            try:
+                batch = run_sync(client.client.batches.cancel(record["id"]))
+            except Exception as e:  # an ended batch, an endpoint without cancel
+                logger.warning(
+                    "Batch %s holds none of the requests this pass makes now; "
+                    "cancelling it failed (%s): waiting for it to end to count what "
+                    "it was billed (its answers are not used).",
+                    record["id"],
+                    e,
+                )
+            else:
+                self.stats.batches_cancelled += 1
+                logger.warning(
+                    "Batch %s holds none of the requests this pass makes now (the "
+                    "program or its data changed since it was submitted): cancelled "
+                    "it (status %s); waiting for it to end to count what it was "
+                    "billed (its answers are not used).",
+                    record["id"],
+                    batch.status,
+                )
+            record["status"] = "cancelling"
+            self.store.save(state)
+        limit = self.options.cancel_timeout
+        try:
+            batch = self._poll(client, record, limit)
+        except openai.NotFoundError as e:  # gone, or another account's
+            batch, reason = None, f"it was not found ({e})"
+        else:
+            reason = f"it did not end within cancel_timeout={limit} s"
+        if batch is None or batch.status not in TERMINAL:
+            record["status"] = "unaccounted"
+            self.store.save(state)
+            logger.warning(
+                "Stale batch %s (%s): %s, so what the provider billed for it is NOT "
+                "counted in this pass's cost; check it with the provider.",
+                record["id"],
+                record.get("base_url"),
+                reason,
+            )
+            return
+        accounted = set(record.setdefault("accounted", []))
+        counted = 0
+        try:
+            for line in self._lines(client, batch):
+                custom_id = line.get("custom_id")
+                response = line.get("response") or {}
+                body = response.get("body") or {}
+                if (
+                    custom_id not in record["items"]
+                    or custom_id in accounted
+                    or response.get("status_code") != 200
+                    or not body.get("choices")
+                ):
+                    continue
+                self._account_line(
+                    state, record, client, custom_id, body.get("usage") or {}
+                )
+                accounted.add(custom_id)
+                counted += 1
+        except BaseException:
+            self.store.save(state)  # the lines counted so far are never counted again
+            raise
+        finally:
+            self.stats.stale_lines += counted
+        record["status"] = "cancelled"
+        record["ended"] = batch.status
+        self.store.save(state)
+        if counted:
+            logger.warning(
+                "Stale batch %s ended %s: %d of its lines were billed and are counted "
+                "in the cost (%.6f USD at the batch price).",
+                record["id"],
+                batch.status,
+                counted,
+                record["cost"],
+            )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,7 @@ from afnio.models._transport import (
     pooled_http_client,
     resolve_transport,
 )
-from afnio.models.batch import active_collector
+from afnio.models.batch import BatchCollector, active_collector
 from afnio.models.cache import account_fingerprint, cache_key, get_cache
 from afnio.models.model import ChatCompletionModel, EmbeddingModel, TextCompletionModel
 from afnio.models.model_registry import register_model_class
@@ -308,17 +309,71 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
             cache = get_cache()
             if cache is None:
                 return await call()
-            key = cache_key(
-                {
-                    "kind": kind,
-                    "base_url": str(self._aclient.base_url),
-                    "account": self._cache_account(),
-                    "request": payload,
-                }
-            )
+            key = self._response_cache_key(kind, payload)
             return await cache.get_or_call(key, call, kind=kind)
 
         return await memoized(self, kind, payload, cached)
+
+    def _response_cache_key(self, kind: str, payload: Mapping[str, Any]) -> str:
+        """The response cache's key of a request: the kind, the base URL, the
+        account (:meth:`_cache_account`) and the whole request (every parameter).
+        One rule for synchronous calls and chat calls made through the Batch API, so
+        that either finds the other's answers."""
+        return cache_key(
+            {
+                "kind": kind,
+                "base_url": str(self._aclient.base_url),
+                "account": self._cache_account(),
+                "request": payload,
+            }
+        )
+
+    async def _batch_chat(
+        self, collector: BatchCollector, payload: dict[str, Any]
+    ) -> str:
+        """A chat call made while a pass runs through the Batch API, on afnio's loop.
+
+        With the response cache on (:func:`afnio.models.enable_cache`), it is asked
+        first, with the key of a synchronous call (:meth:`_response_cache_key`): an
+        answer it holds is returned at once, as for a synchronous cache hit (no
+        request, not collected, so never batched or paid; no usage, no cost, no
+        ``calls``). Otherwise the batch's answer when it is known (mapped back from
+        a batch, and accounted there at the batch price) is stored in the cache, so
+        a later pass, synchronous or through the Batch API, finds it. Otherwise the
+        call is collected for the next batch
+        (:class:`~afnio.models.batch.BatchDeferred`).
+
+        Each request counts in the cache's stats once per pass, not once per round
+        (every round runs the whole pass again): a hit when the cache answered it,
+        a miss when its batch answer was stored (one paid request).
+
+        The lookup waits for the cache (a file is read in its reader thread) without
+        yielding to the loop: the calls of a unit of work run concurrently
+        (``asyncio.gather``), and the first one collected stops the unit, so a call
+        still awaiting its lookup then would be collected late, after its round's
+        batch was sent, and paid in a batch of its own.
+        """
+        cache = get_cache()
+        if cache is None:
+            return collector.answer(self, payload)
+        key = self._response_cache_key("chat", payload)
+        counted = _CACHE_COUNTED.setdefault(collector, set())
+        found, value = cache.get(key, "chat")  # not counted; see above
+        if found:
+            if key not in counted:
+                counted.add(key)
+                cache.hits += 1
+            return value
+        answer = collector.answer(self, payload)  # BatchDeferred: collected
+        if key in counted:  # an identical call of this pass is storing it
+            return answer
+
+        async def paid() -> str:  # accounted at map-back (afnio.models.batch)
+            return answer
+
+        counted.add(key)
+        # a miss (the paid request), kept and written as a synchronous answer is
+        return await cache.get_or_call(key, paid, kind="chat")
 
     def _cache_account(self) -> str:
         """The account of this client's requests, hashed (for the cache key): API
@@ -354,7 +409,8 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
                 ``timeout``, ``extra_body``, ...).
 
         While a pass runs through the Batch API (:mod:`afnio.models.batch`), the
-        call is answered from the batch results, or collected for the next batch.
+        call is answered from the response cache (if on), else from the batch
+        results (then stored in the cache), else collected for the next batch.
 
         Raises:
             ValueError: for ``n > 1`` or ``stream=True``.
@@ -368,7 +424,7 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
         payload = {"messages": messages, "model": self._check_model(model), **kwargs}
         collector = active_collector()
         if collector is not None:  # a pass through the Batch API (afnio.models.batch)
-            return collector.answer(self, payload)
+            return await run_async(self._batch_chat(collector, payload))
 
         async def send(body: dict[str, Any]) -> tuple[str, Any]:
             response = await self._aclient.chat.completions.create(**body)
@@ -422,6 +478,13 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
     ) -> list[list[float]]:
         """Synchronous :meth:`aembed`."""
         return super().embed(input, model=model, **kwargs)
+
+
+_CACHE_COUNTED: weakref.WeakKeyDictionary[BatchCollector, set[str]] = (
+    weakref.WeakKeyDictionary()
+)
+"""The cache keys already counted in the cache's stats during a Batch API pass
+(its collector), so that a request counts once per pass, not once per round."""
 
 
 @register_model_class

@@ -31,7 +31,7 @@ import os
 import stat
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -738,6 +738,9 @@ class Trainer:
         self._spend_log: _SpendLog | None = None
         self.last_batch_run: BatchRun | None = None
         """The Batch API run of the last ``batch_api`` pass (its ``stats``)."""
+        # the run of the last standalone validate/test/predict through the Batch API
+        # (its prior_cost counts in max_cost; a fit's is in its checkpoint's cost)
+        self._standalone_batch_run: BatchRun | None = None
         # fit(batch_api=...): the options, the state of the last checkpoint written
         # or resumed from (where a Batch API state is checkpointed), and the Batch
         # API state a resumed checkpoint held (taken by the next validation)
@@ -809,6 +812,31 @@ class Trainer:
                 "submitted. Raise max_cost, or lower BatchOptions(answer_tokens=...) "
                 "if the answers are shorter; the Batch API state keeps the answers "
                 "paid so far."
+            )
+
+    def _check_spent(self) -> None:
+        """During a Batch API round, stop the pass once what it spent so far is past
+        ``max_cost``. The round's chat calls cost nothing until their batch, which
+        is priced before it is submitted (:meth:`_check_batch_budget`), but its
+        synchronous calls are paid as they are made (``complete``/``embed``,
+        LangChain or DSPy clients, anything not batched): checked before each
+        batch of the pass, with no estimate (a round's batch spends nothing here).
+        A standalone pass counts what an earlier, interrupted call of it accounted
+        too, as the Batch API check does."""
+        if self.max_cost is None or self._meter is None:
+            return
+        run = self.last_batch_run
+        standalone = run is not None and run is self._standalone_batch_run
+        spent = self._cost() + (run.prior_cost if standalone and run else 0.0)
+        if spent > self.max_cost:
+            raise BudgetExceeded(
+                f"Stopped at max_cost=${self.max_cost:.4f}: a Batch API pass spent "
+                f"${spent:.4f} so far, past the budget, in calls made synchronously "
+                "during its rounds (complete/embed, LangChain or DSPy clients; only "
+                "the chat calls of afnio's OpenAI clients are batched). Nothing more "
+                "was submitted; raise max_cost, or enable the response cache "
+                "(afnio.models.enable_cache()) so that each round does not pay for "
+                "them again. The Batch API state keeps the answers paid so far."
             )
 
     def _check_budget(self, estimate: float | None = None) -> None:
@@ -1123,12 +1151,15 @@ class Trainer:
                 written at the position of the last checkpoint, before the first
                 poll), so a run interrupted while a batch is polled resumes polling
                 it with ``fit(ckpt_path="last", batch_api=...)`` instead of paying
-                again. ``max_cost`` is checked before each batch is submitted.
+                again. ``max_cost`` is checked before each batch is submitted, and
+                what a validation spends synchronously (calls not batched) before
+                each of its loader's batches.
 
         Raises:
             TypeError: ``agent`` is not a Module, or a wrong argument type.
-            ValueError: no training loader, or ``revert_on_regression`` without a
-                validation loader.
+            ValueError: no training loader, ``revert_on_regression`` without a
+                validation loader, or ``val_dataloader`` is the ``train_dataloader``
+                object itself (a second DataLoader may share its dataset).
             FileNotFoundError: ``ckpt_path="last"`` and there is no checkpoint yet.
             afnio.errors.StepError: a step failed (a ``RuntimeError``; the original
                 exception is its ``__cause__``): at once for an error retrying
@@ -1156,6 +1187,14 @@ class Trainer:
             )
         if self.revert_on_regression and val_dataloader is None:
             raise ValueError("`revert_on_regression` needs a `val_dataloader`.")
+        if val_dataloader is train_dataloader and hasattr(train_dataloader, "__next__"):
+            raise ValueError(
+                f"`val_dataloader` is the same {type(val_dataloader).__name__} object "
+                "as `train_dataloader`: it is its own iterator, so a validation pass "
+                "would restart the training epoch (and a checkpoint could not keep "
+                "both positions). Pass a second loader, which may read the same "
+                "dataset: DataLoader(train_dataloader.dataset, batch_size=...)."
+            )
         if ckpt_path == "last":
             ckpt_path = self.last_checkpoint_path()
         if self.enable_agent_summary:
@@ -1355,9 +1394,10 @@ class Trainer:
         if self._fit_batch is None:
             entry, self._batch_resume = self._batch_resume, None
             running = [
-                b["id"]
+                str(b.get("id") or b.get("input_file_id") or "?")
                 for b in (entry or {}).get("batches", [])
-                if isinstance(b, dict) and b.get("status") == "submitted"
+                if isinstance(b, dict)
+                and b.get("status") in ("submitted", "creating", "cancelling")
             ]
             if running:
                 logger.warning(
@@ -1478,10 +1518,13 @@ class Trainer:
             with no_grad():
 
                 def one(idx: int, batch: Any) -> dict[str, Any]:
-                    # through the Batch API the budget is checked before a batch is
-                    # submitted (a round's batch costs nothing here)
+                    # through the Batch API the chat calls are priced before their
+                    # batch is submitted (a round's batch costs nothing here), and
+                    # what the round spent synchronously is checked here
                     if self._meter is not None and active_collector() is None:
                         self._check_budget(self._max_eval_cost or self._max_step_cost)
+                    elif self._meter is not None:
+                        self._check_spent()
                     before = self._cost() if self._meter is not None else 0.0
                     try:
                         output = self._retry(
@@ -1685,7 +1728,9 @@ class Trainer:
         its state is the ``name`` entry of :data:`BATCH_STATE_FILE` in the root.
         ``max_cost`` is checked before each batch is submitted, counting what this
         call spent (the Trainer's meter) and what an earlier, interrupted call of
-        the pass accounted (the state's cost)."""
+        the pass accounted (the state's cost); so is the spend so far, with no
+        estimate, before each of the loader's batches in every round
+        (:meth:`_check_spent`: the calls a round makes synchronously)."""
         options = BatchOptions.of(batch_api)
         if options is None:
             return None
@@ -1696,7 +1741,7 @@ class Trainer:
             self._check_batch_budget(projected, requests, run.prior_cost)
 
         run.budget = budget
-        self.last_batch_run = run
+        self.last_batch_run = self._standalone_batch_run = run
         return run
 
     def _run_eval(
@@ -1766,15 +1811,26 @@ class Trainer:
         )
         self._cost_before = 0.0
         replay = ReplayLoader(dataloader)  # the same batches in every round
-        return run.run(lambda: self._predict(agent, replay))
+        # what a round spends synchronously is checked before each of its batches
+        return run.run(lambda: self._predict(agent, replay, check=self._check_spent))
 
-    def _predict(self, agent: Module, dataloader: Any) -> list[Any]:
+    def _predict(
+        self,
+        agent: Module,
+        dataloader: Any,
+        *,
+        check: Callable[[], None] | None = None,
+    ) -> list[Any]:
+        """The outputs of ``agent`` over ``dataloader``; ``check`` (a budget check)
+        runs before each batch."""
         was_training = agent.training
         agent.eval()
         outputs = []
         try:
             with no_grad():
                 for idx, batch in enumerate(dataloader):
+                    if check is not None:
+                        check()
                     try:
                         if hasattr(agent, "predict_step"):
                             outputs.append(agent.predict_step(batch, idx))

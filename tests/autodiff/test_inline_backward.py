@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -393,19 +392,26 @@ def test_async_lm_backward_nodes_keep_running_concurrently() -> None:
         assert all(len(leaf.grad) == 1 for leaf in leaves)
 
 
-def test_a_backward_on_the_loop_waiting_on_a_thread_s_sync_call_is_named_in_a_warning(
+def test_a_backward_on_the_loop_waiting_on_a_thread_s_sync_call_is_rerun_in_a_thread(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The case the first call cannot find: a Function whose first backward makes no
     afnio call and a later one waits for another thread's synchronous afnio call.
-    Both wait on each other; afnio cannot break that from the waiting thread, so it
-    names the Function and the fix. (This backward gives up waiting after 3 s, so the
-    test ends.)"""
+    After the stall threshold that call raises an error naming ``blocking = True``,
+    which frees the backward; afnio re-runs it in a worker thread, where the
+    thread's call goes through. (More cases: test_inline_backward_stall.py.)"""
     from afnio import _runtime
 
     monkeypatch.setattr(_runtime, "STALL_WARNING_S", 0.3)
-    calls: list[int] = []
+    calls: list[str] = []
     answers: list[str] = []
+    errors: list[BaseException] = []
+
+    def ask(text: str) -> None:
+        try:
+            answers.append(_echo(text))
+        except BaseException as e:  # the stopped call, seen by the test
+            errors.append(e)
 
     class Waiter(Function):
         @staticmethod
@@ -414,22 +420,23 @@ def test_a_backward_on_the_loop_waiting_on_a_thread_s_sync_call_is_named_in_a_wa
 
         @staticmethod
         def backward(ctx: Any, grad: Variable) -> Variable:
-            calls.append(1)
+            calls.append(threading.current_thread().name)
             if len(calls) > 1:  # not on the first call: the check cannot see it
-                helper = threading.Thread(
-                    target=lambda: answers.append(_echo(grad.data)), daemon=True
-                )
+                helper = threading.Thread(target=ask, args=(grad.data,), daemon=True)
                 helper.start()
-                helper.join(3.0)  # a real program would wait for ever
+                helper.join(DEADLINE_S)  # a real program would wait for ever
             return grad
 
     for data in ("a", "b"):
-        _leaf, out = _chain(Waiter, 1)
+        leaf, out = _chain(Waiter, 1)
         with caplog.at_level(logging.WARNING, logger="afnio.autodiff"):
             _within_deadline(lambda out=out, data=data: out.backward(Variable(data)))
+    assert [g.data for g in leaf.grad] == ["b"]
+    # probe (thread), inline on the loop (stalled), re-run in a worker thread
+    assert calls[1] == LOOP_THREAD and calls[2].startswith("afnio-bw")
+    assert len(errors) == 1 and "blocking = True" in str(errors[0])
+    assert "Waiter" in str(errors[0])
+    assert answers == ["B"]  # the re-run's call went through
     messages = [r.getMessage() for r in caplog.records if r.name == "afnio.autodiff"]
     assert len(messages) == 1, messages
     assert "Waiter.backward" in messages[0] and "blocking = True" in messages[0]
-    # once the backward gave up, the loop was free and the thread's call finished
-    _within_deadline(lambda: [time.sleep(0.05) for _ in range(100) if not answers])
-    assert answers == ["B"]

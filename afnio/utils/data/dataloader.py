@@ -151,7 +151,11 @@ class DataLoader(Generic[T_co]):
     ``JsonlDataset``), :meth:`state_dict` is the stream's position after the last
     batch yielded; the :class:`~afnio.trainer.Trainer` saves it in its checkpoints
     and restores it with :meth:`load_state_dict`, so a resumed ``fit`` continues
-    with exactly the next batch.
+    with exactly the next batch. Several loaders may read one such dataset object
+    (e.g. the train and val loaders of a ``fit``) when it tracks a position per
+    reader, as ``JsonlDataset`` does (``restore(state)``, ``iterate_from(position)``
+    and ``state_at(position)``, its iterators having ``position()``): each loader's
+    state is then its own epoch's position, whatever the other loaders read since.
 
     Raises:
         ValueError: if ``shuffle`` is not a bool, ``sampler`` is given with
@@ -226,18 +230,35 @@ class DataLoader(Generic[T_co]):
         # over although the loader has not yet said so (its next batch is the end)
         self._exhausted = False
         self._restored_exhausted = False
+        # a dataset several loaders can read, each at its own position (see the
+        # class docstring): this loader's epoch is its own iterator's, and a
+        # restored position is kept here until this loader's next iter()
+        self._own_position = self.iterable and all(
+            callable(getattr(dataset, name, None))
+            for name in ("restore", "iterate_from", "state_at")
+        )
+        self._stream: Any = None  # this loader's iterator of the dataset
+        self._restored = False  # a restored position waits for the next iter()
+        self._restored_position: Any = None
 
     def __iter__(self) -> DataLoader[T_co]:
         self._batches, self._restored_batches = self._restored_batches, 0
         self._exhausted, self._restored_exhausted = self._restored_exhausted, False
+        restored, self._restored = self._restored, False
+        self._stream = None
         if self.iterable and self._exhausted:
             # restored after the epoch's last, short batch: nothing is left of it
             # (the dataset already stands before its next epoch)
             self._sampler_iter = iter(())
-        elif self.iterable:  # a new epoch, or the rest of a restored one
+        elif self.iterable and restored:  # the rest of this loader's saved epoch
+            self._stream = self.dataset.iterate_from(self._restored_position)  # type: ignore[attr-defined]
+            self._sampler_iter = self._stream
+        elif self.iterable:  # a new epoch (or one the dataset itself restored)
             self._sampler_iter = iter(self.dataset)  # type: ignore[call-overload]
+            self._stream = self._sampler_iter
         else:
             self._sampler_iter = iter(self.sampler)  # a new epoch
+        self._restored_position = None
         return self
 
     def __next__(self) -> Any:
@@ -305,8 +326,18 @@ class DataLoader(Generic[T_co]):
             TypeError: a map-style dataset, or a dataset without ``state_dict``.
         """
         dataset = self._check_resumable()
+        if self._own_position:  # this loader's own position, not the dataset's
+            if self._restored:
+                position = self._restored_position
+            elif self._stream is not None and hasattr(self._stream, "position"):
+                position = self._stream.position()
+            else:  # no epoch begun (or the restored one is over): between epochs
+                position = None
+            dataset_state = dataset.state_at(position)
+        else:
+            dataset_state = dataset.state_dict()
         return {
-            "dataset": dataset.state_dict(),
+            "dataset": dataset_state,
             "batches": self._batches,
             "exhausted": self._exhausted,
         }
@@ -322,7 +353,13 @@ class DataLoader(Generic[T_co]):
         dataset = self._check_resumable()
         if not isinstance(state, dict) or "dataset" not in state:
             raise ValueError(f"Not a DataLoader state: {state!r:.120}.")
-        dataset.load_state_dict(state["dataset"])
+        if self._own_position:
+            # checked now; the dataset's shared parts (seed, epoch numbering) are
+            # restored now, this loader's position at its next iter()
+            self._restored_position = dataset.restore(state["dataset"])
+            self._restored = True
+        else:
+            dataset.load_state_dict(state["dataset"])
         batches = state.get("batches", 0)
         self._restored_batches = batches if isinstance(batches, int) else 0
         self._restored_exhausted = state.get("exhausted") is True

@@ -31,6 +31,15 @@ batch being built are in memory, whatever the file's size.
   resumed fit sees exactly the batches an uninterrupted one sees, without reading
   the file again up to that point. The buffer's rows are in the state: a checkpoint
   grows by about ``buffer_size`` rows.
+* **Several readers**: every ``iter()`` is an epoch of its own, with its own
+  position; epochs are numbered in the order they start (the number seeds the
+  shuffle). One dataset object can feed several DataLoaders at once (e.g. the train
+  and val loaders of a ``fit``): each loader's ``state_dict()`` is its own epoch's
+  position (:meth:`JsonlDataset.state_at`), so a validation pass in the middle of a
+  training epoch does not move the training position that is checkpointed, and a
+  resume restores each loader's position and the epoch numbering.
+  :meth:`JsonlDataset.state_dict` itself is the position of the epoch started last
+  (the one reader of a dataset iterated directly).
 
 Example::
 
@@ -346,14 +355,24 @@ class JsonlDataset(IterableDataset[Any]):
         """A new epoch (the file read again from its start), or, right after
         :meth:`load_state_dict`, the rest of the saved epoch."""
         if self._live is not None:
-            self._live.close()
-        if self._pending is not None:
-            position, self._pending = self._pending, None
-            self._live = _JsonlIterator(self, int(position["epoch"]), position)
-        else:
-            self._live = _JsonlIterator(self, self._epoch, None)
+            self._live.close()  # (it reopens the file if it is read again)
+        position, self._pending = self._pending, None
+        return self.iterate_from(position)
+
+    def iterate_from(self, position: Mapping[str, Any] | None) -> Iterator[Any]:
+        """An epoch starting at ``position`` (the ``"position"`` of a state of this
+        dataset, as :meth:`restore` returns it): the rest of that epoch; with None,
+        a new epoch (numbered next). The dataset's own pending position (from
+        :meth:`load_state_dict`) is left alone: this is how a
+        :class:`~afnio.utils.data.DataLoader` restores its own epoch when several
+        loaders read this dataset."""
+        if position is None:
+            live = _JsonlIterator(self, self._epoch, None)
             self._epoch += 1
-        return self._live
+        else:
+            live = _JsonlIterator(self, int(position["epoch"]), position)
+        self._live = live
+        return live
 
     def __len__(self) -> int:
         """The samples of one epoch of this shard: the first call counts the file's
@@ -376,31 +395,55 @@ class JsonlDataset(IterableDataset[Any]):
 
     def state_dict(self) -> dict[str, Any]:
         """The position between two samples, JSON-serialisable: after the last
-        sample yielded by the live epoch (``position``), or between epochs
-        (``position`` is None and the next ``iter()`` starts epoch ``next_epoch``).
-        The settings that decide the order (seed, buffer, shards, file size) are in
-        it too, so :meth:`load_state_dict` refuses a state of another setup."""
-        state: dict[str, Any] = {
+        sample yielded by the epoch started last (``position``), or between epochs
+        (``position`` is None and the next ``iter()`` starts epoch ``next_epoch``);
+        right after :meth:`load_state_dict`, the loaded position. The settings that
+        decide the order (seed, buffer, shards, file size) are in it too, so
+        :meth:`load_state_dict` refuses a state of another setup. With several
+        readers, each one's position is :meth:`state_at` of its iterator's."""
+        if self._pending is not None:
+            position: dict[str, Any] | None = self._pending
+        elif self._live is not None:
+            position = self._live.position()
+        else:
+            position = None
+        return self.state_at(position)
+
+    def state_at(self, position: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The state of this dataset with ``position`` as the position (an
+        iterator's :meth:`~_JsonlIterator.position`, or None: between epochs): the
+        state of one reader of a dataset several read (a DataLoader's), with the
+        dataset's epoch counter (``next_epoch``: the number of the next epoch any
+        reader starts)."""
+        return {
             "version": _STATE_VERSION,
             "seed": self._base_seed,
             "buffer_size": self.buffer_size,
             "num_shards": self.num_shards,
             "shard_index": self.shard_index,
             "file_size": self.path.stat().st_size,
+            "next_epoch": self._epoch,
+            "position": dict(position) if position is not None else None,
         }
-        if self._pending is not None:
-            state.update(next_epoch=int(self._pending["epoch"]) + 1)
-            state["position"] = self._pending
-        elif self._live is not None and not self._live.finished:
-            state.update(next_epoch=self._live.epoch + 1)
-            state["position"] = self._live.position()
-        else:
-            state.update(next_epoch=self._epoch, position=None)
-        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`: the next ``iter()`` continues the saved
         epoch from the saved sample, or starts the saved next epoch.
+
+        Raises:
+            ValueError: as :meth:`restore`.
+        """
+        position = self.restore(state)
+        if self._live is not None:
+            self._live.close()
+            self._live = None
+        self._pending = position
+
+    def restore(self, state: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Check ``state`` (a :meth:`state_dict` or :meth:`state_at`), restore what
+        all readers share (the seed, the epoch counter) and return its position, for
+        :meth:`iterate_from`; the next plain ``iter()`` is not changed (see
+        :meth:`load_state_dict` for that).
 
         Raises:
             ValueError: the state is not a JsonlDataset state, or it was taken with
@@ -437,19 +480,20 @@ class JsonlDataset(IterableDataset[Any]):
         next_epoch = state.get("next_epoch")
         if isinstance(next_epoch, bool) or not isinstance(next_epoch, int):
             raise ValueError(f"Invalid JsonlDataset state: next_epoch={next_epoch!r}.")
+        # the position's epoch was started before the state was taken (the last
+        # one with a single reader; any earlier one with several)
+        epoch = position.get("epoch") if isinstance(position, Mapping) else None
         if position is not None and not (
-            isinstance(position, Mapping)
-            and position.get("epoch") == next_epoch - 1
+            isinstance(epoch, int)
+            and not isinstance(epoch, bool)
+            and 0 <= epoch < next_epoch
             and all(isinstance(position.get(k), int) for k in ("offset", "line", "row"))
             and isinstance(position.get("buffer"), list)
         ):
             raise ValueError(f"Invalid JsonlDataset position: {position!r:.200}.")
-        if self._live is not None:
-            self._live.close()
-            self._live = None
         self._base_seed = int(state["seed"])
         self._epoch = next_epoch
-        self._pending = dict(position) if position is not None else None
+        return dict(position) if position is not None else None
 
     def __repr__(self) -> str:
         shard = (
@@ -488,8 +532,11 @@ class _JsonlIterator(Iterator[Any]):
             for line, text in position["buffer"]:
                 self._buffer.append(dataset._parse(text.encode("utf-8"), int(line)))
 
-    def position(self) -> dict[str, Any]:
-        """Where the next sample comes from (see :meth:`JsonlDataset.state_dict`)."""
+    def position(self) -> dict[str, Any] | None:
+        """Where the next sample comes from (see :meth:`JsonlDataset.state_dict`);
+        None once the epoch is over (the reader stands between epochs)."""
+        if self.finished:
+            return None
         return {
             "epoch": self.epoch,
             "offset": self._offset,
