@@ -32,6 +32,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -272,6 +273,29 @@ def _stall_threshold() -> float:
     return max(float(STALL_WARNING_S), 0.01)
 
 
+_WAIT_FILES = (
+    os.sep + "threading.py",  # Condition/Event/Thread.join waits
+    os.path.join("concurrent", "futures", "_base.py"),  # Future.result, wait
+    os.sep + "queue.py",  # Queue.get
+)
+
+
+def _loop_waits_on_a_thread() -> bool:
+    """Whether afnio's loop thread is blocked waiting for another thread now (its
+    innermost Python frames are in a lock, future or queue wait), as opposed to
+    running code of its own (CPU work, a socket read of a non-afnio client)."""
+    thread = _runtime._thread
+    ident = thread.ident if thread is not None else None
+    frame = sys._current_frames().get(ident) if ident is not None else None
+    for _ in range(3):  # the wait itself, and the helper that called it
+        if frame is None:
+            return False
+        if frame.f_code.co_filename.endswith(_WAIT_FILES):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _stall_verdict(ticket: list[bool], submitted: float) -> float | RuntimeError:
     """Called by a caller in another thread whose call has waited ``STALL_WARNING_S``
     or more since ``submitted``: the time to wait before asking again, or the error
@@ -300,6 +324,12 @@ def _stall_verdict(ticket: list[bool], submitted: float) -> float | RuntimeError
     left = threshold - min(now - since, now - submitted)
     if left > 0:
         return max(left, 0.001)
+    if threading.current_thread().name.startswith("afnio-bw") or not (
+        _loop_waits_on_a_thread()
+    ):
+        # the backward is busy (CPU work, a non-afnio call), not waiting for a
+        # thread, or this is one of afnio's own backward workers: only slow
+        return threshold
     names = guard.mark_stalled(token)
     if names is None or not _give_up(ticket):
         # that backward ended, or the loop started the call, meanwhile: the loop
@@ -366,8 +396,8 @@ def _wait(fut: ConcurrentFuture[T], ticket: list[bool], submitted: float) -> T:
         try:
             return fut.result(timeout=timeout)
         except TimeoutError:
-            if fut.done():
-                raise  # the call itself raised a TimeoutError
+            if fut.done():  # it ended meanwhile, or itself raised a TimeoutError
+                return fut.result()
             verdict = _stall_verdict(ticket, submitted)
             if isinstance(verdict, RuntimeError):
                 raise verdict from None

@@ -41,6 +41,7 @@ import contextvars
 import inspect
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -392,9 +393,10 @@ class _InlineGuard:
     the call that kept another thread's afnio call waiting past the stall threshold
     (set by that thread, through :meth:`mark_stalled`)."""
 
-    __slots__ = ("blocked", "current", "stalled", "warned")
+    __slots__ = ("blocked", "current", "lock", "stalled", "warned")
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()  # marking stalled vs ending the call
         self.blocked: str | None = None
         self.current: tuple[BackwardFunction, float] | None = None
         self.stalled: tuple[BackwardFunction, float] | None = None
@@ -412,9 +414,10 @@ class _InlineGuard:
         mark that backward for a re-run in a worker thread and return its Function's
         and node's names, for the error the call raises (None if that backward has
         already ended)."""
-        if self.current is not token:
-            return None
-        self.stalled = token
+        with self.lock:  # not after the loop ended that backward (it would miss it)
+            if self.current is not token:
+                return None
+            self.stalled = token
         node = token[0]
         return node._forward_cls.__qualname__, node.name()
 
@@ -579,7 +582,8 @@ def _run_inline(
             raise
     finally:
         _runtime.inline_guard = None
-        guard.current = None
+        with guard.lock:
+            guard.current = None
         if guard.warned is not None:
             guard.warned = None  # holds no node past its call
         _needs_override.reset(ntoken)

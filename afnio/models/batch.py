@@ -89,6 +89,7 @@ import copy
 import hashlib
 import json
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -326,6 +327,13 @@ class BatchCollector:
                 "request": body,
             }
         )
+
+    def register(self, client: _OpenAIClient) -> None:
+        """Note ``client`` as one of this pass's clients, so that a saved batch of
+        its account is resumed (polled, accounted) with it even when every call of
+        the pass is answered elsewhere (the response cache)."""
+        with self._lock:
+            self.clients.setdefault(_client_ref(client), client)
 
     def answer(self, client: _OpenAIClient, payload: Mapping[str, Any]) -> str:
         """The known answer to this chat call, or collect it and raise
@@ -588,6 +596,31 @@ class MemoryStore(BatchStore):
 
 
 # -- the run --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) off for the block, then raise it: the block's
+    bookkeeping is done whole or not at all. Only in the main thread (the only one
+    Python delivers signals to); elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[tuple[int, Any]] = []
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(
+            signal.SIGINT, lambda signum, frame: received.append((signum, frame))
+        )
+    except ValueError:  # not allowed here (an embedding interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):  # default_int_handler raises
+            previous(*received[0])
 
 
 def _sleep(seconds: float) -> None:
@@ -1127,12 +1160,13 @@ class BatchRun:
         the stats, and its ``custom_id`` into the record's ``accounted``."""
         _key, model, phase = record["items"][custom_id]
         cost = batch_cost_of(usage, model, client.provider or "openai")
-        _account(client, usage, cost)
-        LEDGER.record(model, usage, cost, phase=phase)
-        record["accounted"].append(custom_id)
-        record["cost"] = float(record.get("cost") or 0.0) + cost
-        state["cost"] = float(state.get("cost") or 0.0) + cost
-        self.stats.cost += cost
+        with _interrupts_held():  # all of it or none: a resume counts it once
+            _account(client, usage, cost)
+            LEDGER.record(model, usage, cost, phase=phase)
+            record["accounted"].append(custom_id)
+            record["cost"] = float(record.get("cost") or 0.0) + cost
+            state["cost"] = float(state.get("cost") or 0.0) + cost
+            self.stats.cost += cost
 
     def _finish(
         self,
@@ -1236,7 +1270,8 @@ class BatchRun:
                 self.stats.batches_cancelled += 1
                 logger.warning(
                     "Batch %s holds none of the requests this pass makes now (the "
-                    "program or its data changed since it was submitted): cancelled "
+                    "program or its data changed since it was submitted, or the "
+                    "response cache answers them): cancelled "
                     "it (status %s); waiting for it to end to count what it was "
                     "billed (its answers are not used).",
                     record["id"],

@@ -356,6 +356,7 @@ class _OpenAIClient(TextCompletionModel, ChatCompletionModel, EmbeddingModel):
         cache = get_cache()
         if cache is None:
             return collector.answer(self, payload)
+        collector.register(self)  # a saved batch of this client resumes with it
         key = self._response_cache_key("chat", payload)
         counted = _CACHE_COUNTED.setdefault(collector, set())
         found, value = cache.get(key, "chat")  # not counted; see above

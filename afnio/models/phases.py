@@ -85,6 +85,19 @@ def _tokens(usage: Mapping[str, Any] | None, key: str) -> int:
     return int(value) if isinstance(value, int | float) else 0
 
 
+class _CostTotal(float):
+    """A cost total of a snapshot: the exact total rounded to a float, which keeps
+    the exact value (``exact``) so that :meth:`PhaseLedger.since` subtracts exactly
+    (an unchanged total then gives no row, not a rounding residue)."""
+
+    exact: Fraction
+
+    def __new__(cls, exact: Fraction | float) -> _CostTotal:
+        total = super().__new__(cls, exact)
+        total.exact = Fraction(exact)
+        return total
+
+
 class PhaseLedger:
     """Totals by (phase, model); thread-safe. Costs are summed exactly (as
     fractions), so the totals do not depend on the order concurrent calls answer
@@ -144,7 +157,7 @@ class PhaseLedger:
     def snapshot(self) -> dict[tuple[str, str], tuple[float, ...]]:
         """The totals now (to subtract later with :meth:`since`)."""
         with self._lock:
-            return {k: (*v[:3], float(v[3])) for k, v in self._totals.items()}
+            return {k: (*v[:3], _CostTotal(v[3])) for k, v in self._totals.items()}
 
     def since(
         self, snapshot: Mapping[tuple[str, str], tuple[float, ...]] | None = None
@@ -158,8 +171,15 @@ class PhaseLedger:
         for (phase, model), now in totals.items():
             before = base.get((phase, model), (0, 0, 0, 0.0))
             delta = [a - b for a, b in zip(now[:3], before[:3], strict=True)]
-            # the snapshot's cost is the exact total rounded: subtract exactly
-            delta.append(now[3] - Fraction(before[3]))
+            # subtract the snapshot's exact cost; a plain float (a snapshot copied
+            # or rebuilt) is the exact total rounded: if it rounds the same, the cost
+            # is unchanged (its rounding residue is no cost)
+            exact = getattr(before[3], "exact", None)
+            if exact is None:
+                exact = Fraction(before[3])
+                if float(now[3]) == float(before[3]):
+                    exact = now[3]
+            delta.append(now[3] - exact)
             if any(delta):
                 rows.append(
                     PhaseRow(

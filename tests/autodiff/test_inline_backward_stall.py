@@ -393,3 +393,47 @@ def test_a_started_call_kept_waiting_by_a_backward_is_named_in_a_warning_not_sto
     assert any(
         "WaitsForStarted.backward" in m and "blocking = True" in m for m in messages
     ), messages
+
+
+def test_a_busy_inline_backward_that_waits_for_no_thread_stops_no_call(
+    sim_client: tuple[Simulator, Any],
+) -> None:
+    """A plain backward holding the loop with work of its own (sleeping here, as a
+    CPU loop or a non-afnio HTTP call would) is only slow: an afnio call from
+    another thread (a user's thread, or a blocking node's worker) waits for it,
+    and is neither stopped nor the backward re-run."""
+    sim, client = sim_client
+    ran: list[str] = []
+    answers: list[Any] = []
+
+    def busy(grad: Variable) -> str:
+        ran.append(threading.current_thread().name)
+        time.sleep(4 * STALL_S)  # holds the loop, waits on no thread
+        return "busy feedback"
+
+    def critic(grad: Variable) -> str:
+        time.sleep(STALL_S / 3)  # the busy backward takes the loop first
+        return _ask(client, grad.data)
+
+    def user_thread() -> None:
+        time.sleep(STALL_S / 3)
+        try:
+            answers.append(_ask(client, "from a user thread"))
+        except BaseException as e:
+            answers.append(e)
+
+    Busy = _identity_function("Busy", busy, blocking=False)
+    Critic = _identity_function("Critic", critic, blocking=True)
+    busy_leaf = Variable("a", role="a", requires_grad=True)
+    critic_leaf = Variable("b", role="b", requires_grad=True)
+    total = afnio.functional.sum([Critic.apply(critic_leaf), Busy.apply(busy_leaf)])
+    before = dict(engine._counts)
+    other = threading.Thread(target=user_thread, name="user")
+    other.start()
+    _within_deadline(lambda: total.backward(Variable("g")))
+    other.join(DEADLINE_S)
+    assert ran == [LOOP_THREAD]  # ran once, inline: not re-run
+    assert engine._counts.get("stalled", 0) == before.get("stalled", 0)
+    assert busy_leaf.grad is not None and critic_leaf.grad is not None
+    assert len(answers) == 1 and isinstance(answers[0], str)  # answered, not stopped
+    assert sim.stats.calls == 2  # the critic's and the user thread's chats

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 import afnio
@@ -86,3 +88,40 @@ def test_a_step_records_forward_evaluator_backward_and_optimizer_calls() -> None
         assert rows["optimizer"].calls == 1
         assert sum(r.calls for r in rows.values()) == sim.stats.calls
         assert all(r.model == SIMULATOR_MODEL and r.cost > 0 for r in rows.values())
+
+
+def test_since_a_snapshot_has_no_row_when_nothing_was_recorded_since() -> None:
+    # 0.1 + 0.2 + 0.3 is not a float: the snapshot's total is rounded, and its
+    # rounding residue once showed up as a row of 0 calls in every later `since`
+    ledger = PhaseLedger()
+    for cost in (0.1, 0.2, 0.3):
+        ledger.record("m", {"prompt_tokens": 1}, cost, phase="evaluator")
+    start = ledger.snapshot()
+    assert ledger.since(start) == []
+    ledger.record("m", None, 0.7, phase="evaluator")
+    (row,) = ledger.since(start)
+    assert (row.phase, row.calls, row.cost) == ("evaluator", 1, 0.7)
+
+
+def test_since_a_snapshot_copied_as_plain_floats_has_no_rounding_row() -> None:
+    ledger = PhaseLedger()
+    for cost in (0.1, 0.2, 0.3):
+        ledger.record("m", None, cost)
+    copied = {
+        key: tuple(float(x) for x in row) for key, row in ledger.snapshot().items()
+    }
+    assert ledger.since(copied) == []
+    assert pickle.loads(pickle.dumps(ledger.snapshot())) == ledger.snapshot()
+    assert ledger.since(pickle.loads(pickle.dumps(ledger.snapshot()))) == []
+
+
+def test_a_global_ledger_total_left_by_earlier_work_adds_no_row_to_a_later_run() -> (
+    None
+):
+    from afnio_integrations._usage import ProgramUsage
+
+    usage = ProgramUsage("earlier program")
+    for n in range(1, 30):  # leaves forward totals that a float cannot hold
+        usage.add({"openai/gpt-4o": {"prompt_tokens": n, "completion_tokens": n}})
+    start = LEDGER.snapshot()
+    assert [r for r in LEDGER.since(start) if r.model == "gpt-4o"] == []

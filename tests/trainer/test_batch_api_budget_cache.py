@@ -307,3 +307,33 @@ def test_fit_stops_when_a_batch_api_validation_spends_past_max_cost_synchronousl
     assert sim.batches_created == 0  # the validation batch was never submitted
     # the step's embedding and validation batch 0's; batches 1 and 2 never ran
     assert _embed_requests(sim) == 2
+
+
+def test_a_saved_batch_resumes_when_every_call_of_the_pass_is_a_cache_hit(
+    sim: Simulator, client: OpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enable_cache()
+    agent = SentimentClassifier(client, SIMULATOR_MODEL, RULES)
+
+    def interrupted(self: Any, *args: Any) -> Any:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(batch_module.BatchRun, "_wait", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _trainer(tmp_path).validate(agent, _loader(), batch_api=FAST)
+    assert sim.batches_created == 1  # submitted, then interrupted while polling
+    sync = _trainer(tmp_path).validate(agent, _loader())  # fills the cache
+    # every call of the resumed pass is a cache hit: the saved batch is still
+    # matched to its client (not BatchClientNotFound), settled and its lines paid
+    trainer = _trainer(tmp_path)
+    resumed = trainer.validate(agent, _loader(), batch_api=FAST)
+    assert resumed["val_accuracy"] == sync["val_accuracy"]
+    assert sim.batches_created == 1  # nothing sent again
+    # the simulator had not started it (no poll yet): cancelled, nothing billed
+    assert trainer.last_batch_run.stats.batches_cancelled == 1
+    assert [b["status"] for b in sim.batches.values()] == ["cancelled"]
+    assert trainer.last_batch_run.stats.stale_lines == 0
+    assert not (tmp_path / BATCH_STATE_FILE).exists() or not json.loads(
+        (tmp_path / BATCH_STATE_FILE).read_text()
+    ).get("validation", {}).get("batches")

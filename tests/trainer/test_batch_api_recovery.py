@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -576,3 +578,36 @@ def test_batch_options_check_the_new_fields() -> None:
     with pytest.raises(ValueError, match=NONCE_KEY):
         BatchOptions(metadata={NONCE_KEY: "x"})
     assert BatchOptions(poll_timeout=None).poll_timeout is None
+
+
+def test_a_ctrl_c_inside_a_lines_bookkeeping_counts_that_line_once(
+    sim: Simulator,
+    client: OpenAI,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    ledger_rows: list[PhaseRow],
+) -> None:
+    """A real SIGINT between the client's usage and the ledger row of one line is
+    held off to the end of that line's bookkeeping: no half-counted line."""
+    agent = SentimentClassifier(client, SIMULATOR_MODEL)
+    account = batch_module._account
+    seen = [0]
+
+    def interrupted_midway(*args: Any, **kwargs: Any) -> None:
+        account(*args, **kwargs)  # the client has counted the line...
+        seen[0] += 1
+        if seen[0] == 2:  # ...and Ctrl-C comes before the ledger and the record
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(batch_module, "_account", interrupted_midway)
+    root = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        quiet_trainer(root).validate(agent, _val(), batch_api=FAST)
+    monkeypatch.undo()
+    [record] = json.loads((root / BATCH_STATE_FILE).read_text())["validate"]["batches"]
+    # the interrupted line was counted whole, everywhere, and saved as counted
+    assert client.calls == len(ledger_rows) == len(record["accounted"]) == 2
+
+    quiet_trainer(root).validate(agent, _val(), batch_api=FAST)
+    assert client.calls == len(ledger_rows) == len(VAL)
+    assert sim.batches_created == 1
