@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 import afnio
 from afnio.autodiff import Function
@@ -70,3 +73,27 @@ def make_blocking(counter: InFlight, delay: float) -> type[Function]:
             return afnio.Variable(f"{grad.data} (blocking)", role="feedback")
 
     return SleepyBlocking
+
+
+DEADLINE_S = 60.0  # generous: a regression that deadlocks fails instead of hanging
+
+
+def within_deadline(fn: Callable[[], Any], seconds: float = DEADLINE_S) -> Any:
+    """Run ``fn`` in a daemon thread; fail the test if it has not returned in time
+    (join with a timeout: a deadlock would wait for ever here)."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # re-raised in the test's thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        pytest.fail(f"backward did not finish within {seconds:.0f} s (deadlock?)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")

@@ -18,30 +18,9 @@ from afnio import Variable
 from afnio._runtime import acquire_request_slot, run_sync
 from afnio.autodiff import Function, engine
 from afnio.testing import SIMULATOR_MODEL, Simulator
-from tests.autodiff.helpers import InFlight
+from tests.autodiff.helpers import DEADLINE_S, InFlight, within_deadline
 
 LOOP_THREAD = "afnio-runtime"
-DEADLINE_S = 60.0  # generous: a regression that deadlocks fails instead of hanging
-
-
-def _within_deadline(fn: Callable[[], Any], seconds: float = DEADLINE_S) -> Any:
-    """Run ``fn`` in a daemon thread; fail the test if it has not returned in time."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as e:  # re-raised in the test's thread
-            outcome["error"] = e
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    if worker.is_alive():
-        pytest.fail(f"backward did not finish within {seconds:.0f} s (deadlock?)")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
 
 
 def _where(blocking: bool | None, seen: list[str]) -> type[Function]:
@@ -154,7 +133,7 @@ def test_blocking_true_branches_run_concurrently_on_every_pass() -> None:
     for _ in range(2):  # the second pass too: the declaration is never revised
         counter.peak = 0
         total, _ = _branches(fn, 8)
-        _within_deadline(lambda total=total: total.backward(Variable("g")))
+        within_deadline(lambda total=total: total.backward(Variable("g")))
         assert counter.peak == 8
 
 
@@ -164,7 +143,7 @@ def test_undeclared_blocking_code_runs_inline_one_node_at_a_time() -> None:
     counter = InFlight()
     fn = _sleepy(False, counter, 0.01)
     total, leaves = _branches(fn, 8)
-    _within_deadline(lambda: total.backward(Variable("g")))
+    within_deadline(lambda: total.backward(Variable("g")))
     assert counter.calls == 8 and counter.peak == 1
     assert all(len(leaf.grad) == 1 for leaf in leaves)
 
@@ -207,7 +186,7 @@ def test_sync_afnio_call_on_the_loop_is_rerun_in_a_thread_and_logged(
     reruns = engine._counts["rerun"]
     leaf, out = _chain(fn, 1)
     with caplog.at_level(logging.WARNING, logger="afnio.autodiff"):
-        _within_deadline(lambda: out.backward(Variable("g")))
+        within_deadline(lambda: out.backward(Variable("g")))
     assert [g.data for g in leaf.grad] == ["G"]
     assert attempts[0] == LOOP_THREAD and attempts[1].startswith("afnio-bw")
     assert engine._counts["rerun"] - reruns == 1
@@ -217,7 +196,7 @@ def test_sync_afnio_call_on_the_loop_is_rerun_in_a_thread_and_logged(
     # from then on the Function is treated as blocking: no more attempts on the loop
     attempts.clear()
     leaf2, out2 = _chain(fn, 3)
-    _within_deadline(lambda: out2.backward(Variable("h")))
+    within_deadline(lambda: out2.backward(Variable("h")))
     assert all(name.startswith("afnio-bw") for name in attempts)
     assert engine._counts["rerun"] - reruns == 1
     assert [g.data for g in leaf2.grad] == ["H"]
@@ -233,7 +212,7 @@ def test_a_backward_that_swallows_the_stop_is_still_rerun_in_a_thread() -> None:
             return "swallowed"
 
     leaf, out = _chain(_sync_call_function(False, attempts, careless), 1)
-    _within_deadline(lambda: out.backward(Variable("g")))
+    within_deadline(lambda: out.backward(Variable("g")))
     assert [g.data for g in leaf.grad] == ["G"]  # the thread's answer, not the loop's
     assert len(attempts) == 2
 
@@ -247,7 +226,7 @@ def test_nested_sync_backward_inside_a_backward_on_the_loop_completes() -> None:
         return text
 
     leaf, out = _chain(_sync_call_function(False, [], nested), 1)
-    _within_deadline(lambda: out.backward(Variable("g")))
+    within_deadline(lambda: out.backward(Variable("g")))
     assert len(inner_leaf.grad) == 1 and [g.data for g in leaf.grad] == ["g"]
 
 
@@ -259,7 +238,7 @@ def test_acquire_request_slot_inside_a_backward_on_the_loop_is_rerun() -> None:
 
     attempts: list[str] = []
     leaf, out = _chain(_sync_call_function(False, attempts, take_slot), 1)
-    _within_deadline(lambda: out.backward(Variable("g")))
+    within_deadline(lambda: out.backward(Variable("g")))
     assert [g.data for g in leaf.grad] == ["g"]
     assert attempts[0] == LOOP_THREAD and attempts[1].startswith("afnio-bw")
 
@@ -273,7 +252,7 @@ def test_a_pool_of_sync_calls_is_found_by_the_first_call_then_runs_in_threads() 
     fn = _sync_call_function(None, attempts, pooled)
     for data in ("a", "b"):  # the second pass runs with the first call's verdict
         leaf, out = _chain(fn, 3)
-        _within_deadline(lambda out=out, data=data: out.backward(Variable(data)))
+        within_deadline(lambda out=out, data=data: out.backward(Variable(data)))
         assert [g.data for g in leaf.grad] == [data.upper() * 8]
     assert len(attempts) == 6
     assert all(name.startswith("afnio-bw") for name in attempts)
@@ -300,7 +279,7 @@ def test_an_error_in_backward_propagates_with_the_node_and_changes_no_grad(
         leaf = Variable("x", role="x", requires_grad=True)
         out = Broken.apply(leaf)
         with pytest.raises(ValueError, match="bad feedback") as info:
-            _within_deadline(lambda out=out: out.backward(Variable("g")))
+            within_deadline(lambda out=out: out.backward(Variable("g")))
         assert "(raised during backward by node BrokenBackward0)" in (
             info.value.__notes__
         )
@@ -331,7 +310,7 @@ def test_sync_chat_inside_a_backward_on_the_loop_completes_with_one_request_each
         fn = _sync_call_function(False, attempts, _chat_critic(client))
         total, leaves = _branches(fn, 4)
         sim.reset_stats()
-        _within_deadline(lambda: total.backward(Variable("g")))
+        within_deadline(lambda: total.backward(Variable("g")))
         # the stopped attempt on the loop sent nothing: one request per node
         assert sim.stats.calls == 4
         assert all(len(leaf.grad) == 1 and leaf.grad[0].data for leaf in leaves)
@@ -355,7 +334,7 @@ def test_sync_chat_backward_nodes_keep_running_concurrently(
         for _ in range(2):  # first pass (probing with None) and second pass
             total, leaves = _branches(fn, 8)
             sim.reset_stats()
-            _within_deadline(lambda total=total: total.backward(Variable("g")))
+            within_deadline(lambda total=total: total.backward(Variable("g")))
             assert sim.stats.calls == 8
             assert sim.stats.peak_in_flight == 8
             assert all(len(leaf.grad) == 1 for leaf in leaves)
@@ -387,7 +366,7 @@ def test_async_lm_backward_nodes_keep_running_concurrently() -> None:
         sim.latency = 0.2
         total, leaves = _branches(AsyncCritic, 8)
         sim.reset_stats()
-        _within_deadline(lambda: total.backward(Variable("g")))
+        within_deadline(lambda: total.backward(Variable("g")))
         assert sim.stats.calls == 8 and sim.stats.peak_in_flight == 8
         assert all(len(leaf.grad) == 1 for leaf in leaves)
 
@@ -430,7 +409,7 @@ def test_a_backward_on_the_loop_waiting_on_a_thread_s_sync_call_is_rerun_in_a_th
     for data in ("a", "b"):
         leaf, out = _chain(Waiter, 1)
         with caplog.at_level(logging.WARNING, logger="afnio.autodiff"):
-            _within_deadline(lambda out=out, data=data: out.backward(Variable(data)))
+            within_deadline(lambda out=out, data=data: out.backward(Variable(data)))
     assert [g.data for g in leaf.grad] == ["b"]
     # probe (thread), inline on the loop (stalled), re-run in a worker thread
     assert calls[1] == LOOP_THREAD and calls[2].startswith("afnio-bw")

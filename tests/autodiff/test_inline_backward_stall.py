@@ -26,9 +26,9 @@ from afnio import Variable, _runtime
 from afnio._runtime import run_async, run_sync
 from afnio.autodiff import Function, engine
 from afnio.testing import SIMULATOR_MODEL, Simulator
+from tests.autodiff.helpers import DEADLINE_S, within_deadline
 
 LOOP_THREAD = "afnio-runtime"
-DEADLINE_S = 60.0  # generous: a deadlock fails the test instead of hanging it
 STALL_S = 0.3  # the stall threshold the tests use (10 s by default)
 
 
@@ -47,27 +47,6 @@ def sim_client() -> Iterator[tuple[Simulator, Any]]:
         OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
     ):
         yield sim, client
-
-
-def _within_deadline(fn: Callable[[], Any], seconds: float = DEADLINE_S) -> Any:
-    """Run ``fn`` in a daemon thread; fail the test if it has not returned in time
-    (join with a timeout: the old code waits for ever here)."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as e:  # re-raised in the test's thread
-            outcome["error"] = e
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    if worker.is_alive():
-        pytest.fail(f"did not finish within {seconds:.0f} s (deadlock)")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
 
 
 def _identity_function(
@@ -127,7 +106,7 @@ def test_backward_on_the_loop_waiting_on_a_pool_running_model_chat_completes(
     sim.reset_stats()
     stalled, reruns = engine._counts.get("stalled", 0), engine._counts["rerun"]
     with caplog.at_level(logging.WARNING, logger="afnio.autodiff"):
-        _within_deadline(lambda: total.backward(Variable("too long")))
+        within_deadline(lambda: total.backward(Variable("too long")))
 
     assert all(len(leaf.grad) == 1 and leaf.grad[0].data for leaf in leaves)
     # the call stopped while the loop was held sent nothing: one request per node
@@ -160,7 +139,7 @@ def test_the_stopped_call_raises_a_runtime_error_naming_blocking_true(
     fn = _identity_function("TolerantCritic", pooled, blocking=False)
     total, leaves = _branches(fn, 1)
     sim.reset_stats()
-    _within_deadline(lambda: total.backward(Variable("g")))
+    within_deadline(lambda: total.backward(Variable("g")))
 
     (error,) = errors
     text = str(error)
@@ -191,14 +170,14 @@ def test_function_whose_first_backward_is_plain_and_a_later_one_uses_a_pool(
     fn = _identity_function("SometimesPooled", sometimes_pooled, blocking=None)
     leaf = Variable("x", role="leaf", requires_grad=True)
     out = fn.apply(leaf)
-    _within_deadline(lambda: out.backward(Variable("fine")))  # the probe: no call
+    within_deadline(lambda: out.backward(Variable("fine")))  # the probe: no call
     assert engine._KINDS[fn] == "inline"
 
     sim.reset_stats()
     for feedback in ("fine", "retry this"):
         out = fn.apply(leaf)
         with caplog.at_level(logging.WARNING, logger="afnio.autodiff"):
-            _within_deadline(lambda out=out, f=feedback: out.backward(Variable(f)))
+            within_deadline(lambda out=out, f=feedback: out.backward(Variable(f)))
 
     assert [g.data for g in leaf.grad[:2]] == ["plain: fine", "plain: fine"]
     assert leaf.grad[2].data and not leaf.grad[2].data.startswith("plain")
@@ -234,7 +213,7 @@ def test_a_pool_calling_the_async_api_through_its_own_loop_also_completes(
         total, leaves = _branches(fn, 2)
         sim.reset_stats()
         stalled = engine._counts.get("stalled", 0)
-        _within_deadline(lambda: total.backward(Variable("g")))
+        within_deadline(lambda: total.backward(Variable("g")))
     assert all(len(leaf.grad) == 1 and leaf.grad[0].data for leaf in leaves)
     assert sim.stats.calls == 2
     assert engine._counts.get("stalled", 0) - stalled == 1
@@ -259,7 +238,7 @@ def test_a_slow_backward_on_the_loop_does_not_stop_the_backward_call_that_runs_i
     leaf = Variable("x", role="leaf", requires_grad=True)
     out = fn.apply(leaf)
     stalled = engine._counts.get("stalled", 0)
-    _within_deadline(lambda: out.backward(Variable("g")))
+    within_deadline(lambda: out.backward(Variable("g")))
     assert [g.data for g in leaf.grad] == ["g"]
     assert threads == [LOOP_THREAD]  # ran once, on the loop, not re-run
     assert engine._counts.get("stalled", 0) == stalled
@@ -298,7 +277,7 @@ def test_a_long_chain_of_quick_backwards_on_the_loop_stops_no_call() -> None:
     caller = threading.Thread(target=other_thread, daemon=True)
     caller.start()
     stalled = engine._counts.get("stalled", 0)
-    _within_deadline(lambda: out.backward(Variable("g")))
+    within_deadline(lambda: out.backward(Variable("g")))
     caller.join(DEADLINE_S)
     assert not caller.is_alive()
     assert errors == [] and answers == ["echo"]
@@ -315,13 +294,13 @@ def test_a_call_that_raises_timeout_error_is_not_taken_for_a_wait_timeout() -> N
         raise TimeoutError("the provider took too long")
 
     with pytest.raises(TimeoutError, match="the provider took too long"):
-        _within_deadline(lambda: run_sync(times_out()))
+        within_deadline(lambda: run_sync(times_out()))
 
     async def from_another_loop() -> None:
         await run_async(times_out())
 
     with pytest.raises(TimeoutError, match="the provider took too long"):
-        _within_deadline(lambda: asyncio.run(from_another_loop()))
+        within_deadline(lambda: asyncio.run(from_another_loop()))
 
 
 def test_the_threshold_is_read_at_each_check(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -349,7 +328,7 @@ def test_the_threshold_is_read_at_each_check(monkeypatch: pytest.MonkeyPatch) ->
     leaf = Variable("x", role="leaf", requires_grad=True)
     out = fn.apply(leaf)
     stalled = engine._counts.get("stalled", 0)
-    _within_deadline(lambda: out.backward(Variable("g")))
+    within_deadline(lambda: out.backward(Variable("g")))
     assert done.wait(DEADLINE_S) and answers == ["echo"]
     assert engine._counts.get("stalled", 0) == stalled
 
@@ -384,7 +363,7 @@ def test_a_started_call_kept_waiting_by_a_backward_is_named_in_a_warning_not_sto
     helper.start()
     assert running.wait(DEADLINE_S)
     with caplog.at_level(logging.WARNING, logger="afnio.autodiff"):
-        _within_deadline(lambda: out.backward(Variable("g")))
+        within_deadline(lambda: out.backward(Variable("g")))
         helper.join(DEADLINE_S)
     assert answers == ["echo"]  # not stopped: it finished once the loop was free
     assert engine._counts.get("stalled", 0) == stalled
@@ -430,7 +409,7 @@ def test_a_busy_inline_backward_that_waits_for_no_thread_stops_no_call(
     before = dict(engine._counts)
     other = threading.Thread(target=user_thread, name="user")
     other.start()
-    _within_deadline(lambda: total.backward(Variable("g")))
+    within_deadline(lambda: total.backward(Variable("g")))
     other.join(DEADLINE_S)
     assert ran == [LOOP_THREAD]  # ran once, inline: not re-run
     assert engine._counts.get("stalled", 0) == before.get("stalled", 0)
