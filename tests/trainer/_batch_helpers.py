@@ -24,6 +24,7 @@ __all__ = [
     "RULES",
     "SecondStage",
     "backward_client",
+    "client",
     "quiet_trainer",
     "sim",
     "without_cost",
@@ -48,6 +49,13 @@ def sim() -> Iterator[Simulator]:
     """A latency-free simulator for one test."""
     with Simulator() as sim:
         yield sim
+
+
+@pytest.fixture
+def client(sim: Simulator) -> Iterator[OpenAI]:
+    """An afnio client on ``sim`` (no retries)."""
+    with OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client:
+        yield client
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ simulator (loopback, deterministic polls): behaviour is proved by counters."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,7 @@ from examples.facility_support import SentimentClassifier
 from tests.trainer import _batch_helpers
 from tests.trainer._batch_helpers import FAST, RULES, SecondStage, quiet_trainer
 
-sim = _batch_helpers.sim  # the fixture
-
-
-@pytest.fixture
-def client(sim: Simulator) -> Iterator[OpenAI]:
-    with OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client:
-        yield client
+sim, client = _batch_helpers.sim, _batch_helpers.client  # the fixtures
 
 
 def _loader() -> DataLoader:

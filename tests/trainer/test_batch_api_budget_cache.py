@@ -16,7 +16,6 @@ batches, cache hits), never by timings."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +34,10 @@ from examples.facility_support import SentimentClassifier
 from tests.trainer import _batch_helpers
 from tests.trainer._batch_helpers import FAST, RULES, SecondStage, quiet_trainer
 
-sim, backward_client = _batch_helpers.sim, _batch_helpers.backward_client  # fixtures
+sim, client = _batch_helpers.sim, _batch_helpers.client  # fixtures
+backward_client = _batch_helpers.backward_client  # a fixture
 
 BATCHES = 3  # MESSAGES in batches of 4
-
-
-@pytest.fixture
-def client(sim: Simulator) -> Iterator[OpenAI]:
-    with OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client:
-        yield client
 
 
 def _loader(rows: list[tuple[str, str]] | None = None) -> DataLoader:

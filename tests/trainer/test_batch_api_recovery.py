@@ -47,16 +47,11 @@ from examples.facility_support import SentimentClassifier
 from tests.trainer import _batch_helpers
 from tests.trainer._batch_helpers import FAST, RULES, quiet_trainer
 
-sim, backward_client = _batch_helpers.sim, _batch_helpers.backward_client  # fixtures
+sim, client = _batch_helpers.sim, _batch_helpers.client  # fixtures
+backward_client = _batch_helpers.backward_client  # a fixture
 
 VAL = MESSAGES[4:]
 """The validation rows (one request each)."""
-
-
-@pytest.fixture
-def client(sim: Simulator) -> Iterator[OpenAI]:
-    with OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client:
-        yield client
 
 
 def _val(rows: list[tuple[str, str]] | None = None) -> DataLoader:

@@ -26,6 +26,7 @@ from afnio.errors import StepError
 from afnio.models.batch import ReplayLoader
 from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader, JsonlDataset
+from tests.trainer._batch_helpers import quiet_trainer
 from tests.utils.data.test_jsonl_trainer import Interrupted, Recorder, write_rows
 
 ROWS = 22  # training batches of 4: 4, 4, 4, 4, 4, 2 (six per epoch)
@@ -58,14 +59,7 @@ def shared(path: Path, buffer_size: int) -> tuple[DataLoader, DataLoader]:
 
 
 def fit_trainer(root: Path, epochs: int = 2, revert: bool = True) -> Trainer:
-    return Trainer(
-        max_epochs=epochs,
-        default_root_dir=root,
-        revert_on_regression=revert,
-        enable_progress_bar=False,
-        enable_agent_summary=False,
-        enable_run_summary=False,
-    )
+    return quiet_trainer(root, max_epochs=epochs, revert_on_regression=revert)
 
 
 @pytest.fixture
