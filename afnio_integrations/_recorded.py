@@ -26,6 +26,7 @@ from afnio.autodiff.lm_backward import (
     request_gradients,
 )
 from afnio.autodiff.prompts import CHAT_BACKWARD_SYSTEM
+from afnio.autodiff.provenance import set_sources, sources_of
 
 __all__ = ["JoinFields", "RecordedChatCall", "StackSamples", "StepOutput"]
 
@@ -179,14 +180,17 @@ class StackSamples(Function):
     @staticmethod
     def backward(ctx: Any, grad: Variable) -> tuple[Variable | None, ...]:
         data = grad.data
-        per = data if isinstance(data, list) and len(data) == ctx.n else [data] * ctx.n
-        return _padded(
-            ctx,
-            [
-                Variable(str(t), role="feedback to the output") if t else None
-                for t in per
-            ],
-        )
+        aligned = isinstance(data, list) and len(data) == ctx.n
+        per = data if aligned else [data] * ctx.n
+        known = sources_of(grad)
+        grads: list[Variable | None] = []
+        for s, t in enumerate(per):
+            g = Variable(str(t), role="feedback to the output") if t else None
+            if g is not None and aligned:
+                # the feedback on sample s of the batch (provenance of the text)
+                set_sources(g, [known[s] if known[s] is not None else (s,)])
+            grads.append(g)
+        return _padded(ctx, grads)
 
 
 class JoinFields(Function):

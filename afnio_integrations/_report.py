@@ -38,6 +38,14 @@ class OptimizeReport:
       :data:`FEEDBACK_SHOWN_CHARS` characters), so the reason the optimizer saw,
       e.g. a simulator's ``No rule can be written: ...``, or a real model's
       critique, is in the report.
+    * ``run_dir``: the run's folder (``root_dir``, or the temporary folder made
+      when none was given): its run log ``run_log.jsonl``, metrics and
+      checkpoints.
+    * ``report_path``: the run's HTML report (``<run_dir>/report.html``, written
+      by :func:`afnio.report.write_report` when the run ended; open it in a
+      browser); ``None`` when it could not be written (a warning said why, and
+      ``afnio report <run_dir>`` writes it from the run log). ``str(report)``
+      ends with ``run report: <path>``.
     """
 
     score_before: float | None
@@ -55,6 +63,8 @@ class OptimizeReport:
     val_samples: int = 0
     steps: int = 0
     last_feedback: dict[str, str] = field(default_factory=dict)
+    run_dir: str | None = None
+    report_path: str | None = None
 
     def profile(self) -> RunProfile:
         """This run's rates by phase, to project another configuration before
@@ -92,7 +102,7 @@ class OptimizeReport:
 
     def __str__(self) -> str:
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        return (
+        text = (
             f"score before: {fmt(self.score_before)}  after: {fmt(self.score_after)}\n"
             f"LM calls: {self.calls}  tokens: {self.tokens}  cost: ${self.cost:.4f}\n"
             + "".join(
@@ -102,6 +112,9 @@ class OptimizeReport:
             )
             + (self.prompt_diff or self._unchanged())
         )
+        if self.report_path is not None:
+            text += f"\nrun report: {self.report_path}"
+        return text
 
     def _unchanged(self) -> str:
         """The ``(no prompt changed)`` line, with what the optimizer was told."""

@@ -1,15 +1,19 @@
 """Pieces shared by the integrations' optimization loops (LangChain ``optimize``, DSPy
 ``AfnioTGD``): a dataset of indices (or of a streamed trainset's rows), an agent that
 runs one step per split, and the ``model=`` a client needs (:func:`model_args`),
-settled before any LM call."""
+settled before any LM call; the ``loggers=`` they pass to the Trainer
+(:func:`check_loggers`) and the HTML run report written when a run ends
+(:func:`write_run_report`)."""
 
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from afnio.cognitive.modules.module import Module
@@ -24,12 +28,25 @@ __all__ = [
     "SplitAgent",
     "StreamRows",
     "stream_rows",
+    "check_loggers",
     "client_model",
     "model_args",
     "needs_model",
     "parameter_feedback",
     "train_agent",
+    "write_run_report",
 ]
+
+logger = logging.getLogger("afnio.integrations")
+
+LOGGER_METHODS = ("start", "log_step", "log_validation", "finish", "state_dict")
+"""What ``loggers=`` items must have (``afnio.trainer.run_log.Logger``)."""
+
+_LOGGERS_HOW = (
+    "pass a list of loggers, e.g. loggers=[MLflowLogger(tracking_uri="
+    "'sqlite:///mlflow.db')] (from afnio.trainer.loggers import MLflowLogger), "
+    "loggers=[] for the run log only, or None for the defaults (run log and CSV)"
+)
 
 
 class IndexDataset(Dataset):
@@ -172,6 +189,74 @@ def parameter_feedback(optimizer: Any) -> dict[str, str]:
     return feedback
 
 
+def check_loggers(loggers: Any) -> list[Any] | None:
+    """``loggers=`` of ``optimize()``/``AfnioTGD`` checked before any LM call: ``None``
+    (the Trainer's defaults: the run log ``run_log.jsonl`` and a CSV logger), or a
+    logger or a list (or tuple) of objects with the methods ``start``, ``log_step``,
+    ``log_validation``, ``finish`` and ``state_dict`` (see
+    ``afnio.trainer.run_log.Logger``), returned as a new list.
+
+    Raises:
+        TypeError: ``loggers`` is neither a logger nor a list of them, or holds
+            an item without those methods (named by its index).
+    """
+    if loggers is None:
+        return None
+    one = not isinstance(loggers, (list, tuple))
+    if one and all(callable(getattr(loggers, m, None)) for m in LOGGER_METHODS):
+        # one logger, as ``Trainer(loggers=...)`` accepts it
+        return [loggers]
+    if one:
+        raise TypeError(
+            f"`loggers` must be a list of loggers, got {type(loggers).__name__} "
+            f"({loggers!r:.80}): {_LOGGERS_HOW}."
+        )
+    for i, item in enumerate(loggers):
+        missing = [m for m in LOGGER_METHODS if not callable(getattr(item, m, None))]
+        if missing:
+            raise TypeError(
+                f"`loggers[{i}]` is {type(item).__name__} ({item!r:.80}), not a "
+                f"logger: it lacks {', '.join(missing)} (a logger has the methods "
+                f"{', '.join(LOGGER_METHODS)}, see afnio.trainer.run_log.Logger; "
+                f"or use afnio.trainer.loggers.CSVLogger/MLflowLogger); "
+                f"{_LOGGERS_HOW}."
+            )
+    return list(loggers)
+
+
+def write_run_report(run_dir: str | Path) -> str | None:
+    """Write the HTML report of the run in ``run_dir``
+    (:func:`afnio.report.write_report`: ``<run_dir>/report.html``, no LM call);
+    its path, or ``None`` when it could not be written: then a warning (logger
+    ``afnio.integrations``) says why and how to write it later, and the run's
+    results are kept (this never raises an ``Exception``)."""
+    try:
+        from afnio.report import write_report
+
+        return str(write_report(run_dir))
+    except Exception as e:
+        logger.warning(
+            "The run report could not be written in %s (%s: %s); the run's results "
+            "are kept. Write it from the run log with: afnio report %s",
+            run_dir,
+            type(e).__name__,
+            e,
+            run_dir,
+        )
+        return None
+
+
+def _has_steps(trainer: Trainer) -> bool:
+    """Whether the trainer's run log holds at least one optimizer step record."""
+    try:
+        from afnio.report import load_run_log
+
+        records = load_run_log(trainer.run_log_path)
+    except Exception:  # no run log (yet), or unreadable: nothing to report
+        return False
+    return any(r.get("type") == "step" for r in records)
+
+
 @dataclass
 class LoopOutcome:
     """What :func:`train_agent` measured."""
@@ -189,6 +274,8 @@ class LoopOutcome:
     steps: int
     # the feedback the parameters held at the last optimizer step that had any
     last_feedback: dict[str, str] = field(default_factory=dict)
+    run_dir: str | None = None  # the Trainer's root folder (run log, metrics)
+    report_path: str | None = None  # the HTML report, None if it was not written
 
     def report(
         self,
@@ -213,6 +300,8 @@ class LoopOutcome:
             train_samples=self.train_samples,
             val_samples=self.val_samples,
             steps=self.steps,
+            run_dir=self.run_dir,
+            report_path=self.report_path,
         )
 
 
@@ -239,6 +328,7 @@ def train_agent(
     progress: bool,
     root_dir: str | None,
     train_stream: StreamRows | None = None,
+    loggers: list[Any] | None = None,
 ) -> LoopOutcome:
     """Score the validation split, train with the Trainer, and measure the run.
 
@@ -250,7 +340,21 @@ def train_agent(
     ``max_cost`` and the totals cover every LM call; the first validation counts in
     the budget and in the Trainer's run summary too (its figures are the report's).
     Metrics and checkpoints go to ``root_dir``, or to a new temporary
-    folder with no checkpoints (never the current directory).
+    folder with no checkpoints (never the current directory; made with
+    :func:`tempfile.mkdtemp` as ``<temp dir>/afnio-optimize-*`` and not deleted,
+    so its run log and report outlive the call).
+
+    ``loggers``: the Trainer's ``loggers=`` (checked by :func:`check_loggers`;
+    ``None``: its defaults). The Trainer always writes the run log
+    ``run_log.jsonl`` in the run's folder.
+
+    The HTML run report (:func:`write_run_report`, ``<run dir>/report.html``) is
+    written when the run ends: after a completed run, after a ``max_cost`` stop,
+    and, when the run failed (an exception from a step) after at least one
+    optimizer step was logged, before the exception propagates (a note on the
+    exception names the report). A run that failed before any optimizer step
+    (e.g. in the first validation) gets no report: there is nothing to show. A
+    report that cannot be written only warns.
     """
     phase_start = LEDGER.snapshot()
     trainer = Trainer(
@@ -265,6 +369,7 @@ def train_agent(
         default_root_dir=root_dir or tempfile.mkdtemp(prefix="afnio-optimize-"),
         max_cost=max_cost,
         revert_on_regression=revert_on_regression,
+        loggers=loggers,
     )
     val_loader = DataLoader(IndexDataset(n_val), batch_size=max(1, n_val))
     if train_stream is not None:
@@ -273,14 +378,25 @@ def train_agent(
         train_loader = DataLoader(
             IndexDataset(n_train), batch_size=batch_size, shuffle=True, seed=seed
         )
-    before = trainer.validate(agent, val_loader, llm_clients=clients).get(score_key)
-    spent = trainer.total_cost
-    calls_before, tokens_before = _calls_and_tokens(trainer)
-    if trainer._meter is not None:  # fit's run summary counts the first validation
-        trainer._summary_prior = (phase_start, trainer._meter.per_client())
-    if max_cost is not None:
-        trainer.max_cost = max(0.0, max_cost - spent)
-    history = trainer.fit(agent, train_loader, val_loader, llm_clients=clients)
+    try:
+        before = trainer.validate(agent, val_loader, llm_clients=clients)
+        before = before.get(score_key)
+        spent = trainer.total_cost
+        calls_before, tokens_before = _calls_and_tokens(trainer)
+        if trainer._meter is not None:  # fit's run summary counts the first val
+            trainer._summary_prior = (phase_start, trainer._meter.per_client())
+        if max_cost is not None:
+            trainer.max_cost = max(0.0, max_cost - spent)
+        history = trainer.fit(agent, train_loader, val_loader, llm_clients=clients)
+    except Exception as e:
+        # a run that failed after some steps: its report shows them (named on the
+        # exception); one that failed before any step has nothing to show
+        if _has_steps(trainer):
+            path = write_run_report(trainer.default_root_dir)
+            if path is not None:
+                e.add_note(f"run report (the steps before the failure): {path}")
+        raise
+    report_path = write_run_report(trainer.default_root_dir)
     calls, tokens = _calls_and_tokens(trainer)
     after = None
     if trainer.stopped_reason is None:
@@ -305,6 +421,8 @@ def train_agent(
         stopped_reason=trainer.stopped_reason,
         phases=LEDGER.since(phase_start),
         last_feedback=dict(getattr(agent, "last_feedback", {})),
+        run_dir=str(trainer.default_root_dir),
+        report_path=report_path,
     )
 
 

@@ -1,4 +1,5 @@
-"""The ``afnio`` command: ``afnio demo`` (see :mod:`afnio_integrations.demo`)."""
+"""The ``afnio`` command: ``afnio demo`` (see :mod:`afnio_integrations.demo`) and
+``afnio report RUN_DIR`` (see :mod:`afnio.report`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ usage: afnio <command> [options]
 commands:
   demo    watch an ordinary LangChain chain get better, offline
           (afnio demo --help for its options)
+  report  write a run's HTML report (scores, cost, each prompt change
+          with its feedback): afnio report RUN_DIR [--out FILE] [--open]
 """
 
 
@@ -26,8 +29,13 @@ def main(argv: list[str] | None = None) -> int:
         from afnio_integrations.demo import main as demo
 
         return demo(args[1:])
+    if args[0] == "report":
+        from afnio.report.cli import main as report
+
+        return report(args[1:])
     print(
-        f"afnio: unknown command {args[0]!r}; try: afnio demo (or afnio --help)",
+        f"afnio: unknown command {args[0]!r}; try: afnio demo, "
+        "afnio report RUN_DIR (or afnio --help)",
         file=sys.stderr,
     )
     return 2

@@ -20,7 +20,11 @@ its chosen moment (no ``finally`` block, no flush: a real kill):
   validation and its history row, before the epoch checkpoint.
 
 The resumed run must end with the uninterrupted run's history (every key and value;
-``total_cost`` within the spend of the interrupted units of work) and parameters.
+``total_cost`` within the spend of the interrupted units of work) and parameters, and
+its run log (``run_log.jsonl``) must be the uninterrupted run's once the ``resume``
+records and the timestamps are removed: costs may differ only in one record per kill
+(the interrupted step or validation), and the cumulative ``total_usd`` by at most
+the spend of the interrupted units of work (:func:`run_log_differences`).
 
 Run: ``python benchmarks/resume_kills.py --kills 50`` (prints each kill and a summary;
 exits 1 on any difference).
@@ -169,10 +173,12 @@ def _fit(root: Path, base_url: str, kill: Kill | None, result: Path) -> None:
     )
     resume = "last" if (root / "checkpoints" / "last").exists() else None
     trainer.fit(agent, train, val, ckpt_path=resume)
+    run_log = trainer.run_log_path.read_text("utf-8").splitlines()
     result.write_text(
         json.dumps(
             {
                 "history": trainer.history,
+                "run_log": [json.loads(line) for line in run_log],
                 "prompt": agent.system_prompt.data,
                 "total_cost": trainer.total_cost,
                 "max_step_cost": trainer._max_step_cost,
@@ -251,6 +257,68 @@ def differences(full: dict[str, Any], resumed: dict[str, Any], kills: int) -> li
     return problems
 
 
+_TIMES = ("ts", "started")
+_COSTS = ("cost", "total_cost")
+
+
+def run_log_differences(
+    full: dict[str, Any], resumed: dict[str, Any], kills: int
+) -> list[str]:
+    """How the resumed run's log differs from the uninterrupted one's (empty: none).
+
+    ``resume`` records and the timestamps (``ts``, ``started``) are left out; every
+    other field must be equal, except costs: the ``cost`` of at most one record per
+    kill (the step or validation that was interrupted and done again) may differ,
+    and the cumulative ``total_usd``/``total_cost`` may exceed the full run's by
+    the spend of one interrupted unit of work per kill (as ``total_cost`` in
+    :func:`differences`)."""
+
+    def records(outcome: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {k: v for k, v in r.items() if k not in _TIMES}
+            for r in outcome["run_log"]
+            if r.get("type") != "resume"
+        ]
+
+    def totals(record: dict[str, Any]) -> float | None:
+        cost = record.get("cost")
+        if isinstance(cost, dict):
+            return cost.get("total_usd")
+        return record.get("total_cost")
+
+    problems = []
+    want, got = records(full), records(resumed)
+    if [r.get("type") for r in got] != [r.get("type") for r in want]:
+        problems.append(
+            f"the run log has records {[r.get('type') for r in got]}, the "
+            f"uninterrupted one {[r.get('type') for r in want]}"
+        )
+    unit = max(full["max_step_cost"], 4 * full["max_eval_cost"])
+    cost_changed = 0
+    for n, (a, b) in enumerate(zip(got, want, strict=False)):
+        plain_a = {k: v for k, v in a.items() if k not in _COSTS}
+        plain_b = {k: v for k, v in b.items() if k not in _COSTS}
+        if plain_a != plain_b:
+            problems.append(f"run-log record {n} ({b.get('type')}) differs")
+            continue
+        part_a = {k: v for k, v in (a.get("cost") or {}).items() if k != "total_usd"}
+        part_b = {k: v for k, v in (b.get("cost") or {}).items() if k != "total_usd"}
+        cost_changed += part_a != part_b
+        ta, tb = totals(a), totals(b)
+        if (ta is None) != (tb is None) or (
+            ta is not None and not -1e-9 <= ta - tb <= kills * unit + 1e-9
+        ):
+            problems.append(
+                f"run-log record {n} ({b.get('type')}): total {ta} vs {tb} "
+                f"(allowed: + up to {kills} x {unit:.6f})"
+            )
+    if cost_changed > kills:
+        problems.append(
+            f"the costs of {cost_changed} run-log records differ ({kills} kills)"
+        )
+    return problems
+
+
 def plan(seed: int) -> Iterator[Kill]:
     """Seeded kills of every kind, at moments spread over a run."""
     rng = random.Random(seed)
@@ -284,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             outcome, happened = run(Path(tmp) / f"run{runs}", sim.base_url, kills, most)
             total += len(happened)
             problems = differences(full, outcome, len(happened))
+            problems += run_log_differences(full, outcome, len(happened))
             failed += bool(problems)
             extra = outcome["total_cost"] - full["total_cost"]
             print(
@@ -293,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(
         f"{total} kills in {runs} runs: {runs - failed} runs identical to the "
-        f"uninterrupted run (history and parameters; cost within the interrupted "
-        f"units of work), {failed} different."
+        f"uninterrupted run (history, parameters and run log; cost within the "
+        f"interrupted units of work), {failed} different."
     )
     return 1 if failed else 0
 

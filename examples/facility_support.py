@@ -1,10 +1,12 @@
 """Train a sentiment classifier's system prompt with TGD on the Facility Support data.
 
 The classifier is an afnio Module with one trainable Parameter (its system prompt); the
-loss is ExactMatchEvaluator; the Trainer runs fit/test, writes metrics and checkpoints,
-and prints the cost. By default everything runs offline against the bundled simulator
-(a deterministic stand-in, see afnio.testing); with --openai and OPENAI_API_KEY set it
-uses OpenAI.
+loss is ExactMatchEvaluator; the Trainer runs fit/test, writes metrics, checkpoints and
+the run log (run_log.jsonl) into --root-dir, and prints the cost; the last line names
+the run's HTML report (afnio.report.write_report: score curves, cost by phase, each
+change of the prompt with the feedback behind it). By default everything runs offline
+against the bundled simulator (a deterministic stand-in, see afnio.testing); with
+--openai and OPENAI_API_KEY set it uses OpenAI.
 
 Run:
     python examples/facility_support.py          # simulator; downloads the data
@@ -186,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         "--model", default=None, help="model name (default: afnio-sim-1 / gpt-4o-mini)"
     )
     parser.add_argument(
-        "--root-dir", default="runs/facility_support", help="metrics and checkpoints"
+        "--root-dir",
+        default="runs/facility_support",
+        help="metrics, checkpoints, the run log and the HTML report",
     )
     parser.add_argument("--max-cost", type=float, default=None, help="budget in USD")
     parser.add_argument(
@@ -253,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             f"after: {after['test_accuracy']:.3f}"
         )
         print(f"final system prompt:\n{agent.system_prompt.data}")
+    # the run log of fit (and the test after it) as one HTML file (no LM call)
+    from afnio.report import write_report
+
+    print(f"run report: {write_report(trainer.default_root_dir)}")
     return 0
 
 

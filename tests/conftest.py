@@ -20,6 +20,7 @@ See ``cassettes/README.md`` and ``docs/offline-tests.md``.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,19 @@ def _hermetic_env(
         if name.startswith(("OPENAI_", "LANGSMITH_", "LANGCHAIN_")):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OPENAI_API_KEY", DUMMY_KEY)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temp_files_under_pytest(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[None]:
+    """``optimize()``/``AfnioTGD`` without ``root_dir`` keep their run folder (run log,
+    report) in a ``mkdtemp`` folder that outlives the call: under tests those folders go
+    to pytest's own temporary root (pruned after three sessions), not the system's."""
+    before = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+    yield
+    tempfile.tempdir = before
 
 
 @pytest.fixture(autouse=True)

@@ -96,3 +96,14 @@ def test_validate_multi_turn_messages() -> None:
     assert afnio._validate_multi_turn_messages("x", raise_error=False) is False
     with pytest.raises(TypeError, match=r"`xs\[1\]` must be a int"):
         afnio._validate_typed_sequence([1, "a"], int, "xs")
+
+
+def test_report_all_is_pinned() -> None:
+    import afnio.report
+
+    assert afnio.report.__all__ == [
+        "MAX_BYTES",
+        "REPORT_FILE",
+        "load_run_log",
+        "write_report",
+    ]

@@ -55,6 +55,14 @@ from afnio.autodiff.config import IDENTITY_GRADIENT_DATA
 from afnio.autodiff.function import BackwardFunction, _needs_override
 from afnio.autodiff.grad_mode import _grad_enabled
 from afnio.autodiff.graph import AccumulateGrad, GradientEdge, Node
+from afnio.autodiff.provenance import (
+    _call_samples_of,
+    _has_sources,
+    _merged_source,
+    _union,
+    set_sources,
+    sources_of,
+)
 from afnio.models.phases import lm_phase
 
 __all__ = ["abackward", "backward"]
@@ -138,6 +146,8 @@ class _Pass:
         self.leaf_grads: list[tuple[tuple[int, int], Variable, Variable]] = []
         self.retained: list[tuple[Variable, Variable]] = []
         self.needed: set[Node] | None = None
+        # each running node's incoming gradients, for provenance defaults
+        self.incoming: dict[Node, list[Variable | None]] = {}
 
         for i, (root, grad) in enumerate(zip(roots, grads, strict=True)):
             node = root.grad_fn
@@ -237,6 +247,7 @@ class _Pass:
                 grads.append(Variable(empty, role=f"feedback to {role}"))
             else:
                 grads.append(None)
+        self.incoming[node] = grads
         return grads
 
     def finish(
@@ -247,6 +258,8 @@ class _Pass:
         idx = self.order[node]
         slot_edges = node._slot_edges if isinstance(node, BackwardFunction) else ()
         edges = node._next_functions
+        incoming = self.incoming.pop(node, None)
+        inherited = _single_source(incoming) if result is not None else None
         for slot, edge_i in enumerate(slot_edges):
             if edge_i is None:
                 continue
@@ -254,6 +267,10 @@ class _Pass:
             if target is None:
                 continue
             g = result[slot] if result is not None else None
+            if g is not None and not _has_sources(g):
+                _default_sources(
+                    g, _target_length(target, output_nr), incoming, inherited
+                )
             if isinstance(target, AccumulateGrad):
                 if g is not None and (self.targets is None or target in self.targets):
                     self.leaf_grads.append(((idx, edge_i), target.variable, g))
@@ -279,30 +296,98 @@ class _Pass:
                     node._free()
 
 
+def _target_length(target: Node, output_nr: int) -> int | None:
+    """The number of samples of the Variable a gradient is routed to (None for a
+    scalar one)."""
+    if isinstance(target, AccumulateGrad):
+        data = target.variable.data
+        return len(data) if isinstance(data, list) else None
+    meta = getattr(target, "_output_meta", None)
+    if meta is not None and 0 <= output_nr < len(meta):
+        return meta[output_nr][1]
+    return None
+
+
+def _single_source(incoming: list[Variable | None] | None) -> tuple[int, ...] | None:
+    """The sources of a node's incoming feedback when it is a single non-empty text
+    with known sources (what every gradient the node derives from it is about)."""
+    if not incoming:
+        return None
+    found: list[tuple[int, ...] | None] = []
+    for g in incoming:
+        if g is None:
+            continue
+        items = g.data if isinstance(g.data, list) else [g.data]
+        for item, src in zip(items, sources_of(g), strict=True):
+            if item != "":
+                found.append(src)
+    return found[0] if len(found) == 1 else None
+
+
+def _default_sources(
+    g: Variable,
+    length: int | None,
+    incoming: list[Variable | None] | None,
+    inherited: tuple[int, ...] | None,
+) -> None:
+    """Provenance for a gradient its Function did not annotate: the incoming
+    feedback passed on unchanged keeps its sources; one aligned with a batched
+    Variable is, item by item, about that sample; any other one inherits the sources
+    of the node's single incoming feedback text, if known."""
+    data = g.data
+    given = [x for x in incoming or () if x is not None]
+    if len(given) == 1 and _has_sources(given[0]) and given[0].data == data:
+        set_sources(g, sources_of(given[0]), _call_samples_of(given[0]))
+    elif length is not None and isinstance(data, list) and len(data) == length:
+        set_sources(g, [(s,) for s in range(length)])
+    elif inherited is not None:
+        n = len(data) if isinstance(data, list) else 1
+        set_sources(g, [inherited] * n)
+
+
 def _combine(grads: list[Variable], role: str, length: int | None) -> Variable:
     """Combine several gradients that reached the same output into one.
 
     A scalar output gets the list of the non-empty feedback texts (a single text
     stays a str); a batched output gets, per sample, its non-empty texts joined by a
-    blank line (a scalar feedback applies to every sample)."""
+    blank line (a scalar feedback applies to every sample). The sources of each text
+    (:mod:`afnio.autodiff.provenance`) follow it: a kept text keeps its own, a joined
+    one gets the union of its parts' (unknown if one part is unknown)."""
     if len(grads) == 1:
         return grads[0]
     if length is None:
         texts: list[Any] = []
+        sources: list[tuple[int, ...] | None] = []
+        calls: list[tuple[int, ...] | None] = []
         for g in grads:
-            texts.extend(g.data if isinstance(g.data, list) else [g.data])
-        texts = [str(t) for t in texts if t != ""]
+            items = g.data if isinstance(g.data, list) else [g.data]
+            for item, src, call in zip(
+                items, sources_of(g), _call_samples_of(g), strict=True
+            ):
+                if item != "":
+                    texts.append(str(item))
+                    sources.append(src)
+                    calls.append(call)
         data: Any = texts[0] if len(texts) == 1 else (texts or "")
-    else:
-        columns: list[list[str]] = [[] for _ in range(length)]
-        for g in grads:
-            aligned = isinstance(g.data, list) and len(g.data) == length
-            for s in range(length):
-                text = g.data[s] if aligned else g.data
-                if text != "":
-                    columns[s].append(str(text))
-        data = ["\n\n".join(col) for col in columns]
-    return Variable(data, role=grads[0].role or f"feedback to {role}")
+        combined = Variable(data, role=grads[0].role or f"feedback to {role}")
+        if texts:
+            set_sources(combined, sources, calls)
+        return combined
+    columns: list[list[str]] = [[] for _ in range(length)]
+    column_sources: list[list[tuple[int, ...] | None]] = [[] for _ in range(length)]
+    for g in grads:
+        aligned = isinstance(g.data, list) and len(g.data) == length
+        g_sources = sources_of(g)
+        merged = None if aligned else _merged_source(g)
+        for s in range(length):
+            text = g.data[s] if aligned else g.data
+            if text != "":
+                columns[s].append(str(text))
+                column_sources[s].append(g_sources[s] if aligned else merged)
+    data = ["\n\n".join(col) for col in columns]
+    combined = Variable(data, role=grads[0].role or f"feedback to {role}")
+    set_sources(combined, [_union(srcs) for srcs in column_sources])
+    return combined
 
 
 def _check_result(node: BackwardFunction, result: Any) -> tuple[Variable | None, ...]:

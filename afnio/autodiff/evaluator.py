@@ -46,6 +46,7 @@ from afnio.autodiff.prompts import (
     PREDICTION_PLACEHOLDER,
     judge_response_format,
 )
+from afnio.autodiff.provenance import set_sources
 from afnio.errors import JudgeParseError
 from afnio.models.model import ChatCompletionModel
 from afnio.models.phases import lm_phase
@@ -254,9 +255,11 @@ async def _ask_for_samples(
     (or from ``samples`` only): ``result[k][s]`` (``""`` where no call was made).
 
     The samples are sent in groups of at most ``ctx.samples_per_call``, one backward
-    call per group, all groups concurrently."""
+    call per group, all groups concurrently. ``ctx.call_groups`` maps each sample
+    sent to the positions its call covered (the provenance of the feedback)."""
     n = len(ctx.scores)
     result = [[""] * n for _ in variables]
+    ctx.call_groups = {}
     if not variables or (ctx.success_fn is not None and ctx.success_fn(ctx.scores)):
         return result
     feedback = ""
@@ -335,19 +338,48 @@ async def _ask_for_samples(
     chosen = _failed_samples(ctx) if samples is None else samples
     size = ctx.samples_per_call
     groups = [chosen[i : i + size] for i in range(0, len(chosen), size)]
+    ctx.call_groups = {s: tuple(group) for group in groups for s in group}
     await asyncio.gather(*(one(group) for group in groups))
     return result
 
 
-def _gradient(var: Variable, texts: list[str], batched: bool) -> Variable | None:
+def _gradient(
+    var: Variable,
+    texts: list[str],
+    batched: bool,
+    call_groups: dict[int, tuple[int, ...]] | None = None,
+) -> Variable | None:
     """Difference 13: aligned list for a batched Variable, the non-empty texts for a
-    shared one in a batched call, a str in an unbatched call; ``None`` if empty."""
+    shared one in a batched call, a str in an unbatched call; ``None`` if empty.
+
+    In a batched call each text records its sample ``(s,)`` and, when its backward
+    call covered several samples (``call_groups``), that group
+    (:mod:`afnio.autodiff.provenance`); an unbatched call records nothing."""
     role = f"feedback to {var.role}"
+    groups = call_groups or {}
+
+    def call_of(s: int) -> tuple[int, ...] | None:
+        group = groups.get(s)
+        return group if group is not None and len(group) > 1 else None
+
     if isinstance(var.data, list):
-        return Variable(texts, role=role) if any(texts) else None
+        if not any(texts):
+            return None
+        grad = Variable(texts, role=role)
+        if batched:
+            set_sources(
+                grad,
+                [(s,) for s in range(len(texts))],
+                [call_of(s) if t else None for s, t in enumerate(texts)],
+            )
+        return grad
     if batched:
-        kept = [t for t in texts if t]
-        return Variable(kept, role=role) if kept else None
+        kept = [s for s, t in enumerate(texts) if t]
+        if not kept:
+            return None
+        grad = Variable([texts[s] for s in kept], role=role)
+        set_sources(grad, [(s,) for s in kept], [call_of(s) for s in kept])
+        return grad
     return Variable(texts[0], role=role) if texts[0] else None
 
 
@@ -398,7 +430,9 @@ def _prediction_only_backward(
     ctx: Any, texts: list[list[str]]
 ) -> tuple[Variable | None, ...]:
     result: list[Variable | None] = [None] * len(ctx.needs_input_grad)
-    result[0] = _gradient(ctx.prediction, texts[0], ctx.batched)
+    result[0] = _gradient(
+        ctx.prediction, texts[0], ctx.batched, getattr(ctx, "call_groups", None)
+    )
     return tuple(result)
 
 
@@ -735,7 +769,7 @@ class LMJudgeEvaluator(Function):
                 ctx, explanation_grad, [(ctx.prediction, "prediction")]
             )
             result[ctx.prediction_position] = _gradient(
-                ctx.prediction, texts[0], ctx.batched
+                ctx.prediction, texts[0], ctx.batched, ctx.call_groups
             )
             return tuple(result)
         asked = [
@@ -749,5 +783,7 @@ class LMJudgeEvaluator(Function):
             ctx, explanation_grad, [pair for _, pair in asked]
         )
         for (k, (var, _)), var_texts in zip(asked, texts, strict=True):
-            result[ctx.judge_positions[k]] = _gradient(var, var_texts, ctx.batched)
+            result[ctx.judge_positions[k]] = _gradient(
+                var, var_texts, ctx.batched, ctx.call_groups
+            )
         return tuple(result)

@@ -13,6 +13,11 @@ per-sample feedback texts (a plain ``str`` for an unbatched call); a batched Var
 (list data) receives a gradient aligned with the samples (``""`` where there is none);
 a Variable given for one sample (an item of a list of Variables) receives that sample's
 feedback. Empty feedback is dropped (difference 15).
+
+Provenance (:mod:`afnio.autodiff.provenance`): in a batched call every feedback text
+records the sample ``(s,)`` whose backward call wrote it, also the texts kept for a
+shared Variable; an unbatched call records nothing (the engine may pass on the
+sources of its incoming feedback).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from afnio.autodiff.lm_backward import (
     request_gradients,
 )
 from afnio.autodiff.prompts import CHAT_BACKWARD_SYSTEM
+from afnio.autodiff.provenance import set_sources
 from afnio.models.model import ChatCompletionModel
 
 __all__ = ["ChatCompletion"]
@@ -264,11 +270,17 @@ class ChatCompletion(Function):
             if ref.only_sample is not None:
                 text = texts[ref.only_sample]
                 grad = Variable(text, role=role) if text else None
+                if grad is not None and ctx.batched:
+                    set_sources(grad, [(ref.only_sample,)])
             elif isinstance(ref.var.data, list):
                 grad = Variable(texts, role=role) if any(texts) else None
+                if grad is not None:
+                    set_sources(grad, [(s,) for s in range(len(texts))])
             elif ctx.batched:
-                kept = [t for t in texts if t]
-                grad = Variable(kept, role=role) if kept else None
+                kept = [s for s, t in enumerate(texts) if t]
+                grad = Variable([texts[s] for s in kept], role=role) if kept else None
+                if grad is not None:
+                    set_sources(grad, [(s,) for s in kept])
             else:
                 grad = Variable(texts[0], role=role) if texts[0] else None
             result[ctx.positions[k]] = grad

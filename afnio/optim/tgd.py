@@ -38,7 +38,8 @@ import re
 import sys
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic
 
@@ -55,10 +56,14 @@ from afnio.models.step_memo import reject_answer
 from afnio.optim import prompts
 from afnio.optim.optimizer import Optimizer
 
+if TYPE_CHECKING:
+    from afnio.cognitive.parameter import Parameter
+
 __all__ = [
     "TGD",
     "TGD_MESSAGES",
     "OptimizerStepError",
+    "StepAnswer",
     "TGDMessagesWarning",
     "render_feedback",
     "tgd",
@@ -76,6 +81,54 @@ class OptimizerStepError(AfnioError, RuntimeError):
     def __init__(self, message: str, *, parameter: str | None = None) -> None:
         super().__init__(message)
         self.parameter = parameter
+
+
+@dataclass
+class StepAnswer:
+    """What :meth:`TGD.step` did with one parameter (see :attr:`TGD.last_step`).
+
+    Attributes:
+        param: the parameter.
+        status: ``"updated"`` (the new value was applied), ``"unchanged"`` (the LM
+            proposed the current text again), ``"no_feedback"`` (no feedback, no LM
+            call) or ``"failed"`` (the LM's answer was unusable after the retries, or
+            the call failed; with ``on_error="raise"`` every parameter of the step is
+            ``"failed"``, since nothing was applied).
+        value: the accepted new value (``"updated"``/``"unchanged"``), else None.
+        error: ``str(exception)`` when ``"failed"``, else None.
+        attempts: the optimizer LM calls made for this parameter (retries included;
+            0 without feedback).
+        raw_answer: the last raw LM answer when ``"failed"`` (None if no answer came
+            back, and for the other statuses).
+        feedback_shown: the feedback text the optimizer prompt showed for this
+            parameter (:func:`render_feedback`'s text; ``""`` without feedback).
+
+    Example::
+
+        >>> from afnio.cognitive import Parameter
+        >>> StepAnswer(Parameter("Be brief."), "no_feedback", None, None, 0, None, "")
+        ... # doctest: +ELLIPSIS
+        StepAnswer(param=Parameter containing:...status='no_feedback'...)
+    """
+
+    param: Parameter
+    status: Literal["updated", "no_feedback", "failed", "unchanged"]
+    value: str | None
+    error: str | None
+    attempts: int
+    raw_answer: str | None
+    feedback_shown: str
+
+
+class _Attempts:
+    """What one parameter's proposal did: its LM calls and last raw answer."""
+
+    __slots__ = ("attempts", "feedback", "raw_answer")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.raw_answer: str | None = None
+        self.feedback = ""
 
 
 class TGDMessagesWarning(UserWarning):
@@ -419,8 +472,11 @@ async def _propose(
     inputs: dict[str, Any],
     constraints: list[str | Variable],
     completion_args: dict[str, Any],
+    record: _Attempts | None = None,
 ) -> str:
     feedback, count = render_feedback(grads)
+    if record is not None:
+        record.feedback = feedback
     values = {
         **{k: (v.data if isinstance(v, Variable) else v) for k, v in inputs.items()},
         "variable_role": param.role,
@@ -443,7 +499,11 @@ async def _propose(
     }
     answer, error = "", None
     for _ in range(BACKWARD_PASS_MAX_RETRIES + 1):
+        if record is not None:
+            record.attempts += 1
         answer = await model_client.achat(chat, **args)
+        if record is not None:
+            record.raw_answer = answer
         try:
             return _check_answer(answer, param)
         except ValueError as e:
@@ -474,9 +534,11 @@ async def _propose_all(
     inputs: dict[str, Any],
     constraints: list[str | Variable],
     completion_args: dict[str, Any],
+    records: list[_Attempts] | None = None,
 ) -> list[Any]:
     """One optimizer call per parameter with feedback, concurrently. Per parameter:
-    the new value, the exception, or ``None`` (no feedback: no call)."""
+    the new value, the exception, or ``None`` (no feedback: no call). ``records``
+    (one per parameter) receive each proposal's attempts and last raw answer."""
     todo = [i for i, g in enumerate(grads) if _feedback_texts(g)]
     results = await asyncio.gather(
         *(
@@ -489,6 +551,7 @@ async def _propose_all(
                 inputs,
                 constraints,
                 completion_args,
+                records[i] if records is not None else None,
             )
             for i in todo
         ),
@@ -533,6 +596,38 @@ def _apply(
         window = [*buffer, (snapshot, list(param_grads))]
         buffer.clear()
         buffer.extend(window[-momentum:] if momentum > 0 else [])
+
+
+def _answer(
+    param: Any, proposal: Any, record: _Attempts, failure: Exception | None
+) -> StepAnswer:
+    """The :class:`StepAnswer` of one parameter, before the step is applied
+    (``failure``: the error that makes an ``on_error="raise"`` step apply nothing)."""
+    shown = record.feedback
+    if proposal is None:
+        return StepAnswer(param, "no_feedback", None, None, 0, None, shown)
+    if isinstance(proposal, Exception):
+        return StepAnswer(
+            param,
+            "failed",
+            None,
+            str(proposal),
+            record.attempts,
+            record.raw_answer,
+            shown,
+        )
+    if failure is not None:  # its proposal was fine, but the step applied nothing
+        return StepAnswer(
+            param,
+            "failed",
+            None,
+            f"not applied: {failure}",
+            record.attempts,
+            None,
+            shown,
+        )
+    status = "unchanged" if proposal == param.data else "updated"
+    return StepAnswer(param, status, proposal, None, record.attempts, None, shown)
 
 
 def _check_options(
@@ -624,7 +719,14 @@ class TGD(Optimizer):
         momentum: how many past ``(value, feedback)`` iterations to show.
         on_error: ``"raise"`` (atomic step) or ``"skip"`` (update what succeeded).
         **completion_args: passed to the client (``model=`` included).
+
+    After each :meth:`step`, :attr:`last_step` lists a :class:`StepAnswer` per
+    parameter that requires grad (in param-group order): its status, the accepted
+    value, the error and last raw answer of a failed proposal, the LM attempts and
+    the feedback text the optimizer was shown.
     """
+
+    last_step: list[StepAnswer]
 
     def __init__(
         self,
@@ -658,6 +760,7 @@ class TGD(Optimizer):
                 on_error,
             )
         self.on_error = on_error
+        self.last_step = []
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -691,6 +794,7 @@ class TGD(Optimizer):
             await self._step_groups()
 
     async def _step_groups(self) -> None:
+        self.last_step = []
         jobs = []
         for group in self.param_groups:
             if group["model_client"] is None:
@@ -702,6 +806,7 @@ class TGD(Optimizer):
                 for p in params
             ]
             jobs.append((group, params, grads, buffers))
+        records = [[_Attempts() for _ in params] for _, params, _, _ in jobs]
         # every call of every group first; values change only afterwards
         all_proposals = await asyncio.gather(
             *(
@@ -714,13 +819,32 @@ class TGD(Optimizer):
                     group["inputs"],
                     group["constraints"],
                     group["completion_args"],
+                    group_records,
                 )
-                for group, params, grads, buffers in jobs
+                for (group, params, grads, buffers), group_records in zip(
+                    jobs, records, strict=True
+                )
             )
         )
+        failure: Exception | None = None
         if self.on_error == "raise":
             for (_, params, _, _), proposals in zip(jobs, all_proposals, strict=True):
-                _raise_first_failure(params, proposals)
+                try:
+                    _raise_first_failure(params, proposals)
+                except Exception as e:
+                    failure = e
+                    break
+        self.last_step = [
+            _answer(param, proposal, record, failure)
+            for (_, params, _, _), proposals, group_records in zip(
+                jobs, all_proposals, records, strict=True
+            )
+            for param, proposal, record in zip(
+                params, proposals, group_records, strict=True
+            )
+        ]
+        if failure is not None:
+            raise failure
         with no_grad():
             for (group, params, grads, buffers), proposals in zip(
                 jobs, all_proposals, strict=True

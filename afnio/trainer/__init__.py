@@ -1,4 +1,6 @@
-"""The Trainer: fit, validate, test and predict afnio Modules."""
+"""The Trainer: fit, validate, test and predict afnio Modules; its loggers (the run
+log ``run_log.jsonl``, ``metrics_steps.csv``, MLflow) are in
+:mod:`afnio.trainer.loggers`."""
 
 from afnio.trainer.trainer import BudgetExceeded, Trainer
 

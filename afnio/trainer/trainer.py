@@ -13,6 +13,10 @@ matplotlib is installed. Checkpoints (``afnio.save`` format, no pickle) are writ
 batch and per epoch under ``<root>/checkpoints/``; ``fit(ckpt_path=...)`` really resumes
 (difference 8): parameters, optimizer state with momentum, the epoch and batch
 position (the data order included), the metric history and the accumulated cost.
+Every fit also writes the run log ``<root>/run_log.jsonl`` (each optimizer step: the
+parameters before and after, their feedback and its samples, the optimizer's answer,
+the cost by phase; see :mod:`afnio.trainer.run_log`) and hands its records to the
+``loggers`` (:mod:`afnio.trainer.loggers`); a resume cuts them back to its checkpoint.
 
 Example::
 
@@ -61,6 +65,18 @@ from afnio.models.model import BaseModel
 from afnio.models.phases import LEDGER, PhaseRow
 from afnio.models.step_memo import StepMemo, active_memo, step_memo
 from afnio.serialization import load, save, write_atomic
+from afnio.trainer.run_log import (
+    RUN_LOG_FILE,
+    SCHEMA,
+    Logger,
+    RunLogWriter,
+    feedback_entries,
+    jsonable,
+    now,
+    phase_json,
+    prepare_record,
+    text_of,
+)
 
 if TYPE_CHECKING:
     from afnio.serialization import LoadLimits
@@ -69,6 +85,36 @@ if TYPE_CHECKING:
 __all__ = ["BudgetExceeded", "Trainer"]
 
 logger = logging.getLogger("afnio.trainer")
+
+
+def _logger_list(loggers: Any) -> list[Logger]:
+    """The loggers of ``Trainer(loggers=...)``: the defaults for ``None``, else the
+    given ones with a :class:`RunLogWriter` first when they hold none."""
+    from afnio.trainer.loggers import CSVLogger
+
+    if loggers is None:
+        return [RunLogWriter(), CSVLogger()]
+    if isinstance(loggers, Logger) or not isinstance(loggers, Iterable):
+        loggers = [loggers]
+    found: list[Logger] = []
+    for item in loggers:
+        missing = [
+            name
+            for name in ("start", "log_step", "log_validation", "finish", "state_dict")
+            if not callable(getattr(item, name, None))
+        ]
+        if missing:
+            raise TypeError(
+                "`loggers` must hold loggers (objects with start, log_step, "
+                "log_validation, finish and state_dict, e.g. "
+                f"afnio.trainer.loggers.CSVLogger()); {item!r} has no "
+                f"{', '.join(missing)}."
+            )
+        found.append(item)
+    if not any(isinstance(item, RunLogWriter) for item in found):
+        found.insert(0, RunLogWriter())
+    return found
+
 
 MAX_RETRIES = 3
 _LAST = "last"  # the file under checkpoints/ naming the newest checkpoint
@@ -212,6 +258,8 @@ def _check_checkpoint(checkpoint: Any, path: Path) -> None:
         "data_state",
         "val_data_state",
         "batch_api_state",
+        "loggers_state",
+        "run_log",
     ):
         value = checkpoint.get(key)
         if value is not None and not isinstance(value, dict):
@@ -495,6 +543,70 @@ def _unit_memo() -> Iterator[StepMemo]:
         yield memo
 
 
+def _batch_len(batch: Any) -> int | None:
+    """How many samples ``batch`` holds (a collated batch: a Variable of a list, a
+    tuple/list/dict of them), or ``None`` when it cannot tell."""
+    if isinstance(batch, Variable):
+        return len(batch.data) if isinstance(batch.data, list) else 1
+    if isinstance(batch, dict) and batch:
+        return _batch_len(next(iter(batch.values())))
+    if isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+        if isinstance(first, (Variable, tuple, list, dict)):
+            return _batch_len(first)
+        return len(batch)
+    return None
+
+
+def _feedback_items(param: Any) -> list[Any]:
+    """The feedback texts of ``param``'s gradients with the in-batch samples they
+    are about (:func:`afnio.autodiff.provenance.feedback_items`; plain texts when
+    that is unavailable)."""
+    try:
+        from afnio.autodiff.provenance import feedback_items
+    except ImportError:
+        feedback_items = None
+    if feedback_items is not None:
+        return list(feedback_items(param))
+    texts: list[Any] = []
+    for grad in getattr(param, "_grad", None) or []:
+        data = getattr(grad, "data", None)
+        for item in data if isinstance(data, list) else [data]:
+            text = str(item).strip() if item is not None else ""
+            if text:
+                texts.append(text)
+    return texts
+
+
+def _rendered_feedback(param: Any) -> str:
+    """The feedback of ``param`` as TGD's prompt shows it (for an optimizer that
+    reports no ``last_step``)."""
+    grads = list(getattr(param, "_grad", None) or [])
+    if not grads:
+        return ""
+    from afnio.optim.tgd import render_feedback
+
+    try:
+        return render_feedback(grads)[0]
+    except Exception:
+        return ""
+
+
+def _resumed_step(info: Mapping[str, Any], loader: Any) -> int:
+    """The optimizer steps done up to a resumed checkpoint: what it stored, else
+    (a checkpoint written before the run log) counted from its epoch and batch."""
+    step = info.get("step")
+    if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+        return step
+    try:
+        per_epoch = len(loader)
+    except TypeError:
+        return 0
+    epoch, batch = int(info.get("epoch") or 1), info.get("batch")
+    done = batch + 1 if isinstance(batch, int) else per_epoch
+    return (epoch - 1) * per_epoch + done
+
+
 class _SpendLog:
     """``checkpoints/spend.log``: the cost of every LM call of a run, one line each,
     appended as it is recorded, so that what a killed process paid after its last
@@ -673,6 +785,16 @@ class Trainer:
         revert_on_regression: after each optimizer step, validate; if the validation
             loss (a score: higher is better) dropped below the best so far, restore
             the parameters from before the step. Needs a validation loader.
+        loggers: where the run's records go (:mod:`afnio.trainer.loggers`): each
+            optimizer step (every parameter before and after, its feedback with the
+            samples it came from, the optimizer's answer, metrics, cost by phase),
+            each validation and the end of the run. ``None`` (the default):
+            ``[JsonlLogger(), CSVLogger()]``, i.e. ``run_log.jsonl`` and
+            ``metrics_steps.csv`` in ``default_root_dir``. A list without a
+            :class:`~afnio.trainer.run_log.RunLogWriter` (``JsonlLogger``) gets one
+            put first (the run log is always written: ``afnio report`` reads it);
+            ``[]`` writes the run log only. A logger that raises is logged as a
+            warning and never stops the run.
     """
 
     def __init__(
@@ -687,6 +809,7 @@ class Trainer:
         revert_on_regression: bool = False,
         enable_run_summary: bool = True,
         show_metrics: Sequence[str] | None = None,
+        loggers: Sequence[Logger] | Logger | None = None,
     ) -> None:
         if max_epochs is not None and (
             isinstance(max_epochs, bool)
@@ -747,6 +870,323 @@ class Trainer:
         self._fit_batch: BatchOptions | None = None
         self._position: dict[str, Any] | None = None
         self._batch_resume: dict[str, Any] | None = None
+        self.loggers: list[Logger] = _logger_list(loggers)
+        """The loggers the run's records go to (the run log first)."""
+        # the run log's bookkeeping: the global optimizer step, the loggers that
+        # started (index -> logger), the spend of a logged initial validation
+        # (counted in every total_usd), a validate() waiting for the next fit, the
+        # step record (and its revert check) waiting for after_batch, and where the
+        # last fit ended (for a test() after it)
+        self._global_step = 0
+        self._started: dict[int, Logger] = {}
+        self._prior_usd = 0.0
+        self._pending_initial: tuple[dict[str, Any], float] | None = None
+        self._pending_records: list[tuple[str, dict[str, Any]]] = []
+        self._fit_end: dict[str, Any] | None = None
+        self._loggers_resume: dict[str, Any] | None = None
+        self._run_log_resume: dict[str, Any] | None = None
+
+    @property
+    def run_log_path(self) -> Path:
+        """The run log of this Trainer's fits (``<default_root_dir>/run_log.jsonl``;
+        see :mod:`afnio.trainer.run_log`)."""
+        writer = next((lg for lg in self.loggers if isinstance(lg, RunLogWriter)), None)
+        name = writer.filename if writer is not None else RUN_LOG_FILE
+        return self.default_root_dir / name
+
+    # -- the run log -----------------------------------------------------------------
+
+    def _logger_failed(self, target: Any, method: str, error: BaseException) -> None:
+        logger.warning(
+            "The logger %r failed in %s() (the run goes on): %s",
+            target,
+            method,
+            error_text(error),
+        )
+
+    def _logger_states(self) -> dict[str, Any]:
+        """Every started logger's state, keyed ``"<index>.<class name>"``."""
+        states: dict[str, Any] = {}
+        for i, target in self._started.items():
+            try:
+                states[f"{i}.{type(target).__name__}"] = jsonable(target.state_dict())
+            except Exception as e:
+                self._logger_failed(target, "state_dict", e)
+        return states
+
+    def _emit(self, method: str, record: dict[str, Any]) -> None:
+        """Hand ``record`` (prepared once: masked, truncated) to every started
+        logger's ``method``; a logger that raises only warns."""
+        if not self._started:
+            return
+        try:
+            prepared = prepare_record(record)
+        except Exception as e:  # never fail the run for its log
+            self._logger_failed("run log", "prepare_record", e)
+            return
+        for target in self._started.values():
+            try:
+                getattr(target, method)(prepared)
+            except Exception as e:
+                self._logger_failed(target, method, e)
+
+    def _flush_records(self) -> None:
+        """Write the records waiting for the end of the batch (the step's, then
+        its revert check's)."""
+        pending, self._pending_records = self._pending_records, []
+        for method, record in pending:
+            self._emit(method, record)
+
+    def _run_header(
+        self, agent: Module, optimizer: Any, train: Any, val: Any
+    ) -> dict[str, Any]:
+        """The ``header`` record of a fit (see :mod:`afnio.trainer.run_log`)."""
+        from afnio import __version__
+
+        def size(loader: Any) -> int | None:
+            try:
+                return len(loader.dataset) if loader is not None else None
+            except (AttributeError, TypeError):
+                return None
+
+        groups = [
+            g for g in getattr(optimizer, "param_groups", []) if isinstance(g, dict)
+        ]
+        models: list[str] = []
+        constraints: list[str] = []
+        for group in groups:
+            args = group.get("completion_args") or {}
+            client = group.get("model_client")
+            model = args.get("model") if isinstance(args, dict) else None
+            if model is None and client is not None:
+                model = getattr(client, "model", None) or type(client).__name__
+            if model is not None and str(model) not in models:
+                models.append(str(model))
+            for c in group.get("constraints") or []:
+                constraints.append(str(c.data if isinstance(c, Variable) else c))
+        shown = "\n".join(constraints)
+        if len(shown) > 500:
+            shown = shown[:480] + f"…[+{len(shown) - 480} chars]"
+        batch_size = getattr(train, "batch_size", None)
+        return {
+            "type": "header",
+            "schema": SCHEMA,
+            "afnio": __version__,
+            "started": now(),
+            "max_epochs": self.max_epochs,
+            "batch_size": batch_size if isinstance(batch_size, int) else None,
+            "train_size": size(train),
+            "val_size": size(val),
+            "optimizer": {
+                "class": type(optimizer).__name__ if optimizer is not None else None,
+                "momentum": groups[0].get("momentum") if groups else None,
+                "on_error": getattr(optimizer, "on_error", None),
+                "models": models,
+                "constraints": shown,
+            },
+            "parameters": [
+                {"name": name, "role": p.role, "value": text_of(p.data)}
+                for name, p in agent.named_parameters()
+                if p.requires_grad
+            ],
+        }
+
+    def _start_loggers(
+        self,
+        agent: Module,
+        optimizer: Any,
+        train: Any,
+        val: Any,
+        resumed: Path | None,
+    ) -> None:
+        """Start every logger: fresh (state ``None``), or with the state the
+        resumed checkpoint saved for it (``{}`` when it saved none)."""
+        self._started = {}
+        try:
+            header = self._run_header(agent, optimizer, train, val)
+            if resumed is not None:
+                try:
+                    where = str(
+                        resumed.resolve().relative_to(self.default_root_dir.resolve())
+                    )
+                except ValueError:
+                    where = str(resumed)
+                info = self._run_log_resume or {}
+                header["resume"] = {
+                    "from_checkpoint": where,
+                    "epoch": info.get("epoch"),
+                    "batch": info.get("batch"),
+                    "step": self._global_step,
+                }
+            header = prepare_record(header)
+        except Exception as e:
+            self._logger_failed("run log", "header", e)
+            header = {"type": "header", "schema": SCHEMA}
+        saved = self._loggers_resume or {}
+        for i, target in enumerate(self.loggers):
+            state = None
+            if resumed is not None:
+                state = saved.get(f"{i}.{type(target).__name__}")
+                state = state if isinstance(state, dict) else {}
+            try:
+                target.start(self.default_root_dir, dict(header), state)
+            except Exception as e:
+                self._logger_failed(target, "start", e)
+                continue
+            self._started[i] = target
+
+    def _step_begin(
+        self, agent: Module, optimizer: Any, loader: Any, batch: Any
+    ) -> dict[str, Any]:
+        """What a step record needs from before the step: the trainable parameters
+        and their texts, the batch's dataset indices, a LEDGER snapshot."""
+        if getattr(optimizer, "last_step", None) is not None:
+            with contextlib.suppress(Exception):  # never a stale answer
+                optimizer.last_step = []
+        indices = getattr(loader, "last_indices", None)
+        if indices is not None:
+            try:
+                indices = [int(i) for i in indices]
+            except (TypeError, ValueError):
+                indices = None
+        return {
+            "params": [
+                (name, p, text_of(p.data))
+                for name, p in agent.named_parameters()
+                if p.requires_grad
+            ],
+            "indices": indices,
+            "size": _batch_len(batch),
+            "snapshot": LEDGER.snapshot(),
+        }
+
+    def _step_record(
+        self,
+        begin: dict[str, Any],
+        optimizer: Any,
+        metrics: dict[str, Any],
+        epoch: int,
+        idx: int,
+    ) -> dict[str, Any]:
+        """The ``step`` record of the step just done (``begin``: what
+        :meth:`_step_begin` saw)."""
+        self._global_step += 1
+        rows = LEDGER.since(begin["snapshot"])
+        answers = {
+            id(a.param): a
+            for a in getattr(optimizer, "last_step", None) or []
+            if hasattr(a, "param")
+        }
+        indices = begin["indices"]
+        params = []
+        for name, p, before in begin["params"]:
+            after = text_of(p.data)
+            feedback = feedback_entries(_feedback_items(p), indices)
+            answer = answers.get(id(p))
+            if answer is not None:
+                status = answer.status
+                shown = answer.feedback_shown
+                reply: dict[str, Any] | None = {
+                    "error": answer.error,
+                    "attempts": answer.attempts,
+                }
+                if answer.raw_answer is not None:
+                    reply["raw_answer"] = answer.raw_answer
+            else:
+                if after != before:
+                    status = "updated"
+                else:
+                    status = "unchanged" if feedback else "no_feedback"
+                shown = _rendered_feedback(p)
+                reply = None
+            params.append(
+                {
+                    "name": name,
+                    "before": before,
+                    "after": after if after != before else None,
+                    "status": status,
+                    "answer": reply,
+                    "feedback": feedback,
+                    "feedback_shown": shown,
+                }
+            )
+        if indices is not None:
+            samples = {"dataset": "train", "indices": indices, "indexed_by": "dataset"}
+        else:
+            size = begin["size"]
+            samples = {
+                "dataset": "train",
+                "indices": list(range(size)) if size is not None else [],
+                "indexed_by": "batch",
+            }
+        return {
+            "type": "step",
+            "step": self._global_step,
+            "epoch": epoch,
+            "batch": idx,
+            "samples": samples,
+            "metrics": {k: v for k, v in metrics.items() if k != "reverted"},
+            "reverted": None,
+            "params": params,
+            "cost": {
+                "total_usd": self._prior_usd + self._cost(),
+                "step_usd": math.fsum(r.cost for r in rows),
+                "by_phase": phase_json(rows),
+            },
+            "ts": now(),
+        }
+
+    def _validation_record(
+        self,
+        kind: str,
+        metrics: Mapping[str, Any],
+        rows: list[PhaseRow],
+        epoch: int,
+        step: int,
+        total: float,
+    ) -> dict[str, Any]:
+        """A ``validation`` record (kind ``initial``, ``epoch``, ``revert_check``
+        or ``test``)."""
+        return {
+            "type": "validation",
+            "step": step,
+            "epoch": epoch,
+            "kind": kind,
+            "metrics": dict(metrics),
+            "cost": {
+                "total_usd": total,
+                "pass_usd": math.fsum(r.cost for r in rows),
+                "by_phase": phase_json(rows),
+            },
+            "ts": now(),
+        }
+
+    def _finish_loggers(
+        self, agent: Module, status: str, error: BaseException | None
+    ) -> None:
+        """Write the ``end`` record and finish every logger."""
+        if not self._started:
+            return
+        self._flush_records()  # a step done before a stop in its revert check
+        total = self._prior_usd + self.total_cost
+        record: dict[str, Any] = {
+            "type": "end",
+            "ts": now(),
+            "status": status,
+            "stopped_reason": self.stopped_reason,
+            "total_cost": total,
+            "steps": self._global_step,
+            "final": [
+                {"name": name, "value": text_of(p.data)}
+                for name, p in agent.named_parameters()
+                if p.requires_grad
+            ],
+        }
+        if error is not None:
+            record["error"] = error_text(error)
+        self._emit("finish", record)
+        epoch = self.history[-1].get("epoch") if self.history else 0
+        self._fit_end = {"step": self._global_step, "epoch": epoch, "total": total}
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -935,6 +1375,10 @@ class Trainer:
                 "spend_log": self._spend_log.position(path)
                 if self._spend_log is not None
                 else None,
+                # the loggers' states (the run log's length) and the step count:
+                # a resume cuts the logs back to this point
+                "loggers_state": self._logger_states(),
+                "run_log": {"step": self._global_step, "prior_usd": self._prior_usd},
             },
             path,
         )
@@ -1212,6 +1656,16 @@ class Trainer:
         self.total_cost = 0.0
         self._fit_batch = BatchOptions.of(batch_api)
         self._position = self._batch_resume = None
+        self._global_step = 0
+        self._prior_usd = 0.0
+        self._pending_records = []
+        self._loggers_resume = self._run_log_resume = None
+        self._started = {}
+        self._fit_end = None
+        # a validate() before this fit: its record opens the run log (kind
+        # "initial", step 0); a resumed run's log already holds its first one
+        initial, self._pending_initial = self._pending_initial, None
+        status, failure = "completed", None
         start_epoch, skip_until = 1, -1
         sampler = getattr(train_dataloader, "sampler", None)
         stream = _stream_of(train_dataloader)
@@ -1234,6 +1688,21 @@ class Trainer:
                     # a new run: "last" must never name an earlier run's checkpoint
                     (folder / _LAST).unlink(missing_ok=True)
                 self._spend_log = _SpendLog(folder, fresh=ckpt_path is None)
+            if ckpt_path is not None and self._run_log_resume is not None:
+                self._global_step = _resumed_step(
+                    self._run_log_resume, train_dataloader
+                )
+            self._start_loggers(
+                agent,
+                optimizer,
+                train_dataloader,
+                val_dataloader,
+                Path(ckpt_path) if ckpt_path is not None else None,
+            )
+            if initial is not None and ckpt_path is None:
+                record, spent = initial
+                self._prior_usd = spent
+                self._emit("log_validation", record)
             self._fit_epochs(
                 agent,
                 optimizer,
@@ -1246,6 +1715,7 @@ class Trainer:
                 val_stream=val_stream,
             )
         except BudgetExceeded as e:
+            status = "budget"
             self.stopped_reason = str(e)
             if self.enable_run_summary:
                 from rich.text import Text
@@ -1254,12 +1724,17 @@ class Trainer:
             else:
                 logger.warning("%s", e)
             self._write_metrics()
+        except BaseException as e:
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            failure = e
+            raise
         finally:
             # also when a step failed for good: what was spent is reported
             if self._spend_log is not None:
                 self._spend_log.close()
                 self._spend_log = None
             self.total_cost = self._cost()
+            self._finish_loggers(agent, status, failure)
             self._summary()
         return self.history
 
@@ -1301,13 +1776,19 @@ class Trainer:
             def train_batch(idx: int, batch: Any, epoch: int = epoch) -> dict[str, Any]:
                 self._check_budget()
                 before = self._cost()
+                begin = self._step_begin(agent, optimizer, train_dataloader, batch)
                 snapshot = (
                     [(p, p.data) for p in agent.parameters()]
                     if self.revert_on_regression
                     else None
                 )
                 metrics = self._train_step(agent, optimizer, batch, idx)
+                # the step's record, written (after its revert check's) by
+                # after_batch, before the batch checkpoint
+                record = self._step_record(begin, optimizer, metrics, epoch, idx)
+                self._pending_records = [("log_step", record)]
                 if snapshot is not None:
+                    phases = LEDGER.snapshot()
                     val = self._fit_validation(
                         agent, optimizer, val_dataloader, "[Revert check]", epoch
                     )
@@ -1320,12 +1801,23 @@ class Trainer:
                     else:
                         self._best_val = score if score is not None else best
                         metrics["reverted"] = 0
+                    record["reverted"] = metrics["reverted"]
+                    check = self._validation_record(
+                        "revert_check",
+                        val,
+                        LEDGER.since(phases),
+                        epoch,
+                        record["step"],
+                        self._prior_usd + self._cost(),
+                    )
+                    self._pending_records.append(("log_validation", check))
                 self._max_step_cost = max(self._max_step_cost, self._cost() - before)
                 return metrics
 
             def after_batch(
                 idx: int, epoch: int = epoch, sampler_state: Any = sampler_state
             ) -> None:
+                self._flush_records()  # before the checkpoint that counts them
                 self._checkpoint(
                     f"epoch_{epoch}/checkpoint_batch{idx}.hf",
                     agent,
@@ -1354,14 +1846,26 @@ class Trainer:
             )
             row: dict[str, Any] = {"epoch": epoch}
             row.update({f"train_{k}": v for k, v in train.items()})
+            val_record = None
             if val_dataloader is not None:
+                phases = LEDGER.snapshot()
                 val = self._fit_validation(
                     agent, optimizer, val_dataloader, "[Validation]", epoch
                 )
                 row.update({f"val_{k}": v for k, v in val.items()})
+                val_record = self._validation_record(
+                    "epoch",
+                    val,
+                    LEDGER.since(phases),
+                    epoch,
+                    self._global_step,
+                    self._prior_usd + self._cost(),
+                )
             row["total_cost"] = self._cost()
             self.history.append(row)
             self._epoch_metrics = {}
+            if val_record is not None:
+                self._emit("log_validation", val_record)
             self._write_metrics()
             self._checkpoint(
                 f"checkpoint_epoch{epoch}.hf",
@@ -1656,6 +2160,17 @@ class Trainer:
         # it again (fit(batch_api=...)); the position is where further Batch API
         # states are checkpointed
         self._batch_resume = checkpoint.get("batch_api_state")
+        # the loggers' states and the step count: the logs are cut back to them
+        self._loggers_resume = checkpoint.get("loggers_state")
+        run_log = checkpoint.get("run_log")
+        self._run_log_resume = {
+            "epoch": epoch,
+            "batch": batch,
+            "step": run_log.get("step") if isinstance(run_log, dict) else None,
+        }
+        prior = run_log.get("prior_usd") if isinstance(run_log, dict) else None
+        if isinstance(prior, (int, float)) and not isinstance(prior, bool):
+            self._prior_usd = float(prior) if math.isfinite(prior) else 0.0
         self._position = {
             "epoch": epoch,
             "batch": batch,
@@ -1784,7 +2299,29 @@ class Trainer:
         result = {f"{prefix}_{k}": v for k, v in metrics.items()}
         result["total_cost"] = self._cost()
         self.total_cost = self._cost()
+        self._log_pass(prefix, metrics)
         return result
+
+    def _log_pass(self, prefix: str, metrics: Mapping[str, Any]) -> None:
+        """The run-log record of a standalone pass: a ``validate()`` waits for the
+        next ``fit`` (its ``initial`` record); a ``test()`` after a fit is
+        appended to that fit's log (kind ``test``)."""
+        try:
+            rows = self.phase_rows()
+            if prefix == "val":
+                record = self._validation_record(
+                    "initial", metrics, rows, 0, 0, self.total_cost
+                )
+                self._pending_initial = (record, self.total_cost)
+            elif prefix == "test" and self._fit_end is not None:
+                end = self._fit_end
+                end["total"] += self.total_cost
+                record = self._validation_record(
+                    "test", metrics, rows, end["epoch"], end["step"], end["total"]
+                )
+                self._emit("log_validation", record)
+        except Exception as e:  # never fail the pass for its log
+            self._logger_failed("run log", prefix, e)
 
     def predict(
         self,

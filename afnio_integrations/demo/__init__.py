@@ -3,8 +3,10 @@
 Builds a plain LangChain sentiment chain (``ChatPromptTemplate | ChatOpenAI |
 StrOutputParser``) for Facility Support messages, optimizes its system prompt with
 :func:`afnio_integrations.langchain.optimize`, and prints the accuracy before and after,
-the old and new prompt, LM calls, tokens and cost, and where the optimized prompts were
-saved. By default everything runs against the bundled simulator (a deterministic
+the old and new prompt, LM calls, tokens and cost, where the optimized prompts were
+saved, and, on its last line, the run's HTML report (``run report: <path>``; the run's
+folder is ``<--out>/run``: its run log ``run_log.jsonl``, ``report.html``, metrics and
+checkpoints). By default everything runs against the bundled simulator (a deterministic
 stand-in, clearly labelled; offline, no key). With ``--openai`` and ``OPENAI_API_KEY``,
 real models are used (the key is checked before anything else is done). If the
 dataset cannot be downloaded (or ``--sample`` is given), the demo uses a small labelled
@@ -75,7 +77,8 @@ Watch an ordinary LangChain chain get better: afnio optimizes the system prompt 
 sentiment classifier (ChatPromptTemplate | ChatOpenAI | StrOutputParser) on Facility
 Support messages, then prints the validation accuracy before and after, the old and
 new system prompt, the LM calls, tokens and cost, and where the optimized prompts
-were saved."""
+were saved; its last line names the run's HTML report (open it in a browser: score
+curves, cost by phase, each prompt change with the feedback behind it)."""
 EPILOG = """\
 By default everything runs offline against afnio's bundled simulator (a deterministic
 stand-in, not a model; no API key). The Facility Support dataset is downloaded on
@@ -139,7 +142,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--out",
         default="runs/afnio-demo",
         metavar="DIR",
-        help="where to save the optimized prompts (default: runs/afnio-demo)",
+        help="where to save the optimized prompts (DIR/prompts.json) and the run "
+        "(DIR/run: run log, HTML report, metrics, checkpoints; default: "
+        "runs/afnio-demo)",
     )
     parser.add_argument(
         "--max-cost",
@@ -243,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             f"afnio demo: optimizing a LangChain chain's system prompt against {label}"
         )
         print(f"data: {source}")
+        out = Path(args.out)
         chain, report = optimize(
             chain,
             train,
@@ -252,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             seed=args.seed,
             max_cost=args.max_cost,
+            root_dir=str(out / "run"),  # the run log and the HTML report
             model=model,
         )
-        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         prompts_file = out / "prompts.json"
         prompts_file.write_text(json.dumps(report.prompts_after, indent=2), "utf-8")
@@ -271,4 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"optimized prompts saved to {prompts_file}")
     print(f"({time.perf_counter() - start:.1f} s)")
+    if report.report_path is not None:
+        print(f"run report: {report.report_path}")
+    else:  # a warning said why; the run log is there to write it from
+        print(
+            f"run report: not written (see the warning above); write it with: "
+            f"afnio report {report.run_dir}"
+        )
     return 0

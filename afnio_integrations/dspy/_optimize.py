@@ -5,7 +5,9 @@ student, traces the copy (:func:`~afnio_integrations.dspy.trace`), trains its
 predictors' instructions with afnio's TGD through the :class:`~afnio.trainer.Trainer`
 (progress, ``max_cost``, ``revert_on_regression``), writes them back with
 ``signature.with_instructions(...)`` and returns the optimized copy. ``report`` tells
-the scores before and after, the instruction diff and the LM calls, tokens and cost.
+the scores before and after, the instruction diff and the LM calls, tokens and cost,
+and names the run's HTML report (``run_log.jsonl`` and ``report.html`` in the run's
+folder; ``loggers=`` adds e.g. MLflow tracking).
 
 The metric is DSPy's: ``metric(example, pred, trace=None)`` returning a score
 (bool, int or float), or a GEPA-style feedback metric ``metric(gold, pred, trace,
@@ -62,6 +64,7 @@ from afnio_integrations._rows import short_repr
 from afnio_integrations._training import (
     SplitAgent,
     StreamRows,
+    check_loggers,
     client_model,
     model_args,
     stream_rows,
@@ -484,11 +487,25 @@ class AfnioTGD(Teleprompter):
             the budget counts the program's own LM calls too.
         descriptions: also optimize the output-field descriptions.
         progress: show the Trainer's progress bar and run summary.
-        root_dir: where metrics and checkpoints go (default: a new temporary folder,
-            and no checkpoints).
+        root_dir: where the run log (``run_log.jsonl``), the HTML report
+            (``report.html``), metrics and checkpoints go. Default: a new folder
+            ``afnio-optimize-*`` in the system's temporary folder
+            (``tempfile.gettempdir()``) for each :meth:`compile`, without
+            checkpoints; it is not deleted, so the report outlives the call.
+        loggers: where the Trainer also sends each step's record (the Trainer's
+            ``loggers=``): a list of loggers, e.g.
+            ``[MLflowLogger(tracking_uri="sqlite:///mlflow.db")]`` from
+            ``afnio.trainer.loggers``. ``None`` (default): the run log and a CSV
+            logger; ``[]``: the run log only. The run log is always written (the
+            report is built from it). Anything but a list of objects with
+            ``start``, ``log_step``, ``log_validation``, ``finish`` and
+            ``state_dict`` raises ``TypeError`` here.
 
     After :meth:`compile`, ``report`` holds an
-    :class:`~afnio_integrations.langchain.OptimizeReport` (scores are 0 to 1).
+    :class:`~afnio_integrations.langchain.OptimizeReport` (scores are 0 to 1);
+    ``report.report_path`` is the run's HTML report (``str(report)`` ends with
+    ``run report: <path>``; open it in a browser) and ``report.run_dir`` its
+    folder.
 
     Example::
 
@@ -497,7 +514,19 @@ class AfnioTGD(Teleprompter):
 
         tgd = AfnioTGD(metric=metric, epochs=3, batch_size=16)
         optimized = tgd.compile(program, trainset=train, valset=val)
-        print(tgd.report)
+        print(tgd.report)  # ends with: run report: /tmp/afnio-optimize-.../report.html
+
+    Tracking the run in MLflow too (``pip install 'afnio[mlflow]'``)::
+
+        from afnio.trainer.loggers import MLflowLogger
+
+        tgd = AfnioTGD(
+            metric=metric, root_dir="runs/sentiment",
+            loggers=[MLflowLogger(tracking_uri="sqlite:///mlflow.db",
+                                  experiment="sentiment")],
+        )
+        optimized = tgd.compile(program, trainset=train, valset=val)
+        print(tgd.report.report_path)  # runs/sentiment/report.html
     """
 
     def __init__(
@@ -518,6 +547,7 @@ class AfnioTGD(Teleprompter):
         descriptions: bool = False,
         progress: bool = True,
         root_dir: str | None = None,
+        loggers: Sequence[Any] | None = None,
     ) -> None:
         super().__init__()
         if not callable(metric):
@@ -542,6 +572,7 @@ class AfnioTGD(Teleprompter):
         self.descriptions = descriptions
         self.progress = progress
         self.root_dir = root_dir
+        self.loggers = check_loggers(loggers)
         self.report: OptimizeReport | None = None
 
     def _streamed(
@@ -739,6 +770,7 @@ class AfnioTGD(Teleprompter):
             raise TypeError(f"compile() got unexpected arguments {sorted(kwargs)}.")
         if teacher is not None:
             raise ValueError("AfnioTGD does not use a teacher program: pass none.")
+        loggers = check_loggers(self.loggers)  # as set now (checked in __init__ too)
         stream: StreamRows | None = None
         if isinstance(trainset, IterableDataset):
             stream, val = self._streamed(student, trainset, valset)
@@ -796,6 +828,7 @@ class AfnioTGD(Teleprompter):
                 progress=self.progress,
                 root_dir=self.root_dir,
                 train_stream=stream,
+                loggers=loggers,
             )
         traced.write_back()
         program._compiled = True

@@ -4,7 +4,9 @@ an afnio Module.
 The chain is traced (:func:`trace`), trained with TGD through the
 :class:`~afnio.trainer.Trainer` (progress, ``max_cost``, ``revert_on_regression``), the
 improved prompts are written back into the user's own chain, and a report tells the
-scores before and after, the prompt diff, and the LM calls, tokens and cost.
+scores before and after, the prompt diff, and the LM calls, tokens and cost, and
+names the run's HTML report (``run_log.jsonl`` and ``report.html`` in the run's
+folder; ``loggers=`` adds e.g. MLflow tracking).
 
 Before any LM call, ``optimize`` checks the rows of ``trainset``/``valset``
 (:mod:`afnio_integrations._rows`: pairs, LangSmith examples, dict rows with
@@ -44,6 +46,7 @@ from afnio_integrations._rows import (
 from afnio_integrations._training import (
     SplitAgent,
     StreamRows,
+    check_loggers,
     client_model,
     model_args,
     needs_model,
@@ -373,6 +376,7 @@ def optimize(
     revert_on_regression: bool = False,
     root_dir: str | None = None,
     progress: bool = True,
+    loggers: Sequence[Any] | None = None,
     **completion_args: Any,
 ) -> tuple[Any, OptimizeReport]:
     """Improve the prompts of ``chain`` on ``trainset``; returns ``(chain, report)``.
@@ -439,8 +443,21 @@ def optimize(
             :func:`trace`).
         best_score: a sample's best metric value (no feedback is asked for it).
         max_cost, revert_on_regression: as for :class:`~afnio.trainer.Trainer`.
-        root_dir: where metrics and checkpoints go (default: a new temporary folder,
-            and no checkpoints).
+        root_dir: where the run log (``run_log.jsonl``), the HTML report
+            (``report.html``), metrics and checkpoints go. Default: a new folder
+            ``afnio-optimize-*`` in the system's temporary folder
+            (``tempfile.gettempdir()``), without checkpoints; it is not deleted,
+            so the report outlives the call. ``report.run_dir`` and
+            ``report.report_path`` name them.
+        progress: show the Trainer's progress bar and run summary.
+        loggers: where the Trainer also sends each step's record (the
+            Trainer's ``loggers=``): a list of loggers, e.g.
+            ``[MLflowLogger(tracking_uri="sqlite:///mlflow.db")]`` from
+            ``afnio.trainer.loggers``. ``None`` (default): the run log and a CSV
+            logger; ``[]``: the run log only. The run log is always written (the
+            report is built from it). Anything but a list of objects with
+            ``start``, ``log_step``, ``log_validation``, ``finish`` and
+            ``state_dict`` raises ``TypeError`` before any LM call.
         **completion_args: passed to every optimizer call. ``model=`` names the
             optimizer's model; by default it is the backward client's model (its
             ``completion_args["model"]``) when the optimizer client is the backward
@@ -449,9 +466,15 @@ def optimize(
             ``OpenAI`` client needs ``model=``). A missing model raises
             ``ValueError`` before any LM call.
 
+    Returns:
+        ``(chain, report)``: the same chain, and an :class:`OptimizeReport` whose
+        ``report_path`` is the run's HTML report (``str(report)`` ends with
+        ``run report: <path>``; open it in a browser: score curves, cost by phase,
+        each prompt's changes with the feedback and samples behind them).
+
     Raises:
-        TypeError, ValueError: a bad row, argument or missing model (before any LM
-            call).
+        TypeError, ValueError: a bad row, argument (``loggers`` too) or missing
+            model (before any LM call).
         afnio.errors.StepError: a step failed: at once for an error retrying
             cannot fix (its ``__cause__``, e.g. a metric's ``KeyError``; the
             message names the row, ``trainset[2]``), after 3 attempts for a
@@ -465,7 +488,20 @@ def optimize(
         )
         rows = [{"message": "The heater broke again.", "label": "negative"}, ...]
         chain, report = optimize(chain, rows, metric, label_key="label")
+        print(report)  # ... ends with: run report: /tmp/afnio-optimize-.../report.html
+
+    Tracking the run in MLflow too (``pip install 'afnio[mlflow]'``)::
+
+        from afnio.trainer.loggers import MLflowLogger
+
+        chain, report = optimize(
+            chain, rows, metric, label_key="label", root_dir="runs/sentiment",
+            loggers=[MLflowLogger(tracking_uri="sqlite:///mlflow.db",
+                                  experiment="sentiment")],
+        )
+        print(report.report_path)  # runs/sentiment/report.html
     """
+    checked_loggers = check_loggers(loggers)
     stream: StreamRows | None = None
     if isinstance(trainset, IterableDataset):
         stream, val = _streamed_rows(
@@ -515,6 +551,7 @@ def optimize(
         progress=progress,
         root_dir=root_dir,
         train_stream=stream,
+        loggers=checked_loggers,
     )
     traced.write_back()
     report = outcome.report(before_prompts, traced.prompts())

@@ -27,6 +27,23 @@ def test_demo_on_the_bundled_sample_improves_and_saves_the_prompt(
     assert f"new system prompt: {saved['prompt0.system0']}" in out
 
 
+def test_demo_ends_by_naming_its_run_report_under_out_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert demo(["--sample", "--out", str(tmp_path), "--epochs", "1"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    run = tmp_path / "run"
+    assert last == f"run report: {run / 'report.html'}"
+    assert (run / "report.html").is_file()
+    assert (run / "report.html").read_text("utf-8").lstrip().startswith("<!")
+    records = [
+        json.loads(line)
+        for line in (run / "run_log.jsonl").read_text("utf-8").splitlines()
+    ]
+    assert records[0]["type"] == "header"
+    assert sum(r["type"] == "step" for r in records) == 2  # 26 messages, batch 16
+
+
 def _no_dataset_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An empty data folder: FacilitySupport would have to download its file."""
     data = tmp_path / "data"

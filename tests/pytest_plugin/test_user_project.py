@@ -86,6 +86,7 @@ from app.program import build_lm, build_program
 
 OUT = Path(os.environ["APP_OUT"])
 VOLATILE = ("time", "duration", "elapsed", "wall", "started", "finished")
+VOLATILE += ("run_dir", "report_path")  # a new temporary run folder per run
 FAKE = {
     "FAKE1": "fake1-Kq7Wz2Rt9Lm4Xv8Pn3Bc",
     "FAKE2": "fake2-Hd6Js1Gy5Tu0Qe7Ra2Zw",

@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -119,6 +120,13 @@ def collate(batch: list[Any]) -> Any:
     return list(batch)
 
 
+def _int_indices(indices: list[Any]) -> list[int] | None:
+    """``indices`` as ints, or None if one is not an int (or unknown)."""
+    if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in indices):
+        return None
+    return [int(i) for i in indices]
+
+
 class DataLoader(Generic[T_co]):
     """Iterates over ``dataset`` in batches of ``batch_size`` samples.
 
@@ -146,6 +154,15 @@ class DataLoader(Generic[T_co]):
     ``len(loader)`` is ``ceil(len(dataset) / batch_size)`` (floor with ``drop_last``);
     like upstream, it does not account for a sampler's ``num_samples``. Over an
     IterableDataset without ``__len__``, ``len(loader)`` raises ``TypeError``.
+
+    ``loader.last_indices`` is the list of the dataset indices of the samples of the
+    batch last yielded, in batch order (what the sampler gave, a shuffled one
+    included): in-batch position ``i`` is sample ``dataset[last_indices[i]]``. Over an
+    IterableDataset it holds the samples' row numbers when the dataset's iterator
+    tells them (its ``last_row`` attribute after each sample, as
+    :class:`~afnio.utils.data.JsonlDataset`'s does: the 0-based index of the row among
+    the file's non-blank lines), else ``None``; ``None`` too before the first batch
+    or when an index is not an int.
 
     Over an IterableDataset that has ``state_dict``/``load_state_dict`` (such as
     ``JsonlDataset``), :meth:`state_dict` is the stream's position after the last
@@ -238,6 +255,7 @@ class DataLoader(Generic[T_co]):
             for name in ("restore", "iterate_from", "state_at")
         )
         self._stream: Any = None  # this loader's iterator of the dataset
+        self.last_indices: list[int] | None = None  # of the batch last yielded
         self._restored = False  # a restored position waits for the next iter()
         self._restored_position: Any = None
 
@@ -267,6 +285,7 @@ class DataLoader(Generic[T_co]):
         if self.iterable:
             return self._next_streamed()
         batch: list[Any] = []
+        indices: list[Any] = []
         for _ in range(self.batch_size):
             try:
                 index = next(self._sampler_iter)
@@ -275,16 +294,21 @@ class DataLoader(Generic[T_co]):
                     raise
                 break
             batch.append(self.dataset[index])
-        return collate(batch)
+            indices.append(index)
+        collated = collate(batch)
+        self.last_indices = _int_indices(indices)
+        return collated
 
     def _next_streamed(self) -> Any:
         """The next batch of an IterableDataset: ``batch_size`` samples as they
         come (fewer at the end of the epoch unless ``drop_last``)."""
         assert self._sampler_iter is not None
         batch: list[Any] = []
+        rows: list[Any] = []
         for _ in range(self.batch_size):
             try:
                 batch.append(next(self._sampler_iter))
+                rows.append(getattr(self._sampler_iter, "last_row", None))
             except StopIteration:
                 if not batch or self.drop_last:
                     # the epoch is over: the next one (what state_dict() now
@@ -297,7 +321,9 @@ class DataLoader(Generic[T_co]):
                 self._exhausted = True
                 break
         self._batches += 1
-        return collate(batch)
+        collated = collate(batch)
+        self.last_indices = _int_indices(rows)
+        return collated
 
     def _check_resumable(self) -> Any:
         dataset = self.dataset

@@ -520,6 +520,11 @@ class _JsonlIterator(Iterator[Any]):
         self._file: IO[bytes] | None = None
         self._rng = random.Random(f"afnio-jsonl:{dataset._base_seed}:{epoch}")
         self._buffer: list[_Entry] = []
+        # the row number (0-based, among the file's non-blank lines) of the last
+        # sample yielded; None for a buffered row restored from a saved position
+        # (the state keeps its line, not its row)
+        self.last_row: int | None = None
+        self._rows: dict[int, int] = {}  # line -> row of the rows read here
         if position is None:
             self._offset = self._line = self._row = 0
             self._eof = False
@@ -579,6 +584,7 @@ class _JsonlIterator(Iterator[Any]):
             self._line = line
             self._row = row_index + 1
             if ds._mine(row_index):
+                self._rows[line] = row_index
                 return entry
 
     def __next__(self) -> Any:
@@ -602,7 +608,9 @@ class _JsonlIterator(Iterator[Any]):
             self.finished = True
             self.close()
             raise StopIteration
-        return ds._sample(entry)
+        sample = ds._sample(entry)
+        self.last_row = self._rows.pop(entry[0], None)
+        return sample
 
     def __del__(self) -> None:
         self.close()

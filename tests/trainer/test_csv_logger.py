@@ -1,0 +1,149 @@
+"""CSVLogger: ``metrics_steps.csv``, one row per optimizer step and per validation,
+with a stable header; a resumed fit keeps the rows of its checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import afnio
+from afnio.models.openai import OpenAI
+from afnio.testing import SIMULATOR_MODEL, Simulator
+from afnio.trainer import Trainer
+from afnio.trainer.loggers import CSVLogger
+from afnio.utils.data import DataLoader
+from benchmarks.resume_kills import MESSAGES, Messages
+from examples.facility_support import SentimentClassifier
+
+FIXED = [
+    "type",
+    "kind",
+    "step",
+    "epoch",
+    "batch",
+    "reverted",
+    "cost_usd",
+    "total_usd",
+    "cost_forward_usd",
+    "cost_evaluator_usd",
+    "cost_backward_usd",
+    "cost_optimizer_usd",
+]
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Simulator]:
+    with Simulator() as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def client(sim: Simulator) -> Iterator[OpenAI]:
+    with OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as c:
+        afnio.set_backward_model_client(c, completion_args={"model": SIMULATOR_MODEL})
+        yield c
+
+
+def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    reader = csv.DictReader(io.StringIO(path.read_text("utf-8")))
+    rows = list(reader)
+    return list(reader.fieldnames or []), rows
+
+
+def test_csv_logger_writes_one_row_per_step_and_validation(
+    client: OpenAI, tmp_path: Path
+) -> None:
+    train = DataLoader(Messages(MESSAGES[:8]), batch_size=4, shuffle=True, seed=3)
+    val = DataLoader(Messages(MESSAGES[8:]), batch_size=4)
+    trainer = Trainer(
+        max_epochs=2,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_agent_summary=False,
+        enable_run_summary=False,
+    )
+    agent = SentimentClassifier(client, SIMULATOR_MODEL)
+    trainer.fit(agent, train, val)
+    trainer.test(agent, val)
+    columns, rows = _rows(tmp_path / "metrics_steps.csv")
+    assert columns == [
+        *FIXED,
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "test_loss",
+        "test_accuracy",
+    ]
+    assert [(r["type"], r["kind"], r["step"], r["epoch"]) for r in rows] == [
+        ("step", "", "1", "1"),
+        ("step", "", "2", "1"),
+        ("validation", "epoch", "2", "1"),
+        ("step", "", "3", "2"),
+        ("step", "", "4", "2"),
+        ("validation", "epoch", "4", "2"),
+        ("validation", "test", "4", "2"),
+    ]
+    for row, epoch in zip([rows[2], rows[5]], trainer.history, strict=True):
+        assert float(row["val_accuracy"]) == epoch["val_accuracy"]
+    assert float(rows[5]["total_usd"]) == pytest.approx(
+        trainer.history[-1]["total_cost"]
+    )
+    phases = [float(rows[0][f"cost_{p}_usd"]) for p in ("forward", "backward")]
+    assert all(cost > 0 for cost in phases)
+    assert float(rows[0]["cost_usd"]) == pytest.approx(
+        sum(float(rows[0][c]) for c in FIXED[8:])
+    )
+
+
+def _step(step: int, **metrics: Any) -> dict[str, Any]:
+    return {
+        "type": "step",
+        "step": step,
+        "epoch": 1,
+        "batch": step - 1,
+        "metrics": metrics,
+        "reverted": None,
+        "cost": {
+            "total_usd": 0.1 * step,
+            "step_usd": 0.1,
+            "by_phase": [{"phase": "backward", "model": "m", "cost": 0.1}],
+        },
+    }
+
+
+def test_a_metric_first_seen_late_widens_the_header(tmp_path: Path) -> None:
+    logger = CSVLogger()
+    logger.start(tmp_path, {}, None)
+    logger.log_step(_step(1, loss=1))
+    logger.log_step(_step(2, loss=2, f1=0.5))
+    logger.finish({"type": "end"})
+    columns, rows = _rows(tmp_path / "metrics_steps.csv")
+    assert columns == [*FIXED, "train_loss", "train_f1"]
+    assert [(r["train_loss"], r["train_f1"]) for r in rows] == [("1", ""), ("2", "0.5")]
+    assert rows[1]["cost_backward_usd"] == "0.1"
+
+
+def test_a_resumed_csv_logger_keeps_the_rows_of_its_checkpoint(tmp_path: Path) -> None:
+    logger = CSVLogger("steps.csv")
+    logger.start(tmp_path, {}, None)
+    logger.log_step(_step(1, loss=1))
+    state = logger.state_dict()  # what a checkpoint after step 1 holds
+    logger.log_step(_step(2, loss=2, f1=0.5))  # widens the file: rewritten
+    logger.close()
+    with open(tmp_path / "steps.csv", "a", encoding="utf-8") as f:
+        f.write("step,,3,1,2")  # a torn last line of a killed process
+
+    resumed = CSVLogger("steps.csv")
+    resumed.start(tmp_path, {"resume": {"epoch": 1}}, state)
+    resumed.log_step(_step(2, loss=2, f1=0.5))
+    resumed.finish({"type": "end"})
+    _, rows = _rows(tmp_path / "steps.csv")
+    assert [r["step"] for r in rows] == ["1", "2"]
+    assert rows[1]["train_f1"] == "0.5"
+    assert state == {"path": "steps.csv", "rows": 1}
