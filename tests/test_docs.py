@@ -22,7 +22,7 @@ DEMO_COMMAND = (
     "&& .venv/bin/afnio demo"
 )
 TEST_COMMAND = (
-    "python3 -m venv .venv && .venv/bin/pip install -e '.[test,dev]' "
+    "python3 -m venv .venv && .venv/bin/pip install -e '.[test,dev,mlflow,browser]' "
     "&& .venv/bin/python -m pytest"
 )
 

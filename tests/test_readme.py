@@ -38,9 +38,10 @@ BLOCKS = [
 ]
 
 
-OPTIONAL = {"agents": ("langchain", "langgraph")}
+OPTIONAL = {"agents": ("langchain", "langgraph"), "mlflow": ("mlflow",)}
 """Packages of an optional extra an example may import: without them (``.ci/oldest
-core17`` installs no ``agents`` extra) the example is skipped, naming the extra."""
+core17`` installs no ``agents`` extra, and ``.ci/oldest`` no ``mlflow`` extra) the
+example is skipped, naming the extra."""
 
 
 def test_readme_has_one_python_example_each_for_afnio_langchain_and_dspy() -> None:
@@ -80,3 +81,15 @@ def test_example_runs(
     monkeypatch.setitem(sys.modules, module.__name__, module)
     compiled = compile(code, f"{page}[python block {index}]", "exec")
     exec(compiled, module.__dict__)
+
+
+def test_readme_and_the_reports_page_show_the_run_report_screenshots() -> None:
+    readme = README.read_text(encoding="utf-8")
+    reports = (DOCS / "reports.md").read_text(encoding="utf-8")
+    assert "](docs/img/report.png)" in readme
+    assert "](img/report.png)" in reports
+    assert "](img/report-timeline.png)" in reports
+    for name in ("report.png", "report-timeline.png"):
+        image = DOCS / "img" / name
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert image.stat().st_size < 300_000, name  # keep the repository light

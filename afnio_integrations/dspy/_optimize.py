@@ -516,7 +516,7 @@ class AfnioTGD(Teleprompter):
         optimized = tgd.compile(program, trainset=train, valset=val)
         print(tgd.report)  # ends with: run report: /tmp/afnio-optimize-.../report.html
 
-    Tracking the run in MLflow too (``pip install 'afnio[mlflow]'``)::
+    Tracking the run in MLflow too (``pip install 'afnio-local[mlflow]'``)::
 
         from afnio.trainer.loggers import MLflowLogger
 

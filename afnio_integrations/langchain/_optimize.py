@@ -490,7 +490,7 @@ def optimize(
         chain, report = optimize(chain, rows, metric, label_key="label")
         print(report)  # ... ends with: run report: /tmp/afnio-optimize-.../report.html
 
-    Tracking the run in MLflow too (``pip install 'afnio[mlflow]'``)::
+    Tracking the run in MLflow too (``pip install 'afnio-local[mlflow]'``)::
 
         from afnio.trainer.loggers import MLflowLogger
 

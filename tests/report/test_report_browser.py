@@ -29,7 +29,7 @@ def _missing() -> str | None:
     try:
         import selenium  # noqa: F401
     except ImportError:
-        return "selenium is not installed (pip install 'afnio[browser]')"
+        return "selenium is not installed (pip install -e '.[browser]')"
     for program, package in (
         ("chromium", "chromium"),
         ("chromedriver", "chromium-driver"),
