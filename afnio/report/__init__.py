@@ -49,7 +49,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ``run_dir`` is the run's root folder (holding ``run_log.jsonl``) or the run-log
     file itself; ``out`` is the file to write (default ``<run_dir>/report.html``;
     missing parent folders are created). Raises :class:`FileNotFoundError` when there
-    is no run log and :class:`ValueError` when it is not an ``afnio.run_log/1`` log.
+    is no run log and :class:`ValueError` when it cannot be read or is not an
+    ``afnio.run_log/1`` log (a log whose fields have unexpected types is reported
+    with a note in the page listing what was left out).
     """
     from afnio import __version__
 

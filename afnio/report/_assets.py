@@ -69,6 +69,7 @@ PAGE = """<!doctype html>
             <option value="changes">Changes and failures</option>
             <option value="all">Every step</option>
             <option value="failed">Failures only</option>
+            <option value="reverted">Reverted changes</option>
           </select></label>
         <span class="inline" role="group" aria-label="Step range">Steps
           <input id="step-from" type="number" inputmode="numeric" aria-label="From step">
@@ -116,6 +117,7 @@ STYLE = r"""
   }
 }
 * { box-sizing: border-box; }
+[hidden] { display: none !important; }
 html { font-size: 15px; }
 body { margin: 0; background: var(--bg); color: var(--text);
   font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
@@ -196,6 +198,9 @@ svg .hover { stroke: var(--muted); stroke-dasharray: 2 3; }
   padding: .7rem .9rem; margin-bottom: .8rem; content-visibility: auto; contain-intrinsic-size: auto 220px; }
 .change.st-updated { border-left-color: var(--ok); }
 .change.st-failed { border-left-color: var(--bad); }
+.change.st-reverted { border-left-color: var(--warn); }
+.undone .diff { opacity: .8; }
+.undone-box { background: var(--warn-bg); color: var(--warn); border-radius: 8px; padding: .4rem .7rem; margin-bottom: .5rem; font-size: .85rem; }
 .change-head { display: flex; flex-wrap: wrap; align-items: center; gap: .4rem .6rem; margin-bottom: .55rem; }
 .step-pill { font-weight: 700; font-variant-numeric: tabular-nums; }
 .param-chip { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .82rem;
@@ -232,8 +237,10 @@ SCRIPT = r"""
   var PALETTE = ["#4f46e5", "#0ea5e9", "#f59e0b", "#10b981", "#ec4899", "#8b5cf6", "#64748b", "#ef4444"];
   var STATUS_TEXT = {
     updated: "updated", unchanged: "same text proposed", no_feedback: "no feedback",
-    failed: "failed"
+    failed: "failed", reverted: "reverted (score dropped)"
   };
+  var REVERTED_TEXT = "The validation score dropped after this step, so the trainer undid it: " +
+    "the parameter went back to its text before the step.";
 
   function $(id) { return document.getElementById(id); }
   function el(tag, cls, text) {
@@ -262,6 +269,27 @@ SCRIPT = r"""
   }
   function badge(kind, text) { return el("span", "badge b-" + kind, text || kind); }
   function plural(n, word) { return n.toLocaleString("en") + " " + word + (n === 1 ? "" : "s"); }
+  // "train row #12", "train rows #1 #2", "batch position #0" ...
+  function sampleLabel(indexedBy, ids, more) {
+    var word = indexedBy === "dataset" ? "train row" : "batch position";
+    return word + (ids.length + (more || 0) === 1 ? "" : "s") + " " +
+      ids.map(function (x) { return "#" + x; }).join(" ");
+  }
+  function countChanges(filter) {
+    var n = { changes: 0, failures: 0, reverted: 0 };
+    STEPS.forEach(function (s) {
+      s.changes.forEach(function (c) {
+        if (!filter(c)) return;
+        if (c.reverted) n.reverted++; else if (c.after != null) n.changes++;
+        if (c.status === "failed") n.failures++;
+      });
+    });
+    return n;
+  }
+  function changeSummary(n) {
+    return plural(n.changes, "change") + (n.reverted ? " · " + n.reverted + " reverted" : "") +
+      (n.failures ? " · " + plural(n.failures, "failure") : "");
+  }
 
   // ---- metrics ----------------------------------------------------------------
   var PREFIX = /^(train|training|val|valid|validation|test)[_\/.\-]/i;
@@ -526,8 +554,7 @@ SCRIPT = r"""
     if (META.error) { var er = el("p", "note", "The run failed: " + META.error); er.setAttribute("role", "note"); $("notes").appendChild(er); }
     DATA.notes.forEach(function (n) { var d = el("p", "note", n); d.setAttribute("role", "note"); $("notes").appendChild(d); });
 
-    var changes = 0, failures = 0;
-    STEPS.forEach(function (s) { s.changes.forEach(function (c) { if (c.after != null) changes++; if (c.status === "failed") failures++; }); });
+    var counts = countChanges(function () { return true; });
     var cards = $("cards");
     function card(label, value, hint, id) {
       var c = el("div", "card"), v = el("div", "value", value);
@@ -536,7 +563,7 @@ SCRIPT = r"""
       if (hint) c.appendChild(el("div", "hint", hint));
       cards.appendChild(c);
     }
-    card("Steps", String(STEPS.length), plural(changes, "change") + (failures ? " · " + plural(failures, "failure") : ""), "stat-steps");
+    card("Steps", String(STEPS.length), changeSummary(counts), "stat-steps");
     card("Parameters", String(P.length), P.map(function (p) { return p.name; }).join(", ").slice(0, 80), "stat-params");
     if (metric) {
       var ser = scoreSeries(metric), pts = ser.val.length ? ser.val : ser.train;
@@ -553,15 +580,14 @@ SCRIPT = r"""
     var box = $("param-cards"), sel = $("param-filter");
     P.forEach(function (p, i) {
       var opt = el("option", null, p.name); opt.value = p.name; sel.appendChild(opt);
-      var n = 0, f = 0;
-      STEPS.forEach(function (s) { s.changes.forEach(function (c) { if (c.p === i) { if (c.after != null) n++; if (c.status === "failed") f++; } }); });
+      var n = countChanges(function (c) { return c.p === i; });
       var card = el("article", "param-card"); card.dataset.param = p.name;
       var head = el("header");
       var left = el("div"); left.appendChild(el("span", "param-name", p.name));
       if (p.role) left.appendChild(el("div", "muted small", p.role));
       head.appendChild(left);
       var right = el("div");
-      right.appendChild(el("span", "muted small", plural(n, "change") + (f ? " · " + plural(f, "failure") : "") + " "));
+      right.appendChild(el("span", "muted small", changeSummary(n) + " "));
       var go = el("button", "linkish", "Show in timeline"); go.type = "button";
       go.addEventListener("click", function () { sel.value = p.name; refresh(); $("timeline").scrollIntoView({ behavior: "smooth" }); });
       right.appendChild(go); head.appendChild(right); card.appendChild(head);
@@ -594,7 +620,8 @@ SCRIPT = r"""
       for (var j = 0; j < st.changes.length; j++) {
         var ch = st.changes[j];
         if (pf && P[ch.p].name !== pf) continue;
-        var ok = sf === "all" ? true : sf === "failed" ? ch.status === "failed" : (ch.after != null || ch.status === "failed");
+        var ok = sf === "all" ? true : sf === "failed" ? ch.status === "failed" :
+          sf === "reverted" ? !!ch.reverted : (ch.after != null || ch.status === "failed");
         if (ok) { out.push({ step: st, ch: ch }); shown++; }
       }
       if (sf === "all" && !pf && !st.changes.length) out.push({ step: st, ch: null });
@@ -611,7 +638,6 @@ SCRIPT = r"""
     var box = el("div", "feedback"), items = ch.feedback || [];
     box.appendChild(el("h3", "sub", items.length ? "Feedback (" + items.length + ")" : "Feedback"));
     if (!items.length) box.appendChild(el("p", "muted small", "No feedback texts for this parameter."));
-    var where = step.indexed_by === "dataset" ? "train rows" : "batch positions";
     var ol = el("ol", "fb-list");
     items.forEach(function (it) {
       var li = el("li", "fb-item");
@@ -621,10 +647,10 @@ SCRIPT = r"""
       if (it.shown) m.appendChild(el("span", "chip", "as shown to the optimizer"));
       if (it.count) m.appendChild(el("span", "chip", "×" + it.count));
       if (it.samples && it.samples.length) {
-        m.appendChild(el("span", "chip chip-samples", where + " " + it.samples.map(function (x) { return "#" + x; }).join(" ") + (it.more ? " +" + it.more + " more" : "")));
+        m.appendChild(el("span", "chip chip-samples", sampleLabel(step.indexed_by, it.samples, it.more) + (it.more ? " +" + it.more + " more" : "")));
       } else if (!it.shown) m.appendChild(el("span", "chip", "samples unknown"));
-      if (it.group) m.appendChild(el("span", "chip", "one evaluator call for " + it.group.map(function (x) { return "#" + x; }).join(" ")));
-      if (it.cut) m.appendChild(el("span", "chip chip-warn", it.cut.toLocaleString("en") + " chars cut (size budget)"));
+      if (it.group) m.appendChild(el("span", "chip", "one evaluator call for " + sampleLabel(step.indexed_by, it.group)));
+      if (it.cut) m.appendChild(el("span", "chip chip-warn", plural(it.cut, "char") + " cut (size budget)"));
       li.appendChild(m); ol.appendChild(li);
     });
     box.appendChild(ol);
@@ -634,15 +660,20 @@ SCRIPT = r"""
   function renderEntry(e) {
     if (e.resume) {
       var r = e.resume, row = el("div", "resume-row");
-      row.textContent = "Run resumed after step " + r.after + (r.epoch != null ? " (checkpoint epoch " + r.epoch + ", batch " + r.batch + ")" : "") + (r.exact ? "" : " · inexact: an older checkpoint");
+      row.textContent = "Run resumed after step " + r.after + (r.epoch != null ? " (checkpoint epoch " + r.epoch + (r.batch != null ? ", batch " + r.batch : "") + ")" : "") + (r.exact ? "" : " · inexact: an older checkpoint");
       return row;
     }
     var st = e.step, ch = e.ch, art = el("article", "change st-" + (ch ? ch.status : "empty"));
     art.dataset.step = st.step; art.dataset.param = ch ? P[ch.p].name : "";
     var head = el("header", "change-head");
     head.appendChild(el("span", "step-pill", "Step " + st.step));
-    if (ch) { head.appendChild(el("span", "param-chip", P[ch.p].name)); head.appendChild(badge(ch.status, STATUS_TEXT[ch.status] || ch.status)); }
-    if (st.reverted) head.appendChild(badge("reverted", "reverted (score dropped)"));
+    if (ch) {
+      head.appendChild(el("span", "param-chip", P[ch.p].name));
+      var cb = badge(ch.status, STATUS_TEXT[ch.status] || ch.status);
+      if (ch.reverted) cb.title = REVERTED_TEXT;
+      head.appendChild(cb);
+    }
+    if (st.reverted && !(ch && ch.reverted)) { var sb = badge("reverted", "step reverted (score dropped)"); sb.title = REVERTED_TEXT; head.appendChild(sb); }
     var info = [];
     if (st.epoch != null) info.push("epoch " + st.epoch);
     if (st.batch != null) info.push("batch " + st.batch);
@@ -652,11 +683,15 @@ SCRIPT = r"""
     art.appendChild(head);
     if (!ch) { art.appendChild(el("p", "muted small", "This step changed no parameter.")); return art; }
     var body = el("div", "change-body"), left = el("div", "change-text");
+    if (ch.reverted) {
+      left.classList.add("undone");
+      left.appendChild(el("p", "undone-box", REVERTED_TEXT));
+    }
     if (ch.diff) {
-      left.appendChild(el("h3", "sub", "Word diff"));
+      left.appendChild(el("h3", "sub", ch.reverted ? "Proposed word diff (undone)" : "Word diff"));
       left.appendChild(clampable(renderDiff(ch.diff, ch.before), S[ch.after] || "", 2400));
     } else if (ch.after != null) {
-      left.appendChild(el("h3", "sub", "New text"));
+      left.appendChild(el("h3", "sub", ch.reverted ? "Proposed text (undone)" : "New text"));
       left.appendChild(clampable(el("div", "plain", S[ch.after]), S[ch.after], 1200));
     } else left.appendChild(el("p", "muted small", statusLine(ch)));
     if (ch.error || ch.status === "failed") {
@@ -670,8 +705,7 @@ SCRIPT = r"""
       left.appendChild(eb);
     }
     if (st.samples && st.samples.length) {
-      var where = st.indexed_by === "dataset" ? "train rows" : "batch positions";
-      left.appendChild(el("p", "muted small", "Batch: " + where + " " + st.samples.slice(0, 40).map(function (x) { return "#" + x; }).join(" ") + (st.samples.length > 40 ? " …" : "")));
+      left.appendChild(el("p", "muted small", "Batch: " + sampleLabel(st.indexed_by, st.samples.slice(0, 40), st.samples.length - 40 > 0 ? st.samples.length - 40 : 0) + (st.samples.length > 40 ? " …" : "")));
     }
     body.appendChild(left);
     body.appendChild(renderFeedback(st, ch));

@@ -6,6 +6,13 @@ by index), a word diff per change (:mod:`afnio.report._diff`), the feedback with
 sample indices, scores, validation points, cost by phase, resume markers and notes.
 It is kept under :data:`MAX_BYTES` by shortening the feedback evenly across steps
 (and, only if the parameter texts alone are too large, by leaving out the diffs).
+
+A step with ``"reverted": 1`` (``Trainer(revert_on_regression=True)`` undid it) keeps
+its proposed change, marked ``reverted``, and the parameter's text stays the step's
+*before* text; the ``end`` record's ``final`` texts, when present, are the
+parameters' texts at the end of the run. A field of an unexpected type (a log edited
+by hand or written by another tool) is left out with a note, never an error; every
+number in the data is finite (JSON has no NaN or Infinity).
 """
 
 from __future__ import annotations
@@ -47,8 +54,8 @@ def load_run_log(path: str | Path) -> list[dict[str, Any]]:
 
     An incomplete last line (a run killed or still writing) is skipped. Raises
     :class:`FileNotFoundError` if the file is missing and :class:`ValueError`
-    (naming the file) if a record is not JSON, if the file has no ``header`` record
-    or if its schema is not ``afnio.run_log/1``.
+    (naming the file) if it cannot be read, if a record is not JSON, if the file has
+    no ``header`` record or if its schema is not ``afnio.run_log/1``.
     """
     path = Path(path)
     records, _torn = _read_records(path)
@@ -57,7 +64,12 @@ def load_run_log(path: str | Path) -> list[dict[str, Any]]:
 
 def _read_records(path: Path) -> tuple[list[dict[str, Any]], bool]:
     """The records of ``path`` and whether a torn last line was skipped."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ValueError(
+            f"{path}: cannot read the run log ({error.strerror or error})"
+        ) from None
     lines = raw.split(b"\n")
     # a file ending with a newline gives one empty last piece; a torn line is
     # a last piece without its newline
@@ -117,17 +129,72 @@ class _Strings:
         return found
 
 
+class _Odd:
+    """Fields of the run log that have an unexpected type and were left out: counted
+    per description, reported as one note."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, where: str) -> None:
+        self.counts[where] = self.counts.get(where, 0) + 1
+
+    def check(self, value: Any, kind: type | tuple[type, ...], where: str) -> bool:
+        """Whether ``value`` is missing (None) or of ``kind``; notes it otherwise."""
+        if value is None:
+            return False
+        if isinstance(value, kind) and not (
+            isinstance(value, bool) and kind in (int, (int, float))
+        ):
+            return True
+        self(where)
+        return False
+
+    def note(self) -> str | None:
+        if not self.counts:
+            return None
+        shown = sorted(self.counts.items())[:_MAX_ODD_LISTED]
+        parts = [
+            where + (f" (\u00d7{count})" if count > 1 else "") for where, count in shown
+        ]
+        more = len(self.counts) - len(shown)
+        return (
+            "Some fields of the run log have an unexpected type and were left out: "
+            + "; ".join(parts)
+            + (f"; and {more} more" if more > 0 else "")
+            + ". (Was the run log edited or written by another tool?)"
+        )
+
+
+_MAX_ODD_LISTED = 12
+
+
 def _number(value: Any) -> float | None:
     """``value`` as a finite float, else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
     return value if math.isfinite(value) else None
 
 
-def _metrics(raw: Any) -> dict[str, float]:
+def _int(value: Any) -> int | None:
+    """``value`` if it is an int (not a bool), else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return None
+
+
+def _text(value: Any) -> str | None:
+    """``value`` if it is a string, else None."""
+    return value if isinstance(value, str) else None
+
+
+def _metrics(raw: Any, odd: _Odd, where: str) -> dict[str, float]:
     """The finite numeric metrics of ``raw`` (other values are not plotted)."""
-    if not isinstance(raw, dict):
+    if not odd.check(raw, dict, f"{where} (not an object)"):
         return {}
     out: dict[str, float] = {}
     for key, value in raw.items():
@@ -140,7 +207,7 @@ def _metrics(raw: Any) -> dict[str, float]:
 def _ints(raw: Any) -> list[int] | None:
     if not isinstance(raw, list):
         return None
-    return [v for v in raw if isinstance(v, int) and not isinstance(v, bool)]
+    return [v for v in raw if _int(v) is not None]
 
 
 def _cut(text: str, limit: int) -> str:
@@ -149,13 +216,14 @@ def _cut(text: str, limit: int) -> str:
     return text[:limit] + f"…[+{len(text) - limit} chars]"
 
 
-def _phases(raw: Any) -> dict[str, float]:
+def _phases(raw: Any, odd: _Odd) -> dict[str, float]:
     """Cost per phase of one step (rows of several models of a phase are summed)."""
     out: dict[str, float] = {}
-    if not isinstance(raw, list):
+    if not odd.check(raw, list, "step cost.by_phase (not a list)"):
         return out
     for row in raw:
         if not isinstance(row, dict):
+            odd("step cost.by_phase row (not an object)")
             continue
         cost = _number(row.get("cost"))
         if cost is None:
@@ -165,27 +233,32 @@ def _phases(raw: Any) -> dict[str, float]:
     return out
 
 
-def _feedback(raw: Any) -> list[dict[str, Any]]:
+def _feedback(raw: Any, odd: _Odd) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
-    if not isinstance(raw, list):
+    if not odd.check(raw, list, "step params[].feedback (not a list)"):
         return items
     for entry in raw:
         if isinstance(entry, str):
             entry = {"text": entry}
         if not isinstance(entry, dict):
+            odd("step params[].feedback item (not an object)")
             continue
-        item: dict[str, Any] = {"text": str(entry.get("text") or "")}
+        text = entry.get("text")
+        if text is not None and not isinstance(text, str):
+            odd("step params[].feedback[].text (not a string)")
+            text = json.dumps(text, ensure_ascii=False, default=str)
+        item: dict[str, Any] = {"text": text or ""}
         samples = _ints(entry.get("samples"))
         if samples is not None:
             item["samples"] = samples
-        more = entry.get("samples_more")
-        if isinstance(more, int) and more > 0:
+        more = _int(entry.get("samples_more"))
+        if more is not None and more > 0:
             item["more"] = more
         group = _ints(entry.get("call_samples"))
         if group:
             item["group"] = group
-        count = entry.get("count")
-        if isinstance(count, int) and count > 1:
+        count = _int(entry.get("count"))
+        if count is not None and count > 1:
             item["count"] = count
         items.append(item)
     return items
@@ -196,14 +269,21 @@ def _change(
     index: int,
     current: str | None,
     strings: _Strings,
+    odd: _Odd,
+    *,
+    reverted: bool = False,
 ) -> tuple[dict[str, Any], str | None]:
     """One parameter entry of a step record as report data, and the parameter's text
-    after the step."""
+    after the step (its *before* text when the step was ``reverted``)."""
     before = raw.get("before")
-    before = before if isinstance(before, str) else current
+    if not odd.check(before, str, "step params[].before (not a string)"):
+        before = current
     after = raw.get("after")
-    after = after if isinstance(after, str) else None
-    status = str(raw.get("status") or ("updated" if after is not None else "unchanged"))
+    if not odd.check(after, str, "step params[].after (not a string)"):
+        after = None
+    status = _text(raw.get("status")) or (
+        "updated" if after is not None else "unchanged"
+    )
     if after is not None and after == before and status == "updated":
         status = "unchanged"
     change: dict[str, Any] = {
@@ -214,25 +294,32 @@ def _change(
     if after is not None and after != before:
         change["after"] = strings.id(after)
         change["diff"] = word_diff(before or "", after)
+        if reverted:
+            # the optimizer's proposal stays visible, marked as undone
+            change["status"] = "reverted"
+            change["proposed"] = status
+            change["reverted"] = True
     answer = raw.get("answer")
-    if isinstance(answer, dict):
+    if odd.check(answer, dict, "step params[].answer (not an object)"):
         if answer.get("error"):
             change["error"] = _cut(str(answer["error"]), _MAX_ERROR_CHARS)
         raw_answer = answer.get("raw_answer", answer.get("raw"))
         if raw_answer:
             change["raw"] = _cut(str(raw_answer), _MAX_ERROR_CHARS)
-        attempts = answer.get("attempts")
-        if isinstance(attempts, int):
+        attempts = _int(answer.get("attempts"))
+        if attempts is not None:
             change["attempts"] = attempts
-    feedback = _feedback(raw.get("feedback"))
+    feedback = _feedback(raw.get("feedback"), odd)
     if feedback:
         change["feedback"] = feedback
     elif isinstance(raw.get("feedback_shown"), str) and raw["feedback_shown"]:
         change["feedback"] = [{"text": raw["feedback_shown"], "shown": True}]
-    dropped = raw.get("feedback_dropped")
-    if isinstance(dropped, int) and dropped > 0:
+    dropped = _int(raw.get("feedback_dropped"))
+    if dropped is not None and dropped > 0:
         change["dropped"] = dropped
-    return change, after if after is not None else before
+    if reverted or after is None:
+        return change, before
+    return change, after
 
 
 def build_data(
@@ -246,6 +333,7 @@ def build_data(
     ``source`` names the run (shown in the page), ``torn`` says a torn last line was
     skipped."""
     strings = _Strings()
+    odd = _Odd()
     header: dict[str, Any] = {}
     params: list[dict[str, Any]] = []
     param_index: dict[str, int] = {}
@@ -266,85 +354,131 @@ def build_data(
         return param_index[name]
 
     for record in records:
+        if not isinstance(record, dict):
+            odd("record (not an object)")
+            continue
         kind = record.get("type")
         if kind == "header":
             header = record
-            for entry in record.get("parameters") or []:
-                if isinstance(entry, dict) and entry.get("name"):
-                    value = entry.get("value")
-                    param(
-                        str(entry["name"]),
-                        str(entry.get("role") or ""),
-                        value if isinstance(value, str) else None,
-                    )
+            entries = record.get("parameters")
+            if not odd.check(entries, list, "header parameters (not a list)"):
+                entries = []
+            for entry in entries:
+                if not isinstance(entry, dict) or not entry.get("name"):
+                    odd("header parameters[] (not an object with a name)")
+                    continue
+                value = entry.get("value")
+                if not odd.check(
+                    value, str, "header parameters[].value (not a string)"
+                ):
+                    value = None
+                param(
+                    str(entry["name"]),
+                    _text(entry.get("role")) or "",
+                    value,
+                )
         elif kind == "step":
-            number = record.get("step")
-            if not isinstance(number, int):
+            number = _int(record.get("step"))
+            if number is None:
+                odd("step record without a step number (left out)")
                 continue
             if number in steps:
                 repeated += 1  # a step redone after an inexact resume: keep the last
-            cost = record.get("cost") if isinstance(record.get("cost"), dict) else {}
-            by_phase = _phases(cost.get("by_phase"))
+            cost = record.get("cost")
+            if not odd.check(cost, dict, "step cost (not an object)"):
+                cost = {}
+            by_phase = _phases(cost.get("by_phase"), odd)
             for name in by_phase:
                 if name not in phases:
                     phases.append(name)
+            epoch, batch = record.get("epoch"), record.get("batch")
             step: dict[str, Any] = {
                 "step": number,
-                "epoch": record.get("epoch"),
-                "batch": record.get("batch"),
-                "metrics": _metrics(record.get("metrics")),
+                "epoch": epoch
+                if odd.check(epoch, int, "step epoch (not an integer)")
+                else None,
+                "batch": batch
+                if odd.check(batch, int, "step batch (not an integer)")
+                else None,
+                "metrics": _metrics(record.get("metrics"), odd, "step metrics"),
                 "cost": _number(cost.get("step_usd")),
                 "total": _number(cost.get("total_usd")),
                 "phases": by_phase,
                 "changes": [],
             }
-            if record.get("reverted"):
+            reverted = record.get("reverted") in (1, True)  # 1 (or true): undone
+            if reverted:
                 step["reverted"] = True
             samples = record.get("samples")
-            if isinstance(samples, dict):
+            if odd.check(samples, dict, "step samples (not an object)"):
                 indices = _ints(samples.get("indices"))
                 if indices is not None:
                     step["samples"] = indices
-                step["indexed_by"] = str(samples.get("indexed_by") or "batch")
+                step["indexed_by"] = _text(samples.get("indexed_by")) or "batch"
             if isinstance(record.get("ts"), str):
                 step["ts"] = record["ts"]
             truncated = record.get("truncated")
             if isinstance(truncated, dict) and truncated:
                 step["truncated"] = sorted(str(k) for k in truncated)
-            for entry in record.get("params") or []:
+            entries = record.get("params")
+            if not odd.check(entries, list, "step params (not a list)"):
+                entries = []
+            for entry in entries:
                 if not isinstance(entry, dict) or not entry.get("name"):
+                    odd("step params[] (not an object with a name)")
                     continue
                 index = param(str(entry["name"]))
-                change, current[index] = _change(entry, index, current[index], strings)
+                change, current[index] = _change(
+                    entry, index, current[index], strings, odd, reverted=reverted
+                )
                 step["changes"].append(change)
             steps[number] = step
         elif kind == "validation":
+            epoch = record.get("epoch")
             validations.append(
                 {
-                    "step": record.get("step")
-                    if isinstance(record.get("step"), int)
-                    else 0,
-                    "epoch": record.get("epoch"),
-                    "kind": str(record.get("kind") or "epoch"),
-                    "metrics": _metrics(record.get("metrics")),
+                    "step": _int(record.get("step")) or 0,
+                    "epoch": epoch
+                    if odd.check(epoch, int, "validation epoch (not an integer)")
+                    else None,
+                    "kind": _text(record.get("kind")) or "epoch",
+                    "metrics": _metrics(
+                        record.get("metrics"), odd, "validation metrics"
+                    ),
                 }
             )
         elif kind == "resume":
-            after = record.get("step")
-            if not isinstance(after, int) or isinstance(after, bool):
+            after = _int(record.get("step"))
+            if after is None:
                 after = max(steps) if steps else 0
             resumes.append(
                 {
                     "after": after,
-                    "ts": record.get("ts"),
-                    "epoch": record.get("epoch"),
-                    "batch": record.get("batch"),
+                    "ts": _text(record.get("ts")),
+                    "epoch": _int(record.get("epoch")),
+                    "batch": _int(record.get("batch")),
                     "exact": record.get("exact", True) is not False,
                 }
             )
         elif kind == "end":
             end = record
 
+    finals: dict[str, str] = {}
+    if end is not None:
+        raw_final = end.get("final")
+        if odd.check(raw_final, list, "end final (not a list)"):
+            for entry in raw_final:
+                if (
+                    isinstance(entry, dict)
+                    and entry.get("name")
+                    and isinstance(entry.get("value"), str)
+                ):
+                    finals[str(entry["name"])] = entry["value"]
+                else:
+                    odd("end final[] (not an object with a name and a text value)")
+    for name, value in finals.items():
+        # the end record's texts are the parameters' texts at the end of the run
+        current[param(name)] = value
     for index, text in enumerate(current):
         params[index]["final"] = strings.id(text)
         initial = params[index]["initial"]
@@ -366,28 +500,35 @@ def build_data(
             "The run log has no end record: the run is still going, or was stopped "
             "before it finished."
         )
-    optimizer = (
-        header.get("optimizer") if isinstance(header.get("optimizer"), dict) else {}
-    )
+    optimizer = header.get("optimizer")
+    if not odd.check(optimizer, dict, "header optimizer (not an object)"):
+        optimizer = {}
+    models = optimizer.get("models")
+    end = end or {}
+    error = end.get("error")
     meta = {
         "source": source,
-        "afnio": header.get("afnio"),
-        "started": header.get("started"),
-        "max_epochs": header.get("max_epochs"),
-        "batch_size": header.get("batch_size"),
-        "train_size": header.get("train_size"),
-        "val_size": header.get("val_size"),
+        "afnio": _text(header.get("afnio")),
+        "started": _text(header.get("started")),
+        "max_epochs": _int(header.get("max_epochs")),
+        "batch_size": _int(header.get("batch_size")),
+        "train_size": _int(header.get("train_size")),
+        "val_size": _int(header.get("val_size")),
         "optimizer": {
-            k: optimizer.get(k) for k in ("class", "momentum", "on_error", "models")
+            "class": _text(optimizer.get("class")),
+            "momentum": _number(optimizer.get("momentum")),
+            "on_error": _text(optimizer.get("on_error")),
+            "models": [str(m) for m in models] if isinstance(models, list) else None,
         },
-        "status": (end or {}).get("status") or "unfinished",
-        "stopped_reason": (end or {}).get("stopped_reason"),
-        "ended": (end or {}).get("ts"),
-        "total_cost": _number((end or {}).get("total_cost")),
-        "error": _cut(str(end["error"]), _MAX_ERROR_CHARS)
-        if end and end.get("error")
-        else None,
+        "status": _text(end.get("status")) or "unfinished",
+        "stopped_reason": _text(end.get("stopped_reason")),
+        "ended": _text(end.get("ts")),
+        "total_cost": _number(end.get("total_cost")),
+        "error": _cut(str(error), _MAX_ERROR_CHARS) if error else None,
     }
+    note = odd.note()
+    if note is not None:
+        notes.append(note)
     data = {
         "meta": meta,
         "strings": strings.items,

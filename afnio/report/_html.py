@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 from typing import Any
 
@@ -22,9 +23,28 @@ __all__ = ["render_html"]
 _MARKER = re.compile(r"@@(TITLE|VERSION|STYLE|SCRIPT|DATA)@@")
 
 
+def _clean(value: Any) -> Any:
+    """``value`` with what JSON cannot carry replaced: a NaN or infinite float (which
+    ``json.dumps`` would write as ``NaN``/``Infinity``, making the browser's
+    ``JSON.parse`` fail and the page blank) becomes None, a non-string key a string,
+    a tuple a list and any other object its ``str``."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return str(value)
+
+
 def _json_for_script(data: Any) -> str:
-    """``data`` as JSON that is safe inside a ``<script>`` element."""
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    """``data`` as JSON that is safe inside a ``<script>`` element (and that
+    ``JSON.parse`` accepts: no NaN or Infinity, see :func:`_clean`)."""
+    text = json.dumps(
+        _clean(data), ensure_ascii=False, separators=(",", ":"), allow_nan=False
+    )
     return (
         text.replace("<", "\\u003c")
         .replace(">", "\\u003e")

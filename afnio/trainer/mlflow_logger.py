@@ -26,20 +26,43 @@ What one run logs (one MLflow run per ``fit()``; a resumed fit continues the sam
   ``params_failed``, ``reverted``, ``epoch``;
 * **artifacts**: ``parameters/<name>/step_00000.txt`` (the initial text) and
   ``parameters/<name>/step_<k>.txt`` for each step ``k`` that changed the parameter;
-  ``final/<name>.txt`` at the end; with ``log_records=True`` also every run-log record
-  as ``records/step_<k>.json`` (``records/validation_<kind>_step_<k>.json``);
+  a step the Trainer reverted (``revert_on_regression``: the record's ``reverted`` is
+  1) keeps the parameter at its text before the step, and the text it rejected is
+  stored as ``parameters/<name>/step_<k>_reverted.txt``; ``final/<name>.txt`` at the
+  end (the ``end`` record's ``final`` texts); with ``log_records=True`` also every
+  run-log record as ``records/step_<k>.json``
+  (``records/validation_<kind>_step_<k>.json``);
 * **prompts**: at the end of a completed (or budget-stopped) run, each parameter's final
-  text as a new version of the prompt ``<prompt_prefix>.<name>``, converted to MLflow's
-  ``{{var}}`` syntax (:func:`afnio._template.to_mlflow_template`), tagged with the run
-  and the parameter, linked to the run, and named in the run's tag
-  ``afnio.prompt.<name>`` (``prompts:/<prompt name>/<version>``). A text MLflow would
-  read differently (a literal ``{{x}}``) is not registered: a warning names it and the
-  text stays an artifact.
+  text (the ``end`` record's ``final``) as a new version of the prompt
+  ``<prompt_prefix>.<name>`` (the prefix defaults to the experiment's name, so two
+  experiments' ``system_prompt`` are two prompts), converted to MLflow's ``{{var}}``
+  syntax (:func:`afnio._template.to_mlflow_template`), tagged with the run and the
+  parameter, linked to the run, and named in the run's tag ``afnio.prompt.<name>``
+  (``prompts:/<prompt name>/<version>``). A text MLflow would read differently (a
+  literal ``{{x}}``) is not registered: a warning names it and the text stays an
+  artifact.
 
 The run ends FINISHED (status ``completed``/``budget``), FAILED (``failed``) or KILLED
-(``interrupted``). A failing tracking store (server down, bad URI) never stops
-training: each call logs a warning on the ``afnio.trainer`` logger and returns.
-"""
+(``interrupted``).
+
+Resume: a resumed fit continues the same MLflow run (its id is in each checkpoint).
+MLflow cannot delete a metric point, so the resumed fit reads the run's metric history
+once and does not log a metric again at a step it already holds: for each metric, the
+points of the steps redone after the checkpoint stay those the interrupted fit logged
+(the run log holds the redone values). A redone step that changes a parameter writes
+its text artifact again (same path, the redone text).
+
+A failing tracking store never stops training or holds it up for long: the logger's HTTP
+requests use ``request_timeout`` seconds and ``max_retries`` retries (the first at once,
+the next 2 s, 4 s, ... later) instead of MLflow's defaults (120 s, 7 retries with
+backoff: minutes per call). These are MLflow's ``MLFLOW_HTTP_REQUEST_*`` environment
+variables, set only while a logger call runs and restored after it (under a lock:
+another thread's MLflow request made at that moment sees them too). When the store
+cannot be reached (a connection error, a timeout, retries exhausted on server errors)
+the logger warns once and is off for the rest of the fit; the run log holds every
+record, so :meth:`MLflowLogger.log_run_log` can log the run later. Any other failure (a
+rejected value, a bad URI) logs a warning on the ``afnio.trainer`` logger and the next
+call tries again."""
 
 from __future__ import annotations
 
@@ -48,6 +71,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -83,6 +107,9 @@ _REGISTER_ON = frozenset({"completed", "budget"})
 _PROMPT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 _UNSAFE_METRIC = re.compile(r"[^A-Za-z0-9_./ -]+")
+MAX_RETRIES_LIMIT = 10
+"""MLflow's upper bound on ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``."""
+_HTTP_LOCK = threading.RLock()
 # SQLAlchemy 2.1 deprecates a loader strategy MLflow's SQL store still configures
 _SQLALCHEMY_NOLOAD = r"The ``noload`` loader strategy is deprecated"
 
@@ -105,6 +132,62 @@ def _quiet_store_import() -> Iterator[None]:
             "ignore", message=_SQLALCHEMY_NOLOAD, category=DeprecationWarning
         )
         yield
+
+
+@contextmanager
+def _http_settings(timeout: int, retries: int) -> Iterator[None]:
+    """MLflow's HTTP request settings for the duration of one logger call.
+
+    MLflow reads ``MLFLOW_HTTP_REQUEST_TIMEOUT``, ``..._MAX_RETRIES``,
+    ``..._BACKOFF_FACTOR`` and ``..._BACKOFF_JITTER`` from the environment at each
+    request (``mlflow.utils.rest_utils.http_request``, the HTTP artifact repository);
+    they are set here and the previous values (or their absence) restored after, under
+    a process-wide lock so two loggers never interleave their settings.
+    """
+    values = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    }
+    with _HTTP_LOCK:
+        saved = {key: os.environ.get(key) for key in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) says the tracking store
+    cannot be reached: a connection error, a timeout, or retries exhausted on
+    server errors. MLflow wraps these in an ``MlflowException`` raised while handling
+    them, so the cause/context chain is walked."""
+    try:
+        from requests import exceptions as http
+    except ImportError:  # pragma: no cover - mlflow depends on requests
+        kinds: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    else:
+        kinds = (
+            ConnectionError,
+            TimeoutError,
+            http.ConnectionError,
+            http.Timeout,
+            http.RetryError,
+        )
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kinds):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _cut(text: str, limit: int) -> str:
@@ -163,12 +246,22 @@ class MLflowLogger:
         run_name: the MLflow run's name (``None``: MLflow picks one).
         register_prompts: register the final parameter texts as prompt versions.
         prompt_prefix: registered prompts are named ``<prompt_prefix>.<parameter
-            name>`` (letters, digits, ``_``, ``-`` and ``.``).
+            name>`` (letters, digits, ``_``, ``-`` and ``.``). ``None`` (default):
+            the experiment's name with every run of other characters replaced by
+            ``_`` (``"Support bot"`` -> ``Support_bot.system_prompt``), so runs of
+            different experiments never add versions to each other's prompts.
         artifact_location: where a newly created experiment stores artifacts (a path
             or URI; ``None``: MLflow's default, ``./mlruns`` under the working
             directory for a local store). Ignored, with a warning, when the
             experiment already exists elsewhere.
         log_records: also store every run-log record as a JSON artifact.
+        request_timeout: seconds an HTTP request to a tracking server may take
+            (connect and read; a positive number, rounded up to whole seconds).
+        max_retries: retries of a failed HTTP request (0 to 10): the first at once,
+            the next 2 s, 4 s, ... later.
+            With the defaults a call to a server that is down gives up within
+            seconds, and one that hangs within about ``request_timeout * (max_retries
+            + 1)`` seconds; the logger is then off for the rest of the fit.
 
     Raises:
         ImportError: mlflow is not installed (the message says how to install it).
@@ -181,9 +274,11 @@ class MLflowLogger:
         experiment: str = "afnio",
         run_name: str | None = None,
         register_prompts: bool = True,
-        prompt_prefix: str = "afnio",
+        prompt_prefix: str | None = None,
         artifact_location: str | os.PathLike[str] | None = None,
         log_records: bool = False,
+        request_timeout: float = 10,
+        max_retries: int = 2,
     ) -> None:
         if tracking_uri is not None and not isinstance(tracking_uri, str):
             raise TypeError(
@@ -199,7 +294,9 @@ class MLflowLogger:
             raise TypeError(
                 f"MLflowLogger(run_name=...) takes a str, got {type(run_name).__name__}"
             )
-        if not isinstance(prompt_prefix, str) or not _PROMPT_NAME.match(prompt_prefix):
+        if prompt_prefix is not None and (
+            not isinstance(prompt_prefix, str) or not _PROMPT_NAME.match(prompt_prefix)
+        ):
             raise ValueError(
                 "MLflowLogger(prompt_prefix=...) may hold only letters, digits, '_', "
                 f"'-' and '.' (MLflow's prompt-name rule), got {prompt_prefix!r}"
@@ -211,12 +308,35 @@ class MLflowLogger:
                 "MLflowLogger(artifact_location=...) takes a path or URI, got "
                 f"{type(artifact_location).__name__}"
             )
+        if (
+            isinstance(request_timeout, bool)
+            or not isinstance(request_timeout, int | float)
+            or not math.isfinite(request_timeout)
+            or request_timeout <= 0
+        ):
+            raise ValueError(
+                "MLflowLogger(request_timeout=...) takes a positive number of seconds, "
+                f"got {request_timeout!r}"
+            )
+        if (
+            isinstance(max_retries, bool)
+            or not isinstance(max_retries, int)
+            or not 0 <= max_retries <= MAX_RETRIES_LIMIT
+        ):
+            raise ValueError(
+                f"MLflowLogger(max_retries=...) takes an int from 0 to "
+                f"{MAX_RETRIES_LIMIT} (MLflow's limit), got {max_retries!r}"
+            )
         self._mlflow = _import_mlflow()
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.run_name = run_name
         self.register_prompts = bool(register_prompts)
-        self.prompt_prefix = prompt_prefix
+        self.prompt_prefix = (
+            _safe_name(experiment.strip()) if prompt_prefix is None else prompt_prefix
+        )
+        self.request_timeout = max(1, math.ceil(request_timeout))
+        self.max_retries = max_retries
         self.artifact_location = (
             None if artifact_location is None else os.fspath(artifact_location)
         )
@@ -226,6 +346,10 @@ class MLflowLogger:
         self._texts: dict[str, str] = {}
         self._last_step = 0
         self._registered: dict[str, str] = {}
+        self._uri: str | None = None
+        self._run_dir: Path | None = None
+        self._disabled = False
+        self._kept: dict[str, int] = {}
 
     # -- public -----------------------------------------------------------------
 
@@ -240,32 +364,85 @@ class MLflowLogger:
         registered."""
         return dict(self._registered)
 
+    @property
+    def disabled(self) -> bool:
+        """Whether the tracking store could not be reached during this fit, so the
+        logger does nothing until the next :meth:`start`."""
+        return self._disabled
+
     def start(self, run_dir: Path, header: dict, state: dict | None = None) -> None:
         """Open (or, on resume, reopen) the MLflow run and log params and step 0."""
         self._run_id = None
+        self._disabled = False
+        self._kept = {}
+        self._run_dir = Path(run_dir)
         with self._guard("start"):
             self._start(Path(run_dir), header or {}, state)
 
     def log_step(self, record: dict) -> None:
         """Log one optimizer step: metrics, cost, and the texts that changed."""
-        if self._run_id is None:
+        if self._run_id is None or self._disabled:
             return
         with self._guard("log_step"):
             self._log_step(record)
 
     def log_validation(self, record: dict) -> None:
         """Log a validation's (or test's) metrics at its step."""
-        if self._run_id is None:
+        if self._run_id is None or self._disabled:
             return
         with self._guard("log_validation"):
             self._log_validation(record)
 
     def finish(self, record: dict) -> None:
         """Register the final prompts (completed/budget runs) and end the run."""
-        if self._run_id is None:
+        if self._run_id is None or self._disabled:
             return
         with self._guard("finish"):
             self._finish(record or {})
+
+    def log_run_log(self, path: str | os.PathLike[str]) -> str | None:
+        """Log a finished (or interrupted) run from its run log, as a new MLflow run.
+
+        For a fit whose tracking store was down: ``path`` is the run's
+        ``run_log.jsonl`` (or the run directory holding it). Its records are fed to
+        this logger as the Trainer would have fed them (``header``, then each
+        ``step``/``validation``, then ``end``; ``resume`` records are skipped: the
+        log already holds only the redone lines). A log without an ``end`` record (a
+        killed run) ends the MLflow run as KILLED. Failures are warned about as
+        during training.
+
+        Returns:
+            The new MLflow run's id, or ``None`` when the store could not be used.
+
+        Raises:
+            FileNotFoundError: ``path`` is neither a run log nor a directory holding
+                ``run_log.jsonl``.
+            ValueError: a line of the file (other than a torn last line) is not a
+                JSON record, or it has no ``header`` record.
+        """
+        records = _read_run_log(Path(path))
+        file = Path(path) if Path(path).is_file() else Path(path) / "run_log.jsonl"
+        header = next(r for r in records if r.get("type") == "header")
+        self.start(file.parent, header, None)
+        ended = False
+        for record in records:
+            kind = record.get("type")
+            if kind == "step":
+                self.log_step(record)
+            elif kind == "validation":
+                self.log_validation(record)
+            elif kind == "end":
+                self.finish(record)
+                ended = True
+        if not ended:
+            self.finish(
+                {
+                    "type": "end",
+                    "status": "interrupted",
+                    "stopped_reason": "the run log has no end record",
+                }
+            )
+        return None if self._disabled else self._run_id
 
     def state_dict(self) -> dict:
         """``{"run_id": ...}``: saved in each checkpoint so a resumed fit continues
@@ -277,9 +454,28 @@ class MLflowLogger:
     @contextmanager
     def _guard(self, what: str) -> Iterator[None]:
         try:
-            with _quiet_store_import():
+            with (
+                _quiet_store_import(),
+                _http_settings(self.request_timeout, self.max_retries),
+            ):
                 yield
         except Exception as exc:
+            if _unreachable(exc):
+                self._disabled = True
+                where = self._run_dir if self._run_dir is not None else "the run dir"
+                logger.warning(
+                    "MLflowLogger.%s: the tracking store %s cannot be reached "
+                    "(%s: %s); MLflow logging is off for the rest of this fit and "
+                    "training goes on. The run log (run_log.jsonl in %s) holds "
+                    "every record: log the run later with "
+                    "MLflowLogger(...).log_run_log(<that file>)",
+                    what,
+                    self._uri or self.tracking_uri or "(MLflow's default)",
+                    type(exc).__name__,
+                    _cut(str(exc), 300),
+                    where,
+                )
+                return
             logger.warning(
                 "MLflowLogger.%s failed (%s: %s); training goes on without it",
                 what,
@@ -291,6 +487,7 @@ class MLflowLogger:
         from mlflow import MlflowClient
 
         uri = self.tracking_uri or self._mlflow.get_tracking_uri()
+        self._uri = str(uri)
         self._client = client = MlflowClient(tracking_uri=uri)
         header = mask_secrets(header)
         self._texts = {
@@ -308,6 +505,8 @@ class MLflowLogger:
                 if run.info.lifecycle_stage == "deleted":
                     raise LookupError("the run was deleted")
             except Exception as exc:  # deleted, or another store
+                if _unreachable(exc):
+                    raise
                 logger.warning(
                     "MLflowLogger: cannot resume MLflow run %s (%s); "
                     "starting a new run",
@@ -316,9 +515,17 @@ class MLflowLogger:
                 )
             else:
                 self._run_id = run.info.run_id
+                self._kept = self._logged_steps(run)
                 client.update_run(self._run_id, status="RUNNING")
                 resumed = int(run.data.tags.get("afnio.resumes", "0")) + 1
                 client.set_tag(self._run_id, "afnio.resumes", str(resumed))
+                if self._kept:
+                    client.set_tag(
+                        self._run_id,
+                        f"afnio.resume.{resumed}",
+                        f"resumed after step {self._last_step}; metric points up to "
+                        f"step {max(self._kept.values())} kept as first logged",
+                    )
                 return
         experiment_id = self._experiment_id(client)
         tags = {"afnio.run_dir": str(run_dir.resolve()), "mlflow.source.name": "afnio"}
@@ -331,6 +538,16 @@ class MLflowLogger:
             client.log_text(self._run_id, text, self._text_path(name, 0))
         if self.log_records:
             client.log_dict(self._run_id, header, "records/header.json")
+
+    def _logged_steps(self, run: Any) -> dict[str, int]:
+        """Metric key -> the highest step the run already holds a point at (read
+        once when a fit resumes the run)."""
+        kept: dict[str, int] = {}
+        for key in run.data.metrics:
+            history = self._client.get_metric_history(run.info.run_id, key)
+            if history:
+                kept[key] = max(int(m.step) for m in history)
+        return kept
 
     def _experiment_id(self, client: Any) -> str:
         found = client.get_experiment_by_name(self.experiment)
@@ -387,12 +604,16 @@ class MLflowLogger:
         if not values:
             return
         stamp = int(time.time() * 1000)
-        metrics = [Metric(_metric_key(k), v, stamp, step) for k, v in values.items()]
+        metrics = [
+            Metric(key, v, stamp, step)
+            for key, v in ((_metric_key(k), v) for k, v in values.items())
+            if step > self._kept.get(key, -1)  # a resumed run's redone step
+        ]
         for start in range(0, len(metrics), 1000):  # MLflow's batch limit
             self._client.log_batch(self._run_id, metrics=metrics[start : start + 1000])
 
-    def _text_path(self, name: str, step: int) -> str:
-        return f"parameters/{_safe_name(name)}/step_{step:05d}.txt"
+    def _text_path(self, name: str, step: int, suffix: str = "") -> str:
+        return f"parameters/{_safe_name(name)}/step_{step:05d}{suffix}.txt"
 
     def _log_step(self, record: dict) -> None:
         step = int(record.get("step") or 0)
@@ -416,9 +637,16 @@ class MLflowLogger:
             sum(p.get("status") == "failed" for p in params)
         )
         self._log_metrics(values, step)
+        reverted = _number(record.get("reverted")) == 1.0
         for parameter in params:
             name, after = str(parameter.get("name")), parameter.get("after")
-            if isinstance(after, str) and after != self._texts.get(name):
+            if reverted:  # the parameter is back at its text before the step
+                if isinstance(after, str) and after != parameter.get("before"):
+                    path = self._text_path(name, step, "_reverted")
+                    self._client.log_text(self._run_id, after, path)
+                if isinstance(parameter.get("before"), str):
+                    self._texts[name] = parameter["before"]
+            elif isinstance(after, str) and after != self._texts.get(name):
                 self._client.log_text(self._run_id, after, self._text_path(name, step))
                 self._texts[name] = after
         if self.log_records:
@@ -463,6 +691,7 @@ class MLflowLogger:
     def _finish(self, record: dict) -> None:
         client, run_id = self._client, self._run_id
         status = str(record.get("status") or "completed")
+        failure: Exception | None = None
         try:
             for item in record.get("final") or []:
                 if isinstance(item, Mapping) and "name" in item:
@@ -487,8 +716,13 @@ class MLflowLogger:
             if self.register_prompts and status in _REGISTER_ON:
                 for name, text in self._texts.items():
                     self._register(name, text)
-        finally:
-            client.set_terminated(run_id, status=_END_STATUS.get(status, "FAILED"))
+        except Exception as exc:
+            if _unreachable(exc):
+                raise  # ending the run would wait for the store again
+            failure = exc
+        client.set_terminated(run_id, status=_END_STATUS.get(status, "FAILED"))
+        if failure is not None:
+            raise failure
 
     def _register(self, name: str, text: str) -> None:
         try:
@@ -555,6 +789,39 @@ def _cost_metrics(cost: Any) -> dict[str, float]:
     for phase, spent in phases.items():
         values[f"cost_{phase}_usd"] = spent
     return values
+
+
+def _read_run_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a run log (a file, or a directory holding ``run_log.jsonl``);
+    a torn last line (a killed run) is skipped."""
+    file = path / "run_log.jsonl" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"MLflowLogger.log_run_log: no run log at {file} (pass a run's "
+            "run_log.jsonl or the run directory holding it)"
+        )
+    lines = file.read_bytes().split(b"\n")
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            if number == len(lines):  # no newline after it: a torn last line
+                continue
+            raise ValueError(
+                f"MLflowLogger.log_run_log: {file} line {number} is not a JSON "
+                f"record ({exc})"
+            ) from None
+        if isinstance(record, dict):
+            records.append(record)
+    if not any(r.get("type") == "header" for r in records):
+        raise ValueError(
+            f"MLflowLogger.log_run_log: {file} has no header record (is it a run "
+            "log written by afnio's Trainer?)"
+        )
+    return records
 
 
 def _same_location(stored: str | None, wanted: str) -> bool:

@@ -3,9 +3,11 @@ budget and its command line (no browser here: see test_report_browser.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +277,280 @@ def test_load_run_log_rejects_another_schema_and_a_damaged_middle_line(
     path = write_log(tmp_path / "c", [step(1)])
     with pytest.raises(ValueError, match="no header record"):
         load_run_log(path)
+
+
+# -- reverted steps ------------------------------------------------------------
+
+
+def reverted(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` (a step) as the Trainer writes it when revert_on_regression undid
+    it: the proposal stays in ``after``, the record says ``"reverted": 1``."""
+    return dict(record, reverted=1)
+
+
+def test_a_reverted_step_shows_its_proposal_as_undone_and_keeps_the_before_text(
+    tmp_path: Path,
+) -> None:
+    write_log(
+        tmp_path,
+        [
+            header(p="Be brief."),
+            step(1, change("p", "Be brief.", "Be brief and kind.", "add kind")),
+            reverted(
+                step(2, change("p", "Be brief and kind.", "Be long and rude.", "x"))
+            ),
+            # the next step starts from the restored text; no "before" here: the
+            # report carries the text over from the step before
+            step(3, {"name": "p", "status": "no_feedback", "feedback": []}),
+        ],
+    )
+    data = page_data(write_report(tmp_path).read_text(encoding="utf-8"))
+    strings = data["strings"]
+    undone = data["steps"][1]["changes"][0]
+    assert data["steps"][1]["reverted"] is True
+    assert undone["status"] == "reverted" and undone["reverted"] is True
+    assert undone["proposed"] == "updated"
+    assert strings[undone["after"]] == "Be long and rude."  # the proposal stays visible
+    assert any(op == ["+", "long"] for op in undone["diff"])
+    kept = data["steps"][0]["changes"][0]
+    assert kept["status"] == "updated" and "reverted" not in kept
+    assert strings[data["steps"][2]["changes"][0]["before"]] == "Be brief and kind."
+    card = data["params"][0]
+    assert strings[card["final"]] == "Be brief and kind."  # no end record: replayed
+    assert "rude" not in json.dumps(card["diff"])
+
+
+def test_the_end_record_final_text_is_the_parameter_card_final_text(
+    tmp_path: Path,
+) -> None:
+    write_log(
+        tmp_path,
+        [
+            header(p="Be brief.", q="Say hi."),
+            reverted(step(1, change("p", "Be brief.", "Be very long and rude.", "x"))),
+            {
+                "type": "end",
+                "status": "completed",
+                "steps": 1,
+                "total_cost": 0.01,
+                # q changed outside the logged steps (say, a resume): end is the truth
+                "final": [
+                    {"name": "p", "value": "Be brief."},
+                    {"name": "q", "value": "Say hello."},
+                ],
+            },
+        ],
+    )
+    data = page_data(write_report(tmp_path).read_text(encoding="utf-8"))
+    strings = data["strings"]
+    p, q = data["params"]
+    assert strings[p["final"]] == "Be brief." and "diff" not in p
+    assert strings[q["final"]] == "Say hello."
+    assert ["+", "hello"] in q["diff"] and ["-", "hi"] in q["diff"]
+    assert data["steps"][0]["changes"][0]["status"] == "reverted"
+
+
+def test_a_reverted_step_without_a_text_change_stays_as_it_was(tmp_path: Path) -> None:
+    write_log(
+        tmp_path,
+        [
+            header(p="a"),
+            reverted(
+                step(1, change("p", "a", None, status="failed"), change("p", "a", "a"))
+            ),
+        ],
+    )
+    data = page_data(write_report(tmp_path).read_text(encoding="utf-8"))
+    statuses = [c["status"] for c in data["steps"][0]["changes"]]
+    assert statuses == ["failed", "unchanged"]
+    assert not any(c.get("reverted") for c in data["steps"][0]["changes"])
+    assert data["steps"][0]["reverted"] is True
+
+
+# -- odd run logs ----------------------------------------------------------------
+
+
+def strict_page_data(page: str) -> dict[str, Any]:
+    """The embedded data, parsed the way a browser's JSON.parse does: NaN and
+    Infinity are not JSON."""
+    found = _DATA.search(page)
+    assert found is not None, "no afnio-data block in the page"
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} in the embedded JSON: JSON.parse rejects it")
+
+    return json.loads(found.group(1), parse_constant=refuse)
+
+
+def test_nan_and_infinity_in_the_run_log_become_null_in_the_page(
+    tmp_path: Path,
+) -> None:
+    nan, inf = float("nan"), float("inf")
+    first = step(1, change("p", "a", "b", "t"))
+    first.update(epoch=nan, batch=inf, metrics={"loss": nan, "x": inf, "ok": 0.5})
+    first["cost"] = {
+        "step_usd": nan,
+        "total_usd": 1,
+        "by_phase": [{"phase": "forward", "cost": nan}],
+    }
+    first["params"][0]["feedback"][0]["count"] = nan
+    records = [
+        dict(header(p="a"), max_epochs=inf),
+        first,
+        {"type": "validation", "step": 1, "epoch": nan, "metrics": {"loss": -inf}},
+        {"type": "resume", "step": nan, "epoch": inf, "batch": nan},
+        {"type": "end", "status": "completed", "total_cost": nan},
+    ]
+    (tmp_path / "run_log.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8"
+    )  # json.dumps writes NaN / Infinity, and json.loads reads them back
+    page = write_report(tmp_path).read_text(encoding="utf-8")
+    data = strict_page_data(page)
+    assert data["steps"][0]["epoch"] is None and data["steps"][0]["batch"] is None
+    assert data["steps"][0]["metrics"] == {"ok": 0.5}
+    assert data["steps"][0]["cost"] is None and data["steps"][0]["phases"] == {}
+    assert data["validations"][0]["epoch"] is None
+    assert data["meta"]["total_cost"] is None and data["meta"]["max_epochs"] is None
+
+
+def test_json_for_script_replaces_values_json_cannot_carry() -> None:
+    from afnio.report._html import _json_for_script
+
+    text = _json_for_script(
+        {"a": float("nan"), "b": [float("-inf"), 1.5], 3: (1, Path("x"))}
+    )
+    assert json.loads(text) == {"a": None, "b": [None, 1.5], "3": [1, "x"]}
+
+
+def test_fields_of_the_wrong_type_are_left_out_with_a_note(tmp_path: Path) -> None:
+    odd_step = step(2, change("p", "a", "a b", "t"))
+    odd_step.update(metrics="high", samples=[1, 2], cost=[0.1], epoch="one")
+    odd_step["params"][0]["feedback"] = {"text": "not a list"}
+    write_log(
+        tmp_path,
+        [
+            dict(header(p="a"), parameters=7, optimizer="TGD", started=5),
+            step(1, change("p", "a", "a", "t")),
+            odd_step,
+            dict(step(3), params=True),
+            {"type": "step", "step": "4", "params": []},
+            {"type": "end", "status": "completed", "final": {"p": "a b"}},
+        ],
+    )
+    data = page_data(write_report(tmp_path).read_text(encoding="utf-8"))
+    assert [s["step"] for s in data["steps"]] == [1, 2, 3]
+    assert [p["name"] for p in data["params"]] == ["p"]  # from the steps
+    assert data["steps"][1]["metrics"] == {} and data["steps"][1]["epoch"] is None
+    assert data["steps"][1]["changes"][0]["status"] == "updated"
+    assert "feedback" not in data["steps"][1]["changes"][0]
+    assert data["steps"][2]["changes"] == []
+    assert (
+        data["meta"]["started"] is None and data["meta"]["optimizer"]["class"] is None
+    )
+    note = data["notes"][-1]
+    assert note.startswith("Some fields of the run log have an unexpected type")
+    for where in (
+        "header parameters (not a list)",
+        "step params (not a list)",
+        "step metrics (not an object)",
+        "step samples (not an object)",
+        "step cost (not an object)",
+        "step epoch (not an integer)",
+        "step params[].feedback (not a list)",
+        "step record without a step number",
+        "end final (not a list)",
+        "header optimizer (not an object)",
+    ):
+        assert where in note, where
+
+
+_ODD_VALUES = [
+    None,
+    "x",
+    -1,
+    1.5,
+    True,
+    [],
+    {},
+    [1, "a"],
+    {"a": 1},
+    float("nan"),
+    float("inf"),
+    10**30,
+    "<img src=x onerror=alert(1)>",
+]
+
+
+def _paths(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """Every path to a value inside ``value`` (dict keys and list positions)."""
+    yield path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*path, key))
+    elif isinstance(value, list):
+        for position, item in enumerate(value):
+            yield from _paths(item, (*path, position))
+
+
+def mutated_logs(
+    records: list[dict[str, Any]], count: int, seed: int
+) -> Iterator[list[dict[str, Any]]]:
+    """``count`` copies of ``records``, each with one field set to an odd value."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        copied = copy.deepcopy(records)
+        record = rng.choice(copied)
+        path = rng.choice([p for p in _paths(record) if p and p != ("type",)])
+        holder = record
+        for key in path[:-1]:
+            holder = holder[key]
+        holder[path[-1]] = rng.choice(_ODD_VALUES)
+        yield copied
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_report_is_written_for_any_field_set_to_an_odd_value(
+    tmp_path: Path, seed: int
+) -> None:
+    from afnio.report._html import render_html
+
+    log = write_synthetic_run(
+        tmp_path, steps=10, steps_per_epoch=5, resume_at=8, feedback_chars_per_step=900
+    )
+    records = load_run_log(log)
+    next(r for r in records if r["type"] == "step")["reverted"] = 1
+    for record in records:  # short texts: this test is about types, not diffs
+        for entry in record.get("parameters", []) + record.get("params", []):
+            for key in ("value", "before", "after"):
+                if isinstance(entry.get(key), str):
+                    entry[key] = f"{key} {record.get('step')} text"
+    for odd in mutated_logs(records, 400, seed):
+        page = render_html(build_data(odd), title="t", version="v")
+        data = strict_page_data(page)
+        assert len(data["steps"]) <= 10
+
+
+def test_cli_writes_the_report_of_an_odd_log_and_exits_2_when_it_cannot_read_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    write_log(
+        tmp_path,
+        [dict(header(p="a"), parameters=7), dict(step(1), params=True, epoch=[])],
+    )
+    assert report_cli([str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == str(tmp_path / "report.html") and out.err == ""
+
+    def unreadable(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    assert report_cli([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the run log" in err and "Permission denied" in err
+    assert "Traceback" not in err
 
 
 # -- word diff -----------------------------------------------------------------

@@ -266,7 +266,9 @@ def test_demo_report_renders_with_its_steps_parameters_diff_and_feedback(
     assert f"FEEDBACK ({len(first['feedback'])})" in feedback.upper()
     item = first["feedback"][0]
     assert item["text"] in feedback
-    assert f"train rows #{item['samples'][0]}" in feedback
+    assert item["samples"], "the demo's feedback names the train rows it came from"
+    rows = "train row" if len(item["samples"]) == 1 else "train rows"
+    assert f"{rows} #{item['samples'][0]}" in feedback
     assert visible(browser, "#score-chart svg circle")  # validation points
     png = screenshot(browser, tmp_path, "report-demo.png")
     assert png.is_file()
@@ -323,3 +325,160 @@ def test_minimal_run_logs_render_without_console_errors(
     if name == "failed-step-only":
         box = visible(browser, ".change .error-box")[0]
         assert "no JSON" in box.text and "2 attempts" in box.text
+
+
+def _write(run_dir: Path, records: list[dict[str, Any]]) -> Path:
+    """``records`` as ``run_dir/run_log.jsonl`` (``json.dumps``: NaN stays NaN)."""
+    import json
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run_log.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8"
+    )
+    return run_dir
+
+
+def _entry(
+    before: str, after: str | None, samples: list[list[int]], status: str = "updated"
+) -> dict[str, Any]:
+    return {
+        "name": "p",
+        "before": before,
+        "after": after,
+        "status": status,
+        "answer": None,
+        "feedback": [
+            {"text": f"feedback {n}", "samples": ids, "call_samples": None, "count": 1}
+            for n, ids in enumerate(samples)
+        ],
+        "feedback_shown": "",
+    }
+
+
+def _step(number: int, entry: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    record = {
+        "type": "step",
+        "step": number,
+        "epoch": 0,
+        "batch": number - 1,
+        "samples": {"dataset": "train", "indices": [1, 2, 12], "indexed_by": "dataset"},
+        "metrics": {"accuracy": 0.5},
+        "reverted": None,
+        "params": [entry],
+        "cost": {"total_usd": 0.01 * number, "step_usd": 0.01, "by_phase": []},
+    }
+    record.update(fields)
+    return record
+
+
+_HEADER = {
+    "type": "header",
+    "schema": "afnio.run_log/1",
+    "parameters": [{"name": "p", "role": "prompt", "value": "Be brief."}],
+}
+
+
+def test_a_reverted_step_is_marked_undone_and_the_card_shows_the_kept_text(
+    browser: Any, tmp_path: Path
+) -> None:
+    run = _write(
+        tmp_path / "run",
+        [
+            _HEADER,
+            _step(1, _entry("Be brief.", "Be brief and kind.", [[12], [1, 2]])),
+            _step(
+                2,
+                _entry("Be brief and kind.", "Be very long and rude.", [[2]]),
+                reverted=1,
+            ),
+            {
+                "type": "end",
+                "status": "completed",
+                "total_cost": 0.02,
+                "final": [{"name": "p", "value": "Be brief and kind."}],
+            },
+        ],
+    )
+    open_report(browser, write_report(run))
+    assert severe(browser) == []
+    undone = next(
+        e for e in visible(browser, ".change") if e.get_attribute("data-step") == "2"
+    )
+    assert "st-reverted" in undone.get_attribute("class")
+    assert (
+        "reverted (score dropped)" in undone.find_element("css selector", ".badge").text
+    )
+    assert "undid it" in undone.find_element("css selector", ".undone-box").text
+    assert "PROPOSED WORD DIFF (UNDONE)" in undone.text.upper()  # CSS upper-cases
+    inserted = " ".join(
+        e.text for e in undone.find_elements("css selector", ".diff ins")
+    )
+    assert "rude" in inserted  # the proposal stays visible
+    card = browser.find_element("css selector", ".param-card")
+    assert "kind" in card.text and "rude" not in card.text
+    assert "1 change · 1 reverted" in browser.find_element("id", "cards").text
+    assert not visible(browser, "#more")  # every entry is shown: no "Show more"
+    # the status filter shows only the undone changes
+    set_value(browser, "status-filter", "reverted")
+    wait_for(
+        browser,
+        lambda d: (
+            [e.get_attribute("data-step") for e in visible(d, ".change")] == ["2"]
+        ),
+    )
+    assert severe(browser) == []
+
+
+def test_sample_chips_say_row_for_one_sample_and_rows_for_several(
+    browser: Any, tmp_path: Path
+) -> None:
+    batch = {"dataset": "train", "indices": [0], "indexed_by": "batch"}
+    run = _write(
+        tmp_path / "run",
+        [
+            _HEADER,
+            _step(1, _entry("Be brief.", "Be kind.", [[12], [1, 2]])),
+            _step(2, _entry("Be kind.", "Be nice.", [[0]]), samples=batch),
+        ],
+    )
+    open_report(browser, write_report(run))
+    chips = [e.text for e in visible(browser, ".chip-samples")]
+    assert chips == ["train row #12", "train rows #1 #2", "batch position #0"]
+    batches = [e.text for e in visible(browser, ".change-text p.muted")]
+    assert batches == ["Batch: train rows #1 #2 #12", "Batch: batch position #0"]
+    assert severe(browser) == []
+
+
+def test_a_run_log_with_nan_and_infinity_renders(browser: Any, tmp_path: Path) -> None:
+    nan = float("nan")
+    first = _step(1, _entry("Be brief.", "Be kind.", [[1]]), epoch=nan)
+    first["metrics"] = {"accuracy": nan, "loss": float("inf")}
+    run = _write(
+        tmp_path / "run",
+        [_HEADER, first, {"type": "end", "status": "completed", "total_cost": nan}],
+    )
+    assert open_report(browser, write_report(run)) == {"steps": 1, "params": 1}
+    assert visible(browser, ".change .diff ins")
+    assert severe(browser) == []
+
+
+def test_run_logs_with_odd_field_values_render_without_console_errors(
+    browser: Any, tmp_path: Path
+) -> None:
+    from tests.report.test_report import mutated_logs
+
+    log = write_synthetic_run(
+        tmp_path / "base",
+        steps=8,
+        steps_per_epoch=4,
+        resume_at=7,
+        feedback_chars_per_step=900,
+    )
+    records = load_run_log(log)
+    next(r for r in records if r["type"] == "step")["reverted"] = 1
+    for n, odd in enumerate(mutated_logs(records, 30, seed=11)):
+        run = _write(tmp_path / f"odd{n}", odd)
+        counts = open_report(browser, write_report(run))
+        assert counts["steps"] <= 8
+        set_value(browser, "status-filter", "all")
+        assert severe(browser) == [], (n, odd)

@@ -4,8 +4,14 @@ resume, and a failing store that never stops training."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +341,92 @@ def test_a_resumed_fit_continues_the_same_mlflow_run(
     assert second.registered_prompts["system_prompt"].endswith("/1")
 
 
+def test_a_resumed_fit_does_not_log_the_redone_steps_metrics_twice(
+    store: Store, tmp_path: Path
+) -> None:
+    first = store.logger(register_prompts=False)
+    first.start(tmp_path, _header(), None)
+    first.log_validation(_validation(0, "initial", 0.25))
+    first.log_step(_step(1, SYSTEM_0, SYSTEM_1, 0.004))
+    state = first.state_dict()  # the checkpoint after step 1
+    first.log_step(_step(2, SYSTEM_1, None, 0.007))
+    first.log_step(_step(3, SYSTEM_1, SYSTEM_3, 0.010))  # then the process is killed
+
+    second = store.logger(register_prompts=False)
+    header = {**_header(), "resume": {"from_checkpoint": "x.hf", "step": 1}}
+    header["parameters"][0]["value"] = SYSTEM_1
+    second.start(tmp_path, header, state)
+    assert second.run_id == first.run_id
+    redone = _step(2, SYSTEM_1, None, 0.008)
+    redone["metrics"] = {"accuracy": 0.4}  # the redo scored differently
+    second.log_step(redone)
+    second.log_step(_step(3, SYSTEM_1, SYSTEM_3, 0.011))
+    second.log_step(_step(4, SYSTEM_3, None, 0.014))
+    second.log_validation(_validation(4, "epoch", 0.75))
+    second.finish(_end())
+
+    run_id = first.run_id
+    # one point per step: the redone steps 2 and 3 keep the points first logged
+    assert store.history(run_id, "train_accuracy") == [
+        (1, 0.25),
+        (2, 0.5),
+        (3, 0.75),
+        (4, 1.0),
+    ]
+    assert [s for s, _ in store.history(run_id, "step_cost_usd")] == [1, 2, 3, 4]
+    assert store.history(run_id, "val_accuracy") == [(0, 0.25), (4, 0.75)]
+    tags = store.client.get_run(run_id).data.tags
+    assert "up to step 3" in tags["afnio.resume.1"]
+
+
+def test_default_prompt_names_follow_the_experiment_so_projects_do_not_collide(
+    store: Store, tmp_path: Path
+) -> None:
+    support = store.logger(experiment="Support bot v2")
+    assert support.prompt_prefix == "Support_bot_v2"
+    _feed(support, tmp_path)
+    sales = store.logger(experiment="sales.bot")
+    _feed(sales, tmp_path)
+    assert support.registered_prompts["system_prompt"] == (
+        "prompts:/Support_bot_v2.system_prompt/1"
+    )
+    assert sales.registered_prompts["system_prompt"] == (
+        "prompts:/sales.bot.system_prompt/1"
+    )
+    assert store.logger(prompt_prefix="shared").prompt_prefix == "shared"
+
+
+def test_a_reverted_step_keeps_the_restored_text_and_registers_the_end_final(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rejected = "Be very long and rude about {message}."
+    logger = store.logger(prompt_prefix="reverted-test")
+    logger.start(tmp_path, _header(), None)
+    logger.log_step(_step(1, SYSTEM_0, SYSTEM_1, 0.004))
+    step = _step(2, SYSTEM_1, rejected, 0.007)
+    step["reverted"] = 1  # the revert check rejected the step: back at SYSTEM_1
+    logger.log_step(step)
+    logger.finish(_end(final=SYSTEM_1))
+    run_id = logger.run_id
+    texts = [
+        p
+        for p in store.artifacts_of(run_id)
+        if p.startswith("parameters/system_prompt/")
+    ]
+    assert texts == [
+        "parameters/system_prompt/step_00000.txt",
+        "parameters/system_prompt/step_00001.txt",
+        "parameters/system_prompt/step_00002_reverted.txt",
+    ]
+    assert store.text(run_id, texts[-1]) == rejected
+    assert store.text(run_id, "final/system_prompt.txt") == SYSTEM_1
+    assert store.history(run_id, "reverted") == [(2, 1.0)]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    prompt = mlflow.genai.load_prompt(logger.registered_prompts["system_prompt"])
+    values = {"message": "awful"}
+    assert prompt.format(**values) == render(SYSTEM_1, values)
+
+
 def test_resuming_a_deleted_mlflow_run_starts_a_new_one(
     store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -409,7 +501,32 @@ def test_a_bad_tracking_uri_warns_and_never_raises_out_of_the_logger(
     assert len(messages) == 1 and "MLflowLogger.start failed" in messages[0]
 
 
-def test_a_store_failing_mid_run_warns_per_call_and_training_goes_on(
+def test_a_call_the_store_rejects_warns_and_the_next_call_tries_again(
+    store: Store,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    logger = store.logger(register_prompts=False)
+    logger.start(tmp_path, _header(), None)
+
+    def rejected(*args: Any, **kwargs: Any) -> None:
+        raise MlflowException("Invalid value for metric", error_code="BAD_REQUEST")
+
+    monkeypatch.setattr(logger._client, "log_batch", rejected)
+    with caplog.at_level(logging.WARNING, logger="afnio.trainer"):
+        logger.log_step(_step(1, SYSTEM_0, SYSTEM_1, 0.004))
+    assert "MLflowLogger.log_step failed (MlflowException" in caplog.text
+    assert not logger.disabled
+    monkeypatch.undo()
+    logger.log_step(_step(2, SYSTEM_1, None, 0.007))
+    logger.finish(_end())
+    assert store.history(logger.run_id, "train_accuracy") == [(2, 0.5)]
+
+
+def test_a_store_unreachable_mid_run_turns_the_logger_off_for_the_rest_of_the_fit(
     store: Store,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -417,18 +534,147 @@ def test_a_store_failing_mid_run_warns_per_call_and_training_goes_on(
 ) -> None:
     logger = store.logger(register_prompts=False)
     logger.start(tmp_path, _header(), None)
+    calls: list[str] = []
 
-    def down(*args: Any, **kwargs: Any) -> None:
-        raise ConnectionError("tracking server down")
+    def down(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> None:
+            calls.append(name)
+            raise ConnectionError("tracking server down")
 
-    monkeypatch.setattr(logger._client, "log_batch", down)
+        return call
+
+    for name in ("log_batch", "log_text", "set_tag", "set_terminated", "log_dict"):
+        monkeypatch.setattr(logger._client, name, down(name))
     with caplog.at_level(logging.WARNING, logger="afnio.trainer"):
         logger.log_step(_step(1, SYSTEM_0, SYSTEM_1, 0.004))
-    assert "MLflowLogger.log_step failed (ConnectionError" in caplog.text
-    monkeypatch.undo()
-    logger.log_step(_step(2, SYSTEM_1, None, 0.007))
-    logger.finish(_end())
-    assert store.history(logger.run_id, "train_accuracy") == [(2, 0.5)]
+        logger.log_step(_step(2, SYSTEM_1, SYSTEM_3, 0.007))
+        logger.log_validation(_validation(2, "epoch", 0.5))
+        logger.finish(_end())
+    assert calls == ["log_batch"]  # the first failure; nothing tried after it
+    assert logger.disabled
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1, warned
+    assert "off for the rest of this fit" in warned[0]
+    assert "log_run_log" in warned[0] and str(tmp_path) in warned[0]
+    assert logger.state_dict() == {"run_id": logger.run_id}  # a resume may reuse it
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def _count_http_requests(
+    monkeypatch: pytest.MonkeyPatch, seen_env: list[dict[str, str | None]]
+) -> Iterator[list[str]]:
+    """Count the HTTP requests MLflow makes (one per request, retries inside it) and
+    record the MLFLOW_HTTP_REQUEST_* settings each one ran with."""
+    import requests
+
+    urls: list[str] = []
+    real = requests.Session.request
+
+    def request(self: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        urls.append(url)
+        seen_env.append(
+            {
+                key: os.environ.get(key)
+                for key in (
+                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                )
+            }
+        )
+        return real(self, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "request", request)
+    yield urls
+
+
+def test_an_unreachable_tracking_server_gives_up_quickly_and_is_not_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")  # the user's own
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    logger = MLflowLogger(tracking_uri=f"http://127.0.0.1:{_free_port()}")
+    seen_env: list[dict[str, str | None]] = []
+    with (
+        _count_http_requests(monkeypatch, seen_env) as urls,
+        caplog.at_level(logging.WARNING, logger="afnio.trainer"),
+    ):
+        began = time.monotonic()
+        logger.start(tmp_path, _header(), None)
+        assert time.monotonic() - began < 60  # MLflow's defaults: about 4 minutes
+        tried = len(urls)
+        logger.log_validation(_validation(0, "initial", 0.25))
+        logger.log_step(_step(1, SYSTEM_0, SYSTEM_1, 0.004))
+        logger.finish(_end())
+    assert tried >= 1 and len(urls) == tried  # nothing tried after the failure
+    assert logger.disabled and logger.run_id is None
+    assert seen_env[0] == {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    }
+    # the user's environment is as it was
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+    warned = [r.getMessage() for r in caplog.records if r.name == "afnio.trainer"]
+    assert len(warned) == 1 and "cannot be reached" in warned[0], warned
+
+
+def test_a_server_that_never_answers_is_given_up_after_request_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as server:  # accepts connections, never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        logger = MLflowLogger(
+            tracking_uri=f"http://127.0.0.1:{port}", request_timeout=1, max_retries=0
+        )
+        began = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="afnio.trainer"):
+            logger.start(tmp_path, _header(), None)
+        assert time.monotonic() - began < 30  # MLflow's defaults: 120 s per try
+    assert logger.disabled
+    assert "cannot be reached" in caplog.text
+
+
+def test_request_timeout_and_max_retries_are_checked() -> None:
+    with pytest.raises(ValueError, match="request_timeout"):
+        MLflowLogger(request_timeout=0)
+    with pytest.raises(ValueError, match="max_retries"):
+        MLflowLogger(max_retries=11)
+    with pytest.raises(ValueError, match="max_retries"):
+        MLflowLogger(max_retries=1.5)  # type: ignore[arg-type]
+    assert MLflowLogger(request_timeout=2.5).request_timeout == 3
+
+
+def test_the_run_log_of_a_fit_without_mlflow_can_be_logged_later(
+    store: Store, tmp_path: Path
+) -> None:
+    records = [
+        _header(),
+        _validation(0, "initial", 0.25),
+        _step(1, SYSTEM_0, SYSTEM_1, 0.004),
+        _step(2, SYSTEM_1, SYSTEM_3, 0.007),
+        _end(),
+        _validation(2, "test", 0.5),
+    ]
+    run_log = tmp_path / "run_log.jsonl"
+    lines = [json.dumps(r) for r in records]
+    run_log.write_text("\n".join(lines) + "\n" + '{"type": "st', encoding="utf-8")
+    run_id = store.logger(register_prompts=False).log_run_log(tmp_path)
+    assert run_id is not None
+    run = store.client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert store.history(run_id, "train_accuracy") == [(1, 0.25), (2, 0.5)]
+    assert store.history(run_id, "test_accuracy") == [(2, 0.5)]
+    assert store.text(run_id, "final/system_prompt.txt") == SYSTEM_3
+    with pytest.raises(FileNotFoundError, match=r"run_log\.jsonl"):
+        store.logger().log_run_log(tmp_path / "nowhere")
 
 
 def _fit(

@@ -162,7 +162,10 @@ class DataLoader(Generic[T_co]):
     tells them (its ``last_row`` attribute after each sample, as
     :class:`~afnio.utils.data.JsonlDataset`'s does: the 0-based index of the row among
     the file's non-blank lines), else ``None``; ``None`` too before the first batch
-    or when an index is not an int.
+    (and after :meth:`load_state_dict`, until the next batch) or when an index is
+    not an int. A restored stream keeps them exact: ``JsonlDataset``'s state holds
+    the row number of each row in its shuffle buffer, so the batches after a resume
+    have the ``last_indices`` of an uninterrupted run.
 
     Over an IterableDataset that has ``state_dict``/``load_state_dict`` (such as
     ``JsonlDataset``), :meth:`state_dict` is the stream's position after the last
@@ -258,11 +261,14 @@ class DataLoader(Generic[T_co]):
         self.last_indices: list[int] | None = None  # of the batch last yielded
         self._restored = False  # a restored position waits for the next iter()
         self._restored_position: Any = None
+        # a restored state (batch count, exhausted) waits for the next iter()
+        self._restored_pending = False
 
     def __iter__(self) -> DataLoader[T_co]:
         self._batches, self._restored_batches = self._restored_batches, 0
         self._exhausted, self._restored_exhausted = self._restored_exhausted, False
         restored, self._restored = self._restored, False
+        self._restored_pending = False
         self._stream = None
         if self.iterable and self._exhausted:
             # restored after the epoch's last, short batch: nothing is left of it
@@ -346,7 +352,8 @@ class DataLoader(Generic[T_co]):
         "exhausted": <the stream ran out building the last batch>}`` (after the
         epoch's last batch, when it was short, the dataset already stands before
         its next epoch: ``exhausted`` makes the restored loader end the saved epoch
-        first, as the original one would).
+        first, as the original one would). Right after :meth:`load_state_dict`
+        (before the next ``iter()``), it is the loaded state.
 
         Raises:
             TypeError: a map-style dataset, or a dataset without ``state_dict``.
@@ -362,6 +369,12 @@ class DataLoader(Generic[T_co]):
             dataset_state = dataset.state_at(position)
         else:
             dataset_state = dataset.state_dict()
+        if self._restored_pending:  # restored, not iterated since: the loaded state
+            return {
+                "dataset": dataset_state,
+                "batches": self._restored_batches,
+                "exhausted": self._restored_exhausted,
+            }
         return {
             "dataset": dataset_state,
             "batches": self._batches,
@@ -389,7 +402,9 @@ class DataLoader(Generic[T_co]):
         batches = state.get("batches", 0)
         self._restored_batches = batches if isinstance(batches, int) else 0
         self._restored_exhausted = state.get("exhausted") is True
+        self._restored_pending = True
         self._sampler_iter = None
+        self.last_indices = None  # no batch yielded from the restored position yet
 
     def __len__(self) -> int:
         n = len(self.dataset)

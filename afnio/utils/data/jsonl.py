@@ -24,13 +24,17 @@ batch being built are in memory, whatever the file's size.
   see disjoint parts that together cover it. A shard checks only its own rows.
 * **Exact resume**: :meth:`JsonlDataset.state_dict` is the position between two
   samples (the epoch, the byte offset in the file, the line and row counters, the
-  buffer's rows and the generator's state); after
+  buffer's rows with their line and row numbers, and the generator's state); after
   :meth:`JsonlDataset.load_state_dict` the next ``iter()`` continues from exactly
   there. The :class:`~afnio.trainer.Trainer` stores it in every checkpoint of a
   ``fit`` over a :class:`~afnio.utils.data.DataLoader` of this dataset, so a
   resumed fit sees exactly the batches an uninterrupted one sees, without reading
   the file again up to that point. The buffer's rows are in the state: a checkpoint
-  grows by about ``buffer_size`` rows.
+  grows by about ``buffer_size`` rows. Each buffered row keeps its row number, so a
+  :class:`~afnio.utils.data.DataLoader`'s ``last_indices`` after a restore are the
+  row numbers an uninterrupted epoch gives. (A state of the earlier format, version
+  1, has no row numbers: they are recovered when no blank line comes before the
+  saved position, else the batches holding those rows have ``last_indices`` None.)
 * **Several readers**: every ``iter()`` is an epoch of its own, with its own
   position; epochs are numbered in the order they start (the number seeds the
   shuffle). One dataset object can feed several DataLoaders at once (e.g. the train
@@ -74,7 +78,10 @@ from afnio.utils.data.dataset import IterableDataset
 
 __all__ = ["JsonlDataset", "JsonlRowError"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+"""The format of :meth:`JsonlDataset.state_dict`: 2 keeps each buffered row's row
+number (``[line, text, row]``); 1 (still loaded) kept ``[line, text]``."""
+_STATE_VERSIONS = (1, 2)
 
 _JSON_NAMES: dict[type, str] = {
     str: "a string",
@@ -173,6 +180,23 @@ def _rng_from_json(state: Any) -> tuple[Any, ...]:
 
 _Entry = tuple[int, str, dict[str, Any]]
 """A row read: its line number, its text and its parsed object."""
+
+
+def _valid_buffer(buffer: Any) -> bool:
+    """Whether ``buffer`` is a saved shuffle buffer: ``[line, text, row]`` entries
+    (``row`` an int, or None when unknown), or ``[line, text]`` (format 1)."""
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    return isinstance(buffer, list) and all(
+        isinstance(entry, (list, tuple))
+        and len(entry) in (2, 3)
+        and is_int(entry[0])
+        and isinstance(entry[1], str)
+        and (len(entry) == 2 or entry[2] is None or is_int(entry[2]))
+        for entry in buffer
+    )
 
 
 class JsonlDataset(IterableDataset[Any]):
@@ -450,10 +474,11 @@ class JsonlDataset(IterableDataset[Any]):
                 another ``seed`` (an explicit one), ``buffer_size``, ``num_shards``
                 or ``shard_index``, or the file's size changed since.
         """
-        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
+        version = state.get("version") if isinstance(state, Mapping) else None
+        if isinstance(version, bool) or version not in _STATE_VERSIONS:
             raise ValueError(
                 "Not a JsonlDataset state (a dict from JsonlDataset.state_dict(), "
-                f"version {_STATE_VERSION}): {state!r:.120}."
+                f"version {' or '.join(map(str, _STATE_VERSIONS))}): {state!r:.120}."
             )
         for key in ("buffer_size", "num_shards", "shard_index"):
             if state.get(key) != getattr(self, key):
@@ -488,7 +513,7 @@ class JsonlDataset(IterableDataset[Any]):
             and not isinstance(epoch, bool)
             and 0 <= epoch < next_epoch
             and all(isinstance(position.get(k), int) for k in ("offset", "line", "row"))
-            and isinstance(position.get("buffer"), list)
+            and _valid_buffer(position.get("buffer"))
         ):
             raise ValueError(f"Invalid JsonlDataset position: {position!r:.200}.")
         self._base_seed = int(state["seed"])
@@ -521,10 +546,10 @@ class _JsonlIterator(Iterator[Any]):
         self._rng = random.Random(f"afnio-jsonl:{dataset._base_seed}:{epoch}")
         self._buffer: list[_Entry] = []
         # the row number (0-based, among the file's non-blank lines) of the last
-        # sample yielded; None for a buffered row restored from a saved position
-        # (the state keeps its line, not its row)
+        # sample yielded; None only for a buffered row of a format-1 state whose
+        # row number cannot be told (see _restored_row)
         self.last_row: int | None = None
-        self._rows: dict[int, int] = {}  # line -> row of the rows read here
+        self._rows: dict[int, int] = {}  # line -> row of the rows read or buffered
         if position is None:
             self._offset = self._line = self._row = 0
             self._eof = False
@@ -534,8 +559,23 @@ class _JsonlIterator(Iterator[Any]):
             self._row = int(position["row"])
             self._eof = bool(position.get("eof", False))
             self._rng.setstate(_rng_from_json(position["rng"]))
-            for line, text in position["buffer"]:
-                self._buffer.append(dataset._parse(text.encode("utf-8"), int(line)))
+            for saved in position["buffer"]:
+                line, text = int(saved[0]), saved[1]
+                self._buffer.append(dataset._parse(text.encode("utf-8"), line))
+                row = self._restored_row(saved)
+                if row is not None:
+                    self._rows[line] = row
+
+    def _restored_row(self, saved: Sequence[Any]) -> int | None:
+        """The row number of a saved buffer entry: the one stored with it (format
+        2); for a format-1 entry (``[line, text]``), ``line - 1`` when no blank line
+        came before the saved position (its line and row counters are equal, so
+        every line read so far is a row), else None (unknown)."""
+        if len(saved) > 2:
+            return None if saved[2] is None else int(saved[2])
+        if self._line == self._row:
+            return int(saved[0]) - 1
+        return None
 
     def position(self) -> dict[str, Any] | None:
         """Where the next sample comes from (see :meth:`JsonlDataset.state_dict`);
@@ -548,7 +588,9 @@ class _JsonlIterator(Iterator[Any]):
             "line": self._line,
             "row": self._row,
             "eof": self._eof,
-            "buffer": [[line, text] for line, text, _ in self._buffer],
+            "buffer": [
+                [line, text, self._rows.get(line)] for line, text, _ in self._buffer
+            ],
             "rng": _rng_to_json(self._rng),
         }
 
