@@ -55,6 +55,7 @@ __all__ = [
     "mask_query_string",
     "mask_secrets",
     "mask_url",
+    "redact_text",
     "restore_secrets",
 ]
 
@@ -168,7 +169,27 @@ SECRET_SCAN_PATTERNS: tuple[re.Pattern[str], ...] = (
         re.IGNORECASE,
     ),
 )
-"""What :func:`find_secrets` looks for in a text (a cassette, a log, a file)."""
+
+_URL_USERINFO_RE = re.compile(
+    # scheme://user:password@ (the password: what is masked)
+    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:]*:)"
+    r"(?P<secret>(?!<redacted>@)[^\s/?#@]+)(?P<tail>@)"
+)
+_ENV_ASSIGNMENT_RE = re.compile(
+    # NAME=value / NAME: value where NAME ends in a credential word
+    # (OPENAI_API_KEY=..., export GITHUB_TOKEN=..., DB_PASSWORD: ...)
+    r"(?P<head>(?<![A-Za-z0-9_])[A-Za-z0-9_]*(?:API_?KEY|ACCESS_KEY|SECRET_KEY"
+    r"|PRIVATE_KEY|TOKEN|SECRET|PASSWORD|PASSWD)(?![A-Za-z0-9_\"'])\s*[=:]\s*"
+    r"[\"']?)(?P<secret>(?!<redacted>)(?!(?:None|null|true|false)\b)"
+    r"[^\s\"'`<>,;]{8,})",
+    re.IGNORECASE,
+)
+SECRET_SCAN_PATTERNS = (*SECRET_SCAN_PATTERNS, _URL_USERINFO_RE, _ENV_ASSIGNMENT_RE)
+"""What :func:`find_secrets` looks for in a text (a cassette, a log, a file): also a
+URL's password (``https://user:pass@host``) and an env-style assignment of a
+key/token/secret/password name (``OPENAI_API_KEY=...``)."""
+# the patterns whose hit is masked in place: only the ``secret`` group
+_IN_PLACE = (_URL_USERINFO_RE, _ENV_ASSIGNMENT_RE)
 
 
 def _normalize(name: str) -> str:
@@ -390,3 +411,28 @@ def find_secrets(text: str) -> list[str]:
     for pattern in SECRET_SCAN_PATTERNS:
         found.extend(m.group(0) for m in pattern.finditer(text))
     return found
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every credential :func:`find_secrets` finds replaced by
+    :data:`REDACTED`: a URL's password and an env-style assignment's value in
+    place (the user name, the host and the variable name stay), any other hit
+    whole.
+
+    Example::
+
+        >>> redact_text("proxy https://alice:hunter2secret@px.example.com/v1")
+        'proxy https://alice:<redacted>@px.example.com/v1'
+        >>> redact_text("OPENAI_API_KEY=abc123def456ghi789jkl; key sk-abcd1234")
+        'OPENAI_API_KEY=<redacted>; key <redacted>'
+    """
+    for pattern in _IN_PLACE:
+        text = pattern.sub(
+            lambda m: (
+                m.group("head") + REDACTED + m.group(0)[m.end("secret") - m.start(0) :]
+            ),
+            text,
+        )
+    for hit in find_secrets(text):
+        text = text.replace(hit, REDACTED)
+    return text

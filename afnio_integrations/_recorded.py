@@ -16,6 +16,9 @@ what happened and builds the graph from it, so no LM call is repeated:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 from afnio._variable import Variable
@@ -26,9 +29,39 @@ from afnio.autodiff.lm_backward import (
     request_gradients,
 )
 from afnio.autodiff.prompts import CHAT_BACKWARD_SYSTEM
-from afnio.autodiff.provenance import set_sources, sources_of
+from afnio.autodiff.provenance import (
+    _join_bases,
+    bases_of,
+    basis_of,
+    set_sources,
+    sources_of,
+)
 
-__all__ = ["JoinFields", "RecordedChatCall", "StackSamples", "StepOutput"]
+__all__ = [
+    "JoinFields",
+    "RecordedChatCall",
+    "StackSamples",
+    "StepOutput",
+    "batch_rows",
+]
+
+_BATCH_ROWS: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "afnio_integrations_batch_rows", default=None
+)
+
+
+@contextlib.contextmanager
+def batch_rows(rows: Any) -> Iterator[None]:
+    """While the block runs, a :class:`StackSamples` of ``len(rows)`` samples stacks
+    them in the order of ``rows`` (the loader batch's row column, a list or a
+    Variable with list data): its feedback is numbered in ``rows`` (provenance), so
+    the Trainer can credit it to the batch's samples."""
+    token = _BATCH_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _BATCH_ROWS.reset(token)
+
 
 DEFAULT_OUTPUT_ROLE = "response of a chat model"
 
@@ -173,6 +206,12 @@ class StackSamples(Function):
     @staticmethod
     def forward(ctx: Any, samples: list[Variable], role: str = "outputs") -> Variable:
         ctx.n = len(samples)
+        rows = _BATCH_ROWS.get()
+        data = rows.data if isinstance(rows, Variable) else rows
+        # the samples are the batch's rows, in order (see batch_rows)
+        ctx.basis = (
+            basis_of(data) if isinstance(data, list) and len(data) == ctx.n else None
+        )
         # one conversation per sample: what an evaluator shows as each input
         ctx.rendered = [_conversation_of(s) for s in samples]
         return Variable([str(s.data) for s in samples], role=role)
@@ -183,12 +222,21 @@ class StackSamples(Function):
         aligned = isinstance(data, list) and len(data) == ctx.n
         per = data if aligned else [data] * ctx.n
         known = sources_of(grad)
+        bases = bases_of(grad)
         grads: list[Variable | None] = []
         for s, t in enumerate(per):
             g = Variable(str(t), role="feedback to the output") if t else None
             if g is not None and aligned:
-                # the feedback on sample s of the batch (provenance of the text)
-                set_sources(g, [known[s] if known[s] is not None else (s,)])
+                # the feedback on sample s of the batch (provenance of the text,
+                # in the numbering it recorded; else in an unknown one)
+                basis = getattr(ctx, "basis", None)
+                if known[s] is None or (known[s] == (s,) and basis is not None):
+                    # sample s of the stack: numbered in the batch's rows, and in
+                    # the incoming feedback's basis when that numbers it as s too
+                    joined = _join_bases(basis, bases[s] if known[s] else None)
+                    set_sources(g, [(s,)], basis=joined)
+                else:
+                    set_sources(g, [known[s]], basis=bases[s])
             grads.append(g)
         return _padded(ctx, grads)
 

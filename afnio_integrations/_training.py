@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from afnio._variable import Variable
 from afnio.cognitive.modules.module import Module
 from afnio.models.phases import LEDGER, PhaseRow
 from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader, Dataset, IterableDataset
+from afnio_integrations._recorded import batch_rows
 from afnio_integrations._report import OptimizeReport
 
 __all__ = [
@@ -129,6 +131,18 @@ def stream_rows(
     return StreamRows(source, check, keep)
 
 
+def _rows_of(batch: Any) -> Any:
+    """The row column of a batch of ``(index, index)`` pairs (what the steps run
+    on, in order), or ``None``."""
+    if isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+        if isinstance(first, list) or (
+            isinstance(first, Variable) and isinstance(first.data, list)
+        ):
+            return first
+    return None
+
+
 class SplitAgent(Module):
     """A Trainer agent whose steps all run :meth:`_step` on a split (``"train"`` for
     training, ``"val"`` for validation and test) and whose optimizer is built by
@@ -142,7 +156,10 @@ class SplitAgent(Module):
         raise NotImplementedError  # abstract: every subclass defines its step
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return self._step(batch, "train")
+        # the traced batch stacks its samples in the order of the batch's rows:
+        # its feedback is credited to them (provenance)
+        with batch_rows(_rows_of(batch)):
+            return self._step(batch, "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         return self._step(batch, "val")
@@ -225,8 +242,8 @@ def check_loggers(loggers: Any) -> list[Any] | None:
 
 
 def write_run_report(run_dir: str | Path) -> str | None:
-    """Write the HTML report of the run in ``run_dir``
-    (:func:`afnio.report.write_report`: ``<run_dir>/report.html``, no LM call);
+    """Write the HTML report of the run in ``run_dir`` (a run folder, or its run-log
+    file: :func:`afnio.report.write_report`, ``report.html`` beside it, no LM call);
     its path, or ``None`` when it could not be written: then a warning (logger
     ``afnio.integrations``) says why and how to write it later, and the run's
     results are kept (this never raises an ``Exception``)."""
@@ -392,11 +409,12 @@ def train_agent(
         # a run that failed after some steps: its report shows them (named on the
         # exception); one that failed before any step has nothing to show
         if _has_steps(trainer):
-            path = write_run_report(trainer.default_root_dir)
+            path = write_run_report(trainer.run_log_path)
             if path is not None:
                 e.add_note(f"run report (the steps before the failure): {path}")
         raise
-    report_path = write_run_report(trainer.default_root_dir)
+    # the run log the Trainer wrote (a custom JsonlLogger file name too)
+    report_path = write_run_report(trainer.run_log_path)
     calls, tokens = _calls_and_tokens(trainer)
     after = None
     if trainer.stopped_reason is None:

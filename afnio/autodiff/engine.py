@@ -56,10 +56,16 @@ from afnio.autodiff.function import BackwardFunction, _needs_override
 from afnio.autodiff.grad_mode import _grad_enabled
 from afnio.autodiff.graph import AccumulateGrad, GradientEdge, Node
 from afnio.autodiff.provenance import (
+    Basis,
     _call_samples_of,
+    _common_basis,
     _has_sources,
+    _merged_basis,
     _merged_source,
+    _set_recorded,
     _union,
+    bases_of,
+    basis_of,
     set_sources,
     sources_of,
 )
@@ -269,7 +275,11 @@ class _Pass:
             g = result[slot] if result is not None else None
             if g is not None and not _has_sources(g):
                 _default_sources(
-                    g, _target_length(target, output_nr), incoming, inherited
+                    g,
+                    _target_length(target, output_nr),
+                    incoming,
+                    inherited,
+                    target.variable if isinstance(target, AccumulateGrad) else None,
                 )
             if isinstance(target, AccumulateGrad):
                 if g is not None and (self.targets is None or target in self.targets):
@@ -308,41 +318,51 @@ def _target_length(target: Node, output_nr: int) -> int | None:
     return None
 
 
-def _single_source(incoming: list[Variable | None] | None) -> tuple[int, ...] | None:
-    """The sources of a node's incoming feedback when it is a single non-empty text
-    with known sources (what every gradient the node derives from it is about)."""
+def _single_source(
+    incoming: list[Variable | None] | None,
+) -> tuple[tuple[int, ...], Basis] | None:
+    """The sources (and their basis) of a node's incoming feedback when it is a
+    single non-empty text with known sources (what every gradient the node derives
+    from it is about)."""
     if not incoming:
         return None
-    found: list[tuple[int, ...] | None] = []
+    found: list[tuple[tuple[int, ...] | None, Basis]] = []
     for g in incoming:
         if g is None:
             continue
         items = g.data if isinstance(g.data, list) else [g.data]
-        for item, src in zip(items, sources_of(g), strict=True):
+        for item, src, basis in zip(items, sources_of(g), bases_of(g), strict=True):
             if item != "":
-                found.append(src)
-    return found[0] if len(found) == 1 else None
+                found.append((src, basis))
+    if len(found) != 1 or found[0][0] is None:
+        return None
+    return found[0]  # type: ignore[return-value]
 
 
 def _default_sources(
     g: Variable,
     length: int | None,
     incoming: list[Variable | None] | None,
-    inherited: tuple[int, ...] | None,
+    inherited: tuple[tuple[int, ...], Basis] | None,
+    leaf: Variable | None = None,
 ) -> None:
     """Provenance for a gradient its Function did not annotate: the incoming
     feedback passed on unchanged keeps its sources; one aligned with a batched
-    Variable is, item by item, about that sample; any other one inherits the sources
-    of the node's single incoming feedback text, if known."""
+    Variable is, item by item, about that sample (numbered in that Variable's items
+    when it is a leaf, ``leaf``; else in an unknown basis); any other one inherits
+    the sources of the node's single incoming feedback text, if known."""
     data = g.data
     given = [x for x in incoming or () if x is not None]
     if len(given) == 1 and _has_sources(given[0]) and given[0].data == data:
-        set_sources(g, sources_of(given[0]), _call_samples_of(given[0]))
+        _set_recorded(
+            g, sources_of(given[0]), _call_samples_of(given[0]), bases_of(given[0])
+        )
     elif length is not None and isinstance(data, list) and len(data) == length:
-        set_sources(g, [(s,) for s in range(length)])
+        basis = basis_of(leaf) if leaf is not None else None
+        set_sources(g, [(s,) for s in range(length)], basis=basis)
     elif inherited is not None:
         n = len(data) if isinstance(data, list) else 1
-        set_sources(g, [inherited] * n)
+        set_sources(g, [inherited[0]] * n, basis=inherited[1])
 
 
 def _combine(grads: list[Variable], role: str, length: int | None) -> Variable:
@@ -359,34 +379,45 @@ def _combine(grads: list[Variable], role: str, length: int | None) -> Variable:
         texts: list[Any] = []
         sources: list[tuple[int, ...] | None] = []
         calls: list[tuple[int, ...] | None] = []
+        bases: list[Basis] = []
         for g in grads:
             items = g.data if isinstance(g.data, list) else [g.data]
-            for item, src, call in zip(
-                items, sources_of(g), _call_samples_of(g), strict=True
+            for item, src, call, basis in zip(
+                items, sources_of(g), _call_samples_of(g), bases_of(g), strict=True
             ):
                 if item != "":
                     texts.append(str(item))
                     sources.append(src)
                     calls.append(call)
+                    bases.append(basis)
         data: Any = texts[0] if len(texts) == 1 else (texts or "")
         combined = Variable(data, role=grads[0].role or f"feedback to {role}")
         if texts:
-            set_sources(combined, sources, calls)
+            _set_recorded(combined, sources, calls, bases)
         return combined
     columns: list[list[str]] = [[] for _ in range(length)]
     column_sources: list[list[tuple[int, ...] | None]] = [[] for _ in range(length)]
+    column_bases: list[list[Basis]] = [[] for _ in range(length)]
     for g in grads:
         aligned = isinstance(g.data, list) and len(g.data) == length
         g_sources = sources_of(g)
+        g_bases = bases_of(g)
         merged = None if aligned else _merged_source(g)
+        merged_basis = None if aligned else _merged_basis(g)
         for s in range(length):
             text = g.data[s] if aligned else g.data
             if text != "":
                 columns[s].append(str(text))
                 column_sources[s].append(g_sources[s] if aligned else merged)
+                column_bases[s].append(g_bases[s] if aligned else merged_basis)
     data = ["\n\n".join(col) for col in columns]
     combined = Variable(data, role=grads[0].role or f"feedback to {role}")
-    set_sources(combined, [_union(srcs) for srcs in column_sources])
+    _set_recorded(
+        combined,
+        [_union(srcs) for srcs in column_sources],
+        None,
+        [_common_basis(b) for b in column_bases],
+    )
     return combined
 
 

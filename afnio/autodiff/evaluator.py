@@ -46,7 +46,7 @@ from afnio.autodiff.prompts import (
     PREDICTION_PLACEHOLDER,
     judge_response_format,
 )
-from afnio.autodiff.provenance import set_sources
+from afnio.autodiff.provenance import Basis, _join_bases, basis_of, set_sources
 from afnio.errors import JudgeParseError
 from afnio.models.model import ChatCompletionModel
 from afnio.models.phases import lm_phase
@@ -348,12 +348,14 @@ def _gradient(
     texts: list[str],
     batched: bool,
     call_groups: dict[int, tuple[int, ...]] | None = None,
+    basis: Basis = None,
 ) -> Variable | None:
     """Difference 13: aligned list for a batched Variable, the non-empty texts for a
     shared one in a batched call, a str in an unbatched call; ``None`` if empty.
 
-    In a batched call each text records its sample ``(s,)`` and, when its backward
-    call covered several samples (``call_groups``), that group
+    In a batched call each text records its sample ``(s,)``, numbered in ``basis``
+    (the evaluator's targets and per-sample inputs) and, when its backward call
+    covered several samples (``call_groups``), that group
     (:mod:`afnio.autodiff.provenance`); an unbatched call records nothing."""
     role = f"feedback to {var.role}"
     groups = call_groups or {}
@@ -371,6 +373,7 @@ def _gradient(
                 grad,
                 [(s,) for s in range(len(texts))],
                 [call_of(s) if t else None for s, t in enumerate(texts)],
+                basis=basis,
             )
         return grad
     if batched:
@@ -378,7 +381,7 @@ def _gradient(
         if not kept:
             return None
         grad = Variable([texts[s] for s in kept], role=role)
-        set_sources(grad, [(s,) for s in kept], [call_of(s) for s in kept])
+        set_sources(grad, [(s,) for s in kept], [call_of(s) for s in kept], basis=basis)
         return grad
     return Variable(texts[0], role=role) if texts[0] else None
 
@@ -424,6 +427,16 @@ def _save(
     ctx.best = _best_score(scores, best_score)
     ctx.per_sample_skip = bool(per_sample_skip)
     ctx.inputs_text = _producer_inputs(prediction, n)
+    # what the sample positions of the feedback are numbered in (provenance);
+    # the forward replaces it with its target's own list when it has one
+    ctx.basis = basis_of(ctx.targets) if ctx.batched else None
+
+
+def _target_basis(ctx: Any, target: Any) -> None:
+    """Number the feedback's samples in the ``target`` list object itself (a batch
+    column passed as it is is then recognized by identity)."""
+    if ctx.batched:
+        ctx.basis = basis_of(target) or ctx.basis
 
 
 def _prediction_only_backward(
@@ -431,7 +444,11 @@ def _prediction_only_backward(
 ) -> tuple[Variable | None, ...]:
     result: list[Variable | None] = [None] * len(ctx.needs_input_grad)
     result[0] = _gradient(
-        ctx.prediction, texts[0], ctx.batched, getattr(ctx, "call_groups", None)
+        ctx.prediction,
+        texts[0],
+        ctx.batched,
+        getattr(ctx, "call_groups", None),
+        getattr(ctx, "basis", None),
     )
     return tuple(result)
 
@@ -508,6 +525,7 @@ class DeterministicEvaluator(Function):
             per_sample_skip,
             samples_per_call,
         )
+        _target_basis(ctx, target)
         return _outputs(ctx, prediction, score, explanation)
 
     @staticmethod
@@ -730,6 +748,7 @@ class LMJudgeEvaluator(Function):
             samples_per_call,
             explanations if isinstance(prediction.data, list) else None,
         )
+        _target_basis(ctx, target)
         ctx.eval_mode = bool(mode)
         # the judge's Variables, for eval_mode=False, in slot order
         judge_vars: list[tuple[Variable, str]] = [
@@ -751,6 +770,18 @@ class LMJudgeEvaluator(Function):
         if isinstance(target, Variable):
             judge_positions = [p for p in judge_positions if slots[p] is not target]
         ctx.judge_vars = judge_vars
+        if ctx.batched:  # per-sample judge inputs number the samples too
+            n = len(scores)
+            ctx.basis = _join_bases(
+                ctx.basis,
+                basis_of(
+                    *(
+                        v
+                        for v, _ in judge_vars
+                        if isinstance(v.data, list) and len(v.data) == n
+                    )
+                ),
+            )
         ctx.judge_positions = judge_positions[: len(judge_vars)]
         ctx.prediction_position = prediction_position
         ctx.rendered_judge = rendered
@@ -769,7 +800,7 @@ class LMJudgeEvaluator(Function):
                 ctx, explanation_grad, [(ctx.prediction, "prediction")]
             )
             result[ctx.prediction_position] = _gradient(
-                ctx.prediction, texts[0], ctx.batched, ctx.call_groups
+                ctx.prediction, texts[0], ctx.batched, ctx.call_groups, ctx.basis
             )
             return tuple(result)
         asked = [
@@ -784,6 +815,6 @@ class LMJudgeEvaluator(Function):
         )
         for (k, (var, _)), var_texts in zip(asked, texts, strict=True):
             result[ctx.judge_positions[k]] = _gradient(
-                var, var_texts, ctx.batched, ctx.call_groups
+                var, var_texts, ctx.batched, ctx.call_groups, ctx.basis
             )
         return tuple(result)

@@ -16,8 +16,11 @@ feedback. Empty feedback is dropped (difference 15).
 
 Provenance (:mod:`afnio.autodiff.provenance`): in a batched call every feedback text
 records the sample ``(s,)`` whose backward call wrote it, also the texts kept for a
-shared Variable; an unbatched call records nothing (the engine may pass on the
-sources of its incoming feedback).
+shared Variable, numbered in the call's batched inputs and messages (their items'
+fingerprints are the texts' basis), and, when the feedback on the replies was
+numbered the same way (sample ``s`` of it about ``(s,)``), in that feedback's basis
+too (the evaluator's targets); an unbatched call records nothing (the engine may
+pass on the sources of its incoming feedback).
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ from afnio.autodiff.lm_backward import (
     request_gradients,
 )
 from afnio.autodiff.prompts import CHAT_BACKWARD_SYSTEM
-from afnio.autodiff.provenance import set_sources
+from afnio.autodiff.provenance import (
+    Basis,
+    _join_bases,
+    bases_of,
+    basis_of,
+    set_sources,
+    sources_of,
+)
 from afnio.models.model import ChatCompletionModel
 
 __all__ = ["ChatCompletion"]
@@ -226,6 +236,27 @@ class ChatCompletion(Function):
         ctx.rendered = rendered
         ctx.replies = list(replies)
         ctx.batched = n is not None
+        # what the sample positions of the feedback are numbered in (provenance)
+        ctx.basis = (
+            basis_of(
+                *(
+                    r.var
+                    for r in refs
+                    if r.only_sample is None
+                    and isinstance(r.var.data, list)
+                    and len(r.var.data) == n
+                ),
+                *(  # plain lists of values given as inputs
+                    value
+                    for value in inputs.values()
+                    if isinstance(value, list)
+                    and len(value) == n
+                    and not any(isinstance(v, Variable) for v in value)
+                ),
+            )
+            if n is not None
+            else None
+        )
         return Variable(
             list(replies) if n is not None else replies[0], role=OUTPUT_ROLE
         )
@@ -263,6 +294,11 @@ class ChatCompletion(Function):
         await asyncio.gather(*(one_sample(s) for s in range(n)))
 
         result: list[Variable | None] = [None] * len(needs)
+        basis = (
+            _join_bases(getattr(ctx, "basis", None), _aligned_basis(grad_output, n))
+            if ctx.batched
+            else None
+        )
         for k in wanted:
             ref = ctx.refs[k]
             texts = per_var[k]
@@ -271,20 +307,39 @@ class ChatCompletion(Function):
                 text = texts[ref.only_sample]
                 grad = Variable(text, role=role) if text else None
                 if grad is not None and ctx.batched:
-                    set_sources(grad, [(ref.only_sample,)])
+                    set_sources(grad, [(ref.only_sample,)], basis=basis)
             elif isinstance(ref.var.data, list):
                 grad = Variable(texts, role=role) if any(texts) else None
                 if grad is not None:
-                    set_sources(grad, [(s,) for s in range(len(texts))])
+                    set_sources(grad, [(s,) for s in range(len(texts))], basis=basis)
             elif ctx.batched:
                 kept = [s for s, t in enumerate(texts) if t]
                 grad = Variable([texts[s] for s in kept], role=role) if kept else None
                 if grad is not None:
-                    set_sources(grad, [(s,) for s in kept])
+                    set_sources(grad, [(s,) for s in kept], basis=basis)
             else:
                 grad = Variable(texts[0], role=role) if texts[0] else None
             result[ctx.positions[k]] = grad
         return tuple(result)
+
+
+def _aligned_basis(grad: Variable, n: int) -> Basis:
+    """The basis of ``grad`` (the feedback on the replies) when it numbers the
+    samples as this call does: one item per sample, item ``s`` about ``(s,)``, all
+    in one basis; else ``None``."""
+    data = grad.data
+    if not isinstance(data, list) or len(data) != n:
+        return None
+    found: Basis = None
+    for s, (item, src, basis) in enumerate(
+        zip(data, sources_of(grad), bases_of(grad), strict=True)
+    ):
+        if item == "":
+            continue
+        if src != (s,) or basis is None or (found is not None and basis != found):
+            return None
+        found = basis
+    return found
 
 
 def _per_sample_feedback(data: Any, n: int, batched: bool) -> list[str]:

@@ -22,6 +22,19 @@ Where the sources come from:
   returned by a node whose incoming feedback was a single text with known sources,
   is about those sources.
 
+The basis of the positions. Positions are numbered within the batched Variable the
+recording Function ran on, which need not be the batch the data loader yielded (a
+``training_step`` may score a subset, a reordering or an expansion of it). So each
+text also records its **basis**: for each candidate Variable its positions index
+into, the id of its data list and a short fingerprint (:func:`fingerprint`) of each
+of its data items, in order (the evaluator: its targets and its per-sample inputs;
+ChatCompletion: its batched inputs and messages, plus the basis of the incoming
+per-sample feedback). A reader (the :class:`~afnio.trainer.Trainer`) maps positions
+to the loader's batch only when the basis matches a column of that batch for
+certain (:func:`match_positions`: the column itself, or a subset/reordering of
+unique items); otherwise the samples are unknown. ``FeedbackItem.basis`` holds it
+(``None``: unknown).
+
 It is best effort: a gradient from a path that records nothing (a user-defined
 Function, the basic operations, a gradient passed to ``.backward()`` by hand, an
 unbatched call) gives ``samples=None``. Sources are private attributes of the
@@ -43,15 +56,28 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from afnio._variable import Variable
 
-__all__ = ["FeedbackItem", "feedback_items", "set_sources", "sources_of"]
+__all__ = [
+    "FeedbackItem",
+    "basis_of",
+    "bases_of",
+    "feedback_items",
+    "fingerprint",
+    "match_positions",
+    "set_sources",
+    "sources_of",
+]
 
 Source = tuple[int, ...] | None
+# the candidate columns positions index into: per column, one fingerprint per item
+Basis = tuple[tuple[str, ...], ...] | None
 
 _ATTR = "_afnio_sources"
 
@@ -68,6 +94,9 @@ class FeedbackItem:
         call_samples: the positions covered by the one LM call that wrote the text
             when that call covered several samples (a grouped evaluator call);
             ``None`` for a call about one sample, or when unknown.
+        basis: what the positions are numbered in: candidate columns (one
+            fingerprint per item of a batched Variable the positions index into);
+            ``None`` when unknown (see :func:`match_positions`).
 
     Example::
 
@@ -78,17 +107,144 @@ class FeedbackItem:
     text: str
     samples: tuple[int, ...] | None
     call_samples: tuple[int, ...] | None
+    basis: Basis = field(default=None, repr=False, compare=False)
 
 
 class _Recorded:
     """The sources of one gradient, valid while its ``data`` is the same object."""
 
-    __slots__ = ("calls", "data", "sources")
+    __slots__ = ("bases", "calls", "data", "sources")
 
-    def __init__(self, data: Any, sources: list[Source], calls: list[Source]) -> None:
+    def __init__(
+        self,
+        data: Any,
+        sources: list[Source],
+        calls: list[Source],
+        bases: list[Basis] | None = None,
+    ) -> None:
         self.data = data
         self.sources = sources
         self.calls = calls
+        self.bases = bases if bases is not None else [None] * len(sources)
+
+
+def fingerprint(value: Any) -> str:
+    """A short hash (16 hex digits) of ``str(value)``: how a basis names a data item
+    without copying its text.
+
+    Example::
+
+        >>> fingerprint("hello") == fingerprint("hello") != fingerprint("hello!")
+        True
+    """
+    text = value if isinstance(value, str) else str(value)
+    data = text.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def _column(data: list[Any]) -> tuple[str, ...]:
+    """A basis column: ``@<id of the list>`` (the object, which tells an unchanged
+    batch column from an equal copy) then one fingerprint per item."""
+    return (f"@{id(data):x}", *(fingerprint(item) for item in data))
+
+
+def basis_of(*columns: Any) -> Basis:
+    """The basis of positions numbered within each of ``columns`` (lists of data
+    items, or Variables with list data; anything else is skipped): per distinct
+    column, a tuple of its list object's id (``"@..."``) and one fingerprint per
+    item; ``None`` when there is none.
+
+    Example::
+
+        >>> items = ["a", "b"]
+        >>> basis = basis_of(items, "not a column")
+        >>> basis == ((f"@{id(items):x}", fingerprint("a"), fingerprint("b")),)
+        True
+    """
+    found: list[tuple[str, ...]] = []
+    for column in columns:
+        data = column.data if isinstance(column, Variable) else column
+        if not isinstance(data, list) or not data:
+            continue
+        prints = _column(data)
+        if prints not in found:
+            found.append(prints)
+    return tuple(found) if found else None
+
+
+def _split(column: Sequence[str]) -> tuple[str | None, tuple[str, ...]]:
+    """A basis column as (its object marker or None, its fingerprints)."""
+    column = tuple(column)
+    if column and column[0].startswith("@"):
+        return column[0], column[1:]
+    return None, column
+
+
+def _join_bases(*bases: Basis) -> Basis:
+    """All candidate columns of several bases (of the same numbering)."""
+    found: list[tuple[str, ...]] = []
+    for basis in bases:
+        for column in basis or ():
+            if column not in found:
+                found.append(column)
+    return tuple(found) if found else None
+
+
+def match_positions(
+    positions: Sequence[int] | None,
+    basis: Basis,
+    columns: Sequence[Sequence[str]],
+) -> list[int] | None:
+    """``positions`` (numbered in ``basis``) as positions in a batch whose columns
+    are ``columns`` (as :func:`basis_of` builds them), or ``None`` when that is not
+    certain.
+
+    A candidate column of ``basis`` maps its positions when it **is** one of
+    ``columns`` (the same list object, unchanged: identity), or when each of its
+    fingerprints is unique and found exactly once in one of ``columns`` (a subset
+    or a reordering, matched by value). An equal copy holding repeated values
+    (labels) proves nothing and maps nothing. Every mapping found must agree, and
+    every position must be inside the basis; else (no basis, no match, mappings
+    that disagree, duplicated items) the answer is ``None``: a wrong attribution
+    is worse than an unknown one.
+
+    Example::
+
+        >>> batch = ["a", "b", "c"]
+        >>> cols = basis_of(batch)
+        >>> match_positions([0, 1], basis_of(["c", "a"]), cols)
+        [2, 0]
+        >>> match_positions([2], basis_of(batch), cols)
+        [2]
+        >>> match_positions([0], basis_of(["a", "a"]), cols) is None
+        True
+    """
+    if positions is None or not basis:
+        return None
+    mappings: set[tuple[int, ...]] = set()
+    for cand in basis:
+        marker, prints = _split(cand)
+        unique = len(set(prints)) == len(prints)
+        for column in columns:
+            col_marker, col_prints = _split(column)
+            if marker is not None and marker == col_marker and prints == col_prints:
+                mappings.add(tuple(range(len(prints))))
+                continue
+            if not unique:
+                continue
+            counts = Counter(col_prints)
+            if all(counts.get(v) == 1 for v in prints):
+                where = {v: i for i, v in enumerate(col_prints)}
+                mappings.add(tuple(where[v] for v in prints))
+    if len(mappings) != 1:
+        return None
+    (mapping,) = mappings
+    out: list[int] = []
+    for p in positions:
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < len(mapping):
+            return None
+        out.append(mapping[p])
+    return out
 
 
 def _items(data: Any) -> list[Any]:
@@ -117,6 +273,7 @@ def set_sources(
     grad: Variable,
     sources: Sequence[Source],
     call_samples: Sequence[Source] | None = None,
+    basis: Basis = None,
 ) -> None:
     """Record which samples each data item of the gradient ``grad`` is about.
 
@@ -128,6 +285,9 @@ def set_sources(
         call_samples: one entry per data item: the positions covered by the LM call
             that wrote it when it covered several samples, else ``None``. Omitted:
             all ``None``.
+        basis: what every item's positions are numbered in (see
+            :func:`basis_of`); ``None``: unknown, and a reader such as the Trainer
+            then cannot map them to its batch.
 
     Raises:
         TypeError: ``grad`` is not a Variable, or an entry is not a tuple of ints
@@ -167,7 +327,33 @@ def set_sources(
         calls = [
             _check_source(c, "call_samples", i) for i, c in enumerate(call_samples)
         ]
-    setattr(grad, _ATTR, _Recorded(grad.data, checked, calls))
+    _check_basis(basis)
+    setattr(grad, _ATTR, _Recorded(grad.data, checked, calls, [basis] * n))
+
+
+def _check_basis(basis: Any) -> None:
+    if basis is None:
+        return
+    if not isinstance(basis, tuple) or not all(
+        isinstance(col, tuple) and all(isinstance(v, str) for v in col) for col in basis
+    ):
+        raise TypeError(
+            "`basis` must be None or a tuple of columns (tuples of fingerprint "
+            f"strings), as basis_of() returns; got {type(basis).__name__}."
+        )
+
+
+def _set_recorded(
+    grad: Variable,
+    sources: Sequence[Source],
+    calls: Sequence[Source] | None,
+    bases: Sequence[Basis],
+) -> None:
+    """:func:`set_sources` with one basis per item (internal: merged gradients)."""
+    set_sources(grad, sources, calls)
+    rec = _recorded(grad)
+    assert rec is not None and len(bases) == len(rec.sources)
+    rec.bases = list(bases)
 
 
 def _recorded(grad: Any) -> _Recorded | None:
@@ -211,6 +397,14 @@ def _call_samples_of(grad: Variable) -> list[Source]:
     return list(rec.calls)
 
 
+def bases_of(grad: Variable) -> list[Basis]:
+    """The recorded basis of each data item of ``grad`` (``None`` where unknown)."""
+    rec = _recorded(grad)
+    if rec is None:
+        return [None] * len(_items(grad.data))
+    return list(rec.bases)
+
+
 def _union(sources: Iterable[Source]) -> Source:
     """The union of several sources; ``None`` if any is unknown or there is none."""
     out: set[int] = set()
@@ -236,12 +430,35 @@ def _merged_source(grad: Variable) -> Source:
     )
 
 
+def _common_basis(bases: Iterable[Basis]) -> Basis:
+    """The basis shared by all of ``bases`` (``None`` if they differ, one is
+    unknown, or there is none): positions of different numberings never mix."""
+    found: Basis = None
+    seen = False
+    for basis in bases:
+        if basis is None or (seen and basis != found):
+            return None
+        found, seen = basis, True
+    return found
+
+
+def _merged_basis(grad: Variable) -> Basis:
+    """The basis shared by all non-empty texts of ``grad`` (see
+    :func:`_merged_source`)."""
+    rec = _recorded(grad)
+    if rec is None:
+        return None
+    return _common_basis(
+        b for item, b in zip(_items(grad.data), rec.bases, strict=True) if item != ""
+    )
+
+
 def _copy_sources(src: Variable, dst: Variable) -> None:
     """Give ``dst`` the sources of ``src`` when both have the same number of items
     (a gradient rewritten item by item)."""
     rec = _recorded(src)
     if rec is not None and len(_items(dst.data)) == len(rec.sources):
-        set_sources(dst, rec.sources, rec.calls)
+        _set_recorded(dst, rec.sources, rec.calls, rec.bases)
 
 
 def _grads_of(param: Any) -> list[Variable]:
@@ -289,8 +506,9 @@ def feedback_items(param: Variable | Iterable[Variable]) -> list[FeedbackItem]:
         items = _items(grad.data)
         sources = sources_of(grad)
         calls = _call_samples_of(grad)
-        for item, src, call in zip(items, sources, calls, strict=True):
+        bases = bases_of(grad)
+        for item, src, call, basis in zip(items, sources, calls, bases, strict=True):
             text = str(item).strip()
             if text:
-                out.append(FeedbackItem(text, src, call))
+                out.append(FeedbackItem(text, src, call, basis))
     return out

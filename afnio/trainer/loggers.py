@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from afnio.models.phases import PHASES
 from afnio.trainer.mlflow_logger import MLflowLogger
-from afnio.trainer.run_log import Logger, RunLogWriter
+from afnio.trainer.run_log import RUN_LOG_FILE, SCHEMA, Logger, RunLogWriter
 
 __all__ = ["CSVLogger", "JsonlLogger", "Logger", "MLflowLogger", "RunLogWriter"]
 
@@ -46,6 +47,24 @@ _FIXED = (
 )
 
 
+def _run_log_in(run_dir: Path) -> Path | None:
+    """The run log in ``run_dir``: ``run_log.jsonl``, else the one ``*.jsonl`` file
+    whose first line is an ``afnio.run_log`` header (a custom file name)."""
+    default = run_dir / RUN_LOG_FILE
+    if default.is_file():
+        return default
+    found = []
+    for path in sorted(run_dir.glob("*.jsonl")):
+        try:
+            with open(path, "rb") as f:
+                first = json.loads(f.readline() or b"null")
+        except (OSError, ValueError):
+            continue
+        if isinstance(first, dict) and first.get("schema") == SCHEMA:
+            found.append(path)
+    return found[0] if len(found) == 1 else None
+
+
 class CSVLogger:
     """One CSV row per optimizer step and per validation pass, in
     ``<run dir>/<filename>`` (default ``metrics_steps.csv``).
@@ -60,7 +79,10 @@ class CSVLogger:
     written again with the wider header; earlier rows leave it empty).
 
     A resumed fit keeps the rows written up to its checkpoint and drops the rest, as
-    the run log does. Nothing is fsynced or renamed.
+    the run log does: it rebuilds them from the run log (started, and cut back to
+    the checkpoint, before this logger), so a CSV torn by a kill while it was being
+    written again is repaired; without a run log in the folder it keeps the first
+    rows of the CSV itself. Nothing is fsynced or renamed.
 
     Args:
         filename: the file name in the run's folder (no directories).
@@ -81,6 +103,7 @@ class CSVLogger:
         self.path: Path | None = None
         self.columns: list[str] = list(_FIXED)
         self.rows: list[dict[str, Any]] = []
+        self._new: list[str] = []
         self._file: Any = None
 
     def __repr__(self) -> str:
@@ -95,19 +118,56 @@ class CSVLogger:
         self.path = run_dir / self.filename
         self.columns = list(_FIXED)
         self.rows = []
-        if state is not None and self.path.is_file():
-            text = self.path.read_text("utf-8", errors="replace")
-            if text and not text.endswith("\n"):  # a torn last line
-                text = text[: text.rfind("\n") + 1]
-            reader = csv.DictReader(io.StringIO(text))
-            for name in reader.fieldnames or []:
-                if name not in self.columns:
-                    self.columns.append(name)
-            self.rows = [dict(row) for row in reader]
-            keep = state.get("rows") if isinstance(state, Mapping) else None
-            if isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0:
-                self.rows = self.rows[:keep]
+        if state is not None and not self._replay_run_log(run_dir):
+            self._read_rows(state)
         self._rewrite()
+
+    def _read_rows(self, state: Mapping[str, Any]) -> None:
+        """The rows of the CSV file itself, the first ``state["rows"]`` kept (when
+        no run log can be replayed)."""
+        assert self.path is not None
+        if not self.path.is_file():
+            return
+        text = self.path.read_text("utf-8", errors="replace")
+        if text and not text.endswith("\n"):  # a torn last line
+            text = text[: text.rfind("\n") + 1]
+        reader = csv.DictReader(io.StringIO(text))
+        for name in reader.fieldnames or []:
+            if name not in self.columns:
+                self.columns.append(name)
+        self.rows = [dict(row) for row in reader]
+        keep = state.get("rows") if isinstance(state, Mapping) else None
+        if isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0:
+            self.rows = self.rows[:keep]
+
+    def _replay_run_log(self, run_dir: Path) -> bool:
+        """Rebuild the rows from the run's log (already cut back to the checkpoint
+        when it resumes: the Trainer starts it first): a CSV torn by a kill during
+        its rewrite is repaired. ``False`` when the folder holds no run log."""
+        log = _run_log_in(run_dir)
+        if log is None:
+            return False
+        rows, self.rows = self.rows, []
+        self._file = None
+        path, self.path = self.path, None  # rows only: _add must not write
+        try:
+            for line in log.read_bytes().split(b"\n"):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line
+                if not isinstance(record, dict):
+                    continue
+                if record.get("type") == "step":
+                    self._row_of_step(record)
+                elif record.get("type") == "validation":
+                    self._row_of_validation(record)
+        except OSError:
+            self.rows = rows
+            return False
+        finally:
+            self.path = path
+        return True
 
     def _rewrite(self) -> None:
         assert self.path is not None
@@ -123,10 +183,9 @@ class CSVLogger:
             raise RuntimeError(
                 "CSVLogger.start() must be called before rows are logged."
             )
-        self.rows.append(row)
-        new = [key for key in row if key not in self.columns]
+        self._append(row)
+        new = self._new
         if new:
-            self.columns.extend(new)
             finished = self._file is None
             self._rewrite()
             if finished:
@@ -138,6 +197,12 @@ class CSVLogger:
             return
         csv.DictWriter(self._file, self.columns, lineterminator="\n").writerow(row)
         self._file.flush()
+
+    def _append(self, row: dict[str, Any]) -> None:
+        """Keep ``row`` and widen the columns (``self._new``: the added ones)."""
+        self.rows.append(row)
+        self._new = [key for key in row if key not in self.columns]
+        self.columns.extend(self._new)
 
     @staticmethod
     def _costs(row: dict[str, Any], cost: Any, own: str) -> None:
@@ -154,6 +219,15 @@ class CSVLogger:
 
     def log_step(self, record: dict[str, Any]) -> None:
         """A ``step`` row: its training metrics as ``train_<name>``."""
+        self._add(self._step_row(record))
+
+    def _row_of_step(self, record: dict[str, Any]) -> None:
+        self._append(self._step_row(record))
+
+    def _row_of_validation(self, record: dict[str, Any]) -> None:
+        self._append(self._validation_row(record))
+
+    def _step_row(self, record: dict[str, Any]) -> dict[str, Any]:
         row: dict[str, Any] = {
             "type": "step",
             "step": record.get("step"),
@@ -164,11 +238,14 @@ class CSVLogger:
         self._costs(row, record.get("cost"), "step_usd")
         for key, value in (record.get("metrics") or {}).items():
             row[f"train_{key}"] = value
-        self._add(row)
+        return row
 
     def log_validation(self, record: dict[str, Any]) -> None:
         """A ``validation`` row: its metrics as ``val_<name>`` (``test_<name>``
         for a test)."""
+        self._add(self._validation_row(record))
+
+    def _validation_row(self, record: dict[str, Any]) -> dict[str, Any]:
         kind = record.get("kind")
         row: dict[str, Any] = {
             "type": "validation",
@@ -180,7 +257,7 @@ class CSVLogger:
         prefix = "test" if kind == "test" else "val"
         for key, value in (record.get("metrics") or {}).items():
             row[f"{prefix}_{key}"] = value
-        self._add(row)
+        return row
 
     def finish(self, record: dict[str, Any]) -> None:
         """Close the file (the end of a run adds no row)."""

@@ -60,7 +60,10 @@ Truncation (per ``step`` record; :func:`prepare_record`): the parameter texts
 
 Every cut is listed in the record's ``truncated`` object: ``{path: original length
 (characters, list entries or feedback items)}``, e.g.
-``{"params[0].feedback[2].text": 5120, "params[0].feedback": 40}``. Only a step
+``{"params[0].feedback[2].text": 5120, "params[0].feedback": 40}``. The entries of
+dropped feedback items are removed, and past :data:`TRUNCATED_ITEM_KEYS` cut items
+of one parameter the per-item entries collapse into
+``"params[i].feedback[*].text": <items cut>``, so the map stays small. Only a step
 with so many parameters that their names and statuses alone pass the budget can
 exceed it.
 
@@ -83,11 +86,12 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from afnio._secrets import REDACTED, find_secrets, mask_secrets
+from afnio._secrets import REDACTED, find_secrets, mask_secrets, redact_text
 
 __all__ = [
     "CONSTRAINTS_CHARS",
@@ -171,15 +175,17 @@ def now() -> str:
 def jsonable(value: Any) -> Any:
     """``value`` as plain JSON: dicts (string keys), lists, strings, finite numbers,
     booleans and ``None``; NaN and infinities become ``None``, other objects their
-    ``str``."""
-    if value is None or isinstance(value, (bool, str)):
+    ``str``; a lone surrogate in a string (not encodable as UTF-8) becomes U+FFFD."""
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, str):
+        return _clean_text(value)
     if isinstance(value, int):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {_clean_text(str(k)): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     data = getattr(value, "data", None)  # a Variable
@@ -190,7 +196,18 @@ def jsonable(value: Any) -> Any:
             return jsonable(value.item())
         except Exception:
             pass
-    return str(value)
+    return _clean_text(str(value))
+
+
+def _clean_text(text: str) -> str:
+    """``text`` with every lone surrogate (which UTF-8 cannot encode) replaced by
+    U+FFFD and every surrogate pair joined into its character, so that a record
+    always reaches the file."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
 
 
 def serialize_record(record: Mapping[str, Any]) -> str:
@@ -207,9 +224,7 @@ def _scrub(value: Any) -> Any:
     """``value`` with every stretch of every string (keys too) that
     :func:`find_secrets` flags replaced by ``<redacted>``."""
     if isinstance(value, str):
-        for hit in find_secrets(value):
-            value = value.replace(hit, REDACTED)
-        return value
+        return redact_text(value)
     if isinstance(value, Mapping):
         return {_scrub(k): _scrub(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -294,6 +309,39 @@ def _cut_field(
         owner[key] = _cut(value, limit)
 
 
+_ITEM_KEY = re.compile(r"^params\[(\d+)\]\.feedback\[(\d+)\]\.(\w+)$")
+TRUNCATED_ITEM_KEYS = 20
+"""Per-item entries the ``truncated`` map keeps per parameter; past it they are
+collapsed into ``params[i].feedback[*].<field>: <items cut>``."""
+
+
+def _compact(truncated: dict[str, int], params: list[dict[str, Any]]) -> dict[str, int]:
+    """``truncated`` without the entries of feedback items no longer in the record
+    and, for a parameter with more than :data:`TRUNCATED_ITEM_KEYS` cut items, its
+    per-item entries collapsed into counts per field."""
+    out: dict[str, int] = {}
+    per_param: dict[int, list[tuple[str, str]]] = {}
+    for key, value in truncated.items():
+        m = _ITEM_KEY.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        i, j = int(m.group(1)), int(m.group(2))
+        if i < len(params) and j < len(params[i].get("feedback") or []):
+            per_param.setdefault(i, []).append((key, m.group(3)))
+    for i, keys in per_param.items():
+        if len(keys) <= TRUNCATED_ITEM_KEYS:
+            out.update((key, truncated[key]) for key, _ in keys)
+            continue
+        for _key, field_name in keys:
+            star = f"params[{i}].feedback[*].{field_name}"
+            out[star] = out.get(star, 0) + 1
+    for key, value in truncated.items():  # earlier collapsed counts stay
+        if "[*]" in key:
+            out[key] = max(out.get(key, 0), value)
+    return out
+
+
 def _truncate_step(record: dict[str, Any]) -> dict[str, Any]:
     truncated: dict[str, int] = dict(record.get("truncated") or {})
     samples = record.get("samples")
@@ -328,10 +376,11 @@ def _truncate_step(record: dict[str, Any]) -> dict[str, Any]:
                     answer, key, ERROR_CHARS, f"params[{i}].answer.{key}", truncated
                 )
     if truncated:
-        record["truncated"] = truncated
+        record["truncated"] = _compact(truncated, params)
     over = step_overhead(record) - STEP_BUDGET
-    if over > 0:
-        # drop feedback items, the least repeated (the lists' tails) first
+    while over > 0 and any(p["feedback"] for p in params):
+        # drop feedback items, the least repeated (the lists' tails) first, then
+        # forget the cuts of the dropped items (the map never outgrows the budget)
         tails = sorted(
             (
                 (item.get("count") or 0, -i, -j, i)
@@ -341,7 +390,7 @@ def _truncate_step(record: dict[str, Any]) -> dict[str, Any]:
         )
         drops: dict[int, int] = {}
         for _count, _ni, _nj, i in tails:
-            if over <= 0:
+            if over <= 0 and drops:
                 break
             item = params[i]["feedback"][
                 len(params[i]["feedback"]) - 1 - drops.get(i, 0)
@@ -353,6 +402,7 @@ def _truncate_step(record: dict[str, Any]) -> dict[str, Any]:
             truncated.setdefault(f"params[{i}].feedback", len(param["feedback"]))
             param["feedback"] = param["feedback"][: len(param["feedback"]) - n]
             param["feedback_dropped"] = param.get("feedback_dropped", 0) + n
+        truncated = _compact(truncated, params)
         record["truncated"] = truncated
         over = step_overhead(record) - STEP_BUDGET
     if over > 0:  # the feedback shown, shorter
@@ -480,7 +530,9 @@ class RunLogWriter:
             os.truncate(self.path, end)
 
     def _write(self, record: Mapping[str, Any]) -> None:
-        line = (serialize_record(prepare_record(record)) + "\n").encode("utf-8")
+        line = (serialize_record(prepare_record(record)) + "\n").encode(
+            "utf-8", "replace"
+        )
         if self._file is not None:
             self._file.write(line)
             self._file.flush()  # in the OS: a killed process keeps it
@@ -547,13 +599,36 @@ def phase_json(rows: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 def _positions(
-    values: Sequence[int] | None, indices: Sequence[int] | None
+    values: Sequence[int] | None,
+    basis: Any,
+    indices: Sequence[int] | None,
+    columns: Sequence[Sequence[str]] | None,
 ) -> list[int] | None:
+    """In-batch ``values`` (numbered in ``basis``) as dataset indices (through
+    ``indices``), or as positions in the loader's batch when ``indices`` is
+    ``None``; ``None`` when that is not certain.
+
+    With ``columns`` (the fingerprints of the loader batch's columns), the
+    positions are first matched to the batch through their basis
+    (:func:`afnio.autodiff.provenance.match_positions`): no basis or no unambiguous
+    match gives ``None``. A position outside ``indices`` gives ``None`` (never a raw
+    position passed off as a dataset index)."""
     if values is None:
         return None
+    if columns is not None:
+        from afnio.autodiff.provenance import match_positions
+
+        matched = match_positions(values, basis, columns)
+        if matched is None:
+            return None
+        values = matched
     out = []
     for p in values:
-        if indices is not None and isinstance(p, int) and 0 <= p < len(indices):
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+            return None
+        if indices is not None:
+            if p >= len(indices):
+                return None
             out.append(indices[p])
         else:
             out.append(p)
@@ -561,12 +636,21 @@ def _positions(
 
 
 def feedback_entries(
-    items: Iterable[Any], indices: Sequence[int] | None
+    items: Iterable[Any],
+    indices: Sequence[int] | None,
+    columns: Sequence[Sequence[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Feedback items (``text``, ``samples``, ``call_samples``: in-batch positions
-    or ``None``) grouped by identical text: ``samples``/``call_samples`` the sorted
-    union of the known ones mapped through ``indices`` (dataset indices), ``None``
-    when none is known; ``count`` how many times the text came."""
+    or ``None``, and ``basis``) grouped by identical text.
+
+    ``samples``/``call_samples`` of a group are the sorted union of its items'
+    positions mapped through ``indices`` (dataset indices; ``None``: the loader
+    batch's positions are kept). With ``columns`` (fingerprints of the loader
+    batch's columns, :func:`afnio.autodiff.provenance.fingerprint`), an item's
+    positions count only when its basis matches the batch
+    (:func:`_positions`). ``samples`` is ``None`` when any item of the group is
+    unknown, and then ``unknown`` says how many were; ``count`` is how many times
+    the text came."""
     groups: dict[str, dict[str, Any]] = {}
     for item in items:
         text = getattr(item, "text", item)
@@ -576,8 +660,20 @@ def feedback_entries(
             text, {"text": text, "samples": None, "call_samples": None, "count": 0}
         )
         group["count"] += 1
-        for key in ("samples", "call_samples"):
-            found = _positions(getattr(item, key, None), indices)
-            if found is not None:
-                group[key] = sorted(set(group[key] or []) | set(found))
-    return list(groups.values())
+        basis = getattr(item, "basis", None)
+        found = _positions(getattr(item, "samples", None), basis, indices, columns)
+        if found is None:
+            group["unknown"] = group.get("unknown", 0) + 1
+            continue
+        group["samples"] = sorted(set(group["samples"] or []) | set(found))
+        calls = _positions(getattr(item, "call_samples", None), basis, indices, columns)
+        if calls is not None:
+            group["call_samples"] = sorted(
+                set(group["call_samples"] or []) | set(calls)
+            )
+    out = list(groups.values())
+    for group in out:
+        if group.get("unknown"):  # part of it unknown: credit no sample
+            group["samples"] = None
+            group["call_samples"] = None
+    return out

@@ -578,6 +578,63 @@ def _feedback_items(param: Any) -> list[Any]:
     return texts
 
 
+def _batch_columns(batch: Any, n: int | None) -> list[tuple[str, ...]]:
+    """Each column of the loader's ``batch`` holding ``n`` items (a Variable with
+    list data, or a list of plain values; found in nested tuples, lists and dicts)
+    as :func:`afnio.autodiff.provenance.basis_of` describes it (its list's id, one
+    fingerprint per item): what a feedback's positions are matched against."""
+    from afnio.autodiff.provenance import basis_of
+
+    columns: list[tuple[str, ...]] = []
+    if not n:
+        return columns
+
+    def scalar(x: Any) -> bool:
+        return not isinstance(x, (Variable, list, tuple, dict))
+
+    def walk(value: Any, depth: int) -> None:
+        if depth > 6:
+            return
+        if isinstance(value, Variable):
+            data = value.data
+            if isinstance(data, list) and len(data) == n:
+                columns.extend(basis_of(data) or ())
+            return
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v, depth + 1)
+            return
+        if isinstance(value, (list, tuple)):
+            if len(value) == n and all(scalar(x) for x in value):
+                if isinstance(value, list):
+                    columns.extend(basis_of(value) or ())
+                else:  # a tuple (no list object to recognize): by value only
+                    columns.extend(col[1:] for col in basis_of(list(value)) or ())
+                return
+            for v in value:
+                walk(v, depth + 1)
+
+    walk(batch, 0)
+    return columns
+
+
+def _is_answer_list(value: Any) -> bool:
+    """``value`` is a list of step answers (objects with ``.param``), as
+    :attr:`afnio.optim.TGD.last_step` holds (an empty list counts)."""
+    return isinstance(value, list) and all(hasattr(a, "param") for a in value)
+
+
+def _reports_answers(optimizer: Any) -> bool:
+    """The optimizer's ``last_step`` is TGD's per-parameter answers: a TGD, or a
+    list of objects with ``.param``; anything else (an int counter of a custom
+    optimizer...) is never read nor reset."""
+    from afnio.optim.tgd import TGD
+
+    if isinstance(optimizer, TGD):
+        return True
+    return _is_answer_list(getattr(optimizer, "last_step", None))
+
+
 def _rendered_feedback(param: Any) -> str:
     """The feedback of ``param`` as TGD's prompt shows it (for an optimizer that
     reports no ``last_step``)."""
@@ -1040,8 +1097,10 @@ class Trainer:
     ) -> dict[str, Any]:
         """What a step record needs from before the step: the trainable parameters
         and their texts, the batch's dataset indices, a LEDGER snapshot."""
-        if getattr(optimizer, "last_step", None) is not None:
-            with contextlib.suppress(Exception):  # never a stale answer
+        answers = False
+        with contextlib.suppress(Exception):
+            answers = _reports_answers(optimizer)
+            if answers:  # never a stale answer
                 optimizer.last_step = []
         indices = getattr(loader, "last_indices", None)
         if indices is not None:
@@ -1049,14 +1108,23 @@ class Trainer:
                 indices = [int(i) for i in indices]
             except (TypeError, ValueError):
                 indices = None
+        size = _batch_len(batch)
+        try:  # what feedback positions are matched against (provenance)
+            columns: list[tuple[str, ...]] | None = _batch_columns(
+                batch, len(indices) if indices is not None else size
+            )
+        except Exception:
+            columns = []
         return {
+            "answers": answers,
+            "columns": columns,
             "params": [
                 (name, p, text_of(p.data))
                 for name, p in agent.named_parameters()
                 if p.requires_grad
             ],
             "indices": indices,
-            "size": _batch_len(batch),
+            "size": size,
             "snapshot": LEDGER.snapshot(),
         }
 
@@ -1067,21 +1135,23 @@ class Trainer:
         metrics: dict[str, Any],
         epoch: int,
         idx: int,
+        step: int,
     ) -> dict[str, Any]:
-        """The ``step`` record of the step just done (``begin``: what
+        """The ``step`` record of step ``step``, just done (``begin``: what
         :meth:`_step_begin` saw)."""
-        self._global_step += 1
         rows = LEDGER.since(begin["snapshot"])
+        reported = getattr(optimizer, "last_step", None) if begin["answers"] else None
         answers = {
             id(a.param): a
-            for a in getattr(optimizer, "last_step", None) or []
+            for a in (reported if _is_answer_list(reported) else [])
             if hasattr(a, "param")
         }
         indices = begin["indices"]
+        columns = begin["columns"]
         params = []
         for name, p, before in begin["params"]:
             after = text_of(p.data)
-            feedback = feedback_entries(_feedback_items(p), indices)
+            feedback = feedback_entries(_feedback_items(p), indices, columns)
             answer = answers.get(id(p))
             if answer is not None:
                 status = answer.status
@@ -1121,7 +1191,7 @@ class Trainer:
             }
         return {
             "type": "step",
-            "step": self._global_step,
+            "step": step,
             "epoch": epoch,
             "batch": idx,
             "samples": samples,
@@ -1784,9 +1854,19 @@ class Trainer:
                 )
                 metrics = self._train_step(agent, optimizer, batch, idx)
                 # the step's record, written (after its revert check's) by
-                # after_batch, before the batch checkpoint
-                record = self._step_record(begin, optimizer, metrics, epoch, idx)
-                self._pending_records = [("log_step", record)]
+                # after_batch, before the batch checkpoint; the log never fails
+                # the run: a record that cannot be built is only warned about
+                self._global_step += 1
+                record: dict[str, Any] | None = None
+                try:
+                    record = self._step_record(
+                        begin, optimizer, metrics, epoch, idx, self._global_step
+                    )
+                except Exception as e:
+                    self._logger_failed("run log", "step record", e)
+                self._pending_records = (
+                    [("log_step", record)] if record is not None else []
+                )
                 if snapshot is not None:
                     phases = LEDGER.snapshot()
                     val = self._fit_validation(
@@ -1801,13 +1881,14 @@ class Trainer:
                     else:
                         self._best_val = score if score is not None else best
                         metrics["reverted"] = 0
-                    record["reverted"] = metrics["reverted"]
+                    if record is not None:
+                        record["reverted"] = metrics["reverted"]
                     check = self._validation_record(
                         "revert_check",
                         val,
                         LEDGER.since(phases),
                         epoch,
-                        record["step"],
+                        self._global_step,
                         self._prior_usd + self._cost(),
                     )
                     self._pending_records.append(("log_validation", check))

@@ -378,3 +378,29 @@ def test_a_traced_langchain_batch_gives_each_feedback_its_sample() -> None:
         explanation.backward()
     (param,) = traced.parameters()
     _check_rules(feedback_items(param), messages, targets, wrong)
+
+
+def test_feedback_records_the_basis_its_positions_are_numbered_in(
+    sim_client: Any,
+) -> None:
+    """The chat's feedback is numbered in its own (here: reordered) inputs; its
+    basis maps it back to the batch it was taken from, the evaluator's feedback
+    on repeated targets maps only when it is the batch's own target list."""
+    from afnio.autodiff.provenance import basis_of, match_positions
+
+    messages, targets, _ = _random_batch(4)
+    order = list(reversed(range(len(messages))))
+    scored = [messages[i] for i in order]  # the step scores a reordered batch
+    scored_targets = [targets[i] for i in order]
+    system, reply = _classify(sim_client, scored)
+    reply.retain_grad()
+    _, explanation = ExactMatchEvaluator.apply(reply, scored_targets)
+    explanation.backward()
+    columns = basis_of(messages, targets)
+    items = feedback_items(system)
+    assert items
+    for item in items:
+        (s,) = item.samples
+        assert match_positions(item.samples, item.basis, columns) == [order[s]]
+    for item in feedback_items(reply.grad):  # numbered in repeated labels only
+        assert match_positions(item.samples, item.basis, columns) is None

@@ -413,3 +413,39 @@ def test_the_facility_support_example_ends_by_naming_its_report(
     assert (root / "report.html").is_file()
     kinds = [r.get("kind") for r in records(root, "validation")]
     assert kinds[-1] == "test"  # the test after fit is in the run log
+
+
+def test_a_custom_run_log_file_name_still_gets_its_report(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    from afnio.trainer.loggers import JsonlLogger
+
+    _, report = optimize(
+        sentiment_chain(sim),
+        TRAINSET,
+        exact,
+        epochs=1,
+        batch_size=4,
+        root_dir=str(tmp_path),
+        loggers=[JsonlLogger("custom.jsonl")],
+        progress=False,
+        model=SIMULATOR_MODEL,
+    )
+    assert (tmp_path / "custom.jsonl").is_file()
+    assert report.report_path == str(tmp_path / "report.html")
+    assert Path(report.report_path).is_file()
+    # the traced batch's feedback is credited to the rows it is about
+    lines = (tmp_path / "custom.jsonl").read_text("utf-8").splitlines()
+    steps = [r for r in map(json.loads, lines) if r["type"] == "step"]
+    credited = 0
+    for step in steps:
+        for param in step["params"]:
+            for item in param["feedback"]:
+                if '"' not in item["text"]:
+                    continue
+                word = item["text"].split('"')[1].lower()
+                for i in item["samples"] or []:
+                    assert i in step["samples"]["indices"]
+                    assert word in TRAINSET[i][0]["message"].lower(), (item, i)
+                    credited += 1
+    assert credited > 0

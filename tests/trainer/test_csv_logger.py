@@ -147,3 +147,51 @@ def test_a_resumed_csv_logger_keeps_the_rows_of_its_checkpoint(tmp_path: Path) -
     assert [r["step"] for r in rows] == ["1", "2"]
     assert rows[1]["train_f1"] == "0.5"
     assert state == {"path": "steps.csv", "rows": 1}
+
+
+def test_a_csv_torn_while_written_again_is_repaired_from_the_run_log_on_resume(
+    tmp_path: Path,
+) -> None:
+    """A kill during the rewrite that widens the header (simulated: the CSV cut
+    mid-way) loses rows the CSV alone cannot bring back; the resume rebuilds them
+    from the run log, which the Trainer starts (and cuts back) first."""
+    from afnio.trainer.run_log import RunLogWriter
+
+    def run(loggers: list[Any], steps: range) -> None:
+        for step in steps:
+            metrics: dict[str, Any] = {"loss": step}
+            if step >= 3:
+                metrics["f1"] = step / 10  # a late metric: the CSV is written again
+            for target in loggers:
+                target.log_step(_step(step, **metrics))
+
+    whole = tmp_path / "whole"
+    log, csv_logger = RunLogWriter(), CSVLogger()
+    for target in (log, csv_logger):
+        target.start(whole, {"max_epochs": 1}, None)
+    run([log, csv_logger], range(1, 6))
+    for target in (log, csv_logger):
+        target.finish({"type": "end"})
+
+    killed = tmp_path / "killed"
+    log, csv_logger = RunLogWriter(), CSVLogger()
+    for target in (log, csv_logger):
+        target.start(killed, {"max_epochs": 1}, None)
+    run([log, csv_logger], range(1, 4))
+    states = (log.state_dict(), csv_logger.state_dict())  # the checkpoint
+    log.close()
+    csv_logger.close()
+    path = killed / "metrics_steps.csv"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])  # killed during the rewrite
+
+    log, csv_logger = RunLogWriter(), CSVLogger()
+    log.start(killed, {"max_epochs": 1, "resume": {"epoch": 1}}, states[0])
+    csv_logger.start(killed, {"max_epochs": 1, "resume": {"epoch": 1}}, states[1])
+    run([log, csv_logger], range(4, 6))
+    for target in (log, csv_logger):
+        target.finish({"type": "end"})
+    assert path.read_text("utf-8") == (whole / "metrics_steps.csv").read_text("utf-8")
+    header, rows = _rows(path)
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4", "5"]
+    assert header[-2:] == ["train_loss", "train_f1"]

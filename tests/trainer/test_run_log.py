@@ -191,7 +191,13 @@ def test_grouped_feedback_maps_positions_and_call_groups_to_dataset_indices() ->
             "count": 2,
         },
         {"text": "Say B.", "samples": [11], "call_samples": None, "count": 1},
-        {"text": "Say C.", "samples": None, "call_samples": None, "count": 1},
+        {
+            "text": "Say C.",
+            "samples": None,
+            "call_samples": None,
+            "count": 1,
+            "unknown": 1,
+        },
     ]
     # no dataset indices: the in-batch positions stay
     assert feedback_entries(items[:1], None)[0]["samples"] == [0]
@@ -575,3 +581,138 @@ def test_a_run_without_checkpoints_still_writes_its_log(
         "end",
     ]
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_truncated_map_keeps_the_step_within_budget_for_any_feedback_count() -> (
+    None
+):
+    for n in (1, 2, 10, 50, 200, 600, 1000, 2000):
+        record = _huge_step(params=1)
+        record["params"][0]["feedback"] = [
+            {
+                "text": f"{i} " + "x" * 2_500,
+                "samples": [i],
+                "call_samples": None,
+                "count": 1,
+            }
+            for i in range(n)
+        ]
+        prepared = prepare_record(record)
+        assert step_overhead(prepared) <= STEP_BUDGET, n
+        param = prepared["params"][0]
+        kept = len(param["feedback"])
+        assert kept + param.get("feedback_dropped", 0) == n
+        assert kept >= min(n, 3)  # the map does not crowd out all feedback
+        cut = prepared["truncated"]
+        for key in cut:  # no entry names a dropped item
+            if key.startswith("params[0].feedback[") and "[*]" not in key:
+                j = int(key.split("feedback[")[1].split("]")[0])
+                assert j < kept, (n, key)
+
+
+def test_a_lone_surrogate_never_drops_a_record(tmp_path: Path) -> None:
+    writer = RunLogWriter()
+    writer.start(tmp_path, {"schema": SCHEMA}, None)
+    record = _huge_step(params=1)
+    record["params"][0]["feedback"] = [
+        {"text": "bad \ud800 text", "samples": [0], "call_samples": None, "count": 1}
+    ]
+    record["params"][0]["before"] = "pair \ud83d\ude00 and lone \udfff"
+    writer.log_step(record)
+    writer.finish({"type": "end", "status": "completed"})
+    lines = _records(tmp_path / RUN_LOG_FILE)
+    assert [r["type"] for r in lines] == ["header", "step", "end"]
+    step = lines[1]
+    assert step["params"][0]["feedback"][0]["text"] == "bad \ufffd text"
+    assert step["params"][0]["before"] == "pair \U0001f600 and lone \ufffd"
+
+
+def test_credentials_in_urls_and_env_assignments_are_masked_in_the_log() -> None:
+    record = {
+        "type": "end",
+        "status": "failed",
+        "error": "ConnectError at https://alice:hunter2secret@api.example.com/v1 "
+        "with OPENAI_API_KEY=abc123def456ghi789jkl set",
+    }
+    prepared = prepare_record(record)
+    text = json.dumps(prepared)
+    assert "hunter2secret" not in text and "abc123def456ghi789jkl" not in text
+    assert "https://alice:<redacted>@api.example.com/v1" in prepared["error"]
+    assert "OPENAI_API_KEY=<redacted>" in prepared["error"]
+    assert find_secrets(text) == []
+
+
+def test_the_end_record_holds_the_texts_after_a_reverted_step(
+    client: OpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scores = iter([1.0])
+
+    def validation(self: Trainer, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {"loss": next(scores, 0.0)}  # every check after the first regresses
+
+    monkeypatch.setattr(Trainer, "_fit_validation", validation)
+    agent = SentimentClassifier(client, SIMULATOR_MODEL)
+    initial = agent.system_prompt.data
+    train, val = _loaders()
+    trainer = _trainer(tmp_path, max_epochs=1, revert_on_regression=True)
+    trainer.fit(agent, train, val)
+    records = _records(trainer.run_log_path)
+    steps = _of(records, "step")
+    assert [s["reverted"] for s in steps] == [0, 1]
+    (end,) = _of(records, "end")
+    final = end["final"][0]["value"]
+    assert final == agent.system_prompt.data  # the restored text
+    last = steps[-1]["params"][0]
+    assert final == last["before"]  # the reverted step's proposal is not final
+    first = steps[0]["params"][0]
+    assert final == (first["after"] if first["after"] is not None else initial)
+
+
+def test_an_optimizer_using_last_step_as_a_counter_is_left_alone(
+    client: OpenAI, tmp_path: Path
+) -> None:
+    class Counting:
+        """A custom optimizer around TGD whose last_step is an int counter."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+            self.last_step = 0
+
+        def step(self, *args: Any, **kwargs: Any) -> Any:
+            self.last_step += 1  # a TypeError if the Trainer set it to []
+            return self.inner.step(*args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    class Agent(SentimentClassifier):
+        def configure_optimizers(self) -> Any:
+            self.counting = Counting(super().configure_optimizers())
+            return self.counting
+
+    agent = Agent(client, SIMULATOR_MODEL)
+    trainer = _trainer(tmp_path, max_epochs=1, loggers=[])
+    trainer.fit(agent, _loaders()[0])
+    assert agent.counting.last_step == 2
+    steps = _of(_records(trainer.run_log_path), "step")
+    assert len(steps) == 2 and all(s["params"][0]["answer"] is None for s in steps)
+
+
+def test_a_step_record_that_cannot_be_built_only_warns(
+    client: OpenAI,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError("not iterable")
+
+    monkeypatch.setattr(trainer_module, "feedback_entries", broken)
+    trainer = _trainer(tmp_path, max_epochs=1, loggers=[])
+    with caplog.at_level("WARNING"):
+        trainer.fit(SentimentClassifier(client, SIMULATOR_MODEL), _loaders()[0])
+    assert "not iterable" in caplog.text
+    records = _records(trainer.run_log_path)
+    assert _of(records, "step") == []
+    assert _of(records, "end")[0]["status"] == "completed"
+    assert _of(records, "end")[0]["steps"] == 2
