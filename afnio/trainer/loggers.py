@@ -27,7 +27,13 @@ from typing import Any
 
 from afnio.models.phases import PHASES
 from afnio.trainer.mlflow_logger import MLflowLogger
-from afnio.trainer.run_log import RUN_LOG_FILE, SCHEMA, Logger, RunLogWriter
+from afnio.trainer.run_log import (
+    RUN_LOG_FILE,
+    SCHEMA,
+    Logger,
+    RunLogWriter,
+    check_file_name,
+)
 
 __all__ = ["CSVLogger", "JsonlLogger", "Logger", "MLflowLogger", "RunLogWriter"]
 
@@ -89,17 +95,7 @@ class CSVLogger:
     """
 
     def __init__(self, filename: str = "metrics_steps.csv") -> None:
-        if (
-            not isinstance(filename, str)
-            or not filename
-            or Path(filename).name != filename
-            or filename in (".", "..")
-        ):
-            raise ValueError(
-                "`filename` must be a plain file name (it is written in the run's "
-                f"folder), got {filename!r}."
-            )
-        self.filename = filename
+        self.filename = check_file_name(filename)
         self.path: Path | None = None
         self.columns: list[str] = list(_FIXED)
         self.rows: list[dict[str, Any]] = []

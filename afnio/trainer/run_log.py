@@ -453,6 +453,22 @@ def prepare_record(record: Mapping[str, Any]) -> dict[str, Any]:
 # -- the run-log writer ----------------------------------------------------------------
 
 
+def check_file_name(filename: Any) -> str:
+    """``filename`` of a logger that writes in the run's folder, checked: a plain file
+    name (no directories), else a ``ValueError`` naming the argument."""
+    if (
+        not isinstance(filename, str)
+        or not filename
+        or Path(filename).name != filename
+        or filename in (".", "..")
+    ):
+        raise ValueError(
+            "`filename` must be a plain file name (it is written in the run's "
+            f"folder), got {filename!r}."
+        )
+    return filename
+
+
 class RunLogWriter:
     """The :class:`Logger` that writes the run log (``<run dir>/run_log.jsonl``).
 
@@ -466,17 +482,7 @@ class RunLogWriter:
     """
 
     def __init__(self, filename: str = RUN_LOG_FILE) -> None:
-        if (
-            not isinstance(filename, str)
-            or not filename
-            or Path(filename).name != filename
-            or filename in (".", "..")
-        ):
-            raise ValueError(
-                "`filename` must be a plain file name (it is written in the run's "
-                f"folder), got {filename!r}."
-            )
-        self.filename = filename
+        self.filename = check_file_name(filename)
         self.path: Path | None = None
         self._file: Any = None
         self._bytes = 0
