@@ -202,11 +202,13 @@ def match_positions(
     A candidate column of ``basis`` maps its positions when it **is** one of
     ``columns`` (the same list object, unchanged: identity), or when each of its
     fingerprints is unique and found exactly once in one of ``columns`` (a subset
-    or a reordering, matched by value). An equal copy holding repeated values
-    (labels) proves nothing and maps nothing. Every mapping found must agree, and
-    every position must be inside the basis; else (no basis, no match, mappings
-    that disagree, duplicated items) the answer is ``None``: a wrong attribution
-    is worse than an unknown one.
+    or a reordering, matched by value). Identity is proof and wins; a match by
+    value counts only when no candidate of unique items holds a text the batch
+    lacks (derived per-sample texts beside other rows' texts prove nothing).
+    An equal copy holding repeated values (labels) proves nothing and maps
+    nothing. Every mapping kept must agree, and every position must be inside the
+    basis; else (no basis, no match, mappings that disagree, duplicated items) the
+    answer is ``None``: a wrong attribution is worse than an unknown one.
 
     Example::
 
@@ -221,21 +223,30 @@ def match_positions(
     """
     if positions is None or not basis:
         return None
-    mappings: set[tuple[int, ...]] = set()
+    identity: set[tuple[int, ...]] = set()
+    by_value: set[tuple[int, ...]] = set()
+    everywhere = {v for column in columns for v in _split(column)[1]}
+    unproven = False  # a candidate of unique items the batch does not hold
     for cand in basis:
         marker, prints = _split(cand)
         unique = len(set(prints)) == len(prints)
+        if unique and not all(v in everywhere for v in prints):
+            unproven = True
         for column in columns:
             col_marker, col_prints = _split(column)
             if marker is not None and marker == col_marker and prints == col_prints:
-                mappings.add(tuple(range(len(prints))))
+                identity.add(tuple(range(len(prints))))
                 continue
             if not unique:
                 continue
             counts = Counter(col_prints)
             if all(counts.get(v) == 1 for v in prints):
                 where = {v: i for i, v in enumerate(col_prints)}
-                mappings.add(tuple(where[v] for v in prints))
+                by_value.add(tuple(where[v] for v in prints))
+    # identity is proof; a match by value only counts when no candidate of unique
+    # items holds texts the batch lacks (a reformatted message beside a column of
+    # other rows' texts leaves the numbering unproven)
+    mappings = identity or (set() if unproven else by_value)
     if len(mappings) != 1:
         return None
     (mapping,) = mappings
@@ -451,14 +462,6 @@ def _merged_basis(grad: Variable) -> Basis:
     return _common_basis(
         b for item, b in zip(_items(grad.data), rec.bases, strict=True) if item != ""
     )
-
-
-def _copy_sources(src: Variable, dst: Variable) -> None:
-    """Give ``dst`` the sources of ``src`` when both have the same number of items
-    (a gradient rewritten item by item)."""
-    rec = _recorded(src)
-    if rec is not None and len(_items(dst.data)) == len(rec.sources):
-        _set_recorded(dst, rec.sources, rec.calls, rec.bases)
 
 
 def _grads_of(param: Any) -> list[Variable]:

@@ -96,6 +96,9 @@ class CSVLogger:
 
     def __init__(self, filename: str = "metrics_steps.csv") -> None:
         self.filename = check_file_name(filename)
+        self.run_log_file: str | None = None
+        """The run log's file name in the run folder, which a resume rebuilds the
+        rows from (the Trainer sets it; ``None``: found as :func:`_run_log_in`)."""
         self.path: Path | None = None
         self.columns: list[str] = list(_FIXED)
         self.rows: list[dict[str, Any]] = []
@@ -114,13 +117,16 @@ class CSVLogger:
         self.path = run_dir / self.filename
         self.columns = list(_FIXED)
         self.rows = []
-        if state is not None and not self._replay_run_log(run_dir):
-            self._read_rows(state)
+        if state is not None:
+            if not self._replay_run_log(run_dir):
+                self._read_rows(state)
+            keep = state.get("rows") if isinstance(state, Mapping) else None
+            if isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0:
+                self.rows = self.rows[:keep]  # never more rows than the checkpoint
         self._rewrite()
 
     def _read_rows(self, state: Mapping[str, Any]) -> None:
-        """The rows of the CSV file itself, the first ``state["rows"]`` kept (when
-        no run log can be replayed)."""
+        """The rows of the CSV file itself (when no run log can be replayed)."""
         assert self.path is not None
         if not self.path.is_file():
             return
@@ -132,15 +138,17 @@ class CSVLogger:
             if name not in self.columns:
                 self.columns.append(name)
         self.rows = [dict(row) for row in reader]
-        keep = state.get("rows") if isinstance(state, Mapping) else None
-        if isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0:
-            self.rows = self.rows[:keep]
 
     def _replay_run_log(self, run_dir: Path) -> bool:
         """Rebuild the rows from the run's log (already cut back to the checkpoint
         when it resumes: the Trainer starts it first): a CSV torn by a kill during
         its rewrite is repaired. ``False`` when the folder holds no run log."""
-        log = _run_log_in(run_dir)
+        if self.run_log_file is not None:
+            log: Path | None = run_dir / self.run_log_file
+            if not log.is_file():  # type: ignore[union-attr]
+                return False
+        else:
+            log = _run_log_in(run_dir)
         if log is None:
             return False
         rows, self.rows = self.rows, []

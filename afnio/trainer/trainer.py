@@ -113,6 +113,12 @@ def _logger_list(loggers: Any) -> list[Logger]:
         found.append(item)
     if not any(isinstance(item, RunLogWriter) for item in found):
         found.insert(0, RunLogWriter())
+    # the run log first: a resume cuts it back before the others (the CSV logger
+    # rebuilds its rows from it)
+    found.sort(key=lambda item: not isinstance(item, RunLogWriter))
+    for item in found:  # which file a CSV logger rebuilds its rows from
+        if isinstance(item, CSVLogger) and item.run_log_file is None:
+            item.run_log_file = found[0].filename  # type: ignore[attr-defined]
     return found
 
 

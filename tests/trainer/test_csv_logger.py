@@ -195,3 +195,65 @@ def test_a_csv_torn_while_written_again_is_repaired_from_the_run_log_on_resume(
     header, rows = _rows(path)
     assert [r["step"] for r in rows] == ["1", "2", "3", "4", "5"]
     assert header[-2:] == ["train_loss", "train_f1"]
+
+
+def _resume_after_a_step_past_the_checkpoint(
+    run_dir: Path, order: str, csv_logger: CSVLogger, writer: Any
+) -> list[str]:
+    """Steps 1-3 checkpointed, step 4 logged, killed; a resume (the loggers in
+    ``order`` as the user gave them) redoes 4 and does 5; the CSV's step column."""
+    from afnio.trainer.trainer import _logger_list
+
+    loggers = _logger_list([csv_logger, writer] if order == "csv" else [writer])
+    for target in loggers:
+        target.start(run_dir, {"max_epochs": 1}, None)
+    for n in (1, 2, 3):
+        for target in loggers:
+            target.log_step(_step(n, x=n))
+    states = [target.state_dict() for target in loggers]
+    for target in loggers:
+        target.log_step(_step(4, x=4))
+        target.close()
+    fresh = [type(t)(t.filename) for t in loggers]
+    resumed = _logger_list(fresh)
+    assert resumed == fresh  # the run log was first already
+    for target, state in zip(resumed, states, strict=True):
+        target.start(run_dir, {"max_epochs": 1, "resume": {}}, state)
+    for n in (4, 5):
+        for target in resumed:
+            target.log_step(_step(n, x=n))
+    for target in resumed:
+        target.finish({"type": "end", "status": "completed"})
+    text = (run_dir / csv_logger.filename).read_text("utf-8")
+    return [row["step"] for row in csv.DictReader(io.StringIO(text))]
+
+
+def test_the_run_log_is_started_first_whatever_order_the_user_gives(
+    tmp_path: Path,
+) -> None:
+    from afnio.trainer.loggers import JsonlLogger
+    from afnio.trainer.trainer import _logger_list
+
+    csv_logger, writer = CSVLogger(), JsonlLogger()
+    assert _logger_list([csv_logger, writer]) == [writer, csv_logger]
+    steps = _resume_after_a_step_past_the_checkpoint(
+        tmp_path, "csv", CSVLogger(), JsonlLogger()
+    )
+    assert steps == ["1", "2", "3", "4", "5"]
+
+
+def test_a_csv_rebuilds_from_the_trainers_own_run_log_not_a_stale_one(
+    tmp_path: Path,
+) -> None:
+    from afnio.trainer.loggers import JsonlLogger
+
+    # an earlier run's log under the default name, with other steps
+    stale = JsonlLogger()
+    stale.start(tmp_path, {"max_epochs": 1}, None)
+    for n in (7, 8, 9, 10, 11, 12):
+        stale.log_step(_step(n, x=n))
+    stale.finish({"type": "end", "status": "completed"})
+    steps = _resume_after_a_step_past_the_checkpoint(
+        tmp_path, "csv", CSVLogger(), JsonlLogger("custom.jsonl")
+    )
+    assert steps == ["1", "2", "3", "4", "5"]

@@ -15,7 +15,7 @@ import pytest
 
 import afnio
 from afnio import Variable
-from afnio.autodiff.provenance import FeedbackItem, basis_of
+from afnio.autodiff.provenance import FeedbackItem, basis_of, match_positions
 from afnio.models.openai import OpenAI
 from afnio.testing import SIMULATOR_MODEL, Simulator
 from afnio.trainer import Trainer
@@ -173,3 +173,70 @@ def test_a_training_step_scoring_rearranged_batches_credits_no_wrong_sample(
                     assert word in MESSAGES[i][0].lower(), (item, i)
                     right += 1
     assert right > 0  # subsets and reorders of unique emails are still credited
+
+
+def test_a_column_of_other_rows_beside_a_reformatted_own_column_proves_nothing() -> (
+    None
+):
+    emails = ["alpha one", "beta two", "gamma three", "delta four"]
+    columns = basis_of(emails)
+    own = [f"Customer wrote: {e}" for e in emails]  # unique, in no batch column
+    neighbours = [emails[(i + 1) % 4] for i in range(4)]  # other rows' texts
+    basis = (*basis_of(own), *basis_of(neighbours))
+    # by value alone the neighbour column would credit sample 0's feedback to row 1
+    assert match_positions([0], basis_of(neighbours), columns) == [1]
+    assert match_positions([0], basis, columns) is None
+    # the loader's own column object beside it is proof: identity wins
+    assert match_positions([0], (*basis_of(emails), *basis), columns) == [0]
+
+
+class _Neighbour(SentimentClassifier):
+    """Each sample sees its own message reformatted and the batch's NEXT message as
+    context: the context column matches the batch by value, shifted by one."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        emails, (_u, sentiment, _c) = batch
+        n = len(emails.data)
+        mine = Variable([f"Customer wrote: {m}" for m in emails.data], role="message")
+        other = Variable(
+            [emails.data[(i + 1) % n] for i in range(n)], role="earlier message"
+        )
+        template = Variable(
+            "{message}\n(for context only, an earlier message: {other})", role="t"
+        )
+        reply = self.chat(
+            self.client,
+            [
+                {"role": "system", "content": [self.system_prompt]},
+                {"role": "user", "content": [template]},
+            ],
+            inputs={"message": mine, "other": other},
+            **self.completion_args,
+        )
+        targets = Variable([s.lower() for s in sentiment.data], role="labels")
+        score, explanation = self.exact_match(reply, targets)
+        return {"loss": (score, explanation)}
+
+
+def test_context_from_other_rows_never_credits_feedback_to_them(
+    client: OpenAI, tmp_path: Path
+) -> None:
+    agent = _Neighbour(client, SIMULATOR_MODEL)
+    loader = DataLoader(Messages(MESSAGES), batch_size=6, shuffle=True, seed=3)
+    trainer = Trainer(
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_agent_summary=False,
+        enable_run_summary=False,
+        loggers=[],
+    )
+    trainer.fit(agent, loader)
+    lines = (tmp_path / "run_log.jsonl").read_text("utf-8").splitlines()
+    steps = [r for r in map(json.loads, lines) if r["type"] == "step"]
+    feedback = [f for s in steps for p in s["params"] for f in p["feedback"]]
+    assert feedback  # the step had feedback to credit
+    for item in feedback:
+        word = item["text"].split('"')[1].lower()
+        for i in item["samples"] or []:
+            assert word in MESSAGES[i][0].lower(), (item, i)
