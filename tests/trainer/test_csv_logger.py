@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import afnio
 from afnio.models.openai import OpenAI
-from afnio.testing import SIMULATOR_MODEL, Simulator
+from afnio.testing import SIMULATOR_MODEL
 from afnio.trainer import Trainer
 from afnio.trainer.loggers import CSVLogger
 from afnio.utils.data import DataLoader
 from benchmarks.resume_kills import MESSAGES, Messages
 from examples.facility_support import SentimentClassifier
+from tests.trainer import _run_log_helpers
 
 FIXED = [
     "type",
@@ -36,17 +35,7 @@ FIXED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sim() -> Iterator[Simulator]:
-    with Simulator() as simulator:
-        yield simulator
-
-
-@pytest.fixture
-def client(sim: Simulator) -> Iterator[OpenAI]:
-    with OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as c:
-        afnio.set_backward_model_client(c, completion_args={"model": SIMULATOR_MODEL})
-        yield c
+sim, client = _run_log_helpers.sim, _run_log_helpers.client  # the fixtures
 
 
 def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from afnio._secrets import find_secrets
 from afnio.autodiff.provenance import FeedbackItem
 from afnio.errors import StepError
 from afnio.models.openai import OpenAI
-from afnio.testing import SIMULATOR_MODEL, Simulator
+from afnio.testing import SIMULATOR_MODEL
 from afnio.trainer import Trainer
 from afnio.trainer import trainer as trainer_module
 from afnio.trainer.loggers import CSVLogger, JsonlLogger
@@ -35,22 +34,12 @@ from afnio.trainer.run_log import (
 from afnio.utils.data import DataLoader
 from benchmarks.resume_kills import MESSAGES, Messages
 from examples.facility_support import SentimentClassifier
+from tests.trainer import _run_log_helpers
 
 SECRET = "sk-proj-RunLogSecret0123456789"
 
 
-@pytest.fixture(scope="module")
-def sim() -> Iterator[Simulator]:
-    with Simulator() as simulator:
-        yield simulator
-
-
-@pytest.fixture
-def client(sim: Simulator) -> Iterator[OpenAI]:
-    sim.clear_faults()
-    with OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as c:
-        afnio.set_backward_model_client(c, completion_args={"model": SIMULATOR_MODEL})
-        yield c
+sim, client = _run_log_helpers.sim, _run_log_helpers.client  # the fixtures
 
 
 def _trainer(root: Path, **kwargs: Any) -> Trainer:

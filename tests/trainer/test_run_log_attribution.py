@@ -7,23 +7,22 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import afnio
 from afnio import Variable
 from afnio.autodiff.provenance import FeedbackItem, basis_of, match_positions
 from afnio.models.openai import OpenAI
-from afnio.testing import SIMULATOR_MODEL, Simulator
+from afnio.testing import SIMULATOR_MODEL
 from afnio.trainer import Trainer
 from afnio.trainer.run_log import feedback_entries
 from afnio.trainer.trainer import _batch_columns
 from afnio.utils.data import DataLoader
 from benchmarks.resume_kills import MESSAGES, Messages
 from examples.facility_support import SentimentClassifier
+from tests.trainer import _run_log_helpers
 
 LABELS = ["positive", "negative", "neutral"]
 
@@ -112,18 +111,7 @@ def test_a_group_with_an_unknown_occurrence_credits_no_sample() -> None:
     assert entry["count"] == 2 and entry["unknown"] == 1
 
 
-@pytest.fixture(scope="module")
-def sim() -> Iterator[Simulator]:
-    with Simulator() as simulator:
-        yield simulator
-
-
-@pytest.fixture
-def client(sim: Simulator) -> Iterator[OpenAI]:
-    sim.clear_faults()
-    with OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as c:
-        afnio.set_backward_model_client(c, completion_args={"model": SIMULATOR_MODEL})
-        yield c
+sim, client = _run_log_helpers.sim, _run_log_helpers.client  # the fixtures
 
 
 class _Rearranged(SentimentClassifier):
