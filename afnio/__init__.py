@@ -34,6 +34,11 @@ from afnio._utils import _validate_multi_turn_messages, _validate_typed_sequence
 from afnio._variable import Variable
 from afnio.autodiff.grad_mode import is_grad_enabled, no_grad, set_grad_enabled
 from afnio.autodiff.graph import GradientEdge, Node
+from afnio.autodiff.options import (
+    BackwardOptions,
+    backward_options,
+    get_backward_options,
+)
 from afnio.cognitive import functional
 from afnio.models.rate_limit import get_rate_limit_stats, set_rate_limit
 from afnio.serialization import load, save
@@ -44,15 +49,18 @@ _sys.modules["afnio.functional"] = functional
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackwardOptions",
     "GradientEdge",
     "Node",
     "Variable",
     "_validate_multi_turn_messages",
     "_validate_typed_sequence",
     "autodiff",
+    "backward_options",
     "cognitive",
     "functional",
     "get_backward_model_client",
+    "get_backward_options",
     "get_concurrency_stats",
     "get_max_concurrency",
     "get_rate_limit_stats",

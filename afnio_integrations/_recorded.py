@@ -24,11 +24,11 @@ from typing import Any
 from afnio._variable import Variable
 from afnio.autodiff.function import Function
 from afnio.autodiff.lm_backward import (
+    ChatBackwardItem,
     VariableInfo,
-    chat_backward_user,
-    request_gradients,
+    chat_backward_gradients,
+    template_key,
 )
-from afnio.autodiff.prompts import CHAT_BACKWARD_SYSTEM
 from afnio.autodiff.provenance import (
     _join_bases,
     bases_of,
@@ -102,7 +102,8 @@ class RecordedChatCall(Function):
     """A chat call recorded by a tracer: forward returns the recorded text; backward
     asks the backward model for feedback on each input Variable, showing the exact
     conversation the model received (one backward LM call per recorded call that got
-    feedback)."""
+    feedback; with ``afnio.backward_options(chat_samples_per_call=n)``, n > 1, the
+    recorded calls of one backward pass with the same template share calls)."""
 
     @staticmethod
     def forward(
@@ -139,16 +140,19 @@ class RecordedChatCall(Function):
             )
             for k in asked
         ]
-        user = chat_backward_user(
-            ctx.conversation, ctx.output_role, ctx.output, feedback, infos
+        key = template_key(
+            ctx.output_role, [(ctx.variables[k], ctx.locations[k]) for k in asked]
         )
-        texts = await request_gradients(
-            ctx.name(), CHAT_BACKWARD_SYSTEM, user, len(infos)
+        item = ChatBackwardItem(
+            ctx.conversation, ctx.output_role, ctx.output, feedback, infos, key
         )
+        # one call per recorded call, or grouped with the pass's other calls of the
+        # same template (afnio.backward_options(chat_samples_per_call=n))
+        (texts,) = await chat_backward_gradients(ctx, [item])
         for k, text in zip(asked, texts, strict=True):
-            if text.strip():
+            if text:
                 var = ctx.variables[k]
-                result[2 + k] = Variable(text.strip(), role=f"feedback to {var.role}")
+                result[2 + k] = Variable(text, role=f"feedback to {var.role}")
         return tuple(result)
 
 

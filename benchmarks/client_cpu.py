@@ -55,9 +55,6 @@ if str(HERE.parent) not in sys.path:  # run as a script: afnio from this checkou
 
 from benchmarks.common import PipedProcess, answer_commands  # noqa: E402
 
-SHARED_DATASET = (
-    HERE.parents[1] / "shared" / "data" / "facility-support" / "dataset.json"
-)
 TARGET_CPU_MS = 5.0
 TARGET_RATIO = {128: 1.5, 512: 3.0}
 
@@ -197,8 +194,6 @@ def _cpu() -> float:
 
 def _data(batch: int, dataset: Path | None) -> tuple[list[str], list[str], str]:
     step = _step_module()
-    if dataset is None and not step.DATASET.is_file() and SHARED_DATASET.is_file():
-        dataset = SHARED_DATASET
     return step.load_data(batch, dataset)
 
 

@@ -11,6 +11,29 @@ One step is four phases, each timed on its own:
   one chat-backward call per sample with feedback;
 * ``optimizer``: ``TGD([prompt]).step()``: one call for the one parameter.
 
+Two modes (``--mode``), the two sets of :class:`afnio.BackwardOptions`:
+
+* ``upstream`` (default; the report calls it *core defaults*): what the core API does
+  unless told otherwise, as above: four LM rounds;
+* ``cheap``: the whole step runs inside ``afnio.backward_options("cheap")`` (the
+  default of ``optimize()`` and ``AfnioTGD``): the exact-match evaluator writes each
+  failed sample's feedback itself (no evaluator-backward call, no LM round) and the
+  chat-backward calls of the samples are grouped, at most
+  ``CHEAP_SAMPLES_PER_CALL`` (8) samples a call, the groups concurrent: three LM
+  rounds, ``ceil(failed / 8)`` chat-backward calls.
+
+``--feedback-words N`` starts the simulator with ``Simulator(feedback_words=N)``: every
+LM-written feedback string of a backward answer is padded to at least N words with a
+neutral filler (the learning is unchanged), so that the optimizer prompt's growth with
+longer feedback shows.
+
+Prompt tokens and calls are counted *by call kind* (forward, evaluator backward, chat
+backward, optimizer, judge) from the requests the simulator received, each classified
+by the simulator's responder that answers it (``afnio.testing.world.answer``; a grouped
+chat-backward call is answered by ``chat_backward_group``); a request's prompt tokens
+are counted as the simulator counts them (the words of every message plus 3 per
+message), and their sum is checked against the simulator's own counter.
+
 Every LM call goes to the bundled simulator (``afnio.testing.Simulator``, which
 sleeps ``--latency`` seconds before each answer) through
 ``afnio.models.openai.AsyncOpenAI``, for the forward, backward and optimizer
@@ -33,12 +56,14 @@ Data: the first ``--batch`` emails of the Facility Support ``dataset.json`` with
 ``sentiment``: ``--dataset PATH``, by default where ``FacilitySupport`` keeps it
 (``$AFNIO_DATA_DIR``, else ``~/.cache/afnio/data``, then
 ``FacilitySupport/raw/dataset.json``; ``FacilitySupport("train")`` downloads it there).
-Without the default file, synthesised messages built around words of
-``afnio.testing.SALIENCE_LEXICON`` (mixed targets, so that some samples are wrong); a
-``--dataset`` that does not exist is an error. No network.
+Without that file, synthesised
+messages built around words of ``afnio.testing.SALIENCE_LEXICON`` (mixed targets, so
+that some samples are wrong); a ``--dataset`` that does not exist is an error. The
+report says which data it used. No network.
 
 Run: ``python benchmarks/step_latency.py [--batch 32] [--latency 0.5] [--repeat 1]
-[--target 1.5] [--cold] [--dataset PATH] [--json PATH]``
+[--target 1.5] [--cold] [--mode upstream|cheap] [--feedback-words N] [--dataset PATH]
+[--json PATH]``
 """
 
 from __future__ import annotations
@@ -50,9 +75,10 @@ import statistics
 import sys
 import time
 from collections import Counter
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import afnio
 from afnio import cognitive as cog
@@ -72,10 +98,15 @@ PHASES = ("forward", "evaluator", "backward", "optimizer")
 KIND_OF_RESPONDER = {
     "evaluator_backward": "evaluator backward",
     "chat_backward": "chat backward",
+    "chat_backward_group": "chat backward",  # a grouped chat-backward call
     "optimizer": "optimizer",
     "judge": "judge",
 }
 KIND_ORDER = ("forward", "evaluator backward", "chat backward", "optimizer", "judge")
+
+MODES = ("upstream", "cheap")
+MODE_LABELS = {"upstream": "core defaults", "cheap": "cheap"}
+"""How the reports name the modes: ``upstream`` is what the core API does by default."""
 
 POSITIVE_WORDS = frozenset(
     {
@@ -140,19 +171,26 @@ def synthesize(batch: int) -> tuple[list[str], list[str]]:
     return messages, targets
 
 
+def default_dataset() -> Path | None:
+    """The Facility Support file the benchmark uses without ``--dataset``: where
+    ``FacilitySupport`` keeps it (:data:`DATASET`); ``None`` if it is not there."""
+    return DATASET if DATASET.is_file() else None
+
+
 def load_data(
     batch: int, dataset: Path | None = None
 ) -> tuple[list[str], list[str], str]:
-    """``(messages, targets, description)`` from ``dataset`` (default: where
-    ``FacilitySupport`` keeps the file) if present, else synthesised.
+    """``(messages, targets, description)`` from ``dataset`` (default:
+    :func:`default_dataset`) if present, else synthesised. The description says which
+    data it is (and the file).
 
     Raises:
         FileNotFoundError: an explicit ``dataset`` that does not exist.
     """
-    path = DATASET if dataset is None else Path(dataset)
+    path = (default_dataset() or DATASET) if dataset is None else Path(dataset)
     if path.is_file():
         messages, targets = load_dataset(path, batch)
-        where = "Facility Support" if dataset is None else str(path)
+        where = f"Facility Support ({path})" if dataset is None else str(path)
         return messages, targets, f"{where} (first {batch} emails)"
     if dataset is not None:
         raise FileNotFoundError(
@@ -181,6 +219,10 @@ class Phase:
     rounds: int = 0
     critical_path_s: float = 0.0
     ratio: float | None = None
+    # the prompt tokens of each kind's calls (summed, and call by call in arrival
+    # order), counted from the requests as the simulator counts them
+    prompt_tokens_by_kind: dict[str, int] = field(default_factory=dict)
+    call_prompt_tokens: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -205,13 +247,37 @@ class StepReport:
     retries: int
     critical_path_s: float
     ratio: float
+    # issue 23 (new fields only: older JSON readers keep working)
+    mode: str = "upstream"
+    evaluator_feedback: str = "lm"
+    chat_samples_per_call: int = 1
+    feedback_words: int | None = None
+    prompt_tokens: int = 0
+    calls_by_kind: dict[str, int] = field(default_factory=dict)
+    prompt_tokens_by_kind: dict[str, int] = field(default_factory=dict)
+    tokens_match_simulator: bool = True
+
+
+def _request(body: dict[str, Any]) -> world.SimRequest:
+    return world.SimRequest.from_messages(
+        body.get("messages") or [], response_format=body.get("response_format")
+    )
+
+
+def responder_of(body: dict[str, Any]) -> str:
+    """The name of the simulator's responder that answers the request ``body``
+    (``afnio.testing.world.answer``)."""
+    return world.answer(_request(body)).responder
 
 
 def _kind(body: dict[str, Any]) -> str:
-    request = world.SimRequest.from_messages(
-        body.get("messages") or [], response_format=body.get("response_format")
-    )
-    return KIND_OF_RESPONDER.get(world.answer(request).responder, "forward")
+    return KIND_OF_RESPONDER.get(responder_of(body), "forward")
+
+
+def request_prompt_tokens(body: dict[str, Any]) -> int:
+    """The prompt tokens of one chat request as the simulator counts them: the words
+    of every message plus 3 per message."""
+    return sum(len(m.text.split()) + 3 for m in _request(body).messages)
 
 
 def _retry_depth(body: dict[str, Any]) -> int:
@@ -225,10 +291,12 @@ def _analyse(
 ) -> Phase:
     kinds: Counter[str] = Counter()
     depth: Counter[str] = Counter()
+    tokens: dict[str, list[int]] = {}
     for body in bodies:
         kind = _kind(body)
         kinds[kind] += 1
         depth[kind] = max(depth[kind], _retry_depth(body))
+        tokens.setdefault(kind, []).append(request_prompt_tokens(body))
     # each kind of call is one round (its calls are independent of each other), plus
     # one per retry along the longest chain; each injected fault served is at most
     # one HTTP retry of some request (an upper bound on the rounds it adds)
@@ -247,6 +315,22 @@ def _analyse(
         rounds=rounds,
         critical_path_s=critical,
         ratio=wall / critical if critical > 0 else None,
+        prompt_tokens_by_kind={k: sum(tokens[k]) for k in KIND_ORDER if k in tokens},
+        call_prompt_tokens={k: tokens[k] for k in KIND_ORDER if k in tokens},
+    )
+
+
+def _options(mode: str) -> AbstractContextManager[Any]:
+    """The context the step runs in: ``afnio.backward_options(mode)`` (``upstream``
+    is the core defaults, opened explicitly so that an enclosing context cannot change
+    them). An afnio without backward options only has the upstream mode."""
+    if hasattr(afnio, "backward_options"):
+        return afnio.backward_options(mode)
+    if mode == "upstream":
+        return nullcontext()
+    raise RuntimeError(
+        f"mode {mode!r} needs afnio.backward_options (this afnio has none); use "
+        "mode='upstream'"
     )
 
 
@@ -257,17 +341,50 @@ def measure(
     *,
     warmup: bool = True,
     data: str = "",
+    mode: Literal["upstream", "cheap"] = "upstream",
+    feedback_words: int | None = None,
 ) -> StepReport:
-    """Run one training step against a fresh simulator and return its report."""
+    """Run one training step against a fresh simulator and return its report.
+
+    Args:
+        messages: the batch's customer messages.
+        targets: their expected sentiment labels.
+        latency: the simulator's seconds per LM call.
+        warmup: send one untimed request first (the client's lazy set-up).
+        data: what the data is, for the report.
+        mode: ``"upstream"`` (the core API's defaults: LM-written evaluator feedback,
+            one chat-backward call per sample) or ``"cheap"`` (the step inside
+            ``afnio.backward_options("cheap")``).
+        feedback_words: pad every LM-written feedback to at least this many words
+            (``Simulator(feedback_words=...)``); ``None`` pads nothing.
+
+    Raises:
+        ValueError: an unknown ``mode`` or a ``feedback_words`` below 1.
+    """
+    if mode not in MODES:
+        raise ValueError(
+            f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}"
+        )
+    if feedback_words is not None and feedback_words < 1:
+        raise ValueError(f"feedback_words must be None or >= 1, got {feedback_words!r}")
     batch = len(messages)
     previous_bound = afnio.get_max_concurrency()
     bound = max(16, batch)
     afnio.set_max_concurrency(bound)
+    sim_args: dict[str, Any] = {"latency": latency}
+    if feedback_words is not None:
+        sim_args["feedback_words"] = feedback_words
     try:
         with (
-            Simulator(latency=latency) as sim,
+            _options(mode),
+            Simulator(**sim_args) as sim,
             AsyncOpenAI(base_url=sim.base_url, api_key="sk-sim", max_retries=2) as llm,
         ):
+            options = (
+                afnio.get_backward_options()
+                if hasattr(afnio, "get_backward_options")
+                else None
+            )
             afnio.set_backward_model_client(
                 llm, completion_args={"model": SIMULATOR_MODEL}
             )
@@ -296,7 +413,9 @@ def measure(
 
             def close_phase(name: str, started: float) -> None:
                 wall = time.perf_counter() - started
-                raw.append((name, wall, sim.stats, sim.requests))
+                # the requests first: a snapshot of the counters then holds them all
+                requests = sim.requests
+                raw.append((name, wall, sim.stats, requests))
                 sim.reset_stats()
 
             step_start = time.perf_counter()
@@ -324,6 +443,12 @@ def measure(
     rounds = sum(p.rounds for p in phases)
     critical = rounds * latency
     correct = int(score.data)
+    calls_by_kind: Counter[str] = Counter()
+    tokens_by_kind: Counter[str] = Counter()
+    for p in phases:
+        calls_by_kind.update(p.calls_by_kind)
+        tokens_by_kind.update(p.prompt_tokens_by_kind)
+    prompt_tokens = sum(p.prompt_tokens for p in phases)
     return StepReport(
         batch=batch,
         latency_s=latency,
@@ -343,6 +468,16 @@ def measure(
         retries=sum(p.retries for p in phases),
         critical_path_s=critical,
         ratio=wall / critical if critical > 0 else math.inf,
+        mode=mode,
+        evaluator_feedback=options.evaluator_feedback if options else "lm",
+        chat_samples_per_call=options.chat_samples_per_call if options else 1,
+        feedback_words=feedback_words,
+        prompt_tokens=prompt_tokens,
+        calls_by_kind={k: calls_by_kind[k] for k in KIND_ORDER if calls_by_kind[k]},
+        prompt_tokens_by_kind={
+            k: tokens_by_kind[k] for k in KIND_ORDER if k in tokens_by_kind
+        },
+        tokens_match_simulator=sum(tokens_by_kind.values()) == prompt_tokens,
     )
 
 
@@ -362,9 +497,17 @@ def format_report(report: StepReport) -> str:
         if report.warmup_s is not None
         else "no warm-up (--cold): the step includes the client's first request"
     )
+    padded = (
+        f"; LM-written feedback padded to {report.feedback_words} words"
+        if report.feedback_words
+        else ""
+    )
     lines = [
         f"step latency: batch {report.batch}, simulator latency "
         f"{report.latency_s:.3f} s per call",
+        f"mode: {report.mode} ({MODE_LABELS.get(report.mode, report.mode)}: "
+        f"evaluator feedback {report.evaluator_feedback}, "
+        f"{report.chat_samples_per_call} sample(s) per chat-backward call){padded}",
         f"data: {report.data}; targets: {targets}",
         f"afnio max concurrency: {report.max_concurrency} (= max(16, batch), so "
         "afnio's bound never throttles a round); afnio request-limiter peak: "
@@ -372,7 +515,8 @@ def format_report(report: StepReport) -> str:
         warm,
         "",
         f"{'phase':<22}{'wall (s)':>9}{'LM calls':>10}{'peak in flight':>16}"
-        f"{'rounds':>8}{'rounds x lat (s)':>18}{'wall/ideal':>12}",
+        f"{'rounds':>8}{'rounds x lat (s)':>18}{'wall/ideal':>12}"
+        f"{'prompt tokens':>15}",
     ]
     rule = "-" * len(lines[-1])
     lines.append(rule)
@@ -380,17 +524,29 @@ def format_report(report: StepReport) -> str:
         lines.append(
             f"{p.name:<22}{p.wall_s:>9.3f}{p.calls:>10}{p.peak_in_flight:>16}"
             f"{p.rounds:>8}{p.critical_path_s:>18.3f}{_ratio(p.ratio):>12}"
+            f"{p.prompt_tokens:>15}"
         )
         if len(p.calls_by_kind) > 1 or (
             p.calls_by_kind and next(iter(p.calls_by_kind)) != p.name
         ):
             for kind, n in p.calls_by_kind.items():
-                lines.append(f"  {kind:<20}{'':>9}{n:>10}")
+                tokens = p.prompt_tokens_by_kind.get(kind, 0)
+                lines.append(f"  {kind:<20}{'':>9}{n:>10}{'':>54}{tokens:>15}")
     lines.append(rule)
     lines.append(
         f"{'total':<22}{report.wall_s:>9.3f}{report.calls:>10}"
         f"{report.peak_in_flight:>16}{report.rounds:>8}"
         f"{report.critical_path_s:>18.3f}{_ratio(report.ratio):>12}"
+        f"{report.prompt_tokens:>15}"
+    )
+    by_kind = ", ".join(
+        f"{kind} {report.calls_by_kind.get(kind, 0)} calls / {tokens}"
+        for kind, tokens in report.prompt_tokens_by_kind.items()
+    )
+    check = (
+        "= the simulator's counter"
+        if report.tokens_match_simulator
+        else "(does NOT match the simulator's counter)"
     )
     lines += [
         "",
@@ -400,6 +556,8 @@ def format_report(report: StepReport) -> str:
         f"critical path: {report.rounds} LM rounds x {report.latency_s:.3f} s = "
         f"{report.critical_path_s:.3f} s; wall / critical path = "
         f"{_ratio(report.ratio)}",
+        f"prompt tokens by call kind: {by_kind or 'none'}; total "
+        f"{report.prompt_tokens} {check}",
     ]
     return "\n".join(lines)
 
@@ -426,11 +584,28 @@ def main(argv: list[str] | None = None) -> int:
         "--cold", action="store_true", help="no untimed warm-up request before a step"
     )
     parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="upstream",
+        help="upstream: the core API's defaults (LM-written evaluator feedback, one "
+        "chat-backward call per sample); cheap: the step inside "
+        "afnio.backward_options('cheap') (default upstream)",
+    )
+    parser.add_argument(
+        "--feedback-words",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pad every LM-written feedback to at least N words "
+        "(Simulator(feedback_words=N)); default: no padding",
+    )
+    parser.add_argument(
         "--dataset",
         type=Path,
         default=None,
         help="Facility Support's dataset.json (default: "
-        "$AFNIO_DATA_DIR/FacilitySupport/raw/dataset.json, else synthesised messages)",
+        "$AFNIO_DATA_DIR/FacilitySupport/raw/dataset.json, else "
+        "synthesised messages)",
     )
     parser.add_argument("--json", type=Path, help="also write the reports as JSON")
     args = parser.parse_args(argv)
@@ -445,17 +620,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--latency must be > 0 (the critical path is rounds x latency)")
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
+    if args.feedback_words is not None and args.feedback_words < 1:
+        parser.error("--feedback-words must be >= 1 (omit it for no padding)")
 
     messages, targets, data = load_data(args.batch, args.dataset)
-    if args.dataset is None and not DATASET.is_file():
+    if args.dataset is None and default_dataset() is None:
         print(
-            f"no Facility Support dataset at {DATASET}: using synthesised messages "
-            "(--dataset path/to/dataset.json uses a copy)"
+            f"no Facility Support dataset at {DATASET}: using "
+            "synthesised messages (--dataset path/to/dataset.json uses a copy)"
         )
     reports = []
     for i in range(args.repeat):
         report = measure(
-            messages, targets, args.latency, warmup=not args.cold, data=data
+            messages,
+            targets,
+            args.latency,
+            warmup=not args.cold,
+            data=data,
+            mode=args.mode,
+            feedback_words=args.feedback_words,
         )
         reports.append(report)
         if args.repeat > 1:
@@ -477,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload = {
             "target": args.target,
+            "mode": args.mode,
+            "feedback_words": args.feedback_words,
             "passed": passed,
             "reports": [asdict(r) for r in reports],
         }

@@ -21,12 +21,20 @@ split), before and after. Controls (afnio Module and, where the library expresse
 them, the chain and the DSPy program): the first prompt frozen, the training labels
 shuffled, the intermediate output detached from the graph.
 
-Run: ``python benchmarks/two_stage.py [--kinds module chain dspy] [--seeds 0 1 2]``
-(the Facility Support dataset: ``--dataset PATH``, by default where
-``FacilitySupport`` keeps it, ``$AFNIO_DATA_DIR/FacilitySupport/raw/dataset.json``
-(else under ``~/.cache/afnio/data``); the chain needs the ``langchain`` extra and the
-DSPy program the ``dspy`` extra). Prints one row per run and the median gain per
-program kind and variant.
+Every run function takes ``backward``: how the backward passes write their feedback
+(``"upstream"``: an LM writes the evaluator's feedback, one chat-backward call per
+sample; ``"cheap"``: the evaluator writes it, chat-backward calls grouped by prompt
+template; see :func:`afnio.backward_options`); ``None`` keeps each program kind's own
+default (the afnio Module: the core API's, upstream; the chain's ``optimize()`` and
+the DSPy program's ``AfnioTGD``: cheap).
+
+Run: ``python benchmarks/two_stage.py [--kinds module chain dspy] [--seeds 0 1 2]
+[--backward default upstream cheap]`` (the Facility Support dataset: ``--dataset
+PATH``, by default where ``FacilitySupport`` keeps it,
+``$AFNIO_DATA_DIR/FacilitySupport/raw/dataset.json`` (else under
+``~/.cache/afnio/data``); the chain needs the ``langchain`` extra and the DSPy program
+the ``dspy`` extra). Prints one row per run and the median gain per program kind,
+backward option and variant.
 """
 
 from __future__ import annotations
@@ -41,9 +49,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script
@@ -51,9 +59,14 @@ if str(REPO_ROOT) not in sys.path:  # run as a script
 
 import afnio  # noqa: E402
 from afnio import cognitive as cog  # noqa: E402
+from afnio.autodiff.options import (  # noqa: E402
+    CHEAP,
+    UPSTREAM,
+    BackwardOptions,
+)
 from afnio.models.model import ChatCompletionModel  # noqa: E402
 from afnio.optim import TGD  # noqa: E402
-from afnio.testing import SIMULATOR_MODEL  # noqa: E402
+from afnio.testing import SIMULATOR_MODEL, world  # noqa: E402
 from afnio.trainer import Trainer  # noqa: E402
 from afnio.utils.data import DataLoader, Dataset  # noqa: E402
 from afnio.utils.datasets import FacilitySupport  # noqa: E402
@@ -83,6 +96,12 @@ HELDOUT_SPLIT = "test"
 
 KINDS = ("module", "chain", "dspy")
 VARIANTS = ("real", "frozen_first", "shuffled_labels", "detached")
+BACKWARDS = ("default", "upstream", "cheap")
+"""The CLI's ``--backward`` choices (``default``: each program kind's own)."""
+
+Backward = BackwardOptions | Literal["upstream", "cheap"] | None
+"""A run's ``backward`` argument: a preset name, :class:`~afnio.BackwardOptions`, or
+``None`` (the program kind's own default)."""
 
 Pair = tuple[str, str]  # (message, sentiment)
 
@@ -122,6 +141,32 @@ def shuffle_labels(pairs: Sequence[Pair], seed: int) -> list[Pair]:
     return [(message, label) for (message, _), label in zip(pairs, labels, strict=True)]
 
 
+def calls_by_kind(requests: Sequence[Any]) -> dict[str, int]:
+    """How many of the simulator's received request bodies each responder answers
+    (:func:`afnio.testing.world.answer`): ``task``/``fallback`` (forward calls),
+    ``evaluator_backward``, ``chat_backward`` (one sample), ``chat_backward_group``
+    (several samples in one call), ``optimizer``."""
+    counts: dict[str, int] = {}
+    for body in requests:
+        kind = world.answer(world.SimRequest.from_body(body)).responder
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def backward_label(backward: Backward) -> str:
+    """How a run's ``backward`` is printed: ``default``, ``upstream``, ``cheap`` or
+    the options' fields."""
+    if backward is None:
+        return "default"
+    if isinstance(backward, str):
+        return backward
+    if backward == UPSTREAM:
+        return "upstream"
+    if backward == CHEAP:
+        return "cheap"
+    return f"{backward.evaluator_feedback}/{backward.chat_samples_per_call} per call"
+
+
 @dataclass
 class Outcome:
     """One run: held-out accuracy (0 to 1) before and after training, and the
@@ -135,6 +180,11 @@ class Outcome:
     first_prompt: str
     second_prompt: str
     seconds: float
+    backward: str = "default"
+    """The backward options the run used (``default``: its kind's own)."""
+    calls: dict[str, int] = field(default_factory=dict)
+    """The afnio Module's LM calls by kind (:func:`calls_by_kind`; empty for the
+    other program kinds)."""
 
     @property
     def gain(self) -> float:
@@ -259,15 +309,19 @@ def run_module(
     epochs: int,
     batch: int,
     before: float | None = None,
+    *,
+    backward: Backward = None,
 ) -> Outcome:
     """Train the afnio Module with the Trainer; held-out accuracy before and after
     (``before``: the accuracy before, already measured; every variant starts from
-    the same program, so one measurement serves all runs)."""
+    the same program, so one measurement serves all runs). ``backward``: the
+    backward options of the fit and the evaluations (``None``: the active ones, by
+    default the core API's, upstream)."""
     start = time.perf_counter()
     train = splits.train
     if variant == "shuffled_labels":
         train = shuffle_labels(train, seed)
-    with simulated() as (_, client):
+    with simulated() as (sim, client), afnio.backward_options(backward):
         agent = TwoStageSentiment(
             client,
             SIMULATOR_MODEL,
@@ -300,6 +354,8 @@ def run_module(
             str(agent.first_prompt.data),
             str(agent.second_prompt.data),
             time.perf_counter() - start,
+            backward_label(backward),
+            calls_by_kind(sim.requests),
         )
 
 
@@ -337,11 +393,19 @@ def exact(prediction: str, target: str) -> int:
 
 
 def run_chain(
-    splits: Splits, seed: int, variant: str, out: Path, epochs: int, batch: int
+    splits: Splits,
+    seed: int,
+    variant: str,
+    out: Path,
+    epochs: int,
+    batch: int,
+    *,
+    backward: Backward = None,
 ) -> Outcome:
     """Optimize the chain with :func:`afnio_integrations.langchain.optimize` (the
     held-out set as its valset); ``frozen_first`` selects the second prompt's system
-    message only."""
+    message only. ``backward``: ``optimize()``'s ``backward`` (``None``: its
+    default, cheap)."""
     from langchain_openai import ChatOpenAI
 
     from afnio_integrations.langchain import optimize
@@ -374,6 +438,7 @@ def run_chain(
             select=select,
             progress=False,
             model=SIMULATOR_MODEL,
+            **({} if backward is None else {"backward": backward}),
         )
         texts = report.prompts_after.values()  # the frozen one is not among them
 
@@ -391,6 +456,7 @@ def run_chain(
             first,
             second,
             time.perf_counter() - start,
+            backward_label(backward),
         )
 
 
@@ -423,10 +489,18 @@ def sentiment_match(example: Any, pred: Any, trace: Any = None) -> bool:
 
 
 def run_dspy(
-    splits: Splits, seed: int, variant: str, out: Path, epochs: int, batch: int
+    splits: Splits,
+    seed: int,
+    variant: str,
+    out: Path,
+    epochs: int,
+    batch: int,
+    *,
+    backward: Backward = None,
 ) -> Outcome:
     """Compile the DSPy program with :class:`afnio_integrations.dspy.AfnioTGD` (the
-    held-out set as its valset)."""
+    held-out set as its valset). ``backward``: ``AfnioTGD``'s ``backward``
+    (``None``: its default, cheap)."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import dspy
 
@@ -463,6 +537,7 @@ def run_dspy(
                 seed=seed,
                 progress=False,
                 root_dir=str(out / f"dspy-{variant}-seed{seed}"),
+                **({} if backward is None else {"backward": backward}),
             )
             optimized = tgd.compile(
                 build_program(),
@@ -480,6 +555,7 @@ def run_dspy(
             optimized.feel.signature.instructions,
             optimized.classify.signature.instructions,
             time.perf_counter() - start,
+            backward_label(backward),
         )
 
 
@@ -503,11 +579,16 @@ def run(
     out: Path,
     epochs: int = 1,
     batch: int = 16,
+    *,
+    backward: Backward = None,
 ) -> Outcome:
-    """One run of ``kind`` (``module``, ``chain`` or ``dspy``) and ``variant``."""
+    """One run of ``kind`` (``module``, ``chain`` or ``dspy``) and ``variant``, with
+    ``backward`` (``None``: the kind's own default, see the module doc)."""
     if variant not in SUPPORTED[kind]:
         raise ValueError(f"{kind} has no {variant} variant; it has {SUPPORTED[kind]}")
-    return RUNNERS[kind](load_splits(root, seed), seed, variant, out, epochs, batch)
+    return RUNNERS[kind](
+        load_splits(root, seed), seed, variant, out, epochs, batch, backward=backward
+    )
 
 
 def learning_problems(runs: Sequence[Outcome], min_gain: float = 0.15) -> list[str]:
@@ -529,9 +610,18 @@ def learning_problems(runs: Sequence[Outcome], min_gain: float = 0.15) -> list[s
     return problems
 
 
-def median_gain(outcomes: Sequence[Outcome], kind: str, variant: str) -> float:
-    """The median held-out gain of the runs of ``kind`` and ``variant``."""
-    gains = [o.gain for o in outcomes if o.kind == kind and o.variant == variant]
+def median_gain(
+    outcomes: Sequence[Outcome], kind: str, variant: str, backward: str | None = None
+) -> float:
+    """The median held-out gain of the runs of ``kind`` and ``variant`` (and, when
+    given, of the backward label ``backward``, see :func:`backward_label`)."""
+    gains = [
+        o.gain
+        for o in outcomes
+        if o.kind == kind
+        and o.variant == variant
+        and (backward is None or o.backward == backward)
+    ]
     return statistics.median(gains)
 
 
@@ -542,6 +632,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--backward",
+        nargs="+",
+        choices=BACKWARDS,
+        default=["default"],
+        help="the backward options of every run (several: each run once per "
+        "option): upstream (LM-written evaluator feedback, one chat-backward call "
+        "per sample), cheap (direct evaluator feedback, grouped chat backward) or "
+        "default (each program kind's own: the Module upstream, the chain and the "
+        "DSPy program cheap)",
+    )
     args = parse_dataset_args(parser, argv)
     if args is None:
         return 2
@@ -550,27 +651,43 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(folder)
         root = data_root(out, args.dataset)
         for kind in args.kinds:
-            for variant in args.variants:
-                if variant not in SUPPORTED[kind]:
-                    continue
-                for seed in args.seeds:
-                    with contextlib.redirect_stdout(io.StringIO()):  # Trainer tables
-                        o = run(
-                            kind, variant, seed, root, out, args.epochs, args.batch_size
+            for mode in args.backward:
+                backward = None if mode == "default" else mode
+                for variant in args.variants:
+                    if variant not in SUPPORTED[kind]:
+                        continue
+                    for seed in args.seeds:
+                        with contextlib.redirect_stdout(io.StringIO()):  # tables
+                            o = run(
+                                kind,
+                                variant,
+                                seed,
+                                root,
+                                out,
+                                args.epochs,
+                                args.batch_size,
+                                backward=backward,
+                            )
+                        outcomes.append(o)
+                        print(
+                            f"{kind:6s} {mode:8s} {variant:15s} seed {seed}: held-out "
+                            f"{o.before:.3f} -> {o.after:.3f} "
+                            f"({o.gain * 100:+.1f} points, {o.seconds:.1f} s)",
+                            flush=True,
                         )
-                    outcomes.append(o)
-                    print(
-                        f"{kind:6s} {variant:15s} seed {seed}: held-out "
-                        f"{o.before:.3f} -> {o.after:.3f} ({o.gain * 100:+.1f} points, "
-                        f"{o.seconds:.1f} s)",
-                        flush=True,
-                    )
     print()
     for kind in args.kinds:
-        for variant in args.variants:
-            if any(o.kind == kind and o.variant == variant for o in outcomes):
-                gain = median_gain(outcomes, kind, variant) * 100
-                print(f"{kind:6s} {variant:15s} median gain {gain:+.1f} points")
+        for mode in args.backward:
+            for variant in args.variants:
+                if any(
+                    o.kind == kind and o.variant == variant and o.backward == mode
+                    for o in outcomes
+                ):
+                    gain = median_gain(outcomes, kind, variant, mode) * 100
+                    print(
+                        f"{kind:6s} {mode:8s} {variant:15s} median gain "
+                        f"{gain:+.1f} points"
+                    )
     return 0
 
 

@@ -15,7 +15,12 @@ with the 66 of the val split as optimize()'s valset, and is scored on the fixed
 held-out set: the 68 emails of the test split, before and after. Control: the same
 runs with the training labels permuted by the seed.
 
-Run: ``python benchmarks/urgency.py [--seeds 0 1 2] [--dataset PATH]`` (needs the
+``optimize()`` runs with its default backward options (``cheap``: the evaluator
+writes its feedback, chat-backward calls grouped) unless ``backward`` (the CLI's
+``--backward upstream``) says otherwise.
+
+Run: ``python benchmarks/urgency.py [--seeds 0 1 2] [--backward cheap upstream]
+[--dataset PATH]`` (needs the
 ``langchain`` extra and the Facility Support dataset: by default where
 :class:`FacilitySupport` keeps it, ``$AFNIO_DATA_DIR/FacilitySupport/raw/dataset.json``,
 else under ``~/.cache/afnio/data``). Prints one row per run and the
@@ -103,9 +108,11 @@ def run(
     shuffled: bool = False,
     epochs: int = 3,
     batch_size: int = 16,
+    backward: str | None = None,
 ) -> Outcome:
     """Optimize the urgency chain on ``train`` (labels permuted when ``shuffled``)
-    against the simulator and score it on ``heldout`` before and after."""
+    against the simulator and score it on ``heldout`` before and after;
+    ``backward``: ``optimize()``'s ``backward`` (``None``: its default, cheap)."""
     from langchain_core.output_parsers import StrOutputParser
     from langchain_core.prompts import ChatPromptTemplate
     from langchain_openai import ChatOpenAI
@@ -140,6 +147,7 @@ def run(
                 progress=False,
                 model=SIMULATOR_MODEL,
                 root_dir=out,
+                **({} if backward is None else {"backward": backward}),
             )
         after = _accuracy(chain, heldout)
         final = next(iter(report.prompts_after.values()), START_PROMPT)
@@ -149,15 +157,22 @@ def run(
 
 
 def measure(
-    root: Path, seeds: Sequence[int] = (0, 1, 2), *, shuffled: bool = False
+    root: Path,
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    shuffled: bool = False,
+    backward: str | None = None,
 ) -> list[Outcome]:
-    """One :func:`run` per seed on the Facility Support splits under ``root``."""
+    """One :func:`run` per seed on the Facility Support splits under ``root``
+    (``backward``: see :func:`run`)."""
     train, val = urgency_pairs(root, "train"), urgency_pairs(root, "val")
     heldout = urgency_pairs(root, HELDOUT_SPLIT)
     outcomes = []
     for seed in seeds:
         with contextlib.redirect_stdout(io.StringIO()):
-            outcomes.append(run(train, val, heldout, seed, shuffled=shuffled))
+            outcomes.append(
+                run(train, val, heldout, seed, shuffled=shuffled, backward=backward)
+            )
     return outcomes
 
 
@@ -191,30 +206,43 @@ def learning_problems(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--backward",
+        nargs="+",
+        choices=("cheap", "upstream"),
+        default=["cheap"],
+        help="optimize()'s backward options (several: the runs once per option): "
+        "cheap (its default) or upstream",
+    )
     args = parse_dataset_args(parser, argv)
     if args is None:
         return 2
-    with tempfile.TemporaryDirectory() as folder:
-        root = data_root(Path(folder), args.dataset)
-        real = measure(root, args.seeds)
-        control = measure(root, args.seeds, shuffled=True)
-    for o in [*real, *control]:
-        kind = "shuffled" if o.shuffled else "real"
+    failed = False
+    for mode in args.backward:
+        with tempfile.TemporaryDirectory() as folder:
+            root = data_root(Path(folder), args.dataset)
+            real = measure(root, args.seeds, backward=mode)
+            control = measure(root, args.seeds, shuffled=True, backward=mode)
+        for o in [*real, *control]:
+            kind = "shuffled" if o.shuffled else "real"
+            print(
+                f"urgency {mode:8s} {kind:8s} seed {o.seed}: held-out "
+                f"{o.before:.3f} -> {o.after:.3f} ({o.gain * 100:+.1f} points, "
+                f"{o.seconds:.1f} s)"
+            )
+        print()
         print(
-            f"urgency {kind:8s} seed {o.seed}: held-out {o.before:.3f} -> "
-            f"{o.after:.3f} ({o.gain * 100:+.1f} points, {o.seconds:.1f} s)"
+            f"{mode}: median gain: real "
+            f"{statistics.median(o.gain for o in real) * 100:+.1f} points, shuffled "
+            f"labels {statistics.median(o.gain for o in control) * 100:+.1f} points"
         )
-    print()
-    print(
-        f"median gain: real {statistics.median(o.gain for o in real) * 100:+.1f}"
-        f" points, shuffled labels "
-        f"{statistics.median(o.gain for o in control) * 100:+.1f} points"
-    )
-    print(f"final prompt (seed {real[0].seed}): {real[0].prompt}")
-    problems = learning_problems(real, control)
-    for problem in problems:
-        print(f"problem: {problem}")
-    return 1 if problems else 0
+        print(f"{mode}: final prompt (seed {real[0].seed}): {real[0].prompt}")
+        problems = learning_problems(real, control)
+        for problem in problems:
+            print(f"{mode}: problem: {problem}")
+        failed = failed or bool(problems)
+        print()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -8,15 +8,18 @@ import afnio.cognitive
 import afnio.cognitive.functional
 
 EXPECTED_AFNIO_ALL = [
+    "BackwardOptions",
     "GradientEdge",
     "Node",
     "Variable",
     "_validate_multi_turn_messages",
     "_validate_typed_sequence",
     "autodiff",
+    "backward_options",
     "cognitive",
     "functional",
     "get_backward_model_client",
+    "get_backward_options",
     "get_concurrency_stats",
     "get_max_concurrency",
     "get_rate_limit_stats",
@@ -42,9 +45,12 @@ def test_afnio_all_is_pinned_and_sorted() -> None:
 
 def test_subpackage_all() -> None:
     assert afnio.autodiff.__all__ == [
+        "BackwardOptions",
         "Function",
         "abackward",
         "backward",
+        "backward_options",
+        "get_backward_options",
         "is_grad_enabled",
         "no_grad",
         "set_grad_enabled",

@@ -2,6 +2,8 @@
 
 __all__ = [
     "BACKWARD_PASS_MAX_RETRIES",
+    "CHAT_BACKWARD_SAMPLES_PER_CALL",
+    "CHEAP_SAMPLES_PER_CALL",
     "EVALUATOR_SAMPLES_PER_CALL",
     "IDENTITY_GRADIENT_DATA",
 ]
@@ -21,3 +23,19 @@ fewer calls and send the instructions once for more samples; smaller groups give
 shorter answers (lower latency per call on a real model). ``1`` is one call per failed
 sample. An evaluator's ``samples_per_call=`` keyword overrides it for that call.
 """
+
+CHAT_BACKWARD_SAMPLES_PER_CALL = 1
+"""The default of :attr:`afnio.BackwardOptions.chat_samples_per_call`: how many
+samples' chat-backward feedback one call asks for.
+
+``1`` (upstream's behaviour) sends one chat-backward call per sample that got
+feedback. With ``n > 1`` the samples of a backward pass that went through the same
+prompt template share a call (at most ``n`` per call, split as evenly as possible, the
+calls sent at once): the shared system prompt and instructions are sent once per
+call instead of once per sample. Set it for a block with
+``afnio.backward_options(chat_samples_per_call=n)``.
+"""
+
+CHEAP_SAMPLES_PER_CALL = 8
+"""``chat_samples_per_call`` of the ``"cheap"`` preset (:data:`afnio.autodiff.options.
+CHEAP`, the default of ``optimize()`` and ``AfnioTGD``)."""

@@ -55,6 +55,7 @@ from afnio.autodiff.config import IDENTITY_GRADIENT_DATA
 from afnio.autodiff.function import BackwardFunction, _needs_override
 from afnio.autodiff.grad_mode import _grad_enabled
 from afnio.autodiff.graph import AccumulateGrad, GradientEdge, Node
+from afnio.autodiff.grouping import Grouper, NodeSlot
 from afnio.autodiff.provenance import (
     Basis,
     _call_samples_of,
@@ -641,8 +642,11 @@ async def _call_node(
     _grad_enabled.set(create_graph)
     if needs is not None:
         _needs_override.set((node, needs))
-    limiter = _runtime.nodes  # the node bound (we are on afnio's loop)
-    await limiter.acquire()
+    # the node bound (we are on afnio's loop); a node waiting for its grouped
+    # chat-backward items lends its slot back meanwhile (afnio.autodiff.grouping)
+    slot = NodeSlot(_runtime.nodes)
+    await slot.take()
+    slot.install()
     try:
         if kind == _ASYNC:
             return await node.apply(*grads)
@@ -672,7 +676,7 @@ async def _call_node(
                     record.sync_calls > 0 or calls.unattributed != before,
                 )
     finally:
-        limiter.release()
+        slot.give_back()  # only if still held: never released twice
 
 
 def _run_inline(
@@ -765,6 +769,10 @@ async def _run_pass(p: _Pass) -> None:
             raise
         ready.extend(p.finish(node, checked))
 
+    # the pass's chat-backward grouper, seen by the node tasks (they copy this
+    # context when created); a node task counts as running until it is routed
+    grouper = Grouper(p.order, lambda: len(running))
+    token = grouper.install()
     try:
         while ready or running:
             while ready:
@@ -792,6 +800,7 @@ async def _run_pass(p: _Pass) -> None:
                 )
                 task.add_done_callback(on_done)
                 running[task] = node
+            grouper.check()  # every running node waits for unsent items: send them
             if running and not completed:
                 wakeup[:] = [loop.create_future()]
                 await wakeup[0]
@@ -811,6 +820,9 @@ async def _run_pass(p: _Pass) -> None:
         if running:
             await asyncio.gather(*running, return_exceptions=True)
         raise
+    finally:
+        Grouper.uninstall(token)
+        await grouper.aclose()  # cancels any group still in flight
     p.commit()
 
 

@@ -19,6 +19,19 @@ concurrently, so a batch of 32 with 19 wrong answers costs 3 calls, in one LM ro
   (without one, every sample is sent).
 * ``reduction_fn(scores)`` (default ``sum``) aggregates a batch; pass ``None`` (with
   ``reduction_fn_purpose=None``) to keep per-sample scores and explanations.
+
+Direct feedback (``feedback_mode="direct"``, or ``None`` and the active
+``afnio.backward_options(evaluator_feedback="direct")``; the default is ``"lm"``,
+upstream's behaviour): :class:`DeterministicEvaluator` and :class:`ExactMatchEvaluator`
+write each failed sample's feedback themselves, with no LM call and no LM round:
+``The metric "<purpose>" gave the prediction "<prediction>" the score <score>; the
+expected value is "<target>".`` (:data:`~afnio.autodiff.prompts.
+DIRECT_EVALUATOR_FEEDBACK`), followed by the feedback on the evaluation's explanation
+when there is some (for a per-sample explanation, that sample's). Which samples get
+feedback (``success_fn``, per-sample skip) and the provenance (``(s,)`` per text, in
+the same basis) are as in LM mode; no text records a call group. An
+:class:`LMJudgeEvaluator`'s feedback stays LM-written in both modes (the judge's own
+reasoning is what it adds).
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import builtins
 import json
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from afnio._template import render
 from afnio._utils import _validate_multi_turn_messages
@@ -37,7 +50,10 @@ from afnio.autodiff import config
 from afnio.autodiff.decorators import evaluator
 from afnio.autodiff.function import Function, _flatten_slots
 from afnio.autodiff.lm_backward import VariableInfo, format_variables, request_gradients
+from afnio.autodiff.options import check_evaluator_feedback, get_backward_options
 from afnio.autodiff.prompts import (
+    DIRECT_EVALUATOR_DETAIL,
+    DIRECT_EVALUATOR_FEEDBACK,
     EVALUATOR_BACKWARD_SYSTEM,
     EVALUATOR_BACKWARD_USER,
     EVALUATOR_SAMPLE_ELEMENT,
@@ -52,7 +68,12 @@ from afnio.models.model import ChatCompletionModel
 from afnio.models.phases import lm_phase
 from afnio.models.step_memo import reject_answer
 
-__all__ = ["DeterministicEvaluator", "ExactMatchEvaluator", "LMJudgeEvaluator"]
+__all__ = [
+    "DeterministicEvaluator",
+    "ExactMatchEvaluator",
+    "LMJudgeEvaluator",
+    "direct_feedback_texts",
+]
 
 SCALAR_EXPLANATION = (
     "The evaluation function, designed for '{purpose}', compared the <DATA> field of "
@@ -343,6 +364,70 @@ async def _ask_for_samples(
     return result
 
 
+def _feedback_mode(value: Any) -> str | None:
+    """``feedback_mode`` checked (``None``: the active backward options decide)."""
+    if value is None:
+        return None
+    return check_evaluator_feedback(value, "feedback_mode")
+
+
+def _active_feedback_mode(ctx: Any) -> str:
+    """The evaluator's ``feedback_mode``, else the active backward options' (read at
+    backward time)."""
+    mode = getattr(ctx, "feedback_mode", None)
+    return mode if mode is not None else get_backward_options().evaluator_feedback
+
+
+def direct_feedback_texts(
+    ctx: Any, grad_explanation: Variable | None, samples: list[int] | None = None
+) -> list[str]:
+    """Direct evaluator feedback (no LM call): one text per sample, ``""`` for a
+    sample that gets none.
+
+    Each failed sample (or each of ``samples``) gets
+    :data:`~afnio.autodiff.prompts.DIRECT_EVALUATOR_FEEDBACK` filled with
+    ``ctx.purpose`` (the metric), its prediction, target and score, followed by
+    :data:`~afnio.autodiff.prompts.DIRECT_EVALUATOR_DETAIL` holding the non-empty
+    feedback on the explanation (``grad_explanation``; when it is a list aligned
+    with the samples, the sample's own item). Nothing when ``success_fn`` says the
+    batch succeeded.
+
+    Args:
+        ctx: an evaluator's ctx (``scores``, ``predictions``, ``targets``,
+            ``purpose``, ``success_fn``, ``per_sample_skip``, ``best`` and
+            ``batched``, as ``_save`` sets them).
+        grad_explanation: the feedback on the explanation output (or ``None``).
+        samples: the samples to write feedback for (default: the failed ones).
+    """
+    n = len(ctx.scores)
+    texts = [""] * n
+    if ctx.success_fn is not None and ctx.success_fn(ctx.scores):
+        return texts
+    data = grad_explanation.data if grad_explanation is not None else ""
+    aligned = (
+        isinstance(data, list) and len(data) == n and getattr(ctx, "batched", n > 1)
+    )
+    joined = (
+        "\n".join(str(d) for d in data if d) if isinstance(data, list) else str(data)
+    )
+    chosen = _failed_samples(ctx) if samples is None else samples
+    for s in chosen:
+        text = render(
+            DIRECT_EVALUATOR_FEEDBACK,
+            {
+                "metric": ctx.purpose,
+                "prediction": ctx.predictions[s],
+                "target": ctx.targets[s],
+                "score": ctx.scores[s],
+            },
+        )
+        detail = str(data[s]) if aligned else joined
+        if detail.strip():
+            text += render(DIRECT_EVALUATOR_DETAIL, {"detail": detail.strip()})
+        texts[s] = text
+    return texts
+
+
 def _gradient(
     var: Variable,
     texts: list[str],
@@ -461,6 +546,11 @@ class DeterministicEvaluator(Function):
     """Score ``prediction`` against ``target`` with ``eval_fn(pred, target)`` per
     sample, then reduce (see the module docstring).
 
+    ``feedback_mode="direct"`` makes backward write each failed sample's feedback
+    without an LM call; ``"lm"`` asks the backward model (upstream); ``None`` (the
+    default) follows ``afnio.get_backward_options().evaluator_feedback`` when backward
+    runs.
+
     Example::
 
         >>> import afnio
@@ -490,9 +580,11 @@ class DeterministicEvaluator(Function):
         best_score: Any = None,
         per_sample_skip: bool = True,
         samples_per_call: int | None = None,
+        feedback_mode: Literal["lm", "direct"] | None = None,
     ) -> tuple[Variable, Variable]:
         _check_prediction(prediction)
         _samples_per_call(samples_per_call)  # before any work: a clear error
+        mode = _feedback_mode(feedback_mode)
         if not callable(eval_fn):
             raise TypeError(
                 "`eval_fn` must be a function (prediction, target) -> score."
@@ -525,6 +617,7 @@ class DeterministicEvaluator(Function):
             per_sample_skip,
             samples_per_call,
         )
+        ctx.feedback_mode = mode
         _target_basis(ctx, target)
         return _outputs(ctx, prediction, score, explanation)
 
@@ -534,6 +627,11 @@ class DeterministicEvaluator(Function):
     ) -> tuple[Variable | None, ...]:
         if not ctx.needs_input_grad[0]:
             return (None,) * len(ctx.needs_input_grad)
+        if _active_feedback_mode(ctx) == "direct":
+            ctx.call_groups = {}  # no LM call: no text records a call group
+            return _prediction_only_backward(
+                ctx, [direct_feedback_texts(ctx, explanation_grad)]
+            )
         texts = await _ask_for_samples(
             ctx, explanation_grad, [(ctx.prediction, "prediction")]
         )
@@ -547,6 +645,7 @@ def _exact_match(prediction: Any, target: Any) -> int:
 @evaluator
 class ExactMatchEvaluator(Function):
     """Score 1 per sample whose data equals the target, else 0; then reduce.
+    ``feedback_mode`` as for :class:`DeterministicEvaluator`.
 
     Example::
 
@@ -568,6 +667,7 @@ class ExactMatchEvaluator(Function):
         *,
         per_sample_skip: bool = True,
         samples_per_call: int | None = None,
+        feedback_mode: Literal["lm", "direct"] | None = None,
     ) -> tuple[Variable, Variable]:
         return DeterministicEvaluator.forward(
             ctx,
@@ -581,6 +681,7 @@ class ExactMatchEvaluator(Function):
             best_score=1,
             per_sample_skip=per_sample_skip,
             samples_per_call=samples_per_call,
+            feedback_mode=feedback_mode,
         )
 
     @staticmethod

@@ -5,7 +5,10 @@ substitution: ``{{``/``}}`` are literal braces, nothing else is evaluated), send
 chat request per sample concurrently (bounded by :func:`afnio.set_max_concurrency`),
 and returns the replies. Backward asks the backward model, once per sample that got
 feedback (concurrently), for one feedback per Variable of ``messages`` and ``inputs``
-that requires grad.
+that requires grad. With ``afnio.backward_options(chat_samples_per_call=n)`` (n > 1)
+the samples that went through the same prompt template (of this node and of the
+other nodes of the pass) share calls instead, at most ``n`` per call
+(:func:`afnio.autodiff.lm_backward.chat_backward_gradients`).
 
 Batched gradients (difference 13). A Variable shared by every sample (a system prompt)
 receives **one** gradient per backward pass whose ``data`` is the list of the non-empty
@@ -33,11 +36,11 @@ from afnio._utils import _validate_multi_turn_messages
 from afnio._variable import Variable
 from afnio.autodiff.function import Function, _flatten_slots
 from afnio.autodiff.lm_backward import (
+    ChatBackwardItem,
     VariableInfo,
-    chat_backward_user,
-    request_gradients,
+    chat_backward_gradients,
+    template_key,
 )
-from afnio.autodiff.prompts import CHAT_BACKWARD_SYSTEM
 from afnio.autodiff.provenance import (
     Basis,
     _join_bases,
@@ -269,10 +272,15 @@ class ChatCompletion(Function):
         feedback = _per_sample_feedback(grad_output.data, n, ctx.batched)
         per_var: dict[int, list[str]] = {k: [""] * n for k in wanted}
 
-        async def one_sample(s: int) -> None:
+        # one chat-backward item per sample that got feedback and serves a variable
+        # asked for; sent one call per sample, or grouped by template (see
+        # afnio.autodiff.lm_backward.chat_backward_gradients)
+        sent: list[tuple[int, list[int]]] = []
+        items: list[ChatBackwardItem] = []
+        for s in range(n):
             asked = [k for k in wanted if ctx.refs[k].serves(s)]
             if not asked or not feedback[s].strip():
-                return  # no feedback for this sample, or nothing to improve
+                continue  # no feedback for this sample, or nothing to improve
             infos = [
                 VariableInfo(
                     role=ctx.refs[k].var.role,
@@ -282,16 +290,24 @@ class ChatCompletion(Function):
                 )
                 for k in asked
             ]
-            user = chat_backward_user(
-                ctx.rendered[s], OUTPUT_ROLE, ctx.replies[s], feedback[s], infos
+            key = template_key(
+                OUTPUT_ROLE, [(ctx.refs[k].var, ctx.refs[k].location) for k in asked]
             )
-            texts = await request_gradients(
-                ctx.name(), CHAT_BACKWARD_SYSTEM, user, len(infos)
+            items.append(
+                ChatBackwardItem(
+                    ctx.rendered[s],
+                    OUTPUT_ROLE,
+                    ctx.replies[s],
+                    feedback[s],
+                    infos,
+                    key,
+                )
             )
+            sent.append((s, asked))
+        answers = await chat_backward_gradients(ctx, items)
+        for (s, asked), texts in zip(sent, answers, strict=True):
             for k, text in zip(asked, texts, strict=True):
-                per_var[k][s] = text.strip()
-
-        await asyncio.gather(*(one_sample(s) for s in range(n)))
+                per_var[k][s] = text
 
         result: list[Variable | None] = [None] * len(needs)
         basis = (

@@ -11,13 +11,24 @@ bundled simulator, ``afnio.testing``) tell afnio's requests apart:
 
 * a ChatCompletion backward call holds ``<LM_CONVERSATION>``, ``<FEEDBACK_ON_OUTPUT>``
   and ``<VARIABLES ...>``;
+* a grouped chat backward call (several samples that went through the same prompt
+  template, :data:`CHAT_BACKWARD_GROUP_SYSTEM`) holds ``<LM_CALLS ...>``,
+  ``<SHARED_MESSAGES ...>`` and ``<VARIABLES ...>``: one ``<LM_CALL index="k">`` per
+  sample (with ``<LM_CONVERSATION>``, ``<LM_OUTPUT ...>``, ``<FEEDBACK_ON_OUTPUT>`` and
+  optionally ``<VALUE variable="i">``); a message every call received is listed once
+  in ``<SHARED_MESSAGES>`` and a call shows ``<MESSAGE role="..." shared="i">`` for it;
 * an evaluator backward call holds ``<EVALUATION ...>``, ``<VARIABLES ...>`` and
   ``<SAMPLES ...>``: one ``<SAMPLE index="k">`` per failed sample of its group (with
   ``<INPUT>``, ``<PREDICTION ...>``, ``<TARGET>``, ``<SCORE>``, optionally
   ``<EXPLANATION>`` and ``<VALUE variable="i">``);
 * an LM judge call asks for the JSON schema named ``afnio_judgement``;
 * every backward answer is the JSON schema named ``afnio_gradients``:
-  ``{"gradients": [one string per variable, in order]}``.
+  ``{"gradients": [one string per variable, in order]}`` (for a group: the first
+  sample's variables in order, then the next sample's).
+
+Direct evaluator feedback (``afnio.backward_options(evaluator_feedback="direct")``)
+sends nothing: a deterministic evaluator writes :data:`DIRECT_EVALUATOR_FEEDBACK`
+(plus :data:`DIRECT_EVALUATOR_DETAIL`) itself.
 
 Each ``<VARIABLE>`` carries ``index``, ``role``, ``location`` (the chat role of the
 message it is in, or ``input:<key>``) and ``trainable`` (``true`` for a leaf that
@@ -29,8 +40,12 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CHAT_BACKWARD_GROUP_SYSTEM",
+    "CHAT_BACKWARD_GROUP_USER",
     "CHAT_BACKWARD_SYSTEM",
     "CHAT_BACKWARD_USER",
+    "DIRECT_EVALUATOR_DETAIL",
+    "DIRECT_EVALUATOR_FEEDBACK",
     "EVALUATOR_BACKWARD_SYSTEM",
     "EVALUATOR_BACKWARD_USER",
     "EVALUATOR_SAMPLE_ELEMENT",
@@ -38,16 +53,26 @@ __all__ = [
     "EVALUATOR_SAMPLE_VALUE",
     "GRADIENTS_SCHEMA_NAME",
     "JUDGE_SCHEMA_NAME",
+    "LM_CALL_ELEMENT",
+    "LM_CALL_VALUE",
     "PREDICTION_PLACEHOLDER",
     "PROMPTS_VERSION",
     "RETRY_USER",
+    "SHARED_MESSAGE_ELEMENT",
+    "SHARED_MESSAGE_POINTER",
+    "VALUE_IN_MESSAGE",
     "VARIABLE_IN_MESSAGE",
+    "VARIABLE_IN_SHARED_MESSAGE",
+    "VARIABLE_PER_CALL",
     "gradients_response_format",
     "judge_response_format",
 ]
 
-PROMPTS_VERSION = 2
-"""2: one evaluator backward call covers a group of failed samples (was one per
+PROMPTS_VERSION = 3
+"""3: direct evaluator feedback (DIRECT_EVALUATOR_FEEDBACK) and grouped chat-backward
+calls (CHAT_BACKWARD_GROUP_*); the earlier templates are unchanged.
+
+2: one evaluator backward call covers a group of failed samples (was one per
 sample); an LM judge's own per-sample explanation is shown; a chat-backward variable
 that is a whole message is not repeated (:data:`VARIABLE_IN_MESSAGE`)."""
 
@@ -152,6 +177,84 @@ whole content of a message of the conversation (a system prompt, say): shown onc
 VARIABLE_ELEMENT = (
     '<VARIABLE index="{index}" role="{role}" location="{location}" '
     'trainable="{trainable}">{text}</VARIABLE>'
+)
+
+
+# -- version 3: direct evaluator feedback and grouped chat backward --------------------
+
+DIRECT_EVALUATOR_FEEDBACK = (
+    'The metric "{metric}" gave the prediction "{prediction}" the score '
+    '{score}; the expected value is "{target}".'
+)
+"""The feedback a deterministic evaluator writes itself on a failed sample in direct
+mode (``evaluator_feedback="direct"``): no LM call."""
+
+DIRECT_EVALUATOR_DETAIL = " {detail}"
+"""Appended to :data:`DIRECT_EVALUATOR_FEEDBACK`: the metric's own textual feedback
+(or the feedback on the evaluation), when there is one."""
+
+CHAT_BACKWARD_GROUP_SYSTEM = """\
+You are the gradient engine of afnio, an optimization system that improves the text \
+variables of a language-model program.
+You are shown several calls of a language model that used the same prompt template, \
+one per <LM_CALL>: the conversation it received (<LM_CONVERSATION>), the output it \
+produced (<LM_OUTPUT>) and feedback on that output (<FEEDBACK_ON_OUTPUT>). Messages \
+that every call received are shown once, in <SHARED_MESSAGES>; a call's <MESSAGE \
+shared="i"> stands for shared message i. The conversations were built from the \
+variables listed in <VARIABLES>; a variable whose text differs between calls has it \
+in each call's <VALUE variable="i">.
+For each call, in order, and for each variable, in order, write specific, actionable \
+feedback on that call alone: what should change in that variable, and why, so that \
+the call's output meets its feedback. Give strategies and reasons; do not write a new \
+version of the variable. Use an empty string for a variable that needs no change.
+Answer with a JSON object only: {"gradients": [one feedback string per call and \
+variable: the first call's variables in order, then the next call's]}."""
+"""System prompt of a grouped chat-backward call: the samples of a backward pass that
+went through the same prompt template, at most ``chat_samples_per_call`` per call (a
+group of one is sent with :data:`CHAT_BACKWARD_SYSTEM` instead)."""
+
+CHAT_BACKWARD_GROUP_USER = """\
+<SHARED_MESSAGES count="{shared_count}">
+{shared}
+</SHARED_MESSAGES>
+<VARIABLES count="{variable_count}">
+{variables}
+</VARIABLES>
+<LM_CALLS count="{call_count}">
+{calls}
+</LM_CALLS>
+Return exactly {count} feedback strings: {variable_count} per call, for \
+{call_count} calls, in order."""
+"""User prompt of a grouped chat-backward call: the shared messages once, the
+variables once, one :data:`LM_CALL_ELEMENT` per call."""
+
+SHARED_MESSAGE_ELEMENT = '<MESSAGE index="{index}" role="{role}">{content}</MESSAGE>'
+"""A message every call of the group received (same role, same content, same
+position ``index``, counted from 1), listed once."""
+
+SHARED_MESSAGE_POINTER = '<MESSAGE role="{role}" shared="{index}"></MESSAGE>'
+"""A call's stand-in for shared message ``index``."""
+
+LM_CALL_ELEMENT = """\
+<LM_CALL index="{index}">
+<LM_CONVERSATION>
+{conversation}
+</LM_CONVERSATION>
+<LM_OUTPUT role="{output_role}">{output}</LM_OUTPUT>
+<FEEDBACK_ON_OUTPUT>{feedback}</FEEDBACK_ON_OUTPUT>{values}
+</LM_CALL>"""
+"""One call of a grouped chat-backward call; ``values`` holds one
+:data:`LM_CALL_VALUE` per variable whose text differs between calls."""
+
+LM_CALL_VALUE = '\n<VALUE variable="{index}">{text}</VALUE>'
+VARIABLE_IN_SHARED_MESSAGE = (
+    '(the whole content of shared <MESSAGE> {index}, role "{role}")'
+)
+VARIABLE_PER_CALL = (
+    '(differs per call: see each <LM_CALL>\'s <VALUE variable="{index}">)'
+)
+VALUE_IN_MESSAGE = (
+    '(the whole content of this call\'s <MESSAGE> {index}, role "{role}")'
 )
 
 

@@ -78,7 +78,9 @@ def deterministic_evaluator(
     **kwargs: Any,
 ) -> tuple[Variable, Variable]:
     """Score with ``eval_fn`` (see
-    :class:`afnio.autodiff.evaluator.DeterministicEvaluator`)."""
+    :class:`afnio.autodiff.evaluator.DeterministicEvaluator`). Keyword arguments
+    (``best_score``, ``per_sample_skip``, ``samples_per_call``, ``feedback_mode``:
+    ``"lm"``, ``"direct"`` or ``None`` for the active backward options) go to it."""
     return DeterministicEvaluator.apply(
         prediction,
         target,
@@ -98,7 +100,9 @@ def exact_match_evaluator(
     reduction_fn_purpose: str | Variable | None = "summation",
     **kwargs: Any,
 ) -> tuple[Variable, Variable]:
-    """Exact-match score (see :class:`afnio.autodiff.evaluator.ExactMatchEvaluator`)."""
+    """Exact-match score (see :class:`afnio.autodiff.evaluator.ExactMatchEvaluator`).
+    Keyword arguments (``per_sample_skip``, ``samples_per_call``, ``feedback_mode``)
+    go to it."""
     return ExactMatchEvaluator.apply(
         prediction, target, reduction_fn, reduction_fn_purpose, **kwargs
     )

@@ -1,5 +1,5 @@
 """Command line: ``python -m afnio.testing serve [--host H] [--port P] [--latency S]
-[--rpm N] [--tpm N] [--rate-window S] [--batch-polls N]``.
+[--rpm N] [--tpm N] [--rate-window S] [--batch-polls N] [--feedback-words N]``.
 
 Starts the simulator (a deterministic stand-in, not a model), prints exactly one line,
 ``afnio simulator serving at http://127.0.0.1:<port>/v1``, and serves until SIGINT or
@@ -8,9 +8,12 @@ tokens-per-minute limits per model (429s with ``retry-after``, ``x-ratelimit-*``
 headers; see :mod:`afnio.testing.rate_limits`), refilled over ``--rate-window``
 seconds (default 60). ``--batch-polls N``: a Batch API batch finishes at its N-th
 poll (``GET /v1/batches/{id}``; default 1), the earlier polls answer ``in_progress``
-(:attr:`~afnio.testing.Simulator.batch_polls`). ``--port 0`` picks a free port (read
-it from that line). Point any OpenAI program at it with
-``OPENAI_BASE_URL=http://127.0.0.1:<port>/v1``.
+(:attr:`~afnio.testing.Simulator.batch_polls`). ``--feedback-words N``: every
+non-empty LM-written feedback string of a backward answer is padded to at least N
+words with a neutral filler sentence
+(:attr:`~afnio.testing.Simulator.feedback_words`; the learning is unchanged, the
+optimizer prompt grows). ``--port 0`` picks a free port (read it from that line).
+Point any OpenAI program at it with ``OPENAI_BASE_URL=http://127.0.0.1:<port>/v1``.
 """
 
 from __future__ import annotations
@@ -57,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="a Batch API batch completes at its N-th poll (default 1)",
     )
+    serve.add_argument(
+        "--feedback-words",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pad every LM-written feedback of a backward answer to at least N words "
+        "with a neutral filler sentence (default: no padding)",
+    )
     return parser
 
 
@@ -71,10 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             requests_per_minute=args.rpm,
             tokens_per_minute=args.tpm,
             rate_limit_window=args.rate_window,
+            feedback_words=args.feedback_words,
         )
         sim.batch_polls = args.batch_polls
         sim.start()
-    except (ValueError, OSError) as error:
+    except (TypeError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     done = threading.Event()

@@ -424,7 +424,12 @@ def _pieces(content: str) -> list[str]:
     return re.findall(r"\S+\s*|\s+", content)
 
 
-def _chat(raw: bytes, body: Mapping[str, Any], malformed: bool) -> _Reply:
+def _chat(
+    raw: bytes,
+    body: Mapping[str, Any],
+    malformed: bool,
+    feedback_words: int | None = None,
+) -> _Reply:
     model = _require_model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -461,7 +466,11 @@ def _chat(raw: bytes, body: Mapping[str, Any], malformed: bool) -> _Reply:
     calls = world.choose_tool_calls(request, seed=digest) if tools else ()
     if calls:
         return _tool_calls_reply(raw, body, request, calls, malformed)
-    result = world.final_answer(request) if tools else world.answer(request)
+    result = (
+        world.final_answer(request, feedback_words=feedback_words)
+        if tools
+        else world.answer(request, feedback_words=feedback_words)
+    )
     content = world.render_content(result, fmt)
     if malformed:
         content = _malform(content, request, result.label)
@@ -656,7 +665,12 @@ def _tool_calls_reply(
     )
 
 
-def _completions(raw: bytes, body: Mapping[str, Any], malformed: bool) -> _Reply:
+def _completions(
+    raw: bytes,
+    body: Mapping[str, Any],
+    malformed: bool,
+    feedback_words: int | None = None,
+) -> _Reply:
     model = _require_model(body)
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -682,7 +696,7 @@ def _completions(raw: bytes, body: Mapping[str, Any], malformed: bool) -> _Reply
             endpoint="completions",
             body=body,
         )
-        result = world.answer(request)
+        result = world.answer(request, feedback_words=feedback_words)
         content = world.render_content(result, None)
         if malformed:
             content = _malform(content, request, result.label)
@@ -896,7 +910,7 @@ def _multipart(raw: bytes) -> dict[str, Any]:
 
 
 def _batch_line_reply(
-    line: Mapping[str, Any], endpoint: str
+    line: Mapping[str, Any], endpoint: str, feedback_words: int | None = None
 ) -> tuple[int, dict[str, Any], int, int]:
     """Answer one batch input line by the simulator's normal rules: ``(status, body,
     prompt_tokens, completion_tokens)``."""
@@ -912,9 +926,9 @@ def _batch_line_reply(
     raw = _dumps(body)
     key = endpoint.removeprefix("/v1/")
     if key == "chat/completions":
-        reply = _chat(raw, body, False)
+        reply = _chat(raw, body, False, feedback_words)
     elif key == "completions":
-        reply = _completions(raw, body, False)
+        reply = _completions(raw, body, False, feedback_words)
     else:
         reply = _embeddings(raw, body)
     return (
@@ -1130,6 +1144,9 @@ class Simulator:
             time with :meth:`set_rate_limits`.
         rate_limit_window: the seconds in which an empty bucket refills (60: per
             minute; tests shrink it to see limits act within seconds).
+        feedback_words: pad every non-empty LM-written feedback string of a
+            backward answer to at least this many words (see
+            :attr:`feedback_words`); ``None`` (the default) for no padding.
 
     Use it as a context manager or call :meth:`start`/:meth:`stop` (both idempotent;
     a stopped simulator can be started again, keeping its counters and faults).
@@ -1151,6 +1168,7 @@ class Simulator:
         requests_per_minute: int | None = None,
         tokens_per_minute: int | None = None,
         rate_limit_window: float = 60.0,
+        feedback_words: int | None = None,
     ) -> None:
         if host == "localhost":
             host = "127.0.0.1"
@@ -1186,6 +1204,7 @@ class Simulator:
         self._delay: DelayFunction | None = None
         self._delay_rules: list[_DelayRule] = []
         self.delay = delay
+        self.feedback_words = feedback_words
         for spec in faults or ():
             self._inject_spec(spec)
 
@@ -1274,6 +1293,47 @@ class Simulator:
         if not value >= 0:
             raise ValueError(f"latency must be a non-negative number, got {value!r}")
         self._latency = value
+
+    @property
+    def feedback_words(self) -> int | None:
+        """Pad LM-written feedback to at least this many words (settable; ``None``:
+        no padding, the default).
+
+        Every non-empty feedback string of a backward answer (the responders of
+        :data:`afnio.testing.world.FEEDBACK_RESPONDERS`: afnio's chat backward, one
+        call or a group, and evaluator backward, and TextGrad's backward calls) gets
+        the fixed neutral sentence :data:`afnio.testing.world.FEEDBACK_FILLER`
+        appended until it holds at least this many words (whole sentences, so up to
+        14 more; simulator tokens are words). The filler holds no quote, no rule and
+        no expected value, so every rule the simulator reads from the feedback, and
+        therefore the optimizer's edits, stay the same, while the feedback (and the
+        optimizer prompt quoting it) grows, as a real model's longer prose would.
+        It applies to every route: chat and legacy completions, streamed or not,
+        and Batch API lines. Optimizer answers (afnio's and TextGrad's TGD, Trace's
+        OptoPrime) and judge verdicts are never padded.
+
+        >>> Simulator(feedback_words=60).feedback_words
+        60
+        >>> Simulator(feedback_words=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: feedback_words must be an int >= 1 (the least number of words of a padded feedback) or None for no padding, got 0
+        """  # noqa: E501
+        return self._feedback_words
+
+    @feedback_words.setter
+    def feedback_words(self, value: int | None) -> None:
+        message = (
+            "feedback_words must be an int >= 1 (the least number of words of a "
+            f"padded feedback) or None for no padding, got {value!r}"
+        )
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool)
+        ):
+            raise TypeError(message)
+        if value is not None and value < 1:
+            raise ValueError(message)
+        self._feedback_words = value
 
     # -- per-request delays --------------------------------------------------------
 
@@ -1748,7 +1808,7 @@ class Simulator:
                         type="server_error",
                     )
                 status, answer, p_tokens, c_tokens = _batch_line_reply(
-                    line, batch["endpoint"]
+                    line, batch["endpoint"], self._feedback_words
                 )
             except _RequestError as error:
                 status, answer, p_tokens, c_tokens = error.status, error.body, 0, 0
@@ -1971,10 +2031,11 @@ class Simulator:
                 seconds = fault.seconds
                 self._sleep(DEFAULT_DELAY_SECONDS if seconds is None else seconds)
             malformed = fault is not None and fault.kind is Fault.MALFORMED_JSON
+            words = self._feedback_words
             if endpoint == "chat/completions":
-                return _chat(raw, body, malformed)
+                return _chat(raw, body, malformed, words)
             if endpoint == "completions":
-                return _completions(raw, body, malformed)
+                return _completions(raw, body, malformed, words)
             if endpoint == "embeddings":
                 return _embeddings(raw, body)
             return _models(path)

@@ -74,7 +74,22 @@ that quotes a rule sentence still gets gradients. In order:
    ``{"score": true|false, "explanation": "The prediction "<p>" matches the target
    "<t>"."}`` (or ``does not match``; without both elements: false, ``No <PREDICTION>
    and <TARGET> to compare.``).
-2. :func:`chat_backward_responder`, a ChatCompletion backward call. Marker: a user
+2. :func:`chat_backward_group_responder`, a grouped ChatCompletion backward call
+   (the chat-backward requests of several samples that went through the same
+   prompt template, sent as one). Marker: a user message holding ``<LM_CALLS ...>``,
+   ``<VARIABLES ...>`` and ``<FEEDBACK_ON_OUTPUT>`` with at least one
+   ``<LM_CALL>``; it comes before the single-call responder, whose marker a grouped
+   prompt also holds. Each ``<LM_CALL>`` is answered exactly as the single-call
+   responder (3, below) answers the prompt that call stands for: its
+   ``<LM_CONVERSATION>`` with every ``<MESSAGE role="r" shared="i"></MESSAGE>``
+   replaced by message ``i`` of ``<SHARED_MESSAGES>``, its ``<LM_OUTPUT>``, its
+   ``<FEEDBACK_ON_OUTPUT>``, and the ``<VARIABLES>`` with the call's ``<VALUE
+   variable="i">`` texts (a pointer to a shared message or to one of the call's
+   messages stands for that message's content, shown as the single-call prompt
+   shows it; see :class:`ChatBackwardGroupPrompt`). The answer is ``{"gradients":
+   [...]}``, the calls' gradients concatenated call by call; a call's gradients
+   never depend on the other calls of its group.
+3. :func:`chat_backward_responder`, a ChatCompletion backward call. Marker: a user
    message holding ``<LM_CONVERSATION>``, ``<FEEDBACK_ON_OUTPUT>`` and
    ``<VARIABLES ...>``. It answers ``{"gradients": [...]}``, one string per
    ``<VARIABLE>``: the first trainable ``system`` variable gets a new *rule* for the
@@ -93,20 +108,20 @@ that quotes a rule sentence still gets gradients. In order:
    :func:`relay_value`; never for the default label); the other variables get
    ``The <role> should lead to "<target>" for this input.``; blank feedback gives
    ``""`` for every variable.
-3. :func:`evaluator_backward_responder`, an evaluator backward call. Marker: a user
+4. :func:`evaluator_backward_responder`, an evaluator backward call. Marker: a user
    message holding ``<EVALUATION ...>``, ``<SAMPLE>`` and ``<VARIABLES ...>``. It
    answers ``{"gradients": [...]}``, one string per variable for each ``<SAMPLE>``,
    sample by sample: the ``location="prediction"`` variable gets ``The
    prediction "<p>" is wrong: the expected value is "<t>". Change what produces it so
    that this input leads to "<t>".``, any other ``The <role> should lead to the
    expected value "<t>" for this input.``
-4. :func:`optimizer_responder`, a TGD optimizer call. Marker: a user message holding
+5. :func:`optimizer_responder`, a TGD optimizer call. Marker: a user message holding
    ``<CURRENT_VALUE>`` and ``<FEEDBACK ...>``. It answers ``{"improved_value": ...}``:
    the current value with every rule proposed in the feedback applied (condensed
    ``{"a" | "b"}`` alternatives expanded; a rule for a word already ruled replaces that
    sentence in place, a new one is appended, never twice), honouring the checkable
    constraint ``Do not use the character "<c>".``
-5. The peer libraries' prompts (:mod:`afnio.testing.peers`): TextGrad's TGD
+6. The peer libraries' prompts (:mod:`afnio.testing.peers`): TextGrad's TGD
    update call (:func:`~afnio.testing.peers.textgrad_optimizer_responder`: the
    current value with the rules of its ``<FEEDBACK>`` applied, between
    ``<IMPROVED_VARIABLE>`` tags), TextGrad's backward calls
@@ -115,13 +130,13 @@ that quotes a rule sentence still gets gradients. In order:
    rule :func:`chat_backward_gradients` would give) and Trace's OptoPrime call
    (:func:`~afnio.testing.peers.optoprime_responder`: ``{"reasoning", "answer",
    "suggestion"}`` with the rules its ``#Feedback`` calls for).
-6. :func:`dspy_responder`, a prompt rendered by DSPy's ChatAdapter or JSONAdapter
+7. :func:`dspy_responder`, a prompt rendered by DSPy's ChatAdapter or JSONAdapter
    (a system message declaring ``Your output fields are:`` and ending with DSPy's
    objective line): every output field answered from the rules in the
    instructions, as ``[[ ## field ## ]]`` blocks ending with
    ``[[ ## completed ## ]]``, or as a JSON object when JSON is asked for.
-7. :func:`task_responder`, any prompt holding rules (the grammar above).
-8. :func:`fallback_responder`, always the default label.
+8. :func:`task_responder`, any prompt holding rules (the grammar above).
+9. :func:`fallback_responder`, always the default label.
 
 Together they close afnio's loop without a model: the judge (or a deterministic
 evaluator) fails a sample, the evaluator backward names the expected value, the chat
@@ -130,6 +145,16 @@ rule makes the task responder answer the expected value. The JSON answers render
 same object under every ``response_format`` (plain text included). Element texts may
 span lines and hold quotes and braces; an element's text runs to its first closing
 tag.
+
+Padded feedback: with ``feedback_words`` (``Simulator(feedback_words=N)``, ``serve
+--feedback-words N``; :func:`answer`'s keyword), every non-empty feedback string of
+an LM-written feedback answer (:data:`FEEDBACK_RESPONDERS`: the grouped and single
+chat backward, the evaluator backward, TextGrad's backward) is followed by the
+neutral :data:`FEEDBACK_FILLER` sentence until it holds at least ``N`` words (see
+:func:`pad_feedback`). The filler holds no quote, rule, target or tool name, so every
+rule read from the feedback, and so every optimizer edit, is the same; the feedback
+and the optimizer prompt quoting it grow. Optimizer answers and judge verdicts are
+never padded.
 
 Two stages
 ----------
@@ -155,6 +180,11 @@ DSPy program), the same rules assign the credit the way a capable model would:
   message mentions "<word>", the <its field> is v.`` for an affect field: the rule
   that makes it produce the value the next stage needs. Longer chains relay the same
   way, stage by stage.
+* *Grouped backward*: a grouped chat-backward prompt (responder 2) answers each of
+  its calls exactly as that call's own single-call prompt, so a group of second-stage
+  calls relays to each call's computed input, and a group of first-stage calls
+  writes each call's own rule, as above; the groups change the number of calls, not
+  the credit.
 
 So an error that only the first prompt can fix (the second stage already maps every
 value it needs, the first answers an uninformative default) is fixed by training:
@@ -328,6 +358,7 @@ __all__ = [
     "STOPWORDS",
     "TASK_VERBS",
     "Answer",
+    "ChatBackwardGroupPrompt",
     "ChatBackwardPrompt",
     "DSPyField",
     "DSPyPrompt",
@@ -339,8 +370,13 @@ __all__ = [
     "Rule",
     "RuleWord",
     "SimRequest",
+    "FEEDBACK_FILLER",
+    "FEEDBACK_RESPONDERS",
+    "SINGLE_CALL_VARIABLE_POINTER",
     "answer",
     "chat_backward_gradients",
+    "chat_backward_group_gradients",
+    "chat_backward_group_responder",
     "chat_backward_responder",
     "dspy_responder",
     "dspy_typed",
@@ -360,6 +396,8 @@ __all__ = [
     "output_field",
     "prompt_field",
     "relay_value",
+    "pad_feedback",
+    "padded_answer",
     "render_content",
     "respond",
     "rule_sentence",
@@ -1821,6 +1859,215 @@ def chat_backward_responder(request: SimRequest) -> Answer | None:
     return _gradients_answer(chat_backward_gradients(prompt), "chat_backward")
 
 
+SINGLE_CALL_VARIABLE_POINTER = (
+    '(the whole content of <MESSAGE> {index} of <LM_CONVERSATION>, role "{role}")'
+)
+"""How a single-call backward prompt shows a variable whose text is the whole content
+of a message of its conversation (``afnio.autodiff.prompts.VARIABLE_IN_MESSAGE``),
+when that pointer is shorter than the text: the grouped responder rebuilds each
+call's single-call prompt with it (see :class:`ChatBackwardGroupPrompt`)."""
+
+_SHARED_POINTER = re.compile(
+    r'\(the whole content of shared <MESSAGE> (?P<index>\d+), role "[^"]*"\)'
+)
+_VALUE_POINTER = re.compile(
+    r"\(the whole content of this call's <MESSAGE> (?P<index>\d+), role \"[^\"]*\"\)"
+)
+_VALUE_ELEMENT = re.compile(
+    r"\s*" + _opening("VALUE") + _ATTRS + r"(?P<text>.*?)</VALUE\s*>", re.DOTALL
+)
+_CALL_OPENING = re.compile(r"^" + _opening("LM_CALL") + _ATTRS, re.MULTILINE)
+
+
+def _single_call_text(text: str, messages: Sequence[Message]) -> str:
+    """``text`` as the single-call prompt shows a variable: the
+    :data:`SINGLE_CALL_VARIABLE_POINTER` to the first non-blank message whose whole
+    content it is, when that pointer is shorter; else ``text`` itself."""
+    for index, message in enumerate(messages, start=1):
+        if message.text.strip() and message.text == text:
+            pointer = SINGLE_CALL_VARIABLE_POINTER.format(
+                index=index, role=message.role
+            )
+            return pointer if len(pointer) < len(text) else text
+    return text
+
+
+@dataclass(frozen=True)
+class ChatBackwardGroupPrompt:
+    """What the grouped chat-backward responder reads from a grouped prompt
+    (``CHAT_BACKWARD_GROUP_USER``): the shared messages (by index), the variables as
+    listed once, and, per ``<LM_CALL>``, the single-call prompt it stands for."""
+
+    shared: Mapping[str, Message]
+    variables: tuple[PromptVariable, ...]
+    calls: tuple[ChatBackwardPrompt, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> ChatBackwardGroupPrompt:
+        """Parse ``<SHARED_MESSAGES>`` (``<MESSAGE index role>`` elements), the
+        ``<VARIABLE>`` elements of ``<VARIABLES>`` and each ``<LM_CALL>``: its
+        ``<LM_CONVERSATION>`` (a ``<MESSAGE role shared="i">`` pointer stands for
+        shared message ``i``), its ``<LM_OUTPUT>``, its ``<FEEDBACK_ON_OUTPUT>`` (both
+        searched after the conversation, as in a single-call prompt) and the
+        ``<VALUE variable="i">`` elements right after the feedback.
+
+        The blocks are split where the template joins them (``</SHARED_MESSAGES>``
+        then ``<VARIABLES``; ``</VARIABLES>`` then ``<LM_CALLS``), so a text inside a
+        shared message or a variable is not read as markup.
+
+        Each call's :class:`ChatBackwardPrompt` is the one its single-call prompt
+        would parse to: its messages, its output (stripped), its feedback, and the
+        variables with the call's ``<VALUE>`` texts; a pointer to a shared message
+        (``(the whole content of shared <MESSAGE> i, ...)``) or to one of the call's
+        messages (``(the whole content of this call's <MESSAGE> i, ...)``) is
+        replaced by that message's content, which is then shown as the single-call
+        prompt shows it (:data:`SINGLE_CALL_VARIABLE_POINTER` when it is the whole
+        content of a message and the pointer is shorter).
+        """
+        shared_end = re.compile(
+            r"</SHARED_MESSAGES>\s*" + _opening("VARIABLES") + _ATTRS
+        ).search(text)
+        shared_start = re.compile(_opening("SHARED_MESSAGES") + _ATTRS).search(text)
+        shared: dict[str, Message] = {}
+        if shared_end is not None:
+            start = shared_start.end() if shared_start is not None else 0
+            block = (
+                text[start : shared_end.start()] if start <= shared_end.start() else ""
+            )
+            for element in Element.all("MESSAGE", block):
+                shared.setdefault(
+                    element.attr("index"), Message(element.attr("role"), element.text)
+                )
+        junction = re.compile(r"</VARIABLES>\s*" + _opening("LM_CALLS") + _ATTRS)
+        split = junction.search(text, shared_end.start() if shared_end else 0)
+        if split is not None:
+            head = text[: split.start() + len("</VARIABLES>")]
+            body = text[split.end() :]
+        else:
+            calls_at = re.compile(_opening("LM_CALLS") + _ATTRS).search(text)
+            head = text
+            body = text[calls_at.end() :] if calls_at is not None else ""
+        variables = tuple(
+            _variables(head, shared_end.start() if shared_end is not None else 0)
+        )
+        calls = []
+        position = 0
+        while (opening := _CALL_OPENING.search(body, position)) is not None:
+            call, position = cls._call(body, opening.end(), shared, variables)
+            calls.append(call)
+        return cls(shared=shared, variables=variables, calls=tuple(calls))
+
+    @staticmethod
+    def _call(
+        body: str,
+        start: int,
+        shared: Mapping[str, Message],
+        variables: Sequence[PromptVariable],
+    ) -> tuple[ChatBackwardPrompt, int]:
+        """The single-call prompt of the ``<LM_CALL>`` whose opening ends at
+        ``start``, and the position after it."""
+        conversation = Element.first("LM_CONVERSATION", body, start)
+        messages = []
+        for element in Element.all(
+            "MESSAGE", conversation.text if conversation else ""
+        ):
+            index = element.attrs.get("shared")
+            if index is not None and index.strip() in shared:
+                source = shared[index.strip()]
+                messages.append(Message(element.attr("role", source.role), source.text))
+            else:
+                messages.append(Message(element.attr("role"), element.text))
+        position = conversation.end if conversation else start
+        output = Element.first("LM_OUTPUT", body, position)
+        feedback = Element.first("FEEDBACK_ON_OUTPUT", body, position)
+        if feedback is not None:
+            position = feedback.end
+        values: dict[str, str] = {}
+        while (value := _VALUE_ELEMENT.match(body, position)) is not None:
+            attrs = Element._make(value)
+            values.setdefault(attrs.attr("variable"), attrs.text)
+            position = value.end()
+        shown = []
+        for number, variable in enumerate(variables, start=1):
+            key = variable.index or str(number)
+            text = values.get(key, variable.text)
+            pointer = _VALUE_POINTER.fullmatch(text.strip())
+            if pointer is not None and 0 < int(pointer["index"]) <= len(messages):
+                text = messages[int(pointer["index"]) - 1].text
+            pointer = _SHARED_POINTER.fullmatch(text.strip())
+            if pointer is not None and pointer["index"] in shared:
+                text = shared[pointer["index"]].text
+            text = _single_call_text(text, messages)
+            shown.append(dataclasses.replace(variable, text=text))
+        prompt = ChatBackwardPrompt(
+            messages=tuple(messages),
+            feedback=feedback.text if feedback else "",
+            variables=tuple(shown),
+            output=output.text.strip() if output else "",
+        )
+        return prompt, position
+
+
+def chat_backward_group_gradients(prompt: ChatBackwardGroupPrompt) -> list[str]:
+    """The gradients the simulator writes for a grouped ChatCompletion backward
+    prompt (see :func:`chat_backward_group_responder`): for each call, in order,
+    :func:`chat_backward_gradients` of the single-call prompt it stands for."""
+    return [text for call in prompt.calls for text in chat_backward_gradients(call)]
+
+
+def chat_backward_group_responder(request: SimRequest) -> Answer | None:
+    """Answer a grouped ChatCompletion backward call (afnio's
+    ``CHAT_BACKWARD_GROUP_USER``: the chat-backward requests of several samples that
+    went through the same prompt template, in one call).
+
+    Marker: a ``user`` message holding ``<LM_CALLS ...>``, ``<VARIABLES ...>`` and
+    ``<FEEDBACK_ON_OUTPUT>`` in which at least one ``<LM_CALL>`` is found (else the
+    next responder is asked). It is consulted before :func:`chat_backward_responder`,
+    whose marker a grouped prompt also holds.
+
+    Rule: each ``<LM_CALL>`` is answered exactly as :func:`chat_backward_responder`
+    answers the single-call prompt that call stands for (see
+    :meth:`ChatBackwardGroupPrompt.parse`): its conversation with every
+    ``<MESSAGE role="r" shared="i"></MESSAGE>`` replaced by shared message ``i``, its
+    ``<LM_OUTPUT>``, its ``<FEEDBACK_ON_OUTPUT>`` and the ``<VARIABLES>`` with the
+    call's ``<VALUE variable="i">`` texts. Answer: ``{"gradients": [...]}``, the
+    calls' gradients concatenated, call by call (the first call's variables in
+    order, then the next call's). So every rule of the single call holds per call
+    (rules, relays to computed inputs, tool routing, blank feedback), and a call's
+    answer never depends on the other calls of its group.
+
+    >>> shared = ('<MESSAGE index="1" role="system">If the message mentions "happy", '
+    ...     'the mood is positive.</MESSAGE>')
+    >>> def call(k, message, target):
+    ...     return (f'<LM_CALL index="{k}">\\n<LM_CONVERSATION>\\n'
+    ...         '<MESSAGE role="system" shared="1"></MESSAGE>\\n'
+    ...         f'<MESSAGE role="user">{message}</MESSAGE>\\n</LM_CONVERSATION>\\n'
+    ...         '<LM_OUTPUT role="assistant">neutral</LM_OUTPUT>\\n'
+    ...         f'<FEEDBACK_ON_OUTPUT>The expected value is "{target}".'
+    ...         '</FEEDBACK_ON_OUTPUT>\\n</LM_CALL>')
+    >>> user = (f'<SHARED_MESSAGES count="1">\\n{shared}\\n</SHARED_MESSAGES>\\n'
+    ...     '<VARIABLES count="1">\\n<VARIABLE index="1" role="prompt" '
+    ...     'location="system" trainable="true">(the whole content of shared '
+    ...     '<MESSAGE> 1, role "system")</VARIABLE>\\n</VARIABLES>\\n'
+    ...     '<LM_CALLS count="2">\\n' + call(1, "Awful food", "negative") + "\\n"
+    ...     + call(2, "I love it", "positive") + "\\n</LM_CALLS>")
+    >>> request = SimRequest.from_messages([{"role": "user", "content": user}])
+    >>> for gradient in json.loads(respond(request))["gradients"]:
+    ...     print(gradient)
+    If the message mentions "awful", the mood is negative.
+    If the message mentions "love", the mood is positive.
+    """
+    text = _marked_user_text(request, ("LM_CALLS", "VARIABLES", "FEEDBACK_ON_OUTPUT"))
+    if text is None:
+        return None
+    prompt = ChatBackwardGroupPrompt.parse(text)
+    if not prompt.calls:
+        return None
+    return _gradients_answer(
+        chat_backward_group_gradients(prompt), "chat_backward_group"
+    )
+
+
 @dataclass(frozen=True)
 class EvaluatorSample:
     """One ``<SAMPLE>`` of an evaluator backward prompt (texts stripped)."""
@@ -2496,6 +2743,7 @@ from afnio.testing.peers import (  # noqa: E402  (peers builds on the helpers ab
 
 RESPONDERS: list[Responder] = [
     judge_responder,
+    chat_backward_group_responder,
     chat_backward_responder,
     evaluator_backward_responder,
     optimizer_responder,
@@ -2509,10 +2757,71 @@ RESPONDERS: list[Responder] = [
 """The responders consulted in order; the first non-``None`` answer wins."""
 
 
+FEEDBACK_FILLER = (
+    "This note restates the point above in other words and adds nothing new to it."
+)
+"""The neutral sentence that pads LM-written feedback (see :func:`pad_feedback`): no
+double quote, no brace, no rule sentence, no target, no tool name and no lexicon
+word, so no rule parser of the simulator reads anything in it."""
+
+FEEDBACK_RESPONDERS: frozenset[str] = frozenset(
+    {"chat_backward", "chat_backward_group", "evaluator_backward", "textgrad_backward"}
+)
+"""The responders whose answers are LM-written feedback (padded by
+``Simulator(feedback_words=N)``): afnio's chat backward (one call or a group) and
+evaluator backward, and TextGrad's backward calls. The optimizers' answers (afnio's
+TGD, TextGrad's TGD, Trace's OptoPrime) and the judge's verdicts are not feedback."""
+
+
+def pad_feedback(text: str, words: int) -> str:
+    """``text`` followed by as many :data:`FEEDBACK_FILLER` sentences as it takes
+    to hold at least ``words`` words (whitespace-separated, as the simulator counts
+    tokens); an empty (or blank) text, or one long enough, is returned unchanged.
+
+    >>> padded = pad_feedback('The expected value is "x".', 30)
+    >>> len(padded.split()), padded.count(FEEDBACK_FILLER)
+    (35, 2)
+    >>> pad_feedback("", 20), pad_feedback("a b c", 2)
+    ('', 'a b c')
+    """
+    if not text.strip():
+        return text
+    count = len(text.split())
+    parts = [text.rstrip()]
+    filler = len(FEEDBACK_FILLER.split())
+    while count < words:
+        parts.append(FEEDBACK_FILLER)
+        count += filler
+    return " ".join(parts) if len(parts) > 1 else text
+
+
+def padded_answer(result: Answer, words: int | None) -> Answer:
+    """``result`` with every non-empty feedback string padded to at least ``words``
+    words (:func:`pad_feedback`) when its responder is one of
+    :data:`FEEDBACK_RESPONDERS`: each string of a ``{"gradients": [...]}`` answer,
+    or the plain text of TextGrad's feedback; any other answer, or ``words`` of
+    ``None``, unchanged."""
+    if words is None or result.responder not in FEEDBACK_RESPONDERS:
+        return result
+    gradients = result.values.get("gradients")
+    if isinstance(gradients, list):
+        padded = [
+            pad_feedback(g, words) if isinstance(g, str) else g for g in gradients
+        ]
+        return _gradients_answer(padded, result.responder)
+    return dataclasses.replace(result, label=pad_feedback(result.label, words))
+
+
 def answer(
-    request: SimRequest, responders: Sequence[Responder] | None = None
+    request: SimRequest,
+    responders: Sequence[Responder] | None = None,
+    *,
+    feedback_words: int | None = None,
 ) -> Answer:
-    """The first answer of ``responders`` (default :data:`RESPONDERS`).
+    """The first answer of ``responders`` (default :data:`RESPONDERS`); with
+    ``feedback_words``, LM-written feedback is padded to at least that many words
+    (see :func:`padded_answer`). Every route of the simulator (a chat or legacy
+    completion, streamed or not, a Batch API line) gets its answer here.
 
     >>> answer(SimRequest.from_messages([{"role": "user", "content": "hi"}])).label
     'neutral'
@@ -2520,7 +2829,7 @@ def answer(
     for responder in RESPONDERS if responders is None else responders:
         result = responder(request)
         if result is not None:
-            return result
+            return padded_answer(result, feedback_words)
     return fallback_responder(request)
 
 
@@ -3135,7 +3444,7 @@ def choose_tool_calls(request: SimRequest, seed: str = "") -> tuple[ToolCall, ..
     )
 
 
-def final_answer(request: SimRequest) -> Answer:
+def final_answer(request: SimRequest, *, feedback_words: int | None = None) -> Answer:
     """The text answer of a request that offers tools but calls none: the answer of
     the responders (:func:`answer`: the label rules, as without tools); when only
     the fallback answers (no rule, no label set) and the current message has tool
@@ -3149,7 +3458,7 @@ def final_answer(request: SimRequest) -> Answer:
     >>> final_answer(SimRequest.from_body(body)).label
     'Order 7 ships today.'
     """
-    result = answer(request)
+    result = answer(request, feedback_words=feedback_words)
     results = tool_results(request)
     if result.responder == "fallback" and results:
         return Answer(results[-1], responder="tool_result")

@@ -20,6 +20,27 @@ failures are counted as a binomial draw per batch, so the last, smaller batch an
 grouping are counted exactly in expectation. Prompt tokens are counted on afnio's real
 prompt templates, rendered with texts of the assumed sizes.
 
+The backward follows the :class:`~afnio.autodiff.options.BackwardOptions` the run
+will use (``backward=``; by default the active ones,
+:func:`afnio.autodiff.options.get_backward_options`, read when the estimate runs, so
+``with afnio.backward_options("cheap"): trainer.estimate(...)`` estimates a cheap
+fit):
+
+* ``evaluator_feedback="direct"``: a deterministic evaluator writes each failed
+  sample's feedback itself (no evaluator-backward call); the chat backward shows that
+  text (:data:`~afnio.autodiff.prompts.DIRECT_EVALUATOR_FEEDBACK`) as the feedback.
+  An LM judge (``judge_calls``) keeps its LM-written feedback;
+* ``chat_samples_per_call=n > 1``: per prompt template (:attr:`GraphShape.templates`)
+  and batch, the ``k`` failed samples' chat-backward requests go in
+  ``ceil(k / n)`` calls (sizes as
+  :func:`~afnio.autodiff.lm_backward.split_evenly` makes them), each sized on the
+  grouped prompt (:data:`~afnio.autodiff.prompts.CHAT_BACKWARD_GROUP_SYSTEM` and
+  :func:`~afnio.autodiff.lm_backward.chat_backward_group_user`): the shared system
+  message and the variables once per call, each sample's own message, output and
+  feedback once per sample. A group of one is the single-call prompt.
+
+The estimate says which options it assumed (:attr:`RunEstimate.backward`).
+
 Tokens are counted by ``tokenizer`` (default :func:`approx_tokens`, about 4 characters
 a token, the usual rule of thumb for English with OpenAI's tokenizers), plus 3 tokens
 per message of a request. Pass the tokenizer of the model you price for exact counts.
@@ -51,10 +72,19 @@ from typing import Any
 
 from afnio._template import render
 from afnio.autodiff import config
-from afnio.autodiff.lm_backward import VariableInfo, chat_backward_user
+from afnio.autodiff.lm_backward import (
+    ChatBackwardItem,
+    VariableInfo,
+    chat_backward_group_user,
+    chat_backward_user,
+    split_evenly,
+)
 from afnio.autodiff.lm_backward import format_variables as _format_variables
+from afnio.autodiff.options import BackwardOptions, resolve_backward_options
 from afnio.autodiff.prompts import (
+    CHAT_BACKWARD_GROUP_SYSTEM,
     CHAT_BACKWARD_SYSTEM,
+    DIRECT_EVALUATOR_FEEDBACK,
     EVALUATOR_BACKWARD_SYSTEM,
     EVALUATOR_BACKWARD_USER,
     EVALUATOR_SAMPLE_ELEMENT,
@@ -118,6 +148,11 @@ class GraphShape:
             system prompt: a backward prompt shows it once); ``False`` when it is part
             of a larger message (DSPy instructions inside the adapter's system
             message: shown again as the variable).
+        templates: the distinct prompt templates the ``forward_calls`` go through
+            (default ``forward_calls``: each call its own). With grouped chat
+            backward (``chat_samples_per_call > 1``) the chat-backward requests of
+            one template share calls: an agent that calls its model twice per input
+            through one system prompt has ``forward_calls=2, templates=1``.
     """
 
     forward_calls: int
@@ -129,9 +164,12 @@ class GraphShape:
     evaluator_feedback: bool = True
     parameter_role: str = "system prompt"
     parameters_are_messages: bool = True
+    templates: int | None = None
 
     def __post_init__(self) -> None:
-        for name, low in (("forward_calls", 1), ("judge_calls", 0)):
+        if self.templates is None:
+            object.__setattr__(self, "templates", self.forward_calls)
+        for name, low in (("forward_calls", 1), ("judge_calls", 0), ("templates", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(
@@ -152,6 +190,17 @@ class GraphShape:
             raise ValueError("`prompt_texts` must hold at least one text.")
         if self.judge_calls and not self.judge_texts:
             raise ValueError("`judge_texts` must be given when `judge_calls` > 0.")
+        if self.templates > self.forward_calls:
+            raise ValueError(
+                f"`templates` ({self.templates}) must be <= `forward_calls` "
+                f"({self.forward_calls}): each template is used by at least one call."
+            )
+
+    @property
+    def calls_per_template(self) -> float:
+        """Forward calls per sample through each template (each gets a
+        chat-backward request per failed sample)."""
+        return self.forward_calls / self.templates  # type: ignore[operator]
 
     @classmethod
     def of_module(cls, agent: Any, inputs: Iterable[Any] = ()) -> GraphShape:
@@ -276,6 +325,7 @@ class Assumptions:
         failure_rate: float,
         final_parameters: Sequence[str] | None = None,
         tokenizer: Tokenizer = approx_tokens,
+        backward: BackwardOptions | str | None = None,
         **overrides: Any,
     ) -> Assumptions:
         """Assumptions tuned on a pilot run's phase rows (``trainer.phase_rows()``
@@ -284,7 +334,11 @@ class Assumptions:
         (``1 -`` its training accuracy); ``train_samples`` the training samples it
         ran (over all its epochs); ``final_parameters`` the trainable texts after the
         pilot (how far they grew; without them the growth assumptions keep their
-        defaults); ``overrides`` set any other field."""
+        defaults); ``backward``: the :class:`~afnio.autodiff.options.BackwardOptions`
+        the pilot ran with (``"cheap"``, ``"upstream"``, or options; default: the
+        active ones), which say whether its backward rows hold LM-written evaluator
+        feedback; ``overrides`` set any other field."""
+        options = resolve_backward_options(backward)
         totals: dict[str, list[int]] = {}
         for row in rows:
             t = totals.setdefault(row.phase, [0, 0])
@@ -297,7 +351,9 @@ class Assumptions:
         failed = failure_rate * train_samples
         backward = totals.get("backward")
         if backward and failed > 0:
-            texts = failed * (shape.forward_calls + int(shape.evaluator_feedback))
+            texts = failed * (
+                shape.forward_calls + int(_evaluator_lm_feedback(shape, options))
+            )
             values["feedback_tokens"] = round(backward[1] / texts)
         optimizer = totals.get("optimizer")
         if final_parameters is not None:
@@ -317,10 +373,20 @@ class Assumptions:
         return cls(**values)
 
 
+def _evaluator_lm_feedback(shape: GraphShape, options: BackwardOptions) -> bool:
+    """Whether failed samples get LM-written evaluator feedback (evaluator-backward
+    calls): the evaluator asks for feedback at all (no metric feedback) and either
+    the options say ``"lm"`` or it is an LM judge (which keeps it in both modes)."""
+    return shape.evaluator_feedback and (
+        options.evaluator_feedback == "lm" or shape.judge_calls > 0
+    )
+
+
 @dataclass(frozen=True)
 class RunEstimate(RunProjection):
     """A :class:`~afnio.trainer.projection.RunProjection` made before any LM call,
-    with the ``assumptions`` it rests on and the phases whose model has no price."""
+    with the ``assumptions`` it rests on, the phases whose model has no price and
+    (``backward``, inherited) the backward options it assumed."""
 
     assumptions: Assumptions = field(default_factory=Assumptions)
     unpriced: tuple[str, ...] = ()
@@ -395,7 +461,13 @@ class _Prompts:
         a: Assumptions,
         tokenizer: Tokenizer,
         constraints: Sequence[str] = (),
+        options: BackwardOptions | None = None,
     ) -> None:
+        self.options = options or resolve_backward_options(None)
+        # LM-written evaluator feedback, else (direct mode, deterministic evaluator)
+        # the evaluator's own text is the feedback the chat backward shows
+        self.evaluator_lm = _evaluator_lm_feedback(shape, self.options)
+        self.direct = shape.evaluator_feedback and not self.evaluator_lm
         self.tok = tokenizer
         self.constraints = sum(tokenizer(c) + 2 for c in constraints)
         self.shape = shape
@@ -417,12 +489,33 @@ class _Prompts:
         answer = 2 * self.a.answer_tokens  # the prediction and its target
         return self.judge + answer + self.input + MESSAGE_OVERHEAD_TOKENS
 
-    @functools.cache  # noqa: B019 (one short-lived instance per estimate)
-    def chat_backward(self) -> float:
+    def feedback(self) -> str:
+        """The feedback on a failed sample's output that the chat backward shows:
+        the evaluator's direct text in direct mode, else an LM-written one (the
+        evaluator backward's, or the metric's own)."""
+        if self.direct:
+            return render(
+                DIRECT_EVALUATOR_FEEDBACK,
+                {
+                    "metric": "exact match",
+                    "prediction": _filler(self.a.answer_tokens),
+                    "score": 0,
+                    "target": _filler(self.a.answer_tokens),
+                },
+            )
+        return _filler(self.a.feedback_tokens)
+
+    def _item(self, index: int | None = None) -> ChatBackwardItem:
+        """One failed sample's chat-backward request, with texts of the assumed
+        sizes; ``index`` makes its user message differ from every other sample's (as
+        real inputs do: only the system message is shared in a group)."""
         system = _filler(self.prompt)
+        message = _filler(self.input)
+        if index is not None and message:  # a first word of its own, same size
+            message = f"{index % 1000:03d} " + message[4:]
         conversation = [
             {"role": "system", "content": system},
-            {"role": "user", "content": _filler(self.input)},
+            {"role": "user", "content": message},
         ]
         # a parameter that is the whole system message is shown once; one inside a
         # larger message is shown again as the variable
@@ -432,14 +525,37 @@ class _Prompts:
             else _filler(self.parameter, "def ")  # a text of its own
         )
         variable = VariableInfo(self.shape.parameter_role, "system", True, text)
+        return ChatBackwardItem(
+            conversation=conversation,
+            output_role="assistant",
+            output=_filler(self.a.answer_tokens),
+            feedback=self.feedback(),
+            variables=[variable],
+            key="estimate",
+        )
+
+    @functools.cache  # noqa: B019 (one short-lived instance per estimate)
+    def chat_backward(self) -> float:
+        """Prompt tokens of one single-sample chat-backward call."""
+        item = self._item()
         user = chat_backward_user(
-            conversation,
-            "assistant",
-            _filler(self.a.answer_tokens),
-            _filler(self.a.feedback_tokens),
-            [variable],
+            item.conversation,
+            item.output_role,
+            item.output,
+            item.feedback,
+            list(item.variables),
         )
         return self.request(CHAT_BACKWARD_SYSTEM, user)
+
+    @functools.cache  # noqa: B019
+    def chat_backward_group(self, group: int) -> float:
+        """Prompt tokens of one grouped chat-backward call about ``group`` samples
+        of one template (``group == 1``: the single-sample prompt, as afnio sends
+        it)."""
+        if group == 1:
+            return self.chat_backward()
+        user = chat_backward_group_user([self._item(i) for i in range(group)])
+        return self.request(CHAT_BACKWARD_GROUP_SYSTEM, user)
 
     @functools.cache  # noqa: B019
     def evaluator_backward(self, group: int) -> float:
@@ -537,6 +653,7 @@ def estimate(
     models: str | Mapping[str, str] | None = None,
     tokenizer: Tokenizer = approx_tokens,
     batch_api: bool = False,
+    backward: BackwardOptions | str | None = None,
 ) -> RunEstimate:
     """Estimate ``epochs`` of training on ``n_train`` samples in batches of
     ``batch_size`` (one optimizer step per batch), with a validation pass over
@@ -558,6 +675,14 @@ def estimate(
         batch_api: the validation passes go through the provider's Batch API: their
             calls are priced at the batch rate of the pricing table
             (:func:`afnio.models.pricing.get_batch_price`).
+        backward: the :class:`~afnio.autodiff.options.BackwardOptions` the run will
+            use (``"cheap"``, ``"upstream"`` or options); ``None`` (the default):
+            the active ones (:func:`afnio.autodiff.options.get_backward_options`),
+            read now. See the module docstring for what each changes.
+
+    Raises:
+        ValueError, TypeError: an argument out of range or of the wrong type (the
+            message names it).
     """
     if not isinstance(shape, GraphShape):
         raise TypeError(f"`shape` must be a GraphShape, got {type(shape).__name__}.")
@@ -571,8 +696,9 @@ def estimate(
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
     a = assumptions or Assumptions()
+    options = resolve_backward_options(backward)
     samples_per_call = a.samples_per_call or config.EVALUATOR_SAMPLES_PER_CALL
-    p = _Prompts(shape, a, tokenizer, constraints)
+    p = _Prompts(shape, a, tokenizer, constraints, options)
     # calls, prompt tokens, completion tokens per phase (synchronous, batch API)
     totals = {phase: [0.0, 0.0, 0.0] for phase in PHASES}
     batched = {phase: [0.0, 0.0, 0.0] for phase in PHASES}
@@ -621,15 +747,31 @@ def estimate(
             )
             odds = binomial(size)
             failed = size * a.failure_rate
-            # one chat-backward call per failed sample and LM call on its path
-            add(
-                "backward",
-                failed * shape.forward_calls,
-                p.chat_backward()
-                + grown * per_call * (1 if shape.parameters_are_messages else 2),
-                a.feedback_tokens,
+            # the grown parameter, in every chat-backward call that shows it (once
+            # as its message, again as the variable when it is inside a message)
+            shown_growth = (
+                grown * per_call * (1 if shape.parameters_are_messages else 2)
             )
-            if shape.evaluator_feedback:
+            if options.chat_samples_per_call == 1:
+                # one chat-backward call per failed sample and LM call on its path
+                add(
+                    "backward",
+                    failed * shape.forward_calls,
+                    p.chat_backward() + shown_growth,
+                    a.feedback_tokens,
+                )
+            else:
+                # per template: its k failed samples' requests in ceil(k / n) calls
+                for group, calls in _chat_groups(
+                    odds, shape.calls_per_template, options.chat_samples_per_call
+                ).items():
+                    add(
+                        "backward",
+                        calls * shape.templates,  # type: ignore[operator]
+                        p.chat_backward_group(group) + shown_growth,
+                        group * a.feedback_tokens,
+                    )
+            if p.evaluator_lm:
                 for k, prob in enumerate(odds):
                     full, rest = divmod(k, samples_per_call)
                     for group in [samples_per_call] * full + ([rest] if rest else []):
@@ -660,7 +802,25 @@ def estimate(
             if validate_every_step:
                 validation()
         validation()
-    return _priced(totals, batched, models, a)
+    return _priced(totals, batched, models, a, options)
+
+
+def _chat_groups(
+    odds: Sequence[float], per_sample: float, per_call: int
+) -> dict[int, float]:
+    """Expected grouped chat-backward calls of one template in one batch, by group
+    size: with ``k`` failed samples (probability ``odds[k]``) the template gets
+    ``round(k * per_sample)`` requests, sent in the groups
+    :func:`~afnio.autodiff.lm_backward.split_evenly` makes of at most
+    ``per_call``."""
+    calls: dict[int, float] = {}
+    for k, prob in enumerate(odds):
+        items = round(k * per_sample)
+        if not items or prob < 1e-12:
+            continue
+        for group in split_evenly(items, per_call):
+            calls[group] = calls.get(group, 0.0) + prob
+    return calls
 
 
 def _priced(
@@ -668,6 +828,7 @@ def _priced(
     batched: Mapping[str, list[float]],
     models: str | Mapping[str, str] | None,
     a: Assumptions,
+    options: BackwardOptions | None = None,
 ) -> RunEstimate:
     """The estimate of synchronous (``totals``) and Batch API (``batched``) calls,
     each priced at its own rate."""
@@ -691,6 +852,7 @@ def _priced(
         by_phase,
         assumptions=a,
         unpriced=tuple(u for u in unpriced if u.split(" ")[0] in by_phase),
+        backward=options,
     )
 
 

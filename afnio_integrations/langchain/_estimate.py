@@ -3,16 +3,19 @@
 The graph shape comes from the chain itself (the prompts :func:`find_prompt_slots`
 discovers, one LM call per prompt, the selected messages as the trainable texts),
 the sample sizes from ``trainset``; :func:`afnio.trainer.estimate.estimate` does the
-counting (see there for the model and its assumptions).
+counting (see there for the model and its assumptions), in the backward mode
+``optimize`` would run in (``backward=``, ``"cheap"`` by default as for
+``optimize``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.language_models import BaseChatModel, BaseLanguageModel
 
+from afnio.autodiff.options import BackwardOptions, resolve_backward_options
 from afnio.trainer.estimate import (
     Assumptions,
     GraphShape,
@@ -138,6 +141,7 @@ def estimate(
     assumptions: Assumptions | None = None,
     models: str | Mapping[str, str] | None = None,
     tokenizer: Tokenizer = approx_tokens,
+    backward: BackwardOptions | Literal["cheap", "upstream"] = "cheap",
 ) -> RunEstimate:
     """Estimate the LM calls, tokens and cost of :func:`optimize` with the same
     ``chain``, ``trainset``, ``valset``, ``epochs``, ``batch_size`` and ``select``,
@@ -161,6 +165,12 @@ def estimate(
         models: one model for every phase or ``{phase: model}``; by default the
             chain's own chat model (by its ``model_name``) for ``forward`` and none
             for the others (listed as unpriced).
+        backward: the backward options ``optimize`` will run with, as for
+            ``optimize`` (default ``"cheap"``: direct evaluator feedback, no
+            evaluator-backward call; chat-backward calls grouped per prompt, at most
+            8 samples a call; ``"upstream"``: LM-written evaluator feedback, one
+            chat-backward call per failed sample and prompt). The estimate's
+            ``backward`` says which it assumed.
 
     Example::
 
@@ -168,6 +178,7 @@ def estimate(
                                                  "backward": "gpt-5"})
         print(run)  # estimated: ... LM calls, ... tokens, $...
     """
+    options = resolve_backward_options(backward)
     if isinstance(trainset, IterableDataset):  # graph inputs mapped as they are read
         n_train, train, val = _streamed_sample(
             chain, trainset, valset, batch_size, input_keys, label_key
@@ -210,6 +221,9 @@ def estimate(
         texts = [slot.text for slot in slots]
         default_calls = max(1, len(prompts))
     calls = forward_calls if forward_calls is not None else default_calls
+    # each model call its own template: an agent's answer call also shows
+    # its tool turn (a variable the tool-turn call lacks), so their
+    # chat-backward requests do not share grouped calls
     shape = GraphShape(
         forward_calls=calls,
         prompt_texts=tuple(prompt_texts),
@@ -231,4 +245,5 @@ def estimate(
         assumptions=assumptions,
         models=models,
         tokenizer=tokenizer,
+        backward=options,
     )

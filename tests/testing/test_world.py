@@ -241,6 +241,7 @@ def test_schema_instance_covers_the_json_schema_kinds() -> None:
 def test_responders_are_an_ordered_list() -> None:
     assert [
         world.judge_responder,
+        world.chat_backward_group_responder,
         world.chat_backward_responder,
         world.evaluator_backward_responder,
         world.optimizer_responder,

@@ -1,7 +1,8 @@
 """Estimating a run before any LM call: call counts that follow afnio's rules, token
 counts on the real prompt templates, argument checks, ``Trainer.estimate`` on an
 agent (no request made), and the acceptance check on Facility Support: assumptions
-tuned on a batch-16, 1-epoch pilot estimate other configurations within 20%."""
+tuned on a batch-16, 1-epoch pilot estimate other configurations within 20%, in both
+backward modes (upstream and cheap)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 import afnio
 from afnio import cognitive as cog
+from afnio.autodiff.options import resolve_backward_options
 from afnio.models.phases import PhaseRow
 from afnio.testing import SIMULATOR_MODEL
 from afnio.trainer import Trainer
@@ -240,13 +242,18 @@ def test_trainer_estimate_reads_the_agents_shape_and_the_loaders() -> None:
 
 
 @needs_dataset
-def test_assumptions_tuned_on_a_pilot_estimate_other_runs_within_20_percent() -> None:
+@pytest.mark.parametrize("mode", ["upstream", "cheap"])
+def test_assumptions_tuned_on_a_pilot_estimate_other_runs_within_20_percent(
+    mode: str,
+) -> None:
     # benchmarks/estimate_accuracy.py: a batch-16, 1-epoch pilot tunes the
     # assumptions; each other run is estimated by trainer.estimate (which must make
-    # no request) before it runs, then measured
-    for row in estimate_accuracy.measure([(8, 3), (4, 2)], SHARED_DATASET):
+    # no request) before it runs, then measured; pilot, estimate and runs all in
+    # afnio.backward_options(mode)
+    for row in estimate_accuracy.measure([(8, 3), (4, 2)], SHARED_DATASET, mode):
+        assert row["assumed"] == resolve_backward_options(mode)
         report = (
-            f"batch {row['batch']} x {row['epochs']} epochs: estimated "
+            f"{mode}: batch {row['batch']} x {row['epochs']} epochs: estimated "
             f"{row['estimated_calls']} calls / {row['estimated_tokens']} tokens / "
             f"${row['estimated_cost']:.4f}, measured {row['measured_calls']} / "
             f"{row['measured_tokens']} / ${row['measured_cost']:.4f}"
@@ -255,6 +262,13 @@ def test_assumptions_tuned_on_a_pilot_estimate_other_runs_within_20_percent() ->
         for what in ("calls", "tokens", "cost"):
             measured = row[f"measured_{what}"]
             assert abs(row[f"estimated_{what}"] - measured) <= 0.2 * measured, report
+        # the backward phase alone (what the mode changes), estimated at the run's
+        # own failure rate: the step model's calls and prompt sizes, without the
+        # error of the failure-rate assumption
+        for what in ("calls", "tokens"):
+            measured = row[f"measured_backward_{what}"]
+            at_rate = row[f"at_rate_backward_{what}"]
+            assert abs(at_rate - measured) <= 0.2 * measured, (what, at_rate, report)
 
 
 def test_large_batches_do_not_overflow() -> None:

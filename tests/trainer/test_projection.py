@@ -1,6 +1,7 @@
 """Projecting a run's LM calls and tokens from a pilot run's profile: rates and
 arguments, and the acceptance check on Facility Support (a profile taken from a
-batch-16, 1-epoch pilot projects a batch-8, 3-epoch run within 20%)."""
+batch-16, 1-epoch pilot projects a batch-8, 3-epoch run within 20%, in both
+backward modes)."""
 
 from __future__ import annotations
 
@@ -46,21 +47,30 @@ def test_project_checks_its_arguments() -> None:
 
 
 @needs_dataset
+@pytest.mark.parametrize("mode", ["upstream", "cheap"])
 def test_a_pilot_profile_projects_another_configuration_within_20_percent(
-    tmp_path: Path,
+    tmp_path: Path, mode: str
 ) -> None:
     root = data_root(tmp_path)
-    pilot = fit(root, tmp_path, batch=16, epochs=1)
+    pilot = fit(root, tmp_path, batch=16, epochs=1, mode=mode)
     rows, n_train, n_val = pilot.rows, pilot.n_train, pilot.n_val
     profile = RunProfile.from_rows(
-        rows, train_samples=n_train, val_samples=n_val, steps=math.ceil(n_train / 16)
+        rows,
+        train_samples=n_train,
+        val_samples=n_val,
+        steps=math.ceil(n_train / 16),
+        failure_rate=1 - pilot.history[0]["train_accuracy"],
+        backward=mode,
+        tokenizer=lambda text: len(text.split()),  # the simulator's tokens
     )
     projected = project(profile, n_train=n_train, n_val=n_val, epochs=3, batch_size=8)
-    measured = fit(root, tmp_path, batch=8, epochs=3, validate_first=True).rows
+    measured = fit(
+        root, tmp_path, batch=8, epochs=3, validate_first=True, mode=mode
+    ).rows
     calls = sum(r.calls for r in measured)
     tokens = sum(r.prompt_tokens + r.completion_tokens for r in measured)
     projected_tokens = projected.prompt_tokens + projected.completion_tokens
-    report = f"projected {projected.calls} calls / {projected_tokens} tokens, "
+    report = f"{mode}: projected {projected.calls} calls / {projected_tokens} tokens, "
     report += f"measured {calls} / {tokens}"
     print(report)
     assert abs(projected.calls - calls) <= 0.2 * calls, report

@@ -59,7 +59,9 @@ class ChatCompletion(Module):
 
 
 class DeterministicEvaluator(Module):
-    """Module form of :class:`afnio.autodiff.evaluator.DeterministicEvaluator`."""
+    """Module form of :class:`afnio.autodiff.evaluator.DeterministicEvaluator`
+    (keyword arguments such as ``samples_per_call`` and ``feedback_mode`` go to
+    it)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -102,7 +104,9 @@ class DeterministicEvaluator(Module):
 
 
 class ExactMatchEvaluator(Module):
-    """Module form of :class:`afnio.autodiff.evaluator.ExactMatchEvaluator`."""
+    """Module form of :class:`afnio.autodiff.evaluator.ExactMatchEvaluator`
+    (keyword arguments such as ``samples_per_call`` and ``feedback_mode`` go to
+    it)."""
 
     def __init__(self) -> None:
         super().__init__()

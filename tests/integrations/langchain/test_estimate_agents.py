@@ -1,6 +1,6 @@
 """``estimate`` on a ``create_agent`` agent: the agent's texts are its trainable
 Parameters, each input costs two model calls (a tool turn and the answer), and nothing
-is called."""
+is called; in the cheap mode each model call's requests are grouped per batch."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from langchain.agents import create_agent
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 
+from afnio.autodiff.options import CHEAP
+from afnio.trainer.estimate import Assumptions
 from afnio_integrations.langchain import estimate
 
 
@@ -58,3 +60,17 @@ def test_estimate_sizes_the_agent_texts_and_explicit_forward_calls() -> None:
     assert (
         with_tools.by_phase["optimizer"].calls > only_system.by_phase["optimizer"].calls
     )
+
+
+def test_cheap_estimate_groups_each_model_call_of_the_agent_per_batch() -> None:
+    every = Assumptions(failure_rate=1.0)
+    kwargs = {"epochs": 1, "batch_size": 10, "assumptions": every, "models": "x"}
+    cheap = estimate(_agent(), ROWS, **kwargs)
+    upstream = estimate(_agent(), ROWS, backward="upstream", **kwargs)
+    # 10 failed inputs x 2 model calls: the tool turns' 10 requests in ceil(10 / 8)
+    # grouped calls, the answers' 10 (whose conversation holds the tool turn, a
+    # variable of their own) in 2 more; upstream: 20 chat-backward calls and 2
+    # evaluator-backward groups
+    assert cheap.by_phase["backward"].calls == 2 * 2
+    assert upstream.by_phase["backward"].calls == 20 + 2
+    assert cheap.backward == CHEAP
