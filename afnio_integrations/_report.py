@@ -6,14 +6,41 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
+from afnio.autodiff.options import CHEAP, UPSTREAM, BackwardOptions
 from afnio.models.phases import PhaseRow
 from afnio.trainer.projection import RunProfile
 
-__all__ = ["FEEDBACK_SHOWN_CHARS", "OptimizeReport"]
+__all__ = ["FEEDBACK_SHOWN_CHARS", "OptimizeReport", "describe_backward"]
 
 FEEDBACK_SHOWN_CHARS = 500
 """How much of each parameter's last feedback ``str(OptimizeReport)`` shows when no
 prompt changed."""
+
+
+def describe_backward(options: BackwardOptions) -> str:
+    """How a run's backward passes made their feedback, in one line: the preset's
+    name (``cheap``, ``upstream``, or ``custom``) and what it does.
+
+    >>> describe_backward(CHEAP)
+    'cheap (direct evaluator feedback, chat backward in groups of 8)'
+    >>> describe_backward(UPSTREAM)
+    'upstream (LM-written evaluator feedback, one chat-backward call per sample)'
+    >>> describe_backward(BackwardOptions("lm", 4))
+    'custom (LM-written evaluator feedback, chat backward in groups of 4)'
+    """
+    name = "cheap" if options == CHEAP else "upstream" if options == UPSTREAM else ""
+    feedback = (
+        "direct evaluator feedback"
+        if options.evaluator_feedback == "direct"
+        else "LM-written evaluator feedback"
+    )
+    n = options.chat_samples_per_call
+    chat = (
+        "one chat-backward call per sample"
+        if n == 1
+        else f"chat backward in groups of {n}"
+    )
+    return f"{name or 'custom'} ({feedback}, {chat})"
 
 
 @dataclass
@@ -30,6 +57,11 @@ class OptimizeReport:
       and afnio's feedback and optimizer calls; ``phases`` splits them by phase
       (forward, evaluator, backward, optimizer) and model.
     * ``failed_samples``: program calls that raised (scored as failures).
+    * ``backward``: the :class:`~afnio.BackwardOptions` the run's backward passes
+      used (``optimize(backward=...)``, ``AfnioTGD(backward=...)``; ``cheap`` by
+      default): ``str(report)`` states it on its ``backward:`` line, e.g.
+      ``backward: cheap (direct evaluator feedback, chat backward in groups of
+      8)`` (see :func:`describe_backward`). ``None``: not recorded.
     * ``train_samples``, ``val_samples``, ``steps``: what the run did (for
       :meth:`profile`).
     * ``last_feedback``: the feedback each optimized text received at the last
@@ -65,6 +97,7 @@ class OptimizeReport:
     last_feedback: dict[str, str] = field(default_factory=dict)
     run_dir: str | None = None
     report_path: str | None = None
+    backward: BackwardOptions | None = None
 
     def profile(self) -> RunProfile:
         """This run's rates by phase, to project another configuration before
@@ -109,6 +142,11 @@ class OptimizeReport:
                 f"  {r.phase}: {r.calls} calls, {r.prompt_tokens} + "
                 f"{r.completion_tokens} tokens, ${r.cost:.4f} ({r.model})\n"
                 for r in self.phases
+            )
+            + (
+                f"backward: {describe_backward(self.backward)}\n"
+                if self.backward is not None
+                else ""
             )
             + (self.prompt_diff or self._unchanged())
         )

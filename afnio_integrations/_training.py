@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from afnio._variable import Variable
+from afnio.autodiff.options import BackwardOptions, get_backward_options
 from afnio.cognitive.modules.module import Module
 from afnio.models.phases import LEDGER, PhaseRow
 from afnio.trainer import Trainer
@@ -293,6 +294,8 @@ class LoopOutcome:
     last_feedback: dict[str, str] = field(default_factory=dict)
     run_dir: str | None = None  # the Trainer's root folder (run log, metrics)
     report_path: str | None = None  # the HTML report, None if it was not written
+    # the backward options the run's backward passes used (the active ones)
+    backward: BackwardOptions | None = None
 
     def report(
         self,
@@ -319,6 +322,7 @@ class LoopOutcome:
             steps=self.steps,
             run_dir=self.run_dir,
             report_path=self.report_path,
+            backward=self.backward,
         )
 
 
@@ -372,7 +376,13 @@ def train_agent(
     exception names the report). A run that failed before any optimizer step
     (e.g. in the first validation) gets no report: there is nothing to show. A
     report that cannot be written only warns.
+
+    The run's backward passes use the :class:`~afnio.BackwardOptions` active when
+    this is called (the callers open ``afnio.backward_options(...)`` around it: the
+    Trainer runs every step, validation and backward pass in this thread's
+    context); the outcome records them (``backward``).
     """
+    backward = get_backward_options()
     phase_start = LEDGER.snapshot()
     trainer = Trainer(
         max_epochs=epochs,
@@ -441,6 +451,7 @@ def train_agent(
         last_feedback=dict(getattr(agent, "last_feedback", {})),
         run_dir=str(trainer.default_root_dir),
         report_path=report_path,
+        backward=backward,
     )
 
 

@@ -10,8 +10,12 @@ crash can do, and readers skip it). Records, in order:
   (version), ``started`` (ISO time), ``max_epochs``, ``batch_size``,
   ``train_size``, ``val_size`` (``null`` when unknown), ``optimizer`` (``class``,
   ``momentum``, ``on_error``, ``models``, ``constraints`` cut to
-  :data:`CONSTRAINTS_CHARS`) and ``parameters`` (``name``, ``role``, ``value``: each
-  trainable parameter's text when the run starts).
+  :data:`CONSTRAINTS_CHARS`), ``parameters`` (``name``, ``role``, ``value``: each
+  trainable parameter's text when the run starts) and ``backward_options``
+  (``evaluator_feedback``: ``"lm"`` or ``"direct"``, ``chat_samples_per_call``: the
+  :class:`afnio.BackwardOptions` active when the run log started, which the run's
+  backward passes use; added within schema ``afnio.run_log/1``, absent from logs
+  written before it).
 * ``resume`` (a ``fit(ckpt_path=...)`` continuing the log): ``ts``,
   ``from_checkpoint``, ``epoch``, ``batch``, ``step`` (the last step the checkpoint
   holds) and ``exact`` (``false`` when the checkpoint did not store the log's
@@ -165,6 +169,19 @@ class Logger(Protocol):
         """A JSON-able state, stored in every checkpoint and handed back to
         :meth:`start` when a run resumes from it."""
         ...
+
+
+def backward_options_record() -> dict[str, Any]:
+    """The active :class:`afnio.BackwardOptions` as the header's
+    ``backward_options``: ``{"evaluator_feedback": ..., "chat_samples_per_call":
+    ...}``."""
+    from afnio.autodiff.options import get_backward_options
+
+    options = get_backward_options()
+    return {
+        "evaluator_feedback": options.evaluator_feedback,
+        "chat_samples_per_call": options.chat_samples_per_call,
+    }
 
 
 def now() -> str:
@@ -443,10 +460,14 @@ def prepare_record(record: Mapping[str, Any]) -> dict[str, Any]:
     """``record`` ready for the loggers: plain JSON, every credential masked, and
     (a ``step`` record) within :data:`STEP_BUDGET` beyond its parameter texts by
     the truncation rules of this module's docstring. ``record`` itself is not
-    changed; preparing a prepared record changes nothing."""
+    changed; preparing a prepared record changes nothing. A ``header`` gets the
+    active backward options (``backward_options``) when it has none, so every
+    logger receives them."""
     prepared = _mask(record)
     if prepared.get("type") == "step":
         prepared = _truncate_step(prepared)
+    elif prepared.get("type") == "header":
+        prepared.setdefault("backward_options", backward_options_record())
     return prepared
 
 
@@ -499,6 +520,7 @@ class RunLogWriter:
         self.path = run_dir / self.filename
         header = dict(header)
         resume = header.pop("resume", None)
+        header.setdefault("backward_options", backward_options_record())
         if state is None:
             self._file = open(self.path, "wb")  # noqa: SIM115
             self._bytes = 0

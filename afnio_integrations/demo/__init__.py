@@ -90,6 +90,7 @@ examples:
   afnio demo                                     # simulator, Facility Support
   afnio demo --sample                            # simulator, the bundled sample
   afnio demo --dataset-file path/to/dataset.json # a local copy of the dataset
+  afnio demo --backward upstream                 # afnio's core-API feedback calls
   OPENAI_API_KEY=... afnio demo --openai --model gpt-4o-mini   # real models, real cost
 """
 
@@ -145,6 +146,15 @@ def _build_parser() -> argparse.ArgumentParser:
         help="where to save the optimized prompts (DIR/prompts.json) and the run "
         "(DIR/run: run log, HTML report, metrics, checkpoints; default: "
         "runs/afnio-demo)",
+    )
+    parser.add_argument(
+        "--backward",
+        choices=("cheap", "upstream"),
+        default="cheap",
+        help="how the feedback is written: cheap (default: the metric's feedback "
+        "stated directly, the chat-backward calls grouped 8 messages a call) or "
+        "upstream (an LM call writes the metric's feedback, one chat-backward call "
+        "per message)",
     )
     parser.add_argument(
         "--max-cost",
@@ -213,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import afnio
     from afnio.models.openai import OpenAI
+    from afnio_integrations._report import describe_backward
     from afnio_integrations.langchain import optimize
 
     start = time.perf_counter()
@@ -259,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             max_cost=args.max_cost,
             root_dir=str(out / "run"),  # the run log and the HTML report
+            backward=args.backward,
             model=model,
         )
         out.mkdir(parents=True, exist_ok=True)
@@ -275,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         f"tokens: {report.tokens}, "
         f"cost: ${report.cost:.4f}"
     )
+    if report.backward is not None:
+        print(f"backward: {describe_backward(report.backward)}")
     print(f"optimized prompts saved to {prompts_file}")
     print(f"({time.perf_counter() - start:.1f} s)")
     if report.report_path is not None:

@@ -14,7 +14,9 @@ The metric is DSPy's: ``metric(example, pred, trace=None)`` returning a score
 pred_name, pred_trace)`` returning ``dspy.Prediction(score=..., feedback="...")``,
 whose feedback text becomes the gradient of the prediction directly (no LM call writes
 it). Samples at ``best_score`` get no feedback; the others, without feedback text, get
-it from the backward LM, which sees the input, the prediction and the example's labels.
+it written directly from the prediction, the example's labels, the metric's name and
+score (``backward="cheap"``, the default: no LM call), or from the backward LM, which
+sees the input, the prediction and the example's labels (``backward="upstream"``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import math
 import numbers
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import dspy
 from dspy.teleprompt import Teleprompter
@@ -44,8 +46,16 @@ from afnio.autodiff.evaluator import (
     _outputs,
     _prediction_only_backward,
     _save,
+    direct_feedback_texts,
 )
 from afnio.autodiff.function import Function
+from afnio.autodiff.options import (
+    BackwardOptions,
+    backward_options,
+    check_evaluator_feedback,
+    get_backward_options,
+    resolve_backward_options,
+)
 from afnio.errors import is_provider_error, note_client, tag_sample
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import TGD
@@ -143,8 +153,14 @@ def call_metric(
 class MetricEvaluator(Function):
     """An evaluator from a DSPy metric's results: per-sample ``scores`` (summed) and
     optional ``feedback`` texts. In backward, a sample below ``best_score`` with
-    feedback gets that text as its gradient; one without asks the backward LM (as
-    afnio's deterministic evaluator does); samples at ``best_score`` get nothing."""
+    feedback gets that text as its gradient (in every mode); one without gets, as
+    afnio's deterministic evaluator does, the direct text
+    (:data:`afnio.autodiff.prompts.DIRECT_EVALUATOR_FEEDBACK`: the metric, the
+    prediction, its score and the expected value; no LM call) when
+    ``feedback_mode`` is ``"direct"``, or feedback written by the backward LM when
+    it is ``"lm"``; ``feedback_mode=None`` (default) reads the active
+    ``afnio.get_backward_options().evaluator_feedback`` at backward time. Samples at
+    ``best_score`` get nothing."""
 
     @staticmethod
     def forward(
@@ -155,7 +171,11 @@ class MetricEvaluator(Function):
         feedback: list[str],
         purpose: str,
         best_score: float = 1.0,
+        *,
+        feedback_mode: Literal["lm", "direct"] | None = None,
     ) -> tuple[Variable, Variable]:
+        if feedback_mode is not None:
+            check_evaluator_feedback(feedback_mode, "feedback_mode")
         predictions = prediction.data if isinstance(prediction.data, list) else None
         n = len(predictions) if predictions is not None else 1
         if not (len(targets) == len(scores) == len(feedback) == n):
@@ -184,6 +204,7 @@ class MetricEvaluator(Function):
             True,
         )
         ctx.feedback = [str(f) for f in feedback]
+        ctx.feedback_mode = feedback_mode
         return _outputs(ctx, prediction, score, explanation)
 
     @staticmethod
@@ -194,9 +215,14 @@ class MetricEvaluator(Function):
             return (None,) * len(ctx.needs_input_grad)
         failed = _failed_samples(ctx)
         ask = [s for s in failed if not ctx.feedback[s].strip()]
-        texts = await _ask_for_samples(
-            ctx, explanation_grad, [(ctx.prediction, "prediction")], samples=ask
-        )
+        mode = ctx.feedback_mode or get_backward_options().evaluator_feedback
+        if mode == "direct":  # no LM call: the metric's result, stated
+            ctx.call_groups = {}  # no LM call: no text records a call group
+            texts = [direct_feedback_texts(ctx, explanation_grad, samples=ask)]
+        else:
+            texts = await _ask_for_samples(
+                ctx, explanation_grad, [(ctx.prediction, "prediction")], samples=ask
+            )
         for s in failed:
             if ctx.feedback[s].strip():
                 texts[0][s] = ctx.feedback[s].strip()
@@ -500,6 +526,25 @@ class AfnioTGD(Teleprompter):
             report is built from it). Anything but a list of objects with
             ``start``, ``log_step``, ``log_validation``, ``finish`` and
             ``state_dict`` raises ``TypeError`` here.
+        backward: how the backward passes write their feedback
+            (:class:`afnio.BackwardOptions`): ``"cheap"`` (the default here) or
+            ``"upstream"``, or a ``BackwardOptions(...)`` (``None``: the options
+            active around :meth:`compile`). ``"cheap"``: a failed
+            example whose metric gave no feedback text gets its feedback written
+            directly from the prediction, the example's labels, the metric's name
+            and score (no evaluator-backward LM call, no LM round; a metric's own
+            feedback text is used as it is in every mode), and the chat-backward
+            calls of the examples that went through the same predictor share a
+            call, at most 8 examples per call (the groups sent at once).
+            ``"upstream"``: an LM call writes the feedback of examples without
+            metric feedback and each example gets its own chat-backward call (the
+            core API's default, afnio's behaviour before; a deliberate difference:
+            ``afnio.backward_options()`` is upstream unless opened, ``AfnioTGD`` is
+            cheap unless told). :meth:`compile` runs the whole run (validations,
+            training steps, revert checks) and :meth:`estimate` its estimate inside
+            ``afnio.backward_options(backward)``; ``str(report)`` states it on its
+            ``backward:`` line. Anything else raises ``ValueError``/``TypeError``
+            naming ``backward`` here, before any LM call.
 
     After :meth:`compile`, ``report`` holds an
     :class:`~afnio_integrations.langchain.OptimizeReport` (scores are 0 to 1);
@@ -548,6 +593,7 @@ class AfnioTGD(Teleprompter):
         progress: bool = True,
         root_dir: str | None = None,
         loggers: Sequence[Any] | None = None,
+        backward: BackwardOptions | Literal["cheap", "upstream"] = "cheap",
     ) -> None:
         super().__init__()
         if not callable(metric):
@@ -573,6 +619,10 @@ class AfnioTGD(Teleprompter):
         self.progress = progress
         self.root_dir = root_dir
         self.loggers = check_loggers(loggers)
+        # checked now (a bad value fails here); None stays None: the options active
+        # around compile()/estimate()
+        resolved = resolve_backward_options(backward, "backward")
+        self.backward: BackwardOptions | None = None if backward is None else resolved
         self.report: OptimizeReport | None = None
 
     def _streamed(
@@ -675,8 +725,12 @@ class AfnioTGD(Teleprompter):
                 parameters += [
                     _description(f) for f in signature.output_fields.values()
                 ]
+        calls = len(predictors) if forward_calls is None else forward_calls
         return GraphShape(
-            forward_calls=len(predictors) if forward_calls is None else forward_calls,
+            forward_calls=calls,
+            # one prompt template per predictor (a predictor run several times,
+            # ReAct's, groups its chat-backward samples in one template)
+            templates=min(len(predictors), calls),
             prompt_texts=tuple(texts),
             parameters=tuple(parameters),
             inputs=tuple(
@@ -728,20 +782,22 @@ class AfnioTGD(Teleprompter):
         if models is None:
             name = getattr(dspy.settings.lm, "model", None)
             models = {"forward": name.split("/")[-1]} if isinstance(name, str) else None
-        return _estimate(
-            shape,
-            n_train=len(train),
-            n_val=len(val),
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            validate_first=True,
-            validate_every_step=self.revert_on_regression,
-            momentum=self.momentum,
-            constraints=self.constraints,
-            assumptions=assumptions,
-            models=models,
-            tokenizer=tokenizer,
-        )
+        options = resolve_backward_options(self.backward, "backward")
+        with backward_options(options):  # the estimate models the run's options
+            return _estimate(
+                shape,
+                n_train=len(train),
+                n_val=len(val),
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                validate_first=True,
+                validate_every_step=self.revert_on_regression,
+                momentum=self.momentum,
+                constraints=self.constraints,
+                assumptions=assumptions,
+                models=models,
+                tokenizer=tokenizer,
+            )
 
     def compile(
         self,
@@ -771,6 +827,7 @@ class AfnioTGD(Teleprompter):
         if teacher is not None:
             raise ValueError("AfnioTGD does not use a teacher program: pass none.")
         loggers = check_loggers(self.loggers)  # as set now (checked in __init__ too)
+        options = resolve_backward_options(self.backward, "backward")  # as set now
         stream: StreamRows | None = None
         if isinstance(trainset, IterableDataset):
             stream, val = self._streamed(student, trainset, valset)
@@ -813,7 +870,8 @@ class AfnioTGD(Teleprompter):
             traced, self.metric, examples, names, make_optimizer, self.best_score
         )
         before_texts = traced.instructions()
-        with backward_model_client(backward, args):
+        # every backward pass of the run reads the options from this context
+        with backward_model_client(backward, args), backward_options(options):
             outcome = train_agent(
                 agent,
                 n_train=len(train),

@@ -22,13 +22,18 @@ import builtins
 import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from afnio._secrets import mask_url
 from afnio._variable import Variable
 from afnio.autodiff.decorators import evaluator
 from afnio.autodiff.evaluator import DeterministicEvaluator
 from afnio.autodiff.function import Function
+from afnio.autodiff.options import (
+    BackwardOptions,
+    backward_options,
+    resolve_backward_options,
+)
 from afnio.errors import is_provider_error, note_client, request_url, tag_sample
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import TGD
@@ -73,7 +78,7 @@ __all__ = ["OptimizeReport", "optimize"]
 class MetricFeedback(Function):
     """An evaluator built from a metric's own results: ``(score, feedback)`` per
     sample. The metric's textual feedback *is* the gradient of the prediction (no LM
-    call is made to write it)."""
+    call is made to write it, whatever the backward options)."""
 
     run_backward_inline = True
 
@@ -377,6 +382,7 @@ def optimize(
     root_dir: str | None = None,
     progress: bool = True,
     loggers: Sequence[Any] | None = None,
+    backward: BackwardOptions | Literal["cheap", "upstream"] = "cheap",
     **completion_args: Any,
 ) -> tuple[Any, OptimizeReport]:
     """Improve the prompts of ``chain`` on ``trainset``; returns ``(chain, report)``.
@@ -458,6 +464,24 @@ def optimize(
             report is built from it). Anything but a list of objects with
             ``start``, ``log_step``, ``log_validation``, ``finish`` and
             ``state_dict`` raises ``TypeError`` before any LM call.
+        backward: how the backward passes write their feedback
+            (:class:`afnio.BackwardOptions`): ``"cheap"`` (the default here) or
+            ``"upstream"``, or a ``BackwardOptions(...)`` (``None``: the options
+            active around the call, ``afnio.backward_options(...)``). ``"cheap"``: a
+            deterministic metric's feedback on each failed row is written directly
+            from the prediction, the target, the metric's name and score (no
+            evaluator-backward LM call, no LM round; a metric that returns its own
+            feedback text is used as it is in every mode), and the chat-backward
+            calls of the rows that went through the same prompt share a call, at
+            most 8 rows per call (the groups sent at once). ``"upstream"``: an LM
+            call writes the evaluator's feedback and each row gets its own
+            chat-backward call (the core API's default, afnio's behaviour before;
+            a deliberate difference: ``afnio.backward_options()`` is upstream
+            unless opened, ``optimize()`` is cheap unless told). The whole run
+            (validations, training steps, revert checks) runs inside
+            ``afnio.backward_options(backward)``; ``str(report)`` states it on its
+            ``backward:`` line. Anything else raises ``ValueError``/``TypeError``
+            naming ``backward`` before any LM call.
         **completion_args: passed to every optimizer call. ``model=`` names the
             optimizer's model; by default it is the backward client's model (its
             ``completion_args["model"]``) when the optimizer client is the backward
@@ -501,6 +525,7 @@ def optimize(
         )
         print(report.report_path)  # runs/sentiment/report.html
     """
+    options = resolve_backward_options(backward, "backward")
     checked_loggers = check_loggers(loggers)
     stream: StreamRows | None = None
     if isinstance(trainset, IterableDataset):
@@ -535,24 +560,27 @@ def optimize(
         traced, metric, pairs, names, make_optimizer, best_score, is_evaluator
     )
     before_prompts = traced.prompts()
-    outcome = train_agent(
-        agent,
-        n_train=len(train),
-        n_val=len(val),
-        score_key="val_accuracy",
-        # the chain's own LM calls, and those of afnio modules inside it, count in
-        # budgets and in the report
-        clients=traced.llm_clients(),
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        max_cost=max_cost,
-        revert_on_regression=revert_on_regression,
-        progress=progress,
-        root_dir=root_dir,
-        train_stream=stream,
-        loggers=checked_loggers,
-    )
+    # every backward pass of the run (the fit's steps; validations and revert
+    # checks make none) reads the options from this context
+    with backward_options(options):
+        outcome = train_agent(
+            agent,
+            n_train=len(train),
+            n_val=len(val),
+            score_key="val_accuracy",
+            # the chain's own LM calls, and those of afnio modules inside it, count
+            # in budgets and in the report
+            clients=traced.llm_clients(),
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            max_cost=max_cost,
+            revert_on_regression=revert_on_regression,
+            progress=progress,
+            root_dir=root_dir,
+            train_stream=stream,
+            loggers=checked_loggers,
+        )
     traced.write_back()
     report = outcome.report(before_prompts, traced.prompts())
     return chain, report
