@@ -65,22 +65,6 @@ MODES = ("upstream", "cheap")
 MODE_LABELS = {"upstream": "core defaults", "cheap": "cheap"}
 FEEDBACK_WORDS = 60
 """The padded-feedback measurement's ``Simulator(feedback_words=...)``."""
-# a peer's calls, by the simulator's responder that answers them (anything else,
-# the task or fallback responder, answers a forward call)
-PEER_KIND_OF_RESPONDER = {
-    "textgrad_backward": "backward",
-    "textgrad_optimizer": "optimizer",
-    "optoprime": "optimizer",
-}
-TOKEN_KINDS = (
-    "forward",
-    "evaluator backward",
-    "chat backward",
-    "backward",
-    "optimizer",
-    "judge",
-)
-"""The columns of the prompt-tokens-by-call-kind table (``backward``: a peer's)."""
 # the cheap mode's targets at batch 32 @ 500 ms (issue 23)
 CHEAP_MAX_PROMPT_TOKENS = 13_000
 CHEAP_MAX_CALLS = 36
@@ -212,18 +196,22 @@ def peer_calls_by_kind(
 ) -> tuple[dict[str, int], dict[str, int]]:
     """``(calls, prompt tokens)`` by kind (``forward``, ``backward``, ``optimizer``) of
     a peer's requests, each classified by the simulator's responder that answers it
-    (:data:`PEER_KIND_OF_RESPONDER`; the task or fallback responder answers a forward
-    call) and its tokens counted as the simulator counts them."""
+    (``step.responder_of``, folded into a kind by
+    :func:`afnio.testing.calls.kind_of_responder`: TextGrad's backward calls are
+    ``backward``, TextGrad's TGD and Trace's OptoPrime ``optimizer``, the task or
+    fallback responder answers a forward call) and its tokens counted as the
+    simulator counts them."""
+    from afnio.testing.calls import CALL_KINDS, kind_of_responder
+
     calls: dict[str, int] = {}
     tokens: dict[str, int] = {}
     for body in bodies:
-        kind = PEER_KIND_OF_RESPONDER.get(step.responder_of(body), "forward")
+        kind = kind_of_responder(step.responder_of(body))
         calls[kind] = calls.get(kind, 0) + 1
         tokens[kind] = tokens.get(kind, 0) + step.request_prompt_tokens(body)
-    order = ("forward", "backward", "optimizer")
     return (
-        {k: calls[k] for k in order if k in calls},
-        {k: tokens[k] for k in order if k in tokens},
+        {k: calls[k] for k in CALL_KINDS if k in calls},
+        {k: tokens[k] for k in CALL_KINDS if k in tokens},
     )
 
 

@@ -29,7 +29,7 @@ longer feedback shows.
 
 Prompt tokens and calls are counted *by call kind* (forward, evaluator backward, chat
 backward, optimizer, judge) from the requests the simulator received, each classified
-by the simulator's responder that answers it (``afnio.testing.world.answer``; a grouped
+by the simulator's responder that answers it (``afnio.testing.call_kind``; a grouped
 chat-backward call is answered by ``chat_backward_group``); a request's prompt tokens
 are counted as the simulator counts them (the words of every message plus 3 per
 message), and their sum is checked against the simulator's own counter.
@@ -85,7 +85,14 @@ from afnio import cognitive as cog
 from afnio._runtime import reset_concurrency_stats
 from afnio.models.openai import AsyncOpenAI
 from afnio.optim import TGD
-from afnio.testing import SALIENCE_LEXICON, SIMULATOR_MODEL, Simulator, world
+from afnio.testing import (
+    SALIENCE_LEXICON,
+    SIMULATOR_MODEL,
+    Simulator,
+    call_kind,
+    responder_of,  # noqa: F401 - the peers' measurements read it from this module
+    world,
+)
 from afnio.utils.datasets.utils import default_data_root
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -94,14 +101,8 @@ DATASET = Path(default_data_root()) / "FacilitySupport" / "raw" / "dataset.json"
 INITIAL_PROMPT = "Classify the sentiment of the message."
 PHASES = ("forward", "evaluator", "backward", "optimizer")
 
-# The kinds of LM calls, told apart by the simulator's responder that answers them.
-KIND_OF_RESPONDER = {
-    "evaluator_backward": "evaluator backward",
-    "chat_backward": "chat backward",
-    "chat_backward_group": "chat backward",  # a grouped chat-backward call
-    "optimizer": "optimizer",
-    "judge": "judge",
-}
+# The kinds of afnio's LM calls (afnio.testing.call_kind: told apart by the
+# simulator's responder that answers them), in the reports' order.
 KIND_ORDER = ("forward", "evaluator backward", "chat backward", "optimizer", "judge")
 
 MODES = ("upstream", "cheap")
@@ -264,16 +265,6 @@ def _request(body: dict[str, Any]) -> world.SimRequest:
     )
 
 
-def responder_of(body: dict[str, Any]) -> str:
-    """The name of the simulator's responder that answers the request ``body``
-    (``afnio.testing.world.answer``)."""
-    return world.answer(_request(body)).responder
-
-
-def _kind(body: dict[str, Any]) -> str:
-    return KIND_OF_RESPONDER.get(responder_of(body), "forward")
-
-
 def request_prompt_tokens(body: dict[str, Any]) -> int:
     """The prompt tokens of one chat request as the simulator counts them: the words
     of every message plus 3 per message."""
@@ -293,7 +284,7 @@ def _analyse(
     depth: Counter[str] = Counter()
     tokens: dict[str, list[int]] = {}
     for body in bodies:
-        kind = _kind(body)
+        kind = call_kind(body)
         kinds[kind] += 1
         depth[kind] = max(depth[kind], _retry_depth(body))
         tokens.setdefault(kind, []).append(request_prompt_tokens(body))

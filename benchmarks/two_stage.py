@@ -66,7 +66,7 @@ from afnio.autodiff.options import (  # noqa: E402
 )
 from afnio.models.model import ChatCompletionModel  # noqa: E402
 from afnio.optim import TGD  # noqa: E402
-from afnio.testing import SIMULATOR_MODEL, world  # noqa: E402
+from afnio.testing import SIMULATOR_MODEL, calls_by_responder  # noqa: E402
 from afnio.trainer import Trainer  # noqa: E402
 from afnio.utils.data import DataLoader, Dataset  # noqa: E402
 from afnio.utils.datasets import FacilitySupport  # noqa: E402
@@ -143,14 +143,10 @@ def shuffle_labels(pairs: Sequence[Pair], seed: int) -> list[Pair]:
 
 def calls_by_kind(requests: Sequence[Any]) -> dict[str, int]:
     """How many of the simulator's received request bodies each responder answers
-    (:func:`afnio.testing.world.answer`): ``task``/``fallback`` (forward calls),
+    (:func:`afnio.testing.calls_by_responder`): ``task``/``fallback`` (forward calls),
     ``evaluator_backward``, ``chat_backward`` (one sample), ``chat_backward_group``
     (several samples in one call), ``optimizer``."""
-    counts: dict[str, int] = {}
-    for body in requests:
-        kind = world.answer(world.SimRequest.from_body(body)).responder
-        counts[kind] = counts.get(kind, 0) + 1
-    return counts
+    return dict(calls_by_responder(requests))
 
 
 def backward_label(backward: Backward) -> str:

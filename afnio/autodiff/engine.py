@@ -644,7 +644,7 @@ async def _call_node(
         _needs_override.set((node, needs))
     # the node bound (we are on afnio's loop); a node waiting for its grouped
     # chat-backward items lends its slot back meanwhile (afnio.autodiff.grouping)
-    slot = NodeSlot(_runtime.nodes)
+    slot = NodeSlot(_runtime.nodes, node)
     await slot.take()
     slot.install()
     try:
@@ -676,7 +676,7 @@ async def _call_node(
                     record.sync_calls > 0 or calls.unattributed != before,
                 )
     finally:
-        slot.give_back()  # only if still held: never released twice
+        slot.close()  # releases it if still held; nothing re-takes it after
 
 
 def _run_inline(
@@ -770,8 +770,9 @@ async def _run_pass(p: _Pass) -> None:
         ready.extend(p.finish(node, checked))
 
     # the pass's chat-backward grouper, seen by the node tasks (they copy this
-    # context when created); a node task counts as running until it is routed
-    grouper = Grouper(p.order, lambda: len(running))
+    # context when created; its group tasks run in this one); a node task counts
+    # as running until it is routed
+    grouper = Grouper(p.order, running.values)
     token = grouper.install()
     try:
         while ready or running:
@@ -822,7 +823,7 @@ async def _run_pass(p: _Pass) -> None:
         raise
     finally:
         Grouper.uninstall(token)
-        await grouper.aclose()  # cancels any group still in flight
+        await grouper.aclose()  # fails unsent items, cancels groups in flight
     p.commit()
 
 

@@ -266,21 +266,39 @@ def _samples_per_call(value: Any) -> int:
     return value
 
 
+class SampleTexts(list[list[str]]):
+    """The evaluator-backward feedback of one backward call: ``texts[k][s]`` (a list
+    of per-variable lists of per-sample texts) plus ``call_groups``, which maps each
+    sample sent to the positions its LM call covered (the provenance of the
+    feedback). Kept with the texts, not on the shared ``ctx``: two passes over one
+    evaluator (``retain_graph=True``) may run at once, in different modes."""
+
+    call_groups: dict[int, tuple[int, ...]]
+
+    def __init__(
+        self,
+        texts: list[list[str]],
+        call_groups: dict[int, tuple[int, ...]] | None = None,
+    ) -> None:
+        super().__init__(texts)
+        self.call_groups = {} if call_groups is None else call_groups
+
+
 async def _ask_for_samples(
     ctx: Any,
     grad_explanation: Variable | None,
     variables: list[tuple[Variable, str]],
     samples: list[int] | None = None,
-) -> list[list[str]]:
+) -> SampleTexts:
     """Feedback for each of ``variables`` (Variable, location) from each failed sample
     (or from ``samples`` only): ``result[k][s]`` (``""`` where no call was made).
 
     The samples are sent in groups of at most ``ctx.samples_per_call``, one backward
-    call per group, all groups concurrently. ``ctx.call_groups`` maps each sample
-    sent to the positions its call covered (the provenance of the feedback)."""
+    call per group, all groups concurrently. ``result.call_groups`` maps each sample
+    sent to the positions its call covered (the provenance of the feedback); nothing
+    is stored on ``ctx``."""
     n = len(ctx.scores)
-    result = [[""] * n for _ in variables]
-    ctx.call_groups = {}
+    result = SampleTexts([[""] * n for _ in variables])
     if not variables or (ctx.success_fn is not None and ctx.success_fn(ctx.scores)):
         return result
     feedback = ""
@@ -359,7 +377,7 @@ async def _ask_for_samples(
     chosen = _failed_samples(ctx) if samples is None else samples
     size = ctx.samples_per_call
     groups = [chosen[i : i + size] for i in range(0, len(chosen), size)]
-    ctx.call_groups = {s: tuple(group) for group in groups for s in group}
+    result.call_groups = {s: tuple(group) for group in groups for s in group}
     await asyncio.gather(*(one(group) for group in groups))
     return result
 
@@ -525,14 +543,22 @@ def _target_basis(ctx: Any, target: Any) -> None:
 
 
 def _prediction_only_backward(
-    ctx: Any, texts: list[list[str]]
+    ctx: Any,
+    texts: list[list[str]],
+    call_groups: dict[int, tuple[int, ...]] | None = None,
 ) -> tuple[Variable | None, ...]:
+    """The gradients of an evaluator whose only input with feedback is the
+    prediction. ``call_groups``: the samples' LM-call groups (by default those
+    ``texts`` carries when :func:`_ask_for_samples` returned it; none for texts made
+    without an LM call)."""
+    if call_groups is None:
+        call_groups = getattr(texts, "call_groups", None)
     result: list[Variable | None] = [None] * len(ctx.needs_input_grad)
     result[0] = _gradient(
         ctx.prediction,
         texts[0],
         ctx.batched,
-        getattr(ctx, "call_groups", None),
+        call_groups,
         getattr(ctx, "basis", None),
     )
     return tuple(result)
@@ -627,10 +653,9 @@ class DeterministicEvaluator(Function):
     ) -> tuple[Variable | None, ...]:
         if not ctx.needs_input_grad[0]:
             return (None,) * len(ctx.needs_input_grad)
-        if _active_feedback_mode(ctx) == "direct":
-            ctx.call_groups = {}  # no LM call: no text records a call group
+        if _active_feedback_mode(ctx) == "direct":  # no LM call: no call group
             return _prediction_only_backward(
-                ctx, [direct_feedback_texts(ctx, explanation_grad)]
+                ctx, [direct_feedback_texts(ctx, explanation_grad)], {}
             )
         texts = await _ask_for_samples(
             ctx, explanation_grad, [(ctx.prediction, "prediction")]
@@ -901,7 +926,7 @@ class LMJudgeEvaluator(Function):
                 ctx, explanation_grad, [(ctx.prediction, "prediction")]
             )
             result[ctx.prediction_position] = _gradient(
-                ctx.prediction, texts[0], ctx.batched, ctx.call_groups, ctx.basis
+                ctx.prediction, texts[0], ctx.batched, texts.call_groups, ctx.basis
             )
             return tuple(result)
         asked = [
@@ -916,6 +941,6 @@ class LMJudgeEvaluator(Function):
         )
         for (k, (var, _)), var_texts in zip(asked, texts, strict=True):
             result[ctx.judge_positions[k]] = _gradient(
-                var, var_texts, ctx.batched, ctx.call_groups, ctx.basis
+                var, var_texts, ctx.batched, texts.call_groups, ctx.basis
             )
         return tuple(result)

@@ -475,12 +475,23 @@ async def chat_backward_gradients(
     (:mod:`afnio.autodiff.grouping`), which groups them with the other nodes' items of
     the same key; outside one they are grouped among themselves.
 
+    In a custom ``Function``'s ``backward``: submit all the items of the node in
+    **one** call of this function and await it, doing nothing else meanwhile (as
+    ``ChatCompletion`` does). A ``backward`` that submits while it still does other
+    work (a sub-task that submits later, an LM call of its own) works, but the pass
+    may send the groups before its later items arrive, so its groups (and the request
+    bodies, and recorded cassettes) may depend on timing.
+
     Args:
-        node: the node asking (its ``ctx``; or a name), for errors and ordering.
+        node: the node asking (its ``ctx``; or a name): names the items in errors.
+            Inside a pass the items belong to the node task they are submitted from
+            (its position in the pass orders them), whatever ``node`` is.
         items: one per sample that got feedback.
 
     Raises:
         GradientCountError, BackwardParseError: as :func:`request_gradients`.
+        RuntimeError: the pass ended (another node failed, or it was cancelled)
+            before the items were sent.
     """
     from afnio.autodiff.grouping import current_grouper
     from afnio.autodiff.options import get_backward_options

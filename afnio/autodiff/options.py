@@ -13,7 +13,10 @@ Two choices, both off by default (upstream's behaviour):
 The active options live in a context variable: ``with afnio.backward_options(...)``
 sets them for the block, and every backward pass started in it (also through
 ``Trainer.fit`` or from another thread's ``run_sync``, which carries the caller's
-context to afnio's loop) reads them. ``optimize()`` (LangChain) and ``AfnioTGD``
+context to afnio's loop) reads them. It is a ``with`` block only, not a decorator;
+a thread you start in the block sees the options only if it runs in a copy of the
+block's context (``contextvars.copy_context().run``; see
+:class:`backward_options`). ``optimize()`` (LangChain) and ``AfnioTGD``
 (DSPy) run their fit inside ``backward_options("cheap")`` unless told otherwise.
 
 Example::
@@ -33,12 +36,10 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NoReturn
 
 from afnio.autodiff import config
 
@@ -157,22 +158,37 @@ def resolve_backward_options(
     )
 
 
-@contextlib.contextmanager
-def backward_options(
-    options: BackwardOptions | Literal["upstream", "cheap"] | None = None,
-    *,
-    evaluator_feedback: EvaluatorFeedback | None = None,
-    chat_samples_per_call: int | None = None,
-) -> Iterator[BackwardOptions]:
-    """Set the backward options for the block (restored after it, also on error).
+class backward_options:  # lower case: used like a function (as torch.no_grad)
+    """Set the backward options for a ``with`` block (restored after it, also on
+    error).
+
+    Use it only as ``with afnio.backward_options(...):`` (or ``async with``). It is
+    not a decorator: applied to a function it raises a ``TypeError`` (a decorated
+    ``async def`` would only have covered the creation of its coroutine, not its
+    run); open the block inside the function instead.
+
+    The options live in a context variable: code awaited or called inside the block
+    sees them, and so does every backward pass started in it, also through
+    ``run_sync``/``Trainer.fit`` (afnio carries the caller's context to its loop). A
+    ``threading.Thread`` (or an executor's worker) that you start inside the block
+    does **not** see them: a new thread starts with an empty context. Run its target
+    in a copy of the block's context::
+
+        with afnio.backward_options("cheap"):
+            ctx = contextvars.copy_context()
+            threading.Thread(target=ctx.run, args=(train_step,)).start()
 
     Args:
         options: a preset (``"upstream"``, ``"cheap"``), a
-            :class:`BackwardOptions`, or ``None`` (start from the active ones).
+            :class:`BackwardOptions`, or ``None`` (start from the options active when
+            this is called).
         evaluator_feedback, chat_samples_per_call: override one field.
 
-    Yields:
-        the options now active.
+    Entering yields the options now active. The arguments are checked when
+    ``backward_options(...)`` is called.
+
+    Raises:
+        ValueError, TypeError: an invalid argument (the message names it).
 
     Example::
 
@@ -181,15 +197,48 @@ def backward_options(
         ...     (o.evaluator_feedback, o.chat_samples_per_call)
         ('direct', 4)
     """
-    base = resolve_backward_options(options, "options")
-    changes: dict[str, object] = {}
-    if evaluator_feedback is not None:
-        changes["evaluator_feedback"] = evaluator_feedback
-    if chat_samples_per_call is not None:
-        changes["chat_samples_per_call"] = chat_samples_per_call
-    active = dataclasses.replace(base, **changes) if changes else base
-    token = _ACTIVE.set(active)
-    try:
-        yield active
-    finally:
-        _ACTIVE.reset(token)
+
+    __slots__ = ("_tokens", "options")
+
+    def __init__(
+        self,
+        options: BackwardOptions | Literal["upstream", "cheap"] | None = None,
+        *,
+        evaluator_feedback: EvaluatorFeedback | None = None,
+        chat_samples_per_call: int | None = None,
+    ) -> None:
+        base = resolve_backward_options(options, "options")
+        changes: dict[str, object] = {}
+        if evaluator_feedback is not None:
+            changes["evaluator_feedback"] = evaluator_feedback
+        if chat_samples_per_call is not None:
+            changes["chat_samples_per_call"] = chat_samples_per_call
+        self.options: BackwardOptions = (
+            dataclasses.replace(base, **changes) if changes else base
+        )
+        self._tokens: list[contextvars.Token[BackwardOptions]] = []
+
+    def __enter__(self) -> BackwardOptions:
+        self._tokens.append(_ACTIVE.set(self.options))
+        return self.options
+
+    def __exit__(self, *exc_info: object) -> None:
+        _ACTIVE.reset(self._tokens.pop())
+
+    async def __aenter__(self) -> BackwardOptions:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__(*exc_info)
+
+    def __call__(self, func: object) -> NoReturn:
+        name = getattr(func, "__qualname__", None) or repr(func)
+        raise TypeError(
+            "afnio.backward_options(...) is a context manager, not a decorator "
+            f"(applied to {name}): open it with `with afnio.backward_options(...):` "
+            "inside the function (a decorated `async def` would not have run with "
+            "the options)."
+        )
+
+    def __repr__(self) -> str:
+        return f"backward_options({self.options!r})"

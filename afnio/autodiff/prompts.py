@@ -55,6 +55,7 @@ __all__ = [
     "JUDGE_SCHEMA_NAME",
     "LM_CALL_ELEMENT",
     "LM_CALL_VALUE",
+    "METRIC_FEEDBACK_THEN_DIRECT",
     "PREDICTION_PLACEHOLDER",
     "PROMPTS_VERSION",
     "RETRY_USER",
@@ -190,8 +191,20 @@ DIRECT_EVALUATOR_FEEDBACK = (
 mode (``evaluator_feedback="direct"``): no LM call."""
 
 DIRECT_EVALUATOR_DETAIL = " {detail}"
-"""Appended to :data:`DIRECT_EVALUATOR_FEEDBACK`: the metric's own textual feedback
-(or the feedback on the evaluation), when there is one."""
+"""Appended to :data:`DIRECT_EVALUATOR_FEEDBACK` (stripped, only when not blank): in
+a deterministic evaluator (``afnio.autodiff.evaluator.direct_feedback_texts``), the
+feedback that reached the evaluation's explanation output (for a per-sample
+explanation, the sample's own), which is usually none; for a metric that writes its
+own textual feedback (the LangChain ``optimize()`` metric returning ``(score,
+feedback)``, a DSPy metric's ``feedback``), that text, followed by the feedback on
+the explanation when there is some."""
+
+METRIC_FEEDBACK_THEN_DIRECT = "{feedback} {direct}"
+"""Direct mode, a sample whose metric wrote its own textual feedback and whose target
+is not a plain value (several lines, a double quote, a JSON or Python object or
+list): the metric's text (``feedback``) first, then :data:`DIRECT_EVALUATOR_FEEDBACK`
+(``direct``), so that the first expected value a reader finds is the one the metric
+names, not the quoted target (see ``afnio_integrations._metric_feedback``)."""
 
 CHAT_BACKWARD_GROUP_SYSTEM = """\
 You are the gradient engine of afnio, an optimization system that improves the text \

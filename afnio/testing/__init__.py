@@ -49,17 +49,35 @@ Example::
     >>> reply.choices[0].message.content, sim.stats.calls, sim.stats.faults_served
     ('neutral', 2, 1)
 
+The requests a simulator received (``Simulator.requests``) are counted by the kind
+of LM call they are with :func:`calls_by_kind` (:func:`call_kind` for one request:
+``forward``, ``evaluator backward``, ``chat backward``, ``optimizer``, ``judge``, or
+a peer's ``backward``), or by the responder that answered them with
+:func:`calls_by_responder` (:func:`responder_of`); see :mod:`afnio.testing.calls`.
+
 From a shell: ``python -m afnio.testing serve --port 8000`` prints
 ``afnio simulator serving at http://127.0.0.1:8000/v1`` and serves until interrupted.
 """
 
+from afnio.testing.calls import (
+    CALL_KINDS,
+    call_kind,
+    calls_by_kind,
+    calls_by_responder,
+    responder_of,
+)
 from afnio.testing.simulator import SIMULATOR_MODEL, Fault, Simulator, SimulatorStats
 from afnio.testing.world import SALIENCE_LEXICON
 
 __all__ = [
+    "CALL_KINDS",
     "SALIENCE_LEXICON",
     "SIMULATOR_MODEL",
     "Fault",
     "Simulator",
     "SimulatorStats",
+    "call_kind",
+    "calls_by_kind",
+    "calls_by_responder",
+    "responder_of",
 ]

@@ -98,7 +98,12 @@ from afnio.models.pricing import (
     get_model_price,
 )
 from afnio.optim.prompts import TGD_SYSTEM, TGD_USER
-from afnio.trainer.projection import PhaseProjection, RunProjection
+from afnio.trainer.projection import (
+    PhaseProjection,
+    RunProjection,
+    _batches,
+    _binomial,
+)
 
 __all__ = [
     "Assumptions",
@@ -428,30 +433,6 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _batch_sizes(n: int, batch_size: int) -> list[int]:
-    full, rest = divmod(n, batch_size)
-    return [batch_size] * full + ([rest] if rest else [])
-
-
-def _binomial(n: int, p: float) -> list[float]:
-    """P(k of n samples fail), k = 0..n (in log space: no overflow for large n)."""
-    if p <= 0.0:
-        return [1.0] + [0.0] * n
-    if p >= 1.0:
-        return [0.0] * n + [1.0]
-    log_p, log_q = math.log(p), math.log1p(-p)
-    return [
-        math.exp(
-            math.lgamma(n + 1)
-            - math.lgamma(k + 1)
-            - math.lgamma(n - k + 1)
-            + k * log_p
-            + (n - k) * log_q
-        )
-        for k in range(n + 1)
-    ]
-
-
 class _Prompts:
     """Token counts of afnio's prompts rendered with texts of the assumed sizes."""
 
@@ -739,7 +720,7 @@ def estimate(
     if validate_first:
         validation()
     for _epoch in range(epochs):
-        for size in _batch_sizes(n_train, batch_size):
+        for size in _batches(n_train, batch_size):
             forward = p.forward() + grown * per_call
             add("forward", size * shape.forward_calls, forward, a.answer_tokens)
             add(

@@ -12,11 +12,13 @@ folder; ``loggers=`` adds e.g. MLflow tracking).
 The metric is DSPy's: ``metric(example, pred, trace=None)`` returning a score
 (bool, int or float), or a GEPA-style feedback metric ``metric(gold, pred, trace,
 pred_name, pred_trace)`` returning ``dspy.Prediction(score=..., feedback="...")``,
-whose feedback text becomes the gradient of the prediction directly (no LM call writes
-it). Samples at ``best_score`` get no feedback; the others, without feedback text, get
-it written directly from the prediction, the example's labels, the metric's name and
-score (``backward="cheap"``, the default: no LM call), or from the backward LM, which
-sees the input, the prediction and the example's labels (``backward="upstream"``).
+whose feedback text no LM call rewrites. Samples at ``best_score`` get no feedback;
+with ``backward="cheap"`` (the default: no LM call) the others get a sentence written
+directly from the prediction, the example's labels, the metric's name and score,
+followed by the metric's feedback text when it gave one; with
+``backward="upstream"`` a sample with feedback text gets that text alone, one without
+gets feedback from the backward LM, which sees the input, the prediction and the
+example's labels (see :class:`MetricEvaluator`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ from afnio.autodiff.evaluator import (
     _outputs,
     _prediction_only_backward,
     _save,
-    direct_feedback_texts,
 )
 from afnio.autodiff.function import Function
 from afnio.autodiff.options import (
@@ -68,6 +69,7 @@ from afnio.trainer.estimate import (
 )
 from afnio.trainer.estimate import estimate as _estimate
 from afnio.utils.data import IterableDataset, JsonlDataset
+from afnio_integrations._metric_feedback import direct_metric_feedback_texts
 from afnio_integrations._recorded import JoinFields
 from afnio_integrations._report import OptimizeReport
 from afnio_integrations._rows import short_repr
@@ -152,13 +154,20 @@ def call_metric(
 @evaluator
 class MetricEvaluator(Function):
     """An evaluator from a DSPy metric's results: per-sample ``scores`` (summed) and
-    optional ``feedback`` texts. In backward, a sample below ``best_score`` with
-    feedback gets that text as its gradient (in every mode); one without gets, as
-    afnio's deterministic evaluator does, the direct text
-    (:data:`afnio.autodiff.prompts.DIRECT_EVALUATOR_FEEDBACK`: the metric, the
-    prediction, its score and the expected value; no LM call) when
-    ``feedback_mode`` is ``"direct"``, or feedback written by the backward LM when
-    it is ``"lm"``; ``feedback_mode=None`` (default) reads the active
+    optional ``feedback`` texts. In backward, only samples below ``best_score`` get
+    feedback, and none costs an evaluator-backward LM call in direct mode:
+
+    * ``feedback_mode="direct"``: every such sample gets, as afnio's deterministic
+      evaluator writes it, the direct text
+      (:data:`afnio.autodiff.prompts.DIRECT_EVALUATOR_FEEDBACK`: the metric, the
+      prediction, its score and the expected value), followed, when the metric gave
+      feedback, by that text (:data:`~afnio.autodiff.prompts.DIRECT_EVALUATOR_DETAIL`;
+      the metric's text comes first when the target is not a plain value, see
+      :mod:`afnio_integrations._metric_feedback`);
+    * ``"lm"``: a sample with metric feedback gets that text alone (no LM call); one
+      without gets feedback written by the backward LM.
+
+    ``feedback_mode=None`` (default) reads the active
     ``afnio.get_backward_options().evaluator_feedback`` at backward time. Samples at
     ``best_score`` get nothing."""
 
@@ -216,14 +225,17 @@ class MetricEvaluator(Function):
         failed = _failed_samples(ctx)
         ask = [s for s in failed if not ctx.feedback[s].strip()]
         mode = ctx.feedback_mode or get_backward_options().evaluator_feedback
-        if mode == "direct":  # no LM call: the metric's result, stated
-            ctx.call_groups = {}  # no LM call: no text records a call group
-            texts = [direct_feedback_texts(ctx, explanation_grad, samples=ask)]
-        else:
-            texts = await _ask_for_samples(
-                ctx, explanation_grad, [(ctx.prediction, "prediction")], samples=ask
-            )
-        for s in failed:
+        if mode == "direct":  # no LM call: the metric's result (and text), stated
+            texts = [
+                direct_metric_feedback_texts(
+                    ctx, explanation_grad, ctx.feedback, samples=failed
+                )
+            ]
+            return _prediction_only_backward(ctx, texts)
+        texts = await _ask_for_samples(
+            ctx, explanation_grad, [(ctx.prediction, "prediction")], samples=ask
+        )
+        for s in failed:  # upstream: the metric's own text alone
             if ctx.feedback[s].strip():
                 texts[0][s] = ctx.feedback[s].strip()
         return _prediction_only_backward(ctx, texts)
@@ -530,10 +542,11 @@ class AfnioTGD(Teleprompter):
             (:class:`afnio.BackwardOptions`): ``"cheap"`` (the default here) or
             ``"upstream"``, or a ``BackwardOptions(...)`` (``None``: the options
             active around :meth:`compile`). ``"cheap"``: a failed
-            example whose metric gave no feedback text gets its feedback written
-            directly from the prediction, the example's labels, the metric's name
-            and score (no evaluator-backward LM call, no LM round; a metric's own
-            feedback text is used as it is in every mode), and the chat-backward
+            example gets its feedback written directly from the prediction, the
+            example's labels, the metric's name and score, followed by the
+            metric's own feedback text when it gave one (no evaluator-backward LM
+            call, no LM round; ``"upstream"`` uses a metric's text alone, as
+            before), and the chat-backward
             calls of the examples that went through the same predictor share a
             call, at most 8 examples per call (the groups sent at once).
             ``"upstream"``: an LM call writes the feedback of examples without

@@ -32,12 +32,15 @@ from afnio.autodiff.function import Function
 from afnio.autodiff.options import (
     BackwardOptions,
     backward_options,
+    check_evaluator_feedback,
+    get_backward_options,
     resolve_backward_options,
 )
 from afnio.errors import is_provider_error, note_client, request_url, tag_sample
 from afnio.models.model import ChatCompletionModel
 from afnio.optim import TGD
 from afnio.utils.data import IterableDataset, JsonlDataset
+from afnio_integrations._metric_feedback import direct_metric_feedback_texts
 from afnio_integrations._report import OptimizeReport
 from afnio_integrations._rows import (
     Row,
@@ -77,18 +80,66 @@ __all__ = ["OptimizeReport", "optimize"]
 @evaluator
 class MetricFeedback(Function):
     """An evaluator built from a metric's own results: ``(score, feedback)`` per
-    sample. The metric's textual feedback *is* the gradient of the prediction (no LM
-    call is made to write it, whatever the backward options)."""
+    sample (``feedback`` ``""`` where the metric gave none). No LM call is made to
+    write the feedback, whatever the backward options; what the prediction's
+    gradient holds depends on the evaluator feedback mode (``feedback_mode``, or,
+    when ``None``, the active ``afnio.get_backward_options().evaluator_feedback``,
+    read at backward time):
+
+    * ``"lm"`` (upstream): the metric's textual feedback *is* the gradient of the
+      prediction; a sample without feedback gets none.
+    * ``"direct"`` (``optimize()``'s cheap default): a sample with feedback gets what
+      a deterministic evaluator writes itself
+      (:data:`~afnio.autodiff.prompts.DIRECT_EVALUATOR_FEEDBACK`: the metric's name
+      ``purpose``, the prediction, its score and its target) followed by the
+      metric's text (:data:`~afnio.autodiff.prompts.DIRECT_EVALUATOR_DETAIL`; the
+      metric's text comes first when the target is not a plain value, see
+      :mod:`afnio_integrations._metric_feedback`); a sample without feedback whose
+      score is not ``best_score`` (every such sample when ``best_score`` is
+      ``None``) gets the direct sentence alone, as the deterministic evaluator
+      gives it. Without ``targets`` there is nothing to state: the metric's text
+      alone, as in ``"lm"`` mode.
+
+    A sample with feedback gets it at any score (a metric may confirm a right
+    answer, as :func:`~afnio_integrations.langchain.trajectory_match` does).
+    """
 
     run_backward_inline = True
 
     @staticmethod
     def forward(
-        ctx: Any, prediction: Variable, scores: list[Any], feedback: list[str]
+        ctx: Any,
+        prediction: Variable,
+        scores: list[Any],
+        feedback: list[str],
+        targets: list[str] | None = None,
+        purpose: str = "the metric",
+        best_score: Any = 1,
+        *,
+        feedback_mode: Literal["lm", "direct"] | None = None,
     ) -> tuple[Variable, Variable]:
+        if feedback_mode is not None:
+            check_evaluator_feedback(feedback_mode, "feedback_mode")
         ctx.feedback = [str(f) for f in feedback]
         ctx.batched = isinstance(prediction.data, list)
         ctx.role = prediction.role
+        predictions = prediction.data if ctx.batched else [prediction.data]
+        if targets is not None and not (
+            len(targets) == len(scores) == len(feedback) == len(predictions)
+        ):
+            raise ValueError(
+                "`targets`, `scores` and `feedback` must have one entry per sample "
+                f"({len(predictions)}); got {len(targets)}, {len(scores)} and "
+                f"{len(feedback)}."
+            )
+        # what direct_feedback_texts reads (afnio.autodiff.evaluator)
+        ctx.scores = list(scores)
+        ctx.predictions = [str(p) for p in predictions]
+        ctx.targets = None if targets is None else [str(t) for t in targets]
+        ctx.purpose = purpose
+        ctx.success_fn = None
+        ctx.best = best_score
+        ctx.feedback_mode = feedback_mode
         text = "\n".join(f for f in ctx.feedback if f)
         return (
             Variable(
@@ -99,10 +150,24 @@ class MetricFeedback(Function):
 
     @staticmethod
     def backward(ctx: Any, score_grad: Any, explanation_grad: Any) -> tuple[Any, ...]:
-        if not any(ctx.feedback):
-            return None, None, None
-        data: Any = ctx.feedback if ctx.batched else ctx.feedback[0]
-        return Variable(data, role=f"feedback to {ctx.role}"), None, None
+        mode = ctx.feedback_mode or get_backward_options().evaluator_feedback
+        if mode == "direct" and ctx.targets is not None:
+            pairs = zip(ctx.feedback, ctx.scores, strict=True)
+            chosen = [
+                s
+                for s, (f, score) in enumerate(pairs)
+                if f.strip() or ctx.best is None or score != ctx.best
+            ]
+            texts = direct_metric_feedback_texts(
+                ctx, explanation_grad, ctx.feedback, chosen
+            )
+        else:  # upstream: the metric's own text, as it gave it
+            texts = ctx.feedback
+        rest = (None,) * (len(ctx.needs_input_grad) - 1)  # one per forward input
+        if not any(texts):
+            return (None, *rest)
+        data: Any = texts if ctx.batched else texts[0]
+        return (Variable(data, role=f"feedback to {ctx.role}"), *rest)
 
 
 def _chain_models(chain: Any) -> list[Any]:
@@ -301,7 +366,12 @@ class _ChainAgent(SplitAgent):
                 # the metric returned (score, textual feedback): use its feedback
                 pairs = [r if isinstance(r, tuple) else (r, "") for r in results]
                 score, explanation = MetricFeedback.apply(
-                    prediction, [p[0] for p in pairs], [p[1] for p in pairs]
+                    prediction,
+                    [p[0] for p in pairs],
+                    [p[1] for p in pairs],
+                    targets,
+                    name,
+                    self._best,
                 )
             else:
                 score, explanation = DeterministicEvaluator.apply(
@@ -470,8 +540,9 @@ def optimize(
             active around the call, ``afnio.backward_options(...)``). ``"cheap"``: a
             deterministic metric's feedback on each failed row is written directly
             from the prediction, the target, the metric's name and score (no
-            evaluator-backward LM call, no LM round; a metric that returns its own
-            feedback text is used as it is in every mode), and the chat-backward
+            evaluator-backward LM call, no LM round; a metric's own feedback text
+            follows that sentence, see :class:`MetricFeedback`; ``"upstream"``
+            uses it alone, as before), and the chat-backward
             calls of the rows that went through the same prompt share a call, at
             most 8 rows per call (the groups sent at once). ``"upstream"``: an LM
             call writes the evaluator's feedback and each row gets its own

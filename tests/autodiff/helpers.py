@@ -11,7 +11,10 @@ from typing import Any
 import pytest
 
 import afnio
+from afnio import Variable
 from afnio.autodiff import Function
+from afnio.autodiff.lm_ops import ChatCompletion
+from afnio.testing import SIMULATOR_MODEL
 
 
 class InFlight:
@@ -97,3 +100,27 @@ def within_deadline(fn: Callable[[], Any], seconds: float = DEADLINE_S) -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
+
+
+def summarize_step(client: Any, message: Any) -> tuple[Variable, Variable]:
+    """The first step of a two-step pipeline: a trainable instruction that summarizes
+    ``message`` (a text, or a Variable of a batch of them) in one sentence. Returns
+    ``(instruction, summary)``."""
+    summarize = Variable(
+        "Summarize the customer message in one sentence.",
+        role="summarization instruction",
+        requires_grad=True,
+    )
+    summary = ChatCompletion.apply(
+        client,
+        [
+            {"role": "system", "content": [summarize]},
+            {
+                "role": "user",
+                "content": [Variable("{message}", role="message template")],
+            },
+        ],
+        inputs={"message": message},
+        model=SIMULATOR_MODEL,
+    )
+    return summarize, summary

@@ -36,36 +36,21 @@ from afnio.autodiff.prompts import (
 from afnio.autodiff.provenance import sources_of
 from afnio.errors import GradientCountError
 from afnio.models.model import ChatCompletionModel
-from afnio.testing import SIMULATOR_MODEL, Fault, Simulator
+from afnio.testing import SALIENCE_LEXICON, SIMULATOR_MODEL, Fault, Simulator
 from afnio_integrations._recorded import RecordedChatCall, StackSamples
 
 LONG_SYSTEM = (
     "Classify the customer message. Answer with one label only, in lowercase, "
     "and nothing else: no explanation, no punctuation."
 )
-WORDS = [
-    "angry",
-    "annoyed",
-    "awful",
-    "complaint",
-    "delighted",
-    "disappointed",
-    "dissatisfied",
-    "excellent",
-    "exceptional",
-    "fantastic",
-    "frustrated",
-    "grateful",
-    "impressed",
-    "outstanding",
-    "poor",
-    "terrible",
-    "thrilled",
-    "unacceptable",
-    "upset",
-    "wonderful",
-    "worst",
-]
+_LEFT_OUT = frozenset(
+    # other forms of a word kept (no two of one family)...
+    {"disappointing", "frustrating", "frustration", "unsatisfactory"}
+    # ...and three words these messages leave out
+    | {"great", "love", "top-notch"}
+)
+WORDS = [w for w in SALIENCE_LEXICON if w not in _LEFT_OUT]
+"""The words of the simulator's salience lexicon the messages use, one per sample."""
 
 
 @pytest.fixture

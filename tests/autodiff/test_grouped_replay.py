@@ -14,6 +14,7 @@ from afnio import Variable
 from afnio.autodiff.evaluator import ExactMatchEvaluator
 from afnio.autodiff.lm_ops import ChatCompletion
 from afnio.testing import SIMULATOR_MODEL
+from tests.autodiff.helpers import summarize_step
 from tests.conftest import LMEndpoint
 
 SYSTEM = (
@@ -77,22 +78,8 @@ def test_a_cheap_pass_through_two_stages_groups_each_stage(
     backward_lm: LMEndpoint, vcr: Any
 ) -> None:
     client = backward_lm.client()
-    summarize = Variable(
-        "Summarize the customer message in one sentence.",
-        role="summarization instruction",
-        requires_grad=True,
-    )
-    summary = ChatCompletion.apply(
-        client,
-        [
-            {"role": "system", "content": [summarize]},
-            {
-                "role": "user",
-                "content": [Variable("{message}", role="message template")],
-            },
-        ],
-        inputs={"message": Variable(MESSAGES[:4], role="customer message")},
-        model=SIMULATOR_MODEL,
+    summarize, summary = summarize_step(
+        client, Variable(MESSAGES[:4], role="customer message")
     )
     system = Variable(SYSTEM, role="system prompt", requires_grad=True)
     label = ChatCompletion.apply(

@@ -23,6 +23,7 @@ from afnio.autodiff.lm_ops import ChatCompletion
 from afnio.errors import BackwardParseError, GradientCountError, JudgeParseError
 from afnio.models.model import ChatCompletionModel
 from afnio.testing import SIMULATOR_MODEL
+from tests.autodiff.helpers import summarize_step
 from tests.conftest import LMEndpoint
 
 EXPECTED_NEGATIVE = (
@@ -367,23 +368,7 @@ def test_feedback_reaches_the_first_step_of_a_two_step_pipeline(
     backward_lm: LMEndpoint,
 ) -> None:
     client = backward_lm.client()
-    summarize = Variable(
-        "Summarize the customer message in one sentence.",
-        role="summarization instruction",
-        requires_grad=True,
-    )
-    summary = ChatCompletion.apply(
-        client,
-        [
-            {"role": "system", "content": [summarize]},
-            {
-                "role": "user",
-                "content": [Variable("{message}", role="message template")],
-            },
-        ],
-        inputs={"message": "I am thrilled with the new gardener."},
-        model=SIMULATOR_MODEL,
-    )
+    summarize, summary = summarize_step(client, "I am thrilled with the new gardener.")
     system, _, messages = _classifier(None)
     label = ChatCompletion.apply(
         client, messages, inputs={"message": summary}, model=SIMULATOR_MODEL

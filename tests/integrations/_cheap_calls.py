@@ -15,13 +15,12 @@ import json
 import math
 import random
 import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from afnio.testing import world
+from afnio.testing import SALIENCE_LEXICON, calls_by_responder, responder_of, world
 
 __all__ = [
     "CHAT_BACKWARD",
@@ -39,32 +38,12 @@ __all__ = [
 CHAT_BACKWARD = ("chat_backward", "chat_backward_group")
 """The kinds of a chat-backward call (one sample, or a group of them)."""
 
-_WORDS = (
-    "angry",
-    "annoyed",
-    "awful",
-    "complaint",
-    "delighted",
-    "disappointed",
-    "dissatisfied",
-    "excellent",
-    "exceptional",
-    "fantastic",
-    "frustrated",
-    "grateful",
-    "great",
-    "impressed",
-    "love",
-    "outstanding",
-    "poor",
-    "terrible",
-    "thrilled",
-    "top-notch",
-    "unacceptable",
-    "upset",
-    "wonderful",
-    "worst",
+_OTHER_FORMS = frozenset(
+    {"disappointing", "frustrating", "frustration", "unsatisfactory"}
 )
+"""Lexicon words of a family another word already stands for."""
+
+_WORDS = tuple(w for w in SALIENCE_LEXICON if w not in _OTHER_FORMS)
 """Words of the simulator's salience lexicon, one per row (no two of one family)."""
 
 _CODES = (
@@ -113,14 +92,12 @@ def code_rows(n: int, seed: int) -> list[tuple[str, str, str]]:
     ]
 
 
-def kind(body: Mapping[str, Any]) -> str:
-    """The responder that answered the request ``body``."""
-    return world.answer(world.SimRequest.from_body(body)).responder
+kind = responder_of
+"""The responder that answered a request body (:func:`afnio.testing.responder_of`)."""
 
-
-def kinds(requests: Sequence[Mapping[str, Any]]) -> Counter[str]:
-    """How many of ``requests`` each responder answered."""
-    return Counter(kind(b) for b in requests)
+kinds = calls_by_responder
+"""How many of some requests each responder answered
+(:func:`afnio.testing.calls_by_responder`)."""
 
 
 def _user_text(body: Mapping[str, Any]) -> str:

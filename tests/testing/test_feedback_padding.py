@@ -20,7 +20,6 @@ import pytest
 import afnio
 from afnio import Variable
 from afnio.autodiff.evaluator import ExactMatchEvaluator
-from afnio.autodiff.lm_ops import ChatCompletion
 from afnio.autodiff.prompts import (
     CHAT_BACKWARD_SYSTEM,
     EVALUATOR_BACKWARD_SYSTEM,
@@ -33,6 +32,9 @@ from afnio.optim.tgd import render_feedback
 from afnio.testing import SIMULATOR_MODEL, Simulator, world
 from afnio.testing.__main__ import _parser, main
 from tests.testing.test_grouped_backward_responder import (
+    TWO_STAGE_MESSAGES,
+    TWO_STAGE_RULES,
+    TWO_STAGE_TARGETS,
     Call,
     _sentiment_call,
     group_user,
@@ -42,6 +44,7 @@ from tests.testing.test_grouped_backward_responder import (
 )
 from tests.testing.test_world_feedback import evaluator_backward_user
 from tests.testing.test_world_peers import _llm_backward, _tgd
+from tests.testing.test_world_two_stage import FIRST, SECOND, two_stage
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE = (sys.executable, "-m", "afnio.testing", "serve")
@@ -304,17 +307,6 @@ def test_padded_feedback_gives_the_same_edits_below_and_above_the_condense_limit
         )
 
 
-FEELINGS = (
-    "Classify the sentiment of the feeling. "
-    'If the message mentions "unhappy", the sentiment is negative. '
-    'If the message mentions "happy", the sentiment is positive.'
-)
-FIRST = (
-    "Name the customer's feeling in one word. "
-    'If the message mentions "furious", the feeling is unhappy.'
-)
-
-
 def _two_stage_step(feedback_words: int | None) -> tuple[list[str], str, str, int]:
     """One backward + TGD step of a two-stage program (evaluator backward through
     an LM, chat backward relays, the optimizer): the first prompt's gradients (filler
@@ -327,33 +319,9 @@ def _two_stage_step(feedback_words: int | None) -> tuple[list[str], str, str, in
             client, completion_args={"model": SIMULATOR_MODEL}
         )
         first = Variable(FIRST, role="first prompt", requires_grad=True)
-        second = Variable(FEELINGS, role="second prompt", requires_grad=True)
-        messages = [
-            "I am frustrated: the lift is broken.",
-            "Great gym, thank you.",
-            "Terrible showers.",
-        ]
-        feeling = ChatCompletion.apply(
-            client,
-            [
-                {"role": "system", "content": [first]},
-                {"role": "user", "content": [Variable("{message}")]},
-            ],
-            inputs={"message": messages},
-            model=SIMULATOR_MODEL,
-        )
-        sentiment = ChatCompletion.apply(
-            client,
-            [
-                {"role": "system", "content": [second]},
-                {"role": "user", "content": [Variable("{feeling}")]},
-            ],
-            inputs={"feeling": feeling},
-            model=SIMULATOR_MODEL,
-        )
-        _, explanation = ExactMatchEvaluator.apply(
-            sentiment, ["negative", "positive", "negative"]
-        )
+        second = Variable(SECOND, role="second prompt", requires_grad=True)
+        sentiment = two_stage(client, first, second, TWO_STAGE_MESSAGES)
+        _, explanation = ExactMatchEvaluator.apply(sentiment, TWO_STAGE_TARGETS)
         explanation.backward()
         gradients = [_unpadded(t) for g in first.grad for t in g.data]
         sim.reset_stats()
@@ -371,15 +339,7 @@ def _two_stage_step(feedback_words: int | None) -> tuple[list[str], str, str, in
 def test_learning_is_unchanged_and_the_optimizer_prompt_grows() -> None:
     plain = _two_stage_step(None)
     padded = _two_stage_step(60)
-    assert (
-        plain[0]
-        == padded[0]
-        == [
-            'If the message mentions "frustrated", the feeling is unhappy.',
-            'If the message mentions "great", the feeling is happy.',
-            'If the message mentions "terrible", the feeling is unhappy.',
-        ]
-    )
+    assert plain[0] == padded[0] == TWO_STAGE_RULES
     assert plain[1:3] == padded[1:3]
     assert plain[1] != FIRST  # the step did learn
     assert padded[3] > plain[3] + 3 * 40  # three padded feedbacks quoted (at least)

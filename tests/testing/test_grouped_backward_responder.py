@@ -39,16 +39,14 @@ from afnio.autodiff.prompts import (
     SHARED_MESSAGE_ELEMENT,
     SHARED_MESSAGE_POINTER,
     VALUE_IN_MESSAGE,
-    VARIABLE_ELEMENT,
     VARIABLE_IN_MESSAGE,
     VARIABLE_IN_SHARED_MESSAGE,
     VARIABLE_PER_CALL,
     gradients_response_format,
 )
 from afnio.testing import world
-from tests.testing.test_world_feedback import evaluator_backward_user
-
-Var = tuple[str, str, bool, str]  # role, location, trainable, text
+from tests.testing.test_world_feedback import Var, _variables, evaluator_backward_user
+from tests.testing.test_world_two_stage import FIRST, SECOND, two_stage
 
 
 @dataclass
@@ -61,22 +59,6 @@ class Call:
     output: str = "neutral"
     output_role: str = "assistant"
     extra: dict[str, str] = field(default_factory=dict)
-
-
-def _variables_xml(variables: list[Var]) -> str:
-    return "\n".join(
-        render(
-            VARIABLE_ELEMENT,
-            {
-                "index": i,
-                "role": role,
-                "location": location,
-                "trainable": "true" if trainable else "false",
-                "text": text,
-            },
-        )
-        for i, (role, location, trainable, text) in enumerate(variables, start=1)
-    )
 
 
 def single_user(call: Call) -> str:
@@ -108,7 +90,7 @@ def single_user(call: Call) -> str:
             "output": call.output,
             "feedback": call.feedback,
             "count": len(shown),
-            "variables": _variables_xml(shown),
+            "variables": _variables(shown),
         },
     )
 
@@ -194,7 +176,7 @@ def group_user(calls: list[Call]) -> str:
                 for position, (role, content) in shared.items()
             ),
             "variable_count": len(variables),
-            "variables": _variables_xml(variables),
+            "variables": _variables(variables),
             "call_count": len(calls),
             "calls": "\n".join(rendered_calls),
             "count": len(variables) * len(calls),
@@ -235,15 +217,20 @@ PRIORITY = (
     "Route the ticket to the right priority: low, medium or high. "
     'If the message begins with "urgent", the priority is high.'
 )
-FEELINGS = (
-    "Classify the sentiment of the feeling. "
-    'If the message mentions "unhappy", the sentiment is negative. '
-    'If the message mentions "happy", the sentiment is positive.'
-)
-FIRST = (
-    "Name the customer's feeling in one word. "
-    'If the message mentions "furious", the feeling is unhappy.'
-)
+TWO_STAGE_MESSAGES = [
+    "I am frustrated: the lift is broken.",
+    "Great gym, thank you.",
+    "Terrible showers.",
+]
+TWO_STAGE_TARGETS = ["negative", "positive", "negative"]
+TWO_STAGE_RULES = [
+    'If the message mentions "frustrated", the feeling is unhappy.',
+    'If the message mentions "great", the feeling is happy.',
+    'If the message mentions "terrible", the feeling is unhappy.',
+]
+"""The first prompt's feedback after one backward pass of the two-stage program
+(:func:`tests.testing.test_world_two_stage.two_stage`) on ``TWO_STAGE_MESSAGES``
+with the targets ``TWO_STAGE_TARGETS``: one rule per message."""
 
 
 def _wrong(prediction: str, target: str) -> str:
@@ -360,10 +347,10 @@ def test_per_call_values_and_message_pointers_are_the_calls_own_texts() -> None:
     long_a = "unhappy " + "and very much so " * 8
     calls = [
         Call(
-            [("system", FEELINGS), ("user", feeling)],
+            [("system", SECOND), ("user", feeling)],
             _wrong("neutral", target),
             [
-                ("second prompt", "system", True, FEELINGS),
+                ("second prompt", "system", True, SECOND),
                 ("feeling", "input:feeling", False, feeling),
             ],
         )
@@ -382,22 +369,16 @@ def test_two_stages_grouped_answer_as_the_single_calls() -> None:
     """The two-stage credit assignment holds for grouped calls: a group of
     second-stage calls relays to each computed input, and a group of first-stage
     calls given those relays writes each call's own rule."""
-    messages = [
-        "I am frustrated: the lift is broken.",
-        "Great gym, thank you.",
-        "Terrible showers.",
-    ]
-    targets = ["negative", "positive", "negative"]
     second = [
         Call(
-            [("system", FEELINGS), ("user", "neutral")],
+            [("system", SECOND), ("user", "neutral")],
             _wrong("neutral", t),
             [
-                ("second prompt", "system", True, FEELINGS),
+                ("second prompt", "system", True, SECOND),
                 ("feeling", "input:feeling", False, "neutral"),
             ],
         )
-        for t in targets
+        for t in TWO_STAGE_TARGETS
     ]
     relays = grouped_answer(second).values["gradients"]
     assert relays == _concatenated(second)
@@ -416,15 +397,11 @@ def test_two_stages_grouped_answer_as_the_single_calls() -> None:
             feedback,
             [("first prompt", "system", True, FIRST)],
         )
-        for message, feedback in zip(messages, feeling_feedback, strict=True)
+        for message, feedback in zip(TWO_STAGE_MESSAGES, feeling_feedback, strict=True)
     ]
     rules = grouped_answer(first).values["gradients"]
     assert rules == _concatenated(first)
-    assert rules == [
-        'If the message mentions "frustrated", the feeling is unhappy.',
-        'If the message mentions "great", the feeling is happy.',
-        'If the message mentions "terrible", the feeling is unhappy.',
-    ]
+    assert rules == TWO_STAGE_RULES
 
 
 def test_task_independent_rule_words_hold_per_call() -> None:
@@ -486,7 +463,7 @@ def _random_group(rng: random.Random) -> list[Call]:
     """2-5 calls through one template (the same variables, in order): a random
     prompt and header, a computed input or not, per-call user texts (sometimes the
     same in every call: then a shared message), outputs and feedback."""
-    prompt = rng.choice((SENTIMENT, PRIORITY, FEELINGS, FIRST, "Answer {briefly}."))
+    prompt = rng.choice((SENTIMENT, PRIORITY, SECOND, FIRST, "Answer {briefly}."))
     header = rng.choice((None, "Customer message:", 'Read the "ticket" below {raw}.'))
     computed = rng.choice((None, "input:feeling", "user"))
     header_trainable = header is not None and rng.random() < 0.4
@@ -603,16 +580,10 @@ def test_two_stage_training_learns_the_same_with_grouped_backward(mode: str) -> 
     import afnio
     from afnio import Variable
     from afnio.autodiff.evaluator import ExactMatchEvaluator
-    from afnio.autodiff.lm_ops import ChatCompletion
     from afnio.models.openai import OpenAI
     from afnio.optim import TGD
     from afnio.testing import SIMULATOR_MODEL, Simulator
 
-    messages = [
-        "I am frustrated: the lift is broken.",
-        "Great gym, thank you.",
-        "Terrible showers.",
-    ]
     with (
         Simulator() as sim,
         OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client,
@@ -622,31 +593,12 @@ def test_two_stage_training_learns_the_same_with_grouped_backward(mode: str) -> 
             client, completion_args={"model": SIMULATOR_MODEL}
         )
         first = Variable(FIRST, role="first prompt", requires_grad=True)
-        second = Variable(FEELINGS, role="second prompt", requires_grad=True)
+        second = Variable(SECOND, role="second prompt", requires_grad=True)
 
         def run() -> Variable:
-            feeling = ChatCompletion.apply(
-                client,
-                [
-                    {"role": "system", "content": [first]},
-                    {"role": "user", "content": [Variable("{message}")]},
-                ],
-                inputs={"message": messages},
-                model=SIMULATOR_MODEL,
-            )
-            return ChatCompletion.apply(
-                client,
-                [
-                    {"role": "system", "content": [second]},
-                    {"role": "user", "content": [Variable("{feeling}")]},
-                ],
-                inputs={"feeling": feeling},
-                model=SIMULATOR_MODEL,
-            )
+            return two_stage(client, first, second, TWO_STAGE_MESSAGES)
 
-        _, explanation = ExactMatchEvaluator.apply(
-            run(), ["negative", "positive", "negative"]
-        )
+        _, explanation = ExactMatchEvaluator.apply(run(), TWO_STAGE_TARGETS)
         explanation.backward()
         grouped = [
             body
@@ -654,11 +606,7 @@ def test_two_stage_training_learns_the_same_with_grouped_backward(mode: str) -> 
             if "<LM_CALLS" in json.dumps(body.get("messages", ""))
         ]
         assert bool(grouped) == (mode == "cheap")
-        assert first.grad[0].data == [
-            'If the message mentions "frustrated", the feeling is unhappy.',
-            'If the message mentions "great", the feeling is happy.',
-            'If the message mentions "terrible", the feeling is unhappy.',
-        ]
+        assert first.grad[0].data == TWO_STAGE_RULES
         TGD([first, second], model_client=client, model=SIMULATOR_MODEL).step()
-        assert second.data == FEELINGS
-        assert run().data == ["negative", "positive", "negative"]
+        assert second.data == SECOND
+        assert run().data == TWO_STAGE_TARGETS

@@ -6,6 +6,7 @@ through afnio's graph on a live simulator."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -222,6 +223,32 @@ def test_the_upstream_prompt_gets_a_rule_for_its_own_field(feedback: str) -> Non
 # -- end to end through afnio's graph ------------------------------------------------
 
 
+def two_stage(
+    client: Any, first: Variable, second: Variable, messages: list[str]
+) -> Variable:
+    """The two-stage program on ``messages``: a call with the system prompt ``first``
+    names each message's feeling, a second call with ``second`` classifies the
+    sentiment of that feeling (its output)."""
+    feeling = ChatCompletion.apply(
+        client,
+        [
+            {"role": "system", "content": [first]},
+            {"role": "user", "content": [Variable("{message}")]},
+        ],
+        inputs={"message": messages},
+        model=SIMULATOR_MODEL,
+    )
+    return ChatCompletion.apply(
+        client,
+        [
+            {"role": "system", "content": [second]},
+            {"role": "user", "content": [Variable("{feeling}")]},
+        ],
+        inputs={"feeling": feeling},
+        model=SIMULATOR_MODEL,
+    )
+
+
 def test_one_step_teaches_the_first_prompt_what_the_second_needs() -> None:
     with (
         Simulator() as sim,
@@ -235,24 +262,7 @@ def test_one_step_teaches_the_first_prompt_what_the_second_needs() -> None:
         messages = ["I am frustrated: the lift is broken.", "Great gym, thank you."]
 
         def run() -> Variable:
-            feeling = ChatCompletion.apply(
-                client,
-                [
-                    {"role": "system", "content": [first]},
-                    {"role": "user", "content": [Variable("{message}")]},
-                ],
-                inputs={"message": messages},
-                model=SIMULATOR_MODEL,
-            )
-            return ChatCompletion.apply(
-                client,
-                [
-                    {"role": "system", "content": [second]},
-                    {"role": "user", "content": [Variable("{feeling}")]},
-                ],
-                inputs={"feeling": feeling},
-                model=SIMULATOR_MODEL,
-            )
+            return two_stage(client, first, second, messages)
 
         assert run().data == ["neutral", "neutral"]
         _, explanation = ExactMatchEvaluator.apply(run(), ["negative", "positive"])

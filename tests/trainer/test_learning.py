@@ -34,6 +34,7 @@ import random
 import re
 import shutil
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ import pytest
 import afnio
 from afnio.autodiff import config
 from afnio.models.openai import OpenAI
-from afnio.testing import SIMULATOR_MODEL, Simulator, world
+from afnio.testing import SIMULATOR_MODEL, Simulator, responder_of, world
 from afnio.trainer import Trainer
 from afnio.utils.data import DataLoader, Dataset
 from afnio.utils.datasets import FacilitySupport
@@ -125,20 +126,17 @@ class Run:
 
 def _calls(requests: Sequence[Any]) -> tuple[dict[str, int], tuple[int, ...]]:
     """The received request bodies counted by kind, and each grouped call's size."""
-    counts: dict[str, int] = {}
+    responders = [responder_of(body) for body in requests]
     sizes: list[int] = []
-    for body in requests:
-        request = world.SimRequest.from_body(body)
-        kind = world.answer(request).responder
-        counts[kind] = counts.get(kind, 0) + 1
-        if kind == "chat_backward_group":
+    for body, responder in zip(requests, responders, strict=True):
+        if responder == "chat_backward_group":
             found = [
                 int(m.group(1))
-                for message in request.messages
+                for message in world.SimRequest.from_body(body).messages
                 if (m := _GROUP_SIZE.search(message.text))
             ]
             sizes.extend(found[:1])
-    return counts, tuple(sizes)
+    return dict(Counter(responders)), tuple(sizes)
 
 
 def _run(root: Path, seed: int, shuffled: bool, tmp: Path, mode: str) -> Run:

@@ -86,8 +86,8 @@ def _failed_per_step(records: list[dict[str, Any]]) -> list[int]:
 def test_direct_mode_states_the_metric_result_for_samples_without_feedback() -> None:
     """In cheap mode a failed sample without metric feedback gets the direct text
     (the metric, the prediction, its score and the expected value), one with
-    metric feedback keeps it, a best sample gets nothing; no LM call (no backward
-    client is set: one would raise)."""
+    metric feedback gets the direct text followed by the metric's text, a best
+    sample gets nothing; no LM call (no backward client is set: one would raise)."""
     prediction = afnio.Variable(["a", "b", "c"], role="answers", requires_grad=True)
     with afnio.backward_options("cheap"):
         _, explanation = MetricEvaluator.apply(
@@ -105,7 +105,11 @@ def test_direct_mode_states_the_metric_result_for_samples_without_feedback() -> 
         'The metric "DSPy metric code_match" gave the prediction "a" the score 0.0; '
         'the expected value is "x".'
     ), first
-    assert second == "" and third == "almost: say z"
+    assert second == ""
+    assert third == (
+        'The metric "DSPy metric code_match" gave the prediction "c" the score 0.0; '
+        'the expected value is "z". almost: say z'
+    )
 
 
 def test_an_evaluators_own_feedback_mode_wins_over_the_active_options() -> None:
