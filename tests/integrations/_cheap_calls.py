@@ -161,3 +161,13 @@ def run_log(run_dir: str | Path) -> list[dict[str, Any]]:
 def ceil8(n: int) -> int:
     """The chat-backward calls ``n`` samples of one template take in cheap mode."""
     return math.ceil(n / 8)
+
+
+def failed_per_step(records: list[dict[str, Any]], metric: str) -> list[int]:
+    """Each step's failed rows, from its run-log record (the ``metric`` that is the
+    share of rows right, and the batch size)."""
+    return [
+        round(len(r["samples"]["indices"]) * (1 - float(r["metrics"][metric])))
+        for r in records
+        if r["type"] == "step"
+    ]

@@ -31,6 +31,7 @@ from tests.integrations._cheap_calls import (  # noqa: E402
     backward_calls,
     ceil8,
     code_rows,
+    failed_per_step,
     kinds,
     run_log,
     steps,
@@ -69,15 +70,6 @@ def _compile(
         )
         optimized = tgd.compile(program, trainset=rows)
         return optimized, tgd, list(sim.requests)
-
-
-def _failed_per_step(records: list[dict[str, Any]]) -> list[int]:
-    out = []
-    for r in records:
-        if r["type"] == "step":
-            n = len(r["samples"]["indices"])
-            out.append(round(n * (1 - float(r["metrics"]["score"]))))
-    return out
 
 
 # -- the metric evaluator ------------------------------------------------------------
@@ -152,7 +144,7 @@ def test_cheap_is_the_default_no_evaluator_call_and_ceil_failed_over_8_chat_call
     counted = kinds(requests)
     assert counted["evaluator_backward"] == 0, counted
     records = run_log(tmp_path / "run")
-    failed = _failed_per_step(records)
+    failed = failed_per_step(records, "score")
     assert failed == [10, 10]
     parts = steps(requests)
     assert len(parts) == 2
@@ -178,7 +170,7 @@ def test_upstream_reproduces_the_per_sample_call_pattern(tmp_path: Path) -> None
         tmp_path,
         backward="upstream",
     )
-    failed = _failed_per_step(run_log(tmp_path / "run"))
+    failed = failed_per_step(run_log(tmp_path / "run"), "score")
     assert failed == [10, 10]
     assert kinds(requests)["chat_backward_group"] == 0
     for part, n in zip(steps(requests), failed, strict=True):
@@ -206,7 +198,7 @@ def test_a_chain_of_thought_program_groups_its_chat_backward_calls(
         batch_size=20,
     )
     assert kinds(requests)["evaluator_backward"] == 0
-    assert _failed_per_step(run_log(tmp_path / "run")) == [20]
+    assert failed_per_step(run_log(tmp_path / "run"), "score") == [20]
     assert sorted(c.samples for c in backward_calls(requests)) == [6, 7, 7]
     assert tgd.report.score_after == 1.0
 
@@ -260,7 +252,7 @@ def test_two_predictors_get_ceil_items_over_8_calls_each_per_step(
         batch_size=16,
     )
     assert kinds(requests)["evaluator_backward"] == 0
-    failed = [n for n in _failed_per_step(run_log(tmp_path / "run")) if n]
+    failed = [n for n in failed_per_step(run_log(tmp_path / "run"), "score") if n]
     parts = steps(requests)
     assert len(parts) == len(failed) >= 1
     first = two_stage.FIRST_PROMPT.split(" If ", 1)[0]

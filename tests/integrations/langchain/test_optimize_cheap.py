@@ -34,6 +34,7 @@ from tests.integrations._cheap_calls import (
     backward_calls,
     ceil8,
     code_rows,
+    failed_per_step,
     kinds,
     run_log,
     steps,
@@ -91,16 +92,6 @@ def _optimize(target: CodeChain, tmp_path: Path, **kwargs: Any) -> Any:
     return report
 
 
-def _failed_per_step(records: list[dict[str, Any]]) -> list[int]:
-    """Each step's failed rows, from its run-log record (accuracy, batch size)."""
-    out = []
-    for r in records:
-        if r["type"] == "step":
-            n = len(r["samples"]["indices"])
-            out.append(round(n * (1 - float(r["metrics"]["accuracy"]))))
-    return out
-
-
 # -- the LCEL chain ----------------------------------------------------------------
 
 
@@ -117,7 +108,7 @@ def test_cheap_is_the_default_no_evaluator_call_and_ceil_failed_over_8_chat_call
     assert counted["evaluator_backward"] == 0, counted
     assert counted["optimizer"] == 2, counted
     records = run_log(tmp_path / "run")
-    failed = _failed_per_step(records)
+    failed = failed_per_step(records, "accuracy")
     assert failed == [10, 10]
     for step, n in zip(steps(requests), failed, strict=True):
         calls = backward_calls(step)
@@ -147,7 +138,7 @@ def test_upstream_reproduces_the_per_sample_call_pattern(
     requests = list(code_chain.sim.requests)
     counted = kinds(requests)
     assert counted["chat_backward_group"] == 0, counted
-    failed = _failed_per_step(run_log(tmp_path / "run"))
+    failed = failed_per_step(run_log(tmp_path / "run"), "accuracy")
     assert failed == [10, 10]
     for step, n in zip(steps(requests), failed, strict=True):
         per_step = kinds(step)
@@ -269,7 +260,7 @@ def test_a_two_step_chain_gets_ceil_items_over_8_calls_per_prompt_per_step(
         )
         requests = list(sim.requests)
     assert kinds(requests)["evaluator_backward"] == 0
-    failed = [n for n in _failed_per_step(run_log(tmp_path / "run")) if n]
+    failed = [n for n in failed_per_step(run_log(tmp_path / "run"), "accuracy") if n]
     parts = steps(requests)
     assert len(parts) == len(failed) >= 1
     first, second = _first(two_stage.FIRST_PROMPT), _first(two_stage.SECOND_PROMPT)
