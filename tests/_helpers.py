@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import sys
@@ -42,3 +43,24 @@ def load_script(path: Path, name: str) -> Iterator[ModuleType]:
         yield module
     finally:
         sys.modules.pop(spec.name, None)
+
+
+def collect_what_earlier_tests_left() -> list[str]:
+    """Collect the garbage earlier tests left (a full ``gc.collect()``) and return the
+    exceptions its finalizers raised, instead of letting them fail the test that
+    happens to run the collection.
+
+    In the whole suite that garbage has held an unclosed loopback socket of an
+    asyncio transport (``ResourceWarning: unclosed transport``) left by some earlier
+    integration test (not identified yet: see the notes of issues 22 and 23); a test
+    that measures memory, or runs a docs example whose allocations trigger the
+    collector, would otherwise fail on a warning that belongs to another test. The
+    caller prints what was gathered."""
+    found: list[str] = []
+    before = sys.unraisablehook
+    sys.unraisablehook = lambda u: found.append(f"{u.exc_type.__name__}: {u.exc_value}")
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = before
+    return found

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._helpers import collect_what_earlier_tests_left
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
@@ -75,6 +77,10 @@ def test_example_runs(
             if re.search(rf"^\s*(from|import) {module_name}\b", code, re.M):
                 pytest.importorskip(module_name, reason=f"needs the {extra} extra")
     monkeypatch.chdir(tmp_path)  # examples may write files
+    # garbage earlier tests left is not the example's (see the helper)
+    left = collect_what_earlier_tests_left()
+    if left:
+        print("left by earlier tests:", left)
     # a real module, as a script would have (pydantic resolves names through it)
     name = re.sub(r"\W", "_", f"doc_example_{page}_{index}")
     module = types.ModuleType(name)

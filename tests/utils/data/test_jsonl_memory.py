@@ -5,7 +5,6 @@ resident memory growth bounded (benchmarks/memory_growth.py, scaled down)."""
 
 from __future__ import annotations
 
-import gc
 import json
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import memory_growth
+from tests._helpers import collect_what_earlier_tests_left
 
 linux_only = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="needs /proc and RLIMIT_AS"
@@ -85,25 +85,9 @@ def test_a_file_three_times_the_memory_bound_streams_for_two_epochs(
     assert json.loads(lines[3])["distinct_first_ids"] > 1
 
 
-def _collect_what_earlier_tests_left() -> list[str]:
-    """Collect the garbage earlier tests left before measuring (``measure`` runs a
-    full ``gc.collect()`` first). In the whole suite that garbage has held an
-    unclosed loopback socket of an asyncio transport from some earlier test; its
-    ResourceWarning belongs to that test, not to this measurement, so it is
-    gathered here (and shown if this test fails) instead of failing it."""
-    found: list[str] = []
-    before = sys.unraisablehook
-    sys.unraisablehook = lambda u: found.append(f"{u.exc_type.__name__}: {u.exc_value}")
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = before
-    return found
-
-
 @linux_only
 def test_a_fit_frees_every_step_graph_and_its_memory_growth_is_bounded() -> None:
-    left = _collect_what_earlier_tests_left()
+    left = collect_what_earlier_tests_left()
     print("left by earlier tests:", left)
     row = memory_growth.measure(steps=30, batch=4, gc_off=True)
     assert row["steps"] == 30 and row["calls"] >= 30 * 5
