@@ -64,3 +64,15 @@ def collect_what_earlier_tests_left() -> list[str]:
     finally:
         sys.unraisablehook = before
     return found
+
+
+def direct_feedback_text(
+    metric: str, prediction: str, score: object, target: str
+) -> str:
+    """The direct evaluator feedback of one sample as issue 23 fixes its wording
+    (``DIRECT_EVALUATOR_FEEDBACK``), written out here so that the tests check the
+    template rather than reuse it."""
+    return (
+        f'The metric "{metric}" gave the prediction "{prediction}" the score '
+        f'{score}; the expected value is "{target}".'
+    )

@@ -19,6 +19,7 @@ from afnio.autodiff.evaluator import (
 )
 from afnio.autodiff.provenance import _call_samples_of, bases_of, sources_of
 from afnio.models.model import ChatCompletionModel
+from tests._helpers import direct_feedback_text as direct
 
 
 class CountingLM(ChatCompletionModel):
@@ -36,13 +37,6 @@ class CountingLM(ChatCompletionModel):
 
     def update_usage(self, usage: Any, model_name: str | None = None) -> None:
         pass
-
-
-def direct(metric: str, prediction: str, score: Any, target: str) -> str:
-    return (
-        f'The metric "{metric}" gave the prediction "{prediction}" the score '
-        f'{score}; the expected value is "{target}".'
-    )
 
 
 PREDICTIONS = ["red", "blue", "green", "blue"]

@@ -20,6 +20,7 @@ pytest.importorskip("dspy", reason="needs the dspy extra")
 import afnio
 from afnio.models.model import ChatCompletionModel
 from afnio_integrations.dspy import MetricEvaluator
+from tests._helpers import direct_feedback_text as direct
 
 
 class CountingLM(ChatCompletionModel):
@@ -37,14 +38,6 @@ class CountingLM(ChatCompletionModel):
 
     def update_usage(self, usage: Any, model_name: str | None = None) -> None:
         pass
-
-
-def direct(metric: str, prediction: str, score: Any, target: str) -> str:
-    """``DIRECT_EVALUATOR_FEEDBACK`` as the issue fixes it."""
-    return (
-        f'The metric "{metric}" gave the prediction "{prediction}" the score '
-        f'{score}; the expected value is "{target}".'
-    )
 
 
 METRIC = "DSPy metric graded"

@@ -35,17 +35,9 @@ from afnio.testing.world import (
 from afnio_integrations.langchain import optimize
 from afnio_integrations.langchain._optimize import MetricFeedback
 from benchmarks.common import simulated
+from tests._helpers import direct_feedback_text as direct
 from tests.integrations._cheap_calls import backward_calls, code_rows, kinds, steps
 from tests.integrations.langchain._chains import sim_chat
-
-
-def direct(metric: str, prediction: str, score: Any, target: str) -> str:
-    """``DIRECT_EVALUATOR_FEEDBACK`` as the issue fixes it."""
-    return (
-        f'The metric "{metric}" gave the prediction "{prediction}" the score '
-        f'{score}; the expected value is "{target}".'
-    )
-
 
 PREDICTIONS = ["a", "b", "c", "d"]
 TARGETS = ["x", "b", "z", "d"]
